@@ -1,0 +1,165 @@
+"""The pipeline as stages: load -> normalize -> analyze -> score -> plan -> rewrite -> verify."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import SpaError, StrictModeError, VerificationError
+from .graph.dependency import Dependency, build_dependency
+from .graph.groups import Group, find_groups
+from .importance import score_groups
+from .metrics import count_macs, count_params
+from .model import Shapes, infer_shapes, load, normalize, opset_of, save
+from .planner import PlanOptions, plan_removals
+from .rewrite import rewrite
+from .verify import check_signature, check_valid, masked_model, oracle
+
+__all__ = ["Analysis", "PruneResult", "analyze", "prune", "DEFAULT_ROUND_TO"]
+
+log = logging.getLogger(__name__)
+
+# Kept channels are rounded to a multiple of this by default (see benchmarks/README.md).
+DEFAULT_ROUND_TO = 8
+# The oracle runs by default below this many parameters (two onnxruntime sessions).
+VERIFY_AUTO_MAX_PARAMS = 50_000_000
+
+
+@dataclass
+class Analysis:
+    """A normalized model, its static shapes, its channel dependency and its groups."""
+
+    model: onnx.ModelProto
+    shapes: Shapes
+    dep: Dependency
+    groups: list[Group]
+    blocked: list[Group]
+    source: str | None = None
+
+    def member_names(self, group: Group) -> list[str]:
+        inits = {t.name for t in self.model.graph.initializer}
+        return [f"{t}[{a}]" for t, a in group.spaces if t in inits]
+
+    def summary(self) -> dict:
+        return {
+            "groups": [{"id": g.id, "channels": g.size, "members": self.member_names(g)} for g in self.groups],
+            "blocked": [{"id": g.id, "channels": g.size, "members": self.member_names(g), "reason": g.blocked}
+                        for g in self.blocked],
+            "blocked_nodes": [{"node": n, "op": op, "reason": r} for n, op, r in self.dep.blocked_nodes],
+        }
+
+
+def _as_model(model_or_path) -> tuple[onnx.ModelProto, str | None]:
+    if isinstance(model_or_path, onnx.ModelProto):
+        return model_or_path, None
+    return load(model_or_path), str(model_or_path)
+
+
+def analyze(model_or_path, input_shapes: dict | None = None, exclude: list[str] | None = None) -> Analysis:
+    """Load (if a path), normalize, infer shapes and find the groups."""
+    model, source = _as_model(model_or_path)
+    model = normalize(model)
+    shapes = infer_shapes(model, input_shapes)
+    dep = build_dependency(model, shapes, opset_of(model), exclude)
+    groups, blocked = find_groups(dep)
+    return Analysis(model, shapes, dep, groups, blocked, source)
+
+
+@dataclass
+class PruneResult:
+    model: onnx.ModelProto
+    original: onnx.ModelProto
+    report: dict = field(default_factory=dict)
+    source: str | None = None
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the pruned model atomically; refuses to overwrite the input file."""
+        out = save(self.model, path, input_path=self.source)
+        self.report.setdefault("after", {})["file_bytes"] = _file_bytes(out)
+        return out
+
+
+def _file_bytes(path) -> int:
+    path = Path(path)
+    total = path.stat().st_size
+    data = path.with_name(path.name + ".data")
+    return total + (data.stat().st_size if data.exists() else 0)
+
+
+def prune(model_or_path, ratio: float = 0.5, criterion: str = "l1", *, global_rank: bool = False,
+          max_ratio: float = 0.9, round_to: int = DEFAULT_ROUND_TO, exclude: list[str] | None = None,
+          input_shapes: dict | None = None, verify: bool | None = None, strict: bool = False,
+          aggregate: str = "sum", seed: int = 0,
+          on_stage: Callable[[str], None] | None = None) -> PruneResult:
+    """Prune ``ratio`` of the channels of every prunable group (or globally).
+
+    >>> result = prune("model.onnx", ratio=0.5, criterion="l1")   # doctest: +SKIP
+    >>> result.save("model.pruned.onnx"); result.report["after"]["macs"]  # doctest: +SKIP
+    """
+    if not 0 <= ratio < 1:
+        raise SpaError(f"--ratio must be in [0, 1), got {ratio}")
+    if round_to < 1:
+        raise SpaError(f"--round-to must be at least 1, got {round_to}")
+    stage = on_stage or (lambda name: None)
+    stage("analyze")
+    a = analyze(model_or_path, input_shapes, exclude)
+    if strict and a.dep.blocked_nodes:
+        name, op, reason = a.dep.blocked_nodes[0]
+        raise StrictModeError(f"--strict: {reason} ({len(a.dep.blocked_nodes)} node(s) blocked)")
+
+    stage("score")
+    weights = {t.name: numpy_helper.to_array(t) for t in a.model.graph.initializer
+               if any((t.name, ax) in a.dep.space_class for ax in range(len(t.dims)))}
+    try:
+        scores, notes = score_groups(a.model, weights, a.dep, a.groups, criterion, aggregate, seed)
+        removals = plan_removals(a.groups, scores, PlanOptions(ratio, global_rank, max_ratio, round_to))
+    except ValueError as e:
+        raise SpaError(str(e)) from None
+
+    removed = np.zeros(len(a.dep.root), dtype=bool)
+    for g, rem in zip(a.groups, removals):
+        removed[g.channels[rem]] = True
+
+    stage("rewrite")
+    pruned = rewrite(a.model, a.dep, removed)
+    check_signature(a.model, pruned)
+    after_shapes = infer_shapes(pruned, a.shapes.input_shapes, want_values=False)
+
+    report = {
+        "source": a.source,
+        "options": {"ratio": ratio, "criterion": criterion, "global": global_rank, "max_ratio": max_ratio,
+                    "round_to": round_to, "exclude": list(exclude or []), "aggregate": aggregate, "seed": seed},
+        "input_shapes": {k: list(v) for k, v in a.shapes.input_shapes.items()},
+        "before": {"params": count_params(a.model), "macs": count_macs(a.model, a.shapes)},
+        "after": {"params": count_params(pruned), "macs": count_macs(pruned, after_shapes)},
+        "groups": [],
+        **{k: v for k, v in a.summary().items() if k != "groups"},
+    }
+    if a.source:
+        report["before"]["file_bytes"] = _file_bytes(a.source)
+    for g, s, rem in zip(a.groups, scores, removals):
+        report["groups"].append({
+            "id": g.id, "channels": g.size, "removed": len(rem), "kept": g.size - len(rem),
+            "removed_channels": rem.tolist(), "members": a.member_names(g),
+            "scores": [float(v) for v in s], **({"note": notes[g.id]} if g.id in notes else {}),
+        })
+
+    if verify is None:
+        verify = report["before"]["params"] <= VERIFY_AUTO_MAX_PARAMS
+    if verify:
+        stage("verify")
+        check_valid(pruned)
+        result = oracle(pruned, masked_model(a.model, a.dep, removed, a.shapes), a.shapes.input_shapes)
+        report["verify"] = result.as_dict()
+        if not result.ok:
+            raise VerificationError(
+                f"pruned model differs from the masked original (max abs error {result.max_abs:.3g}, "
+                f"relative {result.max_rel:.3g}); please report this model")
+    return PruneResult(pruned, a.model, report, a.source)

@@ -1,0 +1,170 @@
+"""What a rule sees of one node, and the couplings it states about its axes.
+
+A *space* is one axis of one tensor, keyed ``(tensor_name, axis)``; a rule may also make a
+*virtual* space for a structure no tensor has as an axis (the groups of a grouped Conv),
+keyed ``(node_name + "#" + label, 0)``. Rules only describe; they never change the graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import helper
+
+__all__ = ["Space", "NodeContext", "Couplings", "NOT_CHANNEL"]
+
+Space = tuple[str, int]
+
+# Reason prefix for axes a rule leaves unmapped (kernel, spatial, size vectors): they are not
+# channels, so the report does not list them as blocked groups.
+NOT_CHANNEL = "not a channel axis of "
+
+
+@dataclass
+class Couplings:
+    """Everything the rules said, as plain data (the input of the dependency stage)."""
+
+    sizes: dict[Space, int] = field(default_factory=dict)
+    same: list[tuple[Space, Space, str]] = field(default_factory=list)
+    offset: list[tuple[Space, Space, int, int, str]] = field(default_factory=list)  # small, big, start, step
+    product: list[tuple[Space, list[Space], str]] = field(default_factory=list)  # whole, factors (row-major)
+    fixed: list[tuple[Space, str]] = field(default_factory=list)
+    free: set[Space] = field(default_factory=set)
+    contractions: list[tuple[str, int, int]] = field(default_factory=list)  # node, input index, axis
+    rewrites: list[tuple[onnx.NodeProto, Callable]] = field(default_factory=list)
+
+
+class NodeContext:
+    """One node, its static shapes and constant inputs, and a place to state couplings."""
+
+    def __init__(self, node: onnx.NodeProto, index: int, shapes, inits: dict, opset: int,
+                 out: Couplings):
+        self.node = node
+        self.index = index
+        self.name = node.name or f"{node.op_type}_{index}"
+        self.op = node.op_type
+        self.opset = opset
+        self._shapes = shapes
+        self._inits = inits
+        self.out = out
+        self.mentioned: set[Space] = set()
+
+    # ---- what the rule reads ------------------------------------------------------------
+    def shape(self, tensor: str) -> tuple[int, ...] | None:
+        return self._shapes.shape.get(tensor) if tensor else None
+
+    def in_shape(self, k: int):
+        return self.shape(self.node.input[k]) if k < len(self.node.input) else None
+
+    def out_shape(self, k: int = 0):
+        return self.shape(self.node.output[k]) if k < len(self.node.output) else None
+
+    def has_input(self, k: int) -> bool:
+        return k < len(self.node.input) and bool(self.node.input[k])
+
+    def const(self, k: int) -> np.ndarray | None:
+        """The value of input k if it is known before running (initializer or folded shape)."""
+        if not self.has_input(k):
+            return None
+        name = self.node.input[k]
+        if name in self._shapes.value:
+            return self._shapes.value[name]
+        if name in self._inits:
+            from onnx import numpy_helper
+            return numpy_helper.to_array(self._inits[name])
+        return None
+
+    def is_initializer(self, k: int) -> bool:
+        return self.has_input(k) and self.node.input[k] in self._inits
+
+    def attr(self, name: str, default=None):
+        for a in self.node.attribute:
+            if a.name == name:
+                return helper.get_attribute_value(a)
+        return default
+
+    def attr_or_input(self, name: str, k: int, since: int, default=None):
+        """Attributes that became inputs at some opset (Split, Slice, Squeeze, Reduce*, Pad)."""
+        if self.opset >= since or self.has_input(k):
+            value = self.const(k)
+            if value is not None:
+                return value
+            return None if self.has_input(k) else default
+        value = self.attr(name, None)
+        return default if value is None else np.asarray(value)
+
+    # ---- what the rule states -------------------------------------------------------------
+    def space(self, tensor: str, axis: int) -> Space:
+        shape = self.shape(tensor)
+        if axis < 0:
+            axis += len(shape)
+        key = (tensor, axis)
+        self.out.sizes[key] = shape[axis]
+        self.mentioned.add(key)
+        return key
+
+    def inp(self, k: int, axis: int) -> Space:
+        return self.space(self.node.input[k], axis)
+
+    def outp(self, k: int, axis: int) -> Space:
+        return self.space(self.node.output[k], axis)
+
+    def virtual(self, label: str, size: int) -> Space:
+        key = (f"{self.name}#{label}", 0)
+        self.out.sizes[key] = size
+        return key
+
+    def same(self, a: Space, b: Space):
+        if self.out.sizes[a] != self.out.sizes[b]:
+            self.fix(a, f"{self.op} {self.name!r}: axis sizes disagree")
+            self.fix(b, f"{self.op} {self.name!r}: axis sizes disagree")
+            return
+        self.out.same.append((a, b, self.name))
+
+    def offset(self, small: Space, big: Space, start: int, step: int = 1):
+        self.out.offset.append((small, big, start, step, self.name))
+
+    def product(self, whole: Space, factors: list[Space]):
+        self.out.product.append((whole, factors, self.name))
+
+    def fix(self, space: Space, reason: str | None = None):
+        self.mentioned.add(space)
+        self.out.fixed.append((space, reason or f"{self.op} {self.name!r} does not allow pruning this axis"))
+
+    def mixing(self, space: Space):
+        self.fix(space, f"{self.op} {self.name!r} mixes this axis (removing a channel changes the others)")
+
+    def free(self, space: Space):
+        """The node reads the axis without constraining it (Shape reads sizes only)."""
+        self.mentioned.add(space)
+        self.out.free.add(space)
+
+    def contract(self, k: int, axis: int):
+        """Input k is summed over this axis: where the oracle zeroes removed channels."""
+        rank = len(self.in_shape(k))
+        self.out.contractions.append((self.name, k, axis % rank))
+
+    def rewrite(self, fn: Callable):
+        """fn(node, plan) fixes the node's size attributes/constants for the kept channels."""
+        self.out.rewrites.append((self.node, fn))
+
+    def fix_all(self, reason: str):
+        for k, name in enumerate(self.node.input):
+            for axis in range(len(self.shape(name) or ())):
+                self.fix(self.space(name, axis), reason)
+        for name in self.node.output:
+            for axis in range(len(self.shape(name) or ())):
+                self.fix(self.space(name, axis), reason)
+
+    def fix_unmentioned(self):
+        reason = f"{NOT_CHANNEL}{self.op} {self.name!r}"
+        for name in list(self.node.input) + list(self.node.output):
+            shape = self.shape(name)
+            for axis in range(len(shape or ())):
+                key = (name, axis)
+                if key not in self.mentioned:
+                    self.out.sizes[key] = shape[axis]
+                    self.fix(key, reason)

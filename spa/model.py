@@ -1,0 +1,357 @@
+"""Load, normalize, shape and save ONNX models.
+
+Normalization makes every exporter's graph look alike to the analysis: weights kept in
+Constant nodes become initializers, initializers listed as graph inputs stop being inputs,
+and an initializer used by several nodes is copied per use so that unrelated layers that
+happen to share a tensor (all-ones norm weights, say) are not tied together.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .errors import InputShapeError, ModelLoadError, OutputPathError, UnsupportedModelError
+
+__all__ = ["load", "normalize", "save", "Shapes", "infer_shapes", "parse_input_shapes",
+           "random_inputs", "graph_inputs"]
+
+log = logging.getLogger(__name__)
+
+# Inputs that carry sizes rather than data: their values are needed to map axes.
+SIZE_INPUTS = {
+    "Reshape": (1,), "Expand": (1,), "Tile": (1,), "Split": (1,), "Slice": (1, 2, 3, 4),
+    "Squeeze": (1,), "Unsqueeze": (1,), "Pad": (1, 2, 3), "Resize": (1, 2, 3),
+    "Upsample": (1,), "ConstantOfShape": (0,), "ReduceSum": (1,), "ReduceMean": (1,),
+    "ReduceMax": (1,), "ReduceMin": (1,), "ReduceProd": (1,), "ReduceL1": (1,),
+    "ReduceL2": (1,), "ReduceLogSum": (1,), "ReduceLogSumExp": (1,), "ReduceSumSquare": (1,),
+    "Gather": (1,), "Clip": (1, 2), "Range": (0, 1, 2),
+}
+
+
+def load(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read an ONNX file (with its external data); raise ModelLoadError on anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"{path}: empty file, not an ONNX model")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf raises several unrelated types for garbage
+        raise ModelLoadError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
+    if not model.graph.node or not model.opset_import:
+        raise ModelLoadError(f"{path}: not an ONNX model (no graph nodes or opset)")
+    try:
+        onnx.load_external_data_for_model(model, str(path.parent))
+    except Exception as e:
+        raise ModelLoadError(f"{path}: cannot read external data ({e})") from None
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"{path}: invalid ONNX model ({first})") from None
+    return model
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return 1
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for a in node.attribute:
+        if a.name == "value":
+            return numpy_helper.to_array(a.t)
+        if a.name == "value_float":
+            return np.array(a.f, dtype=np.float32)
+        if a.name == "value_floats":
+            return np.array(list(a.floats), dtype=np.float32)
+        if a.name == "value_int":
+            return np.array(a.i, dtype=np.int64)
+        if a.name == "value_ints":
+            return np.array(list(a.ints), dtype=np.int64)
+    return None
+
+
+def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Return a copy with Constant nodes as initializers and shared initializers split."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+
+    kept_nodes = []
+    for node in g.node:
+        value = _constant_value(node) if node.op_type == "Constant" and node.domain in ("", "ai.onnx") else None
+        if value is not None and node.output[0] not in {o.name for o in g.output}:
+            t = numpy_helper.from_array(value, node.output[0])
+            g.initializer.append(t)
+            inits[t.name] = t
+        else:
+            kept_nodes.append(node)
+    if len(kept_nodes) != len(g.node):
+        del g.node[:]
+        g.node.extend(kept_nodes)
+
+    # Initializers listed as inputs (IR < 4 style) are weights, not inputs a user feeds.
+    real_inputs = [i for i in g.input if i.name not in inits]
+    if len(real_inputs) != len(g.input):
+        del g.input[:]
+        g.input.extend(real_inputs)
+        model.ir_version = max(model.ir_version, 4)
+
+    # Rules, the report and the oracle refer to nodes by name: make names unique.
+    seen: set[str] = set()
+    for i, node in enumerate(g.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.name or node.op_type}__{i}"
+        seen.add(node.name)
+
+    uses: dict[str, int] = {}
+    for node in g.node:
+        for k, name in enumerate(node.input):
+            if name not in inits:
+                continue
+            n = uses.get(name, 0)
+            uses[name] = n + 1
+            if n == 0:
+                continue
+            copy = onnx.TensorProto()
+            copy.CopyFrom(inits[name])
+            copy.name = f"{name}__use{n}"
+            g.initializer.append(copy)
+            node.input[k] = copy.name
+    return model
+
+
+@dataclass
+class Shapes:
+    """Static shapes of every tensor, and the values of small integer tensors."""
+
+    shape: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    dtype: dict[str, int] = field(default_factory=dict)
+    value: dict[str, np.ndarray] = field(default_factory=dict)
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
+    """Parse ``name=1,3,224,224`` strings."""
+    out = {}
+    for spec in specs or []:
+        name, sep, dims = spec.rpartition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            out[name] = tuple(int(d) for d in dims.split(","))
+        except ValueError:
+            raise InputShapeError(f"bad --input-shape {spec!r}; expected name=1,3,224,224") from None
+    return out
+
+
+def _fixed_input_shapes(model, overrides):
+    shapes = {}
+    known = {i.name for i in graph_inputs(model)}
+    for name in overrides:
+        if name not in known:
+            raise InputShapeError(f"--input-shape names {name!r}, but the model's inputs are {sorted(known)}")
+    for inp in graph_inputs(model):
+        if not inp.type.HasField("tensor_type"):
+            raise UnsupportedModelError(f"input {inp.name!r} is not a tensor; spa handles tensor inputs only")
+        dims = inp.type.tensor_type.shape.dim
+        if inp.name in overrides:
+            fixed = overrides[inp.name]
+            if len(fixed) != len(dims):
+                raise InputShapeError(f"--input-shape {inp.name} has {len(fixed)} dims, the model's input has {len(dims)}")
+        else:
+            fixed = []
+            for axis, d in enumerate(dims):
+                if d.HasField("dim_value") and d.dim_value > 0:
+                    fixed.append(d.dim_value)
+                elif axis == 0:
+                    fixed.append(1)  # a symbolic leading dim is the batch
+                else:
+                    raise InputShapeError(
+                        f"input {inp.name!r} has a symbolic dim {d.dim_param or '?'!r} at axis {axis}; "
+                        f"pass --input-shape {inp.name}=" + ",".join(
+                            str(x.dim_value) if x.HasField("dim_value") else "N" for x in dims))
+        shapes[inp.name] = tuple(int(x) for x in fixed)
+    return shapes
+
+
+def random_inputs(model: onnx.ModelProto, input_shapes: dict, rng: np.random.Generator,
+                  batch: int | None = None) -> dict[str, np.ndarray]:
+    """Random feeds for every graph input: normal floats, small non-negative integers."""
+    feeds = {}
+    for inp in graph_inputs(model):
+        shape = list(input_shapes[inp.name])
+        if batch is not None and shape:
+            shape[0] = batch
+        np_type = helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
+        if np.issubdtype(np_type, np.floating):
+            feeds[inp.name] = rng.standard_normal(shape).astype(np_type)
+        elif np_type == np.bool_:
+            feeds[inp.name] = rng.integers(0, 2, shape).astype(np.bool_)
+        else:
+            feeds[inp.name] = rng.integers(0, 2, shape).astype(np_type)
+    return feeds
+
+
+def _tensor_shape(vi) -> tuple[int, ...] | None:
+    if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+        return None
+    dims = []
+    for d in vi.type.tensor_type.shape.dim:
+        if not d.HasField("dim_value"):
+            return None
+        dims.append(d.dim_value)
+    return tuple(dims)
+
+
+def infer_shapes(model: onnx.ModelProto, overrides: dict | None = None,
+                 want_values: bool = True) -> Shapes:
+    """Static shapes for every tensor, from ONNX shape inference, completed by one
+    onnxruntime run (random inputs) for whatever inference left symbolic or unknown."""
+    out = Shapes(input_shapes=_fixed_input_shapes(model, overrides or {}))
+    g = model.graph
+    for t in g.initializer:
+        out.shape[t.name] = tuple(t.dims)
+        out.dtype[t.name] = t.data_type
+
+    # Inference on a skeleton (no weight bytes) with the inputs fixed.
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(model) if model.ByteSize() < (1 << 30) else skeleton.CopyFrom(_weightless(model))
+    for inp in graph_inputs(skeleton):
+        dims = inp.type.tensor_type.shape.dim
+        for d, v in zip(dims, out.input_shapes[inp.name]):
+            d.Clear()
+            d.dim_value = v
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+        infos = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
+    except Exception as e:  # inference gives up on some custom graphs; onnxruntime may not
+        log.debug("onnx shape inference failed: %s", e)
+        infos = list(skeleton.graph.input)
+    for vi in infos:
+        s = _tensor_shape(vi)
+        if s is not None and vi.name not in out.shape:
+            out.shape[vi.name] = s
+            out.dtype[vi.name] = vi.type.tensor_type.elem_type
+    for name, s in out.input_shapes.items():
+        out.shape[name] = s
+
+    for t in g.initializer:
+        if t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and np.prod(t.dims) <= 64:
+            out.value[t.name] = numpy_helper.to_array(t)
+
+    produced = [o for n in g.node for o in n.output if o]
+    missing = [n for n in produced if n not in out.shape]
+    wanted = []
+    if want_values:
+        for node in g.node:
+            for k in SIZE_INPUTS.get(node.op_type, ()):
+                if k < len(node.input) and node.input[k] and node.input[k] not in out.value:
+                    wanted.append(node.input[k])
+    fetch = sorted(set(missing) | set(wanted))
+    if fetch:
+        _fill_from_onnxruntime(model, out, fetch)
+    return out
+
+
+def _weightless(model):
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for t in m.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL or len(t.raw_data) > 1024:
+            t.ClearField("raw_data")
+            t.ClearField("float_data")
+    return m
+
+
+def _fill_from_onnxruntime(model, out: Shapes, names):
+    import onnxruntime as ort
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    existing = {o.name for o in m.graph.output}
+    for name in names:
+        if name not in existing:
+            m.graph.output.append(onnx.ValueInfoProto(name=name))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        feeds = random_inputs(model, out.input_shapes, np.random.default_rng(0))
+        fetch = [o.name for o in sess.get_outputs() if o.name in set(names)]
+        results = sess.run(fetch, feeds)
+    except Exception as e:
+        log.info("onnxruntime could not run the model for shapes (%s); unknown shapes block their nodes",
+                 str(e).splitlines()[0][:200])
+        return
+    for name, arr in zip(fetch, results):
+        if not isinstance(arr, np.ndarray):
+            continue
+        out.shape[name] = tuple(arr.shape)
+        out.dtype[name] = helper.np_dtype_to_tensor_dtype(arr.dtype)
+        if arr.dtype.kind in "iu" and arr.size <= 64:
+            out.value[name] = arr
+
+
+def check_output_path(input_path: str | os.PathLike | None, output_path: str | os.PathLike) -> Path:
+    out = Path(output_path)
+    if input_path is not None:
+        inp = Path(input_path)
+        if out.resolve() == inp.resolve() or (out.exists() and inp.exists() and os.path.samefile(out, inp)):
+            raise OutputPathError(f"{out}: output path is the input file; spa never overwrites its input")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise OutputPathError(f"{out}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputPathError(f"{out}: directory {parent} is not writable")
+    if out.is_dir():
+        raise OutputPathError(f"{out}: is a directory")
+    return out
+
+
+def save(model: onnx.ModelProto, path: str | os.PathLike, input_path=None) -> Path:
+    """Write atomically: a temporary file in the same directory, then a rename."""
+    out = check_output_path(input_path, path)
+    large = model.ByteSize() > 2_000_000_000 if _fits_protobuf(model) else True
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent)
+    os.close(fd)
+    try:
+        if large:
+            data_name = out.name + ".data"
+            onnx.save(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=data_name, size_threshold=1024)
+        else:
+            onnx.save(model, tmp)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise OutputPathError(f"{out}: cannot write ({e.strerror or e})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _fits_protobuf(model) -> bool:
+    try:
+        model.ByteSize()
+        return True
+    except Exception:
+        return False

@@ -1,0 +1,62 @@
+"""How many channels each group loses, and which."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .graph.groups import Group
+
+__all__ = ["PlanOptions", "plan_removals"]
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    ratio: float = 0.5
+    global_rank: bool = False
+    max_ratio: float = 0.9
+    round_to: int = 8
+    min_keep: int = 1
+
+
+def _rounded_keep(n: int, keep: int, opts: PlanOptions) -> int:
+    keep = max(keep, opts.min_keep, 1)
+    if opts.round_to > 1:
+        if n <= opts.round_to:
+            return n
+        keep = max(opts.round_to, int(round(keep / opts.round_to)) * opts.round_to)
+    return min(keep, n)
+
+
+def plan_removals(groups: list[Group], scores: list[np.ndarray], opts: PlanOptions) -> list[np.ndarray]:
+    """Per group, the positions (into ``group.channels``) of the channels to remove."""
+    if not 0 <= opts.ratio < 1:
+        raise ValueError(f"ratio must be in [0, 1), got {opts.ratio}")
+    if opts.global_rank:
+        keeps = _global_keeps(groups, scores, opts)
+    else:
+        keeps = [g.size - int(np.floor(g.size * opts.ratio + 1e-9)) for g in groups]
+    removals = []
+    for g, s, keep in zip(groups, scores, keeps):
+        keep = _rounded_keep(g.size, keep, opts) if keep < g.size else g.size
+        order = np.argsort(s, kind="stable")
+        removals.append(np.sort(order[: g.size - keep]))
+    return removals
+
+
+def _global_keeps(groups, scores, opts):
+    """Rank every channel on scores normalized by their group's mean; cap each group."""
+    normalized = [s / (np.mean(s) + 1e-12) if len(s) else s for s in scores]
+    total = sum(g.size for g in groups)
+    budget = int(np.floor(total * opts.ratio + 1e-9))
+    flat = sorted((float(v), gi) for gi, s in enumerate(normalized) for v in s)
+    removed = [0] * len(groups)
+    cap = [min(g.size - 1, int(np.floor(g.size * opts.max_ratio + 1e-9))) for g in groups]
+    for _, gi in flat:
+        if budget == 0:
+            break
+        if removed[gi] < cap[gi]:
+            removed[gi] += 1
+            budget -= 1
+    return [g.size - r for g, r in zip(groups, removed)]

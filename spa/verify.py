@@ -1,0 +1,134 @@
+"""Checks on a pruned model: valid ONNX, same signature, and the equivalence oracle.
+
+Removing a channel is the same function as zeroing it wherever it is summed away (every
+contraction recorded by the rules), so ``pruned(x) == masked_original(x)`` for any x.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .errors import UnsupportedModelError, VerificationError
+from .graph.dependency import Dependency
+from .model import random_inputs
+from .rewrite import Rewriter
+
+__all__ = ["masked_model", "check_signature", "check_valid", "oracle", "OracleResult", "session"]
+
+
+@dataclass
+class OracleResult:
+    max_abs: float
+    max_rel: float
+    ok: bool
+    samples: int
+
+    def as_dict(self):
+        return {"max_abs_error": self.max_abs, "max_rel_error": self.max_rel, "ok": self.ok,
+                "samples": self.samples}
+
+
+def masked_model(model: onnx.ModelProto, dep: Dependency, removed_roots: np.ndarray,
+                 shapes) -> onnx.ModelProto:
+    """The original with every removed channel zeroed where it is contracted."""
+    masked = onnx.ModelProto()
+    masked.CopyFrom(model)
+    rw = Rewriter(masked, dep, removed_roots)
+    by_node: dict[str, list[tuple[int, int]]] = {}
+    for node_name, k, axis in dep.couplings.contractions:
+        by_node.setdefault(node_name, []).append((k, axis))
+    new_nodes = []
+    for node in masked.graph.node:
+        for k, axis in by_node.get(node.name, ()):
+            tensor = node.input[k]
+            kept = rw.kept((tensor, axis))
+            if kept is None:
+                continue
+            shape = shapes.shape[tensor]
+            mask = np.zeros(shape[axis], dtype=helper.tensor_dtype_to_np_dtype(shapes.dtype[tensor]))
+            mask[kept] = 1
+            bshape = [1] * len(shape)
+            bshape[axis] = shape[axis]
+            mask_name = f"{node.name}__spa_mask{k}_{axis}"
+            masked.graph.initializer.append(numpy_helper.from_array(mask.reshape(bshape), mask_name))
+            out = mask_name + "_out"
+            new_nodes.append(helper.make_node("Mul", [tensor, mask_name], [out], name=mask_name + "_mul"))
+            node.input[k] = out
+        new_nodes.append(node)
+    del masked.graph.node[:]
+    masked.graph.node.extend(new_nodes)
+    return masked
+
+
+def _signature(model):
+    def sig(vis):
+        return [(v.name, v.type.tensor_type.elem_type,
+                 tuple(d.dim_value if d.HasField("dim_value") else d.dim_param
+                       for d in v.type.tensor_type.shape.dim)) for v in vis]
+    inits = {t.name for t in model.graph.initializer}
+    return sig([i for i in model.graph.input if i.name not in inits]), sig(model.graph.output)
+
+
+def check_signature(original: onnx.ModelProto, pruned: onnx.ModelProto):
+    if _signature(original) != _signature(pruned):
+        raise VerificationError("pruned model's inputs/outputs differ from the original's")
+
+
+def check_valid(pruned: onnx.ModelProto):
+    try:
+        if pruned.ByteSize() < 2_000_000_000:
+            onnx.checker.check_model(pruned, full_check=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise VerificationError(f"pruned model fails onnx.checker: {first}") from None
+
+
+def session(model: onnx.ModelProto, threads: int = 0):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def oracle(pruned: onnx.ModelProto, masked: onnx.ModelProto, input_shapes: dict,
+           samples: int = 2, seed: int = 0, rtol: float = 1e-3, atol: float = 1e-5) -> OracleResult:
+    """Run both models on the same random inputs; errors are relative to the output scale."""
+    try:
+        s_pruned = session(pruned)
+    except Exception as e:
+        raise VerificationError(f"onnxruntime cannot load the pruned model: {str(e).splitlines()[0][:300]}") from None
+    try:
+        s_masked = session(masked)
+    except Exception as e:
+        raise UnsupportedModelError(f"onnxruntime cannot run the original model, so it cannot be verified: "
+                                    f"{str(e).splitlines()[0][:300]}") from None
+    rng = np.random.default_rng(seed)
+    max_abs = max_rel = 0.0
+    ok = True
+    for _ in range(samples):
+        feeds = random_inputs(pruned, input_shapes, rng)
+        try:
+            got = s_pruned.run(None, feeds)
+        except Exception as e:
+            raise VerificationError(f"onnxruntime fails on the pruned model: {str(e).splitlines()[0][:300]}") from None
+        want = s_masked.run(None, feeds)
+        for g, w in zip(got, want):
+            if g.shape != w.shape:
+                raise VerificationError(f"pruned output shape {g.shape} differs from {w.shape}")
+            if g.dtype.kind not in "fc":
+                ok &= bool(np.array_equal(g, w))
+                continue
+            g64, w64 = g.astype(np.float64), w.astype(np.float64)
+            err = float(np.max(np.abs(g64 - w64))) if g.size else 0.0
+            scale = float(np.max(np.abs(w64))) if w.size else 0.0
+            max_abs = max(max_abs, err)
+            max_rel = max(max_rel, err / scale if scale > 0 else err)
+            ok &= bool(np.isfinite(g64).all() == np.isfinite(w64).all()) and err <= atol + rtol * scale
+    return OracleResult(max_abs, max_rel, ok, samples)
