@@ -324,11 +324,9 @@ def reshape(ctx: NodeContext):
             if target[j] == -1 or (target[j] == 0 and not allowzero):
                 continue  # inferred or copied: follows the pruned input by itself
             new[j] = plan.new_size((node.output[0], j))
-        if np.array_equal(new, target):
-            return
-        if computed:
-            plan.fail(f"Reshape {ctx.name!r}: its target shape is computed, cannot rewrite it")
-        plan.set_input(node, 1, new)
+        # A computed target (Shape -> Gather -> Concat) reads the pruned sizes at run time.
+        if not computed and not np.array_equal(new, target):
+            plan.set_input(node, 1, new)
     ctx.rewrite(set_target)
     return None
 
@@ -499,11 +497,8 @@ def expand(ctx: NodeContext):
             j = p + offset
             if new[p] == y[j] and new[p] != 1:
                 new[p] = plan.new_size((node.output[0], j))
-        if np.array_equal(new, target):
-            return
-        if computed:
-            plan.fail(f"Expand {ctx.name!r}: its target shape is computed, cannot rewrite it")
-        plan.set_input(node, 1, new)
+        if not computed and not np.array_equal(new, target):
+            plan.set_input(node, 1, new)
     ctx.rewrite(set_target)
 
 

@@ -1,0 +1,258 @@
+"""The ``spa`` command: prune, inspect, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import api
+from .errors import SpaError
+from .importance import CRITERIA
+from .model import load, normalize, parse_input_shapes
+
+__all__ = ["main"]
+
+STAGES = ["analyze", "score", "rewrite", "verify"]
+
+
+def _human(n: float, unit: str = "") -> str:
+    for suffix in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.3g}{suffix}{unit}" if suffix or unit else f"{n:.4g}"
+        n /= 1000
+    return f"{n:.3g}P{unit}"
+
+
+def format_table(rows: list[tuple[str, float | None, float | None]], fmt) -> str:
+    lines = [f"{'':<14}{'before':>12}{'after':>12}{'ratio':>9}"]
+    for name, before, after in rows:
+        if before is None or after is None:
+            continue
+        ratio = f"{after / before:.3f}" if before else "-"
+        lines.append(f"{name:<14}{fmt[name](before):>12}{fmt[name](after):>12}{ratio:>9}")
+    return "\n".join(lines)
+
+
+FORMATS = {
+    "params": _human, "MACs": _human, "file size": lambda v: _human(v, "B"),
+    "latency": lambda v: f"{v * 1e3:.3g} ms", "accuracy": lambda v: f"{v:.4f}",
+}
+
+
+def _accuracy(model, data: dict) -> float:
+    from .verify import session
+    sess = session(model)
+    names = [i.name for i in sess.get_inputs()]
+    missing = [n for n in names if n not in data]
+    if missing or "label" not in data:
+        raise SpaError(f"--eval file needs arrays {names + ['label']}, has {sorted(data)}")
+    n = len(data["label"])
+    correct = 0
+    for start in range(0, n, 64):
+        feeds = {k: data[k][start:start + 64] for k in names}
+        logits = sess.run(None, feeds)[0]
+        correct += int((logits.argmax(axis=-1) == data["label"][start:start + 64]).sum())
+    return correct / n
+
+
+def _load_npz(path) -> dict:
+    try:
+        with np.load(path) as f:
+            return {k: f[k] for k in f.files}
+    except Exception as e:
+        raise SpaError(f"{path}: cannot read as .npz ({type(e).__name__})") from None
+
+
+def cmd_prune(args) -> int:
+    from tqdm import tqdm
+
+    input_shapes = parse_input_shapes(args.input_shape)
+    from .model import check_output_path
+    check_output_path(args.model, args.output)
+    bar = tqdm(total=len(STAGES), desc="spa", disable=args.quiet or not sys.stderr.isatty(),
+               bar_format="{desc}: {n}/{total} {postfix}", leave=False)
+
+    def on_stage(name):
+        bar.set_postfix_str(name)
+        bar.update(0 if name == "analyze" else 1)
+
+    try:
+        result = api.prune(args.model, ratio=args.ratio, criterion=args.criterion,
+                           global_rank=args.global_rank, max_ratio=args.max_ratio, round_to=args.round_to,
+                           exclude=args.exclude, input_shapes=input_shapes, verify=args.verify,
+                           strict=args.strict, aggregate=args.aggregate, seed=args.seed, on_stage=on_stage)
+    finally:
+        bar.close()
+    result.save(args.output)
+    rep = result.report
+    rows = [("params", rep["before"]["params"], rep["after"]["params"]),
+            ("MACs", rep["before"]["macs"], rep["after"]["macs"]),
+            ("file size", rep["before"].get("file_bytes"), rep["after"].get("file_bytes"))]
+    if args.latency:
+        from .bench import latency
+        before, after = latency([result.original, result.model], rep["input_shapes"], runs=args.runs)
+        rep["before"]["latency_s"], rep["after"]["latency_s"] = before, after
+        rows.append(("latency", before, after))
+    if args.eval:
+        data = _load_npz(args.eval)
+        rep["before"]["accuracy"] = _accuracy(result.original, data)
+        rep["after"]["accuracy"] = _accuracy(result.model, data)
+        rows.append(("accuracy", rep["before"]["accuracy"], rep["after"]["accuracy"]))
+    if args.report:
+        _write_json(args.report, rep)
+    if not args.quiet:
+        pruned = [g for g in rep["groups"] if g["removed"]]
+        print(f"{args.model} -> {args.output}")
+        print(f"groups: {len(rep['groups'])} prunable ({len(pruned)} pruned), {len(rep['blocked'])} blocked")
+        print(format_table(rows, FORMATS))
+        if "verify" in rep:
+            v = rep["verify"]
+            print(f"verified: pruned == masked original (max abs error {v['max_abs_error']:.2g}, "
+                  f"relative {v['max_rel_error']:.2g})")
+        for b in rep["blocked_nodes"][:10]:
+            print(f"blocked: {b['reason']}")
+        if len(rep["blocked_nodes"]) > 10:
+            print(f"blocked: ... and {len(rep['blocked_nodes']) - 10} more nodes (see --report)")
+    return 0
+
+
+def _write_json(path, obj):
+    import tempfile
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.resolve().parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def cmd_inspect(args) -> int:
+    a = api.analyze(args.model, parse_input_shapes(args.input_shape), args.exclude)
+    summary = a.summary()
+    if args.json:
+        print(json.dumps(summary, indent=1))
+        return 0
+    print(f"{args.model}: {len(a.model.graph.node)} nodes, {len(a.groups)} prunable groups, "
+          f"{len(a.blocked)} blocked groups, {len(a.dep.blocked_nodes)} blocked nodes")
+    for g in summary["groups"]:
+        members = ", ".join(g["members"][:6]) + (", ..." if len(g["members"]) > 6 else "")
+        print(f"  group {g['id']:>4}: {g['channels']:>5} channels  {members}")
+    for g in summary["blocked"]:
+        members = ", ".join(g["members"][:4]) + (", ..." if len(g["members"]) > 4 else "")
+        print(f"  blocked {g['id']:>3}: {g['channels']:>5} channels  {members}  <- {g['reason']}")
+    for b in summary["blocked_nodes"]:
+        print(f"  node {b['node']!r} ({b['op']}): {b['reason']}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import latency
+    from .metrics import count_macs, count_params
+    from .model import infer_shapes
+    models = [normalize(load(p)) for p in (args.model, args.pruned)]
+    overrides = parse_input_shapes(args.input_shape)
+    shapes = [infer_shapes(m, overrides, want_values=False) for m in models]
+    lat = latency(models, shapes[0].input_shapes, runs=args.runs, threads=args.threads)
+    rows = [("params", count_params(models[0]), count_params(models[1])),
+            ("MACs", count_macs(models[0], shapes[0]), count_macs(models[1], shapes[1])),
+            ("file size", os.path.getsize(args.model), os.path.getsize(args.pruned)),
+            ("latency", lat[0], lat[1])]
+    print(format_table(rows, FORMATS))
+    return 0
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spa", description="Structurally prune ONNX models.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what each stage does")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("model", help="input .onnx file")
+        sp.add_argument("--input-shape", action="append", metavar="NAME=D0,D1,...",
+                        help="fix an input's symbolic dims (repeatable)")
+        sp.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                        help="never prune tensors or nodes whose name matches (fnmatch; repeatable)")
+
+    sp = sub.add_parser("prune", help="prune a model")
+    common(sp)
+    sp.add_argument("-o", "--output", required=True, help="output .onnx file (never the input)")
+    sp.add_argument("--ratio", type=_ratio, default=0.5, help="fraction of channels removed per group")
+    sp.add_argument("--criterion", choices=CRITERIA, default="l1")
+    sp.add_argument("--aggregate", choices=["sum", "mean", "max"], default="sum",
+                    help="how a group combines its members' scores")
+    sp.add_argument("--global", dest="global_rank", action="store_true",
+                    help="rank all groups' channels together on normalized scores")
+    sp.add_argument("--max-ratio", type=_ratio, default=0.9, help="per-group cap with --global")
+    sp.add_argument("--round-to", type=int, default=api.DEFAULT_ROUND_TO,
+                    help=f"keep a multiple of N channels (default {api.DEFAULT_ROUND_TO}; 1 = off)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
+    sp.add_argument("--verify", dest="verify", action="store_true", default=None,
+                    help="run the equivalence oracle (default: when the model is small)")
+    sp.add_argument("--no-verify", dest="verify", action="store_false")
+    sp.add_argument("--strict", action="store_true", help="fail if any node blocks pruning")
+    sp.add_argument("--report", metavar="JSON", help="write the full report as JSON")
+    sp.add_argument("--latency", action="store_true", help="also measure onnxruntime latency")
+    sp.add_argument("--runs", type=int, default=30, help="latency runs")
+    sp.add_argument("--eval", metavar="NPZ", help="labelled sample (input arrays + 'label'): report accuracy")
+    sp.add_argument("-q", "--quiet", action="store_true")
+    sp.set_defaults(func=cmd_prune)
+
+    sp = sub.add_parser("inspect", help="show the coupled groups and what blocks what")
+    common(sp)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_inspect)
+
+    sp = sub.add_parser("bench", help="params, MACs, file size and latency of two models")
+    sp.add_argument("model")
+    sp.add_argument("pruned")
+    sp.add_argument("--input-shape", action="append", metavar="NAME=D0,D1,...")
+    sp.add_argument("--runs", type=int, default=50)
+    sp.add_argument("--threads", type=int, default=1)
+    sp.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except SpaError as e:
+        print(f"spa: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("spa: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("spa: error: out of memory", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug of ours: still one line, the traceback only with -v
+        if args.verbose:
+            raise
+        print(f"spa: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+              f"(please report; -v shows the traceback)", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
