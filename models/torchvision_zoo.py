@@ -157,8 +157,18 @@ def classification_models(max_params: int = 100_000_000) -> list[str]:
 # ---------------------------------------------------------------------------
 # Input sizes
 # ---------------------------------------------------------------------------
-# Smallest input each family accepts (spatial side, pixels).  Others work at 32+.
-_MIN_SIZE = {"inception_v3": 75, "googlenet": 32, "alexnet": 63, "squeezenet1_0": 32}
+# Smallest input side (pixels) a model accepts; others work at 32+.
+_MIN_SIZE = {"inception_v3": 75}
+
+
+def _fixed_size(name: str) -> bool:
+    """Models that only export at their default size.
+
+    AlexNet/VGG end in AdaptiveAvgPool2d to 6x6/7x7, which the legacy exporter
+    only handles when the feature map is a multiple of it; MaxViT's 7x7
+    window partitions need the side to be a multiple of 224.
+    """
+    return name == "alexnet" or name.startswith("vgg") or name.startswith("maxvit")
 
 
 def default_image_size(name: str) -> int:
@@ -167,7 +177,7 @@ def default_image_size(name: str) -> int:
 
 def _build_kwargs_and_size(name: str, image_size: int | None) -> tuple[dict, int]:
     """Constructor kwargs and the actual input side for ``image_size``."""
-    if image_size is None or image_size == default_image_size(name):
+    if image_size is None or image_size == default_image_size(name) or _fixed_size(name):
         return {}, default_image_size(name)
     size = int(image_size)
     if name.startswith("vit_"):
@@ -175,11 +185,6 @@ def _build_kwargs_and_size(name: str, image_size: int | None) -> tuple[dict, int
         patch = int(name.rsplit("_", 1)[1])
         size = max(patch, size - size % patch)
         return {"image_size": size}, size
-    if name == "maxvit_t":
-        # MaxViT needs the side divisible by 32 (stem /2, 4 stages /2, 7x7 windows
-        # after padding are handled internally), set via input_size.
-        size = max(32, size - size % 32)
-        return {"input_size": (size, size)}, size
     if name.startswith("swin"):
         size = max(32, size - size % 32)
         return {}, size
@@ -214,9 +219,35 @@ def output_path(
     suffix = ""
     if opset is not None and opset != _DEFAULT_OPSET[exporter]:
         suffix += f"-opset{opset}"
-    if image_size is not None and image_size != default_image_size(name):
-        suffix += f"-s{image_size}"
+    size = _build_kwargs_and_size(name, image_size)[1]  # the size actually used
+    if size != default_image_size(name):
+        suffix += f"-s{size}"
     return Path(out_dir) / f"{name}-{exporter}{suffix}.onnx"
+
+
+@contextlib.contextmanager
+def _redirect_fds():
+    """Send OS-level stdout/stderr to a temp file (the legacy exporter's C++
+    side prints whole TorchScript graphs there on failure)."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except Exception:
+        pass
+    saved = []
+    try:
+        with tempfile.TemporaryFile() as sink:
+            try:
+                for fd in (1, 2):
+                    saved.append((fd, os.dup(fd)))
+                    os.dup2(sink.fileno(), fd)
+            except OSError:
+                pass  # no usable fds (embedded interpreter); just don't redirect
+            yield
+    finally:
+        for fd, dup in saved:
+            os.dup2(dup, fd)
+            os.close(dup)
 
 
 @contextlib.contextmanager
@@ -228,7 +259,8 @@ def _quiet():
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             warnings.simplefilter("ignore")
-            yield sink
+            with _redirect_fds():
+                yield sink
     finally:
         logging.disable(prev_disable)
 
@@ -291,7 +323,10 @@ def export(
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final.stem}.", dir=out_dir))
     try:
         tmp = tmp_dir / final.name
-        with _quiet(), torch.no_grad():
+        # No torch.no_grad(): under no_grad nn.MultiheadAttention takes its fused
+        # fast path (aten::_native_multi_head_attention), which the legacy
+        # exporter cannot convert.
+        with _quiet():
             if exporter == "legacy":
                 _export_legacy(model, x, tmp, opset)
             else:

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import SpaError, StrictModeError, VerificationError
+from .errors import SpaError, StrictModeError, UnsupportedModelError, VerificationError
 from .graph.dependency import Dependency, build_dependency
 from .graph.groups import Group, find_groups
 from .importance import score_groups
@@ -151,12 +151,20 @@ def prune(model_or_path, ratio: float = 0.5, criterion: str = "l1", *, global_ra
             "scores": [float(v) for v in s], **({"note": notes[g.id]} if g.id in notes else {}),
         })
 
+    asked = verify
     if verify is None:
         verify = report["before"]["params"] <= VERIFY_AUTO_MAX_PARAMS
     if verify:
         stage("verify")
         check_valid(pruned)
-        result = oracle(pruned, masked_model(a.model, a.dep, removed, a.shapes), a.shapes.input_shapes)
+        try:
+            result = oracle(pruned, masked_model(a.model, a.dep, removed, a.shapes), a.shapes.input_shapes)
+        except UnsupportedModelError as e:
+            if asked:
+                raise
+            report["verify"] = {"skipped": str(e)}
+            log.info("not verified: %s", e)
+            return PruneResult(pruned, a.model, report, a.source)
         report["verify"] = result.as_dict()
         if not result.ok:
             raise VerificationError(

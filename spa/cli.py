@@ -111,7 +111,9 @@ def cmd_prune(args) -> int:
         print(f"{args.model} -> {args.output}")
         print(f"groups: {len(rep['groups'])} prunable ({len(pruned)} pruned), {len(rep['blocked'])} blocked")
         print(format_table(rows, FORMATS))
-        if "verify" in rep:
+        if "skipped" in rep.get("verify", {}):
+            print(f"not verified: {rep['verify']['skipped']}")
+        elif "verify" in rep:
             v = rep["verify"]
             print(f"verified: pruned == masked original (max abs error {v['max_abs_error']:.2g}, "
                   f"relative {v['max_rel_error']:.2g})")

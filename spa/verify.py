@@ -101,14 +101,14 @@ def oracle(pruned: onnx.ModelProto, masked: onnx.ModelProto, input_shapes: dict,
            samples: int = 2, seed: int = 0, rtol: float = 1e-3, atol: float = 1e-5) -> OracleResult:
     """Run both models on the same random inputs; errors are relative to the output scale."""
     try:
-        s_pruned = session(pruned)
-    except Exception as e:
-        raise VerificationError(f"onnxruntime cannot load the pruned model: {str(e).splitlines()[0][:300]}") from None
-    try:
         s_masked = session(masked)
     except Exception as e:
         raise UnsupportedModelError(f"onnxruntime cannot run the original model, so it cannot be verified: "
                                     f"{str(e).splitlines()[0][:300]}") from None
+    try:
+        s_pruned = session(pruned)
+    except Exception as e:
+        raise VerificationError(f"onnxruntime cannot load the pruned model: {str(e).splitlines()[0][:300]}") from None
     rng = np.random.default_rng(seed)
     max_abs = max_rel = 0.0
     ok = True
