@@ -10,7 +10,6 @@ from typing import Callable
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .errors import SpaError, StrictModeError, UnsupportedModelError, VerificationError
 from .graph.dependency import Dependency, build_dependency
@@ -65,7 +64,7 @@ def _as_model(model_or_path) -> tuple[onnx.ModelProto, str | None]:
 def analyze(model_or_path, input_shapes: dict | None = None, exclude: list[str] | None = None) -> Analysis:
     """Load (if a path), normalize, infer shapes and find the groups."""
     model, source = _as_model(model_or_path)
-    model = normalize(model)
+    model = normalize(model, copy=source is None)
     shapes = infer_shapes(model, input_shapes)
     dep = build_dependency(model, shapes, opset_of(model), exclude)
     groups, blocked = find_groups(dep)
@@ -115,10 +114,8 @@ def prune(model_or_path, ratio: float = 0.5, criterion: str = "l1", *, global_ra
         raise StrictModeError(f"--strict: {reason} ({len(a.dep.blocked_nodes)} node(s) blocked)")
 
     stage("score")
-    weights = {t.name: numpy_helper.to_array(t) for t in a.model.graph.initializer
-               if any((t.name, ax) in a.dep.space_class for ax in range(len(t.dims)))}
     try:
-        scores, notes = score_groups(a.model, weights, a.dep, a.groups, criterion, aggregate, seed)
+        scores, notes = score_groups(a.model, a.dep, a.groups, criterion, aggregate, seed)
         removals = plan_removals(a.groups, scores, PlanOptions(ratio, global_rank, max_ratio, round_to))
     except ValueError as e:
         raise SpaError(str(e)) from None

@@ -54,7 +54,7 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
     except Exception as e:
         raise ModelLoadError(f"{path}: cannot read external data ({e})") from None
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(_weightless(model))  # structure only: weight bytes cost time
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"{path}: invalid ONNX model ({first})") from None
@@ -83,9 +83,12 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
     return None
 
 
-def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Return a copy with Constant nodes as initializers and shared initializers split."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+def normalize(model: onnx.ModelProto, copy: bool = True) -> onnx.ModelProto:
+    """Constant nodes as initializers, shared initializers split, unique node names.
+    Works on a copy unless ``copy=False`` (for a model spa loaded itself)."""
+    if copy:
+        original, model = model, onnx.ModelProto()
+        model.CopyFrom(original)
     g = model.graph
     inits = {t.name: t for t in g.initializer}
 
@@ -232,9 +235,10 @@ def infer_shapes(model: onnx.ModelProto, overrides: dict | None = None,
         out.dtype[t.name] = t.data_type
 
     # Inference on a skeleton (no weight bytes) with the inputs fixed.
-    skeleton = onnx.ModelProto()
-    skeleton.CopyFrom(model) if model.ByteSize() < (1 << 30) else skeleton.CopyFrom(_weightless(model))
-    for inp in graph_inputs(skeleton):
+    skeleton = _weightless(model)
+    for inp in skeleton.graph.input:
+        if inp.name not in out.input_shapes:
+            continue
         dims = inp.type.tensor_type.shape.dim
         for d, v in zip(dims, out.input_shapes[inp.name]):
             d.Clear()
@@ -271,13 +275,26 @@ def infer_shapes(model: onnx.ModelProto, overrides: dict | None = None,
     return out
 
 
-def _weightless(model):
+def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its large initializers turned into typed graph inputs: shape
+    inference needs their shapes, not their bytes, and copying bytes is what costs."""
     m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for t in m.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL or len(t.raw_data) > 1024:
-            t.ClearField("raw_data")
-            t.ClearField("float_data")
+    for name in ("ir_version", "producer_name", "domain", "model_version"):
+        setattr(m, name, getattr(model, name))
+    m.opset_import.extend(model.opset_import)
+    m.functions.extend(model.functions)
+    g, src = m.graph, model.graph
+    g.name = src.name
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    for t in src.initializer:
+        if int(np.prod(t.dims)) <= 64:
+            g.initializer.append(t)
+        else:
+            g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    m.ir_version = max(m.ir_version, 4)
     return m
 
 

@@ -23,9 +23,12 @@ class Rewriter:
         self.model = model
         self.dep = dep
         self.removed = removed_roots  # bool per atom; meaningful at representative atoms
-        self._inits = {t.name: t for t in model.graph.initializer}
+        self.index_initializers()
         self._kept_cache: dict[int, np.ndarray | None] = {}
         self._counter = 0
+
+    def index_initializers(self):
+        self._inits = {t.name: t for t in self.model.graph.initializer}
 
     def kept(self, space) -> np.ndarray | None:
         """Sorted kept indices of a space, or None when nothing of it is removed."""
@@ -69,25 +72,40 @@ class Rewriter:
         raise UnsupportedModelError(message)
 
 
+def _copy_fields(src, dst, skip):
+    for desc, value in src.ListFields():
+        if desc.name in skip:
+            continue
+        if isinstance(value, (list, tuple)) or type(value).__name__.startswith("Repeated"):
+            getattr(dst, desc.name).extend(value)
+        elif desc.message_type:
+            getattr(dst, desc.name).CopyFrom(value)
+        else:
+            setattr(dst, desc.name, value)
+
+
 def rewrite(model: onnx.ModelProto, dep: Dependency, removed_roots: np.ndarray) -> onnx.ModelProto:
     """Return a pruned copy of ``model`` (the normalized model the dependency was built on)."""
+    # Copy everything but the initializers, then add each one already sliced: the full
+    # weights are never held twice.
     pruned = onnx.ModelProto()
-    pruned.CopyFrom(model)
+    _copy_fields(model, pruned, skip={"graph"})
+    _copy_fields(model.graph, pruned.graph, skip={"initializer", "value_info"})
+    initializers = model.graph.initializer
     rw = Rewriter(pruned, dep, removed_roots)
-    nodes = {n.name: n for n in pruned.graph.node}
-
-    for t in pruned.graph.initializer:
+    for t in initializers:
         slices = [(axis, rw.kept((t.name, axis))) for axis in range(len(t.dims))]
         slices = [(axis, kept) for axis, kept in slices if kept is not None]
         if not slices:
+            pruned.graph.initializer.append(t)
             continue
         w = numpy_helper.to_array(t)
         for axis, kept in slices:
             w = np.take(w, kept, axis=axis)
-        t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w), t.name))
+        pruned.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w), t.name))
+    rw.index_initializers()
+    nodes = {n.name: n for n in pruned.graph.node}
 
     for node, fn in dep.couplings.rewrites:
         fn(nodes[node.name], rw)
-
-    del pruned.graph.value_info[:]
     return pruned

@@ -11,6 +11,7 @@ import logging
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from ..graph.dependency import Dependency
 from ..graph.groups import Group
@@ -34,21 +35,36 @@ def _roles(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
     return scales, stats
 
 
-def _member_norm(w: np.ndarray, axis: int, p: int) -> np.ndarray:
-    other = tuple(i for i in range(w.ndim) if i != axis)
-    w = np.abs(w.astype(np.float64, copy=False))
-    return w.sum(axis=other) if p == 1 else np.sqrt((w * w).sum(axis=other))
+def _member_norms(model: onnx.ModelProto, dep: Dependency, p: int) -> dict:
+    """Per initializer axis that some group holds, the L``p`` norm of each index's slice.
+    One tensor is converted at a time, so memory stays at the largest tensor."""
+    _, bn_stats = _roles(model)
+    norms = {}
+    for t in model.graph.initializer:
+        axes = [ax for ax in range(len(t.dims)) if (t.name, ax) in dep.space_class]
+        if not axes or t.name in bn_stats:
+            continue
+        w = numpy_helper.to_array(t)
+        if w.dtype.kind != "f":
+            continue
+        w = np.abs(w) if p == 1 else np.square(w, dtype=np.float64)
+        for axis in axes:
+            other = tuple(i for i in range(w.ndim) if i != axis)
+            s = w.sum(axis=other, dtype=np.float64)
+            norms[(t.name, axis)] = s if p == 1 else np.sqrt(s)
+    return norms
 
 
-def score_groups(model: onnx.ModelProto, weights: dict[str, np.ndarray], dep: Dependency,
-                 groups: list[Group], criterion: str = "l1", aggregate: str = "sum",
+def score_groups(model: onnx.ModelProto, dep: Dependency, groups: list[Group],
+                 criterion: str = "l1", aggregate: str = "sum",
                  seed: int = 0) -> tuple[list[np.ndarray], dict[int, str]]:
     """Scores per group and, per group id, a note where the criterion fell back to another."""
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
     reduce = AGGREGATES[aggregate]
-    bn_scales, bn_stats = _roles(model)
+    bn_scales, _ = _roles(model)
     rng = np.random.default_rng(seed)
+    norms = {} if criterion == "random" else _member_norms(model, dep, 2 if criterion == "l2" else 1)
     scores, notes = [], {}
     for group in groups:
         if criterion == "random":
@@ -56,18 +72,14 @@ def score_groups(model: onnx.ModelProto, weights: dict[str, np.ndarray], dep: De
             continue
         members = []
         for space in group.spaces:
-            w = weights.get(space[0])
-            if w is None or w.dtype.kind != "f" or space[0] in bn_stats:
-                continue
-            if criterion == "bn-scale" and space[0] not in bn_scales:
+            norm = norms.get(space)
+            if norm is None or (criterion == "bn-scale" and space[0] not in bn_scales):
                 continue
             idx, channel = group.member(dep, space)
-            norm = _member_norm(w, space[1], 2 if criterion == "l2" else 1)
             members.append(np.bincount(channel, weights=norm[idx], minlength=group.size))
         if not members and criterion == "bn-scale":
             notes[group.id] = "no BatchNormalization in group: scored with l1"
-            return_scores, _ = score_groups(model, weights, dep, [group], "l1", aggregate, seed)
-            scores.append(return_scores[0])
-            continue
+            members = [np.bincount(ch, weights=norms[s][idx], minlength=group.size)
+                       for s in group.spaces if s in norms for idx, ch in [group.member(dep, s)]]
         scores.append(reduce(np.stack(members), axis=0) if members else np.zeros(group.size))
     return scores, notes
