@@ -1,0 +1,116 @@
+"""Loading and normalization: Constant-node weights, shared initializers, external data, opsets."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+import spa
+from graphs import Graph, assert_prunes
+
+
+def test_weights_in_constant_nodes_are_pruned():
+    """Paddle and tf2onnx keep weights in Constant nodes."""
+    g = Graph()
+    x = g.input([1, 3, 6, 6])
+    y = g.op("Relu", [g.conv(x, 3, 8)])
+    g.output(g.conv(y, 8, 4))
+    model = g.model()
+    graph = model.graph
+    constants = [helper.make_node("Constant", [], [t.name], value=t, name=f"const_{t.name}")
+                 for t in graph.initializer]
+    nodes = constants + list(graph.node)
+    del graph.initializer[:]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    r = assert_prunes(model)
+    assert not any(n.op_type == "Constant" for n in r.model.graph.node)
+
+
+def test_shared_initializer_does_not_tie_unrelated_layers():
+    g = Graph()
+    x = g.input([1, 3, 6, 6])
+    a = g.op("Relu", [g.conv(x, 3, 8)])
+    b = g.op("Relu", [g.conv(x, 3, 8)])
+    ones = g.const(np.ones((8, 1, 1), np.float32), "ones")
+    a = g.op("Mul", [a, ones])
+    b = g.op("Mul", [b, ones])   # same initializer, unrelated branch
+    g.output(g.conv(a, 8, 2))
+    g.output(g.conv(b, 8, 2))
+    model = g.model()
+    analysis = spa.analyze(model)
+    assert sorted(grp.size for grp in analysis.groups) == [8, 8]
+    assert_prunes(model)
+
+
+def test_identity_nodes_pass_channels():
+    g = Graph()
+    x = g.input([1, 3, 6, 6])
+    y = g.op("Identity", [g.op("Relu", [g.conv(x, 3, 8)])])
+    g.output(g.conv(y, 8, 4))
+    assert_prunes(g.model())
+
+
+def test_external_data_model(tmp_path):
+    g = Graph()
+    x = g.input([1, 3, 6, 6])
+    y = g.op("Relu", [g.conv(x, 3, 64)])
+    g.output(g.conv(y, 64, 4))
+    path = tmp_path / "ext.onnx"
+    onnx.save(g.model(), path, save_as_external_data=True, location="ext.bin", size_threshold=0)
+    assert (tmp_path / "ext.bin").exists()
+    r = spa.prune(path, ratio=0.5, verify=True)
+    assert r.report["verify"]["ok"]
+    out = r.save(tmp_path / "out.onnx")
+    assert onnx.load(out).graph.initializer[0].dims[0] == 32
+
+
+def test_initializers_listed_as_inputs():
+    """Old exporters (IR < 4) list every initializer as a graph input too."""
+    g = Graph()
+    x = g.input([1, 3, 6, 6])
+    y = g.op("Relu", [g.conv(x, 3, 8)])
+    g.output(g.conv(y, 8, 4))
+    model = g.model()
+    for t in model.graph.initializer:
+        model.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    r = assert_prunes(model)
+    assert [i.name for i in r.model.graph.input] == ["x"]
+
+
+def test_python_api_does_not_touch_the_callers_model():
+    g = Graph()
+    x = g.input([1, 3, 6, 6])
+    g.output(g.conv(g.op("Relu", [g.conv(x, 3, 8)]), 8, 4))
+    model = g.model()
+    before = model.SerializeToString()
+    spa.prune(model, ratio=0.5, verify=False)
+    assert model.SerializeToString() == before
+
+
+@pytest.mark.parametrize("opset", [9, 11, 13])
+def test_legacy_torch_export_at_old_opsets(tmp_path, opset):
+    torch = pytest.importorskip("torch")
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Conv2d(3, 16, 3, padding=1)
+            self.bn = torch.nn.BatchNorm2d(16)
+            self.b = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
+            self.c = torch.nn.Conv2d(32, 8, 1)
+            self.fc = torch.nn.Linear(8 * 4 * 4, 5)
+
+        def forward(self, x):
+            y = torch.relu(self.bn(self.a(x)))
+            z = torch.cat([y, self.b(y)], 1)
+            z = torch.nn.functional.interpolate(z, scale_factor=2.0, mode="nearest")
+            z = torch.nn.functional.max_pool2d(self.c(z), 4)
+            return self.fc(z.view(z.size(0), -1))
+
+    torch.manual_seed(0)
+    path = tmp_path / f"net{opset}.onnx"
+    torch.onnx.export(Net().eval(), torch.randn(1, 3, 8, 8), str(path), dynamo=False, opset_version=opset,
+                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    r = assert_prunes(str(path), criterion="l1")
+    assert not r.report["blocked_nodes"]
