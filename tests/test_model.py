@@ -114,3 +114,21 @@ def test_legacy_torch_export_at_old_opsets(tmp_path, opset):
                       input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
     r = assert_prunes(str(path), criterion="l1")
     assert not r.report["blocked_nodes"]
+
+
+def test_tensor_read_inside_if_branch_is_not_pruned():
+    """Subgraphs read outer tensors by name; those keep their channels, the rest is pruned."""
+    g = Graph()
+    x = g.input([1, 3, 6, 6])
+    a = g.op("Relu", [g.conv(x, 3, 8)])
+    b = g.op("Relu", [g.conv(a, 8, 8)])
+    out_t = helper.make_tensor_value_info("branch_out", onnx.TensorProto.FLOAT, None)
+    then_g = helper.make_graph([helper.make_node("Identity", [b], ["branch_out"])], "then", [], [out_t])
+    else_g = helper.make_graph([helper.make_node("Neg", [b], ["branch_out"])], "else", [], [out_t])
+    cond = g.const(np.array(True))
+    y = g.op("If", [cond], then_branch=then_g, else_branch=else_g)
+    g.output(g.conv(y, 8, 2))
+    model = g.model()
+    r = assert_prunes(model, criterion="l1")
+    reasons = " ".join(b["reason"] for b in r.report["blocked"] + r.report["blocked_nodes"])
+    assert "subgraph" in reasons and "If" in reasons

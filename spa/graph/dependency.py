@@ -87,6 +87,11 @@ def collect_couplings(model: onnx.ModelProto, shapes, opset: int,
             blocked.append((ctx.name, node.op_type, reason))
         elif patterns and any(fnmatch.fnmatchcase(ctx.name, p) for p in patterns):
             ctx.fix_all(f"excluded by pattern (node {ctx.name!r})")
+    for name, node_name in _outer_scope_references(g):
+        shape = shapes.shape.get(name)
+        for axis in range(len(shape or ())):
+            out.sizes[(name, axis)] = shape[axis]
+            out.fixed.append(((name, axis), f"used inside a subgraph of node {node_name!r}"))
     for vi, what in [(i, "input") for i in g.input] + [(o, "output") for o in g.output]:
         shape = shapes.shape.get(vi.name)
         for axis in range(len(shape or ())):
@@ -97,6 +102,28 @@ def collect_couplings(model: onnx.ModelProto, shapes, opset: int,
             if any(fnmatch.fnmatchcase(space[0], p) for p in patterns):
                 out.fixed.append((space, f"excluded by pattern (tensor {space[0]!r})"))
     return out, blocked
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [b for a in node.attribute for b in ([a.g] if a.HasField("g") else []) + list(a.graphs)]
+
+
+def _outer_scope_references(graph: onnx.GraphProto):
+    """Tensors of ``graph`` that subgraphs (If/Loop/Scan bodies) read by name: their axes
+    must keep their sizes, since the body is not analyzed."""
+    def refs(sub: onnx.GraphProto) -> set[str]:
+        local = {i.name for i in sub.input} | {t.name for t in sub.initializer}
+        used = set()
+        for node in sub.node:
+            used.update(n for n in node.input if n)
+            for body in _subgraphs(node):
+                used |= refs(body)
+            local.update(node.output)
+        return used - local
+    for node in graph.node:
+        for body in _subgraphs(node):
+            for name in sorted(refs(body)):
+                yield name, node.name
 
 
 def build_dependency(model: onnx.ModelProto, shapes, opset: int,
