@@ -182,7 +182,7 @@ def worker_measure(path: str, out_json: str) -> int:
     try:
         shapes = rep["input_shapes"]
         probe = spa.bench.latency([result.original], shapes, runs=2, warmup=1, threads=1)[0]
-        runs = int(max(10, min(100, LATENCY_BUDGET_S / max(probe * 1.7, 1e-6))))
+        runs = int(max(10, min(500, LATENCY_BUDGET_S / max(probe * 1.7, 1e-6))))
         lo, lp = spa.bench.latency([result.original, result.model], shapes, runs=runs, threads=1)
         res["latency"] = {"original_s": lo, "pruned_s": lp, "ratio": lp / lo, "runs": runs}
     except BaseException as e:  # noqa: BLE001
@@ -395,7 +395,7 @@ def render_markdown(results: dict, meta: dict) -> str:
     z = _zoo()
     counts = z.param_counts()
     expected = z.classification_models(100_000_000)
-    entries = sorted(results.values(), key=lambda e: (counts.get(e["model"], 0), e["model"], e["exporter"]))
+    entries = sorted(results.values(), key=lambda e: (counts.get(e["model"], 0), e["model"], e["exporter"] != "legacy"))
     n = len(entries)
     models = sorted({e["model"] for e in entries})
     st = collections.Counter(e.get("status") for e in entries)
@@ -425,7 +425,7 @@ def render_markdown(results: dict, meta: dict) -> str:
              "**partial** = pruned and oracle passes, but some groups/nodes are blocked by something else; "
              "**failed** = export failure, spa crash, invalid model or oracle failure.")
     L.append("- latency: onnxruntime CPU, 1 intra-op thread, original and pruned sessions interleaved in one "
-             "process (`spa.bench.latency`), median of 10–100 runs; ratio = pruned / original.")
+             "process (`spa.bench.latency`), median of 10–500 runs (about 40 s of measurement per pair); ratio = pruned / original.")
     L.append("- `spa prune` wall / peak RSS: the CLI as a child process with `--no-verify -q` "
              "(wall measured by the parent, includes interpreter start-up and imports; "
              "peak RSS from `/usr/bin/time -f %M`).")

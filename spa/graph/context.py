@@ -34,6 +34,7 @@ class Couplings:
     fixed: list[tuple[Space, str]] = field(default_factory=list)
     free: set[Space] = field(default_factory=set)
     contractions: list[tuple[str, int, int]] = field(default_factory=list)  # node, input index, axis
+    batch: set[Space] = field(default_factory=set)  # MatMul batch axes: where attention heads live
     rewrites: list[tuple[onnx.NodeProto, Callable]] = field(default_factory=list)
 
 
@@ -129,6 +130,10 @@ class NodeContext:
 
     def product(self, whole: Space, factors: list[Space]):
         self.out.product.append((whole, factors, self.name))
+
+    def batch(self, space: Space):
+        """A MatMul batch axis: a split axis whose factor ends up here is a set of heads."""
+        self.out.batch.add(space)
 
     def fix(self, space: Space, reason: str | None = None):
         self.mentioned.add(space)

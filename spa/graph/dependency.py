@@ -37,6 +37,8 @@ class Dependency:
     fixed_reason: dict[int, str]           # representative atom -> why it cannot be removed
     blocked_nodes: list[tuple[str, str, str]] = field(default_factory=list)  # name, op, reason
     initializer_classes: set[int] = field(default_factory=set)
+    head_classes: set[int] = field(default_factory=set)      # split factors that are heads
+    head_dim_classes: set[int] = field(default_factory=set)  # the per-head dims beside them
 
     def atoms(self, space: Space) -> np.ndarray:
         c = self.space_class[space]
@@ -126,8 +128,16 @@ def _outer_scope_references(graph: onnx.GraphProto):
                 yield name, node.name
 
 
+ATTENTION_MODES = ("heads", "head-dims")
+
+
 def build_dependency(model: onnx.ModelProto, shapes, opset: int,
-                     exclude: list[str] | None = None) -> Dependency:
+                     exclude: list[str] | None = None, attention: str = "heads") -> Dependency:
+    """``attention`` says what a split of a hidden axis into heads x head_dim carries:
+    whole ``heads`` (the factor that becomes a MatMul batch axis) or ``head-dims`` (the same
+    dims removed from every head). Other splits carry their largest free factor."""
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
     couplings, blocked = collect_couplings(model, shapes, opset, exclude)
 
     graph = nx.Graph()
@@ -153,8 +163,17 @@ def build_dependency(model: onnx.ModelProto, shapes, opset: int,
             j = start + i * step
             if 0 <= j < len(bb):
                 uf.union(a, bb[j])
+    batch_classes = {space_class[s] for s in couplings.batch if s in space_class}
+    heads, head_dims = set(), set()
     for whole, factors, node in couplings.product:
-        _unite_product(uf, block, couplings.sizes, whole, factors, node)
+        preferred = None
+        in_batch = [f for f in factors if space_class[f] in batch_classes and couplings.sizes[f] > 1]
+        if in_batch and len(in_batch) < len([f for f in factors if couplings.sizes[f] > 1]):
+            heads.update(space_class[f] for f in in_batch)
+            others = [f for f in factors if f not in in_batch and couplings.sizes[f] > 1]
+            head_dims.update(space_class[f] for f in others)
+            preferred = set(in_batch) if attention == "heads" else set(others)
+        _unite_product(uf, block, couplings.sizes, whole, factors, node, preferred)
 
     root = np.fromiter((uf.find(a) for a in range(len(uf.parent))), dtype=np.int64,
                        count=len(uf.parent))
@@ -162,10 +181,10 @@ def build_dependency(model: onnx.ModelProto, shapes, opset: int,
     init_names = {t.name for t in model.graph.initializer}
     init_classes = {c for s, c in space_class.items() if s[0] in init_names}
     return Dependency(couplings, space_class, class_spaces, starts, sizes, root, fixed_reason,
-                      blocked, init_classes)
+                      blocked, init_classes, heads, head_dims)
 
 
-def _unite_product(uf, block, sizes, whole, factors, node):
+def _unite_product(uf, block, sizes, whole, factors, node, preferred=None):
     factors = [f for f in factors if sizes[f] != 1]
     whole_atoms = block(whole)
     if int(np.prod([sizes[f] for f in factors])) != len(whole_atoms):
@@ -183,7 +202,8 @@ def _unite_product(uf, block, sizes, whole, factors, node):
         for a in whole_atoms:
             uf.fix(a, reason)
         return
-    carrier = max(free, key=lambda f: sizes[f])
+    candidates = [f for f in free if f in preferred] if preferred else []
+    carrier = max(candidates or free, key=lambda f: sizes[f])
     for f in free:
         if f != carrier:
             for a in block(f):

@@ -145,6 +145,7 @@ def matmul(ctx: NodeContext):
             j = batch_y - len(batch) + i
             if n == y[j]:
                 ctx.same(ctx.inp(k, i), ctx.outp(0, j))
+                ctx.batch(ctx.outp(0, j))
 
 
 # ---- normalizations ------------------------------------------------------------------------
