@@ -163,7 +163,7 @@ def build_dependency(model: onnx.ModelProto, shapes, opset: int,
             j = start + i * step
             if 0 <= j < len(bb):
                 uf.union(a, bb[j])
-    batch_classes = {space_class[s] for s in couplings.batch if s in space_class}
+    batch_classes = _head_classes(couplings, space_class)
     heads, head_dims = set(), set()
     for whole, factors, node in couplings.product:
         preferred = None
@@ -182,6 +182,22 @@ def build_dependency(model: onnx.ModelProto, shapes, opset: int,
     init_classes = {c for s, c in space_class.items() if s[0] in init_names}
     return Dependency(couplings, space_class, class_spaces, starts, sizes, root, fixed_reason,
                       blocked, init_classes, heads, head_dims)
+
+
+def _head_classes(couplings: Couplings, space_class: dict) -> set[int]:
+    """Classes of MatMul batch axes, and of the factors merged into one (grouped-query
+    attention merges key/value heads x repeats into the query heads)."""
+    classes = {space_class[s] for s in couplings.batch if s in space_class}
+    changed = True
+    while changed:
+        changed = False
+        for whole, factors, _ in couplings.product:
+            if space_class[whole] in classes:
+                for f in factors:
+                    if couplings.sizes[f] > 1 and space_class[f] not in classes:
+                        classes.add(space_class[f])
+                        changed = True
+    return classes
 
 
 def _unite_product(uf, block, sizes, whole, factors, node, preferred=None):

@@ -526,6 +526,20 @@ def gather(ctx: NodeContext):
         ctx.same(ctx.inp(1, i), ctx.outp(0, axis + i))
 
 
+@rule("GatherND")
+def gather_nd(ctx: NodeContext):
+    data, idx = ctx.in_shape(0), ctx.in_shape(1)
+    b = int(ctx.attr("batch_dims", 0))
+    k = idx[-1]
+    for i in range(b):
+        ctx.same(ctx.inp(0, i), ctx.outp(0, i))
+        ctx.same(ctx.inp(1, i), ctx.outp(0, i))
+    for i in range(b, len(idx) - 1):
+        ctx.same(ctx.inp(1, i), ctx.outp(0, i))
+    for i in range(b + k, len(data)):
+        ctx.same(ctx.inp(0, i), ctx.outp(0, len(idx) - 1 + i - b - k))
+
+
 @rule("Shape", "Size")
 def shape(ctx: NodeContext):
     # Reads sizes only; downstream arithmetic sees the pruned sizes at run time.
