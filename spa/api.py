@@ -48,7 +48,8 @@ class Analysis:
 
     def summary(self) -> dict:
         return {
-            "groups": [{"id": g.id, "channels": g.size, "members": self.member_names(g)} for g in self.groups],
+            "groups": [{"id": g.id, "kind": g.kind, "channels": g.size, "members": self.member_names(g)}
+                       for g in self.groups],
             "blocked": [{"id": g.id, "channels": g.size, "members": self.member_names(g), "reason": g.blocked}
                         for g in self.blocked],
             "blocked_nodes": [{"node": n, "op": op, "reason": r} for n, op, r in self.dep.blocked_nodes],
@@ -61,12 +62,14 @@ def _as_model(model_or_path) -> tuple[onnx.ModelProto, str | None]:
     return load(model_or_path), str(model_or_path)
 
 
-def analyze(model_or_path, input_shapes: dict | None = None, exclude: list[str] | None = None) -> Analysis:
-    """Load (if a path), normalize, infer shapes and find the groups."""
+def analyze(model_or_path, input_shapes: dict | None = None, exclude: list[str] | None = None,
+            attention: str = "heads") -> Analysis:
+    """Load (if a path), normalize, infer shapes and find the groups. ``attention`` picks
+    whether attention splits are pruned as whole ``heads`` or as ``head-dims``."""
     model, source = _as_model(model_or_path)
     model = normalize(model, copy=source is None)
     shapes = infer_shapes(model, input_shapes)
-    dep = build_dependency(model, shapes, opset_of(model), exclude)
+    dep = build_dependency(model, shapes, opset_of(model), exclude, attention)
     groups, blocked = find_groups(dep)
     return Analysis(model, shapes, dep, groups, blocked, source)
 
@@ -92,31 +95,75 @@ def _file_bytes(path) -> int:
     return total + (data.stat().st_size if data.exists() else 0)
 
 
-def prune(model_or_path, ratio: float = 0.5, criterion: str = "l1", *, global_rank: bool = False,
+def prune(model_or_path, ratio: float = 0.5, criterion: str = "l1", *, heads: float | None = None,
+          mlp: float | None = None, head_dims: float | None = None, global_rank: bool = False,
           max_ratio: float = 0.9, round_to: int = DEFAULT_ROUND_TO, exclude: list[str] | None = None,
           input_shapes: dict | None = None, verify: bool | None = None, strict: bool = False,
           aggregate: str = "sum", seed: int = 0,
           on_stage: Callable[[str], None] | None = None) -> PruneResult:
     """Prune ``ratio`` of the channels of every prunable group (or globally).
 
+    ``mlp`` and ``heads`` override ``ratio`` for plain channel groups (conv channels, MLP
+    neurons) and for whole attention heads; ``head_dims`` then removes that share of the
+    dims of every remaining head in a second pass on the pruned model.
+
     >>> result = prune("model.onnx", ratio=0.5, criterion="l1")   # doctest: +SKIP
     >>> result.save("model.pruned.onnx"); result.report["after"]["macs"]  # doctest: +SKIP
     """
-    if not 0 <= ratio < 1:
-        raise SpaError(f"--ratio must be in [0, 1), got {ratio}")
+    for name, r in (("ratio", ratio), ("heads", heads), ("mlp", mlp), ("head-dims", head_dims)):
+        if r is not None and not 0 <= r < 1:
+            raise SpaError(f"--{name} must be in [0, 1), got {r}")
     if round_to < 1:
         raise SpaError(f"--round-to must be at least 1, got {round_to}")
-    stage = on_stage or (lambda name: None)
-    stage("analyze")
-    a = analyze(model_or_path, input_shapes, exclude)
+    options = {"ratio": ratio, "heads": heads, "mlp": mlp, "head_dims": head_dims, "criterion": criterion,
+               "global": global_rank, "max_ratio": max_ratio, "round_to": round_to,
+               "exclude": list(exclude or []), "aggregate": aggregate, "seed": seed}
+    ratios = tuple((k, r) for k, r in (("channels", mlp), ("heads", heads)) if r is not None)
+    plan = PlanOptions(ratio, ratios, global_rank, max_ratio, round_to)
+    args = dict(criterion=criterion, aggregate=aggregate, seed=seed, verify=verify, strict=strict,
+                on_stage=on_stage or (lambda name: None))
+    result = _prune_pass(_analyze_stage(model_or_path, input_shapes, exclude, "heads", args["on_stage"]),
+                         plan, **args)
+    if head_dims:
+        plan = PlanOptions(0.0, (("head-dims", head_dims),), global_rank, max_ratio, round_to)
+        second = _prune_pass(_analyze_stage(result.model, result.report["input_shapes"], exclude, "head-dims",
+                                           args["on_stage"]), plan, **args)
+        result = _merge_passes(result, second)
+    result.report["options"] = options
+    return result
+
+
+def _analyze_stage(model, input_shapes, exclude, attention, on_stage) -> Analysis:
+    on_stage("analyze")
+    shapes = {k: tuple(v) for k, v in (input_shapes or {}).items()}
+    return analyze(model, shapes, exclude, attention)
+
+
+def _merge_passes(first: PruneResult, second: PruneResult) -> PruneResult:
+    """One result for two passes: before of the first, after of the second, all groups."""
+    rep = dict(second.report)
+    rep["source"], rep["before"] = first.report["source"], first.report["before"]
+    rep["passes"] = [first.report, second.report]
+    rep["groups"] = first.report["groups"] + second.report["groups"]
+    if "verify" in first.report and "verify" in second.report:
+        v1, v2 = first.report["verify"], second.report["verify"]
+        rep["verify"] = v1 if "skipped" in v1 or "skipped" in v2 else {
+            "max_abs_error": max(v1["max_abs_error"], v2["max_abs_error"]),
+            "max_rel_error": max(v1["max_rel_error"], v2["max_rel_error"]),
+            "ok": v1["ok"] and v2["ok"], "samples": v1["samples"]}
+    return PruneResult(second.model, first.original, rep, first.source)
+
+
+def _prune_pass(a: Analysis, plan: PlanOptions, *, criterion, aggregate, seed, verify, strict,
+                on_stage) -> PruneResult:
     if strict and a.dep.blocked_nodes:
         name, op, reason = a.dep.blocked_nodes[0]
         raise StrictModeError(f"--strict: {reason} ({len(a.dep.blocked_nodes)} node(s) blocked)")
 
-    stage("score")
+    on_stage("score")
     try:
         scores, notes = score_groups(a.model, a.dep, a.groups, criterion, aggregate, seed)
-        removals = plan_removals(a.groups, scores, PlanOptions(ratio, global_rank, max_ratio, round_to))
+        removals = plan_removals(a.groups, scores, plan)
     except ValueError as e:
         raise SpaError(str(e)) from None
 
@@ -124,15 +171,13 @@ def prune(model_or_path, ratio: float = 0.5, criterion: str = "l1", *, global_ra
     for g, rem in zip(a.groups, removals):
         removed[g.channels[rem]] = True
 
-    stage("rewrite")
+    on_stage("rewrite")
     pruned = rewrite(a.model, a.dep, removed)
     check_signature(a.model, pruned)
     after_shapes = infer_shapes(pruned, a.shapes.input_shapes, want_values=False)
 
     report = {
         "source": a.source,
-        "options": {"ratio": ratio, "criterion": criterion, "global": global_rank, "max_ratio": max_ratio,
-                    "round_to": round_to, "exclude": list(exclude or []), "aggregate": aggregate, "seed": seed},
         "input_shapes": {k: list(v) for k, v in a.shapes.input_shapes.items()},
         "before": {"params": count_params(a.model), "macs": count_macs(a.model, a.shapes)},
         "after": {"params": count_params(pruned), "macs": count_macs(pruned, after_shapes)},
@@ -143,7 +188,7 @@ def prune(model_or_path, ratio: float = 0.5, criterion: str = "l1", *, global_ra
         report["before"]["file_bytes"] = _file_bytes(a.source)
     for g, s, rem in zip(a.groups, scores, removals):
         report["groups"].append({
-            "id": g.id, "channels": g.size, "removed": len(rem), "kept": g.size - len(rem),
+            "id": g.id, "kind": g.kind, "channels": g.size, "removed": len(rem), "kept": g.size - len(rem),
             "removed_channels": rem.tolist(), "members": a.member_names(g),
             "scores": [float(v) for v in s], **({"note": notes[g.id]} if g.id in notes else {}),
         })
@@ -152,7 +197,7 @@ def prune(model_or_path, ratio: float = 0.5, criterion: str = "l1", *, global_ra
     if verify is None:
         verify = report["before"]["params"] <= VERIFY_AUTO_MAX_PARAMS
     if verify:
-        stage("verify")
+        on_stage("verify")
         check_valid(pruned)
         try:
             result = oracle(pruned, masked_model(a.model, a.dep, removed, a.shapes), a.shapes.input_shapes)

@@ -83,7 +83,10 @@ def cmd_prune(args) -> int:
         bar.update(0 if name == "analyze" else 1)
 
     try:
-        result = api.prune(args.model, ratio=args.ratio, criterion=args.criterion,
+        structures = [args.heads, args.mlp, args.head_dims]
+        ratio = args.ratio if args.ratio is not None else (0.0 if any(r is not None for r in structures) else 0.5)
+        result = api.prune(args.model, ratio=ratio, criterion=args.criterion, heads=args.heads, mlp=args.mlp,
+                           head_dims=args.head_dims,
                            global_rank=args.global_rank, max_ratio=args.max_ratio, round_to=args.round_to,
                            exclude=args.exclude, input_shapes=input_shapes, verify=args.verify,
                            strict=args.strict, aggregate=args.aggregate, seed=args.seed, on_stage=on_stage)
@@ -108,8 +111,13 @@ def cmd_prune(args) -> int:
         _write_json(args.report, rep)
     if not args.quiet:
         pruned = [g for g in rep["groups"] if g["removed"]]
+        kinds = {}
+        for g in pruned:
+            kinds[g["kind"]] = kinds.get(g["kind"], 0) + 1
+        detail = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
         print(f"{args.model} -> {args.output}")
-        print(f"groups: {len(rep['groups'])} prunable ({len(pruned)} pruned), {len(rep['blocked'])} blocked")
+        print(f"groups: {len(rep['groups'])} prunable ({len(pruned)} pruned{': ' + detail if detail else ''}), "
+              f"{len(rep['blocked'])} blocked")
         print(format_table(rows, FORMATS))
         if "skipped" in rep.get("verify", {}):
             print(f"not verified: {rep['verify']['skipped']}")
@@ -147,7 +155,7 @@ def cmd_inspect(args) -> int:
           f"{len(a.blocked)} blocked groups, {len(a.dep.blocked_nodes)} blocked nodes")
     for g in summary["groups"]:
         members = ", ".join(g["members"][:6]) + (", ..." if len(g["members"]) > 6 else "")
-        print(f"  group {g['id']:>4}: {g['channels']:>5} channels  {members}")
+        print(f"  group {g['id']:>4}: {g['channels']:>5} {g['kind']:<9} {members}")
     for g in summary["blocked"]:
         members = ", ".join(g["members"][:4]) + (", ..." if len(g["members"]) > 4 else "")
         print(f"  blocked {g['id']:>3}: {g['channels']:>5} channels  {members}  <- {g['reason']}")
@@ -197,7 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("prune", help="prune a model")
     common(sp)
     sp.add_argument("-o", "--output", required=True, help="output .onnx file (never the input)")
-    sp.add_argument("--ratio", type=_ratio, default=0.5, help="fraction of channels removed per group")
+    sp.add_argument("--ratio", type=_ratio, default=None,
+                    help="fraction of channels removed from every group (default 0.5, or 0 for the "
+                         "structures not named when --heads/--mlp/--head-dims is given)")
+    sp.add_argument("--heads", type=_ratio, help="fraction of whole attention heads to remove")
+    sp.add_argument("--mlp", type=_ratio, help="fraction of plain channels (MLP neurons, conv channels)")
+    sp.add_argument("--head-dims", type=_ratio, help="fraction of the dims of every head (second pass)")
     sp.add_argument("--criterion", choices=CRITERIA, default="l1")
     sp.add_argument("--aggregate", choices=["sum", "mean", "max"], default="sum",
                     help="how a group combines its members' scores")

@@ -13,7 +13,8 @@ __all__ = ["PlanOptions", "plan_removals"]
 
 @dataclass(frozen=True)
 class PlanOptions:
-    ratio: float = 0.5
+    ratio: float = 0.5                      # for every kind of group not named in ``ratios``
+    ratios: tuple = ()                      # ((kind, ratio), ...): "channels", "heads", "head-dims"
     global_rank: bool = False
     max_ratio: float = 0.9
     round_to: int = 8
@@ -31,25 +32,34 @@ def _rounded_keep(n: int, keep: int, opts: PlanOptions) -> int:
 
 def plan_removals(groups: list[Group], scores: list[np.ndarray], opts: PlanOptions) -> list[np.ndarray]:
     """Per group, the positions (into ``group.channels``) of the channels to remove."""
-    if not 0 <= opts.ratio < 1:
-        raise ValueError(f"ratio must be in [0, 1), got {opts.ratio}")
+    by_kind = dict(opts.ratios)
+    for r in [opts.ratio, *by_kind.values()]:
+        if not 0 <= r < 1:
+            raise ValueError(f"ratio must be in [0, 1), got {r}")
+    ratio_of = [by_kind.get(g.kind, opts.ratio) for g in groups]
     if opts.global_rank:
-        keeps = _global_keeps(groups, scores, opts)
+        keeps = [0] * len(groups)
+        for r in set(ratio_of):  # rank within each kind: heads and neurons are not comparable
+            idx = [i for i, ri in enumerate(ratio_of) if ri == r]
+            for i, k in zip(idx, _global_keeps([groups[i] for i in idx], [scores[i] for i in idx], opts, r)):
+                keeps[i] = k
     else:
-        keeps = [g.size - int(np.floor(g.size * opts.ratio + 1e-9)) for g in groups]
+        keeps = [g.size - int(np.floor(g.size * r + 1e-9)) for g, r in zip(groups, ratio_of)]
     removals = []
     for g, s, keep in zip(groups, scores, keeps):
-        keep = _rounded_keep(g.size, keep, opts) if keep < g.size else g.size
+        # heads are few and whole: rounding them to hardware multiples makes no sense
+        round_opts = opts if g.kind == "channels" else PlanOptions(round_to=1)
+        keep = _rounded_keep(g.size, keep, round_opts) if keep < g.size else g.size
         order = np.argsort(s, kind="stable")
         removals.append(np.sort(order[: g.size - keep]))
     return removals
 
 
-def _global_keeps(groups, scores, opts):
+def _global_keeps(groups, scores, opts, ratio):
     """Rank every channel on scores normalized by their group's mean; cap each group."""
     normalized = [s / (np.mean(s) + 1e-12) if len(s) else s for s in scores]
     total = sum(g.size for g in groups)
-    budget = int(np.floor(total * opts.ratio + 1e-9))
+    budget = int(np.floor(total * ratio + 1e-9))
     flat = sorted((float(v), gi) for gi, s in enumerate(normalized) for v in s)
     removed = [0] * len(groups)
     cap = [min(g.size - 1, int(np.floor(g.size * opts.max_ratio + 1e-9))) for g in groups]

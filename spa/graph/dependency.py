@@ -39,6 +39,7 @@ class Dependency:
     initializer_classes: set[int] = field(default_factory=set)
     head_classes: set[int] = field(default_factory=set)      # split factors that are heads
     head_dim_classes: set[int] = field(default_factory=set)  # the per-head dims beside them
+    attention: str = "heads"                                  # which of the two carries splits
 
     def atoms(self, space: Space) -> np.ndarray:
         c = self.space_class[space]
@@ -181,7 +182,7 @@ def build_dependency(model: onnx.ModelProto, shapes, opset: int,
     init_names = {t.name for t in model.graph.initializer}
     init_classes = {c for s, c in space_class.items() if s[0] in init_names}
     return Dependency(couplings, space_class, class_spaces, starts, sizes, root, fixed_reason,
-                      blocked, init_classes, heads, head_dims)
+                      blocked, init_classes, heads, head_dims, attention)
 
 
 def _head_classes(couplings: Couplings, space_class: dict) -> set[int]:

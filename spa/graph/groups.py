@@ -24,6 +24,7 @@ class Group:
     channels: np.ndarray               # representative atom of each channel, sorted
     spaces: list[Space]                # every tensor axis (or virtual axis) the channels live in
     blocked: str | None = None
+    kind: str = "channels"             # "channels" (conv channels, MLP neurons), "heads", "head-dims"
     _members: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -65,7 +66,10 @@ def find_groups(dep: Dependency) -> tuple[list[Group], list[Group]]:
         free = channels[[r is None for r in reasons]]
         fixed_reasons = sorted({r for r in reasons if r is not None})
         if len(free) > 1:
-            prunable.append(Group(len(prunable), free, spaces))
+            kind = ("heads" if dep.head_classes.intersection(key) and dep.attention == "heads" else
+                    "head-dims" if dep.head_dim_classes.intersection(key) and dep.attention == "head-dims" else
+                    "channels")
+            prunable.append(Group(len(prunable), free, spaces, kind=kind))
         fixed_reasons = [r for r in fixed_reasons if not r.startswith(NOT_CHANNEL)]
         if fixed_reasons and len(channels) > 1:
             fixed = channels[[r is not None for r in reasons]]
