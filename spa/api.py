@@ -19,7 +19,7 @@ from .metrics import count_macs, count_params
 from .model import Shapes, infer_shapes, load, normalize, opset_of, save
 from .planner import PlanOptions, plan_removals
 from .rewrite import rewrite
-from .verify import check_signature, check_valid, masked_model, oracle
+from .verify import check_signature, check_valid, masked_model, oracle, output_error
 
 __all__ = ["Analysis", "PruneResult", "analyze", "prune", "DEFAULT_ROUND_TO"]
 
@@ -63,13 +63,14 @@ def _as_model(model_or_path) -> tuple[onnx.ModelProto, str | None]:
 
 
 def analyze(model_or_path, input_shapes: dict | None = None, exclude: list[str] | None = None,
-            attention: str = "heads") -> Analysis:
+            attention: str = "heads", allow_mixing: bool = False) -> Analysis:
     """Load (if a path), normalize, infer shapes and find the groups. ``attention`` picks
-    whether attention splits are pruned as whole ``heads`` or as ``head-dims``."""
+    whether attention splits are pruned as whole ``heads`` or as ``head-dims``;
+    ``allow_mixing`` also offers channels that normalizations mix (inexact ``hidden`` groups)."""
     model, source = _as_model(model_or_path)
     model = normalize(model, copy=source is None)
     shapes = infer_shapes(model, input_shapes)
-    dep = build_dependency(model, shapes, opset_of(model), exclude, attention)
+    dep = build_dependency(model, shapes, opset_of(model), exclude, attention, allow_mixing)
     groups, blocked = find_groups(dep)
     return Analysis(model, shapes, dep, groups, blocked, source)
 
@@ -96,7 +97,8 @@ def _file_bytes(path) -> int:
 
 
 def prune(model_or_path, ratio: float = 0.5, criterion: str = "l1", *, heads: float | None = None,
-          mlp: float | None = None, head_dims: float | None = None, global_rank: bool = False,
+          mlp: float | None = None, head_dims: float | None = None, hidden: float | None = None,
+          global_rank: bool = False,
           max_ratio: float = 0.9, round_to: int = DEFAULT_ROUND_TO, exclude: list[str] | None = None,
           input_shapes: dict | None = None, verify: bool | None = None, strict: bool = False,
           aggregate: str = "sum", seed: int = 0,
@@ -105,17 +107,21 @@ def prune(model_or_path, ratio: float = 0.5, criterion: str = "l1", *, heads: fl
 
     ``mlp`` and ``heads`` override ``ratio`` for plain channel groups (conv channels, MLP
     neurons) and for whole attention heads; ``head_dims`` then removes that share of the
-    dims of every remaining head in a second pass on the pruned model.
+    dims of every remaining head in a second pass on the pruned model, and ``hidden`` that
+    share of the residual width (through LayerNorm/RMSNorm: inexact, the report gives the
+    output error instead of the oracle) in a last pass.
 
     >>> result = prune("model.onnx", ratio=0.5, criterion="l1")   # doctest: +SKIP
     >>> result.save("model.pruned.onnx"); result.report["after"]["macs"]  # doctest: +SKIP
     """
-    for name, r in (("ratio", ratio), ("heads", heads), ("mlp", mlp), ("head-dims", head_dims)):
+    for name, r in (("ratio", ratio), ("heads", heads), ("mlp", mlp), ("head-dims", head_dims),
+                    ("hidden", hidden)):
         if r is not None and not 0 <= r < 1:
             raise SpaError(f"--{name} must be in [0, 1), got {r}")
     if round_to < 1:
         raise SpaError(f"--round-to must be at least 1, got {round_to}")
-    options = {"ratio": ratio, "heads": heads, "mlp": mlp, "head_dims": head_dims, "criterion": criterion,
+    options = {"ratio": ratio, "heads": heads, "mlp": mlp, "head_dims": head_dims, "hidden": hidden,
+               "criterion": criterion,
                "global": global_rank, "max_ratio": max_ratio, "round_to": round_to,
                "exclude": list(exclude or []), "aggregate": aggregate, "seed": seed}
     ratios = tuple((k, r) for k, r in (("channels", mlp), ("heads", heads)) if r is not None)
@@ -129,14 +135,19 @@ def prune(model_or_path, ratio: float = 0.5, criterion: str = "l1", *, heads: fl
         second = _prune_pass(_analyze_stage(result.model, result.report["input_shapes"], exclude, "head-dims",
                                            args["on_stage"]), plan, **args)
         result = _merge_passes(result, second)
+    if hidden:
+        plan = PlanOptions(0.0, (("hidden", hidden),), global_rank, max_ratio, round_to)
+        third = _prune_pass(_analyze_stage(result.model, result.report["input_shapes"], exclude, "heads",
+                                           args["on_stage"], allow_mixing=True), plan, **args)
+        result = _merge_passes(result, third)
     result.report["options"] = options
     return result
 
 
-def _analyze_stage(model, input_shapes, exclude, attention, on_stage) -> Analysis:
+def _analyze_stage(model, input_shapes, exclude, attention, on_stage, allow_mixing=False) -> Analysis:
     on_stage("analyze")
     shapes = {k: tuple(v) for k, v in (input_shapes or {}).items()}
-    return analyze(model, shapes, exclude, attention)
+    return analyze(model, shapes, exclude, attention, allow_mixing)
 
 
 def _merge_passes(first: PruneResult, second: PruneResult) -> PruneResult:
@@ -147,7 +158,7 @@ def _merge_passes(first: PruneResult, second: PruneResult) -> PruneResult:
     rep["groups"] = first.report["groups"] + second.report["groups"]
     if "verify" in first.report and "verify" in second.report:
         v1, v2 = first.report["verify"], second.report["verify"]
-        rep["verify"] = v1 if "skipped" in v1 or "skipped" in v2 else {
+        rep["verify"] = v1 if "skipped" in v1 or "skipped" in v2 else v2 if v2.get("exact") is False else {
             "max_abs_error": max(v1["max_abs_error"], v2["max_abs_error"]),
             "max_rel_error": max(v1["max_rel_error"], v2["max_rel_error"]),
             "ok": v1["ok"] and v2["ok"], "samples": v1["samples"]}
@@ -196,7 +207,13 @@ def _prune_pass(a: Analysis, plan: PlanOptions, *, criterion, aggregate, seed, v
     asked = verify
     if verify is None:
         verify = report["before"]["params"] <= VERIFY_AUTO_MAX_PARAMS
-    if verify:
+    if verify and any(g.kind == "hidden" and len(rem) for g, rem in zip(a.groups, removals)):
+        on_stage("verify")
+        check_valid(pruned)
+        report["verify"] = output_error(a.model, pruned, a.shapes.input_shapes)
+        if not report["verify"]["finite"]:
+            raise VerificationError("pruning the hidden width made the outputs non-finite")
+    elif verify:
         on_stage("verify")
         check_valid(pruned)
         try:

@@ -83,10 +83,12 @@ def cmd_prune(args) -> int:
         bar.update(0 if name == "analyze" else 1)
 
     try:
-        structures = [args.heads, args.mlp, args.head_dims]
+        if args.hidden == -1.0:
+            args.hidden = args.ratio if args.ratio is not None else 0.5
+        structures = [args.heads, args.mlp, args.head_dims, args.hidden]
         ratio = args.ratio if args.ratio is not None else (0.0 if any(r is not None for r in structures) else 0.5)
         result = api.prune(args.model, ratio=ratio, criterion=args.criterion, heads=args.heads, mlp=args.mlp,
-                           head_dims=args.head_dims,
+                           head_dims=args.head_dims, hidden=args.hidden,
                            global_rank=args.global_rank, max_ratio=args.max_ratio, round_to=args.round_to,
                            exclude=args.exclude, input_shapes=input_shapes, verify=args.verify,
                            strict=args.strict, aggregate=args.aggregate, seed=args.seed, on_stage=on_stage)
@@ -121,6 +123,10 @@ def cmd_prune(args) -> int:
         print(format_table(rows, FORMATS))
         if "skipped" in rep.get("verify", {}):
             print(f"not verified: {rep['verify']['skipped']}")
+        elif rep.get("verify", {}).get("exact") is False:
+            v = rep["verify"]
+            print(f"inexact (hidden width): output error max abs {v['max_abs_error']:.3g}, relative "
+                  f"{v['max_rel_error']:.3g}, mean cosine {v['mean_cosine']:.4f}")
         elif "verify" in rep:
             v = rep["verify"]
             print(f"verified: pruned == masked original (max abs error {v['max_abs_error']:.2g}, "
@@ -211,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--heads", type=_ratio, help="fraction of whole attention heads to remove")
     sp.add_argument("--mlp", type=_ratio, help="fraction of plain channels (MLP neurons, conv channels)")
     sp.add_argument("--head-dims", type=_ratio, help="fraction of the dims of every head (second pass)")
+    sp.add_argument("--hidden", type=_ratio, nargs="?", const=-1.0,
+                    help="also prune the residual width through LayerNorm/RMSNorm (inexact: the output "
+                         "error is reported); a bare --hidden uses --ratio")
     sp.add_argument("--criterion", choices=CRITERIA, default="l1")
     sp.add_argument("--aggregate", choices=["sum", "mean", "max"], default="sum",
                     help="how a group combines its members' scores")

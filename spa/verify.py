@@ -17,7 +17,7 @@ from .graph.dependency import Dependency
 from .model import random_inputs
 from .rewrite import Rewriter
 
-__all__ = ["masked_model", "check_signature", "check_valid", "oracle", "OracleResult", "session"]
+__all__ = ["masked_model", "check_signature", "check_valid", "oracle", "output_error", "OracleResult", "session"]
 
 
 @dataclass
@@ -132,3 +132,28 @@ def oracle(pruned: onnx.ModelProto, masked: onnx.ModelProto, input_shapes: dict,
             max_rel = max(max_rel, err / scale if scale > 0 else err)
             ok &= bool(np.isfinite(g64).all() == np.isfinite(w64).all()) and err <= atol + rtol * scale
     return OracleResult(max_abs, max_rel, ok, samples)
+
+
+def output_error(reference: onnx.ModelProto, pruned: onnx.ModelProto, input_shapes: dict,
+                 samples: int = 2, seed: int = 0) -> dict:
+    """How far an inexact pruning moved the outputs: max abs/relative error and the mean
+    cosine similarity of each output sample to the reference's."""
+    s_ref, s_new = session(reference), session(pruned)
+    rng = np.random.default_rng(seed)
+    max_abs = max_rel = 0.0
+    cosines = []
+    for _ in range(samples):
+        feeds = random_inputs(pruned, input_shapes, rng)
+        for g, w in zip(s_new.run(None, feeds), s_ref.run(None, feeds)):
+            if g.dtype.kind not in "fc" or not g.size:
+                continue
+            g64, w64 = g.astype(np.float64).reshape(len(g), -1), w.astype(np.float64).reshape(len(w), -1)
+            err = float(np.max(np.abs(g64 - w64)))
+            max_abs = max(max_abs, err)
+            max_rel = max(max_rel, err / max(float(np.max(np.abs(w64))), 1e-12))
+            num = (g64 * w64).sum(1)
+            den = np.linalg.norm(g64, axis=1) * np.linalg.norm(w64, axis=1) + 1e-12
+            cosines.extend((num / den).tolist())
+    return {"exact": False, "max_abs_error": max_abs, "max_rel_error": max_rel,
+            "mean_cosine": float(np.mean(cosines)) if cosines else None, "samples": samples,
+            "finite": bool(np.isfinite(max_abs))}

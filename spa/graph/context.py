@@ -32,6 +32,7 @@ class Couplings:
     offset: list[tuple[Space, Space, int, int, str]] = field(default_factory=list)  # small, big, start, step
     product: list[tuple[Space, list[Space], str]] = field(default_factory=list)  # whole, factors (row-major)
     fixed: list[tuple[Space, str]] = field(default_factory=list)
+    mixing: list[tuple[Space, str]] = field(default_factory=list)
     free: set[Space] = field(default_factory=set)
     contractions: list[tuple[str, int, int]] = field(default_factory=list)  # node, input index, axis
     batch: set[Space] = field(default_factory=set)  # MatMul batch axes: where attention heads live
@@ -140,7 +141,11 @@ class NodeContext:
         self.out.fixed.append((space, reason or f"{self.op} {self.name!r} does not allow pruning this axis"))
 
     def mixing(self, space: Space):
-        self.fix(space, f"{self.op} {self.name!r} mixes this axis (removing a channel changes the others)")
+        """Removing a channel here changes the others (normalization, softmax, mean): fixed,
+        unless the analysis allows inexact pruning (hidden width)."""
+        self.mentioned.add(space)
+        self.out.mixing.append((space, f"{self.op} {self.name!r} mixes this axis "
+                                       "(removing a channel changes the others)"))
 
     def free(self, space: Space):
         """The node reads the axis without constraining it (Shape reads sizes only)."""

@@ -37,6 +37,7 @@ class Dependency:
     fixed_reason: dict[int, str]           # representative atom -> why it cannot be removed
     blocked_nodes: list[tuple[str, str, str]] = field(default_factory=list)  # name, op, reason
     initializer_classes: set[int] = field(default_factory=set)
+    inexact: set[int] = field(default_factory=set)            # representatives of mixed channels
     head_classes: set[int] = field(default_factory=set)      # split factors that are heads
     head_dim_classes: set[int] = field(default_factory=set)  # the per-head dims beside them
     attention: str = "heads"                                  # which of the two carries splits
@@ -132,11 +133,12 @@ def _outer_scope_references(graph: onnx.GraphProto):
 ATTENTION_MODES = ("heads", "head-dims")
 
 
-def build_dependency(model: onnx.ModelProto, shapes, opset: int,
-                     exclude: list[str] | None = None, attention: str = "heads") -> Dependency:
+def build_dependency(model: onnx.ModelProto, shapes, opset: int, exclude: list[str] | None = None,
+                     attention: str = "heads", allow_mixing: bool = False) -> Dependency:
     """``attention`` says what a split of a hidden axis into heads x head_dim carries:
     whole ``heads`` (the factor that becomes a MatMul batch axis) or ``head-dims`` (the same
-    dims removed from every head). Other splits carry their largest free factor."""
+    dims removed from every head). Other splits carry their largest free factor.
+    ``allow_mixing`` leaves mixed axes (LayerNorm, RMSNorm, ...) free but inexact."""
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
     couplings, blocked = collect_couplings(model, shapes, opset, exclude)
@@ -155,7 +157,7 @@ def build_dependency(model: onnx.ModelProto, shapes, opset: int,
         c = space_class[space]
         return range(int(starts[c]), int(starts[c] + sizes[c]))
 
-    for space, reason in couplings.fixed:
+    for space, reason in couplings.fixed + ([] if allow_mixing else couplings.mixing):
         for a in block(space):
             uf.fix(a, reason)
     for small, big, start, step, _ in couplings.offset:
@@ -179,10 +181,11 @@ def build_dependency(model: onnx.ModelProto, shapes, opset: int,
     root = np.fromiter((uf.find(a) for a in range(len(uf.parent))), dtype=np.int64,
                        count=len(uf.parent))
     fixed_reason = {int(r): uf.reason[r] for r in np.unique(root) if uf.reason[r] is not None}
+    inexact = {int(root[a]) for space, _ in couplings.mixing for a in block(space)} if allow_mixing else set()
     init_names = {t.name for t in model.graph.initializer}
     init_classes = {c for s, c in space_class.items() if s[0] in init_names}
     return Dependency(couplings, space_class, class_spaces, starts, sizes, root, fixed_reason,
-                      blocked, init_classes, heads, head_dims, attention)
+                      blocked, init_classes, inexact, heads, head_dims, attention)
 
 
 def _head_classes(couplings: Couplings, space_class: dict) -> set[int]:

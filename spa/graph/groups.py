@@ -66,7 +66,8 @@ def find_groups(dep: Dependency) -> tuple[list[Group], list[Group]]:
         free = channels[[r is None for r in reasons]]
         fixed_reasons = sorted({r for r in reasons if r is not None})
         if len(free) > 1:
-            kind = ("heads" if dep.head_classes.intersection(key) and dep.attention == "heads" else
+            kind = ("hidden" if dep.inexact.intersection(free.tolist()) else
+                    "heads" if dep.head_classes.intersection(key) and dep.attention == "heads" else
                     "head-dims" if dep.head_dim_classes.intersection(key) and dep.attention == "head-dims" else
                     "channels")
             prunable.append(Group(len(prunable), free, spaces, kind=kind))

@@ -198,14 +198,10 @@ def layer_norm(ctx: NodeContext):
     x = ctx.in_shape(0)
     axis = int(ctx.attr("axis", -1)) % len(x)
     for i in range(len(x)):
-        if i < axis:
-            ctx.same(ctx.inp(0, i), ctx.outp(0, i))
-        else:
+        ctx.same(ctx.inp(0, i), ctx.outp(0, i))
+        if i >= axis:
             ctx.mixing(ctx.inp(0, i))
-    for k in (1, 2):
-        if ctx.has_input(k):
-            for i in range(len(ctx.in_shape(k))):
-                ctx.mixing(ctx.inp(k, i))
+    broadcast(ctx, [k for k in (1, 2) if ctx.has_input(k)])
 
 
 @rule("Softmax", "LogSoftmax", "Hardmax", "LpNormalization", "LRN")
