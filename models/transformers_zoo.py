@@ -52,6 +52,7 @@ import inspect
 import io
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -156,14 +157,20 @@ class _Encoder(nn.Module):
 
 
 class _CausalLM(nn.Module):
-    """HF *ForCausalLM / GPT2LMHeadModel -> logits."""
+    """HF *ForCausalLM / GPT2LMHeadModel -> logits.
+
+    The all-ones attention mask made here changes no number, and the dynamo
+    graph comes out the same, but without a mask transformers' causal-mask
+    code checks position_ids for packed sequences with ``torch.diff``, which
+    the legacy exporter cannot convert (aten::diff).
+    """
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids).logits
+        return self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits
 
 
 class _HFVision(nn.Module):
@@ -282,10 +289,8 @@ def _build_tv_vit(d):
 
 def _build_timm(name: str):
     def build(d):
-        try:
-            import timm
-        except ImportError as e:  # optional dependency
-            raise RuntimeError(f"timm is not installed ({e}); pip install timm --no-deps") from e
+        import timm  # optional: ImportError here means "pip install timm --no-deps"
+
         model = timm.create_model(name, pretrained=False, img_size=_IMAGE_SIZE, depth=d["layers"])
         # Plain q@k^T / softmax / @v instead of F.scaled_dot_product_attention.
         for mod in model.modules():
@@ -400,9 +405,22 @@ def _quiet():
         logging.disable(prev_disable)
 
 
-def _one_line(e: BaseException, limit: int = 240) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    msg = f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+def _first_line(e: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # ANSI colours of the dynamo exporter
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """First line of ``e``'s root cause (the dynamo exporter wraps the real
+    error in a generic "Failed to export ..." one), naming the wrapper."""
+    root, seen = e, {id(e)}
+    while root.__cause__ is not None and id(root.__cause__) not in seen:
+        root = root.__cause__
+        seen.add(id(root))
+    msg = _first_line(root)
+    if root is not e:
+        msg += f" (in {type(e).__name__})"
     return msg if len(msg) <= limit else msg[: limit - 3] + "..."
 
 
@@ -492,7 +510,10 @@ def export(
     out_dir.mkdir(parents=True, exist_ok=True)
     opset = _DEFAULT_OPSET[exporter]
 
-    model, inputs = build(family, size)
+    try:
+        model, inputs = build(family, size)
+    except Exception as e:  # e.g. timm not installed
+        raise RuntimeError(f"{family}/{exporter}: cannot build the model: {_one_line(e)}") from e
     args = tuple(inputs.values())
     names = list(inputs)
 
@@ -536,12 +557,19 @@ def export(
 def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("families", nargs="*", help=f"default: all of {', '.join(FAMILIES)}")
-    ap.add_argument("--exporter", nargs="+", choices=EXPORTERS, default=list(EXPORTERS))
+    # nargs="+" would swallow the family names in "--exporter legacy bert";
+    # anything after --exporter that is not an exporter is taken as a family.
+    ap.add_argument("--exporter", nargs="+", metavar="{dynamo,legacy}", default=None,
+                    help="one or both exporters (default: both)")
     ap.add_argument("--size", choices=SIZES, default="tiny")
     ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "tfzoo"))
     ap.add_argument("--no-check", action="store_true", help="skip the onnxruntime vs torch comparison")
     args = ap.parse_args(argv)
 
+    exporters = [e for e in (args.exporter or EXPORTERS) if e in EXPORTERS]
+    args.families += [e for e in (args.exporter or ()) if e not in EXPORTERS]
+    if not exporters:
+        ap.error(f"--exporter needs one of {EXPORTERS}")
     families = args.families or (list(_BASE_FAMILIES) if args.size != "tiny" else list(FAMILIES))
     bad = [f for f in families if f not in FAMILIES]
     if bad:
@@ -550,7 +578,7 @@ def _main(argv: list[str] | None = None) -> int:
     failures = 0
     print(f"{'family':16s} {'exporter':8s} {'seconds':>8s} {'MB':>9s}  result", flush=True)
     for family in families:
-        for exp in args.exporter:
+        for exp in exporters:
             t0 = time.perf_counter()
             try:
                 path = export(family, exp, args.out, size=args.size, check=not args.no_check)

@@ -15,6 +15,8 @@ from .errors import SpaError, StrictModeError, UnsupportedModelError, Verificati
 from .graph.dependency import Dependency, build_dependency
 from .graph.groups import Group, find_groups
 from .importance import score_groups
+from .importance.data import Calibration
+from .importance.obspa import DATA_CRITERIA, data_aware_plan, with_updates
 from .metrics import count_macs, count_params
 from .model import Shapes, infer_shapes, load, normalize, opset_of, save
 from .planner import PlanOptions, plan_removals
@@ -101,9 +103,16 @@ def prune(model_or_path, ratio: float = 0.5, criterion: str = "l1", *, heads: fl
           global_rank: bool = False,
           max_ratio: float = 0.9, round_to: int = DEFAULT_ROUND_TO, exclude: list[str] | None = None,
           input_shapes: dict | None = None, verify: bool | None = None, strict: bool = False,
-          aggregate: str = "sum", seed: int = 0,
+          aggregate: str = "sum", seed: int = 0, calib=None, input_stats: dict | None = None,
+          recalibrate: bool = False, calib_samples: int = 64, damping: float = 0.01,
           on_stage: Callable[[str], None] | None = None) -> PruneResult:
     """Prune ``ratio`` of the channels of every prunable group (or globally).
+
+    Data-aware criteria (``obspa``, ``activation``, ``dead``) and ``recalibrate`` use
+    activations of ``calib`` (an ``.npz`` path, a dict of arrays named after the inputs, or an
+    iterable of feed dicts) or, without it, of ``calib_samples`` synthetic inputs drawn with
+    ``input_stats`` ({input: (mean, std)}, per channel or scalar). OBSPA damps each Hessian
+    by ``damping`` times its mean diagonal.
 
     ``mlp`` and ``heads`` override ``ratio`` for plain channel groups (conv channels, MLP
     neurons) and for whole attention heads; ``head_dims`` then removes that share of the
@@ -126,8 +135,12 @@ def prune(model_or_path, ratio: float = 0.5, criterion: str = "l1", *, heads: fl
                "exclude": list(exclude or []), "aggregate": aggregate, "seed": seed}
     ratios = tuple((k, r) for k, r in (("channels", mlp), ("heads", heads)) if r is not None)
     plan = PlanOptions(ratio, ratios, global_rank, max_ratio, round_to)
+    options.update(calib=str(calib) if isinstance(calib, (str, os.PathLike)) else
+                   ("given" if calib is not None else None), recalibrate=recalibrate)
+    calibration = Calibration(calib, input_stats, samples=calib_samples, seed=seed) \
+        if criterion in DATA_CRITERIA or recalibrate else None
     args = dict(criterion=criterion, aggregate=aggregate, seed=seed, verify=verify, strict=strict,
-                on_stage=on_stage or (lambda name: None))
+                calibration=calibration, recalibrate=recalibrate, damping=damping, on_stage=on_stage or (lambda name: None))
     result = _prune_pass(_analyze_stage(model_or_path, input_shapes, exclude, "heads", args["on_stage"]),
                          plan, **args)
     if head_dims:
@@ -166,24 +179,38 @@ def _merge_passes(first: PruneResult, second: PruneResult) -> PruneResult:
 
 
 def _prune_pass(a: Analysis, plan: PlanOptions, *, criterion, aggregate, seed, verify, strict,
-                on_stage) -> PruneResult:
+                calibration, recalibrate, damping, on_stage) -> PruneResult:
     if strict and a.dep.blocked_nodes:
         name, op, reason = a.dep.blocked_nodes[0]
         raise StrictModeError(f"--strict: {reason} ({len(a.dep.blocked_nodes)} node(s) blocked)")
 
     on_stage("score")
+    data_criterion = criterion in DATA_CRITERIA
     try:
-        scores, notes = score_groups(a.model, a.dep, a.groups, criterion, aggregate, seed)
+        # data criteria choose which channels; how many still comes from the plan (on l1)
+        scores, notes = score_groups(a.model, a.dep, a.groups, "l1" if data_criterion else criterion,
+                                     aggregate, seed)
         removals = plan_removals(a.groups, scores, plan)
     except ValueError as e:
         raise SpaError(str(e)) from None
+    model, data_info = a.model, None
+    if calibration is not None and a.groups:
+        on_stage("calibrate")
+        dplan = data_aware_plan(a.model, a.dep, a.groups, [len(r) for r in removals], criterion,
+                                calibration, a.shapes.input_shapes, recalibrate, damping, chosen=removals)
+        removals = [r if r is not None else fallback for r, fallback in zip(dplan.removals, removals)]
+        scores = [s if s is not None else fallback for s, fallback in zip(dplan.scores, scores)]
+        notes.update(dplan.notes)
+        data_info = dplan.info
+        if dplan.weights or dplan.new_biases:
+            model = with_updates(a.model, a.dep, dplan)
 
     removed = np.zeros(len(a.dep.root), dtype=bool)
     for g, rem in zip(a.groups, removals):
         removed[g.channels[rem]] = True
 
     on_stage("rewrite")
-    pruned = rewrite(a.model, a.dep, removed)
+    pruned = rewrite(model, a.dep, removed)
     check_signature(a.model, pruned)
     after_shapes = infer_shapes(pruned, a.shapes.input_shapes, want_values=False)
 
@@ -197,6 +224,8 @@ def _prune_pass(a: Analysis, plan: PlanOptions, *, criterion, aggregate, seed, v
     }
     if a.source:
         report["before"]["file_bytes"] = _file_bytes(a.source)
+    if data_info is not None:
+        report["data"] = data_info
     for g, s, rem in zip(a.groups, scores, removals):
         report["groups"].append({
             "id": g.id, "kind": g.kind, "channels": g.size, "removed": len(rem), "kept": g.size - len(rem),
@@ -217,7 +246,7 @@ def _prune_pass(a: Analysis, plan: PlanOptions, *, criterion, aggregate, seed, v
         on_stage("verify")
         check_valid(pruned)
         try:
-            result = oracle(pruned, masked_model(a.model, a.dep, removed, a.shapes), a.shapes.input_shapes)
+            result = oracle(pruned, masked_model(model, a.dep, removed, a.shapes), a.shapes.input_shapes)
         except UnsupportedModelError as e:
             if asked:
                 raise

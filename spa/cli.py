@@ -91,7 +91,9 @@ def cmd_prune(args) -> int:
                            head_dims=args.head_dims, hidden=args.hidden,
                            global_rank=args.global_rank, max_ratio=args.max_ratio, round_to=args.round_to,
                            exclude=args.exclude, input_shapes=input_shapes, verify=args.verify,
-                           strict=args.strict, aggregate=args.aggregate, seed=args.seed, on_stage=on_stage)
+                           strict=args.strict, aggregate=args.aggregate, seed=args.seed, calib=args.calib,
+                           input_stats=_input_stats(args.input_stats), recalibrate=args.recalibrate,
+                           calib_samples=args.calib_samples, on_stage=on_stage)
     finally:
         bar.close()
     result.save(args.output)
@@ -186,6 +188,19 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _input_stats(specs: list[str] | None) -> dict:
+    """``[name=]MEAN,STD`` with MEAN/STD scalars or ``a:b:c`` per channel."""
+    out = {}
+    for spec in specs or []:
+        name, _, values = spec.rpartition("=")
+        try:
+            mean, std = (np.array([float(v) for v in part.split(":")]) for part in values.split(","))
+        except ValueError:
+            raise SpaError(f"bad --input-stats {spec!r}; expected [name=]MEAN,STD (per channel: m1:m2:m3,s1:s2:s3)") from None
+        out[name or "*"] = (mean if mean.size > 1 else float(mean[0]), std if std.size > 1 else float(std[0]))
+    return out
+
+
 def _ratio(text: str) -> float:
     try:
         value = float(text)
@@ -232,6 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--verify", dest="verify", action="store_true", default=None,
                     help="run the equivalence oracle (default: when the model is small)")
     sp.add_argument("--no-verify", dest="verify", action="store_false")
+    sp.add_argument("--calib", metavar="NPZ", help="calibration data for data-aware criteria and "
+                    "--recalibrate: arrays named after the inputs, first axis = samples")
+    sp.add_argument("--input-stats", action="append", metavar="[NAME=]MEAN,STD",
+                    help="statistics of synthetic inputs when there is no --calib (default 0,1)")
+    sp.add_argument("--calib-samples", type=int, default=64, help="synthetic samples (data-free)")
+    sp.add_argument("--recalibrate", action="store_true",
+                    help="after pruning, correct consumer biases from activation means (closed form)")
     sp.add_argument("--strict", action="store_true", help="fail if any node blocks pruning")
     sp.add_argument("--report", metavar="JSON", help="write the full report as JSON")
     sp.add_argument("--latency", action="store_true", help="also measure onnxruntime latency")

@@ -1,5 +1,9 @@
 """Channel importance: one score per channel of each group (higher = keep)."""
 
-from .magnitude import CRITERIA, score_groups
+from .magnitude import CRITERIA as MAGNITUDE_CRITERIA
+from .magnitude import score_groups
+from .obspa import DATA_CRITERIA
 
-__all__ = ["CRITERIA", "score_groups"]
+CRITERIA = MAGNITUDE_CRITERIA + DATA_CRITERIA
+
+__all__ = ["CRITERIA", "DATA_CRITERIA", "score_groups"]

@@ -20,7 +20,7 @@ __all__ = ["CRITERIA", "score_groups"]
 
 log = logging.getLogger(__name__)
 
-CRITERIA = ("l1", "l2", "random", "bn-scale")
+CRITERIA = ("l1", "l2", "random", "bn-scale")  # data-free; data-aware ones live in obspa.py
 AGGREGATES = {"sum": np.sum, "mean": np.mean, "max": np.max}
 
 

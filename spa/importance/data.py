@@ -1,0 +1,314 @@
+"""Activations for data-aware criteria: calibration feeds (or synthetic ones), and per
+consumer layer the statistics of its inputs, accumulated batch by batch with onnxruntime.
+
+A *consumer* is a Conv (group 1), Gemm or MatMul whose weight is an initializer and whose
+input holds a group's channels. Its input rows are what the layer multiplies with the weight
+(a conv's im2col patches), with a constant 1 appended so a bias can absorb compensation.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+from numpy.lib.stride_tricks import sliding_window_view
+
+from ..errors import SpaError
+from ..model import graph_inputs
+
+__all__ = ["Calibration", "ConsumerSpec", "consumer_specs", "collect_stats", "feeds_from", "im2col"]
+
+log = logging.getLogger(__name__)
+
+
+class Calibration:
+    """Where activations come from: user data (``.npz``, dict of arrays, or an iterable of
+    feed dicts) or synthetic inputs drawn to match stated input statistics."""
+
+    def __init__(self, data=None, input_stats: dict | None = None, samples: int = 64, batch: int = 16,
+                 seed: int = 0):
+        self.data, self.input_stats = data, input_stats or {}
+        self.samples, self.batch, self.seed = samples, batch, seed
+
+    @property
+    def source(self) -> str:
+        return "calibration data" if self.data is not None else "synthetic inputs (data-free)"
+
+    def batches(self, model: onnx.ModelProto, input_shapes: dict) -> list[dict]:
+        batch = _static_batch(model) or self.batch
+        if self.data is not None:
+            return list(feeds_from(self.data, model, input_shapes, batch))
+        return list(_synthetic(model, input_shapes, self.input_stats, self.samples, batch, self.seed))
+
+
+def _static_batch(model) -> int | None:
+    """A model exported with a fixed batch size only accepts batches of that size."""
+    for vi in graph_inputs(model):
+        dims = vi.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value"):
+            return dims[0].dim_value
+    return None
+
+
+def _load(data):
+    if isinstance(data, (str, Path)):
+        try:
+            with np.load(data) as f:
+                return {k: f[k] for k in f.files}
+        except Exception as e:
+            raise SpaError(f"--calib {data}: cannot read as .npz ({type(e).__name__})") from None
+    return data
+
+
+def feeds_from(data, model: onnx.ModelProto, input_shapes: dict, batch: int) -> Iterator[dict]:
+    """Validate calibration data against the model's inputs and cut it into batches."""
+    data = _load(data)
+    inputs = {i.name: i for i in graph_inputs(model)}
+    if isinstance(data, dict):
+        missing = sorted(set(inputs) - set(data))
+        if missing:
+            raise SpaError(f"calibration data lacks input(s) {missing}; it has {sorted(data)} "
+                           f"(arrays must be named after the model's inputs)")
+        n = {len(np.asarray(data[k])) for k in inputs}
+        if len(n) != 1:
+            raise SpaError(f"calibration arrays have different sample counts: {sorted(n)}")
+        n = n.pop()
+        if n < 2:
+            raise SpaError(f"calibration data has {n} sample(s); at least 2 are needed")
+        for name, vi in inputs.items():
+            arr = np.asarray(data[name])
+            want = input_shapes[name][1:]
+            dims = vi.type.tensor_type.shape.dim
+            for axis, (have, fixed) in enumerate(zip(arr.shape[1:], want), start=1):
+                static = dims[axis].HasField("dim_value") if axis < len(dims) else False
+                if len(arr.shape) != len(input_shapes[name]) or (static and have != fixed):
+                    raise SpaError(f"calibration input {name!r} has per-sample shape {arr.shape[1:]}, "
+                                   f"the model expects {tuple(want)}")
+        for start in range(0, n - batch + 1 if _static_batch(model) else n, batch):
+            yield {k: _cast(np.asarray(data[k])[start:start + batch], inputs[k]) for k in inputs}
+        return
+    count = 0
+    for feeds in data:
+        missing = sorted(set(inputs) - set(feeds))
+        if missing:
+            raise SpaError(f"calibration feed lacks input(s) {missing}")
+        count += len(next(iter(feeds.values())))
+        yield {k: _cast(np.asarray(feeds[k]), inputs[k]) for k in inputs}
+    if count < 2:
+        raise SpaError(f"calibration data has {count} sample(s); at least 2 are needed")
+
+
+def _cast(arr, vi):
+    return arr.astype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type), copy=False)
+
+
+def _synthetic(model, input_shapes, stats, samples, batch, seed):
+    rng = np.random.default_rng(seed)
+    fixed = _static_batch(model)
+    for start in range(0, samples, batch):
+        n = fixed or min(batch, samples - start)
+        feeds = {}
+        for vi in graph_inputs(model):
+            shape = (n,) + tuple(input_shapes[vi.name][1:])
+            dtype = helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+            if np.issubdtype(dtype, np.floating):
+                mean, std = stats.get(vi.name, stats.get("*", (0.0, 1.0)))
+                x = _natural_noise(rng, shape)
+                if len(shape) > 1 and np.ndim(mean) == 1 and len(mean) == shape[1]:
+                    bshape = (1, -1) + (1,) * (len(shape) - 2)
+                    x = x * np.reshape(std, bshape) + np.reshape(mean, bshape)
+                else:
+                    x = x * std + mean
+                feeds[vi.name] = x.astype(dtype)
+            else:
+                feeds[vi.name] = rng.integers(0, 2, shape).astype(dtype)
+        yield feeds
+
+
+def _natural_noise(rng, shape) -> np.ndarray:
+    """Unit-variance noise; on image-like inputs (N, C, H, W) with a 1/f amplitude spectrum,
+    the spatial correlation natural images have, so early layers see realistic structure."""
+    x = rng.standard_normal(shape)
+    if len(shape) != 4 or min(shape[2:]) < 8:
+        return x
+    fy = np.fft.fftfreq(shape[2])[:, None]
+    fx = np.fft.rfftfreq(shape[3])[None, :]
+    f = np.sqrt(fy ** 2 + fx ** 2)
+    f[0, 0] = 1.0 / max(shape[2:])
+    x = np.fft.irfft2(np.fft.rfft2(x) / f, s=shape[2:])
+    x -= x.mean(axis=(2, 3), keepdims=True)
+    return x / (x.std(axis=(2, 3), keepdims=True) + 1e-12)
+
+
+@dataclass
+class ConsumerSpec:
+    node: onnx.NodeProto
+    kind: str                       # conv, gemm, matmul
+    data: str                       # the input tensor holding the channels
+    weight: str                     # initializer name
+    taps: int = 1                   # columns per input index (conv kernel size)
+    bias: str | None = None         # initializer holding the bias, if any
+
+
+def _attr(node, name, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def consumer_specs(model: onnx.ModelProto, contractions) -> dict[str, ConsumerSpec]:
+    """Layers with an initializer weight that contract a data input, by node name."""
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    specs = {}
+    for node_name, k, axis in contractions:
+        node = nodes[node_name]
+        if k != 0 or len(node.input) < 2 or node.input[1] not in inits or node.input[0] in inits:
+            continue
+        w = inits[node.input[1]]
+        if node.op_type == "Conv" and _attr(node, "group", 1) == 1:
+            bias = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
+            specs[node_name] = ConsumerSpec(node, "conv", node.input[0], w.name, int(np.prod(w.dims[2:])), bias)
+        elif node.op_type == "Gemm" and not _attr(node, "transA", 0) and len(w.dims) == 2:
+            bias = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
+            if bias is not None and list(inits[bias].dims) not in ([w.dims[0 if _attr(node, "transB", 0) else 1]],):
+                bias = None  # a broadcast scalar or matrix C is not a per-output bias
+            specs[node_name] = ConsumerSpec(node, "gemm", node.input[0], w.name, 1, bias)
+        elif node.op_type == "MatMul" and len(w.dims) == 2:
+            adds = [r for r in readers.get(node.output[0], []) if r.op_type == "Add"]
+            bias = None
+            if len(adds) == 1:
+                other = [i for i in adds[0].input if i != node.output[0]]
+                if other and other[0] in inits and list(inits[other[0]].dims) == [w.dims[1]]:
+                    bias = other[0]
+            specs[node_name] = ConsumerSpec(node, "matmul", node.input[0], w.name, 1, bias)
+    return specs
+
+
+def weight_matrix(spec: ConsumerSpec, w: np.ndarray) -> np.ndarray:
+    """The weight as (out, in*taps), columns in the order of the input rows."""
+    if spec.kind == "conv":
+        return w.reshape(w.shape[0], -1)
+    if spec.kind == "gemm" and _attr(spec.node, "transB", 0):
+        return w
+    return w.T
+
+
+def from_weight_matrix(spec: ConsumerSpec, m: np.ndarray, shape) -> np.ndarray:
+    if spec.kind == "conv" or (spec.kind == "gemm" and _attr(spec.node, "transB", 0)):
+        return m.reshape(shape)
+    return np.ascontiguousarray(m.T)
+
+
+def im2col(x: np.ndarray, node: onnx.NodeProto, w_shape, rows: np.ndarray | None = None) -> np.ndarray:
+    """Patches of a Conv input as rows (positions x in_channels*taps); ``rows`` picks positions."""
+    nd = x.ndim - 2
+    kernel = list(w_shape[2:])
+    strides = _attr(node, "strides", [1] * nd)
+    dil = _attr(node, "dilations", [1] * nd)
+    pads = list(_attr(node, "pads", [0] * 2 * nd))
+    auto = _attr(node, "auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        for i in range(nd):
+            out = -(-x.shape[2 + i] // strides[i])
+            total = max((out - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1 - x.shape[2 + i], 0)
+            small, big = total // 2, total - total // 2
+            pads[i], pads[i + nd] = (small, big) if auto == "SAME_UPPER" else (big, small)
+    elif auto == "VALID":
+        pads = [0] * 2 * nd
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
+    extent = [(k - 1) * d + 1 for k, d in zip(kernel, dil)]
+    win = sliding_window_view(xp, extent, axis=tuple(range(2, 2 + nd)))
+    win = win[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)
+              + tuple(slice(None, None, d) for d in dil)]
+    out_shape = (x.shape[0],) + win.shape[2:2 + nd]
+    if rows is None:
+        rows = np.arange(int(np.prod(out_shape)))
+    idx = np.unravel_index(rows, out_shape)
+    patches = win[(idx[0], slice(None)) + tuple(idx[1:])]          # (m, C, *kernel)
+    return patches.reshape(len(rows), -1)
+
+
+@dataclass
+class InputStats:
+    h: np.ndarray                   # (D+1, D+1) sum of row outer products, last row/col = ones
+    n: int = 0
+    channel_max: np.ndarray | None = None  # max |x| per index of the contracted axis
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.h[-1, :-1] / max(self.n, 1)
+
+
+def collect_stats(model: onnx.ModelProto, specs: dict[str, ConsumerSpec], batches: Iterable[dict],
+                  axis_of: dict[str, int], max_rows: int = 4096, seed: int = 0) -> dict[str, InputStats]:
+    """Run the model once over the batches; per consumer, accumulate its input statistics."""
+    from ..verify import session
+    if not specs:
+        return {}
+    tensors = sorted({s.data for s in specs.values()})
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    m.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in have)
+    sess = session(m)
+    inits = {t.name: t for t in model.graph.initializer}
+    rng = np.random.default_rng(seed)
+    stats: dict[str, InputStats] = {}
+    for feeds in batches:
+        values = dict(zip(tensors, sess.run(tensors, feeds)))
+        for name, spec in specs.items():
+            x = values[spec.data].astype(np.float64)
+            axis = axis_of[name]
+            other = tuple(i for i in range(x.ndim) if i != axis)
+            cmax = np.abs(x).max(axis=other)
+            if spec.kind == "conv":
+                w_shape = list(inits[spec.weight].dims)
+                out_positions = _conv_positions(x, spec.node, w_shape)
+                rows = _pick(rng, out_positions, max_rows)
+                feats = im2col(x, spec.node, w_shape, rows)
+            else:
+                feats = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
+                if len(feats) > max_rows:
+                    feats = feats[rng.choice(len(feats), max_rows, replace=False)]
+            feats = np.concatenate([feats, np.ones((len(feats), 1))], axis=1)
+            st = stats.get(name)
+            if st is None:
+                st = stats[name] = InputStats(np.zeros((feats.shape[1],) * 2), 0, cmax)
+            st.h += feats.T @ feats
+            st.n += len(feats)
+            st.channel_max = np.maximum(st.channel_max, cmax)
+    return stats
+
+
+def _conv_positions(x, node, w_shape) -> int:
+    nd = x.ndim - 2
+    strides = _attr(node, "strides", [1] * nd)
+    dil = _attr(node, "dilations", [1] * nd)
+    pads = _attr(node, "pads", [0] * 2 * nd)
+    auto = _attr(node, "auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    out = []
+    for i in range(nd):
+        n = x.shape[2 + i]
+        if auto in ("SAME_UPPER", "SAME_LOWER"):
+            out.append(-(-n // strides[i]))
+        else:
+            p = 0 if auto == "VALID" else pads[i] + pads[i + nd]
+            out.append((n + p - (w_shape[2 + i] - 1) * dil[i] - 1) // strides[i] + 1)
+    return x.shape[0] * int(np.prod(out))
+
+
+def _pick(rng, total, limit):
+    return np.arange(total) if total <= limit else np.sort(rng.choice(total, limit, replace=False))

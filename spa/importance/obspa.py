@@ -1,0 +1,190 @@
+"""Data-aware selection and recovery: OBSPA, activation-weighted magnitude, dead channels,
+and bias correction (``recalibrate``), all from one pass of activation statistics."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..graph.dependency import Dependency
+from ..graph.groups import Group
+from .data import Calibration, ConsumerSpec, collect_stats, consumer_specs, from_weight_matrix, weight_matrix
+from .obs import Consumer, damped_inverse, greedy_obs
+
+__all__ = ["DATA_CRITERIA", "DataPlan", "data_aware_plan", "with_updates"]
+
+log = logging.getLogger(__name__)
+
+DATA_CRITERIA = ("obspa", "activation", "dead")
+
+
+@dataclass
+class DataPlan:
+    removals: list[np.ndarray]
+    scores: list[np.ndarray]
+    weights: dict[str, np.ndarray] = field(default_factory=dict)   # initializer -> new value
+    new_biases: dict[str, np.ndarray] = field(default_factory=dict)  # node name -> bias to add
+    notes: dict[int, str] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+
+def _columns(group: Group, dep: Dependency, spec: ConsumerSpec, axis: int) -> list[np.ndarray]:
+    idx, ch = group.member(dep, (spec.data, axis))
+    taps = np.arange(spec.taps)
+    cols = [[] for _ in range(group.size)]
+    for i, c in zip(idx, ch):
+        cols[c].extend((i * spec.taps + taps).tolist())
+    return [np.array(c, dtype=np.int64) for c in cols]
+
+
+def data_aware_plan(model: onnx.ModelProto, dep: Dependency, groups: list[Group], n_remove: list[int],
+                    criterion: str, calibration: Calibration, input_shapes: dict,
+                    recalibrate: bool = False, damping: float = 0.01,
+                    chosen: list[np.ndarray] | None = None) -> DataPlan:
+    """Choose the channels to remove with a data criterion (DATA_CRITERIA), or take them as
+    ``chosen`` by another criterion, and compute the weight updates: OBS compensation for
+    ``obspa``, bias correction when ``recalibrate``."""
+    axis_of = {}
+    for node_name, k, axis in dep.couplings.contractions:
+        if k == 0:
+            axis_of[node_name] = axis
+    specs = consumer_specs(model, dep.couplings.contractions)
+    group_spaces = [set(g.spaces) for g in groups]
+    used = {name: s for name, s in specs.items()
+            if any((s.data, axis_of[name]) in sp for sp in group_spaces)}
+    batches = calibration.batches(model, input_shapes)
+    stats = collect_stats(model, used, batches, axis_of, seed=calibration.seed)
+    inits = {t.name: t for t in model.graph.initializer}
+    plan = DataPlan([], [], info={"hessian_source": calibration.source,
+                                  "samples": int(sum(len(next(iter(b.values()))) for b in batches)),
+                                  "consumers": len(stats)})
+    consumers: dict[str, Consumer] = {}
+
+    def consumer(name: str) -> Consumer:
+        if name not in consumers:
+            spec, st = used[name], stats[name]
+            w = weight_matrix(spec, numpy_helper.to_array(inits[spec.weight]).astype(np.float64))
+            bias = np.zeros(w.shape[0]) if spec.bias is None else numpy_helper.to_array(inits[spec.bias]).astype(np.float64)
+            can_bias = spec.bias is not None or spec.kind in ("conv", "gemm")
+            h = st.h if can_bias else st.h[:-1, :-1]
+            consumers[name] = Consumer(np.hstack([w, bias[:, None]]) if can_bias else w.copy(),
+                                       damped_inverse(h, damping), [])
+        return consumers[name]
+
+    dead_rates = {}
+    for gi, (g, k) in enumerate(zip(groups, n_remove)):
+        mine = [name for name in used if (used[name].data, axis_of[name]) in set(g.spaces) and name in stats]
+        if criterion == "dead":
+            alive = np.zeros(g.size, dtype=bool)
+            for name in mine:
+                idx, ch = g.member(dep, (used[name].data, axis_of[name]))
+                np.logical_or.at(alive, ch, stats[name].channel_max[idx] > 0)
+            dead = np.nonzero(~alive)[0] if mine else np.array([], np.int64)
+            if len(dead) >= g.size:
+                dead = dead[1:]                      # keep one channel
+            plan.removals.append(dead)
+            plan.scores.append(alive.astype(float))
+            dead_rates[g.id] = float(len(dead) / g.size)
+            continue
+        if criterion == "activation":
+            score = np.zeros(g.size)
+            for name in mine:
+                c = consumer(name)
+                cols = _columns(g, dep, used[name], axis_of[name])
+                norms = np.sqrt(np.maximum(np.diag(stats[name].h)[:-1], 0) / max(stats[name].n, 1))
+                contrib = np.abs(c.weight[:, :len(norms)]).sum(axis=0) * norms
+                score += [contrib[col].sum() for col in cols]
+            plan.scores.append(score)
+            plan.removals.append(np.sort(np.argsort(score, kind="stable")[:k]))
+            continue
+        if criterion != "obspa":
+            plan.removals.append(chosen[gi])
+            plan.scores.append(None)
+            continue
+        if not mine:
+            plan.notes[g.id] = "no layer with weights reads this group: chosen by l1"
+            plan.removals.append(None)
+            plan.scores.append(None)
+            continue
+        group_consumers = []
+        for name in mine:
+            c = consumer(name)
+            c.columns = _columns(g, dep, used[name], axis_of[name])
+            group_consumers.append(c)
+        removed, cost = greedy_obs(group_consumers, g.size, k) if k else (np.array([], np.int64),
+                                                                           np.zeros(g.size))
+        plan.removals.append(removed)
+        plan.scores.append(-cost)
+    if dead_rates:
+        plan.info["dead_rate"] = dead_rates
+
+    if criterion == "obspa":
+        for name, c in consumers.items():
+            _write_back(plan, used[name], c.weight, inits)
+    elif recalibrate:
+        _bias_correction(plan, dep, groups, used, stats, axis_of, inits)
+    return plan
+
+
+def _bias_correction(plan, dep, groups, used, stats, axis_of, inits):
+    """Closed form: each consumer's bias absorbs the mean of what the removed channels fed
+    it, so every layer's mean output is what it was before pruning."""
+    removed_cols: dict[str, list[np.ndarray]] = {}
+    for g, removed in zip(groups, plan.removals):
+        if removed is None or not len(removed):
+            continue
+        for name in used:
+            if name in stats and (used[name].data, axis_of[name]) in set(g.spaces):
+                cols = _columns(g, dep, used[name], axis_of[name])
+                removed_cols.setdefault(name, []).extend(cols[j] for j in removed)
+    for name, parts in removed_cols.items():
+        spec = used[name]
+        cols = np.concatenate(parts)
+        w = weight_matrix(spec, numpy_helper.to_array(inits[spec.weight]).astype(np.float64))
+        shift = w[:, cols] @ stats[name].mean[cols]
+        bias = np.zeros(w.shape[0]) if spec.bias is None else numpy_helper.to_array(inits[spec.bias]).astype(np.float64)
+        if spec.bias is None and spec.kind == "matmul":
+            plan.info.setdefault("no_bias_slot", []).append(name)
+            continue
+        _write_back(plan, spec, np.hstack([w, (bias + shift)[:, None]]), inits, weight_too=False)
+
+
+def _write_back(plan: DataPlan, spec: ConsumerSpec, m: np.ndarray, inits, weight_too: bool = True):
+    """Split an (out, D [+1]) matrix back into the consumer's weight and bias."""
+    w = inits[spec.weight]
+    d = weight_matrix(spec, np.empty(tuple(w.dims), dtype=np.int8)).shape[1]
+    weight, bias = m[:, :d], (m[:, d] if m.shape[1] > d else None)
+    if weight_too:
+        plan.weights[spec.weight] = from_weight_matrix(spec, weight, tuple(w.dims)).astype(
+            numpy_helper.to_array(w).dtype)
+    if bias is None:
+        return
+    if spec.bias is not None:
+        plan.weights[spec.bias] = bias.astype(numpy_helper.to_array(inits[spec.bias]).dtype)
+    elif np.any(bias != 0):
+        plan.new_biases[spec.node.name] = bias.astype(np.float32)
+
+
+def with_updates(model: onnx.ModelProto, dep: Dependency, plan: DataPlan) -> onnx.ModelProto:
+    """A copy of ``model`` with the plan's new weights and biases (a new bias is registered
+    in the dependency under the output channel axis, so rewriting slices it too)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for t in out.graph.initializer:
+        if t.name in plan.weights:
+            t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(plan.weights[t.name]), t.name))
+    for node in out.graph.node:
+        bias = plan.new_biases.get(node.name)
+        if bias is None:
+            continue
+        name = f"{node.name}__spa_bias"
+        out.graph.initializer.append(numpy_helper.from_array(bias, name))
+        while len(node.input) < 3:
+            node.input.append("")
+        node.input[2] = name
+        dep.space_class[(name, 0)] = dep.space_class[(node.output[0], 1)]
+    return out

@@ -1,0 +1,122 @@
+"""Data-aware pruning end to end: OBSPA compensation, dead channels, bias correction."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import spa
+from graphs import Graph
+from spa.cli import main
+from spa.verify import session
+
+
+def mlp(dead: int = 0, seed: int = 0):
+    """x(16) -> Gemm(32) -> Relu -> Gemm(10); ``dead`` hidden units never fire."""
+    g = Graph(seed=seed)
+    x = g.input(["N", 16])
+    b1 = g.rng.standard_normal(32).astype(np.float32) * 0.1
+    b1[:dead] = -1e4
+    h = g.op("Relu", [g.op("Gemm", [x, g.weight(32, 16), g.const(b1, "b1")], transB=1)])
+    g.output(g.op("Gemm", [h, g.weight(10, 32), g.weight(10)], transB=1))
+    return g.model()
+
+
+def calib(n=256, seed=1):
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((n, 4))
+    x = base @ rng.standard_normal((4, 16)) + 0.1 * rng.standard_normal((n, 16))  # correlated inputs
+    return {"x": x.astype(np.float32)}
+
+
+def hidden(model, x):
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    relu = next(n for n in m.graph.node if n.op_type == "Relu")
+    m.graph.output.append(onnx.ValueInfoProto(name=relu.output[0]))
+    return session(m).run(None, {"x": x})
+
+
+def test_obspa_compensation_beats_plain_removal_on_calibration_data():
+    model, data = mlp(), calib()
+    obspa = spa.prune(model, ratio=0.5, criterion="obspa", calib=data, round_to=1, verify=True)
+    assert obspa.report["verify"]["ok"]
+    removed = obspa.report["groups"][0]["removed_channels"]
+    want = session(model).run(None, data)[0]
+    got = session(obspa.model).run(None, data)[0]
+    # the same channels removed without compensation
+    plain = onnx.ModelProto()
+    plain.CopyFrom(model)
+    w2 = next(t for t in plain.graph.initializer if list(t.dims) == [10, 32])
+    arr = numpy_helper.to_array(w2).copy()
+    arr[:, removed] = 0
+    w2.CopyFrom(numpy_helper.from_array(arr, w2.name))
+    uncompensated = session(plain).run(None, data)[0]
+    assert np.linalg.norm(got - want) < np.linalg.norm(uncompensated - want)
+    assert obspa.report["data"]["hessian_source"] == "calibration data"
+
+
+def test_obspa_second_layer_is_least_squares_fit():
+    """With calibration data, the kept second-layer weights are the (damped) least-squares
+    fit of the original layer's output, bias included."""
+    model, data = mlp(), calib(n=512)
+    r = spa.prune(model, ratio=0.5, criterion="obspa", calib=data, round_to=1, damping=1e-9)
+    removed = r.report["groups"][0]["removed_channels"]
+    kept = np.setdiff1d(np.arange(32), removed)
+    h = hidden(model, data["x"])[1].astype(np.float64)
+    by_dims = lambda m, dims: numpy_helper.to_array(  # noqa: E731
+        next(t for t in m.graph.initializer if list(t.dims) == dims)).astype(np.float64)
+    w2, b2 = by_dims(model, [10, 32]), by_dims(model, [10])
+    target = h @ w2.T + b2
+    feats = np.hstack([h[:, kept], np.ones((len(h), 1))])
+    fit, *_ = np.linalg.lstsq(feats, target, rcond=None)
+    got_w, got_b = by_dims(r.model, [10, 16]), by_dims(r.model, [10])
+    err_fit = np.linalg.norm(feats @ fit - target)
+    err_obspa = np.linalg.norm(h[:, kept] @ got_w.T + got_b - target)
+    assert abs(err_obspa - err_fit) <= 1e-4 * err_fit
+
+
+def test_dead_channels_removed_losslessly():
+    model, data = mlp(dead=6), calib()
+    r = spa.prune(model, criterion="dead", calib=data, round_to=1, verify=True)
+    group = r.report["groups"][0]
+    assert sorted(group["removed_channels"])[:6] == list(range(6)) and group["removed"] >= 6
+    np.testing.assert_allclose(session(r.model).run(None, data)[0], session(model).run(None, data)[0],
+                               rtol=1e-5, atol=1e-5)
+    assert r.report["data"]["dead_rate"][group["id"]] == group["removed"] / 32
+
+
+def test_recalibrate_keeps_mean_output():
+    model, data = mlp(), calib()
+    plain = spa.prune(model, ratio=0.5, criterion="l1", round_to=1)
+    fixed = spa.prune(model, ratio=0.5, criterion="l1", round_to=1, recalibrate=True, calib=data, verify=True)
+    assert fixed.report["verify"]["ok"]
+    want = session(model).run(None, data)[0].mean(0)
+    assert np.abs(session(fixed.model).run(None, data)[0].mean(0) - want).max() < 1e-3
+    assert np.abs(session(plain.model).run(None, data)[0].mean(0) - want).max() > 1e-2
+
+
+def test_obspa_data_free_on_cnn_verifies():
+    g = Graph()
+    x = g.input([1, 3, 16, 16])
+    y = g.op("Relu", [g.conv(x, 3, 16)])
+    y = g.op("Relu", [g.conv(y, 16, 16, bias=False)])
+    f = g.op("Flatten", [g.op("GlobalAveragePool", [y])])
+    g.output(g.op("Gemm", [f, g.weight(5, 16), g.weight(5)], transB=1))
+    r = spa.prune(g.model(), ratio=0.5, criterion="obspa", round_to=1, verify=True, calib_samples=16)
+    assert r.report["verify"]["ok"] and r.report["data"]["hessian_source"].startswith("synthetic")
+    assert any(t.name.endswith("__spa_bias") for t in r.model.graph.initializer)  # a bias was added
+
+
+@pytest.mark.parametrize("arrays,word", [({"image": np.zeros((8, 16), np.float32)}, "lacks input"),
+                                         ({"x": np.zeros((8, 15), np.float32)}, "per-sample shape"),
+                                         ({"x": np.zeros((1, 16), np.float32)}, "at least 2")])
+def test_bad_calibration_file(tmp_path, capsys, arrays, word):
+    path = tmp_path / "m.onnx"
+    onnx.save(mlp(), path)
+    np.savez(tmp_path / "c.npz", **arrays)
+    code = main(["prune", str(path), "-o", str(tmp_path / "o.onnx"), "--criterion", "obspa",
+                 "--calib", str(tmp_path / "c.npz")])
+    err = capsys.readouterr().err
+    assert code != 0 and word in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o.onnx").exists()

@@ -1,0 +1,65 @@
+"""OBS against brute force: same removed columns -> same weights and error as least squares."""
+
+import numpy as np
+
+from spa.importance.obs import Consumer, damped_inverse, greedy_obs
+
+
+def least_squares(w, x, kept):
+    """argmin_V ||W X - V X_kept||^2, solved directly."""
+    v, *_ = np.linalg.lstsq(x[kept].T, (w @ x).T, rcond=None)
+    return v.T
+
+
+def test_obs_matches_least_squares_on_linear_layer():
+    rng = np.random.default_rng(0)
+    d, out, n = 12, 5, 400
+    x = rng.standard_normal((d, n)) * rng.uniform(0.2, 2, (d, 1))
+    x[3] = x[1] * 0.9 + 0.1 * x[3]                         # correlated inputs: compensation matters
+    w = rng.standard_normal((out, d))
+    h = x @ x.T
+    c = Consumer(w.copy(), np.linalg.inv(h), [np.array([j]) for j in range(d)])
+    removed, _ = greedy_obs([c], d, 5, steps=5)
+    kept = np.setdiff1d(np.arange(d), removed)
+    v = least_squares(w, x, kept)
+    np.testing.assert_allclose(c.weight[:, kept], v, atol=1e-6)
+    assert np.all(c.weight[:, removed] == 0)
+    err_obs = np.linalg.norm(w @ x - c.weight @ x) ** 2
+    err_ls = np.linalg.norm(w @ x - v @ x[kept]) ** 2
+    assert abs(err_obs - err_ls) <= 1e-6 * max(1, err_ls)
+
+
+def test_obs_block_columns_match_least_squares():
+    """A channel owning several columns (conv taps) is removed as a block."""
+    rng = np.random.default_rng(1)
+    channels, taps, out, n = 6, 3, 4, 500
+    d = channels * taps
+    x = rng.standard_normal((d, n))
+    w = rng.standard_normal((out, d))
+    cols = [np.arange(j * taps, (j + 1) * taps) for j in range(channels)]
+    c = Consumer(w.copy(), np.linalg.inv(x @ x.T), cols)
+    removed, _ = greedy_obs([c], channels, 3, steps=2)      # 2 channels per step, then 1
+    kept = np.concatenate([cols[j] for j in range(channels) if j not in removed])
+    np.testing.assert_allclose(c.weight[:, kept], least_squares(w, x, kept), atol=1e-6)
+
+
+def test_compensation_never_worse_than_none():
+    rng = np.random.default_rng(2)
+    d, out, n = 16, 8, 300
+    x = rng.standard_normal((d, n)) + rng.standard_normal((1, n))   # shared component
+    w = rng.standard_normal((out, d))
+    c = Consumer(w.copy(), damped_inverse(x @ x.T, 0.01), [np.array([j]) for j in range(d)])
+    removed, _ = greedy_obs([c], d, 8)
+    plain = w.copy()
+    plain[:, removed] = 0
+    assert np.linalg.norm(w @ x - c.weight @ x) <= np.linalg.norm(w @ x - plain @ x) + 1e-9
+
+
+def test_group_cost_sums_consumers():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 100))
+    cs = [Consumer(rng.standard_normal((3, 4)), np.linalg.inv(x @ x.T), [np.array([j]) for j in range(4)])
+          for _ in range(2)]
+    total = cs[0].costs(range(4)) + cs[1].costs(range(4))
+    removed, cost = greedy_obs(cs, 4, 1)
+    assert removed.tolist() == [int(np.argmin(total))]
