@@ -106,15 +106,30 @@ def _zoo():
     return z
 
 
-def _short_reason(reason: str) -> str:
+def _short_reason(reason: str, op: str | None = None) -> str:
     """Drop node/tensor names and the parenthesised explanation: the reason's kind."""
-    r = re.sub(r"'[^']*'", "", reason)
+    r = reason
+    if op and r.startswith("node '"):
+        r = op + r[len("node"):]
+    r = re.sub(r"'[^']*'", "", r)
     r = re.sub(r"\([^)]*\)", "", r)
     return re.sub(r"\s+", " ", r).strip(" :,;")
 
 
 def _is_io(reason: str) -> bool:
     return reason.startswith("graph input") or reason.startswith("graph output")
+
+
+def _blocking(m: dict) -> list[dict]:
+    """What blocked pruning, other than the graph input/output: [{reason, kind, count}]."""
+    reasons = collections.Counter()
+    for bl in m.get("blocked", []):
+        if not _is_io(bl["reason"]):
+            reasons[(_short_reason(bl["reason"], bl.get("op")), "group")] += 1
+    for bn in m.get("blocked_nodes", []):
+        if not _is_io(bn["reason"]):
+            reasons[(_short_reason(bn["reason"], bn.get("op")), "node")] += 1
+    return [{"reason": r, "kind": k, "count": c} for (r, k), c in reasons.most_common()]
 
 
 # ---------------------------------------------------------------------------
@@ -174,7 +189,14 @@ def worker_measure(path: str, out_json: str) -> int:
     res["input_shapes"] = rep["input_shapes"]
     res["n_groups"] = len(rep["groups"])
     res["n_pruned_groups"] = sum(1 for g in rep["groups"] if g["removed"])
-    res["blocked"] = [{"channels": b["channels"], "reason": b["reason"]} for b in rep["blocked"]]
+    ops = {n.name: n.op_type for n in result.original.graph.node}
+
+    def op_of(reason):
+        hit = re.search(r"node '([^']*)'", reason)
+        return ops.get(hit.group(1)) if hit else None
+
+    res["blocked"] = [{"channels": b["channels"], "reason": b["reason"], "op": op_of(b["reason"])}
+                      for b in rep["blocked"]]
     res["blocked_nodes"] = [{"op": b["op"], "reason": b["reason"]} for b in rep["blocked_nodes"]]
     dump()
 
@@ -266,14 +288,7 @@ def run_one(name: str, exporter: str, cache: str, n_params: int) -> dict:
             entry["latency_ratio"] = lat["ratio"]
 
         # status
-        reasons = collections.Counter()
-        for bl in m.get("blocked", []):
-            if not _is_io(bl["reason"]):
-                reasons[(_short_reason(bl["reason"]), "group")] += 1
-        for bn in m.get("blocked_nodes", []):
-            if not _is_io(bn["reason"]):
-                reasons[(_short_reason(bn["reason"]), "node")] += 1
-        entry["blocking"] = [{"reason": r, "kind": k, "count": c} for (r, k), c in reasons.most_common()]
+        entry["blocking"] = reasons = _blocking(m)
         if "error" in m and m.get("error_stage") != "latency":
             entry.update(status="failed", stage=m.get("error_stage", "prune"), error=m["error"])
         elif rc != 0 and "before" not in m:
@@ -381,7 +396,7 @@ def _notes(e: dict) -> str:
     parts = []
     if e.get("status") == "partial":
         by = collections.Counter()
-        for b in e.get("blocking", []):
+        for b in (_blocking(e["measure"]) if e.get("measure") else e.get("blocking", [])):
             by[(b["reason"], b["kind"])] += b["count"]
         parts.append("; ".join(f"{r} ({c} {k}{'s' if c != 1 else ''})" for (r, k), c in by.most_common(3)))
     if e.get("latency_error"):

@@ -292,6 +292,20 @@ def _export_dynamo(model, x, path: Path, opset: int, large: bool) -> None:
     torch.onnx.export(model, (x,), str(path), **kwargs)
 
 
+def _pack_external_data(path: Path, dest_dir: Path) -> Path:
+    """Re-save ``path`` with all external tensors in one ``<name>.onnx.data`` file."""
+    import onnx
+
+    data_name = path.name + ".data"
+    if sorted(f.name for f in path.parent.iterdir() if f.is_file()) == sorted([path.name, data_name]):
+        return path  # already a single data file (dynamo exporter)
+    dest_dir.mkdir()
+    model = onnx.load(str(path))  # pulls in the external tensors
+    out = dest_dir / path.name
+    onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name)
+    return out
+
+
 def export(
     name: str,
     exporter: str,
@@ -333,11 +347,18 @@ def export(
                 _export_dynamo(model, x, tmp, opset, large)
         if not tmp.exists():
             raise RuntimeError(f"{exporter} exporter produced no file for {name}")
-        # External data files (only for >2 GB models) first, the .onnx last, so
-        # a visible .onnx always has its data in place.
-        for extra in sorted(tmp_dir.iterdir()):
-            if extra != tmp:
+        if any(f != tmp for f in tmp_dir.iterdir()):
+            # >2 GB: the legacy exporter writes one file per tensor, named after
+            # the parameter (these would collide between models in out_dir);
+            # pack everything into a single f"{final.name}.data".
+            tmp = _pack_external_data(tmp, tmp_dir / "packed")
+        # The external data file (only for >2 GB models) first, the .onnx last,
+        # so a visible .onnx always has its data in place.
+        for extra in sorted(tmp.parent.iterdir()):
+            if extra != tmp and extra.is_file():
+                os.chmod(extra, 0o644)
                 os.replace(extra, out_dir / extra.name)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -251,9 +251,10 @@ class InputStats:
         return self.h[-1, :-1] / max(self.n, 1)
 
 
-def collect_stats(model: onnx.ModelProto, specs: dict[str, ConsumerSpec], batches: Iterable[dict],
-                  axis_of: dict[str, int], max_rows: int = 4096, seed: int = 0) -> dict[str, InputStats]:
-    """Run the model once over the batches; per consumer, accumulate its input statistics."""
+def collect_stats(model: onnx.ModelProto, specs: dict[str, ConsumerSpec], batches: list[dict],
+                  axis_of: dict[str, int], max_rows: int = 2048, seed: int = 0) -> dict[str, InputStats]:
+    """Run the model once over the batches; per consumer, accumulate its input statistics
+    from at most ``max_rows`` rows (positions x samples) in all."""
     from ..verify import session
     if not specs:
         return {}
@@ -266,10 +267,11 @@ def collect_stats(model: onnx.ModelProto, specs: dict[str, ConsumerSpec], batche
     inits = {t.name: t for t in model.graph.initializer}
     rng = np.random.default_rng(seed)
     stats: dict[str, InputStats] = {}
+    max_rows = max(1, -(-max_rows // max(1, len(batches))))  # per batch
     for feeds in batches:
         values = dict(zip(tensors, sess.run(tensors, feeds)))
         for name, spec in specs.items():
-            x = values[spec.data].astype(np.float64)
+            x = values[spec.data]
             axis = axis_of[name]
             other = tuple(i for i in range(x.ndim) if i != axis)
             cmax = np.abs(x).max(axis=other)
@@ -282,11 +284,11 @@ def collect_stats(model: onnx.ModelProto, specs: dict[str, ConsumerSpec], batche
                 feats = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
                 if len(feats) > max_rows:
                     feats = feats[rng.choice(len(feats), max_rows, replace=False)]
-            feats = np.concatenate([feats, np.ones((len(feats), 1))], axis=1)
+            feats = np.concatenate([feats, np.ones((len(feats), 1))], axis=1).astype(np.float32)
             st = stats.get(name)
             if st is None:
                 st = stats[name] = InputStats(np.zeros((feats.shape[1],) * 2), 0, cmax)
-            st.h += feats.T @ feats
+            st.h += feats.T @ feats   # float32 product of a few thousand rows, summed in float64
             st.n += len(feats)
             st.channel_max = np.maximum(st.channel_max, cmax)
     return stats

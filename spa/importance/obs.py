@@ -25,6 +25,7 @@ class Consumer:
     weight: np.ndarray            # (out, D) float64, updated in place by greedy_obs
     hinv: np.ndarray              # (D, D) inverse of the damped Hessian, downdated in place
     columns: list[np.ndarray]     # per channel, its columns in ``weight``
+    shared: bool = False          # read by several groups: later groups need H^-1 downdated
 
     def costs(self, channels) -> np.ndarray:
         channels = list(channels)
@@ -45,13 +46,19 @@ class Consumer:
                 out[pos] = np.sum(w * np.linalg.solve(blocks, w), axis=(1, 2))
         return out
 
-    def remove(self, channels):
+    def remove(self, channels, last: bool = False):
+        """Remove channels jointly; ``last`` skips the H^-1 downdate nobody will read."""
         cols = np.concatenate([self.columns[j] for j in channels]) if channels else np.array([], int)
         if len(cols) == 0:
             return
         block = self.hinv[np.ix_(cols, cols)]
-        rows = self.hinv[cols, :]
-        coef = np.linalg.solve(block, rows)            # [(H^-1)_SS]^-1 (H^-1)_S,:
+        if last:
+            # W_S [(H^-1)_SS]^-1 first: (out x s) instead of (s x D) before the product
+            a = np.linalg.solve(block, self.weight[:, cols].T).T
+            self.weight -= a @ self.hinv[cols, :]
+            self.weight[:, cols] = 0.0
+            return
+        coef = np.linalg.solve(block, self.hinv[cols, :])   # [(H^-1)_SS]^-1 (H^-1)_S,:
         self.weight -= self.weight[:, cols] @ coef
         self.weight[:, cols] = 0.0
         self.hinv -= self.hinv[:, cols] @ coef
@@ -59,17 +66,27 @@ class Consumer:
         self.hinv[cols, :] = 0.0
 
 
-def damped_inverse(h: np.ndarray, damping: float = 0.01) -> np.ndarray:
-    """(H + damping * mean(diag H) * I)^-1 in float64."""
-    h = np.asarray(h, dtype=np.float64)
+def damped_inverse(h: np.ndarray, damping: float = 0.01, float32_above: int = 2048) -> np.ndarray:
+    """(H + damping * mean(diag H) * I)^-1, in float64 (float32 for very wide layers, where
+    the damping keeps the condition number low and the inverse costs 2 D^3)."""
+    h = np.array(h, dtype=np.float64)
     d = np.diag(h)
     lam = damping * (float(d.mean()) if d.size and d.mean() > 0 else 1.0)
-    return np.linalg.inv(h + lam * np.eye(len(h)))
+    h[np.diag_indices_from(h)] += lam
+    if len(h) > float32_above:
+        return np.linalg.inv(h.astype(np.float32)).astype(np.float64)
+    return np.linalg.inv(h)
 
 
-def greedy_obs(consumers: list[Consumer], n_channels: int, n_remove: int, steps: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def greedy_obs(consumers: list[Consumer], n_channels: int, n_remove: int, steps: int = 32,
+               max_dim: int = 2048) -> tuple[np.ndarray, np.ndarray]:
     """Remove ``n_remove`` of ``n_channels`` channels; return (removed, cost per channel at
-    the time it was removed, or at the end for the kept ones). Updates consumers in place."""
+    the time it was removed, or at the end for the kept ones). Updates consumers in place.
+
+    Downdating H^-1 costs D^2 per removed column; when a consumer is wider than ``max_dim``
+    the channels are chosen on their first costs and removed in one joint, exact update."""
+    if any(c.hinv.shape[0] > max_dim for c in consumers):
+        steps = 1
     alive = list(range(n_channels))
     removed: list[int] = []
     final_cost = np.zeros(n_channels)
@@ -81,11 +98,9 @@ def greedy_obs(consumers: list[Consumer], n_channels: int, n_remove: int, steps:
         chosen = [alive[i] for i in order]
         for i in order:
             final_cost[alive[i]] = cost[i]
+        last = len(removed) + len(chosen) == n_remove
         for c in consumers:
-            c.remove(chosen)
+            c.remove(chosen, last=last and not c.shared)
         removed.extend(chosen)
         alive = [j for j in alive if j not in set(chosen)]
-    if alive:
-        cost = sum((c.costs(alive) for c in consumers), np.zeros(len(alive)))
-        final_cost[alive] = cost
     return np.array(sorted(removed), dtype=np.int64), final_cost

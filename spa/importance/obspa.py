@@ -75,6 +75,8 @@ def data_aware_plan(model: onnx.ModelProto, dep: Dependency, groups: list[Group]
                                        damped_inverse(h, damping), [])
         return consumers[name]
 
+    readers = {name: sum((used[name].data, axis_of[name]) in sp for sp, k in zip(group_spaces, n_remove) if k)
+               for name in used}
     dead_rates = {}
     for gi, (g, k) in enumerate(zip(groups, n_remove)):
         mine = [name for name in used if (used[name].data, axis_of[name]) in set(g.spaces) and name in stats]
@@ -114,6 +116,7 @@ def data_aware_plan(model: onnx.ModelProto, dep: Dependency, groups: list[Group]
         for name in mine:
             c = consumer(name)
             c.columns = _columns(g, dep, used[name], axis_of[name])
+            c.shared = readers[name] > 1
             group_consumers.append(c)
         removed, cost = greedy_obs(group_consumers, g.size, k) if k else (np.array([], np.int64),
                                                                            np.zeros(g.size))
