@@ -210,7 +210,7 @@ def _prune_pass(a: Analysis, plan: PlanOptions, *, criterion, aggregate, seed, v
         removed[g.channels[rem]] = True
 
     on_stage("rewrite")
-    pruned = rewrite(model, a.dep, removed)
+    pruned = rewrite(model, a.dep, removed, a.shapes)
     check_signature(a.model, pruned)
     after_shapes = infer_shapes(pruned, a.shapes.input_shapes, want_values=False)
 

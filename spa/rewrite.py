@@ -19,8 +19,9 @@ __all__ = ["Rewriter", "rewrite"]
 class Rewriter:
     """What rules' rewrite callbacks see: kept indices per space, and setters."""
 
-    def __init__(self, model: onnx.ModelProto, dep: Dependency, removed_roots: np.ndarray):
+    def __init__(self, model: onnx.ModelProto, dep: Dependency, removed_roots: np.ndarray, shapes=None):
         self.model = model
+        self._shapes = shapes
         self.dep = dep
         self.removed = removed_roots  # bool per atom; meaningful at representative atoms
         self.index_initializers()
@@ -68,6 +69,65 @@ class Rewriter:
             node.input.append("")
         node.input[k] = new.name
 
+    def set_size_vector(self, node: onnx.NodeProto, k: int, old: np.ndarray, new: np.ndarray):
+        """Give a size input (Reshape/Expand target) its new value. An initializer is replaced;
+        a vector concatenated from pieces (the legacy exporter's Shape -> Slice -> Concat with
+        constants) gets its constant pieces rewritten, while pieces computed from shapes follow
+        the pruned sizes by themselves."""
+        if np.array_equal(old, new):
+            return
+        name = node.input[k]
+        if name in self._inits:
+            self.set_input(node, k, new.astype(old.dtype))
+            return
+        self._rewrite_vector(name, np.asarray(old), np.asarray(new))
+
+    # elementwise ops exporters use on size vectors: Where(Equal(shape, -1), 1, shape) ...
+    _VECTOR_OPS = {"Where", "Equal", "Mul", "Add", "Sub", "Max", "Min", "Cast", "Identity", "Abs"}
+
+    def _rewrite_vector(self, name: str, old: np.ndarray, new: np.ndarray, depth: int = 0):
+        if depth > 4:
+            return
+        if name in self._inits:
+            init = self._inits[name]
+            value = numpy_helper.to_array(init)
+            if value.shape == old.shape and np.array_equal(value, old):
+                init.CopyFrom(numpy_helper.from_array(new.astype(value.dtype), name))
+            return
+        producer = self._producers().get(name)
+        if producer is None:
+            return
+        if producer.op_type in self._VECTOR_OPS:
+            for i in producer.input:
+                self._rewrite_vector(i, old, new, depth + 1)
+            return
+        if producer.op_type != "Concat":
+            return
+        start = 0
+        for piece in producer.input:
+            value, init = self._constant_piece(piece)
+            size = int(np.prod(self._shapes.shape.get(piece, (1,)))) if value is None else value.size
+            if value is not None and not np.array_equal(value.ravel(), new[start:start + size]):
+                init.CopyFrom(numpy_helper.from_array(
+                    new[start:start + size].reshape(value.shape).astype(value.dtype), init.name))
+            start += size
+
+    def _producers(self):
+        if not hasattr(self, "_producer_map"):
+            self._producer_map = {o: n for n in self.model.graph.node for o in n.output}
+        return self._producer_map
+
+    def _constant_piece(self, name):
+        """(value, initializer) of a constant piece, looking through Unsqueeze/Cast/Identity."""
+        for _ in range(3):
+            if name in self._inits:
+                return numpy_helper.to_array(self._inits[name]), self._inits[name]
+            node = self._producers().get(name)
+            if node is None or node.op_type not in ("Unsqueeze", "Cast", "Identity", "Squeeze"):
+                return None, None
+            name = node.input[0]
+        return None, None
+
     def fail(self, message: str):
         raise UnsupportedModelError(message)
 
@@ -84,7 +144,7 @@ def _copy_fields(src, dst, skip):
             setattr(dst, desc.name, value)
 
 
-def rewrite(model: onnx.ModelProto, dep: Dependency, removed_roots: np.ndarray) -> onnx.ModelProto:
+def rewrite(model: onnx.ModelProto, dep: Dependency, removed_roots: np.ndarray, shapes) -> onnx.ModelProto:
     """Return a pruned copy of ``model`` (the normalized model the dependency was built on)."""
     # Copy everything but the initializers, then add each one already sliced: the full
     # weights are never held twice.
@@ -92,7 +152,7 @@ def rewrite(model: onnx.ModelProto, dep: Dependency, removed_roots: np.ndarray) 
     _copy_fields(model, pruned, skip={"graph"})
     _copy_fields(model.graph, pruned.graph, skip={"initializer", "value_info"})
     initializers = model.graph.initializer
-    rw = Rewriter(pruned, dep, removed_roots)
+    rw = Rewriter(pruned, dep, removed_roots, shapes)
     for t in initializers:
         slices = [(axis, rw.kept((t.name, axis))) for axis in range(len(t.dims))]
         slices = [(axis, kept) for axis, kept in slices if kept is not None]

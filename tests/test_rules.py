@@ -402,3 +402,11 @@ def test_unknown_op_blocks_only_what_it_touches():
     assert [grp.size for grp in analysis.groups] == [C]  # the first conv's channels stay free
     with pytest.raises(spa.StrictModeError):
         spa.prune(model, strict=True, verify=False)
+
+
+def test_cumsum_and_gather_elements_keep_channels_free():
+    def middle(g, y):
+        c = g.op("CumSum", [y, g.const(np.array(2, np.int64))])
+        idx = g.const(np.zeros((1, C, 10, 10), np.int64))
+        return g.op("Add", [c, g.op("GatherElements", [y, idx], axis=3)]), C
+    assert_prunes(sandwich(middle))

@@ -312,18 +312,15 @@ def reshape(ctx: NodeContext):
         return f"Reshape {ctx.name!r}: target shape unknown"
     out_shape = ctx.out_shape(0)
     allowzero = int(ctx.attr("allowzero", 0))
-    computed = not ctx.is_initializer(1)
 
     def set_target(node, plan):
-        target = ctx.const(1).copy()
+        target = ctx.const(1)
         new = target.copy()
         for j in range(len(out_shape)):
             if target[j] == -1 or (target[j] == 0 and not allowzero):
                 continue  # inferred or copied: follows the pruned input by itself
             new[j] = plan.new_size((node.output[0], j))
-        # A computed target (Shape -> Gather -> Concat) reads the pruned sizes at run time.
-        if not computed and not np.array_equal(new, target):
-            plan.set_input(node, 1, new)
+        plan.set_size_vector(node, 1, target, new)
     ctx.rewrite(set_target)
     return None
 
@@ -485,7 +482,6 @@ def expand(ctx: NodeContext):
     if target is None:
         return f"Expand {ctx.name!r}: target shape unknown"
     broadcast(ctx, [0])
-    computed = not ctx.is_initializer(1)
 
     def set_target(node, plan):
         new = target.copy()
@@ -494,8 +490,7 @@ def expand(ctx: NodeContext):
             j = p + offset
             if new[p] == y[j] and new[p] != 1:
                 new[p] = plan.new_size((node.output[0], j))
-        if not computed and not np.array_equal(new, target):
-            plan.set_input(node, 1, new)
+        plan.set_size_vector(node, 1, target, new)
     ctx.rewrite(set_target)
 
 
@@ -520,6 +515,31 @@ def gather(ctx: NodeContext):
             ctx.same(ctx.inp(0, i), ctx.outp(0, i + len(idx) - 1))
     for i in range(len(idx)):
         ctx.same(ctx.inp(1, i), ctx.outp(0, axis + i))
+
+
+@rule("GatherElements", "ScatterElements")
+def gather_elements(ctx: NodeContext):
+    """Output has the indices' shape; off the gather axis, data, indices and output align."""
+    x, idx, y = ctx.in_shape(0), ctx.in_shape(1), ctx.out_shape(0)
+    axis = int(ctx.attr("axis", 0)) % len(x)
+    for i in range(len(x)):
+        if i != axis and x[i] == idx[i] == y[i]:
+            ctx.same(ctx.inp(0, i), ctx.outp(0, i))
+            ctx.same(ctx.inp(1, i), ctx.outp(0, i))
+            if ctx.op == "ScatterElements":
+                ctx.same(ctx.inp(2, i), ctx.outp(0, i))
+
+
+@rule("CumSum")
+def cumsum(ctx: NodeContext):
+    axis = ctx.const(1)
+    if axis is None:
+        return f"CumSum {ctx.name!r}: axis is computed"
+    axis = int(np.ravel(axis)[0]) % len(ctx.in_shape(0))
+    for i in range(len(ctx.in_shape(0))):
+        ctx.same(ctx.inp(0, i), ctx.outp(0, i))
+        if i == axis:
+            ctx.mixing(ctx.inp(0, i))
 
 
 @rule("GatherND")
