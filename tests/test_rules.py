@@ -410,3 +410,21 @@ def test_cumsum_and_gather_elements_keep_channels_free():
         idx = g.const(np.zeros((1, C, 10, 10), np.int64))
         return g.op("Add", [c, g.op("GatherElements", [y, idx], axis=3)]), C
     assert_prunes(sandwich(middle))
+
+
+def test_reshape_size_read_from_another_tensor_ties_the_two():
+    """x.view(b, n, other.shape[-1]): the output width must stay equal to ``other``'s."""
+    g = Graph()
+    x = g.input([1, 4, 6])
+    other = g.op("Relu", [g.op("MatMul", [x, g.weight(6, 8)])])          # (1, 4, 8), prunable
+    h = g.op("Relu", [g.op("MatMul", [x, g.weight(6, 8)])])              # (1, 4, 8), prunable
+    t = g.op("Transpose", [g.op("Reshape", [h, g.const(np.array([1, 4, 2, 4], np.int64))])],
+             perm=[0, 1, 3, 2])
+    shape = g.op("Shape", [other])
+    target = g.op("Concat", [g.op("Slice", [shape, g.const(np.array([0], np.int64)), g.const(np.array([2], np.int64))]),
+                             g.op("Slice", [shape, g.const(np.array([2], np.int64)), g.const(np.array([3], np.int64))])],
+                  axis=0)
+    merged = g.op("Reshape", [t, target])
+    g.output(g.op("Add", [g.op("MatMul", [merged, g.weight(8, 3)]), g.op("MatMul", [other, g.weight(8, 3)])]))
+    r = assert_prunes(g.model())
+    assert r.report["verify"]["ok"]

@@ -43,8 +43,9 @@ class NodeContext:
     """One node, its static shapes and constant inputs, and a place to state couplings."""
 
     def __init__(self, node: onnx.NodeProto, index: int, shapes, inits: dict, opset: int,
-                 out: Couplings):
+                 out: Couplings, producers: dict | None = None):
         self.node = node
+        self._producers = producers or {}
         self.index = index
         self.name = node.name or f"{node.op_type}_{index}"
         self.op = node.op_type
@@ -72,6 +73,55 @@ class NodeContext:
         if not self.has_input(k):
             return None
         name = self.node.input[k]
+        if name in self._shapes.value:
+            return self._shapes.value[name]
+        if name in self._inits:
+            from onnx import numpy_helper
+            return numpy_helper.to_array(self._inits[name])
+        return None
+
+    def size_sources(self, k: int) -> list | None:
+        """Where each entry of size-vector input k comes from: ``("dim", tensor, axis)`` when
+        it is read from a shape (Shape -> Gather/Slice -> Unsqueeze -> Concat), ``("const",)``
+        when it is a constant, ``None`` when computed otherwise. None if not traceable."""
+        return self._sources(self.node.input[k], 0) if self.has_input(k) else None
+
+    def _sources(self, name: str, depth: int):
+        if depth > 8:
+            return None
+        if name in self._inits or (name in self._shapes.value and name not in self._producers):
+            n = self._shapes.value[name].size if name in self._shapes.value else int(np.prod(self._inits[name].dims))
+            return [("const",)] * n
+        node = self._producers.get(name)
+        if node is None:
+            return None
+        op = node.op_type
+        if op == "Shape":
+            rank = len(self.shape(node.input[0]) or ())
+            start = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "start"), 0)
+            end = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "end"), rank)
+            return [("dim", node.input[0], a) for a in range(rank)][start:end]
+        if op in ("Unsqueeze", "Squeeze", "Cast", "Identity", "Reshape"):
+            return self._sources(node.input[0], depth + 1)
+        if op == "Concat":
+            parts = [self._sources(i, depth + 1) for i in node.input]
+            return None if any(p is None for p in parts) else [e for p in parts for e in p]
+        if op == "Gather":
+            inner, idx = self._sources(node.input[0], depth + 1), self.const_of(node.input[1])
+            if inner is None or idx is None:
+                return None
+            return [inner[int(i) % len(inner)] for i in np.ravel(idx)]
+        if op == "Slice" and len(node.input) >= 3:
+            inner = self._sources(node.input[0], depth + 1)
+            starts, ends = self.const_of(node.input[1]), self.const_of(node.input[2])
+            steps = self.const_of(node.input[4]) if len(node.input) > 4 and node.input[4] else None
+            if inner is None or starts is None or ends is None:
+                return None
+            return inner[slice(int(np.ravel(starts)[0]), int(min(np.ravel(ends)[0], len(inner))),
+                               int(np.ravel(steps)[0]) if steps is not None else 1)]
+        return [None] * int(np.size(self._shapes.value[name])) if name in self._shapes.value else None
+
+    def const_of(self, name: str):
         if name in self._shapes.value:
             return self._shapes.value[name]
         if name in self._inits:

@@ -84,8 +84,9 @@ def collect_couplings(model: onnx.ModelProto, shapes, opset: int,
     out = Couplings()
     blocked = []
     patterns = list(exclude or [])
+    producers = {o: n for n in g.node for o in n.output}
     for index, node in enumerate(g.node):
-        ctx = NodeContext(node, index, shapes, inits, opset, out)
+        ctx = NodeContext(node, index, shapes, inits, opset, out, producers)
         reason = apply_rule(ctx)
         if reason:
             blocked.append((ctx.name, node.op_type, reason))

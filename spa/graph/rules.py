@@ -291,6 +291,16 @@ def align_axes(a: tuple, b: tuple) -> list[tuple[list[int], list[int]]] | None:
     return blocks if i == len(ia) and j == len(ib) else None
 
 
+def tie_read_sizes(ctx: NodeContext, k: int, offset: int = 0):
+    """An output size read from another tensor's shape must stay equal to it: tie the two
+    axes, so both keep the same count (or neither is pruned)."""
+    for j, src in enumerate(ctx.size_sources(k) or []):
+        if src and src[0] == "dim" and ctx.shape(src[1]) is not None:
+            out_axis = j + offset
+            if 0 <= out_axis < len(ctx.out_shape(0)) and (src[1], src[2]) != (ctx.node.output[0], out_axis):
+                ctx.same(ctx.outp(0, out_axis), ctx.space(src[1], src[2]))
+
+
 @rule("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 def reshape(ctx: NodeContext):
     blocks = align_axes(ctx.in_shape(0), ctx.out_shape(0))
@@ -310,6 +320,7 @@ def reshape(ctx: NodeContext):
         return None
     if not ctx.is_initializer(1) and ctx.const(1) is None:
         return f"Reshape {ctx.name!r}: target shape unknown"
+    tie_read_sizes(ctx, 1)
     out_shape = ctx.out_shape(0)
     allowzero = int(ctx.attr("allowzero", 0))
 
@@ -482,6 +493,7 @@ def expand(ctx: NodeContext):
     if target is None:
         return f"Expand {ctx.name!r}: target shape unknown"
     broadcast(ctx, [0])
+    tie_read_sizes(ctx, 1, offset=len(y) - np.size(target))
 
     def set_target(node, plan):
         new = target.copy()
