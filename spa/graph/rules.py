@@ -35,7 +35,8 @@ def apply_rule(ctx: NodeContext) -> str | None:
     """Run the node's rule; return why the node is blocked, or None."""
     node = ctx.node
     shapes_known = all(ctx.shape(n) is not None for n in list(node.input) + list(node.output) if n)
-    fn = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+    key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+    fn = RULES.get(key)
     if fn is None:
         reason = f"no rule for {(node.domain + '.') if node.domain else ''}{node.op_type} (node {ctx.name!r})"
     elif not shapes_known:
@@ -72,7 +73,10 @@ BINARY = """Add Sub Mul Div Pow Max Min Mean Sum Where PRelu And Or Xor Equal Gr
 Less LessOrEqual Mod BitShift BitwiseAnd BitwiseOr BitwiseXor""".split()
 
 
-@rule(*UNARY, *BINARY)
+MS_ELEMENTWISE = ["com.microsoft." + op for op in ("Gelu", "FastGelu", "BiasGelu", "QuickGelu", "BiasAdd")]
+
+
+@rule(*UNARY, *BINARY, *MS_ELEMENTWISE)
 def elementwise(ctx: NodeContext):
     if ctx.op == "Dropout" and len(ctx.node.output) > 1 and ctx.node.output[1]:
         ctx.fix_all(f"Dropout {ctx.name!r}: its mask output is used")
@@ -114,7 +118,11 @@ def conv(ctx: NodeContext):
     ctx.rewrite(set_groups)
 
 
-@rule("Gemm")
+# onnxruntime's graph optimizer fuses an activation into the layer; the axes are the layer's.
+RULES["com.microsoft.FusedConv"] = conv
+
+
+@rule("Gemm", "com.microsoft.FusedGemm")
 def gemm(ctx: NodeContext):
     ta, tb = int(ctx.attr("transA", 0)), int(ctx.attr("transB", 0))
     a_m, a_k = (1, 0) if ta else (0, 1)
@@ -527,6 +535,24 @@ def gather(ctx: NodeContext):
             ctx.same(ctx.inp(0, i), ctx.outp(0, i + len(idx) - 1))
     for i in range(len(idx)):
         ctx.same(ctx.inp(1, i), ctx.outp(0, axis + i))
+
+
+@rule("QuantizeLinear", "DequantizeLinear")
+def quantize(ctx: NodeContext):
+    """Elementwise, with a scale and zero point per tensor, per channel (``axis``) or per block."""
+    x = ctx.in_shape(0)
+    broadcast(ctx, [0])
+    axis = int(ctx.attr("axis", 1)) % len(x) if x else 0
+    for k in (1, 2):
+        if not ctx.has_input(k):
+            continue
+        shape = ctx.in_shape(k)
+        if len(shape) == 1 and shape[0] == x[axis] and shape[0] > 1:
+            ctx.same(ctx.inp(k, 0), ctx.outp(0, axis))
+        elif len(shape) == len(x) and shape != x:
+            return f"{ctx.op} {ctx.name!r}: blocked quantization is not supported"
+        elif len(shape) == len(x):
+            broadcast(ctx, [k])
 
 
 @rule("GatherElements", "ScatterElements")

@@ -1,0 +1,87 @@
+"""Graphs from other tools: QDQ-quantized models, onnxruntime-optimized graphs, recurrent
+and integer ops (blocked cleanly)."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import spa
+from graphs import Graph, assert_prunes
+
+
+def qdq_model(per_channel: bool):
+    """x -> Q/DQ -> Conv(DQ(int8 W)) -> Relu -> Q/DQ -> Conv(DQ(int8 W)) -> out."""
+    g = Graph(opset=13)
+    x = g.input([1, 3, 8, 8])
+
+    def qconv(inp, c_in, c_out):
+        q = g.op("QuantizeLinear", [inp, g.const(np.float32(0.05)), g.const(np.uint8(128))])
+        a = g.op("DequantizeLinear", [q, g.const(np.float32(0.05)), g.const(np.uint8(128))])
+        w = g.rng.integers(-100, 100, (c_out, c_in, 3, 3)).astype(np.int8)
+        if per_channel:
+            scale = g.const((g.rng.random(c_out) * 0.01 + 0.001).astype(np.float32))
+            zp = g.const(np.zeros(c_out, np.int8))
+            wd = g.op("DequantizeLinear", [g.const(w), scale, zp], axis=0)
+        else:
+            wd = g.op("DequantizeLinear", [g.const(w), g.const(np.float32(0.01)), g.const(np.int8(0))])
+        return g.op("Conv", [a, wd, g.weight(c_out)], pads=[1, 1, 1, 1])
+
+    y = g.op("Relu", [qconv(x, 3, 16)])
+    g.output(qconv(y, 16, 4))
+    return g.model()
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_qdq_model_prunes_through_quantization(per_channel):
+    r = assert_prunes(qdq_model(per_channel), criterion="l1")
+    ints = [t for t in r.model.graph.initializer if t.data_type == TensorProto.INT8 and len(t.dims) == 4]
+    assert sorted(t.dims[0] for t in ints) == [4, 8] and sorted(t.dims[1] for t in ints) == [3, 8]
+
+
+def test_onnxruntime_optimized_graph(tmp_path):
+    """FusedConv / FusedGemm from onnxruntime's extended optimizations."""
+    import onnxruntime as ort
+    g = Graph()
+    x = g.input([1, 3, 8, 8])
+    y = g.op("Relu", [g.conv(x, 3, 16)])
+    y = g.op("Relu", [g.conv(y, 16, 16)])
+    f = g.op("Flatten", [g.op("GlobalAveragePool", [y])])
+    h = g.op("Relu", [g.op("Gemm", [f, g.weight(32, 16), g.weight(32)], transB=1)])
+    g.output(g.op("Gemm", [h, g.weight(5, 32), g.weight(5)], transB=1))
+    src, opt = tmp_path / "m.onnx", tmp_path / "opt.onnx"
+    onnx.save(g.model(), src)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(opt)
+    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(opt).graph.node}
+    assert "FusedConv" in ops
+    r = spa.prune(opt, ratio=0.5, round_to=1, verify=True)
+    assert r.report["verify"]["ok"] and not r.report["blocked_nodes"]
+    assert r.report["after"]["macs"] < 0.5 * r.report["before"]["macs"]
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
+def test_recurrent_ops_block_cleanly(op):
+    g = Graph()
+    x = g.input([5, 1, 4])
+    h = g.op("Relu", [g.op("MatMul", [x, g.weight(4, 8)])])
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+    outs = g.op(op, [h, g.weight(1, gates * 6, 8), g.weight(1, gates * 6, 6)], n_out=2, hidden_size=6)
+    g.output(outs[0])
+    r = spa.prune(g.model(), ratio=0.5, round_to=1, verify=True)
+    assert any(op in b["reason"] for b in r.report["blocked_nodes"])
+    assert r.report["verify"]["ok"]
+
+
+def test_integer_ops_block_cleanly():
+    g = Graph(opset=13)
+    x = g.input([1, 3, 8, 8])
+    q = g.op("QuantizeLinear", [x, g.const(np.float32(0.05)), g.const(np.uint8(128))])
+    w = g.const(np.ones((8, 3, 3, 3), np.uint8))
+    y = g.op("ConvInteger", [q, w, g.const(np.uint8(128))])
+    g.output(g.op("Cast", [y], to=1))
+    r = spa.prune(g.model(), ratio=0.5, verify=True)
+    assert any("ConvInteger" in b["reason"] for b in r.report["blocked_nodes"])
+    assert r.report["after"]["params"] == r.report["before"]["params"]
