@@ -348,7 +348,10 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, input_path=None) -> Pa
     """Write atomically: a temporary file in the same directory, then a rename."""
     out = check_output_path(input_path, path)
     large = model.ByteSize() > 2_000_000_000 if _fits_protobuf(model) else True
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent)
+    except OSError as e:
+        raise OutputPathError(f"{out}: cannot write ({e.strerror or e})") from None
     os.close(fd)
     try:
         if large:
