@@ -85,3 +85,17 @@ def test_integer_ops_block_cleanly():
     r = spa.prune(g.model(), ratio=0.5, verify=True)
     assert any("ConvInteger" in b["reason"] for b in r.report["blocked_nodes"])
     assert r.report["after"]["params"] == r.report["before"]["params"]
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_yolo_style_detector_body_pruned_output_layout_kept(tmp_path, exporter):
+    pytest.importorskip("torch")
+    import yolo_like
+    path = yolo_like.export(tmp_path / f"yolo-{exporter}.onnx", exporter)
+    r = spa.prune(path, ratio=0.5, round_to=1, verify=True)
+    rep = r.report
+    assert rep["verify"]["ok"]
+    assert rep["after"]["macs"] < 0.5 * rep["before"]["macs"]
+    original = onnx.load(path)
+    sig = lambda m: [(o.name, [d.dim_value for d in o.type.tensor_type.shape.dim]) for o in m.graph.output]  # noqa: E731
+    assert sig(r.model) == sig(original)
