@@ -428,3 +428,14 @@ def test_reshape_size_read_from_another_tensor_ties_the_two():
     g.output(g.op("Add", [g.op("MatMul", [merged, g.weight(8, 3)]), g.op("MatMul", [other, g.weight(8, 3)])]))
     r = assert_prunes(g.model())
     assert r.report["verify"]["ok"]
+
+
+def test_scatter_nd_passes_trailing_channels():
+    def middle(g, y):
+        t = g.op("Transpose", [y], perm=[2, 3, 0, 1])                      # (10, 10, 1, C)
+        idx = g.const(np.array([[0, 0], [3, 4]], np.int64))
+        upd = g.op("Relu", [g.op("Gather", [t, g.const(np.array([0, 1], np.int64))], axis=0)])  # (2, 10, 1, C)
+        upd = g.op("Gather", [upd, g.const(np.array(0, np.int64))], axis=1)                   # (2, 1, C)
+        s = g.op("ScatterND", [t, idx, upd])
+        return g.op("Transpose", [s], perm=[2, 3, 0, 1]), C
+    assert_prunes(sandwich(middle))

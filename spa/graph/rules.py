@@ -594,6 +594,18 @@ def gather_nd(ctx: NodeContext):
         ctx.same(ctx.inp(0, i), ctx.outp(0, len(idx) - 1 + i - b - k))
 
 
+@rule("ScatterND")
+def scatter_nd(ctx: NodeContext):
+    """Updates land on the indexed leading axes; the trailing axes pass through."""
+    data, idx, upd = ctx.in_shape(0), ctx.in_shape(1), ctx.in_shape(2)
+    k = idx[-1]
+    for i in range(k, len(data)):
+        ctx.same(ctx.inp(0, i), ctx.outp(0, i))
+        j = len(idx) - 1 + i - k
+        if j < len(upd) and upd[j] == data[i]:
+            ctx.same(ctx.inp(2, j), ctx.outp(0, i))
+
+
 @rule("Shape", "Size")
 def shape(ctx: NodeContext):
     # Reads sizes only; downstream arithmetic sees the pruned sizes at run time.

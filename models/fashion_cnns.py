@@ -1,0 +1,243 @@
+"""Two small Fashion-MNIST CNNs *with real BatchNormalization nodes* for the accuracy
+benchmark (benchmarks/accuracy.py): a ResNet-style network and a VGG-style network.
+
+    python models/fashion_cnns.py [--only resnet|vgg] [--epochs N]
+
+Writes, next to this script (all small):
+  fashion_<name>.onnx         opset 17, input "image" (N x 1 x 28 x 28, normalized), output
+                              "logits" (N x 10), dynamic batch; BatchNorm kept as
+                              BatchNormalization ops (not folded into the convs)
+  fashion_<name>.pt           the trained torch state_dict (for build_<name>(), Torch-Pruning)
+  fashion_calib.npz           512 *training* images ("image", "label"), calibration data
+  fashion_eval.npz            the first 2000 *test* images ("image", "label"), evaluation data
+                              (also available without the file: samples("eval"))
+
+Data: the Debian package dataset-fashion-mnist (/usr/share/datasets/fashion-mnist, IDX).
+Deterministic (seed 0), CPU, 2 threads; each network trains in a few minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
+OUT_DIR = Path(__file__).resolve().parent
+MEAN, STD = 0.2860, 0.3530
+N_CALIB, N_EVAL = 512, 2000
+INPUT, OUTPUT = "image", "logits"
+NAMES = ("resnet", "vgg")
+
+
+# ---------------------------------------------------------------------------- data
+
+def read_idx(path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = np.frombuffer(data, ">u4", count=ndim, offset=4)
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_split(prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    """prefix "train" or "t10k": normalized float32 images (N, 1, 28, 28) and int64 labels."""
+    images = read_idx(DATA_DIR / f"{prefix}-images-idx3-ubyte.gz")
+    labels = read_idx(DATA_DIR / f"{prefix}-labels-idx1-ubyte.gz")
+    x = ((images.astype(np.float32) / 255.0 - MEAN) / STD)[:, None]
+    return x, labels.astype(np.int64)
+
+
+def samples(which: str) -> dict[str, np.ndarray]:
+    """"calib": N_CALIB training images (seed-0 permutation); "eval": the first N_EVAL test
+    images. Dicts {"image": ..., "label": ...}; read from the .npz if present."""
+    path = OUT_DIR / f"fashion_{which}.npz"
+    if path.exists():
+        with np.load(path) as f:
+            return {k: f[k] for k in f.files}
+    if which == "calib":
+        x, y = load_split("train")
+        idx = np.random.default_rng(0).permutation(len(x))[:N_CALIB]
+        return {INPUT: x[idx], "label": y[idx]}
+    if which == "eval":
+        x, y = load_split("t10k")
+        return {INPUT: x[:N_EVAL], "label": y[:N_EVAL]}
+    raise ValueError(which)
+
+
+def accuracy(model, data: dict[str, np.ndarray], batch: int = 500) -> float:
+    """Top-1 accuracy of an ONNX model (ModelProto or path) on a samples() dict."""
+    import onnx
+    from spa.verify import session
+    sess = session(model if isinstance(model, onnx.ModelProto) else onnx.load(str(model)))
+    name = sess.get_inputs()[0].name
+    x, y = data[INPUT], data["label"]
+    pred = np.concatenate([sess.run(None, {name: x[i:i + batch]})[0].argmax(1) for i in range(0, len(x), batch)])
+    return float((pred == y).mean())
+
+
+# ---------------------------------------------------------------------------- models
+
+def _torch():
+    import torch
+    return torch
+
+
+def build_resnet():
+    """ResNet-style: stem, three stages (16@28x28, 32@14x14, 64@7x7) of basic blocks with
+    BatchNorm and identity / 1x1-projection shortcuts, global average pool, Linear head."""
+    torch = _torch()
+    nn = torch.nn
+
+    def conv_bn(cin, cout, stride=1, k=3):
+        return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout))
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, stride=1):
+            super().__init__()
+            self.a = conv_bn(cin, cout, stride)
+            self.b = conv_bn(cout, cout)
+            self.short = conv_bn(cin, cout, stride, k=1) if (stride != 1 or cin != cout) else nn.Identity()
+
+        def forward(self, x):
+            return torch.relu(self.b(torch.relu(self.a(x))) + self.short(x))
+
+    class ResNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(conv_bn(1, 16), nn.ReLU())
+            self.layers = nn.Sequential(Block(16, 16), Block(16, 16), Block(16, 32, 2), Block(32, 32),
+                                        Block(32, 64, 2), Block(64, 64))
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x):
+            x = self.layers(self.stem(x))
+            return self.fc(x.mean(dim=(2, 3)))
+
+    return ResNet()
+
+
+def build_vgg():
+    """VGG-style: conv-BN-ReLU stacks [32, 32] pool [64, 64] pool [96, 96] pool, then
+    Flatten (96 x 3 x 3) -> Linear 128 -> ReLU -> Linear 10."""
+    torch = _torch()
+    nn = torch.nn
+    layers, cin = [], 1
+    for stage in ((32, 32), (64, 64), (96, 96)):
+        for c in stage:
+            layers += [nn.Conv2d(cin, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+            cin = c
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(96 * 3 * 3, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+BUILD = {"resnet": build_resnet, "vgg": build_vgg}
+
+
+def load_trained(name: str):
+    """build_<name>() with the saved state_dict, in eval mode."""
+    torch = _torch()
+    model = BUILD[name]()
+    model.load_state_dict(torch.load(OUT_DIR / f"fashion_{name}.pt", map_location="cpu"))
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------- train / export
+
+def train(name: str, epochs: int, batch: int = 128, lr: float = 3e-3):
+    torch = _torch()
+    torch.manual_seed(0)
+    x, y = load_split("train")
+    model = BUILD[name]()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
+    steps = epochs * (len(x) // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2)
+    rng = np.random.default_rng(0)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    t0 = time.time()
+    for epoch in range(epochs):
+        model.train()
+        perm = torch.from_numpy(rng.permutation(len(x)))
+        total, n = 0.0, 0
+        for i in range(len(x) // batch):
+            idx = perm[i * batch:(i + 1) * batch]
+            xb = xt[idx]
+            # light augmentation: random horizontal flip
+            flip = torch.from_numpy(rng.random(len(idx)) < 0.5)
+            xb = torch.where(flip[:, None, None, None], xb.flip(3), xb)
+            loss = torch.nn.functional.cross_entropy(model(xb), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss) * len(idx)
+            n += len(idx)
+        print(f"  {name} epoch {epoch + 1}/{epochs}: loss {total / n:.4f} ({time.time() - t0:.0f} s)", flush=True)
+    return model.eval()
+
+
+def export(model, path: Path):
+    """Legacy exporter, opset 17, TrainingMode.PRESERVE on an eval-mode model: the eval-mode
+    peephole that folds BatchNorm into Conv is skipped, BN stays a BatchNormalization op
+    (with running statistics, training_mode=0)."""
+    torch = _torch()
+    import onnx
+    dummy = torch.zeros(2, 1, 28, 28)
+    torch.onnx.export(model.eval(), (dummy,), str(path), dynamo=False, opset_version=17,
+                      training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=True,
+                      input_names=[INPUT], output_names=[OUTPUT],
+                      dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+    m = onnx.load(str(path))
+    onnx.checker.check_model(m, full_check=True)
+    n_bn = sum(n.op_type == "BatchNormalization" for n in m.graph.node)
+    n_bn_torch = sum(isinstance(mod, torch.nn.BatchNorm2d) for mod in model.modules())
+    assert n_bn == n_bn_torch, f"{path.name}: {n_bn} BatchNormalization nodes, torch has {n_bn_torch}"
+    assert all(len(n.output) == 1 for n in m.graph.node if n.op_type == "BatchNormalization"), "training-mode BN"
+    # ORT matches torch
+    from spa.verify import session
+    x = samples("eval")[INPUT][:64]
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    got = session(m).run(None, {INPUT: x})[0]
+    err = float(np.abs(got - ref).max())
+    assert err < 1e-3, f"onnxruntime differs from torch by {err}"
+    return n_bn, err
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", choices=NAMES)
+    p.add_argument("--epochs", type=int, default=3)
+    args = p.parse_args()
+    torch = _torch()
+    torch.set_num_threads(2)
+    for which in ("calib", "eval"):
+        path = OUT_DIR / f"fashion_{which}.npz"
+        if not path.exists():
+            np.savez_compressed(path, **samples(which))
+    ev = samples("eval")
+    summary = {}
+    for name in ([args.only] if args.only else NAMES):
+        t0 = time.time()
+        model = train(name, args.epochs)
+        torch.save(model.state_dict(), OUT_DIR / f"fashion_{name}.pt")
+        onnx_path = OUT_DIR / f"fashion_{name}.onnx"
+        n_bn, err = export(model, onnx_path)
+        x, y = load_split("t10k")
+        full = accuracy(onnx_path, {INPUT: x, "label": y})
+        acc = accuracy(onnx_path, ev)
+        params = sum(p.numel() for p in model.parameters())
+        summary[name] = {"params": params, "test_acc_10k": full, "eval_acc_2000": acc,
+                         "batchnorm_nodes": n_bn, "ort_vs_torch_max_abs": err,
+                         "train_seconds": round(time.time() - t0)}
+        print(f"{onnx_path.name}: {params} params, {n_bn} BatchNormalization nodes, ORT-vs-torch {err:.1e}, "
+              f"test accuracy {full:.4f} (10k), {acc:.4f} (eval 2000)", flush=True)
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
