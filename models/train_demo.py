@@ -11,6 +11,9 @@ Outputs, written next to this script:
   demo_sample.npz  the first 500 Fashion-MNIST *test* images, already
                    normalized, as "image" (float32, N x 1 x 28 x 28) and
                    "label" (int64), for measuring accuracy before/after pruning
+  demo_calib.npz   256 *training* images (every 200th), the calibration data for
+                   data-aware pruning (--calib); disjoint from the sample above
+                   (`python models/train_demo.py --calib-only` writes just this)
 
 Data comes from the Debian package:  apt-get install dataset-fashion-mnist
 
@@ -169,5 +172,16 @@ def main():
     print(f"onnx accuracy on {N_SAMPLE}-image sample: {(logits.argmax(1) == label).mean():.4f}")
 
 
+def write_calibration():
+    x_train, _ = load_split("train")
+    path = OUT_DIR / "demo_calib.npz"
+    np.savez_compressed(path, image=x_train[::200][:256])
+    print(f"wrote {path}")
+
+
 if __name__ == "__main__":
-    main()
+    if "--calib-only" in sys.argv:
+        write_calibration()
+    else:
+        main()
+        write_calibration()
