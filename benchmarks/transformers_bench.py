@@ -71,6 +71,7 @@ MINILM_CONFIGS = [  # (label, mlp, heads)
 RANDOM_SEEDS = (0, 1, 2)
 N_CALIB = 30  # sentences 1..30 calibrate obspa; 31..60 are held out
 BASE_CLI_REPEATS = 3
+ZERO_NOTE = "original output is all zeros (zero-initialised head): oracle and cosine are vacuous"
 TARGET_LAT_OVER_MACS = 1.25
 TARGET_WALL_S = 5.0
 
@@ -129,8 +130,8 @@ def main_blocking_reason(report: dict) -> str:
             pat, n = counts.most_common(1)[0]
             example = next(r for r in reasons if _pattern(r) == pat)
             return f"{example} ({n}×)" if n > 1 else example
-    io = [b["reason"] for b in report.get("blocked", [])]
-    return io[0] if io else "no such groups found"
+    io = [f"{b['reason']} blocks the {b['channels']}-channel group" for b in report.get("blocked", [])]
+    return "; ".join(io) if io else "no such groups found"
 
 
 def _ratio(rep: dict, key: str) -> float:
@@ -201,6 +202,8 @@ def measure_structure(path, family, exporter, name, kwargs, kind, runs) -> dict:
                removed=sum(g["removed"] for g in pruned), channels=sum(g["channels"] for g in groups),
                macs_ratio=_ratio(rep, "macs"), params_ratio=_ratio(rep, "params"),
                blocked_groups=len(rep.get("blocked", [])), blocked_nodes=len(rep.get("blocked_nodes", [])))
+    if _output_is_zero(res.original, rep["input_shapes"]):
+        row["zero_output"] = True
     v = rep.get("verify", {})
     if v.get("exact") is False:
         row["verify"] = {"exact": False, "mean_cosine": v.get("mean_cosine"), "max_abs_error": v.get("max_abs_error"),
@@ -225,6 +228,20 @@ def measure_structure(path, family, exporter, name, kwargs, kind, runs) -> dict:
     return row
 
 
+def _output_is_zero(model, input_shapes) -> bool:
+    """True if the original model outputs all zeros on random inputs (e.g. a zero-initialised
+    classifier head): then neither the oracle nor a cosine can see any difference."""
+    from spa.model import random_inputs
+    from spa.verify import session
+
+    try:
+        sess = session(model, threads=1)
+        outs = sess.run(None, random_inputs(model, input_shapes, np.random.default_rng(0)))
+    except Exception:
+        return False
+    return all(np.all(np.asarray(o) == 0) for o in outs)
+
+
 def _fmt(v, spec=".3f", missing="–"):
     return missing if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, spec)
 
@@ -233,6 +250,8 @@ def _oracle_cell(row) -> str:
     v = row.get("verify")
     if not v:
         return "–"
+    if row.get("zero_output"):
+        return "vacuous (output ≡ 0)"
     if v.get("exact") is False:
         return f"cos {_fmt(v.get('mean_cosine'), '.4f')}"
     if "skipped" in v:
@@ -283,6 +302,8 @@ def render_structures(sec: dict) -> list[str]:
     for r in rows:
         status = r["status"] if r["status"] == "ok" else f"**{r['status']}**"
         note = r.get("error") or r.get("reason") or r.get("note") or ""
+        if r.get("zero_output"):
+            note = (note + "; " if note else "") + ZERO_NOTE
         note = note.replace("|", "\\|")
         L.append(f"| {r['family']} | {r['exporter']} | {r['structure']} | {status} | {_fmt(r.get('macs_ratio'))} | "
                  f"{_fmt(r.get('params_ratio'))} | {_fmt(r.get('latency_ratio'))} | "

@@ -88,8 +88,9 @@ def _torch():
 
 
 def build_resnet():
-    """ResNet-style: stem, three stages (16@28x28, 32@14x14, 64@7x7) of basic blocks with
-    BatchNorm and identity / 1x1-projection shortcuts, global average pool, Linear head."""
+    """ResNet-style: conv stem (24 @ 28x28) + max-pool, four basic blocks with BatchNorm and
+    identity / 1x1-projection shortcuts (24 @ 14x14, 48 @ 7x7, 48 @ 7x7, 96 @ 4x4), global
+    average pool, Linear head. About 210K parameters, 8M MACs."""
     torch = _torch()
     nn = torch.nn
 
@@ -109,10 +110,9 @@ def build_resnet():
     class ResNet(nn.Module):
         def __init__(self):
             super().__init__()
-            self.stem = nn.Sequential(conv_bn(1, 16), nn.ReLU())
-            self.layers = nn.Sequential(Block(16, 16), Block(16, 16), Block(16, 32, 2), Block(32, 32),
-                                        Block(32, 64, 2), Block(64, 64))
-            self.fc = nn.Linear(64, 10)
+            self.stem = nn.Sequential(conv_bn(1, 24), nn.ReLU(), nn.MaxPool2d(2))
+            self.layers = nn.Sequential(Block(24, 24), Block(24, 48, 2), Block(48, 48), Block(48, 96, 2))
+            self.fc = nn.Linear(96, 10)
 
         def forward(self, x):
             x = self.layers(self.stem(x))
@@ -122,17 +122,17 @@ def build_resnet():
 
 
 def build_vgg():
-    """VGG-style: conv-BN-ReLU stacks [32, 32] pool [64, 64] pool [96, 96] pool, then
-    Flatten (96 x 3 x 3) -> Linear 128 -> ReLU -> Linear 10."""
+    """VGG-style: conv-BN-ReLU stacks [16] pool [32, 32] pool [64, 64] pool, then Flatten
+    (64 x 3 x 3) -> Linear 128 -> ReLU -> Linear 10. About 145K parameters, 5.5M MACs."""
     torch = _torch()
     nn = torch.nn
     layers, cin = [], 1
-    for stage in ((32, 32), (64, 64), (96, 96)):
+    for stage in ((16,), (32, 32), (64, 64)):
         for c in stage:
             layers += [nn.Conv2d(cin, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
             cin = c
         layers.append(nn.MaxPool2d(2))
-    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(96 * 3 * 3, 128), nn.ReLU(), nn.Linear(128, 10))
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(64 * 3 * 3, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
 BUILD = {"resnet": build_resnet, "vgg": build_vgg}

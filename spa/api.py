@@ -197,7 +197,8 @@ def _prune_pass(a: Analysis, plan: PlanOptions, *, criterion, aggregate, seed, v
     if calibration is not None and a.groups:
         on_stage("calibrate")
         dplan = data_aware_plan(a.model, a.dep, a.groups, [len(r) for r in removals], criterion,
-                                calibration, a.shapes.input_shapes, recalibrate, damping, chosen=removals)
+                                calibration, a.shapes.input_shapes, recalibrate, damping, chosen=removals,
+                                macs=count_macs(a.model, a.shapes))
         removals = [r if r is not None else fallback for r, fallback in zip(dplan.removals, removals)]
         scores = [s if s is not None else fallback for s, fallback in zip(dplan.scores, scores)]
         notes.update(dplan.notes)

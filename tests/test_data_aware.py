@@ -120,3 +120,19 @@ def test_bad_calibration_file(tmp_path, capsys, arrays, word):
     err = capsys.readouterr().err
     assert code != 0 and word in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_sequential_obspa_refits_downstream_layers():
+    """Two pruned layers in a row: the second is refit on the first's pruned outputs."""
+    g = Graph(seed=4)
+    x = g.input(["N", 16])
+    h = g.op("Relu", [g.op("Gemm", [x, g.weight(32, 16), g.weight(32)], transB=1)])
+    h = g.op("Relu", [g.op("Gemm", [h, g.weight(24, 32), g.weight(24)], transB=1)])
+    g.output(g.op("Gemm", [h, g.weight(10, 24), g.weight(10)], transB=1))
+    model, data = g.model(), calib(n=300)
+    r = spa.prune(model, ratio=0.5, criterion="obspa", calib=data, round_to=1, verify=True)
+    assert r.report["data"]["mode"].startswith("sequential") and r.report["verify"]["ok"]
+    want = session(model).run(None, data)[0]
+    l1 = spa.prune(model, ratio=0.5, criterion="l1", round_to=1)
+    err = np.linalg.norm(session(r.model).run(None, data)[0] - want)
+    assert err < 0.5 * np.linalg.norm(session(l1.model).run(None, data)[0] - want)

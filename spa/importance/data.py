@@ -245,31 +245,41 @@ class InputStats:
     h: np.ndarray                   # (D+1, D+1) sum of row outer products, last row/col = ones
     n: int = 0
     channel_max: np.ndarray | None = None  # max |x| per index of the contracted axis
+    cross: np.ndarray | None = None  # (D+1, D+1) reference rows x these rows, when asked
 
     @property
     def mean(self) -> np.ndarray:
         return self.h[-1, :-1] / max(self.n, 1)
 
 
-def collect_stats(model: onnx.ModelProto, specs: dict[str, ConsumerSpec], batches: list[dict],
-                  axis_of: dict[str, int], max_rows: int = 2048, seed: int = 0) -> dict[str, InputStats]:
-    """Run the model once over the batches; per consumer, accumulate its input statistics
-    from at most ``max_rows`` rows (positions x samples) in all."""
+def _session_with_outputs(model: onnx.ModelProto, tensors: list[str]):
     from ..verify import session
-    if not specs:
-        return {}
-    tensors = sorted({s.data for s in specs.values()})
     m = onnx.ModelProto()
     m.CopyFrom(model)
     have = {o.name for o in m.graph.output}
     m.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in have)
-    sess = session(m)
+    return session(m)
+
+
+def collect_stats(model: onnx.ModelProto, specs: dict[str, ConsumerSpec], batches: list[dict],
+                  axis_of: dict[str, int], max_rows: int = 2048, seed: int = 0,
+                  reference: onnx.ModelProto | None = None) -> dict[str, InputStats]:
+    """Run the model once over the batches; per consumer, accumulate its input statistics
+    from at most ``max_rows`` rows (positions x samples) in all. With a ``reference`` model
+    (the unpruned original), also the cross moments of its inputs with the model's, on the
+    same rows: what lets a layer be refit to reproduce the reference's output."""
+    if not specs:
+        return {}
+    tensors = sorted({s.data for s in specs.values()})
+    sess = _session_with_outputs(model, tensors)
+    ref = _session_with_outputs(reference, tensors) if reference is not None else None
     inits = {t.name: t for t in model.graph.initializer}
     rng = np.random.default_rng(seed)
     stats: dict[str, InputStats] = {}
     max_rows = max(1, -(-max_rows // max(1, len(batches))))  # per batch
     for feeds in batches:
         values = dict(zip(tensors, sess.run(tensors, feeds)))
+        ref_values = dict(zip(tensors, ref.run(tensors, feeds))) if ref is not None else None
         for name, spec in specs.items():
             x = values[spec.data]
             axis = axis_of[name]
@@ -277,21 +287,31 @@ def collect_stats(model: onnx.ModelProto, specs: dict[str, ConsumerSpec], batche
             cmax = np.abs(x).max(axis=other)
             if spec.kind == "conv":
                 w_shape = list(inits[spec.weight].dims)
-                out_positions = _conv_positions(x, spec.node, w_shape)
-                rows = _pick(rng, out_positions, max_rows)
-                feats = im2col(x, spec.node, w_shape, rows)
+                rows = _pick(rng, _conv_positions(x, spec.node, w_shape), max_rows)
             else:
-                feats = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
-                if len(feats) > max_rows:
-                    feats = feats[rng.choice(len(feats), max_rows, replace=False)]
-            feats = np.concatenate([feats, np.ones((len(feats), 1))], axis=1).astype(np.float32)
+                rows = _pick(rng, x.size // x.shape[axis], max_rows)
+            feats = _features(x, spec, axis, rows, inits)
             st = stats.get(name)
             if st is None:
                 st = stats[name] = InputStats(np.zeros((feats.shape[1],) * 2), 0, cmax)
             st.h += feats.T @ feats   # float32 product of a few thousand rows, summed in float64
             st.n += len(feats)
             st.channel_max = np.maximum(st.channel_max, cmax)
+            if ref_values is not None:
+                ref_feats = _features(ref_values[spec.data], spec, axis, rows, inits)
+                if st.cross is None:
+                    st.cross = np.zeros_like(st.h)
+                st.cross += ref_feats.T @ feats
     return stats
+
+
+def _features(x, spec: ConsumerSpec, axis: int, rows, inits) -> np.ndarray:
+    """The rows a layer multiplies with its weight, plus a constant 1 (float32)."""
+    if spec.kind == "conv":
+        feats = im2col(x, spec.node, list(inits[spec.weight].dims), rows)
+    else:
+        feats = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])[rows]
+    return np.concatenate([feats, np.ones((len(feats), 1), feats.dtype)], axis=1).astype(np.float32)
 
 
 def _conv_positions(x, node, w_shape) -> int:

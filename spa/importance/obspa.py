@@ -41,10 +41,15 @@ def _columns(group: Group, dep: Dependency, spec: ConsumerSpec, axis: int) -> li
     return [np.array(c, dtype=np.int64) for c in cols]
 
 
+# Sequential OBSPA runs the model twice per pruned group; above this many multiply-adds in
+# all (groups x samples x model MACs) it falls back to one pass of statistics.
+SEQUENTIAL_BUDGET = 2e11
+
+
 def data_aware_plan(model: onnx.ModelProto, dep: Dependency, groups: list[Group], n_remove: list[int],
                     criterion: str, calibration: Calibration, input_shapes: dict,
                     recalibrate: bool = False, damping: float = 0.01,
-                    chosen: list[np.ndarray] | None = None) -> DataPlan:
+                    chosen: list[np.ndarray] | None = None, macs: int = 0) -> DataPlan:
     """Choose the channels to remove with a data criterion (DATA_CRITERIA), or take them as
     ``chosen`` by another criterion, and compute the weight updates: OBS compensation for
     ``obspa``, bias correction when ``recalibrate``."""
@@ -57,11 +62,19 @@ def data_aware_plan(model: onnx.ModelProto, dep: Dependency, groups: list[Group]
     used = {name: s for name, s in specs.items()
             if any((s.data, axis_of[name]) in sp for sp in group_spaces)}
     batches = calibration.batches(model, input_shapes)
-    stats = collect_stats(model, used, batches, axis_of, seed=calibration.seed)
     inits = {t.name: t for t in model.graph.initializer}
-    plan = DataPlan([], [], info={"hessian_source": calibration.source,
-                                  "samples": int(sum(len(next(iter(b.values()))) for b in batches)),
-                                  "consumers": len(stats)})
+    samples = int(sum(len(next(iter(b.values()))) for b in batches))
+    info = {"hessian_source": calibration.source, "samples": samples, "consumers": len(used)}
+    # Refitting to the original's outputs pays off on real data (demo CNN at 50% channels:
+    # 0.76 -> 0.87 accuracy); on synthetic inputs it chases the noise, so data-free stays one-pass.
+    if (criterion == "obspa" and calibration.data is not None
+            and sum(1 for k in n_remove if k) * samples * macs <= SEQUENTIAL_BUDGET):
+        info["mode"] = "sequential (each group refit on the inputs of the already pruned model)"
+        return _obspa_sequential(model, dep, groups, n_remove, used, axis_of, batches, damping, inits, info)
+    if criterion == "obspa":
+        info["mode"] = "one pass (statistics of the unpruned model)"
+    stats = collect_stats(model, used, batches, axis_of, seed=calibration.seed)
+    plan = DataPlan([], [], info=info)
     consumers: dict[str, Consumer] = {}
 
     def consumer(name: str) -> Consumer:
@@ -170,6 +183,86 @@ def _write_back(plan: DataPlan, spec: ConsumerSpec, m: np.ndarray, inits, weight
         plan.weights[spec.bias] = bias.astype(numpy_helper.to_array(inits[spec.bias]).dtype)
     elif np.any(bias != 0):
         plan.new_biases[spec.node.name] = bias.astype(np.float32)
+
+
+def _obspa_sequential(model, dep, groups, n_remove, used, axis_of, batches, damping, inits, info) -> DataPlan:
+    """OBSPA group after group, upstream first. Each group's consumers are first refit so that,
+    on the inputs the already-pruned model now gives them, they reproduce the original layer's
+    output (least squares with the cross moments of original and current inputs); then OBS
+    removes the group's channels with compensation. Errors no longer compound layer by layer."""
+    plan = DataPlan([], [], info=info)
+    working = onnx.ModelProto()
+    working.CopyFrom(model)
+    w_inits = {t.name: t for t in working.graph.initializer}
+    state = {}   # consumer -> (original (out, D+1), current (out, D+1), alive columns)
+    for name, spec in used.items():
+        w0 = weight_matrix(spec, numpy_helper.to_array(inits[spec.weight]).astype(np.float64))
+        b0 = np.zeros(w0.shape[0]) if spec.bias is None else numpy_helper.to_array(inits[spec.bias]).astype(np.float64)
+        alive = np.ones(w0.shape[1] + 1, dtype=bool)
+        alive[-1] = spec.bias is not None or spec.kind in ("conv", "gemm")
+        m0 = np.hstack([w0, b0[:, None]])
+        state[name] = (m0, m0.copy(), alive)
+    first_use = {n.name: i for i, n in enumerate(model.graph.node)}
+    order = sorted(range(len(groups)), key=lambda i: min(
+        [first_use[name] for name in used if (used[name].data, axis_of[name]) in set(groups[i].spaces)]
+        or [len(first_use)]))
+    removals: list = [None] * len(groups)
+    for gi in order:
+        g, k = groups[gi], n_remove[gi]
+        mine = [name for name in used if (used[name].data, axis_of[name]) in set(g.spaces)]
+        if not mine:
+            plan.notes[g.id] = "no layer with weights reads this group: chosen by l1"
+            continue
+        if not k:
+            removals[gi] = np.array([], np.int64)
+            continue
+        stats = collect_stats(working, {n: used[n] for n in mine}, batches, axis_of, reference=model)
+        consumers = []
+        for name in mine:
+            m0, _, alive = state[name]
+            st = stats[name]
+            idx = np.nonzero(alive)[0]
+            hinv = np.zeros_like(st.h)
+            hinv[np.ix_(idx, idx)] = damped_inverse(st.h[np.ix_(idx, idx)], damping)
+            fit = np.zeros_like(m0)
+            fit[:, idx] = m0 @ st.cross[:, idx] @ hinv[np.ix_(idx, idx)]
+            consumers.append(Consumer(fit, hinv, _columns(g, dep, used[name], axis_of[name])))
+        removed, cost = greedy_obs(consumers, g.size, k)
+        removals[gi] = removed
+        plan.scores.append(None)
+        for name, c in zip(mine, consumers):
+            m0, _, alive = state[name]
+            for j in removed:
+                alive[c.columns[j]] = False
+            state[name] = (m0, c.weight, alive)
+            _set_consumer(working, w_inits, used[name], c.weight)
+    plan.removals = removals
+    plan.scores = [None] * len(groups)
+    for name, (m0, m, alive) in state.items():
+        if not np.array_equal(m0, m):
+            _write_back(plan, used[name], m if alive[-1] else m[:, :-1], inits)
+    return plan
+
+
+def _set_consumer(working: onnx.ModelProto, w_inits: dict, spec: ConsumerSpec, m: np.ndarray):
+    """Put a consumer's new (out, D+1) weights into the working model (adding a bias input)."""
+    w = w_inits[spec.weight]
+    d = m.shape[1] - 1
+    w.CopyFrom(numpy_helper.from_array(
+        from_weight_matrix(spec, m[:, :d], tuple(w.dims)).astype(np.float32), w.name))
+    if spec.bias is not None:
+        w_inits[spec.bias].CopyFrom(numpy_helper.from_array(m[:, d].astype(np.float32), spec.bias))
+    elif spec.kind in ("conv", "gemm"):
+        node = next(n for n in working.graph.node if n.name == spec.node.name)
+        name = f"{node.name}__spa_bias"
+        if name not in w_inits:
+            working.graph.initializer.append(numpy_helper.from_array(m[:, d].astype(np.float32), name))
+            w_inits[name] = working.graph.initializer[-1]
+            while len(node.input) < 3:
+                node.input.append("")
+            node.input[2] = name
+        else:
+            w_inits[name].CopyFrom(numpy_helper.from_array(m[:, d].astype(np.float32), name))
 
 
 def with_updates(model: onnx.ModelProto, dep: Dependency, plan: DataPlan) -> onnx.ModelProto:
