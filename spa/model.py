@@ -49,16 +49,72 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelLoadError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
     if not model.graph.node or not model.opset_import:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph nodes or opset)")
-    try:
-        onnx.load_external_data_for_model(model, str(path.parent))
-    except Exception as e:
-        raise ModelLoadError(f"{path}: cannot read external data ({e})") from None
+    _resolve_external_data(model, path)
     try:
         onnx.checker.check_model(_weightless(model))  # structure only: weight bytes cost time
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"{path}: invalid ONNX model ({first})") from None
     return model
+
+
+def _external_info(t: onnx.TensorProto) -> dict:
+    return {e.key: e.value for e in t.external_data}
+
+
+def _resolve_external_data(model: onnx.ModelProto, path: Path):
+    """Leave external weights on disk (they are read one tensor at a time when needed), but
+    point them at absolute paths and check that every one is there in full."""
+    sizes = {}
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = _external_info(t)
+        location = (path.parent / info.get("location", "")).resolve()
+        if location not in sizes:
+            sizes[location] = location.stat().st_size if location.is_file() else None
+        need = int(info.get("offset", 0)) + int(info.get("length", _nbytes(t)))
+        if sizes[location] is None:
+            raise ModelLoadError(f"{path}: external data file {info.get('location')!r} is missing")
+        if sizes[location] < need:
+            raise ModelLoadError(f"{path}: external data file {info.get('location')!r} is truncated")
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = str(location)
+        if need - int(info.get("offset", 0)) <= 4096:  # small constants (shapes, biases): in memory
+            t.CopyFrom(numpy_helper.from_array(tensor_array(t), t.name))
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    return int(np.prod(t.dims)) * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+
+
+def tensor_array(t: onnx.TensorProto) -> np.ndarray:
+    """An initializer's value; external data is read from its file (only this tensor)."""
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(t)
+    info = _external_info(t)
+    dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+    with open(info["location"], "rb") as f:
+        f.seek(int(info.get("offset", 0)))
+        arr = np.fromfile(f, dtype=dtype, count=int(np.prod(t.dims)))
+    return arr.reshape(tuple(t.dims))
+
+
+def has_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def materialized(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with every external tensor read into memory (what onnxruntime needs from bytes)."""
+    if not has_external_data(model):
+        return model
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for t in m.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            t.CopyFrom(numpy_helper.from_array(tensor_array(t), t.name))
+    return m
 
 
 def opset_of(model: onnx.ModelProto) -> int:
@@ -259,7 +315,7 @@ def infer_shapes(model: onnx.ModelProto, overrides: dict | None = None,
 
     for t in g.initializer:
         if t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and np.prod(t.dims) <= 64:
-            out.value[t.name] = numpy_helper.to_array(t)
+            out.value[t.name] = tensor_array(t)
 
     produced = [o for n in g.node for o in n.output if o]
     missing = [n for n in produced if n not in out.shape]
@@ -290,7 +346,7 @@ def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
     g.output.extend(src.output)
     g.value_info.extend(src.value_info)
     for t in src.initializer:
-        if int(np.prod(t.dims)) <= 64:
+        if int(np.prod(t.dims)) <= 64 and t.data_location != onnx.TensorProto.EXTERNAL:
             g.initializer.append(t)
         else:
             g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
@@ -302,7 +358,7 @@ def _fill_from_onnxruntime(model, out: Shapes, names):
     import onnxruntime as ort
 
     m = onnx.ModelProto()
-    m.CopyFrom(model)
+    m.CopyFrom(materialized(model))
     existing = {o.name for o in m.graph.output}
     for name in names:
         if name not in existing:
@@ -344,34 +400,77 @@ def check_output_path(input_path: str | os.PathLike | None, output_path: str | o
     return out
 
 
+def copy_fields(src, dst, skip: set[str]):
+    """Copy a protobuf message's set fields except ``skip`` (to rebuild a model without
+    copying the bytes of its weights)."""
+    for desc, value in src.ListFields():
+        if desc.name in skip:
+            continue
+        if isinstance(value, (list, tuple)) or type(value).__name__.startswith("Repeated"):
+            getattr(dst, desc.name).extend(value)
+        elif desc.message_type:
+            getattr(dst, desc.name).CopyFrom(value)
+        else:
+            setattr(dst, desc.name, value)
+
+
+# Above this many weight bytes a model is written with its weights in one external file.
+EXTERNAL_ABOVE = 1_800_000_000
+
+
 def save(model: onnx.ModelProto, path: str | os.PathLike, input_path=None) -> Path:
-    """Write atomically: a temporary file in the same directory, then a rename."""
+    """Write atomically: temporary files in the same directory, then renames. Large models
+    (or ones whose weights still live in the input's external data file) get their weights
+    streamed, one tensor at a time, into ``<name>.data`` beside the model."""
     out = check_output_path(input_path, path)
-    large = model.ByteSize() > 2_000_000_000 if _fits_protobuf(model) else True
+    external = has_external_data(model) or sum(_nbytes(t) for t in model.graph.initializer) > EXTERNAL_ABOVE
+    tmps = []
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent)
-    except OSError as e:
-        raise OutputPathError(f"{out}: cannot write ({e.strerror or e})") from None
-    os.close(fd)
-    try:
-        if large:
-            data_name = out.name + ".data"
-            onnx.save(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                      location=data_name, size_threshold=1024)
+        tmp = _temp_beside(out)
+        tmps.append(tmp)
+        if external:
+            data_tmp = _temp_beside(out)
+            tmps.append(data_tmp)
+            proto = _with_streamed_weights(model, data_tmp, out.name + ".data")
+            onnx.save(proto, tmp)
+            os.replace(data_tmp, out.with_name(out.name + ".data"))
         else:
             onnx.save(model, tmp)
         os.replace(tmp, out)
     except OSError as e:
         raise OutputPathError(f"{out}: cannot write ({e.strerror or e})") from None
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for t in tmps:
+            if os.path.exists(t):
+                os.unlink(t)
     return out
 
 
-def _fits_protobuf(model) -> bool:
+def _temp_beside(out: Path) -> str:
     try:
-        model.ByteSize()
-        return True
-    except Exception:
-        return False
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent)
+    except OSError as e:
+        raise OutputPathError(f"{out}: cannot write ({e.strerror or e})") from None
+    os.close(fd)
+    return tmp
+
+
+def _with_streamed_weights(model: onnx.ModelProto, data_path: str, location: str) -> onnx.ModelProto:
+    """The model's structure, with every weight of 1 KB or more appended to ``data_path`` and
+    referenced there; never more than one tensor in memory."""
+    proto = onnx.ModelProto()
+    copy_fields(model, proto, skip={"graph"})
+    copy_fields(model.graph, proto.graph, skip={"initializer"})
+    with open(data_path, "wb") as f:
+        for t in model.graph.initializer:
+            if _nbytes(t) < 1024 and t.data_location != onnx.TensorProto.EXTERNAL:
+                proto.graph.initializer.append(t)
+                continue
+            data = np.ascontiguousarray(tensor_array(t)).tobytes()
+            ref = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
+            ref.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(f.tell())), ("length", str(len(data)))):
+                ref.external_data.add(key=key, value=value)
+            f.write(data)
+            proto.graph.initializer.append(ref)
+    return proto

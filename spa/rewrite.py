@@ -12,6 +12,7 @@ from onnx import helper, numpy_helper
 
 from .errors import UnsupportedModelError
 from .graph.dependency import Dependency
+from .model import copy_fields, tensor_array
 
 __all__ = ["Rewriter", "rewrite"]
 
@@ -90,7 +91,7 @@ class Rewriter:
             return
         if name in self._inits:
             init = self._inits[name]
-            value = numpy_helper.to_array(init)
+            value = tensor_array(init)
             if value.shape == old.shape and np.array_equal(value, old):
                 init.CopyFrom(numpy_helper.from_array(new.astype(value.dtype), name))
             return
@@ -121,7 +122,7 @@ class Rewriter:
         """(value, initializer) of a constant piece, looking through Unsqueeze/Cast/Identity."""
         for _ in range(3):
             if name in self._inits:
-                return numpy_helper.to_array(self._inits[name]), self._inits[name]
+                return tensor_array(self._inits[name]), self._inits[name]
             node = self._producers().get(name)
             if node is None or node.op_type not in ("Unsqueeze", "Cast", "Identity", "Squeeze"):
                 return None, None
@@ -132,25 +133,13 @@ class Rewriter:
         raise UnsupportedModelError(message)
 
 
-def _copy_fields(src, dst, skip):
-    for desc, value in src.ListFields():
-        if desc.name in skip:
-            continue
-        if isinstance(value, (list, tuple)) or type(value).__name__.startswith("Repeated"):
-            getattr(dst, desc.name).extend(value)
-        elif desc.message_type:
-            getattr(dst, desc.name).CopyFrom(value)
-        else:
-            setattr(dst, desc.name, value)
-
-
 def rewrite(model: onnx.ModelProto, dep: Dependency, removed_roots: np.ndarray, shapes) -> onnx.ModelProto:
     """Return a pruned copy of ``model`` (the normalized model the dependency was built on)."""
     # Copy everything but the initializers, then add each one already sliced: the full
     # weights are never held twice.
     pruned = onnx.ModelProto()
-    _copy_fields(model, pruned, skip={"graph"})
-    _copy_fields(model.graph, pruned.graph, skip={"initializer", "value_info"})
+    copy_fields(model, pruned, skip={"graph"})
+    copy_fields(model.graph, pruned.graph, skip={"initializer", "value_info"})
     initializers = model.graph.initializer
     rw = Rewriter(pruned, dep, removed_roots, shapes)
     for t in initializers:
@@ -159,7 +148,7 @@ def rewrite(model: onnx.ModelProto, dep: Dependency, removed_roots: np.ndarray, 
         if not slices:
             pruned.graph.initializer.append(t)
             continue
-        w = numpy_helper.to_array(t)
+        w = tensor_array(t)
         for axis, kept in slices:
             w = np.take(w, kept, axis=axis)
         pruned.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w), t.name))

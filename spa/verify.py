@@ -14,7 +14,7 @@ from onnx import helper, numpy_helper
 
 from .errors import UnsupportedModelError, VerificationError
 from .graph.dependency import Dependency
-from .model import random_inputs
+from .model import materialized, random_inputs
 from .rewrite import Rewriter
 
 __all__ = ["masked_model", "check_signature", "check_valid", "oracle", "output_error", "OracleResult", "session"]
@@ -89,6 +89,7 @@ def check_valid(pruned: onnx.ModelProto):
 
 def session(model: onnx.ModelProto, threads: int = 0):
     import onnxruntime as ort
+    model = materialized(model)
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:

@@ -132,3 +132,41 @@ def test_tensor_read_inside_if_branch_is_not_pruned():
     r = assert_prunes(model, criterion="l1")
     reasons = " ".join(b["reason"] for b in r.report["blocked"] + r.report["blocked_nodes"])
     assert "subgraph" in reasons and "If" in reasons
+
+
+def test_external_data_stays_on_disk_and_is_streamed_out(tmp_path, monkeypatch):
+    """Weights in an external file are read one tensor at a time; a pruned model that is
+    still large is written with its weights streamed to <name>.data."""
+    import spa.model
+    g = Graph()
+    x = g.input([1, 64])
+    h = g.op("Relu", [g.op("MatMul", [x, g.weight(64, 256)])])
+    g.output(g.op("MatMul", [h, g.weight(256, 8)]))
+    src = tmp_path / "ext.onnx"
+    onnx.save(g.model(), src, save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    model = spa.load(src)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    monkeypatch.setattr(spa.model, "EXTERNAL_ABOVE", 1000)   # treat this model as a big one
+    r = spa.prune(src, ratio=0.5, round_to=1, verify=True)
+    assert r.report["verify"]["ok"]
+    out = r.save(tmp_path / "out.onnx")
+    assert (tmp_path / "out.onnx.data").exists() and not list(tmp_path.glob(".*.tmp"))
+    pruned = onnx.load(out)
+    dims = sorted(tuple(t.dims) for t in pruned.graph.initializer)
+    assert dims == [(64, 128), (128, 8)]
+    assert r.report["after"]["file_bytes"] > (tmp_path / "out.onnx").stat().st_size
+
+
+def test_truncated_external_data(tmp_path):
+    g = Graph()
+    x = g.input([1, 64])
+    g.output(g.op("MatMul", [g.op("Relu", [g.op("MatMul", [x, g.weight(64, 256)])]), g.weight(256, 8)]))
+    src = tmp_path / "ext.onnx"
+    onnx.save(g.model(), src, save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    data = tmp_path / "ext.onnx.data"
+    data.write_bytes(data.read_bytes()[:1000])
+    with pytest.raises(spa.ModelLoadError, match="truncated"):
+        spa.load(src)
+    data.unlink()
+    with pytest.raises(spa.ModelLoadError, match="missing"):
+        spa.load(src)

@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from ..model import tensor_array
+
 __all__ = ["Space", "NodeContext", "Couplings", "NOT_CHANNEL"]
 
 Space = tuple[str, int]
@@ -76,8 +78,7 @@ class NodeContext:
         if name in self._shapes.value:
             return self._shapes.value[name]
         if name in self._inits:
-            from onnx import numpy_helper
-            return numpy_helper.to_array(self._inits[name])
+            return tensor_array(self._inits[name])
         return None
 
     def size_sources(self, k: int) -> list | None:
@@ -125,8 +126,7 @@ class NodeContext:
         if name in self._shapes.value:
             return self._shapes.value[name]
         if name in self._inits:
-            from onnx import numpy_helper
-            return numpy_helper.to_array(self._inits[name])
+            return tensor_array(self._inits[name])
         return None
 
     def is_initializer(self, k: int) -> bool:

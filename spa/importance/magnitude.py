@@ -11,9 +11,9 @@ import logging
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from ..graph.dependency import Dependency
+from ..model import tensor_array
 from ..graph.groups import Group
 
 __all__ = ["CRITERIA", "score_groups"]
@@ -44,7 +44,7 @@ def _member_norms(model: onnx.ModelProto, dep: Dependency, p: int) -> dict:
         axes = [ax for ax in range(len(t.dims)) if (t.name, ax) in dep.space_class]
         if not axes or t.name in bn_stats:
             continue
-        w = numpy_helper.to_array(t)
+        w = tensor_array(t)
         if w.dtype.kind != "f":
             continue
         w = np.abs(w) if p == 1 else np.square(w, dtype=np.float64)

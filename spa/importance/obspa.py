@@ -11,6 +11,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..graph.dependency import Dependency
+from ..model import tensor_array
 from ..graph.groups import Group
 from .data import Calibration, ConsumerSpec, collect_stats, consumer_specs, from_weight_matrix, weight_matrix
 from .obs import Consumer, damped_inverse, greedy_obs
@@ -80,8 +81,8 @@ def data_aware_plan(model: onnx.ModelProto, dep: Dependency, groups: list[Group]
     def consumer(name: str) -> Consumer:
         if name not in consumers:
             spec, st = used[name], stats[name]
-            w = weight_matrix(spec, numpy_helper.to_array(inits[spec.weight]).astype(np.float64))
-            bias = np.zeros(w.shape[0]) if spec.bias is None else numpy_helper.to_array(inits[spec.bias]).astype(np.float64)
+            w = weight_matrix(spec, tensor_array(inits[spec.weight]).astype(np.float64))
+            bias = np.zeros(w.shape[0]) if spec.bias is None else tensor_array(inits[spec.bias]).astype(np.float64)
             can_bias = spec.bias is not None or spec.kind in ("conv", "gemm")
             h = st.h if can_bias else st.h[:-1, :-1]
             consumers[name] = Consumer(np.hstack([w, bias[:, None]]) if can_bias else w.copy(),
@@ -160,9 +161,9 @@ def _bias_correction(plan, dep, groups, used, stats, axis_of, inits):
     for name, parts in removed_cols.items():
         spec = used[name]
         cols = np.concatenate(parts)
-        w = weight_matrix(spec, numpy_helper.to_array(inits[spec.weight]).astype(np.float64))
+        w = weight_matrix(spec, tensor_array(inits[spec.weight]).astype(np.float64))
         shift = w[:, cols] @ stats[name].mean[cols]
-        bias = np.zeros(w.shape[0]) if spec.bias is None else numpy_helper.to_array(inits[spec.bias]).astype(np.float64)
+        bias = np.zeros(w.shape[0]) if spec.bias is None else tensor_array(inits[spec.bias]).astype(np.float64)
         if spec.bias is None and spec.kind == "matmul":
             plan.info.setdefault("no_bias_slot", []).append(name)
             continue
@@ -176,11 +177,11 @@ def _write_back(plan: DataPlan, spec: ConsumerSpec, m: np.ndarray, inits, weight
     weight, bias = m[:, :d], (m[:, d] if m.shape[1] > d else None)
     if weight_too:
         plan.weights[spec.weight] = from_weight_matrix(spec, weight, tuple(w.dims)).astype(
-            numpy_helper.to_array(w).dtype)
+            tensor_array(w).dtype)
     if bias is None:
         return
     if spec.bias is not None:
-        plan.weights[spec.bias] = bias.astype(numpy_helper.to_array(inits[spec.bias]).dtype)
+        plan.weights[spec.bias] = bias.astype(tensor_array(inits[spec.bias]).dtype)
     elif np.any(bias != 0):
         plan.new_biases[spec.node.name] = bias.astype(np.float32)
 
@@ -196,8 +197,8 @@ def _obspa_sequential(model, dep, groups, n_remove, used, axis_of, batches, damp
     w_inits = {t.name: t for t in working.graph.initializer}
     state = {}   # consumer -> (original (out, D+1), current (out, D+1), alive columns)
     for name, spec in used.items():
-        w0 = weight_matrix(spec, numpy_helper.to_array(inits[spec.weight]).astype(np.float64))
-        b0 = np.zeros(w0.shape[0]) if spec.bias is None else numpy_helper.to_array(inits[spec.bias]).astype(np.float64)
+        w0 = weight_matrix(spec, tensor_array(inits[spec.weight]).astype(np.float64))
+        b0 = np.zeros(w0.shape[0]) if spec.bias is None else tensor_array(inits[spec.bias]).astype(np.float64)
         alive = np.ones(w0.shape[1] + 1, dtype=bool)
         alive[-1] = spec.bias is not None or spec.kind in ("conv", "gemm")
         m0 = np.hstack([w0, b0[:, None]])
