@@ -3,7 +3,6 @@
 import os
 import stat
 
-import numpy as np
 import onnx
 import pytest
 

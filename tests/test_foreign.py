@@ -4,7 +4,7 @@ and integer ops (blocked cleanly)."""
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
 import spa
 from graphs import Graph, assert_prunes

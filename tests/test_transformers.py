@@ -3,7 +3,6 @@ hidden width inexactly; and the fidelity of a real sentence model after pruning.
 
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 

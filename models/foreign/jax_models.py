@@ -41,11 +41,11 @@ def build(nnx, jax):
         def __call__(self, x):
             x = nnx.relu(self.b1(self.c1(x)))
             x = nnx.relu(self.b2(self.c2(x)))
-            x = nnx.max_pool(x, (2, 2), strides=(2, 2))                # 14 x 14
+            x = nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2))                # 14 x 14
             y = self.c4(nnx.relu(self.c3(x)))
             x = nnx.relu(x + y)
             x = nnx.relu(self.b5(self.c5(x)))
-            x = nnx.avg_pool(x, (2, 2), strides=(2, 2))                # 7 x 7
+            x = nnx.avg_pool(x, window_shape=(2, 2), strides=(2, 2))                # 7 x 7
             x = x.reshape((x.shape[0], -1))
             return self.fc2(nnx.relu(self.fc1(x)))
 

@@ -80,7 +80,7 @@ def to_onnx(tf, tf2onnx, model, shape, opset, path):
     """tf2onnx conversion of a Keras 3 model via a tf.function (from_keras does not support
     Keras 3 models); the input keeps the name INPUT, the output is renamed OUTPUT."""
     spec = (tf.TensorSpec((None,) + shape, tf.float32, name=INPUT),)
-    fn = tf.function(lambda x: model(x, training=False))
+    fn = tf.function(tf.autograph.experimental.do_not_convert(lambda x: model(x, training=False)))
     onx, _ = tf2onnx.convert.from_function(fn, input_signature=spec, opset=opset,
                                            output_path=None)
     import onnx

@@ -9,13 +9,13 @@ input holds a group's channels. Its input rows are what the layer multiplies wit
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ..errors import SpaError

@@ -1,0 +1,232 @@
+"""Layout: the reshape family (axes merged or split), Transpose, Concat/Split/Slice offsets,
+Pad and Resize."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..context import NodeContext
+from .registry import rule
+
+
+def align_axes(a: tuple, b: tuple) -> list[tuple[list[int], list[int]]] | None:
+    """Match the axes of two shapes with the same element count into blocks of equal
+    product, ignoring size-1 axes: ``(2,3,4) -> (6,4)`` gives ``[([0,1],[0]), ([2],[1])]``."""
+    ia = [i for i, n in enumerate(a) if n != 1]
+    ib = [i for i, n in enumerate(b) if n != 1]
+    blocks, i, j = [], 0, 0
+    while i < len(ia) and j < len(ib):
+        block_a, block_b = [ia[i]], [ib[j]]
+        pa, pb = a[ia[i]], b[ib[j]]
+        while pa != pb:
+            if pa < pb:
+                i += 1
+                if i >= len(ia):
+                    return None
+                block_a.append(ia[i])
+                pa *= a[ia[i]]
+            else:
+                j += 1
+                if j >= len(ib):
+                    return None
+                block_b.append(ib[j])
+                pb *= b[ib[j]]
+        blocks.append((block_a, block_b))
+        i += 1
+        j += 1
+    return blocks if i == len(ia) and j == len(ib) else None
+
+
+def tie_read_sizes(ctx: NodeContext, k: int, offset: int = 0):
+    """An output size read from another tensor's shape must stay equal to it: tie the two
+    axes, so both keep the same count (or neither is pruned)."""
+    for j, src in enumerate(ctx.size_sources(k) or []):
+        if src and src[0] == "dim" and ctx.shape(src[1]) is not None:
+            out_axis = j + offset
+            if 0 <= out_axis < len(ctx.out_shape(0)) and (src[1], src[2]) != (ctx.node.output[0], out_axis):
+                ctx.same(ctx.outp(0, out_axis), ctx.space(src[1], src[2]))
+
+
+@rule("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+def reshape(ctx: NodeContext):
+    blocks = align_axes(ctx.in_shape(0), ctx.out_shape(0))
+    if blocks is None:
+        return f"{ctx.op} {ctx.name!r}: cannot match input and output axes"
+    for ins, outs in blocks:
+        if len(ins) == 1 and len(outs) == 1:
+            ctx.same(ctx.inp(0, ins[0]), ctx.outp(0, outs[0]))
+        elif len(ins) == 1:
+            ctx.product(ctx.inp(0, ins[0]), [ctx.outp(0, j) for j in outs])
+        elif len(outs) == 1:
+            ctx.product(ctx.outp(0, outs[0]), [ctx.inp(0, i) for i in ins])
+        else:
+            for i in ins:
+                ctx.fix(ctx.inp(0, i), f"{ctx.op} {ctx.name!r} regroups axes {ins} into {outs}")
+    if ctx.op != "Reshape":
+        return None
+    if not ctx.is_initializer(1) and ctx.const(1) is None:
+        return f"Reshape {ctx.name!r}: target shape unknown"
+    tie_read_sizes(ctx, 1)
+    out_shape = ctx.out_shape(0)
+    allowzero = int(ctx.attr("allowzero", 0))
+
+    def set_target(node, plan):
+        target = ctx.const(1)
+        new = target.copy()
+        for j in range(len(out_shape)):
+            if target[j] == -1 or (target[j] == 0 and not allowzero):
+                continue  # inferred or copied: follows the pruned input by itself
+            new[j] = plan.new_size((node.output[0], j))
+        plan.set_size_vector(node, 1, target, new)
+    ctx.rewrite(set_target)
+    return None
+
+
+@rule("Transpose")
+def transpose(ctx: NodeContext):
+    rank = len(ctx.in_shape(0))
+    perm = ctx.attr("perm") or list(reversed(range(rank)))
+    for j, i in enumerate(perm):
+        ctx.same(ctx.inp(0, i), ctx.outp(0, j))
+
+
+@rule("DepthToSpace", "SpaceToDepth")
+def depth_to_space(ctx: NodeContext):
+    ctx.same(ctx.inp(0, 0), ctx.outp(0, 0))
+    return None  # channel axis is factored with the block: left fixed
+
+
+# ---- offsets: Concat, Split, Slice ---------------------------------------------------------
+
+@rule("Concat")
+def concat(ctx: NodeContext):
+    out = ctx.out_shape(0)
+    axis = int(ctx.attr("axis")) % len(out)
+    start = 0
+    for k in range(len(ctx.node.input)):
+        shape = ctx.in_shape(k)
+        for i in range(len(out)):
+            if i == axis:
+                if shape[i]:
+                    ctx.offset(ctx.inp(k, i), ctx.outp(0, i), start)
+            else:
+                ctx.same(ctx.inp(k, i), ctx.outp(0, i))
+        start += shape[axis]
+
+
+@rule("Split")
+def split(ctx: NodeContext):
+    x = ctx.in_shape(0)
+    axis = int(ctx.attr("axis", 0)) % len(x)
+    start = 0
+    for k, name in enumerate(ctx.node.output):
+        shape = ctx.out_shape(k)
+        for i in range(len(x)):
+            if i == axis:
+                ctx.offset(ctx.outp(k, i), ctx.inp(0, i), start)
+            else:
+                ctx.same(ctx.inp(0, i), ctx.outp(k, i))
+        start += shape[axis]
+
+    def set_sizes(node, plan):
+        old = [ctx.out_shape(k)[axis] for k in range(len(node.output))]
+        new = [plan.new_size((o, axis)) for o in node.output]
+        if new == old:
+            return
+        if ctx.opset >= 13:
+            plan.set_input(node, 1, np.array(new, dtype=np.int64))
+            plan.remove_attr(node, "num_outputs")
+        else:
+            plan.set_attr(node, "split", new)
+    ctx.rewrite(set_sizes)
+
+
+@rule("Slice")
+def slice_(ctx: NodeContext):
+    x = ctx.in_shape(0)
+    y = ctx.out_shape(0)
+    if ctx.opset >= 10:
+        starts, ends, axes, steps = (ctx.const(k) for k in (1, 2, 3, 4))
+        if starts is None or ends is None or (ctx.has_input(3) and axes is None) or (
+                ctx.has_input(4) and steps is None):
+            return f"Slice {ctx.name!r}: bounds are computed"
+    else:
+        starts, ends, axes, steps = (np.asarray(ctx.attr(n)) if ctx.attr(n) is not None else None
+                                     for n in ("starts", "ends", "axes", "steps"))
+    starts, ends = np.ravel(starts).astype(np.int64), np.ravel(ends).astype(np.int64)
+    axes = np.arange(len(starts)) if axes is None else np.ravel(axes).astype(np.int64) % len(x)
+    steps = np.ones(len(starts), np.int64) if steps is None else np.ravel(steps).astype(np.int64)
+    sliced = {}
+    for a, s, e, st in zip(axes, starts, ends, steps):
+        n = x[a]
+        if st > 0:
+            s = min(max(s + n if s < 0 else s, 0), n)
+        else:
+            s = min(max(s + n if s < 0 else s, -1), n - 1)
+        sliced[int(a)] = (int(s), int(st))
+    for i in range(len(x)):
+        if i not in sliced:
+            ctx.same(ctx.inp(0, i), ctx.outp(0, i))
+        elif sliced[i][1] == 1 and y[i] > 0:
+            ctx.offset(ctx.outp(0, i), ctx.inp(0, i), sliced[i][0])
+        # other steps: left unmentioned, so fixed
+
+    def set_bounds(node, plan):
+        new_starts, new_ends = starts.copy(), ends.copy()
+        changed = False
+        for p, a in enumerate(axes):
+            s, st = sliced[int(a)]
+            kept = plan.kept((node.input[0], int(a)))
+            if kept is None:
+                continue
+            new_s = int(np.searchsorted(kept, s))
+            new_starts[p] = new_s
+            new_ends[p] = new_s + plan.new_size((node.output[0], int(a)))
+            changed = True
+        if not changed:
+            return
+        if ctx.opset >= 10:
+            plan.set_input(node, 1, new_starts)
+            plan.set_input(node, 2, new_ends)
+        else:
+            plan.set_attr(node, "starts", [int(v) for v in new_starts])
+            plan.set_attr(node, "ends", [int(v) for v in new_ends])
+    ctx.rewrite(set_bounds)
+
+
+@rule("Pad")
+def pad(ctx: NodeContext):
+    x = ctx.in_shape(0)
+    pads = ctx.attr_or_input("pads" if ctx.opset >= 2 else "paddings", 1, 11)
+    if pads is None:
+        return f"Pad {ctx.name!r}: pads are computed"
+    pads = np.ravel(pads)
+    axes = ctx.const(3) if ctx.has_input(3) else np.arange(len(x))
+    padded = {int(a) % len(x) for p, a in enumerate(np.ravel(axes))
+              if pads[p] != 0 or pads[p + len(np.ravel(axes))] != 0}
+    for i in range(len(x)):
+        if i not in padded:
+            ctx.same(ctx.inp(0, i), ctx.outp(0, i))
+
+
+@rule("Resize", "Upsample")
+def resize(ctx: NodeContext):
+    x, y = ctx.in_shape(0), ctx.out_shape(0)
+    if ctx.op == "Resize" and ctx.has_input(3) and ctx.attr("axes") is None:
+        sizes = ctx.const(3)
+        if sizes is None:
+            return f"Resize {ctx.name!r}: output sizes are computed"
+    for i in range(len(x)):
+        if x[i] == y[i]:
+            ctx.same(ctx.inp(0, i), ctx.outp(0, i))
+
+    def set_sizes(node, plan):
+        if node.op_type != "Resize" or not ctx.has_input(3):
+            return
+        sizes = ctx.const(3).copy()
+        new = np.array([plan.new_size((node.output[0], i)) for i in range(len(y))], dtype=sizes.dtype)
+        if not np.array_equal(new, sizes):
+            plan.set_input(node, 3, new)
+    ctx.rewrite(set_sizes)
+
+

@@ -1,0 +1,80 @@
+"""Contractions: Conv, ConvTranspose, Gemm, MatMul tie the contracted axis of both operands."""
+
+from __future__ import annotations
+
+
+from ..context import NodeContext
+from .registry import RULES, rule
+from .elementwise import broadcast
+
+
+@rule("Conv", "ConvTranspose")
+def conv(ctx: NodeContext):
+    x = ctx.in_shape(0)
+    groups = int(ctx.attr("group", 1))
+    transpose = ctx.op == "ConvTranspose"
+    c_in, c_out = x[1], ctx.out_shape(0)[1]
+    ctx.same(ctx.inp(0, 0), ctx.outp(0, 0))
+    # Channels = groups x per-group channels; the dependency stage picks which one to prune.
+    g = ctx.virtual("groups", groups)
+    k_in = ctx.inp(1, 1) if not transpose else ctx.virtual("in_per_group", c_in // groups)
+    k_out = ctx.inp(1, 1) if transpose else ctx.virtual("out_per_group", c_out // groups)
+    w_in = ctx.inp(1, 0) if transpose else None
+    w_out = None if transpose else ctx.inp(1, 0)
+    ctx.product(ctx.inp(0, 1), [g, k_in])
+    ctx.product(ctx.outp(0, 1), [g, k_out])
+    if w_out is not None:
+        ctx.same(w_out, ctx.outp(0, 1))
+    if w_in is not None:
+        ctx.same(w_in, ctx.inp(0, 1))
+    if ctx.has_input(2):
+        ctx.same(ctx.inp(2, 0), ctx.outp(0, 1))
+    ctx.contract(0, 1)
+    if ctx.attr("output_shape") is not None:
+        return f"ConvTranspose {ctx.name!r} has an explicit output_shape"
+
+    def set_groups(node, plan):
+        new = plan.new_size(g)
+        if new != groups:
+            plan.set_attr(node, "group", new)
+    ctx.rewrite(set_groups)
+
+
+# onnxruntime's graph optimizer fuses an activation into the layer; the axes are the layer's.
+RULES["com.microsoft.FusedConv"] = conv
+
+
+@rule("Gemm", "com.microsoft.FusedGemm")
+def gemm(ctx: NodeContext):
+    ta, tb = int(ctx.attr("transA", 0)), int(ctx.attr("transB", 0))
+    a_m, a_k = (1, 0) if ta else (0, 1)
+    b_k, b_n = (1, 0) if tb else (0, 1)
+    ctx.same(ctx.inp(0, a_k), ctx.inp(1, b_k))
+    ctx.same(ctx.inp(0, a_m), ctx.outp(0, 0))
+    ctx.same(ctx.inp(1, b_n), ctx.outp(0, 1))
+    if ctx.has_input(2):
+        broadcast(ctx, [2])
+    ctx.contract(0, a_k)
+
+
+@rule("MatMul")
+def matmul(ctx: NodeContext):
+    a, b, y = ctx.in_shape(0), ctx.in_shape(1), ctx.out_shape(0)
+    if len(a) < 1 or len(b) < 1:
+        return f"MatMul {ctx.name!r} on scalars"
+    ctx.same(ctx.inp(0, len(a) - 1), ctx.inp(1, 0 if len(b) == 1 else len(b) - 2))
+    ctx.contract(0, len(a) - 1)
+    if len(a) >= 2:
+        ctx.same(ctx.inp(0, len(a) - 2), ctx.outp(0, len(y) - (2 if len(b) >= 2 else 1)))
+    if len(b) >= 2:
+        ctx.same(ctx.inp(1, len(b) - 1), ctx.outp(0, len(y) - 1))
+    batch_y = len(y) - (len(a) >= 2) - (len(b) >= 2)
+    for k, shape, core in ((0, a, 2), (1, b, 2)):
+        batch = shape[:-core] if len(shape) >= core else ()
+        for i, n in enumerate(batch):
+            j = batch_y - len(batch) + i
+            if n == y[j]:
+                ctx.same(ctx.inp(k, i), ctx.outp(0, j))
+                ctx.batch(ctx.outp(0, j))
+
+
