@@ -175,7 +175,7 @@ def train(name: str, epochs: int, batch: int = 256, lr: float = 4e-3):
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
             n += len(idx)
         print(f"  {name} epoch {epoch + 1}/{epochs}: loss {total / n:.4f} ({time.time() - t0:.0f} s)", flush=True)
     return model.eval()

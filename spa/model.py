@@ -32,7 +32,7 @@ SIZE_INPUTS = {
     "Upsample": (1,), "ConstantOfShape": (0,), "ReduceSum": (1,), "ReduceMean": (1,),
     "ReduceMax": (1,), "ReduceMin": (1,), "ReduceProd": (1,), "ReduceL1": (1,),
     "ReduceL2": (1,), "ReduceLogSum": (1,), "ReduceLogSumExp": (1,), "ReduceSumSquare": (1,),
-    "Gather": (1,), "Clip": (1, 2), "Range": (0, 1, 2),
+    "Clip": (1, 2), "Range": (0, 1, 2), "CumSum": (1,),
 }
 
 
@@ -325,7 +325,7 @@ def infer_shapes(model: onnx.ModelProto, overrides: dict | None = None,
             for k in SIZE_INPUTS.get(node.op_type, ()):
                 if k < len(node.input) and node.input[k] and node.input[k] not in out.value:
                     wanted.append(node.input[k])
-    fetch = sorted(set(missing) | set(wanted))
+    fetch = sorted((set(missing) | set(wanted)) - set(out.input_shapes))  # inputs are data, not sizes
     if fetch:
         _fill_from_onnxruntime(model, out, fetch)
     return out

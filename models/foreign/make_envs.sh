@@ -17,7 +17,8 @@ VENV_DIR="${SPA_VENV_DIR:-$HOME/.cache/spa-venvs}"
 PY="${SPA_VENV_PYTHON:-$(command -v python3.11 || command -v python3)}"
 
 TF_PKGS=(tensorflow-cpu==2.21.0 tf2onnx==1.17.0 onnxruntime==1.31.1)
-PADDLE_PKGS=(paddlepaddle==3.3.1 paddle2onnx==2.1.0 onnxruntime==1.31.1)
+# polygraphy (paddle2onnx's optimiser) pip-installs onnx_graphsurgeon and sympy at run time if missing
+PADDLE_PKGS=(paddlepaddle==3.3.1 paddle2onnx==2.1.0 onnxruntime==1.31.1 onnx_graphsurgeon==0.6.1 sympy==1.14.0)
 JAX_PKGS=("jax[cpu]==0.10.2" flax==0.12.8 jax2onnx==0.17.1)
 
 make_env() {  # name pkgs...
