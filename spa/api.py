@@ -48,10 +48,20 @@ class Analysis:
         inits = {t.name for t in self.model.graph.initializer}
         return [f"{t}[{a}]" for t, a in group.spaces if t in inits]
 
+    def span(self, group: Group) -> int:
+        """How many indices of a heads or head-dim axis one channel of the group covers: a
+        key/value head shared by N query heads spans N, a RoPE pair of head dims spans 2."""
+        best = 1
+        for space in group.spaces:
+            c = self.dep.space_class[space]
+            if c in self.dep.head_classes or c in self.dep.head_dim_classes:
+                best = max(best, len(group.member(self.dep, space)[0]) // max(1, group.size))
+        return best
+
     def summary(self) -> dict:
         return {
-            "groups": [{"id": g.id, "kind": g.kind, "channels": g.size, "members": self.member_names(g)}
-                       for g in self.groups],
+            "groups": [{"id": g.id, "kind": g.kind, "channels": g.size, "span": self.span(g),
+                        "members": self.member_names(g)} for g in self.groups],
             "blocked": [{"id": g.id, "channels": g.size, "members": self.member_names(g), "reason": g.blocked}
                         for g in self.blocked],
             "blocked_nodes": [{"node": n, "op": op, "reason": r} for n, op, r in self.dep.blocked_nodes],

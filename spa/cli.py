@@ -154,7 +154,7 @@ def _write_json(path, obj):
 
 
 def cmd_inspect(args) -> int:
-    a = api.analyze(args.model, parse_input_shapes(args.input_shape), args.exclude)
+    a = api.analyze(args.model, parse_input_shapes(args.input_shape), args.exclude, args.attention)
     summary = a.summary()
     if args.json:
         print(json.dumps(summary, indent=1))
@@ -163,7 +163,11 @@ def cmd_inspect(args) -> int:
           f"{len(a.blocked)} blocked groups, {len(a.dep.blocked_nodes)} blocked nodes")
     for g in summary["groups"]:
         members = ", ".join(g["members"][:6]) + (", ..." if len(g["members"]) > 6 else "")
-        print(f"  group {g['id']:>4}: {g['channels']:>5} {g['kind']:<9} {members}")
+        span = ""
+        if g["span"] > 1:
+            span = (f" (each = {g['span']} query heads: grouped-query attention)" if g["kind"] == "heads" else
+                    f" (each = {g['span']} dims of a head: RoPE pairs)" if g["kind"] == "head-dims" else "")
+        print(f"  group {g['id']:>4}: {g['channels']:>5} {g['kind']:<9}{span} {members}")
     for g in summary["blocked"]:
         members = ", ".join(g["members"][:4]) + (", ..." if len(g["members"]) > 4 else "")
         print(f"  blocked {g['id']:>3}: {g['channels']:>5} channels  {members}  <- {g['reason']}")
@@ -265,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("inspect", help="show the coupled groups and what blocks what")
     common(sp)
     sp.add_argument("--json", action="store_true")
+    sp.add_argument("--attention", choices=["heads", "head-dims"], default="heads",
+                    help="show attention splits as whole heads or as head dims")
     sp.set_defaults(func=cmd_inspect)
 
     sp = sub.add_parser("bench", help="params, MACs, file size and latency of two models")
@@ -286,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     except SpaError as e:
         print(f"spa: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `spa inspect model.onnx | head`
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except KeyboardInterrupt:
         print("spa: interrupted", file=sys.stderr)
         return 130

@@ -74,3 +74,12 @@ def test_minilm_fidelity(zoo_dir):
     print(f"MiniLM heads 25% + MLP 30% (l1): mean cosine {cosine:.4f}, "
           f"MACs ratio {r.report['after']['macs'] / r.report['before']['macs']:.3f}")
     assert 0.5 < cosine < 1.0
+
+
+def test_inspect_shows_kv_groups_and_rope_pairs(tfzoo, zoo_dir, capsys):
+    from spa.cli import main
+    path = tfzoo.export("llama", "dynamo", zoo_dir)
+    assert main(["inspect", str(path)]) == 0
+    assert "each = 2 query heads: grouped-query attention" in capsys.readouterr().out
+    assert main(["inspect", str(path), "--attention", "head-dims"]) == 0
+    assert "RoPE pairs" in capsys.readouterr().out

@@ -6,6 +6,8 @@ Writes to OUT_DIR (random init, seed 0):
   jax_cnn.onnx   Flax nnx CNN: Conv+BatchNorm+ReLU blocks, max/avg pooling, a residual add,
                  reshape, Linear head; NHWC input "image" (B x 28 x 28 x 1, symbolic batch "B"),
                  output "logits" (B x 10); BatchNorm in inference mode with random running stats
+  jax_cnn_nchw.onnx  the same CNN exported with inputs_as_nchw=[0]: NCHW input (B x 1 x 28 x 28)
+                 that jax2onnx transposes to NHWC inside the graph
   jax_mlp.onnx   Flax nnx MLP 784-512-256-10 (ReLU, GELU), input "x" (B x 784), output "logits"
 Prints one JSON line per model (ONNX-vs-JAX max abs diff, versions). jax2onnx's default opset.
 """
@@ -91,16 +93,19 @@ def main(argv=None):
 
     cnn, mlp = build(nnx, jax)
     rng = np.random.default_rng(0)
-    for name, model, spec, inp, sample in (
-            ("jax_cnn", cnn, ("B", 28, 28, 1), "image", rng.standard_normal((4, 28, 28, 1), dtype=np.float32)),
-            ("jax_mlp", mlp, ("B", 784), "x", rng.standard_normal((4, 784), dtype=np.float32))):
-        onx = to_onnx(model, [spec], model_name=name, input_names=[inp], output_names=["logits"])
+    img = rng.standard_normal((4, 28, 28, 1), dtype=np.float32)
+    for name, model, spec, inp, sample, kw in (
+            ("jax_cnn", cnn, ("B", 28, 28, 1), "image", img, {}),
+            ("jax_cnn_nchw", cnn, ("B", 28, 28, 1), "image", img, {"inputs_as_nchw": [0]}),
+            ("jax_mlp", mlp, ("B", 784), "x", rng.standard_normal((4, 784), dtype=np.float32), {})):
+        onx = to_onnx(model, [spec], model_name=name, input_names=[inp], output_names=["logits"], **kw)
         onnx.checker.check_model(onx)
         path = out / f"{name}.onnx"
         onnx.save(onx, str(path))
         so = ort.SessionOptions()
         so.intra_op_num_threads = 1
-        got = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {inp: sample})[0]
+        feed = sample.transpose(0, 3, 1, 2) if kw.get("inputs_as_nchw") else sample
+        got = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {inp: feed})[0]
         ref = np.asarray(model(sample))
         print(json.dumps({"model": name, "onnx": path.name, "max_abs_diff": float(np.abs(got - ref).max()),
                           "opset": [o.version for o in onx.opset_import if o.domain in ("", "ai.onnx")][0],

@@ -1,17 +1,20 @@
 """Keras models converted to ONNX with tf2onnx (runs in the `tf` venv of make_envs.sh).
 
-    $SPA_VENV_DIR/tf/bin/python models/foreign/keras_cnn.py OUT_DIR [--budget 110] [--threads 1] [--only cnn|mobilenet]
+    $SPA_VENV_DIR/tf/bin/python models/foreign/keras_cnn.py OUT_DIR [--budget 110] [--threads 1] [--only cnn|apps]
 
 Writes to OUT_DIR:
   keras_cnn.onnx         small Fashion-MNIST CNN (Conv2D+BatchNormalization+ReLU blocks, MaxPool,
                          a residual Add, Flatten, Dense head), trained briefly (at most 2 epochs
-                         or --budget seconds of training on --threads threads, whichever ends first); tf2onnx opset 13,
-                         NHWC input "image" (N x 28 x 28 x 1, normalized), output "logits" (N x 10)
+                         or --budget seconds on --threads threads, whichever ends first);
+                         tf2onnx opset 13, NHWC input "image" (N x 28 x 28 x 1, normalized), output "logits" (N x 10)
   keras_cnn_test.npz     held-out labelled test sample: "image" (2000 x 28 x 28 x 1), "label"
   keras_mobilenetv2.onnx keras.applications.MobileNetV2(weights=None, input_shape=(96, 96, 3),
                          classifier_activation=None): random init, 1000 logits (a softmax head
                          would give a constant 1/1000 output at random init and make the oracle
                          vacuous); tf2onnx opset 15, NHWC input "image" (N x 96 x 96 x 3)
+  keras_resnet50.onnx    keras.applications.ResNet50 at 64 x 64, same options
+  keras_efficientnetv2b0.onnx  keras.applications.EfficientNetV2B0 at 96 x 96 (SE blocks, swish),
+                         include_preprocessing=False, same options
 Prints one JSON line per model (Keras test accuracy, ONNX-vs-Keras max abs diff, versions).
 
 Data: Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist, IDX), no download.
@@ -76,6 +79,16 @@ def build_cnn(keras):
     return keras.Model(inp, out, name="keras_cnn")
 
 
+def _apps():
+    import keras
+    return [("keras_mobilenetv2", keras.applications.MobileNetV2, (96, 96, 3)),
+            ("keras_resnet50", keras.applications.ResNet50, (64, 64, 3)),
+            # V2: include_preprocessing=False, else a never-adapted Normalization layer's
+            # mean/variance become extra graph inputs
+            ("keras_efficientnetv2b0",
+             lambda **kw: keras.applications.EfficientNetV2B0(include_preprocessing=False, **kw), (96, 96, 3))]
+
+
 def to_onnx(tf, tf2onnx, model, shape, opset, path):
     """tf2onnx conversion of a Keras 3 model via a tf.function (from_keras does not support
     Keras 3 models); the input keeps the name INPUT, the output is renamed OUTPUT."""
@@ -109,7 +122,7 @@ def main(argv=None):
     ap.add_argument("--budget", type=float, default=110.0, help="training seconds (max 2 epochs)")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--only", choices=["cnn", "mobilenet"])
+    ap.add_argument("--only", choices=["cnn", "apps"])
     args = ap.parse_args(argv)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -157,15 +170,16 @@ def main(argv=None):
                           "test_acc_onnx": float((got.argmax(1) == yte).mean()), "n_test": N_TEST,
                           "max_abs_diff": diff, "opset": 13, **versions}), flush=True)
 
-    if args.only in (None, "mobilenet"):
-        model = keras.applications.MobileNetV2(weights=None, input_shape=(96, 96, 3),
-                                               classifier_activation=None)
-        path = out / "keras_mobilenetv2.onnx"
-        to_onnx(tf, tf2onnx, model, (96, 96, 3), 15, path)
-        x = np.random.default_rng(0).standard_normal((2, 96, 96, 3), dtype=np.float32)
-        diff, _ = onnx_diff(path, x, model(x, training=False).numpy())
-        print(json.dumps({"model": "keras_mobilenetv2", "onnx": path.name, "max_abs_diff": diff,
-                          "params": int(model.count_params()), "opset": 15, **versions}), flush=True)
+    if args.only in (None, "apps"):
+        rng = np.random.default_rng(0)
+        for name, ctor, shape in _apps():
+            model = ctor(weights=None, input_shape=shape, classifier_activation=None)
+            path = out / f"{name}.onnx"
+            to_onnx(tf, tf2onnx, model, shape, 15, path)
+            x = rng.standard_normal((2, *shape), dtype=np.float32)
+            diff, _ = onnx_diff(path, x, model(x, training=False).numpy())
+            print(json.dumps({"model": name, "onnx": path.name, "max_abs_diff": diff,
+                              "params": int(model.count_params()), "opset": 15, **versions}), flush=True)
 
 
 if __name__ == "__main__":
