@@ -470,7 +470,7 @@ def plot(model: str, rows: dict, base, metric: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     PLOTS.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(8.5, 4.5), dpi=110)
     styles = {"random": ("0.5", ":"), "l1": ("C0", "-"), "l2": ("C9", "--"), "bn-scale": ("C1", "-"),
               "activation": ("C4", "-"), "obspa-free": ("C3", "--"), "obspa-calib": ("C3", "-"),
               "l1+recal": ("C2", "-"), "tp-l1": ("k", "-."), "tp-taylor": ("C5", "-.")}
@@ -493,7 +493,7 @@ def plot(model: str, rows: dict, base, metric: str):
     ax.set_ylabel(metric.split(",")[0] or "accuracy")
     ax.set_title(f"{model}: pruning without fine-tuning")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(PLOTS / f"accuracy_{model}.png")
     plt.close(fig)

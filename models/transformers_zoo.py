@@ -279,12 +279,13 @@ def _build_qwen2(d):
 def _build_tv_vit(d):
     import torchvision
 
-    return _Plain(
-        torchvision.models.VisionTransformer(
-            image_size=_IMAGE_SIZE, patch_size=16, num_layers=d["layers"], num_heads=d["heads"],
-            hidden_dim=d["hidden"], mlp_dim=d["inter"],
-        )
+    vit = torchvision.models.VisionTransformer(
+        image_size=_IMAGE_SIZE, patch_size=16, num_layers=d["layers"], num_heads=d["heads"],
+        hidden_dim=d["hidden"], mlp_dim=d["inter"],
     )
+    # torchvision zero-initializes the classifier: its output would be 0 whatever is pruned
+    torch.nn.init.normal_(vit.heads.head.weight, std=0.02)
+    return _Plain(vit)
 
 
 def _build_timm(name: str):

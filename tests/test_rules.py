@@ -384,8 +384,7 @@ def test_shape_of_pruned_tensor_computes_new_sizes():
     target = g.op("Concat", [dims, g.const(np.array([-1], np.int64))], axis=0)
     r3 = g.op("Reshape", [y, target])
     s = g.op("ReduceSum", [r3, g.const(np.array([2], np.int64))], keepdims=0)   # (1, C)
-    size = g.op("Cast", [g.op("Size", [y])], to=1)
-    g.output(g.op("Mul", [g.op("Gemm", [s, g.weight(C, 4)]), g.op("Div", [size, size])]))
+    g.output(g.op("Gemm", [s, g.weight(C, 4)]))
     assert_prunes(g.model())
 
 
@@ -439,3 +438,17 @@ def test_scatter_nd_passes_trailing_channels():
         s = g.op("ScatterND", [t, idx, upd])
         return g.op("Transpose", [s], perm=[2, 3, 0, 1]), C
     assert_prunes(sandwich(middle))
+
+
+def test_size_used_as_a_number_is_not_pruned():
+    """x * (1 / sqrt(x.shape[-1])): removing a channel would change the scale."""
+    g = Graph()
+    x = g.input([1, 4, 6])
+    h = g.op("Relu", [g.op("MatMul", [x, g.weight(6, 16)])])
+    d = g.op("Cast", [g.op("Gather", [g.op("Shape", [h]), g.const(np.array(-1, np.int64))])], to=1)
+    scaled = g.op("Div", [h, g.op("Sqrt", [d])])
+    g.output(g.op("MatMul", [scaled, g.weight(16, 3)]))
+    r = spa.prune(g.model(), ratio=0.5, round_to=1, verify=True)
+    assert r.report["verify"]["ok"]
+    assert all(grp["removed"] == 0 for grp in r.report["groups"])
+    assert any("used as a number" in b["reason"] for b in r.report["blocked"])

@@ -45,9 +45,10 @@ class NodeContext:
     """One node, its static shapes and constant inputs, and a place to state couplings."""
 
     def __init__(self, node: onnx.NodeProto, index: int, shapes, inits: dict, opset: int,
-                 out: Couplings, producers: dict | None = None):
+                 out: Couplings, producers: dict | None = None, consumers: dict | None = None):
         self.node = node
         self._producers = producers or {}
+        self.consumers = consumers or {}
         self.index = index
         self.name = node.name or f"{node.op_type}_{index}"
         self.op = node.op_type

@@ -85,8 +85,12 @@ def collect_couplings(model: onnx.ModelProto, shapes, opset: int,
     blocked = []
     patterns = list(exclude or [])
     producers = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for k, name in enumerate(n.input):
+            consumers.setdefault(name, []).append((n, k))
     for index, node in enumerate(g.node):
-        ctx = NodeContext(node, index, shapes, inits, opset, out, producers)
+        ctx = NodeContext(node, index, shapes, inits, opset, out, producers, consumers)
         reason = apply_rule(ctx)
         if reason:
             blocked.append((ctx.name, node.op_type, reason))

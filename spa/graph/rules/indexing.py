@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from onnx import helper
 
 from ..context import NodeContext
 from .registry import rule
@@ -122,11 +123,67 @@ def scatter_nd(ctx: NodeContext):
             ctx.same(ctx.inp(2, j), ctx.outp(0, i))
 
 
+# Inputs that take sizes: a Shape value ending here follows the pruned sizes at run time.
+SIZE_SLOTS = {("Reshape", 1), ("Expand", 1), ("Tile", 1), ("ConstantOfShape", 0), ("Split", 1),
+              ("Slice", 1), ("Slice", 2), ("Slice", 3), ("Slice", 4), ("Squeeze", 1), ("Unsqueeze", 1),
+              ("Resize", 1), ("Resize", 2), ("Resize", 3), ("Upsample", 1), ("Pad", 1), ("Range", 0),
+              ("Range", 1), ("Range", 2), ("TopK", 1), ("OneHot", 1), ("ReduceSum", 1), ("ReduceMean", 1),
+              ("ReduceMax", 1), ("ReduceMin", 1), ("Gather", 1), ("GatherElements", 1)}
+# Integer arithmetic on sizes (x.size(1) // groups): still a size as long as it ends in a slot.
+SIZE_ARITHMETIC = {"Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Identity", "Mul", "Div", "Add",
+                   "Sub", "Mod", "Max", "Min", "Equal", "Where", "Neg", "Abs", "ReduceProd", "Not"}
+
+
+def numeric_reads(ctx: NodeContext) -> dict[int, str]:
+    """Axes of the Shape/Size input whose size is used as a number (scaled attention's
+    1/sqrt(head_dim) computed from q.shape[-1], say): pruning them would change the value,
+    so they must not be pruned. Returns {axis: node that uses it}."""
+    rank = len(ctx.in_shape(0))
+    found: dict[int, str] = {}
+    seen = set()
+
+    def walk(name: str, axes: list[int]):
+        if name in seen or not axes:
+            return
+        seen.add(name)
+        for node, k in ctx.consumers.get(name, []):
+            if (node.op_type, k) in SIZE_SLOTS:
+                continue
+            if node.op_type == "Gather" and k == 0 and ctx.const_of(node.input[1]) is not None:
+                idx = np.ravel(ctx.const_of(node.input[1]))
+                walk(node.output[0], [axes[int(i) % len(axes)] for i in idx if len(axes)])
+            elif node.op_type == "Slice" and k == 0 and ctx.const_of(node.input[1]) is not None \
+                    and ctx.const_of(node.input[2]) is not None:
+                s0, e0 = int(np.ravel(ctx.const_of(node.input[1]))[0]), int(np.ravel(ctx.const_of(node.input[2]))[0])
+                walk(node.output[0], axes[s0:e0])
+            elif node.op_type == "Cast" and helper.tensor_dtype_to_np_dtype(
+                    next(a.i for a in node.attribute if a.name == "to")).kind in "iub":
+                walk(node.output[0], axes)
+            elif node.op_type in SIZE_ARITHMETIC:
+                for out in node.output:
+                    walk(out, axes)
+            else:
+                for a in axes:
+                    found.setdefault(a, node.name)
+
+    if ctx.op == "Shape":
+        walk(ctx.node.output[0], list(range(rank))[slice(ctx.attr("start", 0), ctx.attr("end", None))])
+    else:
+        walk(ctx.node.output[0], [-1])
+    if -1 in found:  # Size: the product of every axis
+        return {a: found[-1] for a in range(rank)}
+    return found
+
+
 @rule("Shape", "Size")
 def shape(ctx: NodeContext):
-    # Reads sizes only; downstream arithmetic sees the pruned sizes at run time.
+    numeric = numeric_reads(ctx)
     for i in range(len(ctx.in_shape(0))):
-        ctx.free(ctx.inp(0, i))
+        used_by = numeric.get(i)
+        if used_by is not None:
+            ctx.fix(ctx.inp(0, i), f"its size is used as a number by node {used_by!r}")
+        else:
+            ctx.free(ctx.inp(0, i))
 
 
 @rule("ConstantOfShape", "Range", "EyeLike", "RandomNormalLike", "RandomUniformLike")
