@@ -539,6 +539,16 @@ def render_markdown(results: list[dict], meta: dict) -> str:
     L.append(f"**{len(results)} models: ok {st.get('ok', 0)}, partial {st.get('partial', 0)}, failed "
              f"{st.get('failed', 0)}; CNN/MLP bodies losing ≥ 30% of MACs: {len(hit)}/{len(cnn)}.**")
     L.append("")
+    L.append("Exporter quirks met while building these (handled in `models/foreign/`, not by spa): tf2onnx's "
+             "`from_keras` does not take Keras 3 models, so the scripts convert a `tf.function` with "
+             "`from_function`; random-init Keras applications have vanishing logits (MobileNetV2 ~1e-11, "
+             "which makes any oracle with an absolute tolerance vacuous), so their BatchNorm statistics are "
+             "set from one random batch; Keras EfficientNet(V1) exports its never-adapted `Normalization` "
+             "mean/variance as extra graph inputs (EfficientNetV2B0 with `include_preprocessing=False` is used); "
+             "jax2onnx writes NHWC `value_info` for tensors that are NCHW (onnxruntime warns, spa copes); "
+             "paddle2onnx's polygraphy step pip-installs onnx_graphsurgeon/sympy at run time unless present "
+             "(pinned in the venv). The torch files are one CNN, so their rows differ only in layout.")
+    L.append("")
     L.append("| model | exporter | body | opset | status | MACs ratio | params ratio | latency ratio | oracle "
              "| accuracy before → after | notes |")
     L.append("|---|---|---|---:|---|---:|---:|---:|---|---|---|")

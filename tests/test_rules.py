@@ -452,3 +452,11 @@ def test_size_used_as_a_number_is_not_pruned():
     assert r.report["verify"]["ok"]
     assert all(grp["removed"] == 0 for grp in r.report["groups"])
     assert any("used as a number" in b["reason"] for b in r.report["blocked"])
+
+
+def test_argmax_and_topk_over_spatial_axes_keep_channels_free():
+    def middle(g, y):
+        values, _ = g.op("TopK", [y, g.const(np.array([3], np.int64))], n_out=2, axis=3)
+        am = g.op("Cast", [g.op("ArgMax", [y], axis=2, keepdims=1)], to=1)    # (1, C, 1, 10)
+        return g.op("Add", [g.op("ReduceSum", [values, g.const(np.array([3], np.int64))], keepdims=1), am]), C
+    assert_prunes(sandwich(middle))

@@ -121,3 +121,28 @@ def reduce(ctx: NodeContext):
             j += 1
 
 
+
+
+@rule("ArgMax", "ArgMin")
+def arg_reduce(ctx: NodeContext):
+    x = ctx.in_shape(0)
+    axis = int(ctx.attr("axis", 0)) % len(x)
+    keep = int(ctx.attr("keepdims", 1))
+    for i in range(len(x)):
+        if i == axis:
+            ctx.mixing(ctx.inp(0, i))
+        else:
+            ctx.same(ctx.inp(0, i), ctx.outp(0, i if keep or i < axis else i - 1))
+
+
+@rule("TopK")
+def top_k(ctx: NodeContext):
+    x = ctx.in_shape(0)
+    axis = int(ctx.attr("axis", -1)) % len(x)
+    for i in range(len(x)):
+        if i == axis:
+            ctx.mixing(ctx.inp(0, i))
+        else:
+            for k in range(len(ctx.node.output)):
+                if ctx.node.output[k]:
+                    ctx.same(ctx.inp(0, i), ctx.outp(k, i))
