@@ -99,3 +99,46 @@ def test_yolo_style_detector_body_pruned_output_layout_kept(tmp_path, exporter):
     original = onnx.load(path)
     sig = lambda m: [(o.name, [d.dim_value for d in o.type.tensor_type.shape.dim]) for o in m.graph.output]  # noqa: E731
     assert sig(r.model) == sig(original)
+
+
+def test_intermediate_output_also_consumed_inside_and_two_inputs():
+    g = Graph()
+    x = g.input([1, 3, 8, 8])
+    z = g.input([1, 16, 8, 8], name="z")
+    a = g.op("Relu", [g.conv(x, 3, 16)])
+    feat = g.output(g.op("Add", [a, z]))               # an output that the graph reads on
+    b = g.op("Relu", [g.conv(feat, 16, 16)])
+    g.output(g.conv(b, 16, 4))
+    r = assert_prunes(g.model())
+    kept = [grp for grp in r.report["groups"] if grp["removed"]]
+    assert all("w1[0]" not in grp["members"] for grp in kept)   # the output's channels stay
+
+
+def test_onnx_attention_op_blocks_with_reason():
+    """The ONNX Attention op (opset 23) hides heads in attributes: blocked, clearly."""
+    g = Graph(opset=23)
+    x = g.input([1, 4, 8])
+    q, k, v = (g.op("MatMul", [x, g.weight(8, 8)]) for _ in range(3))
+    att = g.op("Attention", [q, k, v], q_num_heads=2, kv_num_heads=2)
+    h = g.op("Relu", [g.op("MatMul", [att, g.weight(8, 16)])])
+    g.output(g.op("MatMul", [h, g.weight(16, 3)]))
+    r = spa.prune(g.model(ir_version=10), ratio=0.5, round_to=1, verify=True)
+    assert any("Attention" in b["reason"] for b in r.report["blocked_nodes"])
+    assert r.report["verify"]["ok"] and r.report["after"]["params"] < r.report["before"]["params"]
+
+
+def test_onnxruntime_transformer_optimizer_graph(tmp_path, zoo_dir):
+    """com.microsoft Attention / SkipLayerNormalization / FastGelu from the transformer
+    optimizer: whatever has no rule is blocked by name, the rest prunes, nothing breaks."""
+    tfzoo = pytest.importorskip("transformers_zoo")
+    from onnxruntime.transformers import optimizer
+    path = tfzoo.export("bert", "dynamo", zoo_dir)
+    opt = optimizer.optimize_model(str(path), model_type="bert", num_heads=4, hidden_size=64)
+    out = tmp_path / "bert-opt.onnx"
+    opt.save_model_to_file(str(out))
+    ops = {n.op_type for n in onnx.load(out).graph.node}
+    r = spa.prune(out, ratio=0.5, round_to=1, verify=True)
+    assert r.report["verify"].get("ok", True)
+    reasons = " ".join(b["reason"] for b in r.report["blocked_nodes"])
+    for op in ops & {"Attention", "SkipLayerNormalization", "EmbedLayerNormalization"}:
+        assert f"com.microsoft.{op}" in reasons
