@@ -177,7 +177,8 @@ def run_spa(bench: Bench, criterion: str, ratio: float, seed: int, mem_gb: float
            "prune_s": round(t1 - t0, 2), "eval_s": round(time.time() - t1, 2)}
     data = rep.get("data") or {}
     if data:
-        out["data"] = {k: v for k, v in data.items() if k in ("hessian_source", "samples", "consumers")}
+        out["data"] = {k: v for k, v in data.items()
+                       if k in ("hessian_source", "samples", "consumers", "mode", "no_bias_slot")}
     notes = set()
     for g in rep.get("groups", []) if isinstance(rep.get("groups"), list) else []:
         if isinstance(g, dict) and g.get("note"):
