@@ -164,7 +164,10 @@ def worker_measure(path: str, out_json: str) -> int:
     # The oracle uses ORT's default thread count; keep it to one thread here (politeness
     # on a shared 2-core machine; results do not depend on it).
     _session = V.session
-    V.session = lambda m, threads=0: _session(m, threads=threads or 1)
+    def _one_thread_session(model, threads=0, *a, **kw):
+        return _session(model, threads or 1, *a, **kw)
+
+    V.session = _one_thread_session
 
     t0 = time.perf_counter()
     try:

@@ -47,17 +47,13 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import inspect
-import io
-import logging
 import os
 import re
 import shutil
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -103,43 +99,9 @@ _DIMS = {
     "base": dict(hidden=768, heads=12, kv_heads=12, layers=12, inter=3072, vocab=30522, max_pos=512, seq=128),
 }
 
-# ---------------------------------------------------------------------------
-# torchvision 0.28.0 here is a CUDA build whose C++ ops do not load on this
-# CPU-only torch; its meta registrations then fail on import because
-# torchvision::nms / torchvision::qnms are not defined.  transformers and timm
-# import torchvision, so define the schemas (no kernels) first.  Guarded (same
-# as torchvision_zoo.py) so that whichever of the two modules comes first
-# defines them and the other skips; a working torchvision build is untouched.
-# ---------------------------------------------------------------------------
-_TV_OP_SCHEMAS = {
-    "nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-    "qnms": "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-}
-_lib = None  # keep the Library alive for the life of the process
-
-
-def _has_op(qualname: str) -> bool:
-    try:
-        torch._C._get_schema(qualname, "")
-        return True
-    except RuntimeError:
-        return False
-
-
-def _ensure_torchvision_ops() -> None:
-    global _lib
-    for op, schema in _TV_OP_SCHEMAS.items():
-        if _has_op(f"torchvision::{op}"):
-            continue
-        if _lib is None:
-            try:
-                _lib = torch.library.Library("torchvision", "DEF")
-            except RuntimeError:  # namespace already owned by someone else
-                _lib = torch.library.Library("torchvision", "FRAGMENT")
-        _lib.define(schema)
-
-
-_ensure_torchvision_ops()
+# Importing torchvision_zoo defines the torchvision ops that transformers and timm need
+# (torchvision here is a CUDA build); its _quiet silences exporter chatter.
+from torchvision_zoo import _quiet  # noqa: E402
 
 
 # ---------------------------------------------------------------------------
@@ -364,46 +326,6 @@ def build(family: str, size: str = "tiny") -> tuple[nn.Module, dict[str, torch.T
 # ---------------------------------------------------------------------------
 def output_path(family: str, exporter: str, out_dir: str | Path, size: str = "tiny") -> Path:
     return Path(out_dir) / f"{family}-{exporter}-{size}.onnx"
-
-
-@contextlib.contextmanager
-def _redirect_fds():
-    """Send OS-level stdout/stderr to a temp file (the legacy exporter's C++
-    side prints whole TorchScript graphs there on failure)."""
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except Exception:
-        pass
-    saved = []
-    try:
-        with tempfile.TemporaryFile() as sink:
-            try:
-                for fd in (1, 2):
-                    saved.append((fd, os.dup(fd)))
-                    os.dup2(sink.fileno(), fd)
-            except OSError:
-                pass  # no usable fds (embedded interpreter); just don't redirect
-            yield
-    finally:
-        for fd, dup in saved:
-            os.dup2(dup, fd)
-            os.close(dup)
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Silence exporter / transformers warnings, logging and progress chatter."""
-    sink = io.StringIO()
-    prev_disable = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            warnings.simplefilter("ignore")
-            with _redirect_fds():
-                yield sink
-    finally:
-        logging.disable(prev_disable)
 
 
 def _first_line(e: BaseException) -> str:
