@@ -442,8 +442,15 @@ def render_markdown(results: dict, meta: dict) -> str:
     L.append(f"- machine: {m.get('nproc', '?')} cores, {m.get('cpu', '?')}, {m.get('mem_gb', '?')} GB RAM; "
              f"python {m.get('python', '?')}, onnxruntime {m.get('onnxruntime', '?')}, onnx {m.get('onnx', '?')}, "
              f"torch {m.get('torch', '?')}, torchvision {m.get('torchvision', '?')}")
-    revs = sorted({e.get("spa_rev", "?") for e in entries})
-    L.append(f"- spa revision(s): {', '.join(f'`{r}`' for r in revs)}; started {meta.get('started', '?')}")
+    by_time = sorted(entries, key=lambda e: e.get("time", ""))
+    revs = {e.get("spa_rev", "?") for e in entries}
+    if len(revs) == 1:
+        L.append(f"- spa revision: `{revs.pop()}`; started {meta.get('started', '?')}")
+    elif by_time:
+        L.append(f"- spa revisions: {len(revs)} distinct (spa was being developed during the sweep; each entry "
+                 f"records its `spa_rev`): first `{by_time[0].get('spa_rev', '?')}` "
+                 f"({by_time[0].get('time', '?')}), last `{by_time[-1].get('spa_rev', '?')}` "
+                 f"({by_time[-1].get('time', '?')})")
     L.append("- status: **ok** = pruned, oracle passes, nothing blocked except the graph input/output; "
              "**partial** = pruned and oracle passes, but some groups/nodes are blocked by something else; "
              "**failed** = export failure, spa crash, invalid model or oracle failure.")

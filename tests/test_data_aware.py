@@ -136,3 +136,15 @@ def test_sequential_obspa_refits_downstream_layers():
     l1 = spa.prune(model, ratio=0.5, criterion="l1", round_to=1)
     err = np.linalg.norm(session(r.model).run(None, data)[0] - want)
     assert err < 0.5 * np.linalg.norm(session(l1.model).run(None, data)[0] - want)
+
+
+def test_data_free_obspa_keeps_l1_choice_and_compensates():
+    model = mlp()
+    free = spa.prune(model, ratio=0.5, criterion="obspa", round_to=1, verify=True)
+    l1 = spa.prune(model, ratio=0.5, criterion="l1", round_to=1)
+    assert free.report["data"]["mode"].startswith("data-free")
+    assert free.report["groups"][0]["removed_channels"] == l1.report["groups"][0]["removed_channels"]
+    data = calib()
+    want = session(model).run(None, data)[0]
+    err = lambda m: np.linalg.norm(session(m).run(None, data)[0] - want)  # noqa: E731
+    assert err(free.model) < err(l1.model)

@@ -133,19 +133,16 @@ def data_aware_plan(model: onnx.ModelProto, dep: Dependency, groups: list[Group]
             plan.removals.append(None)
             plan.scores.append(None)
             continue
+        if select_given:
+            plan.removals.append(np.asarray(chosen[gi], dtype=np.int64))
+            plan.scores.append(None)
+            continue
         group_consumers = []
         for name in mine:
             c = consumer(name)
             c.columns = _columns(g, dep, used[name], axis_of[name])
             c.shared = readers[name] > 1
             group_consumers.append(c)
-        if select_given and chosen is not None:
-            removed = np.asarray(chosen[gi], dtype=np.int64)
-            for c in group_consumers:
-                c.remove(list(removed), last=not c.shared)
-            plan.removals.append(removed)
-            plan.scores.append(None)
-            continue
         removed, cost = greedy_obs(group_consumers, g.size, k) if k else (np.array([], np.int64),
                                                                            np.zeros(g.size))
         plan.removals.append(removed)
@@ -153,17 +150,18 @@ def data_aware_plan(model: onnx.ModelProto, dep: Dependency, groups: list[Group]
     if dead_rates:
         plan.info["dead_rate"] = dead_rates
 
-    if criterion == "obspa":
+    if criterion == "obspa" and select_given:
+        _refit(plan, _removed_columns(plan, dep, groups, used, stats, axis_of), used, stats, inits, damping)
+    elif criterion == "obspa":
         for name, c in consumers.items():
             _write_back(plan, used[name], c.weight, inits)
     elif recalibrate:
-        _bias_correction(plan, dep, groups, used, stats, axis_of, inits)
+        _bias_correction(plan, _removed_columns(plan, dep, groups, used, stats, axis_of), used, stats, inits)
     return plan
 
 
-def _bias_correction(plan, dep, groups, used, stats, axis_of, inits):
-    """Closed form: each consumer's bias absorbs the mean of what the removed channels fed
-    it, so every layer's mean output is what it was before pruning."""
+def _removed_columns(plan, dep, groups, used, stats, axis_of) -> dict[str, np.ndarray]:
+    """Per consumer, the input columns of every channel the plan removes."""
     removed_cols: dict[str, list[np.ndarray]] = {}
     for g, removed in zip(groups, plan.removals):
         if removed is None or not len(removed):
@@ -172,9 +170,32 @@ def _bias_correction(plan, dep, groups, used, stats, axis_of, inits):
             if name in stats and (used[name].data, axis_of[name]) in set(g.spaces):
                 cols = _columns(g, dep, used[name], axis_of[name])
                 removed_cols.setdefault(name, []).extend(cols[j] for j in removed)
-    for name, parts in removed_cols.items():
+    return {name: np.concatenate(parts) for name, parts in removed_cols.items()}
+
+
+def _refit(plan, removed_cols, used, stats, inits, damping):
+    """With the removed set known, OBS's joint update equals the least-squares refit of the
+    kept columns, W_K = W H[:, K] (H_KK)^-1: one solve of the kept size, no D x D inverse."""
+    for name, cols in removed_cols.items():
+        spec, h = used[name], stats[name].h
+        w = weight_matrix(spec, tensor_array(inits[spec.weight]).astype(np.float64))
+        bias = np.zeros(w.shape[0]) if spec.bias is None else tensor_array(inits[spec.bias]).astype(np.float64)
+        m = np.hstack([w, bias[:, None]])
+        kept = np.setdiff1d(np.arange(m.shape[1] - (spec.bias is None and spec.kind == "matmul")), cols)
+        if spec.bias is None and spec.kind == "matmul":
+            m, h = m[:, :-1], h[:-1, :-1]
+        lam = damping * float(np.mean(np.diag(h))) if np.mean(np.diag(h)) > 0 else damping
+        h = h + lam * np.eye(len(h))          # the damped H that OBS uses, in both terms
+        new = np.zeros_like(m)
+        new[:, kept] = np.linalg.solve(h[np.ix_(kept, kept)], (m @ h[:, kept]).T).T
+        _write_back(plan, spec, new, inits)
+
+
+def _bias_correction(plan, removed_cols, used, stats, inits):
+    """Closed form: each consumer's bias absorbs the mean of what the removed channels fed
+    it, so every layer's mean output is what it was before pruning."""
+    for name, cols in removed_cols.items():
         spec = used[name]
-        cols = np.concatenate(parts)
         w = weight_matrix(spec, tensor_array(inits[spec.weight]).astype(np.float64))
         shift = w[:, cols] @ stats[name].mean[cols]
         bias = np.zeros(w.shape[0]) if spec.bias is None else tensor_array(inits[spec.bias]).astype(np.float64)
