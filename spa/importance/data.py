@@ -275,7 +275,9 @@ def collect_stats(model: onnx.ModelProto, specs: dict[str, ConsumerSpec], batche
     ref = _session_with_outputs(reference, tensors) if reference is not None else None
     inits = {t.name: t for t in model.graph.initializer}
     rng = np.random.default_rng(seed)
-    stats: dict[str, InputStats] = {}
+    rows_of: dict[str, list] = {}
+    ref_rows_of: dict[str, list] = {}
+    cmax_of: dict[str, np.ndarray] = {}
     max_rows = max(1, -(-max_rows // max(1, len(batches))))  # per batch
     for feeds in batches:
         values = dict(zip(tensors, sess.run(tensors, feeds)))
@@ -290,18 +292,18 @@ def collect_stats(model: onnx.ModelProto, specs: dict[str, ConsumerSpec], batche
                 rows = _pick(rng, _conv_positions(x, spec.node, w_shape), max_rows)
             else:
                 rows = _pick(rng, x.size // x.shape[axis], max_rows)
-            feats = _features(x, spec, axis, rows, inits)
-            st = stats.get(name)
-            if st is None:
-                st = stats[name] = InputStats(np.zeros((feats.shape[1],) * 2), 0, cmax)
-            st.h += feats.T @ feats   # float32 product of a few thousand rows, summed in float64
-            st.n += len(feats)
-            st.channel_max = np.maximum(st.channel_max, cmax)
+            # keep the (few thousand) sampled rows; one product per consumer at the end
+            rows_of.setdefault(name, []).append(_features(x, spec, axis, rows, inits))
             if ref_values is not None:
-                ref_feats = _features(ref_values[spec.data], spec, axis, rows, inits)
-                if st.cross is None:
-                    st.cross = np.zeros_like(st.h)
-                st.cross += ref_feats.T @ feats
+                ref_rows_of.setdefault(name, []).append(_features(ref_values[spec.data], spec, axis, rows, inits))
+            cmax_of[name] = np.maximum(cmax_of[name], cmax) if name in cmax_of else cmax
+    stats = {}
+    for name, parts in rows_of.items():
+        feats = np.concatenate(parts)
+        del parts[:]
+        st = stats[name] = InputStats((feats.T @ feats).astype(np.float64), len(feats), cmax_of[name])
+        if name in ref_rows_of:
+            st.cross = (np.concatenate(ref_rows_of.pop(name)).T @ feats).astype(np.float64)
     return stats
 
 
