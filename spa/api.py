@@ -21,7 +21,7 @@ from .metrics import count_macs, count_params
 from .model import Shapes, infer_shapes, load, normalize, opset_of, save
 from .planner import PlanOptions, plan_removals
 from .rewrite import rewrite
-from .verify import check_signature, check_valid, masked_model, oracle, output_error
+from .verify import check_shapes, check_signature, check_valid, masked_model, oracle, output_error
 
 __all__ = ["Analysis", "PruneResult", "analyze", "prune", "DEFAULT_ROUND_TO"]
 
@@ -223,6 +223,7 @@ def _prune_pass(a: Analysis, plan: PlanOptions, *, criterion, aggregate, seed, v
     on_stage("rewrite")
     pruned = rewrite(model, a.dep, removed, a.shapes)
     check_signature(a.model, pruned)
+    check_shapes(a.model, pruned, a.shapes.input_shapes)
     after_shapes = infer_shapes(pruned, a.shapes.input_shapes, want_values=False)
 
     report = {

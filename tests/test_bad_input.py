@@ -181,3 +181,18 @@ def test_symbolic_spatial_dims_need_input_shape(tmp_path, capsys):
 def test_bad_input_shape_spec(tmp_path, capsys, good_model):
     code, _, err = run(capsys, "prune", good_model, "-o", tmp_path / "o.onnx", "--input-shape", "nope=1,2")
     assert_one_line_error(code, err, "nope")
+
+
+def test_broken_rewrite_is_caught_without_verify(monkeypatch, tmp_path):
+    """Even with --no-verify, a pruned model whose shapes don't add up is never written."""
+    import numpy as np
+    import spa
+    from spa.rewrite import Rewriter
+    g = Graph()
+    x = g.input([1, 3, 6, 6])
+    y = g.op("Relu", [g.conv(x, 3, 8)])
+    r = g.op("Reshape", [y, g.const(np.array([1, 8, 36], np.int64))])
+    g.output(g.op("MatMul", [g.op("Transpose", [r], perm=[0, 2, 1]), g.weight(8, 4)]))
+    monkeypatch.setattr(Rewriter, "set_size_vector", lambda *a, **k: None)   # forget the Reshape target
+    with pytest.raises(spa.VerificationError, match="inconsistent shapes"):
+        spa.prune(g.model(), ratio=0.5, round_to=1, verify=False)
