@@ -107,8 +107,19 @@ def _cast(arr, vi):
     return arr.astype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type), copy=False)
 
 
+def _token_ranges(model) -> dict[str, int]:
+    """Integer inputs used as Gather indices (token ids) and the size of the table they index."""
+    inits = {t.name: t for t in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) > 1 and node.input[0] in inits:
+            out.setdefault(node.input[1], int(inits[node.input[0]].dims[0]))
+    return out
+
+
 def _synthetic(model, input_shapes, stats, samples, batch, seed):
     rng = np.random.default_rng(seed)
+    vocab = _token_ranges(model)
     fixed = _static_batch(model)
     for start in range(0, samples, batch):
         n = fixed or min(batch, samples - start)
@@ -125,8 +136,10 @@ def _synthetic(model, input_shapes, stats, samples, batch, seed):
                 else:
                     x = x * std + mean
                 feeds[vi.name] = x.astype(dtype)
-            else:
-                feeds[vi.name] = rng.integers(0, 2, shape).astype(dtype)
+            elif vi.name in vocab:  # token ids: uniform over the embedding table
+                feeds[vi.name] = rng.integers(0, vocab[vi.name], shape).astype(dtype)
+            else:  # masks attend everywhere; other integer inputs (token types) take 0
+                feeds[vi.name] = (np.ones if "mask" in vi.name.lower() else np.zeros)(shape, dtype=dtype)
         yield feeds
 
 
