@@ -156,3 +156,11 @@ def test_data_free_obspa_on_images_keeps_l1_choice_and_compensates():
     err = lambda m: np.linalg.norm(np.concatenate(  # noqa: E731
         [session(m).run(None, {"x": data["x"][i:i + 1]})[0] for i in range(16)]) - want)
     assert err(free.model) < err(l1.model)
+
+
+def test_layers_too_wide_for_a_hessian_fall_back(monkeypatch):
+    import spa.importance.obspa as ob
+    monkeypatch.setattr(ob, "MAX_HESSIAN_DIM", 16)        # the second Gemm reads 32 features
+    r = spa.prune(mlp(), ratio=0.5, criterion="obspa", round_to=1, verify=True, calib=calib())
+    assert r.report["verify"]["ok"] and r.report["data"]["too_wide_for_a_hessian"]
+    assert any("chosen by l1" in g.get("note", "") for g in r.report["groups"])

@@ -45,6 +45,7 @@ def _columns(group: Group, dep: Dependency, spec: ConsumerSpec, axis: int) -> li
 # Sequential OBSPA runs the model twice per pruned group; above this many multiply-adds in
 # all (groups x samples x model MACs) it falls back to one pass of statistics.
 SEQUENTIAL_BUDGET = 2e11
+MAX_HESSIAN_DIM = 8192
 
 
 def data_aware_plan(model: onnx.ModelProto, dep: Dependency, groups: list[Group], n_remove: list[int],
@@ -61,12 +62,20 @@ def data_aware_plan(model: onnx.ModelProto, dep: Dependency, groups: list[Group]
             axis_of[node_name] = axis
     specs = consumer_specs(model, dep.couplings.contractions)
     group_spaces = [set(g.spaces) for g in groups]
+    inits = {t.name: t for t in model.graph.initializer}
     used = {name: s for name, s in specs.items()
             if any((s.data, axis_of[name]) in sp for sp in group_spaces)}
+    # A layer reading more than MAX_HESSIAN_DIM features (crepe's 1024-channel x 64-tap conv:
+    # 65536) would need a 32 GB Hessian: it is left out, its groups fall back to l1.
+    too_wide = sorted(name for name, spec in used.items()
+                      if weight_matrix(spec, np.empty(tuple(inits[spec.weight].dims), np.int8)).shape[1]
+                      > MAX_HESSIAN_DIM)
+    used = {name: spec for name, spec in used.items() if name not in too_wide}
     batches = calibration.batches(model, input_shapes)
-    inits = {t.name: t for t in model.graph.initializer}
     samples = int(sum(len(next(iter(b.values()))) for b in batches))
     info = {"hessian_source": calibration.source, "samples": samples, "consumers": len(used)}
+    if too_wide:
+        info["too_wide_for_a_hessian"] = too_wide
     # Refitting to the original's outputs pays off on real data (demo CNN at 50% channels:
     # 0.76 -> 0.87 accuracy); on synthetic inputs it chases the noise, so data-free stays one-pass.
     if (criterion == "obspa" and calibration.data is not None
