@@ -177,8 +177,7 @@ def run_spa(bench: Bench, criterion: str, ratio: float, seed: int, mem_gb: float
            "prune_s": round(t1 - t0, 2), "eval_s": round(time.time() - t1, 2)}
     data = rep.get("data") or {}
     if data:
-        out["data"] = {k: v for k, v in data.items()
-                       if k in ("hessian_source", "samples", "consumers", "mode", "no_bias_slot")}
+        out["data"] = {k: v for k, v in data.items() if isinstance(v, (str, int, float, list)) and len(str(v)) < 500}
     notes = set()
     for g in rep.get("groups", []) if isinstance(rep.get("groups"), list) else []:
         if isinstance(g, dict) and g.get("note"):
@@ -519,12 +518,16 @@ def main():
     p.add_argument("--mem-gb", type=float, default=10.0, help="address-space budget of one spa.prune call")
     p.add_argument("--no-target", action="store_true", help="skip the extra ~25%%-MACs ratio on fashion_resnet")
     p.add_argument("--force", action="store_true", help="redo runs already in the jsonl")
+    p.add_argument("--retry-errors", action="store_true", help="redo runs whose latest entry is an error")
     p.add_argument("--render", action="store_true", help="only render README table and plots")
     args = p.parse_args()
     if not args.render:
         import torch
         torch.set_num_threads(1)
-        done = {key(e) for e in load_results()}
+        latest = {}
+        for e in load_results():
+            latest[key(e)] = e
+        done = {k for k, e in latest.items() if not (args.retry_errors and "error" in e)}
         for name in args.models:
             bench_model(name, args, done)
             render(load_results())
