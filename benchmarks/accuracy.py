@@ -437,6 +437,7 @@ def render(entries: list[dict]):
                     seen.add(k)
                     uniq.append(n)
             L += ["Errors: " + "; ".join(uniq[:6]), ""]
+        L += [f"- {n}" for n in observations(model, entries)] + [""] if observations(model, entries) else []
         L.append(f"![accuracy vs MACs reduction: {model}](plots/accuracy_{model}.png)")
         L.append("")
         # target 1: OBSPA data-free above l1 at every ratio >= 0.3
@@ -459,6 +460,31 @@ def render(entries: list[dict]):
     n_head = L.index("### MODELS")
     text = "\n".join(L[:n_head] + ["### Targets", ""] + (targets or ["- (no results yet)"]) + [""] + L[n_head + 1:])
     update_readme(text)
+
+
+def observations(model: str, entries: list[dict]) -> list[str]:
+    """Notes derived from what spa reported (latest entry per key of this model)."""
+    latest = {}
+    for e in entries:
+        if e["model"] == model:
+            latest[key(e)] = e
+    out = []
+    no_bias = sorted({n for e in latest.values() for n in (e.get("data") or {}).get("no_bias_slot", [])})
+    if no_bias:
+        crits = sorted({e["criterion"] for e in latest.values() if (e.get("data") or {}).get("no_bias_slot")})
+        out.append(f"spa reported `no_bias_slot` for {', '.join(no_bias)} ({', '.join(crits)}): no bias it could "
+                   "write the correction into, so that part of recalibrate / OBSPA did nothing there.")
+    wide = sorted({n for e in latest.values() for n in (e.get("data") or {}).get("too_wide_for_a_hessian", [])})
+    if wide:
+        out.append(f"spa reported `too_wide_for_a_hessian` for {', '.join(wide)}: groups read by these layers are "
+                   "chosen by l1 without compensation in the data-aware criteria.")
+    if model == "minilm":
+        out.append("Calibration = 30 sentences padded to 32 tokens: 960 rows per layer of which 400 are real tokens; "
+                   "spa's statistics include the padded positions (the attention mask is not used to drop them).")
+    revs = sorted({e.get("spa_rev", "?") for e in latest.values()})
+    if len(revs) > 1:
+        out.append("spa revisions in this table: " + ", ".join(f"`{r}`" for r in revs) + ".")
+    return out
 
 
 def _fmt(cell):
