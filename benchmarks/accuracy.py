@@ -224,9 +224,13 @@ def run_tp(bench: Bench, criterion: str, ratio: float) -> dict:
 
 
 def git_rev() -> str:
+    """The last commit that touched spa/, "-dirty" if spa/ has uncommitted changes (results
+    files and other directories changing do not count)."""
+    def git(*a):
+        return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True, timeout=30).stdout.strip()
     try:
-        return subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-                              capture_output=True, text=True, timeout=30).stdout.strip() or "?"
+        rev = git("log", "-1", "--format=%h", "--", "spa") or "?"
+        return rev + ("-dirty" if git("status", "--porcelain", "--", "spa") else "")
     except Exception:
         return "?"
 
@@ -363,7 +367,10 @@ def aggregate(entries: list[dict]) -> dict:
 def render(entries: list[dict]):
     import numpy as np
     table = aggregate(entries)
-    revs = sorted({e.get("spa_rev", "?") for e in entries})
+    latest = {}
+    for e in entries:
+        latest[key(e)] = e
+    revs = sorted({e.get("spa_rev", "?") for e in latest.values()})
     metrics = {e["model"]: e.get("metric", "") for e in entries}
     L = ["## Accuracy without fine-tuning", "",
          "Structured pruning of the channels of every prunable group at a fixed ratio "
@@ -372,7 +379,8 @@ def render(entries: list[dict]):
          "`benchmarks/results/accuracy.jsonl`, plots: `benchmarks/plots/accuracy_<model>.png`).", "",
          "- commands: `python models/fashion_cnns.py; python models/digits_mlp.py; python models/crepe.py`, then "
          "`python benchmarks/accuracy.py` (resumes; `--render` only redraws)",
-         f"- machine: 2 cores shared with other jobs, python {platform.python_version()}; spa revision(s): "
+         f"- machine: 2 cores shared with other jobs, python {platform.python_version()}; spa revision(s) of the "
+         "results shown (`git describe`, or since the last rows: the last commit touching spa/): "
          + ", ".join(f"`{r}`" for r in revs),
          "- criteria: **random** (mean of seeds 0-2; ± = std), **l1/l2** (weight norms), **bn-scale** (|γ|; "
          "falls back to l1 where a group has no BatchNorm), **activation** (activation-weighted magnitude from the "
