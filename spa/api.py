@@ -14,16 +14,16 @@ import onnx
 from .errors import SpaError, StrictModeError, UnsupportedModelError, VerificationError
 from .graph.dependency import Dependency, build_dependency
 from .graph.groups import Group, find_groups
-from .importance import score_groups
+from .importance import CRITERIA, score_groups
 from .importance.data import Calibration
 from .importance.obspa import DATA_CRITERIA, data_aware_plan, with_updates
 from .metrics import count_macs, count_params
-from .model import Shapes, infer_shapes, load, normalize, opset_of, save
+from .model import Shapes, external_data_files, infer_shapes, input_paths, load, normalize, opset_of, save
 from .planner import PlanOptions, plan_removals
 from .rewrite import rewrite
 from .verify import check_shapes, check_signature, check_valid, masked_model, oracle, output_error
 
-__all__ = ["Analysis", "PruneResult", "analyze", "prune", "DEFAULT_ROUND_TO"]
+__all__ = ["Analysis", "Loaded", "PruneResult", "analyze", "prune", "DEFAULT_ROUND_TO"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class Analysis:
     groups: list[Group]
     blocked: list[Group]
     source: str | None = None
+    default_inputs: list = field(default_factory=list)  # IR >= 4 inputs with a default initializer
 
     def member_names(self, group: Group) -> list[str]:
         inits = {t.name for t in self.model.graph.initializer}
@@ -68,10 +69,23 @@ class Analysis:
         }
 
 
-def _as_model(model_or_path) -> tuple[onnx.ModelProto, str | None]:
+@dataclass
+class Loaded:
+    """A model spa loaded from ``path`` itself (so it may be normalized in place)."""
+
+    model: onnx.ModelProto
+    path: str
+
+
+def _as_model(model_or_path) -> tuple[onnx.ModelProto, str | None, bool]:
+    """(model, source path, whether spa owns the proto)."""
+    if isinstance(model_or_path, Loaded):
+        return model_or_path.model, model_or_path.path, True
     if isinstance(model_or_path, onnx.ModelProto):
-        return model_or_path, None
-    return load(model_or_path), str(model_or_path)
+        return model_or_path, None, False
+    if not isinstance(model_or_path, (str, os.PathLike)):
+        raise SpaError(f"expected a path or an onnx.ModelProto, got {type(model_or_path).__name__}")
+    return load(model_or_path), str(model_or_path), True
 
 
 def analyze(model_or_path, input_shapes: dict | None = None, exclude: list[str] | None = None,
@@ -79,12 +93,32 @@ def analyze(model_or_path, input_shapes: dict | None = None, exclude: list[str] 
     """Load (if a path), normalize, infer shapes and find the groups. ``attention`` picks
     whether attention splits are pruned as whole ``heads`` or as ``head-dims``;
     ``allow_mixing`` also offers channels that normalizations mix (inexact ``hidden`` groups)."""
-    model, source = _as_model(model_or_path)
-    model = normalize(model, copy=source is None)
+    model, source, owned = _as_model(model_or_path)
+    inits = {t.name for t in model.graph.initializer}
+    defaults = [vi for vi in model.graph.input if vi.name in inits] if model.ir_version >= 4 else []
+    model = normalize(model, copy=not owned)
     shapes = infer_shapes(model, input_shapes)
     dep = build_dependency(model, shapes, opset_of(model), exclude, attention, allow_mixing)
     groups, blocked = find_groups(dep)
-    return Analysis(model, shapes, dep, groups, blocked, source)
+    return Analysis(model, shapes, dep, groups, blocked, source, defaults)
+
+
+def _restore_default_inputs(model: onnx.ModelProto, defaults: list):
+    """Normalization hides inputs that have a default initializer (the analysis treats them
+    as weights); the pruned model lists them again, with the shapes of their sliced values."""
+    present = {i.name for i in model.graph.input}
+    inits = {t.name: t for t in model.graph.initializer}
+    for vi in defaults:
+        if vi.name in present or vi.name not in inits:
+            continue
+        restored = onnx.ValueInfoProto()
+        restored.CopyFrom(vi)
+        if restored.type.HasField("tensor_type"):
+            shape = restored.type.tensor_type.shape
+            del shape.dim[:]
+            for d in inits[vi.name].dims:
+                shape.dim.add().dim_value = d
+        model.graph.input.append(restored)
 
 
 @dataclass
@@ -95,17 +129,18 @@ class PruneResult:
     source: str | None = None
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the pruned model atomically; refuses to overwrite the input file."""
-        out = save(self.model, path, input_path=self.source)
-        self.report.setdefault("after", {})["file_bytes"] = _file_bytes(out)
-        return out
+        """Write the pruned model atomically; refuses to overwrite the input model or its
+        external data."""
+        written = save(self.model, path, inputs=input_paths(self.original, self.source))
+        after = self.report.setdefault("after", {})
+        after["file_bytes"] = sum(os.path.getsize(p) for p in written)
+        after["files"] = [str(p) for p in written]
+        return written[0]
 
 
-def _file_bytes(path) -> int:
-    path = Path(path)
-    total = path.stat().st_size
-    data = path.with_name(path.name + ".data")
-    return total + (data.stat().st_size if data.exists() else 0)
+def _file_bytes(path, model: onnx.ModelProto) -> int:
+    """The model file and every external data file it reads."""
+    return os.path.getsize(path) + sum(os.path.getsize(f) for f in external_data_files(model))
 
 
 def prune(model_or_path, ratio: float = 0.5, criterion: str = "l1", *, heads: float | None = None,
@@ -139,6 +174,8 @@ def prune(model_or_path, ratio: float = 0.5, criterion: str = "l1", *, heads: fl
             raise SpaError(f"--{name} must be in [0, 1), got {r}")
     if round_to < 1:
         raise SpaError(f"--round-to must be at least 1, got {round_to}")
+    if criterion not in CRITERIA:
+        raise SpaError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
     options = {"ratio": ratio, "heads": heads, "mlp": mlp, "head_dims": head_dims, "hidden": hidden,
                "criterion": criterion,
                "global": global_rank, "max_ratio": max_ratio, "round_to": round_to,
@@ -151,8 +188,8 @@ def prune(model_or_path, ratio: float = 0.5, criterion: str = "l1", *, heads: fl
         if criterion in DATA_CRITERIA or recalibrate else None
     args = dict(criterion=criterion, aggregate=aggregate, seed=seed, verify=verify, strict=strict,
                 calibration=calibration, recalibrate=recalibrate, damping=damping, on_stage=on_stage or (lambda name: None))
-    result = _prune_pass(_analyze_stage(model_or_path, input_shapes, exclude, "heads", args["on_stage"]),
-                         plan, **args)
+    first = _analyze_stage(model_or_path, input_shapes, exclude, "heads", args["on_stage"])
+    result = _prune_pass(first, plan, **args)
     if head_dims:
         plan = PlanOptions(0.0, (("head-dims", head_dims),), global_rank, max_ratio, round_to)
         second = _prune_pass(_analyze_stage(result.model, result.report["input_shapes"], exclude, "head-dims",
@@ -163,6 +200,7 @@ def prune(model_or_path, ratio: float = 0.5, criterion: str = "l1", *, heads: fl
         third = _prune_pass(_analyze_stage(result.model, result.report["input_shapes"], exclude, "heads",
                                            args["on_stage"], allow_mixing=True), plan, **args)
         result = _merge_passes(result, third)
+    _restore_default_inputs(result.model, first.default_inputs)
     result.report["options"] = options
     return result
 
@@ -235,7 +273,7 @@ def _prune_pass(a: Analysis, plan: PlanOptions, *, criterion, aggregate, seed, v
         **{k: v for k, v in a.summary().items() if k != "groups"},
     }
     if a.source:
-        report["before"]["file_bytes"] = _file_bytes(a.source)
+        report["before"]["file_bytes"] = _file_bytes(a.source, a.model)
     if data_info is not None:
         report["data"] = data_info
     for g, s, rem in zip(a.groups, scores, removals):
@@ -258,7 +296,7 @@ def _prune_pass(a: Analysis, plan: PlanOptions, *, criterion, aggregate, seed, v
         on_stage("verify")
         check_valid(pruned)
         try:
-            result = oracle(pruned, masked_model(model, a.dep, removed, a.shapes), a.shapes.input_shapes)
+            result = oracle(pruned, masked_model(model, a.dep, removed, a.shapes), a.shapes.input_shapes, a.model)
         except UnsupportedModelError as e:
             if asked:
                 raise

@@ -14,7 +14,9 @@ import numpy as np
 from . import api
 from .errors import SpaError
 from .importance import CRITERIA
-from .model import load, normalize, parse_input_shapes
+from .api import Loaded
+from .files import Terminated, atomic_write, check_outputs, check_readable, termination_as_exception
+from .model import graph_inputs, input_paths, load, normalize, output_paths, parse_input_shapes
 
 __all__ = ["main"]
 
@@ -49,9 +51,6 @@ def _accuracy(model, data: dict) -> float:
     from .verify import session
     sess = session(model)
     names = [i.name for i in sess.get_inputs()]
-    missing = [n for n in names if n not in data]
-    if missing or "label" not in data:
-        raise SpaError(f"--eval file needs arrays {names + ['label']}, has {sorted(data)}")
     n = len(data["label"])
     correct = 0
     for start in range(0, n, 64):
@@ -61,20 +60,38 @@ def _accuracy(model, data: dict) -> float:
     return correct / n
 
 
-def _load_npz(path) -> dict:
+def _load_npz(path, what: str) -> dict:
+    check_readable(path, what, SpaError)
     try:
-        with np.load(path) as f:
+        with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
     except Exception as e:
-        raise SpaError(f"{path}: cannot read as .npz ({type(e).__name__})") from None
+        raise SpaError(f"{path}: {what} cannot be read as .npz ({type(e).__name__})") from None
+
+
+def _eval_data(path, model) -> dict:
+    data = _load_npz(path, "--eval file")
+    names = [i.name for i in graph_inputs(model)]
+    missing = [n for n in names + ["label"] if n not in data]
+    if missing:
+        raise SpaError(f"{path}: --eval file needs arrays {names + ['label']}, has {sorted(data)}")
+    if any(len(data[n]) != len(data["label"]) for n in names) or not len(data["label"]):
+        raise SpaError(f"{path}: --eval arrays need the same number of samples as 'label' (at least one)")
+    return data
 
 
 def cmd_prune(args) -> int:
     from tqdm import tqdm
 
     input_shapes = parse_input_shapes(args.input_shape)
-    from .model import check_output_path
-    check_output_path(args.model, args.output)
+    outputs = {**output_paths(args.output), **({"--report": Path(args.report)} if args.report else {})}
+    readers = {"the input model": Path(args.model),
+               **{f"the {flag} file": Path(p) for flag, p in (("--calib", args.calib), ("--eval", args.eval)) if p}}
+    check_outputs(outputs, readers)  # before reading anything: nothing a typo could destroy
+    loaded = Loaded(load(args.model), args.model)
+    check_outputs(outputs, {**readers, **input_paths(loaded.model, args.model)})
+    eval_data = _eval_data(args.eval, loaded.model) if args.eval else None
+    calib = _load_npz(args.calib, "--calib file") if args.calib else None
     bar = tqdm(total=len(STAGES), desc="spa", disable=args.quiet or not sys.stderr.isatty(),
                bar_format="{desc}: {n}/{total} {postfix}", leave=False)
 
@@ -87,44 +104,47 @@ def cmd_prune(args) -> int:
             args.hidden = args.ratio if args.ratio is not None else 0.5
         structures = [args.heads, args.mlp, args.head_dims, args.hidden]
         ratio = args.ratio if args.ratio is not None else (0.0 if any(r is not None for r in structures) else 0.5)
-        result = api.prune(args.model, ratio=ratio, criterion=args.criterion, heads=args.heads, mlp=args.mlp,
+        result = api.prune(loaded, ratio=ratio, criterion=args.criterion, heads=args.heads, mlp=args.mlp,
                            head_dims=args.head_dims, hidden=args.hidden,
                            global_rank=args.global_rank, max_ratio=args.max_ratio, round_to=args.round_to,
                            exclude=args.exclude, input_shapes=input_shapes, verify=args.verify,
-                           strict=args.strict, aggregate=args.aggregate, seed=args.seed, calib=args.calib,
+                           strict=args.strict, aggregate=args.aggregate, seed=args.seed, calib=calib,
                            input_stats=_input_stats(args.input_stats), recalibrate=args.recalibrate,
                            calib_samples=args.calib_samples, on_stage=on_stage)
     finally:
         bar.close()
-    result.save(args.output)
+    if args.calib:
+        result.report["options"]["calib"] = args.calib
     rep = result.report
-    rows = [("params", rep["before"]["params"], rep["after"]["params"]),
-            ("MACs", rep["before"]["macs"], rep["after"]["macs"]),
-            ("file size", rep["before"].get("file_bytes"), rep["after"].get("file_bytes"))]
+    extra = []
     if args.latency:
         from .bench import latency
         before, after = latency([result.original, result.model], rep["input_shapes"], runs=args.runs)
         rep["before"]["latency_s"], rep["after"]["latency_s"] = before, after
-        rows.append(("latency", before, after))
-    if args.eval:
-        data = _load_npz(args.eval)
-        rep["before"]["accuracy"] = _accuracy(result.original, data)
-        rep["after"]["accuracy"] = _accuracy(result.model, data)
-        rows.append(("accuracy", rep["before"]["accuracy"], rep["after"]["accuracy"]))
-    if args.report:
-        _write_json(args.report, rep)
+        extra.append(("latency", before, after))
+    if eval_data is not None:
+        rep["before"]["accuracy"] = _accuracy(result.original, eval_data)
+        rep["after"]["accuracy"] = _accuracy(result.model, eval_data)
+        extra.append(("accuracy", rep["before"]["accuracy"], rep["after"]["accuracy"]))
+    written = _save_all(result, args.output, args.report)
+    rows = [("params", rep["before"]["params"], rep["after"]["params"]),
+            ("MACs", rep["before"]["macs"], rep["after"]["macs"]),
+            ("file size", rep["before"].get("file_bytes"), rep["after"].get("file_bytes"))] + extra
+    warning = rep.get("verify", {}).get("skipped") or rep.get("verify", {}).get("warning")
+    if warning:
+        print(f"spa: warning: {'not verified: ' if 'skipped' in rep['verify'] else ''}{warning}", file=sys.stderr)
     if not args.quiet:
         pruned = [g for g in rep["groups"] if g["removed"]]
         kinds = {}
         for g in pruned:
             kinds[g["kind"]] = kinds.get(g["kind"], 0) + 1
         detail = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
-        print(f"{args.model} -> {args.output}")
+        print(f"{args.model} -> {written[0]}")
         print(f"groups: {len(rep['groups'])} prunable ({len(pruned)} pruned{': ' + detail if detail else ''}), "
               f"{len(rep['blocked'])} blocked")
         print(format_table(rows, FORMATS))
         if "skipped" in rep.get("verify", {}):
-            print(f"not verified: {rep['verify']['skipped']}")
+            print("not verified (see the warning above)")
         elif rep.get("verify", {}).get("exact") is False:
             v = rep["verify"]
             print(f"inexact (hidden width): output error max abs {v['max_abs_error']:.3g}, relative "
@@ -140,17 +160,26 @@ def cmd_prune(args) -> int:
     return 0
 
 
-def _write_json(path, obj):
-    import tempfile
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.resolve().parent)
+def _save_all(result, output, report_path) -> list[Path]:
+    """The model, then the report; if the report cannot be written the model goes too, so a
+    failed run leaves nothing behind."""
+    written = []
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        result.save(output)
+        written = [Path(p) for p in result.report["after"]["files"]]
+        if report_path:
+            atomic_write(report_path, lambda tmp: _dump_json(tmp, result.report))
+    except BaseException:
+        for f in written:
+            if f.is_file():
+                f.unlink()
+        raise
+    return written
+
+
+def _dump_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
 
 
 def cmd_inspect(args) -> int:
@@ -179,14 +208,20 @@ def cmd_inspect(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import latency
     from .metrics import count_macs, count_params
-    from .model import infer_shapes
+    from .model import external_data_files, infer_shapes
     models = [normalize(load(p)) for p in (args.model, args.pruned)]
+    signatures = [[(i.name, len(i.type.tensor_type.shape.dim)) for i in graph_inputs(m)] for m in models]
+    if signatures[0] != signatures[1]:
+        raise SpaError(f"{args.model} and {args.pruned} have different inputs ({signatures[0]} vs {signatures[1]}); "
+                       "spa bench compares a model with its pruned copy")
     overrides = parse_input_shapes(args.input_shape)
     shapes = [infer_shapes(m, overrides, want_values=False) for m in models]
     lat = latency(models, shapes[0].input_shapes, runs=args.runs, threads=args.threads)
+    sizes = [os.path.getsize(p) + sum(os.path.getsize(f) for f in external_data_files(m))
+             for p, m in zip((args.model, args.pruned), models)]
     rows = [("params", count_params(models[0]), count_params(models[1])),
             ("MACs", count_macs(models[0], shapes[0]), count_macs(models[1], shapes[1])),
-            ("file size", os.path.getsize(args.model), os.path.getsize(args.pruned)),
+            ("file size", sizes[0], sizes[1]),
             ("latency", lat[0], lat[1])]
     print(format_table(rows, FORMATS))
     return 0
@@ -210,15 +245,33 @@ def _ratio(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    if not 0 <= value < 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return value
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes get one line, like every other error."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="spa", description="Structurally prune ONNX models.")
+    p = _Parser(prog="spa", description="Structurally prune ONNX models.")
     p.add_argument("-v", "--verbose", action="store_true", help="log what each stage does")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def common(sp):
         sp.add_argument("model", help="input .onnx file")
@@ -245,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--global", dest="global_rank", action="store_true",
                     help="rank all groups' channels together on normalized scores")
     sp.add_argument("--max-ratio", type=_ratio, default=0.9, help="per-group cap with --global")
-    sp.add_argument("--round-to", type=int, default=api.DEFAULT_ROUND_TO,
+    sp.add_argument("--round-to", type=_positive, default=api.DEFAULT_ROUND_TO,
                     help=f"keep a multiple of N channels (default {api.DEFAULT_ROUND_TO}; 1 = off)")
     sp.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
     sp.add_argument("--verify", dest="verify", action="store_true", default=None,
@@ -255,13 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "--recalibrate: arrays named after the inputs, first axis = samples")
     sp.add_argument("--input-stats", action="append", metavar="[NAME=]MEAN,STD",
                     help="statistics of synthetic inputs when there is no --calib (default 0,1)")
-    sp.add_argument("--calib-samples", type=int, default=64, help="synthetic samples (data-free)")
+    sp.add_argument("--calib-samples", type=_positive, default=64, help="synthetic samples (data-free)")
     sp.add_argument("--recalibrate", action="store_true",
                     help="after pruning, correct consumer biases from activation means (closed form)")
     sp.add_argument("--strict", action="store_true", help="fail if any node blocks pruning")
     sp.add_argument("--report", metavar="JSON", help="write the full report as JSON")
     sp.add_argument("--latency", action="store_true", help="also measure onnxruntime latency")
-    sp.add_argument("--runs", type=int, default=30, help="latency runs")
+    sp.add_argument("--runs", type=_positive, default=30, help="latency runs")
     sp.add_argument("--eval", metavar="NPZ", help="labelled sample (input arrays + 'label'): report accuracy")
     sp.add_argument("-q", "--quiet", action="store_true")
     sp.set_defaults(func=cmd_prune)
@@ -277,10 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("model")
     sp.add_argument("pruned")
     sp.add_argument("--input-shape", action="append", metavar="NAME=D0,D1,...")
-    sp.add_argument("--runs", type=int, default=50)
-    sp.add_argument("--threads", type=int, default=1)
+    sp.add_argument("--runs", type=_positive, default=50)
+    sp.add_argument("--threads", type=_positive, default=1)
     sp.set_defaults(func=cmd_bench)
     return p
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,10 +345,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        with termination_as_exception():
+            return args.func(args)
     except SpaError as e:
-        print(f"spa: error: {e}", file=sys.stderr)
+        print(f"spa: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
+    except Terminated as e:
+        print(f"spa: terminated by {e}", file=sys.stderr)
+        return 128 + e.signum
     except BrokenPipeError:  # `spa inspect model.onnx | head`
         sys.stdout = open(os.devnull, "w")
         return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,9 +18,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .errors import InputShapeError, ModelLoadError, OutputPathError, UnsupportedModelError
+from .errors import InputShapeError, ModelLoadError, UnsupportedModelError
+from .files import atomic_files, check_outputs
 
-__all__ = ["load", "normalize", "save", "Shapes", "infer_shapes", "parse_input_shapes",
+__all__ = ["load", "normalize", "save", "input_paths", "output_paths", "external_data_files", "unique_name", "tensor_names", "Shapes", "infer_shapes", "parse_input_shapes",
            "random_inputs", "graph_inputs"]
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,13 @@ SIZE_INPUTS = {
 
 
 def load(path: str | os.PathLike) -> onnx.ModelProto:
-    """Read an ONNX file (with its external data); raise ModelLoadError on anything else."""
+    """Read an ONNX file (with its external data); raise ModelLoadError on anything else.
+
+    External data must live inside the model's folder (after symlinks), in regular files,
+    within their size: a downloaded model must never make spa read, or copy into its
+    output, any other file."""
     path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(f"{path}: no such file")
+    _check_regular(path, ModelLoadError)
     if path.stat().st_size == 0:
         raise ModelLoadError(f"{path}: empty file, not an ONNX model")
     try:
@@ -49,6 +53,7 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelLoadError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
     if not model.graph.node or not model.opset_import:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph nodes or opset)")
+    _check_tensor_sizes(model, path)
     _resolve_external_data(model, path)
     try:
         onnx.checker.check_model(_weightless(model))  # structure only: weight bytes cost time
@@ -58,35 +63,120 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
+def _check_regular(path: Path, error=ModelLoadError):
+    """A clear word for what is not a readable regular file."""
+    if not os.path.lexists(path):
+        raise error(f"{path}: no such file")
+    if path.is_dir():
+        raise error(f"{path}: is a directory, not an ONNX file")
+    if not path.exists():
+        raise error(f"{path}: broken symbolic link")
+    if not path.is_file():
+        raise error(f"{path}: not a regular file")
+    if not os.access(path, os.R_OK):
+        raise error(f"{path}: not readable (permission denied)")
+
+
 def _external_info(t: onnx.TensorProto) -> dict:
     return {e.key: e.value for e in t.external_data}
 
 
+def external_data_files(model: onnx.ModelProto) -> list[Path]:
+    """The resolved files a loaded model reads its external weights from."""
+    return sorted({Path(_external_info(t)["location"]) for t in model.graph.initializer
+                   if t.data_location == onnx.TensorProto.EXTERNAL})
+
+
+def _elements(t: onnx.TensorProto) -> int:
+    n = 1
+    for d in t.dims:
+        if d < 0:
+            return -1
+        n *= int(d)
+    return n
+
+
+_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+def _check_tensor_sizes(model: onnx.ModelProto, path: Path):
+    """Every stored initializer holds as many values as its dims declare: memory follows
+    the bytes in the file, never dims a file merely declares."""
+    for t in model.graph.initializer:
+        n = _elements(t)
+        if n < 0:
+            raise ModelLoadError(f"{path}: initializer {t.name!r} has a negative dim {list(t.dims)}")
+        if t.data_location == onnx.TensorProto.EXTERNAL or t.data_type == onnx.TensorProto.STRING:
+            continue
+        if t.HasField("raw_data"):
+            try:
+                want = _nbytes(t)
+            except Exception:
+                raise ModelLoadError(f"{path}: initializer {t.name!r} has an unknown data type {t.data_type}") from None
+            if len(t.raw_data) != want:
+                raise ModelLoadError(f"{path}: initializer {t.name!r} declares dims {list(t.dims)} "
+                                     f"({want} bytes) but holds {len(t.raw_data)} bytes")
+            continue
+        have = sum(len(getattr(t, f)) for f in _TYPED_FIELDS)
+        if have and have < n:  # complex types store two values per element: more is fine
+            raise ModelLoadError(f"{path}: initializer {t.name!r} declares dims {list(t.dims)} "
+                                 f"({n} values) but holds {have}")
+        if not have and n:
+            raise ModelLoadError(f"{path}: initializer {t.name!r} declares dims {list(t.dims)} but holds no data")
+
+
 def _resolve_external_data(model: onnx.ModelProto, path: Path):
     """Leave external weights on disk (they are read one tensor at a time when needed), but
-    point them at absolute paths and check that every one is there in full."""
-    sizes = {}
+    point them at resolved paths after checking that each stays inside the model's folder,
+    is a regular file and holds the tensor in full."""
+    folder = Path(os.path.realpath(path.parent if str(path.parent) else "."))
+    sizes: dict[Path, int] = {}
     for t in model.graph.initializer:
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = _external_info(t)
-        location = (path.parent / info.get("location", "")).resolve()
-        if location not in sizes:
-            sizes[location] = location.stat().st_size if location.is_file() else None
-        need = int(info.get("offset", 0)) + int(info.get("length", _nbytes(t)))
-        if sizes[location] is None:
-            raise ModelLoadError(f"{path}: external data file {info.get('location')!r} is missing")
-        if sizes[location] < need:
-            raise ModelLoadError(f"{path}: external data file {info.get('location')!r} is truncated")
+        where = f"{path}: tensor {t.name!r}: external data location {info.get('location', '')!r}"
+        location = info.get("location", "")
+        if not location or os.path.isabs(location) or location.startswith(("\\", "/")) or \
+                re.match(r"^[A-Za-z]:", location) or "\x00" in location:
+            raise ModelLoadError(f"{where} must be a relative path inside the model's folder")
+        resolved = Path(os.path.realpath(folder / location))
+        if resolved != folder and folder not in resolved.parents:
+            raise ModelLoadError(f"{where} leads outside the model's folder ({folder})")
+        if resolved not in sizes:
+            if not resolved.exists():
+                raise ModelLoadError(f"{where}: file is missing")
+            if not resolved.is_file():
+                raise ModelLoadError(f"{where}: not a regular file")
+            sizes[resolved] = resolved.stat().st_size
+        try:
+            offset = int(info.get("offset", 0))
+            length = int(info["length"]) if "length" in info else _nbytes(t)
+        except ValueError:
+            raise ModelLoadError(f"{where}: offset/length are not integers") from None
+        if offset < 0 or length != _nbytes(t):
+            raise ModelLoadError(f"{where}: offset {offset} / length {length} do not fit the tensor's "
+                                 f"{_nbytes(t)} bytes")
+        if offset + length > sizes[resolved]:
+            raise ModelLoadError(f"{where}: file is truncated (needs {offset + length} bytes, "
+                                 f"has {sizes[resolved]})")
         for e in t.external_data:
             if e.key == "location":
-                e.value = str(location)
-        if need - int(info.get("offset", 0)) <= 4096:  # small constants (shapes, biases): in memory
+                e.value = str(resolved)
+        if length <= 4096:  # small constants (shapes, biases): in memory
             t.CopyFrom(numpy_helper.from_array(tensor_array(t), t.name))
 
 
+# Sub-byte types are stored packed: this many values per byte.
+_PACKED = {getattr(onnx.TensorProto, n): per for n, per in
+           (("INT4", 2), ("UINT4", 2), ("FLOAT4E2M1", 2), ("INT2", 4), ("UINT2", 4)) if hasattr(onnx.TensorProto, n)}
+
+
 def _nbytes(t: onnx.TensorProto) -> int:
-    return int(np.prod(t.dims)) * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    n = max(_elements(t), 0)
+    if t.data_type in _PACKED:
+        return -(-n // _PACKED[t.data_type])
+    return n * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
 
 
 def tensor_array(t: onnx.TensorProto) -> np.ndarray:
@@ -161,7 +251,9 @@ def normalize(model: onnx.ModelProto, copy: bool = True) -> onnx.ModelProto:
         del g.node[:]
         g.node.extend(kept_nodes)
 
-    # Initializers listed as inputs (IR < 4 style) are weights, not inputs a user feeds.
+    # Initializers listed as inputs are weights to the analysis. Below IR 4 every initializer
+    # must be an input; from IR 4 on such an input is a default a user may override, so the
+    # pruned model lists it again (api._restore_default_inputs).
     real_inputs = [i for i in g.input if i.name not in inits]
     if len(real_inputs) != len(g.input):
         del g.input[:]
@@ -169,12 +261,14 @@ def normalize(model: onnx.ModelProto, copy: bool = True) -> onnx.ModelProto:
         model.ir_version = max(model.ir_version, 4)
 
     # Rules, the report and the oracle refer to nodes by name: make names unique.
+    taken_nodes = {n.name for n in g.node if n.name}
     seen: set[str] = set()
     for i, node in enumerate(g.node):
         if not node.name or node.name in seen:
-            node.name = f"{node.name or node.op_type}__{i}"
+            node.name = unique_name(f"{node.name or node.op_type}__{i}", taken_nodes)
         seen.add(node.name)
 
+    taken = tensor_names(model)
     uses: dict[str, int] = {}
     for node in g.node:
         for k, name in enumerate(node.input):
@@ -186,10 +280,37 @@ def normalize(model: onnx.ModelProto, copy: bool = True) -> onnx.ModelProto:
                 continue
             copy = onnx.TensorProto()
             copy.CopyFrom(inits[name])
-            copy.name = f"{name}__use{n}"
+            copy.name = unique_name(f"{name}__use{n}", taken)
             g.initializer.append(copy)
             node.input[k] = copy.name
     return model
+
+
+def tensor_names(model: onnx.ModelProto) -> set[str]:
+    """Every name a tensor has anywhere in the model, subgraphs included."""
+    names: set[str] = set()
+
+    def visit(g: onnx.GraphProto):
+        names.update(t.name for t in g.initializer)
+        names.update(v.name for v in list(g.input) + list(g.output) + list(g.value_info))
+        for node in g.node:
+            names.update(node.input)
+            names.update(node.output)
+            for a in node.attribute:
+                for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    visit(sub)
+    visit(model.graph)
+    return names
+
+
+def unique_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_2``, ``base_3``...: the first not in ``taken`` (which it joins)."""
+    name, i = base, 1
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    taken.add(name)
+    return name
 
 
 @dataclass
@@ -216,6 +337,8 @@ def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
             if not sep or not name:
                 raise ValueError
             out[name] = tuple(int(d) for d in dims.split(","))
+            if any(d < 1 for d in out[name]):
+                raise InputShapeError(f"bad --input-shape {spec!r}: every dim must be at least 1")
         except ValueError:
             raise InputShapeError(f"bad --input-shape {spec!r}; expected name=1,3,224,224") from None
     return out
@@ -384,20 +507,18 @@ def _fill_from_onnxruntime(model, out: Shapes, names):
             out.value[name] = arr
 
 
-def check_output_path(input_path: str | os.PathLike | None, output_path: str | os.PathLike) -> Path:
+def output_paths(output_path: str | os.PathLike) -> dict[str, Path]:
+    """The files saving a model to ``output_path`` may write."""
     out = Path(output_path)
-    if input_path is not None:
-        inp = Path(input_path)
-        if out.resolve() == inp.resolve() or (out.exists() and inp.exists() and os.path.samefile(out, inp)):
-            raise OutputPathError(f"{out}: output path is the input file; spa never overwrites its input")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise OutputPathError(f"{out}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise OutputPathError(f"{out}: directory {parent} is not writable")
-    if out.is_dir():
-        raise OutputPathError(f"{out}: is a directory")
-    return out
+    return {"-o": out, "-o's weight file": out.with_name(out.name + ".data")}
+
+
+def input_paths(model: onnx.ModelProto | None, source: str | os.PathLike | None) -> dict[str, Path]:
+    """The files a loaded model was read from."""
+    files = {} if source is None else {"the input model": Path(source)}
+    for f in external_data_files(model) if model is not None else ():
+        files[f"the input's external data file {f.name}"] = f
+    return files
 
 
 def copy_fields(src, dst, skip: set[str]):
@@ -418,41 +539,22 @@ def copy_fields(src, dst, skip: set[str]):
 EXTERNAL_ABOVE = 1_800_000_000
 
 
-def save(model: onnx.ModelProto, path: str | os.PathLike, input_path=None) -> Path:
+def save(model: onnx.ModelProto, path: str | os.PathLike, inputs: dict[str, Path] | None = None) -> list[Path]:
     """Write atomically: temporary files in the same directory, then renames. Large models
     (or ones whose weights still live in the input's external data file) get their weights
-    streamed, one tensor at a time, into ``<name>.data`` beside the model."""
-    out = check_output_path(input_path, path)
+    streamed, one tensor at a time, into ``<name>.data`` beside the model. ``inputs`` (what
+    each file is -> path) are never written over. Returns the files written."""
+    outputs = output_paths(path)
+    check_outputs(outputs, inputs or {})
+    out, data = outputs["-o"], outputs["-o's weight file"]
     external = has_external_data(model) or sum(_nbytes(t) for t in model.graph.initializer) > EXTERNAL_ABOVE
-    tmps = []
-    try:
-        tmp = _temp_beside(out)
-        tmps.append(tmp)
-        if external:
-            data_tmp = _temp_beside(out)
-            tmps.append(data_tmp)
-            proto = _with_streamed_weights(model, data_tmp, out.name + ".data")
-            onnx.save(proto, tmp)
-            os.replace(data_tmp, out.with_name(out.name + ".data"))
-        else:
-            onnx.save(model, tmp)
-        os.replace(tmp, out)
-    except OSError as e:
-        raise OutputPathError(f"{out}: cannot write ({e.strerror or e})") from None
-    finally:
-        for t in tmps:
-            if os.path.exists(t):
-                os.unlink(t)
-    return out
-
-
-def _temp_beside(out: Path) -> str:
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent)
-    except OSError as e:
-        raise OutputPathError(f"{out}: cannot write ({e.strerror or e})") from None
-    os.close(fd)
-    return tmp
+    if external:
+        with atomic_files(data, out) as (data_tmp, tmp):
+            onnx.save(_with_streamed_weights(model, data_tmp, data.name), tmp)
+        return [out, data]
+    with atomic_files(out) as (tmp,):
+        onnx.save(model, tmp)
+    return [out]
 
 
 def _with_streamed_weights(model: onnx.ModelProto, data_path: str, location: str) -> onnx.ModelProto:

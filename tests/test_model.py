@@ -65,8 +65,7 @@ def test_external_data_model(tmp_path):
     assert onnx.load(out).graph.initializer[0].dims[0] == 32
 
 
-def test_initializers_listed_as_inputs():
-    """Old exporters (IR < 4) list every initializer as a graph input too."""
+def _with_initializers_as_inputs(ir_version):
     g = Graph()
     x = g.input([1, 3, 6, 6])
     y = g.op("Relu", [g.conv(x, 3, 8)])
@@ -74,8 +73,30 @@ def test_initializers_listed_as_inputs():
     model = g.model()
     for t in model.graph.initializer:
         model.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    r = assert_prunes(model)
+    model.ir_version = ir_version
+    return model
+
+
+def test_initializers_listed_as_inputs():
+    """Old exporters (IR < 4) list every initializer as a graph input too: they are weights."""
+    r = assert_prunes(_with_initializers_as_inputs(3))
     assert [i.name for i in r.model.graph.input] == ["x"]
+
+
+def test_inputs_with_default_initializers_stay_inputs():
+    """From IR 4 on, an input with an initializer is an overridable default: it stays an
+    input of the pruned model, declared with the shape of its sliced value."""
+    model = _with_initializers_as_inputs(8)
+    r = assert_prunes(model)
+    names = [i.name for i in model.graph.input]
+    assert [i.name for i in r.model.graph.input] == names
+    inits = {t.name: list(t.dims) for t in r.model.graph.initializer}
+    for vi in r.model.graph.input[1:]:
+        assert [d.dim_value for d in vi.type.tensor_type.shape.dim] == inits[vi.name]
+    assert inits[names[1]][0] < 8  # the first conv's filters were pruned
+    import onnxruntime as ort
+    sess = ort.InferenceSession(r.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert len(sess.get_inputs()) + len(sess.get_overridable_initializers()) == len(names)
 
 
 def test_python_api_does_not_touch_the_callers_model():
