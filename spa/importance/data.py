@@ -21,7 +21,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from ..errors import SpaError
 from ..model import graph_inputs
 
-__all__ = ["Calibration", "ConsumerSpec", "consumer_specs", "collect_stats", "feeds_from", "im2col"]
+__all__ = ["BatchLayout", "Calibration", "ConsumerSpec", "consumer_specs", "collect_stats", "feeds_from", "im2col"]
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +40,67 @@ class Calibration:
         return "calibration data" if self.data is not None else "synthetic inputs (data-free)"
 
     def batches(self, model: onnx.ModelProto, input_shapes: dict) -> list[dict]:
-        batch = _static_batch(model) or self.batch
+        layout = BatchLayout.of(model, input_shapes)
+        batch = self.batch if layout.free else layout.size
         if self.data is not None:
-            return list(feeds_from(self.data, model, input_shapes, batch))
-        return list(_synthetic(model, input_shapes, self.input_stats, self.samples, batch, self.seed))
+            return list(feeds_from(self.data, model, input_shapes, batch, layout))
+        return list(_synthetic(model, input_shapes, self.input_stats, self.samples, batch, self.seed, layout))
 
 
-def _static_batch(model) -> int | None:
-    """A model exported with a fixed batch size only accepts batches of that size."""
-    for vi in graph_inputs(model):
-        dims = vi.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value"):
-            return dims[0].dim_value
-    return None
+def _dynamic(d) -> bool:
+    """A declared dim left open: symbolic, unset, or the -1 (or 0) that some exporters
+    (paddle2onnx) write for "any size". Never a size to feed or to check against."""
+    return not d.HasField("dim_value") or d.dim_value <= 0
+
+
+@dataclass
+class BatchLayout:
+    """Which axis of each graph input carries the batch, and whether its size may be chosen.
+
+    An input's first axis carries it when the model leaves that axis open; another axis does
+    when it bears the same symbolic name as an open first axis (a recurrent state
+    ``[layers, batch, hidden]``). Scalars (a sample rate) and inputs whose batch axis cannot
+    be told have none: they are fed at their analysed shape. The batch size is free only when
+    every input that is not a scalar has a batch axis; otherwise every batch has the analysed
+    shapes, which are known to run (a fixed-batch export, a state of static shape)."""
+
+    axes: dict[str, int | None]
+    free: bool
+    size: int                       # the batch size when not free
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto, input_shapes: dict) -> "BatchLayout":
+        inputs = graph_inputs(model)
+        declared = {vi.name: list(vi.type.tensor_type.shape.dim) for vi in inputs}
+        symbols = {dims[0].dim_param for dims in declared.values()
+                   if dims and _dynamic(dims[0]) and dims[0].dim_param}
+        axes: dict[str, int | None] = {}
+        for vi in inputs:
+            dims, rank = declared[vi.name], len(input_shapes[vi.name])
+            axis = None
+            if rank and len(dims) == rank:
+                if _dynamic(dims[0]):
+                    axis = 0
+                else:
+                    axis = next((a for a, d in enumerate(dims) if d.dim_param and d.dim_param in symbols), None)
+            axes[vi.name] = axis
+        shaped = [vi.name for vi in inputs if input_shapes[vi.name]]
+        if not any(axes[n] is not None for n in shaped):
+            # no open batch axis: a static-batch export, whose first axis carries the batch
+            # in every input where it has that size
+            first = input_shapes[shaped[0]][0] if shaped else 1
+            axes = {n: 0 if input_shapes[n] and input_shapes[n][0] == first else None for n in axes}
+            return cls(axes, False, max(int(first), 1))
+        batched = next(n for n in shaped if axes[n] is not None)
+        size = max(int(input_shapes[batched][axes[batched]]), 1)
+        return cls(axes, all(axes[n] is not None for n in shaped), size)
+
+    def count(self, feeds: dict) -> int:
+        """The number of samples in one feed dict."""
+        for name, axis in self.axes.items():
+            if axis is not None and name in feeds and np.ndim(feeds[name]) > axis:
+                return int(np.shape(feeds[name])[axis])
+        return 1
 
 
 def _load(data):
@@ -65,46 +113,78 @@ def _load(data):
     return data
 
 
-def feeds_from(data, model: onnx.ModelProto, input_shapes: dict, batch: int) -> Iterator[dict]:
-    """Validate calibration data against the model's inputs and cut it into batches."""
+def _take(arr: np.ndarray, axis: int, start: int, stop: int) -> np.ndarray:
+    return arr[(slice(None),) * axis + (slice(start, stop),)]
+
+
+def feeds_from(data, model: onnx.ModelProto, input_shapes: dict, batch: int,
+               layout: BatchLayout | None = None) -> Iterator[dict]:
+    """Validate calibration data against the model's inputs and cut it into batches.
+
+    An input with a batch axis takes its samples along that axis. One without (a scalar
+    such as a sample rate, a state of static shape) takes either one array of its exact
+    shape, fed to every batch, or one such value per sample (a leading sample axis), of
+    which each batch gets its first."""
     data = _load(data)
+    layout = layout or BatchLayout.of(model, input_shapes)
     inputs = {i.name: i for i in graph_inputs(model)}
     if isinstance(data, dict):
         missing = sorted(set(inputs) - set(data))
         if missing:
             raise SpaError(f"calibration data lacks input(s) {missing}; it has {sorted(data)} "
                            f"(arrays must be named after the model's inputs)")
-        n = {len(np.asarray(data[k])) for k in inputs}
-        if len(n) != 1:
-            raise SpaError(f"calibration arrays have different sample counts: {sorted(n)}")
-        n = n.pop()
+        arrays = {k: np.asarray(data[k]) for k in inputs}
+        counts, per_sample = {}, {}
+        for name, vi in inputs.items():
+            arr, want, axis = arrays[name], tuple(input_shapes[name]), layout.axes[name]
+            if axis is None:
+                if arr.shape == want:
+                    continue                   # the same value for every batch
+                if arr.shape[1:] != want:
+                    per_sample_shape = "(" + ", ".join(["S"] + [str(d) for d in want]) + ")"
+                    raise SpaError(f"calibration input {name!r} has shape {arr.shape}; the model expects "
+                                   f"{want}, or one such value per sample {per_sample_shape}")
+                counts[name], per_sample[name] = len(arr), True
+                continue
+            dims = vi.type.tensor_type.shape.dim
+            rest = [a for a in range(len(want)) if a != axis]
+            have = tuple(arr.shape[a] for a in rest) if arr.ndim == len(want) else arr.shape
+            if arr.ndim != len(want) or any(
+                    not _dynamic(dims[a]) and arr.shape[a] != want[a] for a in rest if a < len(dims)):
+                raise SpaError(f"calibration input {name!r} has per-sample shape {have}, "
+                               f"the model expects {tuple(want[a] for a in rest)}")
+            counts[name] = arr.shape[axis]
+        if len(set(counts.values())) > 1:
+            raise SpaError(f"calibration arrays have different sample counts: {sorted(set(counts.values()))}")
+        n = counts.popitem()[1] if counts else 1
         if n < 2:
             raise SpaError(f"calibration data has {n} sample(s); at least 2 are needed")
-        for name, vi in inputs.items():
-            arr = np.asarray(data[name])
-            want = input_shapes[name][1:]
-            dims = vi.type.tensor_type.shape.dim
-            for axis, (have, fixed) in enumerate(zip(arr.shape[1:], want), start=1):
-                static = dims[axis].HasField("dim_value") if axis < len(dims) else False
-                if len(arr.shape) != len(input_shapes[name]) or (static and have != fixed):
-                    raise SpaError(f"calibration input {name!r} has per-sample shape {arr.shape[1:]}, "
-                                   f"the model expects {tuple(want)}")
-        for start in range(0, n - batch + 1 if _static_batch(model) else n, batch):
-            yield {k: _cast(np.asarray(data[k])[start:start + batch], inputs[k]) for k in inputs}
+        if not layout.free and n < batch:
+            raise SpaError(f"the model takes batches of exactly {batch} samples; calibration data has {n}")
+        for start in range(0, n if layout.free else n - batch + 1, batch):
+            feeds = {}
+            for k in inputs:
+                axis = layout.axes[k]
+                if axis is not None:
+                    value = _take(arrays[k], axis, start, start + batch)
+                else:
+                    value = arrays[k][start] if per_sample.get(k) else arrays[k]
+                feeds[k] = _cast(value, inputs[k])
+            yield feeds
         return
     count = 0
     for feeds in data:
         missing = sorted(set(inputs) - set(feeds))
         if missing:
             raise SpaError(f"calibration feed lacks input(s) {missing}")
-        count += len(next(iter(feeds.values())))
+        count += layout.count(feeds)
         yield {k: _cast(np.asarray(feeds[k]), inputs[k]) for k in inputs}
     if count < 2:
         raise SpaError(f"calibration data has {count} sample(s); at least 2 are needed")
 
 
 def _cast(arr, vi):
-    return arr.astype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type), copy=False)
+    return np.asarray(arr).astype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type), copy=False)
 
 
 def _token_ranges(model) -> dict[str, int]:
@@ -117,15 +197,17 @@ def _token_ranges(model) -> dict[str, int]:
     return out
 
 
-def _synthetic(model, input_shapes, stats, samples, batch, seed):
+def _synthetic(model, input_shapes, stats, samples, batch, seed, layout: BatchLayout):
     rng = np.random.default_rng(seed)
     vocab = _token_ranges(model)
-    fixed = _static_batch(model)
     for start in range(0, samples, batch):
-        n = fixed or min(batch, samples - start)
+        n = min(batch, samples - start) if layout.free else batch
         feeds = {}
         for vi in graph_inputs(model):
-            shape = (n,) + tuple(input_shapes[vi.name][1:])
+            shape = list(input_shapes[vi.name])
+            if layout.axes[vi.name] is not None:
+                shape[layout.axes[vi.name]] = n
+            shape = tuple(shape)
             dtype = helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
             if np.issubdtype(dtype, np.floating):
                 mean, std = stats.get(vi.name, stats.get("*", (0.0, 1.0)))
@@ -183,9 +265,15 @@ def consumer_specs(model: onnx.ModelProto, contractions) -> dict[str, ConsumerSp
     for n in model.graph.node:
         for i in n.input:
             readers.setdefault(i, []).append(n)
+    # Only tensors of the main graph can be fetched from onnxruntime (a tensor inside an
+    # If/Loop/Scan body is no graph value): a layer reading anything else is left out, and
+    # its groups fall back to the data-free choice.
+    values = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
     specs = {}
     for node_name, k, axis in contractions:
-        node = nodes[node_name]
+        node = nodes.get(node_name)
+        if node is None or node.input[0] not in values:
+            continue
         if k != 0 or len(node.input) < 2 or node.input[1] not in inits or node.input[0] in inits:
             continue
         w = inits[node.input[1]]

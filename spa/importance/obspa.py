@@ -13,7 +13,8 @@ from onnx import numpy_helper
 from ..graph.dependency import Dependency
 from ..model import tensor_array
 from ..graph.groups import Group
-from .data import Calibration, ConsumerSpec, collect_stats, consumer_specs, from_weight_matrix, weight_matrix
+from .data import (BatchLayout, Calibration, ConsumerSpec, collect_stats, consumer_specs, from_weight_matrix,
+                   weight_matrix)
 from .obs import Consumer, damped_inverse, greedy_obs
 
 __all__ = ["DATA_CRITERIA", "DataPlan", "data_aware_plan", "with_updates"]
@@ -72,7 +73,8 @@ def data_aware_plan(model: onnx.ModelProto, dep: Dependency, groups: list[Group]
                       > MAX_HESSIAN_DIM)
     used = {name: spec for name, spec in used.items() if name not in too_wide}
     batches = calibration.batches(model, input_shapes)
-    samples = int(sum(len(next(iter(b.values()))) for b in batches))
+    layout = BatchLayout.of(model, input_shapes)
+    samples = int(sum(layout.count(b) for b in batches))
     info = {"hessian_source": calibration.source, "samples": samples, "consumers": len(used)}
     if too_wide:
         info["too_wide_for_a_hessian"] = too_wide
