@@ -21,7 +21,7 @@ from onnx import helper, numpy_helper
 from .errors import InputShapeError, ModelLoadError, UnsupportedModelError
 from .files import atomic_files, check_outputs
 
-__all__ = ["load", "normalize", "save", "input_paths", "output_paths", "external_data_files", "unique_name", "tensor_names", "Shapes", "infer_shapes", "parse_input_shapes",
+__all__ = ["load", "normalize", "save", "output_paths", "external_data_files", "read", "unique_name", "tensor_names", "Shapes", "infer_shapes", "parse_input_shapes",
            "random_inputs", "graph_inputs"]
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,12 @@ SIZE_INPUTS = {
 
 
 def load(path: str | os.PathLike) -> onnx.ModelProto:
-    """Read an ONNX file (with its external data); raise ModelLoadError on anything else.
+    """Read an ONNX file (with its external data); raise ModelLoadError on anything else."""
+    return read(path)[0]
+
+
+def read(path: str | os.PathLike) -> tuple[onnx.ModelProto, dict[str, Path]]:
+    """``load``, and the files the model was read from (what each is -> path).
 
     External data must live inside the model's folder (after symlinks), in regular files,
     within their size: a downloaded model must never make spa read, or copy into its
@@ -54,13 +59,15 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
     if not model.graph.node or not model.opset_import:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph nodes or opset)")
     _check_tensor_sizes(model, path)
-    _resolve_external_data(model, path)
+    data_files = _resolve_external_data(model, path)
     try:
         onnx.checker.check_model(_weightless(model))  # structure only: weight bytes cost time
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"{path}: invalid ONNX model ({first})") from None
-    return model
+    files = {"the input model": path}
+    files.update((f"the input's external data file {f.name}", f) for f in data_files)
+    return model, files
 
 
 def _check_regular(path: Path, error=ModelLoadError):
@@ -125,7 +132,7 @@ def _check_tensor_sizes(model: onnx.ModelProto, path: Path):
             raise ModelLoadError(f"{path}: initializer {t.name!r} declares dims {list(t.dims)} but holds no data")
 
 
-def _resolve_external_data(model: onnx.ModelProto, path: Path):
+def _resolve_external_data(model: onnx.ModelProto, path: Path) -> list[Path]:
     """Leave external weights on disk (they are read one tensor at a time when needed), but
     point them at resolved paths after checking that each stays inside the model's folder,
     is a regular file and holds the tensor in full."""
@@ -165,6 +172,7 @@ def _resolve_external_data(model: onnx.ModelProto, path: Path):
                 e.value = str(resolved)
         if length <= 4096:  # small constants (shapes, biases): in memory
             t.CopyFrom(numpy_helper.from_array(tensor_array(t), t.name))
+    return sorted(sizes)
 
 
 # Sub-byte types are stored packed: this many values per byte.
@@ -397,7 +405,7 @@ def _tensor_shape(vi) -> tuple[int, ...] | None:
         return None
     dims = []
     for d in vi.type.tensor_type.shape.dim:
-        if not d.HasField("dim_value"):
+        if not d.HasField("dim_value") or d.dim_value < 0:  # paddle2onnx writes "any size" as -1
             return None
         dims.append(d.dim_value)
     return tuple(dims)
@@ -511,14 +519,6 @@ def output_paths(output_path: str | os.PathLike) -> dict[str, Path]:
     """The files saving a model to ``output_path`` may write."""
     out = Path(output_path)
     return {"-o": out, "-o's weight file": out.with_name(out.name + ".data")}
-
-
-def input_paths(model: onnx.ModelProto | None, source: str | os.PathLike | None) -> dict[str, Path]:
-    """The files a loaded model was read from."""
-    files = {} if source is None else {"the input model": Path(source)}
-    for f in external_data_files(model) if model is not None else ():
-        files[f"the input's external data file {f.name}"] = f
-    return files
 
 
 def copy_fields(src, dst, skip: set[str]):

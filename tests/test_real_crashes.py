@@ -19,7 +19,6 @@ from onnx import TensorProto, helper, numpy_helper
 import spa
 from graphs import Graph, assert_prunes
 from spa.importance.data import BatchLayout, Calibration, consumer_specs
-from spa.model import infer_shapes
 
 PADDLE_SHAPE = (1, 3, 48, 192)
 
@@ -29,21 +28,6 @@ def _set_dims(vi, dims):
     del shape.dim[:]
     for d in dims:
         shape.dim.add().dim_value = d
-
-
-def _reads_negative_dims() -> bool:
-    """Whether shape analysis (spa/model.py, not this issue's files) still takes a declared
-    dim_value of -1 for a size."""
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 2])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 2])
-    m = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]),
-                          opset_imports=[helper.make_opsetid("", 13)])
-    return any(d < 0 for s in infer_shapes(m, {"x": (1, 2)}).shape.values() for d in s)
-
-
-needs_model_fix = pytest.mark.xfail(
-    _reads_negative_dims(), strict=False,
-    reason="spa/model.py _tensor_shape reads a declared dim_value -1 (paddle2onnx's 'any size') as a size")
 
 
 def paddle_classifier(head: str) -> onnx.ModelProto:
@@ -88,7 +72,6 @@ def paddle_classifier(head: str) -> onnx.ModelProto:
 HEADS = ["reshape_0_-1", "reshape_-1_chw", "reshape_-1_flat", "se_expand_tile", "shape_computed"]
 
 
-@needs_model_fix
 @pytest.mark.parametrize("head", HEADS)
 def test_paddle_negative_dims_prune(head):
     model = paddle_classifier(head)
@@ -97,7 +80,6 @@ def test_paddle_negative_dims_prune(head):
         assert_prunes(model, criterion="l1", input_shapes={"x": (batch,) + PADDLE_SHAPE[1:]})
 
 
-@needs_model_fix
 def test_paddle_negative_dims_obspa():
     model = paddle_classifier("reshape_0_-1")
     calib = {"x": np.random.default_rng(0).standard_normal((6,) + PADDLE_SHAPE[1:]).astype(np.float32)}
