@@ -18,7 +18,7 @@ from .importance import CRITERIA, score_groups
 from .importance.data import Calibration
 from .importance.obspa import DATA_CRITERIA, data_aware_plan, with_updates
 from .metrics import count_macs, count_params
-from .model import Shapes, external_data_files, infer_shapes, input_paths, load, normalize, opset_of, save
+from .model import Shapes, infer_shapes, normalize, opset_of, read, save
 from .planner import PlanOptions, plan_removals
 from .rewrite import rewrite
 from .verify import check_shapes, check_signature, check_valid, masked_model, oracle, output_error
@@ -44,6 +44,7 @@ class Analysis:
     blocked: list[Group]
     source: str | None = None
     default_inputs: list = field(default_factory=list)  # IR >= 4 inputs with a default initializer
+    files: dict = field(default_factory=dict)           # the files read: what each is -> path
 
     def member_names(self, group: Group) -> list[str]:
         inits = {t.name for t in self.model.graph.initializer}
@@ -71,21 +72,27 @@ class Analysis:
 
 @dataclass
 class Loaded:
-    """A model spa loaded from ``path`` itself (so it may be normalized in place)."""
+    """A model spa read from ``path`` itself (so it may be normalized in place), and the
+    files it was read from (see ``spa.model.read``)."""
 
     model: onnx.ModelProto
     path: str
+    files: dict
+
+    @classmethod
+    def read(cls, path) -> "Loaded":
+        model, files = read(path)
+        return cls(model, str(path), files)
 
 
-def _as_model(model_or_path) -> tuple[onnx.ModelProto, str | None, bool]:
-    """(model, source path, whether spa owns the proto)."""
-    if isinstance(model_or_path, Loaded):
-        return model_or_path.model, model_or_path.path, True
+def _as_model(model_or_path) -> tuple[onnx.ModelProto, Loaded | None]:
+    """The model, and where it came from when spa read it (then spa owns the proto)."""
     if isinstance(model_or_path, onnx.ModelProto):
-        return model_or_path, None, False
-    if not isinstance(model_or_path, (str, os.PathLike)):
+        return model_or_path, None
+    if not isinstance(model_or_path, (str, os.PathLike, Loaded)):
         raise SpaError(f"expected a path or an onnx.ModelProto, got {type(model_or_path).__name__}")
-    return load(model_or_path), str(model_or_path), True
+    loaded = model_or_path if isinstance(model_or_path, Loaded) else Loaded.read(model_or_path)
+    return loaded.model, loaded
 
 
 def analyze(model_or_path, input_shapes: dict | None = None, exclude: list[str] | None = None,
@@ -93,14 +100,15 @@ def analyze(model_or_path, input_shapes: dict | None = None, exclude: list[str] 
     """Load (if a path), normalize, infer shapes and find the groups. ``attention`` picks
     whether attention splits are pruned as whole ``heads`` or as ``head-dims``;
     ``allow_mixing`` also offers channels that normalizations mix (inexact ``hidden`` groups)."""
-    model, source, owned = _as_model(model_or_path)
+    model, loaded = _as_model(model_or_path)
     inits = {t.name for t in model.graph.initializer}
     defaults = [vi for vi in model.graph.input if vi.name in inits] if model.ir_version >= 4 else []
-    model = normalize(model, copy=not owned)
+    model = normalize(model, copy=loaded is None)
     shapes = infer_shapes(model, input_shapes)
     dep = build_dependency(model, shapes, opset_of(model), exclude, attention, allow_mixing)
     groups, blocked = find_groups(dep)
-    return Analysis(model, shapes, dep, groups, blocked, source, defaults)
+    return Analysis(model, shapes, dep, groups, blocked, loaded and loaded.path, defaults,
+                    loaded.files if loaded else {})
 
 
 def _restore_default_inputs(model: onnx.ModelProto, defaults: list):
@@ -127,20 +135,20 @@ class PruneResult:
     original: onnx.ModelProto
     report: dict = field(default_factory=dict)
     source: str | None = None
+    files: dict = field(default_factory=dict)  # what the original was read from: never written
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the pruned model atomically; refuses to overwrite the input model or its
         external data."""
-        written = save(self.model, path, inputs=input_paths(self.original, self.source))
+        written = save(self.model, path, inputs=self.files)
         after = self.report.setdefault("after", {})
         after["file_bytes"] = sum(os.path.getsize(p) for p in written)
         after["files"] = [str(p) for p in written]
         return written[0]
 
 
-def _file_bytes(path, model: onnx.ModelProto) -> int:
-    """The model file and every external data file it reads."""
-    return os.path.getsize(path) + sum(os.path.getsize(f) for f in external_data_files(model))
+def _file_bytes(files: dict) -> int:
+    return sum(os.path.getsize(f) for f in files.values())
 
 
 def prune(model_or_path, ratio: float = 0.5, criterion: str = "l1", *, heads: float | None = None,
@@ -223,7 +231,7 @@ def _merge_passes(first: PruneResult, second: PruneResult) -> PruneResult:
             "max_abs_error": max(v1["max_abs_error"], v2["max_abs_error"]),
             "max_rel_error": max(v1["max_rel_error"], v2["max_rel_error"]),
             "ok": v1["ok"] and v2["ok"], "samples": v1["samples"]}
-    return PruneResult(second.model, first.original, rep, first.source)
+    return PruneResult(second.model, first.original, rep, first.source, first.files)
 
 
 def _prune_pass(a: Analysis, plan: PlanOptions, *, criterion, aggregate, seed, verify, strict,
@@ -272,8 +280,8 @@ def _prune_pass(a: Analysis, plan: PlanOptions, *, criterion, aggregate, seed, v
         "groups": [],
         **{k: v for k, v in a.summary().items() if k != "groups"},
     }
-    if a.source:
-        report["before"]["file_bytes"] = _file_bytes(a.source, a.model)
+    if a.files:
+        report["before"]["file_bytes"] = _file_bytes(a.files)
     if data_info is not None:
         report["data"] = data_info
     for g, s, rem in zip(a.groups, scores, removals):
@@ -302,10 +310,10 @@ def _prune_pass(a: Analysis, plan: PlanOptions, *, criterion, aggregate, seed, v
                 raise
             report["verify"] = {"skipped": str(e)}
             log.info("not verified: %s", e)
-            return PruneResult(pruned, a.model, report, a.source)
+            return PruneResult(pruned, a.model, report, a.source, a.files)
         report["verify"] = result.as_dict()
         if not result.ok:
             raise VerificationError(
                 f"pruned model differs from the masked original (max abs error {result.max_abs:.3g}, "
                 f"relative {result.max_rel:.3g}); please report this model")
-    return PruneResult(pruned, a.model, report, a.source)
+    return PruneResult(pruned, a.model, report, a.source, a.files)

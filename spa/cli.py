@@ -16,7 +16,7 @@ from .errors import SpaError
 from .importance import CRITERIA
 from .api import Loaded
 from .files import Terminated, atomic_write, check_outputs, check_readable, termination_as_exception
-from .model import graph_inputs, input_paths, load, normalize, output_paths, parse_input_shapes
+from .model import graph_inputs, load, normalize, output_paths, parse_input_shapes
 
 __all__ = ["main"]
 
@@ -88,8 +88,8 @@ def cmd_prune(args) -> int:
     readers = {"the input model": Path(args.model),
                **{f"the {flag} file": Path(p) for flag, p in (("--calib", args.calib), ("--eval", args.eval)) if p}}
     check_outputs(outputs, readers)  # before reading anything: nothing a typo could destroy
-    loaded = Loaded(load(args.model), args.model)
-    check_outputs(outputs, {**readers, **input_paths(loaded.model, args.model)})
+    loaded = Loaded.read(args.model)
+    check_outputs(outputs, {**readers, **loaded.files})
     eval_data = _eval_data(args.eval, loaded.model) if args.eval else None
     calib = _load_npz(args.calib, "--calib file") if args.calib else None
     bar = tqdm(total=len(STAGES), desc="spa", disable=args.quiet or not sys.stderr.isatty(),
@@ -130,9 +130,8 @@ def cmd_prune(args) -> int:
     rows = [("params", rep["before"]["params"], rep["after"]["params"]),
             ("MACs", rep["before"]["macs"], rep["after"]["macs"]),
             ("file size", rep["before"].get("file_bytes"), rep["after"].get("file_bytes"))] + extra
-    warning = rep.get("verify", {}).get("skipped") or rep.get("verify", {}).get("warning")
-    if warning:
-        print(f"spa: warning: {'not verified: ' if 'skipped' in rep['verify'] else ''}{warning}", file=sys.stderr)
+    if "skipped" in rep.get("verify", {}):
+        print(f"spa: warning: not verified: {_one_line(rep['verify']['skipped'])}", file=sys.stderr)
     if not args.quiet:
         pruned = [g for g in rep["groups"] if g["removed"]]
         kinds = {}
@@ -264,7 +263,7 @@ class _Parser(argparse.ArgumentParser):
     """Usage mistakes get one line, like every other error."""
 
     def error(self, message):
-        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        print(f"spa: error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
 
 
@@ -341,7 +340,10 @@ def _one_line(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # usage errors (one line printed by _Parser.error) and --help
+        return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

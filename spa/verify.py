@@ -27,11 +27,10 @@ class OracleResult:
     max_rel: float
     ok: bool
     samples: int
-    warning: str | None = None
 
     def as_dict(self):
         return {"max_abs_error": self.max_abs, "max_rel_error": self.max_rel, "ok": self.ok,
-                "samples": self.samples, **({"warning": self.warning} if self.warning else {})}
+                "samples": self.samples}
 
 
 def masked_model(model: onnx.ModelProto, dep: Dependency, removed_roots: np.ndarray,
@@ -136,36 +135,46 @@ def _try_session(model, optimize: bool):
         return None, str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
 
 
+def _default_session(pruned: onnx.ModelProto, original: onnx.ModelProto):
+    """The pruned model in onnxruntime with default options, the ones users have. When it
+    does not load, the original tells whose fault that is: if the original loads, the pruning
+    broke it; if the original loads only without graph optimizations, neither is fit to
+    write; if it does not load at all, the model cannot be verified here."""
+    s_pruned, pruned_error = _try_session(pruned, optimize=True)
+    if s_pruned is not None:
+        return s_pruned
+    if _try_session(original, optimize=True)[0] is not None:
+        raise VerificationError(f"onnxruntime cannot load the pruned model with default options: "
+                                f"{pruned_error}; please report this model")
+    if _try_session(original, optimize=False)[0] is None:
+        raise UnsupportedModelError(f"onnxruntime cannot run the original model, so it cannot be "
+                                    f"verified: {pruned_error}")
+    raise VerificationError(f"onnxruntime loads the original model only without graph optimizations, and "
+                            f"the pruned one not with default options either ({pruned_error}); spa does not "
+                            f"write models that onnxruntime's default session cannot load (--no-verify writes "
+                            f"it unchecked)")
+
+
+def _any_session(model: onnx.ModelProto):
+    """A reference to compare with: optimized, or unoptimized where onnxruntime's optimizer
+    trips over the graph (the oracle's masking Muls can do that)."""
+    s, error = _try_session(model, optimize=True)
+    if s is None:
+        s, error = _try_session(model, optimize=False)
+    if s is None:
+        raise UnsupportedModelError(f"onnxruntime cannot run the original model, so it cannot be verified: "
+                                    f"{error}")
+    return s
+
+
 def oracle(pruned: onnx.ModelProto, masked: onnx.ModelProto, input_shapes: dict,
            original: onnx.ModelProto | None = None, samples: int = 2, seed: int = 0,
            rtol: float = 1e-3, atol: float = 1e-5) -> OracleResult:
     """Run both models on the same random inputs; errors are relative to the output scale.
 
-    The pruned model must load in onnxruntime with default options (what users run) whenever
-    the ``original`` does; only when the original itself needs an unoptimized session are
-    both compared unoptimized, and the result says so."""
-    warning = None
-    s_pruned, pruned_error = _try_session(pruned, optimize=True)
-    optimize = s_pruned is not None
-    if s_pruned is None:
-        s_original, original_error = _try_session(original if original is not None else masked, optimize=True)
-        if s_original is not None:
-            raise VerificationError(f"onnxruntime cannot load the pruned model with default options: "
-                                    f"{pruned_error}; please report this model")
-        if _try_session(original if original is not None else masked, optimize=False)[0] is None:
-            raise UnsupportedModelError(f"onnxruntime cannot run the original model, so it cannot be "
-                                        f"verified: {original_error}")
-        s_pruned, pruned_error = _try_session(pruned, optimize=False)
-        if s_pruned is None:
-            raise VerificationError(f"onnxruntime cannot load the pruned model: {pruned_error}")
-        warning = (f"onnxruntime loads the original model only without graph optimizations "
-                   f"({original_error}); so does the pruned one: checked unoptimized")
-    s_masked, masked_error = _try_session(masked, optimize=optimize)
-    if s_masked is None:  # the masking Muls can trip the optimizer where the models do not
-        s_masked, masked_error = _try_session(masked, optimize=False)
-    if s_masked is None:
-        raise UnsupportedModelError(f"onnxruntime cannot run the original model, so it cannot be verified: "
-                                    f"{masked_error}")
+    The pruned model must load with default options (see ``_default_session``)."""
+    s_pruned = _default_session(pruned, original if original is not None else masked)
+    s_masked = _any_session(masked)
     rng = np.random.default_rng(seed)
     max_abs = max_rel = 0.0
     ok = True
@@ -194,7 +203,7 @@ def oracle(pruned: onnx.ModelProto, masked: onnx.ModelProto, input_shapes: dict,
             max_abs = max(max_abs, err)
             max_rel = max(max_rel, err / scale if scale > 0 else err)
             ok &= err <= atol + rtol * scale
-    return OracleResult(max_abs, max_rel, ok, samples, warning)
+    return OracleResult(max_abs, max_rel, ok, samples)
 
 
 def _non_finite_message(model: onnx.ModelProto) -> str:
@@ -213,7 +222,7 @@ def output_error(reference: onnx.ModelProto, pruned: onnx.ModelProto, input_shap
                  samples: int = 2, seed: int = 0) -> dict:
     """How far an inexact pruning moved the outputs: max abs/relative error and the mean
     cosine similarity of each output sample to the reference's."""
-    s_ref, s_new = session(reference), session(pruned)
+    s_new, s_ref = _default_session(pruned, reference), _any_session(reference)
     rng = np.random.default_rng(seed)
     max_abs = max_rel = 0.0
     cosines = []

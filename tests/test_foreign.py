@@ -142,3 +142,29 @@ def test_onnxruntime_transformer_optimizer_graph(tmp_path, zoo_dir):
     reasons = " ".join(b["reason"] for b in r.report["blocked_nodes"])
     for op in ops & {"Attention", "SkipLayerNormalization", "EmbedLayerNormalization"}:
         assert f"com.microsoft.{op}" in reasons
+
+
+def test_optimized_bert_that_onnxruntime_cannot_load_by_default(tmp_path, zoo_dir):
+    """The legacy exporter's BERT after onnxruntime's optimizer: this onnxruntime's default
+    session refuses it ("Attempt to replace the existing tensor"). spa must never call a model
+    verified that users' default sessions cannot load."""
+    import onnxruntime as ort
+    tfzoo = pytest.importorskip("transformers_zoo")
+    from onnxruntime.transformers import optimizer
+    path = tfzoo.export("bert", "legacy", zoo_dir)
+    opt = optimizer.optimize_model(str(path), model_type="bert", num_heads=4, hidden_size=64)
+    src = tmp_path / "bert-opt.onnx"
+    opt.save_model_to_file(str(src))
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    try:
+        ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+        original_loads = True
+    except Exception:
+        original_loads = False
+    if not original_loads:
+        with pytest.raises(spa.VerificationError, match="only without graph optimizations"):
+            spa.prune(src, ratio=0.3)
+        return
+    out = spa.prune(src, ratio=0.3).save(tmp_path / "p.onnx")
+    ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"])

@@ -1,0 +1,497 @@
+"""A corpus of hostile and odd inputs, each built by code in a temporary folder.
+
+Every case runs the ``spa`` command and asserts the promises of README's "Bad input":
+the exit code, one line on stderr naming the problem, no traceback, no file left behind,
+and every input and bystander file byte-identical afterwards (modes included).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphs import Graph
+from spa.cli import main
+
+SECRET = b"root:x:0:0:SPA-SECRET-MARKER"
+
+
+def small_model() -> onnx.ModelProto:
+    g = Graph()
+    x = g.input([1, 3, 8, 8])
+    g.output(g.conv(g.op("Relu", [g.conv(x, 3, 16)]), 16, 4))
+    return g.model()
+
+
+def external(model: onnx.ModelProto, folder: Path, name="m.onnx", location="m.data") -> Path:
+    """Save with every tensor in ``location`` (relative to ``folder``)."""
+    path = folder / name
+    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+              location=location, size_threshold=0)
+    return path
+
+
+def point_at(path: Path, location: str, tensor: int = 0):
+    """Rewrite the external location of one tensor of a saved model."""
+    m = onnx.load(path, load_external_data=False)
+    t = m.graph.initializer[tensor]
+    for e in t.external_data:
+        if e.key == "location":
+            e.value = location
+    onnx.save(m, path)
+
+
+def set_external(path: Path, tensor: int = 0, **kv):
+    m = onnx.load(path, load_external_data=False)
+    t = m.graph.initializer[tensor]
+    for e in t.external_data:
+        if e.key in kv:
+            e.value = str(kv[e.key])
+    onnx.save(m, path)
+
+
+@dataclass
+class Case:
+    argv: list
+    code: int = 2                      # expected exit status
+    words: tuple = ()                  # must appear in the one error line
+    folder: Path | None = None
+    bystanders: list[Path] = field(default_factory=list)   # must stay byte-identical
+    may_create: list[Path] = field(default_factory=list)   # files the run may leave
+
+
+def snapshot(paths):
+    out = {}
+    for p in paths:
+        p = Path(p)
+        if p.is_file():
+            out[p] = (p.read_bytes(), stat.S_IMODE(p.stat().st_mode))
+        elif os.path.lexists(p):
+            out[p] = (stat.S_IFMT(os.lstat(p).st_mode), None)
+    return out
+
+
+def listing(folder: Path):
+    return {p for p in folder.rglob("*")}
+
+
+def check(case: Case, capsys):
+    folder = case.folder
+    protected = case.bystanders + [Path(a) for a in case.argv if isinstance(a, Path) and os.path.lexists(a)]
+    before, files_before = snapshot(protected), listing(folder)
+    code = main([str(a) for a in case.argv])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err + out
+    assert code == case.code, (code, err)
+    if case.code != 0:
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1, err
+        assert lines[0].startswith("spa: error:"), err
+        for w in case.words:
+            assert w in lines[0], (w, lines[0])
+        assert listing(folder) - files_before == set(), "a failed run left files behind"
+    else:
+        assert listing(folder) - files_before <= set(case.may_create)
+    assert snapshot(protected) == before, "an input or bystander file changed"
+    return out, err
+
+
+# ---------------------------------------------------------------- reading outside the folder
+
+def _outside_secret(tmp_path) -> tuple[Path, Path]:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    secret = tmp_path / "passwd"
+    secret.write_bytes(SECRET * 400)
+    return folder, secret
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink-file", "symlink-dir"])
+def test_external_data_outside_the_folder_is_refused(tmp_path, capsys, how):
+    folder, secret = _outside_secret(tmp_path)
+    path = external(small_model(), folder)
+    if how == "dotdot":
+        location = "../../../../../../../../" + str(secret).lstrip("/")
+    elif how == "absolute":
+        location = str(secret)
+    elif how == "symlink-file":
+        (folder / "link.data").symlink_to(secret)
+        location = "link.data"
+    else:
+        (folder / "up").symlink_to(tmp_path)
+        location = "up/passwd"
+    point_at(path, location)
+    out = folder / "out.onnx"
+    check(Case(["prune", path, "-o", out], 2, ("external data", location), folder, [secret]), capsys)
+    assert not out.exists()
+
+
+def test_external_data_in_a_subfolder_is_fine_and_output_holds_no_outside_bytes(tmp_path, capsys):
+    folder, secret = _outside_secret(tmp_path)
+    (folder / "weights").mkdir()
+    path = external(small_model(), folder, location="weights/w.bin")
+    out = folder / "out.onnx"
+    check(Case(["prune", path, "-o", out, "-q", "--round-to", "1"], 0, (), folder, [secret],
+               [out, folder / "out.onnx.data"]), capsys)
+    for f in (out, folder / "out.onnx.data"):
+        assert not f.exists() or SECRET not in f.read_bytes()
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"offset": 10 ** 9}, ("truncated",)),
+    ({"offset": -4}, ("offset",)),
+    ({"length": 4}, ("length",)),
+    ({"offset": "abc"}, ("integers",)),
+])
+def test_external_data_reads_stay_within_the_file(tmp_path, capsys, change, words):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    path = external(small_model(), folder)
+    set_external(path, 0, **change)
+    check(Case(["prune", path, "-o", folder / "o.onnx"], 2, words, folder, [folder / "m.data"]), capsys)
+
+
+def test_external_data_that_is_a_directory_or_fifo(tmp_path, capsys):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    path = external(small_model(), folder)
+    (folder / "adir").mkdir()
+    point_at(path, "adir")
+    check(Case(["prune", path, "-o", folder / "o.onnx"], 2, ("not a regular file",), folder), capsys)
+    os.mkfifo(folder / "fifo")
+    point_at(path, "fifo")
+    check(Case(["prune", path, "-o", folder / "o.onnx"], 2, ("not a regular file",), folder), capsys)
+
+
+def test_declared_dims_larger_than_the_stored_bytes(tmp_path, capsys):
+    m = small_model()
+    t = m.graph.initializer[0]
+    t.dims[0] = 1 << 40
+    path = tmp_path / "liar.onnx"
+    onnx.save(m, path)
+    check(Case(["prune", path, "-o", tmp_path / "o.onnx"], 2, ("declares dims",), tmp_path), capsys)
+
+
+# ---------------------------------------------------------------- never harming a file
+
+@pytest.fixture
+def ext_model(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    return external(small_model(), folder, name="a.onnx", location="b.onnx.data")
+
+
+def test_report_is_the_input(tmp_path, capsys, ext_model):
+    check(Case(["prune", ext_model, "-o", tmp_path / "o.onnx", "--report", ext_model], 2, ("input",),
+               tmp_path, [ext_model.parent / "b.onnx.data"]), capsys)
+
+
+def test_report_is_the_output(tmp_path, capsys, ext_model):
+    out = tmp_path / "o.onnx"
+    check(Case(["prune", ext_model, "-o", out, "--report", out], 2, ("same file",), tmp_path), capsys)
+
+
+def test_output_is_the_inputs_data_file(tmp_path, capsys, ext_model):
+    data = ext_model.parent / "b.onnx.data"
+    check(Case(["prune", ext_model, "-o", data], 2, ("external data",), tmp_path, [data]), capsys)
+
+
+def test_outputs_data_file_would_be_the_inputs(tmp_path, capsys, ext_model):
+    data = ext_model.parent / "b.onnx.data"
+    check(Case(["prune", ext_model, "-o", ext_model.parent / "b.onnx"], 2, ("external data",), tmp_path, [data]),
+          capsys)
+
+
+def test_output_through_a_symlink_to_the_input(tmp_path, capsys, ext_model):
+    link = tmp_path / "link.onnx"
+    link.symlink_to(ext_model)
+    check(Case(["prune", ext_model, "-o", link], 2, ("input",), tmp_path, [ext_model]), capsys)
+
+
+def test_output_hard_link_to_the_input(tmp_path, capsys, ext_model):
+    link = tmp_path / "hard.onnx"
+    os.link(ext_model, link)
+    check(Case(["prune", ext_model, "-o", link], 2, ("input",), tmp_path, [ext_model]), capsys)
+
+
+def test_report_is_the_calibration_file(tmp_path, capsys):
+    path = tmp_path / "m.onnx"
+    onnx.save(small_model(), path)
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=np.zeros((2, 3, 8, 8), np.float32))
+    check(Case(["prune", path, "-o", tmp_path / "o.onnx", "--calib", calib, "--criterion", "obspa",
+                "--report", calib], 2, ("--calib",), tmp_path, [calib]), capsys)
+
+
+def test_output_is_a_fifo_or_device(tmp_path, capsys):
+    path = tmp_path / "m.onnx"
+    onnx.save(small_model(), path)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    check(Case(["prune", path, "-o", fifo], 2, ("not a regular file",), tmp_path), capsys)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    check(Case(["prune", path, "-o", tmp_path / "o.onnx", "--report", fifo], 2, ("not a regular file",),
+               tmp_path), capsys)
+    if os.geteuid() == 0:  # a character device like /dev/null, made where it harms nothing
+        dev = tmp_path / "null"
+        os.mknod(dev, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        check(Case(["prune", path, "-o", dev], 2, ("character device",), tmp_path), capsys)
+        assert stat.S_ISCHR(os.lstat(dev).st_mode)
+
+
+def test_output_is_a_directory(tmp_path, capsys):
+    path = tmp_path / "m.onnx"
+    onnx.save(small_model(), path)
+    (tmp_path / "d").mkdir()
+    check(Case(["prune", path, "-o", tmp_path / "d"], 2, ("directory",), tmp_path), capsys)
+    check(Case(["prune", path, "-o", tmp_path / "o.onnx", "--report", tmp_path / "d"], 2, ("directory",),
+               tmp_path), capsys)
+
+
+def test_outputs_get_the_permissions_of_a_plain_write(tmp_path, capsys):
+    path = tmp_path / "m.onnx"
+    onnx.save(small_model(), path)
+    old = os.umask(0o022)
+    try:
+        out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+        check(Case(["prune", path, "-o", out, "--report", rep, "-q"], 0, (), tmp_path, [], [out, rep]), capsys)
+        assert stat.S_IMODE(out.stat().st_mode) == 0o644
+        assert stat.S_IMODE(rep.stat().st_mode) == 0o644
+        os.umask(0o077)
+        out.chmod(0o640)  # an existing output keeps its bits, as with open(path, "w")
+        check(Case(["prune", path, "-o", out, "-q"], 0, (), tmp_path, [], [out]), capsys)
+        assert stat.S_IMODE(out.stat().st_mode) == 0o640
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("extra,words", [
+    (lambda d: ["--eval", d / "nolabel.npz"], ("label",)),
+    (lambda d: ["--report", d / "missing" / "r.json"], ("does not exist",)),
+    (lambda d: ["--calib", d / "nope.npz", "--criterion", "obspa"], ("no such file",)),
+    (lambda d: ["--eval", d / "garbage.npz"], (".npz",)),
+])
+def test_failures_are_found_before_anything_is_written(tmp_path, capsys, extra, words):
+    path = tmp_path / "m.onnx"
+    onnx.save(small_model(), path)
+    np.savez(tmp_path / "nolabel.npz", x=np.zeros((2, 3, 8, 8), np.float32))
+    (tmp_path / "garbage.npz").write_bytes(b"not a zip")
+    out = tmp_path / "o.onnx"
+    check(Case(["prune", path, "-o", out, *extra(tmp_path)], 2, words, tmp_path), capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_signal_during_save_leaves_no_temporary_file(tmp_path, capsys, monkeypatch, signum):
+    path = tmp_path / "m.onnx"
+    onnx.save(small_model(), path)
+    real_save = onnx.save
+
+    def save_then_signal(proto, target, *a, **k):
+        real_save(proto, target, *a, **k)  # the temporary file is complete...
+        os.kill(os.getpid(), signum)        # ...when the signal arrives
+
+    monkeypatch.setattr(onnx, "save", save_then_signal)
+    before = listing(tmp_path)
+    code = main(["prune", str(path), "-o", str(tmp_path / "o.onnx"), "-q"])
+    err = capsys.readouterr().err
+    assert code == 128 + signum and "terminated" in err and "Traceback" not in err
+    assert listing(tmp_path) == before
+
+
+# ---------------------------------------------------------------- inputs that are not files
+
+def test_input_is_a_directory_or_fifo(tmp_path, capsys):
+    (tmp_path / "d.onnx").mkdir()
+    check(Case(["prune", tmp_path / "d.onnx", "-o", tmp_path / "o.onnx"], 2, ("is a directory",), tmp_path),
+          capsys)
+    os.mkfifo(tmp_path / "f.onnx")
+    check(Case(["prune", tmp_path / "f.onnx", "-o", tmp_path / "o.onnx"], 2, ("not a regular file",),
+               tmp_path), capsys)
+
+
+# ---------------------------------------------------------------- option values
+
+@pytest.mark.parametrize("argv,words", [
+    (["--ratio", "-0.1"], ("--ratio",)),
+    (["--ratio", "abc"], ("--ratio",)),
+    (["--ratio", "nan"], ("--ratio",)),
+    (["--round-to", "0"], ("--round-to",)),
+    (["--runs", "0", "--latency"], ("--runs",)),
+    (["--criterion", "nope"], ("--criterion",)),
+    (["--input-shape", "x=1,-3,8,8"], ("at least 1",)),
+    (["--input-shape", "x=0,3,8,8"], ("at least 1",)),
+    (["--input-shape", "x=1,3"], ("dims",)),
+])
+def test_bad_option_values_get_one_line(tmp_path, capsys, argv, words):
+    path = tmp_path / "m.onnx"
+    onnx.save(small_model(), path)
+    check(Case(["prune", path, "-o", tmp_path / "o.onnx", *argv], 2, words, tmp_path), capsys)
+
+
+def test_bench_on_models_with_different_inputs(tmp_path, capsys):
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(small_model(), a)
+    g = Graph()
+    g.output(g.op("Relu", [g.input([1, 4], name="other")]))
+    onnx.save(g.model(), b)
+    check(Case(["bench", a, b, "--runs", "2"], 2, ("different inputs",), tmp_path), capsys)
+    check(Case(["bench", a, a, "--runs", "0"], 2, ("--runs",), tmp_path), capsys)
+
+
+def test_unknown_criterion_from_python_lists_all():
+    import spa
+    from spa.importance import CRITERIA
+    with pytest.raises(spa.SpaError) as e:
+        spa.prune(small_model(), criterion="nope")
+    for c in CRITERIA:
+        assert c in str(e.value)
+
+
+# ---------------------------------------------------------------- models that must work, or say why
+
+def test_names_like_spas_internal_ones(tmp_path, capsys):
+    """A tensor already called W__use1 (spa's name for a shared weight's second use)."""
+    g = Graph()
+    x = g.input([1, 3, 8, 8])
+    w = g.weight(16, 3, 3, 3)
+    a = g.op("Conv", [x, w], pads=[1, 1, 1, 1])
+    b = g.op("Conv", [x, w], pads=[1, 1, 1, 1])  # w shared: spa copies it as w__use1
+    clash = g.const(np.ones((16, 1, 1), np.float32), f"{w}__use1")
+    y = g.op("Relu", [g.op("Add", [g.op("Mul", [a, clash]), b])])
+    g.output(g.conv(y, 16, 4))
+    path = tmp_path / "m.onnx"
+    onnx.save(g.model(), path)
+    out = tmp_path / "o.onnx"
+    stdout, _ = check(Case(["prune", path, "-o", out, "--round-to", "1"], 0, (), tmp_path, [], [out]), capsys)
+    assert "verified" in stdout
+
+
+def test_external_data_model_with_untouched_large_tensors_verifies(tmp_path, capsys):
+    """The default verify on a model whose unsliced tensors (> 4 KB) stay in external data,
+    as torch's dynamo exporter writes them."""
+    g = Graph()
+    x = g.input([1, 3, 8, 8])
+    g.output(g.conv(g.op("Relu", [g.conv(x, 3, 16)]), 16, 4))
+    g.output(g.conv(x, 3, 64))  # 64x3x3x3 floats = 6.9 KB, neither axis prunable
+    path = external(g.model(), tmp_path, name="m.onnx", location="m.onnx.data")
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    stdout, _ = check(Case(["prune", path, "-o", out, "--round-to", "1", "--report", rep], 0, (), tmp_path, [],
+                           [out, tmp_path / "o.onnx.data", rep]), capsys)
+    assert "verified" in stdout
+    import json
+    report = json.loads(rep.read_text())
+    assert report["before"]["file_bytes"] == path.stat().st_size + (tmp_path / "m.onnx.data").stat().st_size
+    assert report["after"]["file_bytes"] == out.stat().st_size + (tmp_path / "o.onnx.data").stat().st_size
+    import onnxruntime as ort
+    ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+
+
+def test_non_finite_weights_are_named(tmp_path, capsys):
+    m = small_model()
+    w = numpy_helper.to_array(m.graph.initializer[0]).copy()
+    w[0, 0, 0, 0] = np.nan
+    m.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, m.graph.initializer[0].name))
+    path = tmp_path / "nan.onnx"
+    onnx.save(m, path)
+    check(Case(["prune", path, "-o", tmp_path / "o.onnx", "--verify"], 2,
+               ("non-finite weights", m.graph.initializer[0].name), tmp_path), capsys)
+
+
+def test_opset_onnxruntime_cannot_run_is_never_called_verified(tmp_path, capsys):
+    m = small_model()
+    m.opset_import[0].version = 99
+    path = tmp_path / "future.onnx"
+    onnx.save(m, path)
+    out = tmp_path / "o.onnx"
+    main(["prune", str(path), "-o", str(out)])
+    stdout, err = capsys.readouterr()
+    assert "Traceback" not in err
+    assert "verified:" not in stdout
+    assert "warning" in err or "error" in err
+
+
+def test_float64_model(tmp_path, capsys):
+    g = Graph()
+    x = g.input([1, 8], dtype=TensorProto.DOUBLE)
+    w1 = g.const(np.random.default_rng(0).standard_normal((8, 16)))
+    w2 = g.const(np.random.default_rng(1).standard_normal((16, 4)))
+    g.output(g.op("MatMul", [g.op("Relu", [g.op("MatMul", [x, w1])]), w2]))
+    graph = helper.make_graph(g.nodes, "f64", g.inputs, [helper.make_tensor_value_info(g.outputs[0],
+                              TensorProto.DOUBLE, [1, 4])], g.inits)
+    path = tmp_path / "f64.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    out = tmp_path / "o.onnx"
+    code = main(["prune", str(path), "-o", str(out), "--round-to", "1"])
+    stdout, err = capsys.readouterr()
+    assert code == 0 and "Traceback" not in err
+    assert "verified:" in stdout or "warning" in err
+
+
+def test_bfloat16_weights(tmp_path, capsys):
+    g = Graph()
+    g.input([1, 8], dtype=TensorProto.BFLOAT16)
+    rng = np.random.default_rng(0)
+    w1 = helper.make_tensor("w1", TensorProto.BFLOAT16, [8, 16], rng.standard_normal(128).astype(np.float32))
+    w2 = helper.make_tensor("w2", TensorProto.BFLOAT16, [16, 4], rng.standard_normal(64).astype(np.float32))
+    h = helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1")
+    r = helper.make_node("Relu", ["h"], ["r"], name="relu")
+    y = helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")
+    graph = helper.make_graph([h, r, y], "bf16", g.inputs,
+                              [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [1, 4])], [w1, w2])
+    path = tmp_path / "bf16.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    out = tmp_path / "o.onnx"
+    code = main(["prune", str(path), "-o", str(out), "--round-to", "1", "--no-verify"])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    pruned = onnx.load(out)
+    assert [list(t.dims) for t in pruned.graph.initializer] == [[8, 8], [8, 4]]
+    assert all(t.data_type == TensorProto.BFLOAT16 for t in pruned.graph.initializer)
+
+
+# ---------------------------------------------------------------- "verified" means it runs
+
+def _fail_optimized(which):
+    """A stand-in for onnxruntime whose default (optimized) session fails on some models."""
+    from spa import verify
+    real = verify._try_session
+
+    def fake(model, optimize):
+        if optimize and which(model):
+            return None, "Attempt to replace the existing tensor (simulated)"
+        return real(model, optimize)
+    return fake
+
+
+def _params(model):
+    return sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+
+
+def test_pruned_model_that_default_onnxruntime_cannot_load_is_never_written(tmp_path, capsys, monkeypatch):
+    from spa import verify
+    path = tmp_path / "m.onnx"
+    onnx.save(small_model(), path)
+    full = _params(small_model())
+    monkeypatch.setattr(verify, "_try_session", _fail_optimized(lambda m: _params(m) < full))
+    check(Case(["prune", path, "-o", tmp_path / "o.onnx"], 2, ("default options", "please report"), tmp_path),
+          capsys)
+
+
+def test_original_that_loads_only_unoptimized_is_said_and_not_written(tmp_path, capsys, monkeypatch):
+    from spa import verify
+    path = tmp_path / "m.onnx"
+    onnx.save(small_model(), path)
+    monkeypatch.setattr(verify, "_try_session", _fail_optimized(lambda m: True))
+    check(Case(["prune", path, "-o", tmp_path / "o.onnx"], 2, ("only without graph optimizations",), tmp_path),
+          capsys)
+    out = tmp_path / "o.onnx"  # the user may still ask for it, unchecked
+    check(Case(["prune", path, "-o", out, "--no-verify", "-q"], 0, (), tmp_path, [], [out]), capsys)
