@@ -12,7 +12,7 @@ from onnx import helper, numpy_helper
 
 from .errors import UnsupportedModelError
 from .graph.dependency import Dependency
-from .model import copy_fields, tensor_array
+from .model import copy_fields, tensor_array, tensor_names, unique_name
 
 __all__ = ["Rewriter", "rewrite"]
 
@@ -27,7 +27,7 @@ class Rewriter:
         self.removed = removed_roots  # bool per atom; meaningful at representative atoms
         self.index_initializers()
         self._kept_cache: dict[int, np.ndarray | None] = {}
-        self._counter = 0
+        self._taken: set[str] | None = None  # tensor names, once a new one is needed
 
     def index_initializers(self):
         self._inits = {t.name: t for t in self.model.graph.initializer}
@@ -62,8 +62,9 @@ class Rewriter:
         if name in self._inits:
             self._inits[name].CopyFrom(numpy_helper.from_array(np.asarray(value), name))
             return
-        self._counter += 1
-        new = numpy_helper.from_array(np.asarray(value), f"{node.name}__spa_const{self._counter}")
+        if self._taken is None:
+            self._taken = tensor_names(self.model)
+        new = numpy_helper.from_array(np.asarray(value), unique_name(f"{node.name}__spa_const", self._taken))
         self.model.graph.initializer.append(new)
         self._inits[new.name] = self.model.graph.initializer[-1]
         while len(node.input) <= k:

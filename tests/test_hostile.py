@@ -495,3 +495,29 @@ def test_original_that_loads_only_unoptimized_is_said_and_not_written(tmp_path, 
           capsys)
     out = tmp_path / "o.onnx"  # the user may still ask for it, unchecked
     check(Case(["prune", path, "-o", out, "--no-verify", "-q"], 0, (), tmp_path, [], [out]), capsys)
+
+
+@pytest.mark.parametrize("criterion", ["l1", "obspa"])
+def test_names_like_spas_new_tensors(tmp_path, capsys, criterion):
+    """User tensors named like the constants and biases spa adds (a Reshape target it
+    rewrites, a bias OBSPA adds to a bias-free conv) are never replaced."""
+    g = Graph()
+    x = g.input([1, 3, 6, 6])
+    y = g.op("Conv", [x, g.weight(8, 3, 3, 3)], pads=[1, 1, 1, 1])
+    g.nodes[-1].name = "c1"
+    y = g.op("Conv", [g.op("Relu", [y]), g.weight(8, 8, 3, 3)], pads=[1, 1, 1, 1])
+    g.nodes[-1].name = "c2"
+    shape = g.const(np.array([1, 8, 36], np.int64))
+    g.nodes.append(helper.make_node("Reshape", [y, shape], ["r"], name="rs"))
+    decoy = [g.const(np.full((8,), 7.0, np.float32), n) for n in ("c2__spa_bias", "rs__spa_const", "c1__spa_bias")]
+    z = g.op("Add", [g.op("Transpose", ["r"], perm=[0, 2, 1]), g.op("Add", [decoy[0], g.op("Add", decoy[1:])])])
+    g.output(g.op("MatMul", [z, g.weight(8, 4)]))
+    path = tmp_path / "m.onnx"
+    onnx.save(g.model(), path)
+    out = tmp_path / "o.onnx"
+    stdout, _ = check(Case(["prune", path, "-o", out, "--round-to", "1", "--criterion", criterion], 0, (),
+                           tmp_path, [], [out]), capsys)
+    assert "verified" in stdout
+    kept = {t.name: numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
+    for name in ("c2__spa_bias", "rs__spa_const", "c1__spa_bias"):
+        assert np.all(kept[name] == 7.0), name

@@ -11,7 +11,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..graph.dependency import Dependency
-from ..model import tensor_array
+from ..model import tensor_array, tensor_names, unique_name
 from ..graph.groups import Group
 from .data import (BatchLayout, Calibration, ConsumerSpec, collect_stats, consumer_specs, from_weight_matrix,
                    weight_matrix)
@@ -309,15 +309,16 @@ def _set_consumer(working: onnx.ModelProto, w_inits: dict, spec: ConsumerSpec, m
         w_inits[spec.bias].CopyFrom(numpy_helper.from_array(m[:, d].astype(np.float32), spec.bias))
     elif spec.kind in ("conv", "gemm"):
         node = next(n for n in working.graph.node if n.name == spec.node.name)
-        name = f"{node.name}__spa_bias"
-        if name not in w_inits:
+        if len(node.input) > 2 and node.input[2] in w_inits:  # the bias an earlier call added
+            name = node.input[2]
+            w_inits[name].CopyFrom(numpy_helper.from_array(m[:, d].astype(np.float32), name))
+        else:
+            name = unique_name(f"{node.name}__spa_bias", tensor_names(working))
             working.graph.initializer.append(numpy_helper.from_array(m[:, d].astype(np.float32), name))
             w_inits[name] = working.graph.initializer[-1]
             while len(node.input) < 3:
                 node.input.append("")
             node.input[2] = name
-        else:
-            w_inits[name].CopyFrom(numpy_helper.from_array(m[:, d].astype(np.float32), name))
 
 
 def with_updates(model: onnx.ModelProto, dep: Dependency, plan: DataPlan) -> onnx.ModelProto:
@@ -328,11 +329,12 @@ def with_updates(model: onnx.ModelProto, dep: Dependency, plan: DataPlan) -> onn
     for t in out.graph.initializer:
         if t.name in plan.weights:
             t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(plan.weights[t.name]), t.name))
+    taken = tensor_names(out) if plan.new_biases else set()
     for node in out.graph.node:
         bias = plan.new_biases.get(node.name)
         if bias is None:
             continue
-        name = f"{node.name}__spa_bias"
+        name = unique_name(f"{node.name}__spa_bias", taken)
         out.graph.initializer.append(numpy_helper.from_array(bias, name))
         while len(node.input) < 3:
             node.input.append("")
