@@ -33,6 +33,18 @@ DEFAULT_ROUND_TO = 8
 VERIFY_AUTO_MAX_PARAMS = 50_000_000
 
 
+@dataclass(frozen=True)
+class Budget:
+    """Keep ``target`` of the original's ``kind`` (macs, params or latency)."""
+
+    kind: str
+    target: float
+    calib: object = None        # where the sensitivity inputs come from (else synthetic)
+    input_stats: dict = field(default_factory=dict)
+    seed: int = 0
+    samples: int = 8
+
+
 @dataclass
 class Analysis:
     """A normalized model, its static shapes, its channel dependency and its groups."""
@@ -158,6 +170,7 @@ def prune(model_or_path, ratio: float = 0.5, criterion: str = "l1", *, heads: fl
           input_shapes: dict | None = None, verify: bool | None = None, strict: bool = False,
           aggregate: str = "sum", seed: int = 0, calib=None, input_stats: dict | None = None,
           recalibrate: bool = False, calib_samples: int = 64, damping: float = 0.01,
+          macs: float | None = None, params: float | None = None, latency: float | None = None,
           on_stage: Callable[[str], None] | None = None) -> PruneResult:
     """Prune ``ratio`` of the channels of every prunable group (or globally).
 
@@ -173,6 +186,12 @@ def prune(model_or_path, ratio: float = 0.5, criterion: str = "l1", *, heads: fl
     share of the residual width (through LayerNorm/RMSNorm: inexact, the report gives the
     output error instead of the oracle) in a last pass.
 
+    A budget replaces the uniform ratio: ``macs``, ``params`` or ``latency`` keep that share
+    of the original's MACs, weights or onnxruntime latency (measured here, one thread), and
+    the cut goes where it changes the outputs least (see ``spa.allocate``): each group's
+    sensitivity is measured on ``calib`` or synthetic inputs. ``heads``/``mlp`` then pin
+    those kinds at their ratio and the budget is spent on the rest.
+
     >>> result = prune("model.onnx", ratio=0.5, criterion="l1")   # doctest: +SKIP
     >>> result.save("model.pruned.onnx"); result.report["after"]["macs"]  # doctest: +SKIP
     """
@@ -182,6 +201,12 @@ def prune(model_or_path, ratio: float = 0.5, criterion: str = "l1", *, heads: fl
             raise SpaError(f"--{name} must be in [0, 1), got {r}")
     if round_to < 1:
         raise SpaError(f"--round-to must be at least 1, got {round_to}")
+    budgets = {k: v for k, v in (("macs", macs), ("params", params), ("latency", latency)) if v is not None}
+    if len(budgets) > 1:
+        raise SpaError(f"give one budget, not {' and '.join('--' + k for k in budgets)}")
+    for name, v in budgets.items():
+        if not 0 < v <= 1:
+            raise SpaError(f"--{name} is the share of the original to keep, in (0, 1]; got {v}")
     if criterion not in CRITERIA:
         raise SpaError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
     options = {"ratio": ratio, "heads": heads, "mlp": mlp, "head_dims": head_dims, "hidden": hidden,
@@ -197,7 +222,12 @@ def prune(model_or_path, ratio: float = 0.5, criterion: str = "l1", *, heads: fl
     args = dict(criterion=criterion, aggregate=aggregate, seed=seed, verify=verify, strict=strict,
                 calibration=calibration, recalibrate=recalibrate, damping=damping, on_stage=on_stage or (lambda name: None))
     first = _analyze_stage(model_or_path, input_shapes, exclude, "heads", args["on_stage"])
-    result = _prune_pass(first, plan, **args)
+    budget = None
+    if budgets:
+        (kind, target), = budgets.items()
+        budget = Budget(kind, target, calib, input_stats or {}, seed)
+        options["budget"] = {kind: target}
+    result = _prune_pass(first, plan, budget=budget, **args)
     if head_dims:
         plan = PlanOptions(0.0, (("head-dims", head_dims),), global_rank, max_ratio, round_to)
         second = _prune_pass(_analyze_stage(result.model, result.report["input_shapes"], exclude, "head-dims",
@@ -235,7 +265,7 @@ def _merge_passes(first: PruneResult, second: PruneResult) -> PruneResult:
 
 
 def _prune_pass(a: Analysis, plan: PlanOptions, *, criterion, aggregate, seed, verify, strict,
-                calibration, recalibrate, damping, on_stage) -> PruneResult:
+                calibration, recalibrate, damping, on_stage, budget: Budget | None = None) -> PruneResult:
     if strict and a.dep.blocked_nodes:
         name, op, reason = a.dep.blocked_nodes[0]
         raise StrictModeError(f"--strict: {reason} ({len(a.dep.blocked_nodes)} node(s) blocked)")
@@ -249,6 +279,10 @@ def _prune_pass(a: Analysis, plan: PlanOptions, *, criterion, aggregate, seed, v
         removals = plan_removals(a.groups, scores, plan)
     except ValueError as e:
         raise SpaError(str(e)) from None
+    spent = None
+    if budget is not None and a.groups:
+        on_stage("allocate")
+        removals, spent = _spend(a, scores, removals, plan, budget)
     model, data_info = a.model, None
     if calibration is not None and a.groups:
         on_stage("calibrate")
@@ -284,11 +318,14 @@ def _prune_pass(a: Analysis, plan: PlanOptions, *, criterion, aggregate, seed, v
         report["before"]["file_bytes"] = _file_bytes(a.files)
     if data_info is not None:
         report["data"] = data_info
+    if spent is not None:
+        report["budget"] = spent.pop("report")
     for g, s, rem in zip(a.groups, scores, removals):
         report["groups"].append({
             "id": g.id, "kind": g.kind, "channels": g.size, "removed": len(rem), "kept": g.size - len(rem),
             "removed_channels": rem.tolist(), "members": a.member_names(g),
             "scores": [float(v) for v in s], **({"note": notes[g.id]} if g.id in notes else {}),
+            **({"output_change": spent["predicted"][len(report["groups"])]} if spent else {}),
         })
 
     asked = verify
@@ -317,3 +354,62 @@ def _prune_pass(a: Analysis, plan: PlanOptions, *, criterion, aggregate, seed, v
                 f"pruned model differs from the masked original (max abs error {result.max_abs:.3g}, "
                 f"relative {result.max_rel:.3g}); please report this model")
     return PruneResult(pruned, a.model, report, a.source, a.files)
+
+
+def _spend(a: Analysis, scores, removals, plan: PlanOptions, budget: Budget):
+    """Per-group removals that meet the budget where the outputs change least."""
+    from .allocate import MaskedRunner, ResourceModel, allocate
+    pinned = dict(plan.ratios)
+    free = [g.kind not in pinned for g in a.groups]
+    start = np.array([g.size - (len(r) if not f else 0) for g, r, f in zip(a.groups, removals, free)])
+    orders = [np.argsort(s, kind="stable") for s in scores]
+    feeds = Calibration(budget.calib, budget.input_stats, samples=budget.samples, batch=budget.samples,
+                        seed=budget.seed).batches(a.model, a.shapes.input_shapes)[:1]
+    runner = MaskedRunner(a.model, a.dep, a.shapes, a.groups, orders, feeds)
+    resource = ResourceModel(a.model, a.shapes, a.dep, a.groups, "params" if budget.kind == "params" else "macs")
+
+    def spend(target):
+        return allocate(a.groups, runner, resource, target, plan.round_to, plan.max_ratio, free, start)
+
+    report = {"kind": budget.kind, "target": budget.target, "measured_on": (
+        f"{budget.samples} {'calibration samples' if budget.calib is not None else 'synthetic samples'}")}
+    if budget.kind == "latency":
+        alloc, report["latency_search"] = _search_latency(a, orders, spend, budget.target)
+        report["achieved"] = next(t["latency"] for t in report["latency_search"] if t["macs"] == _share(alloc))
+        report["met"] = report["achieved"] <= budget.target * 1.05
+    else:
+        alloc = spend(budget.target)
+        report.update(achieved=_share(alloc), met=bool(alloc.met))
+    report.update(macs_share=_share(alloc) if budget.kind != "params" else None, output_change=alloc.change,
+                  rounds=alloc.rounds, runs=runner.runs)
+    chosen = [np.sort(o[: g.size - int(k)]) for g, o, k in zip(a.groups, orders, alloc.keeps)]
+    return chosen, {"predicted": [float(v) for v in alloc.marginal], "report": report}
+
+
+def _share(alloc) -> float:
+    return alloc.value / alloc.full if alloc.full else 1.0
+
+
+def _search_latency(a: Analysis, orders, spend, target: float, tries: int = 6):
+    """Latency is measured, not modelled: prune to a MACs share, time original and pruned
+    interleaved on onnxruntime (one thread), correct the MACs share by the miss, repeat.
+    Returns the allocation with the largest measured latency share within 5 % of the target
+    (else the fastest one), and every try."""
+    from .bench import latency as measure
+    tried = []
+    share = target
+    for _ in range(tries):
+        alloc = spend(share)
+        removed = np.zeros(len(a.dep.root), dtype=bool)
+        for g, o, k in zip(a.groups, orders, alloc.keeps):
+            removed[g.channels[o[: g.size - int(k)]]] = True
+        pruned = rewrite(a.model, a.dep, removed, a.shapes)
+        before, after = measure([a.model, pruned], a.shapes.input_shapes, runs=20)
+        ratio = after / before if before else 1.0
+        tried.append({"macs": _share(alloc), "latency": ratio, "alloc": alloc})
+        if abs(ratio - target) <= 0.05 * target or (ratio < target and not alloc.met):
+            break
+        share = float(np.clip(share * target / max(ratio, 1e-6), 0.01, 1.0))
+    fits = [t for t in tried if t["latency"] <= target * 1.05]
+    best = max(fits, key=lambda t: t["macs"]) if fits else min(tried, key=lambda t: t["latency"])
+    return best["alloc"], [{"macs": t["macs"], "latency": t["latency"]} for t in tried]

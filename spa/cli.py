@@ -103,6 +103,10 @@ def cmd_prune(args) -> int:
         if args.hidden == -1.0:
             args.hidden = args.ratio if args.ratio is not None else 0.5
         structures = [args.heads, args.mlp, args.head_dims, args.hidden]
+        target = args.latency if args.latency is not True else None
+        budget = args.macs is not None or args.params is not None or target is not None
+        if budget and args.ratio is not None:
+            raise SpaError("--ratio and a budget (--macs/--params/--latency F) exclude each other")
         ratio = args.ratio if args.ratio is not None else (0.0 if any(r is not None for r in structures) else 0.5)
         result = api.prune(loaded, ratio=ratio, criterion=args.criterion, heads=args.heads, mlp=args.mlp,
                            head_dims=args.head_dims, hidden=args.hidden,
@@ -110,7 +114,8 @@ def cmd_prune(args) -> int:
                            exclude=args.exclude, input_shapes=input_shapes, verify=args.verify,
                            strict=args.strict, aggregate=args.aggregate, seed=args.seed, calib=calib,
                            input_stats=_input_stats(args.input_stats), recalibrate=args.recalibrate,
-                           calib_samples=args.calib_samples, on_stage=on_stage)
+                           calib_samples=args.calib_samples, macs=args.macs, params=args.params,
+                           latency=target, on_stage=on_stage)
     finally:
         bar.close()
     if args.calib:
@@ -152,11 +157,24 @@ def cmd_prune(args) -> int:
             v = rep["verify"]
             print(f"verified: pruned == masked original (max abs error {v['max_abs_error']:.2g}, "
                   f"relative {v['max_rel_error']:.2g})")
+        if "budget" in rep:
+            _print_budget(rep)
         for b in rep["blocked_nodes"][:10]:
             print(f"blocked: {b['reason']}")
         if len(rep["blocked_nodes"]) > 10:
             print(f"blocked: ... and {len(rep['blocked_nodes']) - 10} more nodes (see --report)")
     return 0
+
+
+def _print_budget(rep):
+    b = rep["budget"]
+    print(f"budget: {b['kind']} {b['target']:.3g} of the original -> {b['achieved']:.3g}"
+          f"{'' if b['met'] else ' (not met: every group is at its cap)'}; output change before any "
+          f"compensation {b['output_change']:.3g} (relative squared, on {b['measured_on']})")
+    cut = sorted((g for g in rep["groups"] if g["channels"]), key=lambda g: g["removed"] / g["channels"])
+    for title, chosen in (("cut most", cut[::-1][:5]), ("cut least", cut[:5])):
+        print(f"{title}: " + ", ".join(f"{(g['members'] or ['group ' + str(g['id'])])[0]} "
+                                        f"{g['removed']}/{g['channels']}" for g in chosen))
 
 
 def _save_all(result, output, report_path) -> list[Path]:
@@ -249,6 +267,16 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"is the share of the original to keep, in (0, 1]; got {text}")
+    return value
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -285,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--ratio", type=_ratio, default=None,
                     help="fraction of channels removed from every group (default 0.5, or 0 for the "
                          "structures not named when --heads/--mlp/--head-dims is given)")
+    sp.add_argument("--macs", type=_share, metavar="F", help="keep this share of the MACs, cut where it hurts least")
+    sp.add_argument("--params", type=_share, metavar="F", help="keep this share of the weights (file size)")
     sp.add_argument("--heads", type=_ratio, help="fraction of whole attention heads to remove")
     sp.add_argument("--mlp", type=_ratio, help="fraction of plain channels (MLP neurons, conv channels)")
     sp.add_argument("--head-dims", type=_ratio, help="fraction of the dims of every head (second pass)")
@@ -312,7 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="after pruning, correct consumer biases from activation means (closed form)")
     sp.add_argument("--strict", action="store_true", help="fail if any node blocks pruning")
     sp.add_argument("--report", metavar="JSON", help="write the full report as JSON")
-    sp.add_argument("--latency", action="store_true", help="also measure onnxruntime latency")
+    sp.add_argument("--latency", type=_share, nargs="?", const=True, default=None, metavar="F",
+                    help="keep this share of the onnxruntime latency (measured here); a bare --latency only "
+                         "measures it before and after")
     sp.add_argument("--runs", type=_positive, default=30, help="latency runs")
     sp.add_argument("--eval", metavar="NPZ", help="labelled sample (input arrays + 'label'): report accuracy")
     sp.add_argument("-q", "--quiet", action="store_true")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-__all__ = ["count_params", "count_macs"]
+__all__ = ["count_params", "count_macs", "node_macs", "mac_spaces", "WEIGHT_TYPES"]
 
 
 WEIGHT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
@@ -19,21 +19,40 @@ def count_params(model: onnx.ModelProto) -> int:
 
 def count_macs(model: onnx.ModelProto, shapes) -> int:
     """MACs of Conv, ConvTranspose, Gemm and MatMul, from static shapes."""
-    total = 0
-    for node in model.graph.node:
-        ins = [shapes.shape.get(n) for n in node.input]
-        out = shapes.shape.get(node.output[0]) if node.output else None
-        if out is None or any(s is None for s in ins[:2]):
-            continue
-        if node.op_type in ("Conv", "FusedConv"):
-            total += int(np.prod(out)) * int(np.prod(ins[1][1:]))
-        elif node.op_type == "ConvTranspose":
-            total += int(np.prod(ins[0])) * int(np.prod(ins[1][1:]))
-        elif node.op_type in ("Gemm", "FusedGemm"):
-            total += int(np.prod(out)) * int(ins[1][0] if not _attr(node, "transB") else ins[1][1])
-        elif node.op_type == "MatMul":
-            total += int(np.prod(out)) * int(ins[0][-1])
-    return total
+    return sum(node_macs(node, shapes) for node in model.graph.node)
+
+
+def node_macs(node: onnx.NodeProto, shapes) -> int:
+    ins = [shapes.shape.get(n) for n in node.input]
+    out = shapes.shape.get(node.output[0]) if node.output else None
+    if out is None or len(ins) < 2 or any(s is None for s in ins[:2]):
+        return 0
+    if node.op_type in ("Conv", "FusedConv"):
+        return int(np.prod(out)) * int(np.prod(ins[1][1:]))
+    if node.op_type == "ConvTranspose":
+        return int(np.prod(ins[0])) * int(np.prod(ins[1][1:]))
+    if node.op_type in ("Gemm", "FusedGemm"):
+        return int(np.prod(out)) * int(ins[1][0] if not _attr(node, "transB") else ins[1][1])
+    if node.op_type == "MatMul":
+        return int(np.prod(out)) * int(ins[0][-1])
+    return 0
+
+
+def mac_spaces(node: onnx.NodeProto, shapes) -> list[tuple[str, int]]:
+    """The axes whose sizes a node's MACs are proportional to: (tensor, axis) spaces of its
+    output (or, for ConvTranspose, input) and of the contracted dimension."""
+    out = node.output[0]
+    rank = len(shapes.shape.get(out, ()))
+    if node.op_type in ("Conv", "FusedConv"):
+        return [(out, a) for a in range(rank)] + [(node.input[1], 1)]
+    if node.op_type == "ConvTranspose":
+        return [(node.input[0], a) for a in range(len(shapes.shape[node.input[0]]))] + [(node.input[1], 1)]
+    if node.op_type in ("Gemm", "FusedGemm"):
+        return [(out, a) for a in range(rank)] + [(node.input[1], 1 if _attr(node, "transB") else 0)]
+    if node.op_type == "MatMul":
+        a_rank = len(shapes.shape[node.input[0]])
+        return [(out, a) for a in range(rank)] + [(node.input[0], a_rank - 1)]
+    return []
 
 
 def _attr(node, name):

@@ -1,0 +1,255 @@
+"""Where to cut: per-group keep counts that meet a MACs or params budget while changing the
+model's outputs as little as possible.
+
+- **Loss is measured, not modelled.** Removing channels is the same function as zeroing them
+  where they are contracted (the oracle's identity), so one onnxruntime session of the
+  original, with a mask input at every contraction, answers "how much do the outputs change
+  if these groups keep these channels" with one run per question, for any combination.
+- **Resources** (MACs, params) are exact multilinear functions of the groups' kept shares
+  (a conv's MACs scale with the kept share of its input and of its output axis).
+- **Allocation** is greedy and incremental, in rounds: each round measures, for every group,
+  the change of the outputs if it gave up one more rounding unit on top of every cut made so
+  far, and takes the cheapest cuts per MAC (or param) saved until that round's share of the
+  gap is closed. Re-measuring between rounds lets later cuts see the earlier ones.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .graph.dependency import Dependency
+from .graph.groups import Group
+from .metrics import WEIGHT_TYPES, node_macs, mac_spaces
+
+__all__ = ["ResourceModel", "MaskedRunner", "Allocation", "allocate", "keep_steps"]
+
+log = logging.getLogger(__name__)
+
+class ResourceModel:
+    """MACs or params of the pruned model as a function of every group's keep count.
+
+    Each MAC-counting node (or weight) is a term ``base * prod(kept share of its axes)``; the
+    kept share of an axis is ``(fixed + sum_g count[g, axis] * keep_g / size_g) / size``,
+    exact for every group whose channels are removed evenly from its members."""
+
+    def __init__(self, model: onnx.ModelProto, shapes, dep: Dependency, groups: list[Group], kind: str):
+        if kind not in ("macs", "params"):
+            raise ValueError(f"resource must be macs or params, got {kind!r}")
+        self.sizes = np.array([g.size for g in groups], dtype=np.float64)
+        terms: list[tuple[float, list]] = []
+        if kind == "macs":
+            for node in model.graph.node:
+                base = node_macs(node, shapes)
+                if base:
+                    terms.append((float(base), mac_spaces(node, shapes)))
+        else:
+            for t in model.graph.initializer:
+                if t.data_type in WEIGHT_TYPES:
+                    terms.append((float(np.prod(t.dims)), [(t.name, a) for a in range(len(t.dims))]))
+        # an axis' space -> row of the linear map from keep fractions to its kept share
+        rows: dict = {}
+        for _, spaces in terms:
+            for s in spaces:
+                if s not in rows and s in dep.space_class:
+                    rows[s] = len(rows)
+        index_of_group_space = {}
+        for gi, g in enumerate(groups):
+            for s in g.spaces:
+                if s in rows:
+                    index_of_group_space.setdefault(s, []).append(gi)
+        n_rows = len(rows)
+        self.offset = np.ones(n_rows + 1)            # last row: a constant 1 for padding
+        self.coef = np.zeros((n_rows + 1, len(groups)))
+        for s, r in rows.items():
+            size = int(dep.couplings.sizes[s])
+            if size <= 0:
+                continue
+            covered = 0
+            for gi in index_of_group_space.get(s, ()):
+                count = len(groups[gi].member(dep, s)[0])
+                covered += count
+                self.coef[r, gi] = count / size
+            self.offset[r] = (size - covered) / size
+        width = max([len(sp) for _, sp in terms] + [1])
+        self.term_rows = np.full((len(terms), width), n_rows, dtype=np.int64)
+        for ti, (_, spaces) in enumerate(terms):
+            for j, s in enumerate(spaces):
+                if s in rows:
+                    self.term_rows[ti, j] = rows[s]
+        self.base = np.array([b for b, _ in terms], dtype=np.float64)
+        self.full = self.value(self.sizes)
+
+    def value(self, keeps: np.ndarray) -> float:
+        share = self.offset + self.coef @ (np.asarray(keeps, dtype=np.float64) / np.maximum(self.sizes, 1))
+        return float(self.base @ np.prod(share[self.term_rows], axis=1))
+
+
+def _mask_model(model: onnx.ModelProto, dep: Dependency, shapes, spaces: set):
+    """The original with a mask input multiplied in at every contraction over ``spaces``:
+    returns the model and, per space, the mask input's name and shape."""
+    from .model import tensor_names, unique_name
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    taken = tensor_names(m)
+    masks = {}
+    new_nodes = []
+    by_node: dict[str, list] = {}
+    for node_name, k, axis in dep.couplings.contractions:
+        by_node.setdefault(node_name, []).append((k, axis))
+    for node in m.graph.node:
+        for k, axis in by_node.get(node.name, ()):
+            tensor = node.input[k]
+            if (tensor, axis) not in spaces or tensor not in shapes.shape:
+                continue
+            shape = shapes.shape[tensor]
+            bshape = [1] * len(shape)
+            bshape[axis] = shape[axis]
+            name = unique_name(f"{node.name}__spa_mask{k}_{axis}", taken)
+            dtype = shapes.dtype.get(tensor, onnx.TensorProto.FLOAT)
+            m.graph.input.append(helper.make_tensor_value_info(name, dtype, bshape))
+            out = unique_name(name + "_out", taken)
+            new_nodes.append(helper.make_node("Mul", [tensor, name], [out], name=out))
+            node.input[k] = out
+            masks.setdefault((tensor, axis), []).append((name, bshape, helper.tensor_dtype_to_np_dtype(dtype)))
+        new_nodes.append(node)
+    del m.graph.node[:]
+    m.graph.node.extend(new_nodes)
+    return m, masks
+
+
+def _output_change(outputs, reference) -> float:
+    """Relative squared change of the float outputs, summed over outputs."""
+    num = den = 0.0
+    for y, r in zip(outputs, reference):
+        if not isinstance(r, np.ndarray) or r.dtype.kind != "f":
+            continue
+        d = y.astype(np.float64) - r
+        num += float(np.sum(d * d))
+        den += float(np.sum(r.astype(np.float64) ** 2))
+    return num / den if den > 0 else num
+
+
+class MaskedRunner:
+    """The original model with mask inputs: ``change(keeps)`` is the relative change of its
+    outputs on ``feeds`` when group g keeps all but the first ``size - keeps[g]`` channels of
+    ``orders[g]`` (its lowest-scored first)."""
+
+    def __init__(self, model: onnx.ModelProto, dep: Dependency, shapes, groups: list[Group],
+                 orders: list[np.ndarray], feeds: list[dict]):
+        from .verify import session
+        spaces = {s for g in groups for s in g.spaces}
+        masked, self.masks = _mask_model(model, dep, shapes, spaces)
+        try:
+            self.session = session(masked)
+        except Exception:  # the mask Muls can trip onnxruntime's optimizer
+            self.session = session(masked, optimize=False)
+        self.groups, self.orders, self.feeds = groups, orders, feeds
+        self.members = [[(s, g.member(dep, s)) for s in g.spaces if s in self.masks] for g in groups]
+        self.ones = {name: np.ones(shape, dtype) for entries in self.masks.values()
+                     for name, shape, dtype in entries}
+        self.reference = [self.session.run(None, {**f, **self.ones}) for f in feeds]
+        self.runs = 0
+
+    def change(self, keeps) -> float:
+        zero: dict = {}
+        for g, order, members, keep in zip(self.groups, self.orders, self.members, keeps):
+            if keep >= g.size:
+                continue
+            removed = order[: g.size - int(keep)]
+            for s, (positions, channel) in members:
+                zero.setdefault(s, []).append(positions[np.isin(channel, removed)])
+        masks = dict(self.ones)
+        for s, parts in zero.items():
+            for name, shape, dtype in self.masks[s]:
+                mask = np.ones(shape[s[1]], dtype)
+                mask[np.concatenate(parts)] = 0
+                masks[name] = mask.reshape(shape)
+        self.runs += 1
+        return float(np.mean([_output_change(self.session.run(None, {**f, **masks}), r)
+                              for f, r in zip(self.feeds, self.reference)]))
+
+
+@dataclass
+class Allocation:
+    keeps: np.ndarray           # channels kept per group
+    marginal: np.ndarray        # per group, the output change its cuts added when they were made
+    change: float               # measured output change with every cut made
+    value: float                # resource after, in the resource's unit
+    full: float                 # resource before
+    met: bool                   # whether the target was reached within the caps
+    rounds: int
+    runs: int
+
+
+def keep_steps(group: Group, round_to: int, max_ratio: float) -> list[int]:
+    """The keep counts a group may take, largest first: whole, then multiples of the rounding
+    unit (channels only; heads are few and whole) down to the cap."""
+    unit = round_to if group.kind == "channels" and round_to > 1 else 1
+    if unit > 1 and group.size <= unit:
+        return [group.size]
+    # at most ~16 steps a group: each step is one measured run per round
+    unit *= max(1, group.size // (16 * unit))
+    floor_keep = max(1, group.size - int(math.floor(group.size * max_ratio + 1e-9)))
+    lowest = max(unit, int(math.ceil(floor_keep / unit)) * unit)
+    return [group.size] + [k for k in range(((group.size - 1) // unit) * unit, lowest - 1, -unit) if k > 0]
+
+
+def allocate(groups: list[Group], runner: MaskedRunner, resource: ResourceModel, target: float,
+             round_to: int = 8, max_ratio: float = 0.9, free: list[bool] | None = None,
+             start: np.ndarray | None = None, rounds: int = 6, progress=None) -> Allocation:
+    """Cut until the resource is at most ``target`` (a share of the original), in rounds; see
+    the module's docstring. ``start`` gives pinned (not ``free``) groups their keep counts."""
+    sizes = np.array([g.size for g in groups])
+    keeps = np.array(start if start is not None else sizes, dtype=np.int64)
+    free = free if free is not None else [True] * len(groups)
+    steps = [keep_steps(g, round_to, max_ratio) for g in groups]
+    marginal = np.zeros(len(groups))
+    goal = target * resource.full
+    base = runner.change(keeps)
+    done = 0
+    while resource.value(keeps) > goal + 1e-9:
+        current = resource.value(keeps)
+        quota = (current - goal) / max(1, rounds - done)
+        candidates = []
+        for gi in range(len(groups)):
+            nxt = [k for k in steps[gi] if k < keeps[gi]] if free[gi] else []
+            if not nxt:
+                continue
+            trial = keeps.copy()
+            trial[gi] = nxt[0]
+            saved = current - resource.value(trial)
+            if saved > 0:
+                more = max(runner.change(trial) - base, 0.0)
+                candidates.append((more / saved, -saved, gi, nxt[0], more))
+        if not candidates:
+            break
+        # Take the cheapest cuts until the round's quota is closed; a group whose cut was
+        # taken offers its next one at the rate just measured (measured afresh next round).
+        heapq.heapify(candidates)
+        closed = 0.0
+        while candidates and closed < quota:
+            rate, neg_saved, gi, keep, more = heapq.heappop(candidates)
+            before = resource.value(keeps)
+            keeps[gi] = keep
+            marginal[gi] += more
+            closed += before - resource.value(keeps)
+            nxt = [k for k in steps[gi] if k < keeps[gi]]
+            if nxt:
+                trial = keeps.copy()
+                trial[gi] = nxt[0]
+                saved = resource.value(keeps) - resource.value(trial)
+                if saved > 0:
+                    heapq.heappush(candidates, (rate, -saved, gi, nxt[0], rate * saved))
+        base = runner.change(keeps)
+        done += 1
+        if progress is not None:
+            progress(done, resource.value(keeps) / resource.full)
+    value = resource.value(keeps)
+    return Allocation(keeps, marginal, base, value, resource.full, value <= goal + 1e-9, done, runner.runs)

@@ -1,0 +1,156 @@
+"""Budgets: MACs / params / latency targets, spent where the outputs change least."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import spa
+from graphs import Graph
+from spa.allocate import MaskedRunner, ResourceModel, allocate, keep_steps
+from spa.cli import main
+from spa.metrics import count_macs, count_params
+from spa.model import infer_shapes, random_inputs
+from spa.rewrite import rewrite
+from spa.verify import session
+
+
+def branchy() -> onnx.ModelProto:
+    """Residual convs, a concat of two branches, pooling and a Gemm head."""
+    g = Graph(seed=3)
+    x = g.input([1, 3, 8, 8])
+    a = g.op("Relu", [g.conv(x, 3, 16)])
+    b = g.op("Relu", [g.conv(a, 16, 16)])
+    r = g.op("Add", [g.conv(b, 16, 16), a])
+    c1 = g.op("Relu", [g.conv(r, 16, 8)])
+    c2 = g.op("Relu", [g.conv(r, 16, 24)])
+    cat = g.op("Concat", [c1, c2], axis=1)
+    h = g.op("Relu", [g.conv(cat, 32, 32, k=1)])
+    f = g.op("Flatten", [g.op("GlobalAveragePool", [h])])
+    g.output(g.op("Gemm", [f, g.weight(10, 32), g.weight(10)], transB=1))
+    return g.model()
+
+
+def pruned_for(a, orders, keeps):
+    removed = np.zeros(len(a.dep.root), dtype=bool)
+    for g, o, k in zip(a.groups, orders, keeps):
+        removed[g.channels[o[: g.size - int(k)]]] = True
+    return rewrite(a.model, a.dep, removed, a.shapes)
+
+
+def test_resource_model_is_exact():
+    """MACs and params predicted from keep counts equal those of the rewritten model."""
+    a = spa.analyze(branchy())
+    rng = np.random.default_rng(0)
+    macs = ResourceModel(a.model, a.shapes, a.dep, a.groups, "macs")
+    params = ResourceModel(a.model, a.shapes, a.dep, a.groups, "params")
+    assert macs.full == count_macs(a.model, a.shapes) and params.full == count_params(a.model)
+    for _ in range(5):
+        keeps = [int(rng.integers(1, g.size + 1)) for g in a.groups]
+        orders = [rng.permutation(g.size) for g in a.groups]
+        pruned = pruned_for(a, orders, keeps)
+        assert macs.value(keeps) == pytest.approx(count_macs(pruned, infer_shapes(pruned, a.shapes.input_shapes)))
+        assert params.value(keeps) == pytest.approx(count_params(pruned))
+
+
+def test_masked_runner_measures_the_pruned_model():
+    """The runner's output change for some keep counts is the pruned model's own."""
+    a = spa.analyze(branchy())
+    rng = np.random.default_rng(1)
+    orders = [rng.permutation(g.size) for g in a.groups]
+    feeds = [random_inputs(a.model, a.shapes.input_shapes, rng)]
+    runner = MaskedRunner(a.model, a.dep, a.shapes, a.groups, orders, feeds)
+    keeps = [max(1, g.size // 2) for g in a.groups]
+    pruned = pruned_for(a, orders, keeps)
+    want, got = session(a.model).run(None, feeds[0])[0], session(pruned).run(None, feeds[0])[0]
+    expected = float(np.sum((got.astype(np.float64) - want) ** 2) / np.sum(want.astype(np.float64) ** 2))
+    assert expected > 1e-3
+    assert runner.change(keeps) == pytest.approx(expected, rel=1e-4)
+    assert runner.change([g.size for g in a.groups]) == 0.0
+
+
+def two_branches(scale_a: float, scale_b: float) -> onnx.ModelProto:
+    """Two equal branches; the downstream weights of each set how much its channels matter."""
+    g = Graph(seed=5)
+    x = g.input([1, 3, 8, 8])
+    outs = []
+    for name, scale in (("down_a", scale_a), ("down_b", scale_b)):
+        h = g.op("Relu", [g.conv(x, 3, 16)])
+        w = g.const((g.rng.standard_normal((4, 16, 3, 3)) * scale).astype(np.float32), name)
+        outs.append(g.op("Conv", [h, w], pads=[1, 1, 1, 1]))
+    g.output(g.op("Add", outs))
+    return g.model()
+
+
+def test_budget_goes_where_it_hurts_least():
+    """Same MACs in both branches; the one whose channels barely reach the output is cut."""
+    for quiet, loud in ((0, 1), (1, 0)):
+        scales = [1.0, 1.0]
+        scales[quiet] = 1e-3
+        r = spa.prune(two_branches(*scales), macs=0.7, round_to=1, verify=True)
+        removed = {name: g["removed"] for g in r.report["groups"] for name in ("down_a", "down_b")
+                   if f"{name}[1]" in g["members"]}
+        quiet_name, loud_name = ("down_a", "down_b")[quiet], ("down_a", "down_b")[loud]
+        assert removed[quiet_name] > 0 and removed[loud_name] == 0, removed
+        assert r.report["after"]["macs"] <= 0.7 * r.report["before"]["macs"]
+        assert r.report["verify"]["ok"]
+
+
+@pytest.mark.parametrize("kind,target", [("macs", 0.6), ("params", 0.5)])
+def test_budget_is_met(kind, target):
+    r = spa.prune(branchy(), **{kind: target}, round_to=1, verify=True)
+    rep = r.report
+    key = "macs" if kind == "macs" else "params"
+    assert rep["after"][key] <= target * rep["before"][key]
+    assert rep["after"][key] >= 0.8 * target * rep["before"][key]  # and not by far
+    assert rep["budget"]["met"] and rep["budget"]["achieved"] == pytest.approx(rep["after"][key] / rep["before"][key])
+    assert rep["verify"]["ok"]
+    assert all("output_change" in g for g in rep["groups"])
+
+
+def test_rounding_and_caps_are_respected():
+    a = spa.analyze(branchy())
+    rng = np.random.default_rng(2)
+    orders = [rng.permutation(g.size) for g in a.groups]
+    feeds = [random_inputs(a.model, a.shapes.input_shapes, rng)]
+    runner = MaskedRunner(a.model, a.dep, a.shapes, a.groups, orders, feeds)
+    resource = ResourceModel(a.model, a.shapes, a.dep, a.groups, "macs")
+    alloc = allocate(a.groups, runner, resource, 0.05, round_to=8, max_ratio=0.75)
+    for g, k in zip(a.groups, alloc.keeps):
+        assert k == g.size or k % 8 == 0
+        assert k >= g.size - int(0.75 * g.size)
+        assert k in keep_steps(g, 8, 0.75)
+    assert not alloc.met  # 5 % of the MACs is out of reach at these caps: said, not faked
+
+
+def test_pinned_kind_keeps_its_ratio():
+    """--mlp pins plain channel groups: a MACs budget then has nothing free to spend."""
+    r = spa.prune(branchy(), macs=0.5, mlp=0.25, round_to=1, verify=False)
+    for g in r.report["groups"]:
+        assert g["removed"] == int(np.floor(g["channels"] * 0.25 + 1e-9))
+    assert not r.report["budget"]["met"]
+
+
+def test_latency_budget_is_searched_by_measuring(tmp_path):
+    r = spa.prune(branchy(), latency=0.7, round_to=1, verify=False)
+    b = r.report["budget"]
+    assert b["kind"] == "latency" and b["latency_search"]
+    assert b["achieved"] in [t["latency"] for t in b["latency_search"]]
+
+
+def test_cli_budgets(tmp_path, capsys):
+    path = tmp_path / "m.onnx"
+    onnx.save(branchy(), path)
+    rep = tmp_path / "r.json"
+    assert main(["prune", str(path), "-o", str(tmp_path / "o.onnx"), "--macs", "0.6", "--round-to", "1",
+                 "--report", str(rep)]) == 0
+    out = capsys.readouterr().out
+    assert "budget: macs 0.6" in out and "cut most" in out and "cut least" in out
+    report = json.loads(rep.read_text())
+    assert report["after"]["macs"] <= 0.6 * report["before"]["macs"]
+    assert main(["prune", str(path), "-o", str(tmp_path / "o.onnx"), "--macs", "0.6", "--ratio", "0.3"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+    for bad in ("0", "1.5", "nan"):
+        assert main(["prune", str(path), "-o", str(tmp_path / "o.onnx"), "--params", bad]) == 2
+    assert main(["prune", str(path), "-o", str(tmp_path / "o.onnx"), "--latency", "-q", "--runs", "2"]) == 0
