@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -171,7 +171,7 @@ def prune(model_or_path, ratio: float = 0.5, criterion: str = "l1", *, heads: fl
           aggregate: str = "sum", seed: int = 0, calib=None, input_stats: dict | None = None,
           recalibrate: bool = False, calib_samples: int = 64, damping: float = 0.01,
           macs: float | None = None, params: float | None = None, latency: float | None = None,
-          on_stage: Callable[[str], None] | None = None) -> PruneResult:
+          steps: int = 1, on_stage: Callable[[str], None] | None = None) -> PruneResult:
     """Prune ``ratio`` of the channels of every prunable group (or globally).
 
     Data-aware criteria (``obspa``, ``activation``, ``dead``) and ``recalibrate`` use
@@ -191,6 +191,10 @@ def prune(model_or_path, ratio: float = 0.5, criterion: str = "l1", *, heads: fl
     the cut goes where it changes the outputs least (see ``spa.allocate``): each group's
     sensitivity is measured on ``calib`` or synthetic inputs. ``heads``/``mlp`` then pin
     those kinds at their ratio and the budget is spent on the rest.
+
+    ``steps`` > 1 prunes incrementally: each step removes an equal share of what is to go
+    (of the budget, or ``1 - (1 - ratio) ** (1 / steps)`` of every group), and the next step
+    re-analyzes, re-scores and re-compensates the already pruned model.
 
     >>> result = prune("model.onnx", ratio=0.5, criterion="l1")   # doctest: +SKIP
     >>> result.save("model.pruned.onnx"); result.report["after"]["macs"]  # doctest: +SKIP
@@ -227,7 +231,22 @@ def prune(model_or_path, ratio: float = 0.5, criterion: str = "l1", *, heads: fl
         (kind, target), = budgets.items()
         budget = Budget(kind, target, calib, input_stats or {}, seed)
         options["budget"] = {kind: target}
-    result = _prune_pass(first, plan, budget=budget, **args)
+    if steps < 1:
+        raise SpaError(f"--steps must be at least 1, got {steps}")
+    if steps > 1 and latency is not None:
+        raise SpaError("--steps with --latency is not supported: use --macs, or one step")
+    result = None
+    for step in range(1, steps + 1):
+        a = first if result is None else _analyze_stage(result.model, result.report["input_shapes"], exclude,
+                                                         "heads", args["on_stage"])
+        step_plan, step_budget = _step(plan, budget, step, steps, result)
+        one = _prune_pass(a, step_plan, budget=step_budget, **args)
+        result = one if result is None else _merge_passes(result, one)
+    if steps > 1 and budget is not None:
+        key = "params" if budget.kind == "params" else "macs"
+        result.report["budget"].update(target=budget.target, steps=steps,
+                                       achieved=result.report["after"][key] / result.report["before"][key])
+        result.report["budget"]["met"] = result.report["budget"]["achieved"] <= budget.target + 1e-9
     if head_dims:
         plan = PlanOptions(0.0, (("head-dims", head_dims),), global_rank, max_ratio, round_to)
         second = _prune_pass(_analyze_stage(result.model, result.report["input_shapes"], exclude, "head-dims",
@@ -241,6 +260,21 @@ def prune(model_or_path, ratio: float = 0.5, criterion: str = "l1", *, heads: fl
     _restore_default_inputs(result.model, first.default_inputs)
     result.report["options"] = options
     return result
+
+
+def _step(plan: PlanOptions, budget: Budget | None, step: int, steps: int, done: PruneResult | None):
+    """The plan and budget of one of ``steps`` incremental steps, relative to the model as
+    pruned by the steps before (``done``)."""
+    if steps == 1:
+        return plan, budget
+    share = lambda r: 1 - (1 - r) ** (1 / steps)  # noqa: E731 - per-step share of a total ratio
+    step_plan = replace(plan, ratio=share(plan.ratio), ratios=tuple((k, share(r)) for k, r in plan.ratios))
+    if budget is None:
+        return step_plan, None
+    goal = 1 - (1 - budget.target) * step / steps          # share of the original after this step
+    key = "params" if budget.kind == "params" else "macs"
+    now = done.report["after"][key] / done.report["before"][key] if done is not None else 1.0
+    return step_plan, replace(budget, target=min(1.0, goal / now))
 
 
 def _analyze_stage(model, input_shapes, exclude, attention, on_stage, allow_mixing=False) -> Analysis:

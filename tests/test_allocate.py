@@ -154,3 +154,20 @@ def test_cli_budgets(tmp_path, capsys):
     for bad in ("0", "1.5", "nan"):
         assert main(["prune", str(path), "-o", str(tmp_path / "o.onnx"), "--params", bad]) == 2
     assert main(["prune", str(path), "-o", str(tmp_path / "o.onnx"), "--latency", "-q", "--runs", "2"]) == 0
+
+
+def test_steps_reach_the_same_budget_incrementally():
+    r = spa.prune(branchy(), macs=0.5, steps=3, round_to=1, verify=True)
+    rep = r.report
+    assert len(rep["passes"]) >= 2 and rep["budget"]["steps"] == 3
+    assert rep["after"]["macs"] <= 0.5 * rep["before"]["macs"] and rep["budget"]["met"]
+    assert rep["verify"]["ok"]
+
+
+def test_steps_with_a_ratio_compound_to_it():
+    one = spa.prune(branchy(), ratio=0.5, round_to=1, verify=False)
+    three = spa.prune(branchy(), ratio=0.5, steps=3, round_to=1, verify=True)
+    assert three.report["verify"]["ok"]
+    # each step floors its share of every group, so three steps keep a little more than one
+    assert count_params(one.model) <= count_params(three.model) <= 1.3 * count_params(one.model)
+    assert count_params(three.model) < 0.6 * count_params(branchy())
