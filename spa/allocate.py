@@ -7,10 +7,9 @@ model's outputs as little as possible.
   if these groups keep these channels" with one run per question, for any combination.
 - **Resources** (MACs, params) are exact multilinear functions of the groups' kept shares
   (a conv's MACs scale with the kept share of its input and of its output axis).
-- **Allocation** is greedy and incremental, in rounds: each round measures, for every group,
-  the change of the outputs if it gave up one more rounding unit on top of every cut made so
-  far, and takes the cheapest cuts per MAC (or param) saved until that round's share of the
-  gap is closed. Re-measuring between rounds lets later cuts see the earlier ones.
+- **Allocation** is greedy, one step (a rounding unit, or 1/16 of a wide group) at a time:
+  always the cut with the least output change per MAC (or param) saved, measured on top of
+  every cut already made (lazily: a candidate is re-measured when it reaches the top).
 """
 
 from __future__ import annotations
@@ -125,15 +124,18 @@ def _mask_model(model: onnx.ModelProto, dep: Dependency, shapes, spaces: set):
 
 
 def _output_change(outputs, reference) -> float:
-    """Relative squared change of the float outputs, summed over outputs."""
-    num = den = 0.0
+    """Mean cosine distance of each sample's float outputs to the reference's: blind to a
+    uniform rescaling (which argmax, softmax order and normalized embeddings ignore too)."""
+    total, count = 0.0, 0
     for y, r in zip(outputs, reference):
-        if not isinstance(r, np.ndarray) or r.dtype.kind != "f":
+        if not isinstance(r, np.ndarray) or r.dtype.kind != "f" or not r.size:
             continue
-        d = y.astype(np.float64) - r
-        num += float(np.sum(d * d))
-        den += float(np.sum(r.astype(np.float64) ** 2))
-    return num / den if den > 0 else num
+        a = y.astype(np.float64).reshape(len(y), -1) if y.ndim else y.reshape(1, 1).astype(np.float64)
+        b = r.astype(np.float64).reshape(len(r), -1) if r.ndim else r.reshape(1, 1).astype(np.float64)
+        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
+        total += float(np.sum(1 - cos))
+        count += len(cos)
+    return total / max(count, 1)
 
 
 class MaskedRunner:
@@ -184,7 +186,7 @@ class Allocation:
     value: float                # resource after, in the resource's unit
     full: float                 # resource before
     met: bool                   # whether the target was reached within the caps
-    rounds: int
+    steps: int
     runs: int
 
 
@@ -203,9 +205,14 @@ def keep_steps(group: Group, round_to: int, max_ratio: float) -> list[int]:
 
 def allocate(groups: list[Group], runner: MaskedRunner, resource: ResourceModel, target: float,
              round_to: int = 8, max_ratio: float = 0.9, free: list[bool] | None = None,
-             start: np.ndarray | None = None, rounds: int = 6, progress=None) -> Allocation:
-    """Cut until the resource is at most ``target`` (a share of the original), in rounds; see
-    the module's docstring. ``start`` gives pinned (not ``free``) groups their keep counts."""
+             start: np.ndarray | None = None, progress=None) -> Allocation:
+    """Cut until the resource is at most ``target`` (a share of the original), one step at a
+    time, always the step with the least measured output change per unit of resource saved.
+
+    Lazy greedy: every group's next step waits in a heap with the cost measured when it was
+    last looked at; the cheapest is re-measured on the model as cut so far and taken only if
+    it is still the cheapest, else it goes back with its new cost. ``start`` gives pinned (not
+    ``free``) groups their keep counts."""
     sizes = np.array([g.size for g in groups])
     keeps = np.array(start if start is not None else sizes, dtype=np.int64)
     free = free if free is not None else [True] * len(groups)
@@ -213,43 +220,36 @@ def allocate(groups: list[Group], runner: MaskedRunner, resource: ResourceModel,
     marginal = np.zeros(len(groups))
     goal = target * resource.full
     base = runner.change(keeps)
-    done = 0
-    while resource.value(keeps) > goal + 1e-9:
-        current = resource.value(keeps)
-        quota = (current - goal) / max(1, rounds - done)
-        candidates = []
-        for gi in range(len(groups)):
-            nxt = [k for k in steps[gi] if k < keeps[gi]] if free[gi] else []
-            if not nxt:
-                continue
-            trial = keeps.copy()
-            trial[gi] = nxt[0]
-            saved = current - resource.value(trial)
-            if saved > 0:
-                more = max(runner.change(trial) - base, 0.0)
-                candidates.append((more / saved, -saved, gi, nxt[0], more))
-        if not candidates:
-            break
-        # Take the cheapest cuts until the round's quota is closed; a group whose cut was
-        # taken offers its next one at the rate just measured (measured afresh next round).
-        heapq.heapify(candidates)
-        closed = 0.0
-        while candidates and closed < quota:
-            rate, neg_saved, gi, keep, more = heapq.heappop(candidates)
-            before = resource.value(keeps)
-            keeps[gi] = keep
-            marginal[gi] += more
-            closed += before - resource.value(keeps)
-            nxt = [k for k in steps[gi] if k < keeps[gi]]
-            if nxt:
-                trial = keeps.copy()
-                trial[gi] = nxt[0]
-                saved = resource.value(keeps) - resource.value(trial)
-                if saved > 0:
-                    heapq.heappush(candidates, (rate, -saved, gi, nxt[0], rate * saved))
+    version = 0
+    heap: list = []
+
+    def offer(gi):
+        """Push group gi's next step, measured against the current cuts."""
+        nxt = [k for k in steps[gi] if k < keeps[gi]] if free[gi] else []
+        if not nxt:
+            return
+        trial = keeps.copy()
+        trial[gi] = nxt[0]
+        saved = resource.value(keeps) - resource.value(trial)
+        if saved > 0:
+            more = max(runner.change(trial) - base, 0.0)
+            heapq.heappush(heap, (more / saved, -saved, gi, nxt[0], more, version))
+
+    for gi in range(len(groups)):
+        offer(gi)
+    taken = 0
+    while heap and resource.value(keeps) > goal + 1e-9:
+        rate, _, gi, keep, more, seen = heapq.heappop(heap)
+        if seen != version:          # measured before the last cut: measure again
+            offer(gi)
+            continue
+        keeps[gi] = keep
+        marginal[gi] += more
         base = runner.change(keeps)
-        done += 1
+        version += 1
+        taken += 1
+        offer(gi)
         if progress is not None:
-            progress(done, resource.value(keeps) / resource.full)
+            progress(taken, resource.value(keeps) / resource.full)
     value = resource.value(keeps)
-    return Allocation(keeps, marginal, base, value, resource.full, value <= goal + 1e-9, done, runner.runs)
+    return Allocation(keeps, marginal, base, value, resource.full, value <= goal + 1e-9, taken, runner.runs)

@@ -415,7 +415,7 @@ def _spend(a: Analysis, scores, removals, plan: PlanOptions, budget: Budget):
         alloc = spend(budget.target)
         report.update(achieved=_share(alloc), met=bool(alloc.met))
     report.update(macs_share=_share(alloc) if budget.kind != "params" else None, output_change=alloc.change,
-                  rounds=alloc.rounds, runs=runner.runs)
+                  cuts=alloc.steps, runs=runner.runs)
     chosen = [np.sort(o[: g.size - int(k)]) for g, o, k in zip(a.groups, orders, alloc.keeps)]
     return chosen, {"predicted": [float(v) for v in alloc.marginal], "report": report}
 
