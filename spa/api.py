@@ -367,13 +367,13 @@ def _prune_pass(a: Analysis, plan: PlanOptions, *, criterion, aggregate, seed, v
         verify = report["before"]["params"] <= VERIFY_AUTO_MAX_PARAMS
     if verify and any(g.kind == "hidden" and len(rem) for g, rem in zip(a.groups, removals)):
         on_stage("verify")
-        check_valid(pruned)
+        check_valid(pruned, a.model)
         report["verify"] = output_error(a.model, pruned, a.shapes.input_shapes)
         if not report["verify"]["finite"]:
             raise VerificationError("pruning the hidden width made the outputs non-finite")
     elif verify:
         on_stage("verify")
-        check_valid(pruned)
+        check_valid(pruned, a.model)
         try:
             result = oracle(pruned, masked_model(model, a.dep, removed, a.shapes), a.shapes.input_shapes, a.model)
         except UnsupportedModelError as e:

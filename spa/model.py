@@ -66,7 +66,7 @@ def read(path: str | os.PathLike) -> tuple[onnx.ModelProto, dict[str, Path]]:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"{path}: invalid ONNX model ({first})") from None
     files = {"the input model": path}
-    files.update((f"the input's external data file {f.name}", f) for f in data_files)
+    files.update((f"the input's external data file {f}", f) for f in data_files)
     return model, files
 
 
@@ -109,7 +109,7 @@ _TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "doubl
 def _check_tensor_sizes(model: onnx.ModelProto, path: Path):
     """Every stored initializer holds as many values as its dims declare: memory follows
     the bytes in the file, never dims a file merely declares."""
-    for t in model.graph.initializer:
+    for t in list(model.graph.initializer) + list(_other_tensors(model)):
         n = _elements(t)
         if n < 0:
             raise ModelLoadError(f"{path}: initializer {t.name!r} has a negative dim {list(t.dims)}")
@@ -132,45 +132,87 @@ def _check_tensor_sizes(model: onnx.ModelProto, path: Path):
             raise ModelLoadError(f"{path}: initializer {t.name!r} declares dims {list(t.dims)} but holds no data")
 
 
+def _other_tensors(model: onnx.ModelProto):
+    """Every TensorProto of the model except the main graph's initializers: Constant and
+    other attribute values, subgraph initializers, sparse initializers, function bodies.
+    Their external data must be checked like the initializers', or onnx would read it
+    relative to the current directory."""
+    def in_nodes(nodes):
+        for node in nodes:
+            for a in node.attribute:
+                if a.HasField("t"):
+                    yield a.t
+                yield from a.tensors
+                for sp in ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(a.sparse_tensors):
+                    yield sp.values
+                    yield sp.indices
+                for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    yield from in_graph(g, True)
+
+    def in_graph(g, with_initializers):
+        if with_initializers:
+            yield from g.initializer
+        for sp in g.sparse_initializer:
+            yield sp.values
+            yield sp.indices
+        yield from in_nodes(g.node)
+    yield from in_graph(model.graph, False)
+    for f in model.functions:
+        yield from in_nodes(f.node)
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _resolve_external_data(model: onnx.ModelProto, path: Path) -> list[Path]:
     """Leave external weights on disk (they are read one tensor at a time when needed), but
     point them at resolved paths after checking that each stays inside the model's folder,
-    is a regular file and holds the tensor in full."""
+    is a regular file and holds the tensor in full. External tensors outside the main
+    graph's initializers (Constant values, subgraphs) are read into memory the same way."""
     folder = Path(os.path.realpath(path.parent if str(path.parent) else "."))
     sizes: dict[Path, int] = {}
-    for t in model.graph.initializer:
+    others = [t for t in _other_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
+    for is_other, t in [(False, t) for t in model.graph.initializer] + [(True, t) for t in others]:
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = _external_info(t)
-        where = f"{path}: tensor {t.name!r}: external data location {info.get('location', '')!r}"
         location = info.get("location", "")
+        where = f"{path}: tensor {_short(t.name)!r}: external data location {_short(location, 200)!r}"
         if not location or os.path.isabs(location) or location.startswith(("\\", "/")) or \
                 re.match(r"^[A-Za-z]:", location) or "\x00" in location:
             raise ModelLoadError(f"{where} must be a relative path inside the model's folder")
-        resolved = Path(os.path.realpath(folder / location))
-        if resolved != folder and folder not in resolved.parents:
-            raise ModelLoadError(f"{where} leads outside the model's folder ({folder})")
-        if resolved not in sizes:
-            if not resolved.exists():
-                raise ModelLoadError(f"{where}: file is missing")
-            if not resolved.is_file():
-                raise ModelLoadError(f"{where}: not a regular file")
-            sizes[resolved] = resolved.stat().st_size
+        try:
+            nbytes = _nbytes(t)
+        except Exception:
+            raise ModelLoadError(f"{where}: unknown data type {t.data_type}") from None
+        try:
+            resolved = Path(os.path.realpath(folder / location))
+            if resolved != folder and folder not in resolved.parents:
+                raise ModelLoadError(f"{where} leads outside the model's folder ({folder})")
+            if resolved not in sizes:
+                if not resolved.exists():
+                    raise ModelLoadError(f"{where}: file is missing")
+                if not resolved.is_file():
+                    raise ModelLoadError(f"{where}: not a regular file")
+                sizes[resolved] = resolved.stat().st_size
+        except OSError as e:
+            raise ModelLoadError(f"{where}: {e.strerror or e}") from None
         try:
             offset = int(info.get("offset", 0))
-            length = int(info["length"]) if "length" in info else _nbytes(t)
+            length = int(info["length"]) if "length" in info else nbytes
         except ValueError:
             raise ModelLoadError(f"{where}: offset/length are not integers") from None
-        if offset < 0 or length != _nbytes(t):
+        if offset < 0 or length != nbytes:
             raise ModelLoadError(f"{where}: offset {offset} / length {length} do not fit the tensor's "
-                                 f"{_nbytes(t)} bytes")
+                                 f"{nbytes} bytes")
         if offset + length > sizes[resolved]:
             raise ModelLoadError(f"{where}: file is truncated (needs {offset + length} bytes, "
                                  f"has {sizes[resolved]})")
         for e in t.external_data:
             if e.key == "location":
                 e.value = str(resolved)
-        if length <= 4096:  # small constants (shapes, biases): in memory
+        if length <= 4096 or is_other:  # small constants and non-initializers: in memory
             t.CopyFrom(numpy_helper.from_array(tensor_array(t), t.name))
     return sorted(sizes)
 
@@ -379,7 +421,14 @@ def _fixed_input_shapes(model, overrides):
                         f"pass --input-shape {inp.name}=" + ",".join(
                             str(x.dim_value) if x.HasField("dim_value") else "N" for x in dims))
         shapes[inp.name] = tuple(int(x) for x in fixed)
+        if int(np.prod(shapes[inp.name], dtype=object)) > MAX_INPUT_VALUES:
+            raise InputShapeError(f"input {inp.name!r} has dims {list(shapes[inp.name])}: too large to run here "
+                                  f"(over {MAX_INPUT_VALUES} values); pass --input-shape {inp.name}=... with smaller dims")
     return shapes
+
+
+# Random inputs are drawn to find shapes and to verify: no input may ask for more values.
+MAX_INPUT_VALUES = 1 << 26
 
 
 def random_inputs(model: onnx.ModelProto, input_shapes: dict, rng: np.random.Generator,

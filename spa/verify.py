@@ -80,13 +80,20 @@ def check_signature(original: onnx.ModelProto, pruned: onnx.ModelProto):
         raise VerificationError("pruned model's inputs/outputs differ from the original's")
 
 
-def check_valid(pruned: onnx.ModelProto):
+def check_valid(pruned: onnx.ModelProto, original: onnx.ModelProto | None = None):
     """onnx.checker with strict shape inference, on the structure (weights stay where they
-    are: external ones hold resolved paths that the checker would reject)."""
+    are: external ones hold resolved paths that the checker would reject). Where the
+    original fails it too, the model's own declarations are at fault, not the pruning."""
     try:
         onnx.checker.check_model(_weightless(pruned), full_check=True)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if original is not None:
+            try:
+                onnx.checker.check_model(_weightless(original), full_check=True)
+            except Exception:
+                raise UnsupportedModelError(f"the model's declared shapes are inconsistent ({first[:300]}); "
+                                            "fix its input/output declarations") from None
         raise VerificationError(f"pruned model fails onnx.checker: {first}") from None
 
 

@@ -521,3 +521,134 @@ def test_names_like_spas_new_tensors(tmp_path, capsys, criterion):
     kept = {t.name: numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
     for name in ("c2__spa_bias", "rs__spa_const", "c1__spa_bias"):
         assert np.all(kept[name] == 7.0), name
+
+
+# ---------------------------------------------------------------- found by review
+
+def _constant_from_file(folder: Path, location: str, nbytes: int = 16) -> Path:
+    """A model whose Constant node (not an initializer) keeps its value in external data."""
+    t = onnx.TensorProto(name="k", data_type=TensorProto.FLOAT, dims=[nbytes // 4])
+    t.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(nbytes))):
+        t.external_data.add(key=key, value=value)
+    g = Graph()
+    x = g.input([1, 4])
+    g.nodes.append(helper.make_node("Constant", [], ["kc"], value=t, name="const"))
+    h = g.op("Relu", [g.op("MatMul", [g.op("Add", [x, "kc"]), g.weight(4, 16)])])
+    g.output(g.op("MatMul", [h, g.weight(16, 2)]))
+    graph = helper.make_graph(g.nodes, "c", g.inputs, [helper.make_tensor_value_info(g.outputs[0], TensorProto.FLOAT,
+                              [1, 2])], g.inits)
+    path = folder / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_constant_node_external_data_is_not_read_from_the_current_directory(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (tmp_path / "secret.txt").write_bytes(b"TOPSECRETPASSWD!")
+    monkeypatch.chdir(tmp_path)
+    path = _constant_from_file(folder, "secret.txt")
+    check(Case(["prune", path, "-o", folder / "out.onnx"], 2, ("'secret.txt'", "missing"), tmp_path,
+               [tmp_path / "secret.txt"]), capsys)
+    path = _constant_from_file(folder, "../secret.txt")
+    check(Case(["prune", path, "-o", folder / "out.onnx"], 2, ("outside",), tmp_path), capsys)
+
+
+def test_constant_node_external_data_inside_the_folder_works(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "k.bin").write_bytes(np.arange(4, dtype=np.float32).tobytes())
+    monkeypatch.chdir(tmp_path)  # not the model's folder
+    path = _constant_from_file(folder, "k.bin")
+    out = folder / "out.onnx"
+    stdout, _ = check(Case(["prune", path, "-o", out, "--round-to", "1"], 0, (), tmp_path, [folder / "k.bin"],
+                           [out]), capsys)
+    assert "verified" in stdout
+
+
+def test_two_data_files_with_the_same_name(tmp_path, capsys):
+    """Weights split over w1/x.bin and w2/x.bin: neither may be an output."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    path = external(small_model(), folder)
+    m = onnx.load(path, load_external_data=False)
+    (folder / "w1").mkdir()
+    (folder / "w2").mkdir()
+    data = (folder / "m.data").read_bytes()
+    for i, t in enumerate(m.graph.initializer):
+        sub = ("w1", "w2")[i % 2]
+        info = {e.key: e.value for e in t.external_data}
+        chunk = data[int(info.get("offset", 0)): int(info.get("offset", 0)) + int(info["length"])]
+        target = folder / sub / "x.bin"
+        offset = target.stat().st_size if target.exists() else 0
+        with open(target, "ab") as f:
+            f.write(chunk)
+        del t.external_data[:]
+        for key, value in (("location", f"{sub}/x.bin"), ("offset", str(offset)), ("length", str(len(chunk)))):
+            t.external_data.add(key=key, value=value)
+    onnx.save(m, path)
+    (folder / "m.data").unlink()
+    for victim in ("w1", "w2"):
+        check(Case(["prune", path, "-o", folder / victim / "x.bin"], 2, ("external data",), tmp_path,
+                   [folder / "w1" / "x.bin", folder / "w2" / "x.bin"]), capsys)
+
+
+@pytest.mark.parametrize("location,words", [("a" * 300, ("name too long",)), ("w\x00.bin", ("relative path",))])
+def test_odd_locations(tmp_path, capsys, location, words):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    path = external(small_model(), folder)
+    point_at(path, location)
+    code, _, err = (lambda c: (c, *capsys.readouterr()))(main(["prune", str(path), "-o", str(folder / "o.onnx")]))
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert any(w.lower() in err.lower() for w in words), err
+    assert len(err) < 600
+
+
+def test_unknown_data_type_of_external_tensor(tmp_path, capsys):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    path = external(small_model(), folder)
+    m = onnx.load(path, load_external_data=False)
+    m.graph.initializer[0].data_type = 999
+    onnx.save(m, path)
+    check(Case(["prune", path, "-o", folder / "o.onnx"], 2, ("data type",), tmp_path), capsys)
+
+
+def test_report_is_the_inputs_data_file(tmp_path, capsys, ext_model):
+    data = ext_model.parent / "b.onnx.data"
+    check(Case(["prune", ext_model, "-o", tmp_path / "o.onnx", "--report", data], 2, ("external data",),
+               tmp_path, [data]), capsys)
+
+
+def test_report_write_failure_removes_the_model(tmp_path, capsys, monkeypatch):
+    from spa import cli
+    path = tmp_path / "m.onnx"
+    onnx.save(small_model(), path)
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(cli, "_dump_json", full_disk)
+    check(Case(["prune", path, "-o", tmp_path / "o.onnx", "--report", tmp_path / "r.json"], 2, ("No space",),
+               tmp_path), capsys)
+
+
+def test_typed_values_fewer_than_declared(tmp_path, capsys):
+    m = small_model()
+    t = m.graph.initializer[0]
+    values = numpy_helper.to_array(t).ravel()[:5].tolist()
+    t.ClearField("raw_data")
+    t.float_data.extend(values)
+    path = tmp_path / "liar.onnx"
+    onnx.save(m, path)
+    check(Case(["prune", path, "-o", tmp_path / "o.onnx"], 2, ("declares dims",), tmp_path), capsys)
+
+
+def test_huge_declared_input_dims(tmp_path, capsys):
+    g = Graph()
+    x = g.input([1 << 25, 4])
+    g.output(g.op("MatMul", [g.op("Relu", [g.op("MatMul", [x, g.weight(4, 16)])]), g.weight(16, 2)]))
+    path = tmp_path / "wide.onnx"
+    onnx.save(g.model(), path)
+    check(Case(["prune", path, "-o", tmp_path / "o.onnx"], 2, ("too large", "'x'"), tmp_path), capsys)
