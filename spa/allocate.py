@@ -27,7 +27,7 @@ from .graph.dependency import Dependency
 from .graph.groups import Group
 from .metrics import WEIGHT_TYPES, node_macs, mac_spaces
 
-__all__ = ["ResourceModel", "MaskedRunner", "Allocation", "allocate", "keep_steps"]
+__all__ = ["ResourceModel", "MaskedRunner", "Allocation", "allocate", "allocate_uniform", "keep_steps"]
 
 log = logging.getLogger(__name__)
 
@@ -253,3 +253,28 @@ def allocate(groups: list[Group], runner: MaskedRunner, resource: ResourceModel,
             progress(taken, resource.value(keeps) / resource.full)
     value = resource.value(keeps)
     return Allocation(keeps, marginal, base, value, resource.full, value <= goal + 1e-9, taken, runner.runs)
+
+
+def allocate_uniform(groups: list[Group], runner: MaskedRunner, resource: ResourceModel, target: float,
+                     opts, free: list[bool] | None = None, start: np.ndarray | None = None) -> Allocation:
+    """The smallest single ratio, applied to every free group as ``--ratio`` would, whose
+    resource is at most ``target`` (bisection; capped at ``opts.max_ratio``)."""
+    from .planner import uniform_keep
+    free = free if free is not None else [True] * len(groups)
+    base = np.array(start if start is not None else [g.size for g in groups], dtype=np.int64)
+
+    def keeps_at(ratio):
+        return np.array([uniform_keep(g, ratio, opts) if f else k for g, f, k in zip(groups, free, base)])
+    goal = target * resource.full
+    lo, hi = 0.0, float(opts.max_ratio)
+    if resource.value(keeps_at(hi)) > goal:
+        lo = hi
+    for _ in range(40):
+        if hi - lo < 1e-6:
+            break
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if resource.value(keeps_at(mid)) <= goal else (mid, hi)
+    keeps = keeps_at(hi)
+    value = resource.value(keeps)
+    return Allocation(keeps, np.zeros(len(groups)), runner.change(keeps), value, resource.full,
+                      value <= goal + 1e-9, 0, runner.runs)

@@ -43,6 +43,7 @@ class Budget:
     input_stats: dict = field(default_factory=dict)
     seed: int = 0
     samples: int = 8
+    how: str = "measured"       # or "uniform": one ratio for every group, just enough
 
 
 @dataclass
@@ -171,7 +172,7 @@ def prune(model_or_path, ratio: float = 0.5, criterion: str = "l1", *, heads: fl
           aggregate: str = "sum", seed: int = 0, calib=None, input_stats: dict | None = None,
           recalibrate: bool = False, calib_samples: int = 64, damping: float = 0.01,
           macs: float | None = None, params: float | None = None, latency: float | None = None,
-          steps: int = 1, on_stage: Callable[[str], None] | None = None) -> PruneResult:
+          steps: int = 1, allocation: str = "measured", on_stage: Callable[[str], None] | None = None) -> PruneResult:
     """Prune ``ratio`` of the channels of every prunable group (or globally).
 
     Data-aware criteria (``obspa``, ``activation``, ``dead``) and ``recalibrate`` use
@@ -190,7 +191,8 @@ def prune(model_or_path, ratio: float = 0.5, criterion: str = "l1", *, heads: fl
     of the original's MACs, weights or onnxruntime latency (measured here, one thread), and
     the cut goes where it changes the outputs least (see ``spa.allocate``): each group's
     sensitivity is measured on ``calib`` or synthetic inputs. ``heads``/``mlp`` then pin
-    those kinds at their ratio and the budget is spent on the rest.
+    those kinds at their ratio and the budget is spent on the rest. ``allocation="uniform"``
+    instead finds the one ratio for every group that just meets the budget.
 
     ``steps`` > 1 prunes incrementally: each step removes an equal share of what is to go
     (of the budget, or ``1 - (1 - ratio) ** (1 / steps)`` of every group), and the next step
@@ -229,7 +231,9 @@ def prune(model_or_path, ratio: float = 0.5, criterion: str = "l1", *, heads: fl
     budget = None
     if budgets:
         (kind, target), = budgets.items()
-        budget = Budget(kind, target, calib, input_stats or {}, seed)
+        if allocation not in ("measured", "uniform"):
+            raise SpaError(f"allocation must be measured or uniform, got {allocation!r}")
+        budget = Budget(kind, target, calib, input_stats or {}, seed, how=allocation)
         options["budget"] = {kind: target}
     if steps < 1:
         raise SpaError(f"--steps must be at least 1, got {steps}")
@@ -392,7 +396,7 @@ def _prune_pass(a: Analysis, plan: PlanOptions, *, criterion, aggregate, seed, v
 
 def _spend(a: Analysis, scores, removals, plan: PlanOptions, budget: Budget):
     """Per-group removals that meet the budget where the outputs change least."""
-    from .allocate import MaskedRunner, ResourceModel, allocate
+    from .allocate import MaskedRunner, ResourceModel, allocate, allocate_uniform
     pinned = dict(plan.ratios)
     free = [g.kind not in pinned for g in a.groups]
     start = np.array([g.size - (len(r) if not f else 0) for g, r, f in zip(a.groups, removals, free)])
@@ -403,9 +407,11 @@ def _spend(a: Analysis, scores, removals, plan: PlanOptions, budget: Budget):
     resource = ResourceModel(a.model, a.shapes, a.dep, a.groups, "params" if budget.kind == "params" else "macs")
 
     def spend(target):
+        if budget.how == "uniform":
+            return allocate_uniform(a.groups, runner, resource, target, plan, free, start)
         return allocate(a.groups, runner, resource, target, plan.round_to, plan.max_ratio, free, start)
 
-    report = {"kind": budget.kind, "target": budget.target, "measured_on": (
+    report = {"kind": budget.kind, "target": budget.target, "allocation": budget.how, "measured_on": (
         f"{budget.samples} {'calibration samples' if budget.calib is not None else 'synthetic samples'}")}
     if budget.kind == "latency":
         alloc, report["latency_search"] = _search_latency(a, orders, spend, budget.target)

@@ -8,7 +8,7 @@ import numpy as np
 
 from .graph.groups import Group
 
-__all__ = ["PlanOptions", "plan_removals"]
+__all__ = ["PlanOptions", "plan_removals", "uniform_keep", "rounded_keep"]
 
 
 @dataclass(frozen=True)
@@ -21,13 +21,20 @@ class PlanOptions:
     min_keep: int = 1
 
 
-def _rounded_keep(n: int, keep: int, opts: PlanOptions) -> int:
+def rounded_keep(n: int, keep: int, opts: PlanOptions) -> int:
     keep = max(keep, opts.min_keep, 1)
     if opts.round_to > 1:
         if n <= opts.round_to:
             return n
         keep = max(opts.round_to, int(round(keep / opts.round_to)) * opts.round_to)
     return min(keep, n)
+
+
+def uniform_keep(group: Group, ratio: float, opts: PlanOptions) -> int:
+    """What ``ratio`` leaves of a group, rounded as ``plan_removals`` rounds it."""
+    keep = group.size - int(np.floor(group.size * ratio + 1e-9))
+    round_opts = opts if group.kind == "channels" else PlanOptions(round_to=1)
+    return rounded_keep(group.size, keep, round_opts) if keep < group.size else group.size
 
 
 def plan_removals(groups: list[Group], scores: list[np.ndarray], opts: PlanOptions) -> list[np.ndarray]:
@@ -49,7 +56,7 @@ def plan_removals(groups: list[Group], scores: list[np.ndarray], opts: PlanOptio
     for g, s, keep in zip(groups, scores, keeps):
         # heads are few and whole: rounding them to hardware multiples makes no sense
         round_opts = opts if g.kind == "channels" else PlanOptions(round_to=1)
-        keep = _rounded_keep(g.size, keep, round_opts) if keep < g.size else g.size
+        keep = rounded_keep(g.size, keep, round_opts) if keep < g.size else g.size
         order = np.argsort(s, kind="stable")
         removals.append(np.sort(order[: g.size - keep]))
     return removals

@@ -172,3 +172,15 @@ def test_steps_with_a_ratio_compound_to_it():
     # each step floors its share of every group, so three steps keep a little more than one
     assert count_params(one.model) <= count_params(three.model) <= 1.3 * count_params(one.model)
     assert count_params(three.model) < 0.6 * count_params(branchy())
+
+
+def test_uniform_allocation_is_the_smallest_ratio_that_fits():
+    r = spa.prune(branchy(), macs=0.6, allocation="uniform", round_to=1, verify=True)
+    rep = r.report
+    assert rep["budget"]["met"] and rep["after"]["macs"] <= 0.6 * rep["before"]["macs"]
+    shares = [g["removed"] / g["channels"] for g in rep["groups"]]
+    assert max(shares) - min(shares) < 0.13  # one ratio, up to each group's flooring
+    # a little less ratio would not fit
+    ratio = max(shares)
+    looser = spa.prune(branchy(), ratio=max(0.0, ratio - 0.07), round_to=1, verify=False).report
+    assert looser["after"]["macs"] > 0.6 * looser["before"]["macs"]
