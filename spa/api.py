@@ -42,7 +42,7 @@ class Budget:
     calib: object = None        # where the sensitivity inputs come from (else synthetic)
     input_stats: dict = field(default_factory=dict)
     seed: int = 0
-    samples: int = 8
+    samples: int | None = None  # default: 8, fewer for models over 250 MMACs a sample
     how: str = "measured"       # or "uniform": one ratio for every group, just enough
 
 
@@ -401,7 +401,9 @@ def _spend(a: Analysis, scores, removals, plan: PlanOptions, budget: Budget):
     free = [g.kind not in pinned for g in a.groups]
     start = np.array([g.size - (len(r) if not f else 0) for g, r, f in zip(a.groups, removals, free)])
     orders = [np.argsort(s, kind="stable") for s in scores]
-    feeds = Calibration(budget.calib, budget.input_stats, samples=budget.samples, batch=budget.samples,
+    # every run of the search costs a forward pass: bound it near 2 GMACs (ResNet-50: 1 sample)
+    samples = budget.samples or int(np.clip(2e9 // max(count_macs(a.model, a.shapes), 1), 1, 8))
+    feeds = Calibration(budget.calib, budget.input_stats, samples=samples, batch=samples,
                         seed=budget.seed).batches(a.model, a.shapes.input_shapes)[:1]
     runner = MaskedRunner(a.model, a.dep, a.shapes, a.groups, orders, feeds)
     resource = ResourceModel(a.model, a.shapes, a.dep, a.groups, "params" if budget.kind == "params" else "macs")
@@ -412,7 +414,7 @@ def _spend(a: Analysis, scores, removals, plan: PlanOptions, budget: Budget):
         return allocate(a.groups, runner, resource, target, plan.round_to, plan.max_ratio, free, start)
 
     report = {"kind": budget.kind, "target": budget.target, "allocation": budget.how, "measured_on": (
-        f"{budget.samples} {'calibration samples' if budget.calib is not None else 'synthetic samples'}")}
+        f"{samples} {'calibration samples' if budget.calib is not None else 'synthetic samples'}")}
     if budget.kind == "latency":
         alloc, report["latency_search"] = _search_latency(a, orders, spend, budget.target)
         report["achieved"] = next(t["latency"] for t in report["latency_search"] if t["macs"] == _share(alloc))
@@ -432,14 +434,16 @@ def _share(alloc) -> float:
 
 def _search_latency(a: Analysis, orders, spend, target: float, tries: int = 6):
     """Latency is measured, not modelled: prune to a MACs share, time original and pruned
-    interleaved on onnxruntime (one thread), correct the MACs share by the miss, repeat.
-    Returns the allocation with the largest measured latency share within 5 % of the target
-    (else the fastest one), and every try."""
+    interleaved on onnxruntime (one thread), correct the MACs share by the miss, repeat. The
+    greedy path is computed once, down to ``target ** 2`` of the MACs, and each try takes its
+    prefix. Returns the allocation with the largest measured latency share within 5 % of the
+    target (else the fastest one), and every try."""
     from .bench import latency as measure
+    deep = spend(max(0.01, target * target))
     tried = []
     share = target
     for _ in range(tries):
-        alloc = spend(share)
+        alloc = deep.at(share) if share >= _share(deep) else spend(share)
         removed = np.zeros(len(a.dep.root), dtype=bool)
         for g, o, k in zip(a.groups, orders, alloc.keeps):
             removed[g.channels[o[: g.size - int(k)]]] = True

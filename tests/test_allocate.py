@@ -184,3 +184,17 @@ def test_uniform_allocation_is_the_smallest_ratio_that_fits():
     ratio = max(shares)
     looser = spa.prune(branchy(), ratio=max(0.0, ratio - 0.07), round_to=1, verify=False).report
     assert looser["after"]["macs"] > 0.6 * looser["before"]["macs"]
+
+
+def test_greedy_path_prefix_is_the_looser_allocation():
+    """The latency search reuses one greedy path: its prefix for a looser target is what
+    allocating for that target gives."""
+    a = spa.analyze(branchy())
+    rng = np.random.default_rng(4)
+    orders = [rng.permutation(g.size) for g in a.groups]
+    feeds = [random_inputs(a.model, a.shapes.input_shapes, rng)]
+    runner = MaskedRunner(a.model, a.dep, a.shapes, a.groups, orders, feeds)
+    resource = ResourceModel(a.model, a.shapes, a.dep, a.groups, "macs")
+    deep = allocate(a.groups, runner, resource, 0.3, round_to=1)
+    for target in (0.8, 0.6, 0.45):
+        assert list(deep.at(target).keeps) == list(allocate(a.groups, runner, resource, target, round_to=1).keeps)
