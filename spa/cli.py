@@ -315,9 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "structures not named when --heads/--mlp/--head-dims is given)")
     sp.add_argument("--macs", type=_share, metavar="F", help="keep this share of the MACs, cut where it hurts least")
     sp.add_argument("--params", type=_share, metavar="F", help="keep this share of the weights (file size)")
-    sp.add_argument("--allocate", choices=["measured", "uniform"], default="measured",
-                    help="how a budget is spent: where the measured output change per MAC saved is least "
-                         "(default), or one ratio for every group")
+    sp.add_argument("--allocate", choices=["auto", "measured", "uniform"], default="auto",
+                    help="how a budget is spent: where the measured output change per MAC saved is least, "
+                         "or one ratio for every group; auto (default): measured, uniform for obspa")
     sp.add_argument("--steps", type=_positive, default=1,
                     help="prune in N steps, re-scoring and re-compensating in between (default 1)")
     sp.add_argument("--heads", type=_ratio, help="fraction of whole attention heads to remove")

@@ -198,3 +198,9 @@ def test_greedy_path_prefix_is_the_looser_allocation():
     deep = allocate(a.groups, runner, resource, 0.3, round_to=1)
     for target in (0.8, 0.6, 0.45):
         assert list(deep.at(target).keeps) == list(allocate(a.groups, runner, resource, target, round_to=1).keeps)
+
+
+def test_auto_allocation_measures_for_magnitude_and_goes_uniform_for_obspa():
+    assert spa.prune(branchy(), macs=0.6, round_to=1, verify=False).report["budget"]["allocation"] == "measured"
+    r = spa.prune(branchy(), macs=0.6, criterion="obspa", round_to=1, verify=True)
+    assert r.report["budget"]["allocation"] == "uniform" and r.report["verify"]["ok"]
