@@ -6,24 +6,79 @@ in one class must be removed together. ``product`` (a merged axis such as Flatte
 a grouped Conv's groups x channels) ties each index of the whole to the index of one factor,
 the *carrier*: the largest factor not already fixed. The other factors are fixed, so a merged
 axis loses whole slices of its carrier, which is always a valid structured removal.
+
+Memory follows what can be pruned, not what a file declares. Only same-classes connected
+(through ``offset``/``product`` couplings) to an initializer axis can ever hold a prunable or
+reported channel; every other class (spatial and sequence axes, a 2^27-wide axis declared by
+a weightless model) gets one fixed stand-in atom, whatever its width: it is in ``collapsed``,
+its ``block_size`` is 1 (or 0), and its atoms never reach a group, so nothing changes for the
+groups, the rewrite or the oracle. The union-find runs on numpy arrays, over whole blocks,
+in bounded chunks. A model whose weight-connected axes would still need far more channel
+indices than it has weight values is refused (``UnsupportedModelError``) before anything big
+is allocated.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import logging
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import networkx as nx
 import numpy as np
 import onnx
 
-from .context import Couplings, NodeContext, Space
+from ..errors import UnsupportedModelError
+from .context import NOT_CHANNEL, Couplings, NodeContext, Space
 from .rules import apply_rule
 
-__all__ = ["Dependency", "build_dependency"]
+__all__ = ["Dependency", "build_dependency", "MAX_EXTRA_ATOMS", "NO_REASON", "sorted_unique"]
 
 log = logging.getLogger(__name__)
+
+# Channel indices (atoms) allowed beyond one per weight value. Each atom costs a few tens of
+# bytes while analyzing (union-find, roots, groups), so 2^22 of them are ~150 MB.
+MAX_EXTRA_ATOMS = 1 << 22
+NO_REASON = np.iinfo(np.int32).max  # reason id of an atom (class) that is free
+_CHUNK = 1 << 16                    # atoms handled per numpy step: bounds temporaries
+
+
+def sorted_unique(x: np.ndarray) -> np.ndarray:
+    """np.unique by sorting (numpy 2's hash-based np.unique is several times slower on the
+    millions of atom ids seen here)."""
+    x = np.sort(x)
+    if len(x) > 1:
+        x = x[np.concatenate([[True], x[1:] != x[:-1]])]
+    return x
+
+
+class FixedReasons(Mapping):
+    """``representative atom -> why its channel cannot be removed``, for fixed classes only
+    (a read-only mapping over ``Dependency.root`` and ``reason_ids``, not a dict per atom)."""
+
+    def __init__(self, root: np.ndarray, reason_ids: np.ndarray, reasons: list[str]):
+        self._root, self._ids, self._reasons = root, reason_ids, reasons
+
+    def __getitem__(self, atom):
+        a = int(atom)
+        if not 0 <= a < len(self._root) or self._root[a] != a or self._ids[a] == NO_REASON:
+            raise KeyError(atom)
+        return self._reasons[int(self._ids[a])]
+
+    def _keys(self) -> np.ndarray:
+        out = []
+        for s in range(0, len(self._root), _CHUNK):
+            r = self._root[s:s + _CHUNK]
+            out.append(s + np.flatnonzero((r == np.arange(s, s + len(r))) & (self._ids[s:s + _CHUNK] != NO_REASON)))
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+    def __iter__(self):
+        return iter(self._keys().tolist())
+
+    def __len__(self):
+        return len(self._keys())
 
 
 @dataclass
@@ -32,49 +87,110 @@ class Dependency:
     space_class: dict[Space, int]          # space -> id of its same-class (atom block)
     class_spaces: list[list[Space]]        # same-class id -> its spaces
     block_start: np.ndarray                # same-class id -> first atom
-    block_size: np.ndarray
+    block_size: np.ndarray                 # atoms of the class: its width, 1 if collapsed
     root: np.ndarray                       # atom -> representative atom of its class
-    fixed_reason: dict[int, str]           # representative atom -> why it cannot be removed
+    fixed_reason: Mapping[int, str]        # representative atom -> why it cannot be removed
     blocked_nodes: list[tuple[str, str, str]] = field(default_factory=list)  # name, op, reason
     initializer_classes: set[int] = field(default_factory=set)
     inexact: set[int] = field(default_factory=set)            # representatives of mixed channels
     head_classes: set[int] = field(default_factory=set)      # split factors that are heads
     head_dim_classes: set[int] = field(default_factory=set)  # the per-head dims beside them
     attention: str = "heads"                                  # which of the two carries splits
+    collapsed: set[int] = field(default_factory=set)  # classes tied to no weight: one fixed atom
+    reason_ids: np.ndarray | None = None   # atom -> index into ``reasons`` (NO_REASON: free)
+    reasons: list[str] = field(default_factory=list)
 
     def atoms(self, space: Space) -> np.ndarray:
+        """The atoms of a space, one per index, or the single stand-in of a collapsed class
+        (whose indices are never removed)."""
         c = self.space_class[space]
         return np.arange(self.block_start[c], self.block_start[c] + self.block_size[c])
 
 
 class _UnionFind:
+    """Union-find on numpy arrays. Union keeps the smaller atom as root; a root's reason is
+    the smallest reason id (the earliest fix) of the atoms merged into it."""
+
     def __init__(self, n: int):
-        self.parent = list(range(n))
-        self.reason: list[str | None] = [None] * n
+        self.parent = np.arange(n, dtype=np.int64)
+        self.reason = np.full(n, NO_REASON, dtype=np.int32)
+        self.texts: list[str] = []
+        self._ids: dict[str, int] = {}
 
-    def find(self, a: int) -> int:
-        parent = self.parent
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
+    def reason_id(self, text: str) -> int:
+        if text not in self._ids:
+            self._ids[text] = len(self.texts)
+            self.texts.append(text)
+        return self._ids[text]
 
-    def union(self, a: int, b: int):
+    def find(self, a: np.ndarray) -> np.ndarray:
+        """Roots of atoms ``a`` (compressing their paths)."""
+        p = self.parent
+        r = p[a]
+        while True:
+            rr = p[r]
+            if np.array_equal(rr, r):
+                break
+            r = rr
+        p[a] = r
+        return r
+
+    def _blocks(self, start: int, size: int):
+        for s in range(start, start + size, _CHUNK):
+            yield np.arange(s, min(s + _CHUNK, start + size))
+
+    def fix_block(self, start: int, size: int, reason: str):
+        rid = self.reason_id(reason)
+        for a in self._blocks(start, size):
+            r = self.find(a)
+            r = r[self.reason[r] == NO_REASON]
+            self.reason[r] = rid
+
+    def block_fixed(self, start: int, size: int) -> bool:
+        return any((self.reason[self.find(a)] != NO_REASON).any() for a in self._blocks(start, size))
+
+    def block_reason(self, start: int, size: int) -> str | None:
+        best = NO_REASON
+        for a in self._blocks(start, size):
+            best = min(best, int(self.reason[self.find(a)].min(initial=NO_REASON)))
+        return None if best == NO_REASON else self.texts[best]
+
+    def union(self, a: np.ndarray, b: np.ndarray):
+        """Unite a[i] with b[i] for every i (one numpy pass per round of hooking)."""
+        for s in range(0, len(a), _CHUNK):
+            self._union(a[s:s + _CHUNK], b[s:s + _CHUNK])
+
+    def _union(self, a: np.ndarray, b: np.ndarray):
+        p, reason = self.parent, self.reason
         ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            if ra > rb:
-                ra, rb = rb, ra
-            self.parent[rb] = ra
-            if self.reason[ra] is None:
-                self.reason[ra] = self.reason[rb]
+        while True:
+            m = ra != rb
+            if not m.any():
+                return
+            ra, rb = ra[m], rb[m]
+            lo, hi = np.minimum(ra, rb), np.maximum(ra, rb)
+            np.minimum.at(p, hi, lo)          # every hi is a root: hook it under its smallest lo
+            t = sorted_unique(np.concatenate([lo, hi]))
+            while True:                       # parents of t lie in t: jump until all are roots
+                pt = p[t]
+                ppt = p[pt]
+                if np.array_equal(ppt, pt):
+                    break
+                p[t] = ppt
+            np.minimum.at(reason, pt, reason[t])
+            ra, rb = p[ra], p[rb]
 
-    def fix(self, a: int, reason: str):
-        r = self.find(a)
-        if self.reason[r] is None:
-            self.reason[r] = reason
-
-    def fixed(self, a: int) -> bool:
-        return self.reason[self.find(a)] is not None
+    def roots(self) -> np.ndarray:
+        """Point every atom at its root, in place (parents precede children: chunk by chunk,
+        the chunks before are already final)."""
+        p = self.parent
+        for s in range(0, len(p), _CHUNK):
+            while True:
+                q = p[p[s:s + _CHUNK]]
+                if np.array_equal(q, p[s:s + _CHUNK]):
+                    break
+                p[s:s + _CHUNK] = q
+        return p
 
 
 def collect_couplings(model: onnx.ModelProto, shapes, opset: int,
@@ -138,6 +254,58 @@ def _outer_scope_references(graph: onnx.GraphProto):
 ATTENTION_MODES = ("heads", "head-dims")
 
 
+def weight_values(model: onnx.ModelProto) -> int:
+    """How many values the model's initializers hold: their declared element counts, except
+    for a tensor that holds no data at all (declared dims alone buy no analysis memory).
+    Loading a file checks raw and external data against the dims; reading ``raw_data`` here
+    would copy it."""
+    total = 0
+    for t in model.graph.initializer:
+        declared = math.prod(int(d) for d in t.dims)
+        if t.data_location == onnx.TensorProto.EXTERNAL or t.HasField("raw_data"):
+            total += declared
+        else:
+            total += min(declared, sum(len(getattr(t, f)) for f in (
+                "float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")))
+    return total
+
+
+def _weight_classes(couplings: Couplings, space_class: dict, n_classes: int,
+                    init_classes: set[int]) -> np.ndarray:
+    """Which same-classes are connected to an initializer class through offset/product
+    couplings (the only links between atoms of different classes): bool per class."""
+    graph = nx.Graph()
+    graph.add_nodes_from(range(n_classes))
+    for small, big, *_ in couplings.offset:
+        graph.add_edge(space_class[small], space_class[big])
+    for whole, factors, _ in couplings.product:
+        for f in factors:
+            graph.add_edge(space_class[whole], space_class[f])
+    keep = np.zeros(n_classes, dtype=bool)
+    for comp in nx.connected_components(graph):
+        if init_classes.intersection(comp):
+            keep[list(comp)] = True
+    return keep
+
+
+def _refuse_if_too_wide(model, couplings, class_spaces, sizes, keep):
+    for c in np.flatnonzero(sizes < 0):
+        space = class_spaces[c][0]
+        raise UnsupportedModelError(f"tensor {space[0]!r} axis {space[1]} declares a negative size {int(sizes[c])}")
+    atoms = sum(int(sizes[c]) for c in np.flatnonzero(keep))  # Python ints: no overflow
+    values = weight_values(model)
+    limit = values + MAX_EXTRA_ATOMS
+    if atoms <= limit:
+        return
+    widest = max(np.flatnonzero(keep), key=lambda c: (int(sizes[c]), -c))
+    space = next((s for s in class_spaces[widest]
+                  if s[0] not in {t.name for t in model.graph.initializer}), class_spaces[widest][0])
+    raise UnsupportedModelError(
+        f"tensor {space[0]!r} axis {space[1]} is {int(sizes[widest])} wide and tied to the weights: "
+        f"channel analysis would track {atoms} indices, more than the model's {values} weight "
+        f"values justify ({limit}); spa refuses to analyze it (check the model's declared shapes)")
+
+
 def build_dependency(model: onnx.ModelProto, shapes, opset: int, exclude: list[str] | None = None,
                      attention: str = "heads", allow_mixing: bool = False) -> Dependency:
     """``attention`` says what a split of a hidden axis into heads x head_dim carries:
@@ -154,23 +322,43 @@ def build_dependency(model: onnx.ModelProto, shapes, opset: int, exclude: list[s
     class_spaces = [sorted(c, key=str) for c in nx.connected_components(graph)]
     class_spaces.sort(key=lambda c: str(c[0]))
     space_class = {s: i for i, c in enumerate(class_spaces) for s in c}
-    sizes = np.array([couplings.sizes[c[0]] for c in class_spaces], dtype=np.int64)
+    widths = np.array([couplings.sizes[c[0]] for c in class_spaces], dtype=np.int64)
+    init_names = {t.name for t in model.graph.initializer}
+    init_classes = {c for s, c in space_class.items() if s[0] in init_names}
+    keep = _weight_classes(couplings, space_class, len(class_spaces), init_classes)
+    _refuse_if_too_wide(model, couplings, class_spaces, widths, keep)
+    collapsed = set(np.flatnonzero(~keep).tolist())
+    sizes = np.where(keep, widths, np.minimum(widths, 1))
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
     uf = _UnionFind(int(sizes.sum()))
 
     def block(space):
         c = space_class[space]
-        return range(int(starts[c]), int(starts[c] + sizes[c]))
+        return int(starts[c]), int(sizes[c])
 
+    for c in sorted(collapsed):   # never part of a group: one shared reason is enough
+        uf.fix_block(int(starts[c]), int(sizes[c]), f"{NOT_CHANNEL}any weight (tied to no initializer)")
     for space, reason in couplings.fixed + ([] if allow_mixing else couplings.mixing):
-        for a in block(space):
-            uf.fix(a, reason)
+        if space_class[space] not in collapsed:
+            uf.fix_block(*block(space), reason)
+    pairs_a, pairs_b, pending = [], [], 0
     for small, big, start, step, _ in couplings.offset:
-        bs, bb = block(small), block(big)
-        for i, a in enumerate(bs):
+        if space_class[small] in collapsed:
+            continue
+        (s0, ns), (b0, nb) = block(small), block(big)
+        for i0 in range(0, ns, _CHUNK):
+            i = np.arange(i0, min(i0 + _CHUNK, ns), dtype=np.int64)
             j = start + i * step
-            if 0 <= j < len(bb):
-                uf.union(a, bb[j])
+            ok = (j >= 0) & (j < nb)
+            pairs_a.append(s0 + i[ok])
+            pairs_b.append(b0 + j[ok])
+            pending += int(ok.sum())
+            if pending >= _CHUNK:
+                uf.union(np.concatenate(pairs_a), np.concatenate(pairs_b))
+                pairs_a, pairs_b, pending = [], [], 0
+    if pairs_a:
+        uf.union(np.concatenate(pairs_a), np.concatenate(pairs_b))
+    del pairs_a, pairs_b
     batch_classes = _head_classes(couplings, space_class)
     heads, head_dims = set(), set()
     for whole, factors, node in couplings.product:
@@ -181,16 +369,22 @@ def build_dependency(model: onnx.ModelProto, shapes, opset: int, exclude: list[s
             others = [f for f in factors if f not in in_batch and couplings.sizes[f] > 1]
             head_dims.update(space_class[f] for f in others)
             preferred = set(in_batch) if attention == "heads" else set(others)
-        _unite_product(uf, block, couplings.sizes, whole, factors, node, preferred)
+        if space_class[whole] not in collapsed:
+            _unite_product(uf, block, couplings.sizes, whole, factors, node, preferred)
 
-    root = np.fromiter((uf.find(a) for a in range(len(uf.parent))), dtype=np.int64,
-                       count=len(uf.parent))
-    fixed_reason = {int(r): uf.reason[r] for r in np.unique(root) if uf.reason[r] is not None}
-    inexact = {int(root[a]) for space, _ in couplings.mixing for a in block(space)} if allow_mixing else set()
-    init_names = {t.name for t in model.graph.initializer}
-    init_classes = {c for s, c in space_class.items() if s[0] in init_names}
-    return Dependency(couplings, space_class, class_spaces, starts, sizes, root, fixed_reason,
-                      blocked, init_classes, inexact, heads, head_dims, attention)
+    root = uf.roots()
+    reason_ids = uf.reason       # atom -> reason of its root, in place: a root's own entry
+    for s in range(0, len(root), _CHUNK):   # never changes, and roots precede their atoms
+        reason_ids[s:s + _CHUNK] = reason_ids[root[s:s + _CHUNK]]
+    del uf.parent, uf.reason
+    inexact = set()
+    if allow_mixing:
+        for space, _ in couplings.mixing:
+            s, n = block(space)
+            inexact.update(sorted_unique(root[s:s + n]).tolist())
+    return Dependency(couplings, space_class, class_spaces, starts, sizes, root,
+                      FixedReasons(root, reason_ids, uf.texts), blocked, init_classes, inexact,
+                      heads, head_dims, attention, collapsed, reason_ids, uf.texts)
 
 
 def _head_classes(couplings: Couplings, space_class: dict) -> set[int]:
@@ -209,33 +403,29 @@ def _head_classes(couplings: Couplings, space_class: dict) -> set[int]:
     return classes
 
 
-def _unite_product(uf, block, sizes, whole, factors, node, preferred=None):
+def _unite_product(uf: _UnionFind, block, sizes, whole, factors, node, preferred=None):
     factors = [f for f in factors if sizes[f] != 1]
-    whole_atoms = block(whole)
-    if int(np.prod([sizes[f] for f in factors])) != len(whole_atoms):
-        for a in whole_atoms:
-            uf.fix(a, f"{node!r}: axis sizes do not factor")
+    w0, wn = block(whole)
+    if math.prod(sizes[f] for f in factors) != sizes[whole]:
+        reason = f"{node!r}: axis sizes do not factor"
+        uf.fix_block(w0, wn, reason)
         for f in factors:
-            for a in block(f):
-                uf.fix(a, f"{node!r}: axis sizes do not factor")
+            uf.fix_block(*block(f), reason)
         return
     if not factors:
         return
-    free = [f for f in factors if not any(uf.fixed(a) for a in block(f))]
+    free = [f for f in factors if not uf.block_fixed(*block(f))]
     if not free:
-        reason = uf.reason[uf.find(block(factors[0])[0])]
-        for a in whole_atoms:
-            uf.fix(a, reason)
+        uf.fix_block(w0, wn, uf.block_reason(*block(factors[0])))
         return
     candidates = [f for f in free if f in preferred] if preferred else []
     carrier = max(candidates or free, key=lambda f: sizes[f])
     for f in free:
         if f != carrier:
-            for a in block(f):
-                uf.fix(a, f"node {node!r} merges this axis with a larger one that carries the channels")
+            uf.fix_block(*block(f), f"node {node!r} merges this axis with a larger one that carries the channels")
     pos = factors.index(carrier)
-    inner = int(np.prod([sizes[f] for f in factors[pos + 1:]]))
-    carrier_atoms = block(carrier)
-    n = sizes[carrier]
-    for i, a in enumerate(whole_atoms):
-        uf.union(a, carrier_atoms[(i // inner) % n])
+    inner = math.prod(sizes[f] for f in factors[pos + 1:])
+    c0, n = block(carrier)
+    for s in range(0, wn, _CHUNK):
+        i = np.arange(s, min(s + _CHUNK, wn), dtype=np.int64)
+        uf.union(w0 + i, c0 + (i // inner) % n)

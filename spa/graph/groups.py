@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .context import NOT_CHANNEL, Space
-from .dependency import Dependency
+from .dependency import _CHUNK, NO_REASON, Dependency, sorted_unique
 
 __all__ = ["Group", "find_groups"]
 
@@ -33,47 +33,134 @@ class Group:
 
     def member(self, dep: Dependency, space: Space) -> tuple[np.ndarray, np.ndarray]:
         """Indices of this group's channels in ``space``, and which channel each one is."""
-        if space not in self._members:
-            atoms = dep.atoms(space)
-            roots = dep.root[atoms]
+        c = dep.space_class[space]      # spaces of one class share their atoms: cache per class
+        if c not in self._members:
+            roots = dep.root[dep.block_start[c]:dep.block_start[c] + dep.block_size[c]]
             pos = np.searchsorted(self.channels, roots).clip(0, len(self.channels) - 1)
             hit = self.channels[pos] == roots
-            self._members[space] = (np.nonzero(hit)[0], pos[hit])
-        return self._members[space]
+            del roots
+            self._members[c] = (np.nonzero(hit)[0], pos[hit])
+        return self._members[c]
+
+
+def _own_roots(root: np.ndarray, start: int, stop: int, multi: np.ndarray) -> np.ndarray:
+    """Atoms in [start, stop) that are roots and not in ``multi``."""
+    ids = np.arange(start, stop)
+    mine = ids[root[start:stop] == ids]
+    if len(multi) and len(mine):
+        at = np.searchsorted(multi, mine).clip(0, len(multi) - 1)
+        mine = mine[multi[at] != mine]
+    return mine
+
+
+def _class_sets(dep: Dependency):
+    """Every representative atom, grouped by the sorted set of classes its channel lives in:
+    (the class sets, the sorted representatives of each set).
+
+    Most representatives have no other atom in another class (a conv's channels, a wide MLP
+    hidden layer): their set is their own class, read off class by class. Only atoms that are
+    not their own root (offset/product unions) make (root, class) pairs, grouped exactly."""
+    n_classes = len(dep.class_spaces)
+    starts, sizes, root = dep.block_start, dep.block_size, dep.root
+    live = [c for c in range(n_classes) if sizes[c] > 0 and c not in dep.collapsed]
+
+    # (root, class) of atoms that are not their own root, in another class than the root's
+    keys = []
+    for c in live:
+        s, n = int(starts[c]), int(sizes[c])
+        for s0 in range(s, s + n, _CHUNK):
+            r = root[s0:min(s0 + _CHUNK, s + n)]
+            moved = r[r != np.arange(s0, s0 + len(r))]
+            moved = moved[(moved < s) | (moved >= s + n)]
+            if len(moved):
+                keys.append(sorted_unique(moved) * n_classes + c)
+    keys = sorted_unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
+    multi_roots = keys // n_classes
+    multi = sorted_unique(multi_roots)
+    sets: dict[tuple, list[np.ndarray]] = {}
+    if len(multi):
+        # each multi root's own class joins its pairs; runs are sorted by root then class
+        own = np.searchsorted(starts, multi, side="right") - 1
+        keys = np.sort(np.concatenate([keys, multi * n_classes + own]))
+        roots, classes = keys // n_classes, keys % n_classes
+        del keys
+        first = np.flatnonzero(np.concatenate([[True], roots[1:] != roots[:-1]]))
+        counts = np.diff(np.append(first, len(roots)))
+        rng = np.random.default_rng(0x5BA)
+        h = np.add.reduceat(rng.integers(0, 2**63, n_classes, dtype=np.uint64)[classes], first)
+        _, rep, inv = np.unique(h, return_index=True, return_inverse=True)
+        inv = inv.ravel()
+        same = np.array_equal(counts, counts[rep][inv])
+        if same:   # exact check of the hash: each run equals its set's first run, class by class
+            offset = np.arange(len(classes)) - np.repeat(first, counts)
+            same = np.array_equal(classes, classes[np.repeat(first[rep][inv], counts) + offset])
+            del offset
+        if same:
+            order = np.argsort(inv, kind="stable")
+            bounds = np.cumsum(np.bincount(inv, minlength=len(rep)))[:-1]
+            for f, members in zip(rep, np.split(roots[first][order], bounds)):
+                sets.setdefault(tuple(classes[first[f]:first[f] + counts[f]].tolist()), []).append(members)
+        else:      # two class sets with one hash: group in Python (never seen)
+            for r, f, n in zip(roots[first].tolist(), first.tolist(), counts.tolist()):
+                sets.setdefault(tuple(classes[f:f + n].tolist()), []).append(np.array([r], np.int64))
+    # every other root lives in its own class only
+    for c in live:
+        s, n = int(starts[c]), int(sizes[c])
+        count = sum(len(_own_roots(root, s0, min(s0 + _CHUNK, s + n), multi))
+                    for s0 in range(s, s + n, _CHUNK))
+        if not count:
+            continue
+        mine, k = np.empty(count, dtype=np.int64), 0    # filled in place: no list + concatenate
+        for s0 in range(s, s + n, _CHUNK):
+            part = _own_roots(root, s0, min(s0 + _CHUNK, s + n), multi)
+            mine[k:k + len(part)] = part
+            k += len(part)
+        sets.setdefault((c,), []).append(mine)
+    keys = list(sets)
+    return keys, [v[0] if len(v) == 1 else np.sort(np.concatenate(v)) for v in sets.values()]
 
 
 def find_groups(dep: Dependency) -> tuple[list[Group], list[Group]]:
     """Return (prunable groups, blocked groups); only groups that own initializers count."""
-    n_classes = len(dep.class_spaces)
-    cls_of_atom = np.repeat(np.arange(n_classes), dep.block_size)
-    pairs = np.unique(dep.root * n_classes + cls_of_atom)
-    roots, classes = pairs // n_classes, pairs % n_classes
-    split = np.nonzero(np.diff(roots))[0] + 1
-    by_key: dict[tuple, list[int]] = {}
-    for r, cls in zip(np.split(roots, split), np.split(classes, split)):
-        if len(r) == 0:
-            continue
-        key = tuple(cls.tolist())
-        if not dep.initializer_classes.intersection(key):
-            continue
-        by_key.setdefault(key, []).append(int(r[0]))
+    sets, members = _class_sets(dep)
+    found = [(key, channels) for key, channels in zip(sets, members)
+             if dep.initializer_classes.intersection(key)]
+    found.sort(key=lambda kv: int(kv[1][0]))
+    inexact = np.array(sorted(dep.inexact), dtype=np.int64)
+    reason_ids = dep.reason_ids
+    if reason_ids is None:   # a Dependency built by hand, with a dict of reasons
+        reason_ids = np.full(len(dep.root), -1, dtype=np.int64)
+        texts = sorted(set(dep.fixed_reason.values()))
+        for r, text in dep.fixed_reason.items():
+            reason_ids[r] = texts.index(text)
+        free_id = -1
+    else:
+        texts, free_id = dep.reasons, NO_REASON
 
     prunable, blocked = [], []
-    for key, channel_roots in sorted(by_key.items(), key=lambda kv: min(kv[1])):
-        channels = np.array(sorted(channel_roots), dtype=np.int64)
-        spaces = [s for c in key for s in dep.class_spaces[c]]
-        reasons = [dep.fixed_reason.get(int(r)) for r in channels]
-        free = channels[[r is None for r in reasons]]
-        fixed_reasons = sorted({r for r in reasons if r is not None})
+    for key, channels in found:
+        channels = channels.astype(np.int64, copy=False)
+        is_free = np.empty(len(channels), dtype=bool)
+        seen: set[int] = set()
+        for s in range(0, len(channels), _CHUNK):      # chunked: no full-width temporaries
+            ids = reason_ids[channels[s:s + _CHUNK]]
+            is_free[s:s + _CHUNK] = ids == free_id
+            seen.update(sorted_unique(ids).tolist())
+        seen.discard(free_id)
+        fixed_reasons = sorted({texts[i] for i in seen})
+        n_free = int(is_free.sum())
+        free = channels if n_free == len(channels) else channels[is_free]
         if len(free) > 1:
-            kind = ("hidden" if dep.inexact.intersection(free.tolist()) else
+            kind = ("hidden" if len(inexact) and np.isin(free, inexact).any() else
                     "heads" if dep.head_classes.intersection(key) and dep.attention == "heads" else
                     "head-dims" if dep.head_dim_classes.intersection(key) and dep.attention == "head-dims" else
                     "channels")
-            prunable.append(Group(len(prunable), free, spaces, kind=kind))
+            prunable.append(Group(len(prunable), free, [s for c in key for s in dep.class_spaces[c]], kind=kind))
+        del free
         fixed_reasons = [r for r in fixed_reasons if not r.startswith(NOT_CHANNEL)]
         if fixed_reasons and len(channels) > 1:
-            fixed = channels[[r is not None for r in reasons]]
+            spaces = [s for c in key for s in dep.class_spaces[c]]
+            fixed = channels if n_free == 0 else channels[~is_free]
             blocked.append(Group(-1, fixed, spaces, blocked="; ".join(fixed_reasons[:3])))
     for i, g in enumerate(blocked):
         g.id = len(prunable) + i
