@@ -480,7 +480,7 @@ def infer_shapes(model: onnx.ModelProto, overrides: dict | None = None,
             d.Clear()
             d.dim_value = v
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+        inferred = infer_skeleton(skeleton)
         infos = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
     except Exception as e:  # inference gives up on some custom graphs; onnxruntime may not
         log.debug("onnx shape inference failed: %s", e)
@@ -509,6 +509,23 @@ def infer_shapes(model: onnx.ModelProto, overrides: dict | None = None,
     if fetch:
         _fill_from_onnxruntime(model, out, fetch)
     return out
+
+
+# ONNX's data propagation keeps a value per element of 1-D tensors (~80 bytes each): it is
+# for shape vectors, so a model with longer 1-D tensors (a 2^24 bias, a hostile 2^27 vector
+# declared by a 200-byte file) is inferred without it.
+DATA_PROP_MAX = 4096
+
+
+def infer_skeleton(skeleton: onnx.ModelProto, strict: bool = False) -> onnx.ModelProto:
+    """ONNX shape inference on a weightless model, with data propagation where it is cheap."""
+    plain = onnx.shape_inference.infer_shapes(skeleton, strict_mode=strict, data_prop=False)
+    g = plain.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        dims = vi.type.tensor_type.shape.dim if vi.type.HasField("tensor_type") else []
+        if len(dims) == 1 and dims[0].HasField("dim_value") and dims[0].dim_value > DATA_PROP_MAX:
+            return plain
+    return onnx.shape_inference.infer_shapes(skeleton, strict_mode=strict, data_prop=True)
 
 
 def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -100,7 +100,7 @@ def check_valid(pruned: onnx.ModelProto, original: onnx.ModelProto | None = None
 def check_shapes(original: onnx.ModelProto, pruned: onnx.ModelProto, input_shapes: dict):
     """Cheap structural check that runs even without --verify: strict ONNX shape inference
     of the pruned model (weights left out), where the original passes it too."""
-    from .model import _weightless
+    from .model import _weightless, infer_skeleton
 
     def strict(model):
         skeleton = _weightless(model)
@@ -109,7 +109,7 @@ def check_shapes(original: onnx.ModelProto, pruned: onnx.ModelProto, input_shape
                 for d, v in zip(inp.type.tensor_type.shape.dim, input_shapes[inp.name]):
                     d.Clear()
                     d.dim_value = v
-        onnx.shape_inference.infer_shapes(skeleton, strict_mode=True, data_prop=True)
+        infer_skeleton(skeleton, strict=True)
 
     try:
         strict(pruned)

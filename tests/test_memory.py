@@ -292,3 +292,26 @@ def test_numpy_union_find_matches_a_plain_one(seed, monkeypatch):
     assert root.tolist() == [find(a) for a in range(n)]
     fixed_roots = {find(a) for a in fixed}
     assert [bool(uf.reason[r] != dependency.NO_REASON) for r in root] == [find(a) in fixed_roots for a in range(n)]
+
+
+def test_long_1d_tensors_skip_onnx_data_propagation(monkeypatch):
+    """A tiny file whose graph expands to a long 1-D vector: ONNX's data propagation would
+    keep ~80 bytes per element of it; spa infers such models without it."""
+    import onnx.shape_inference as si
+    from spa.model import DATA_PROP_MAX, infer_shapes
+    seen = []
+    real = si.infer_shapes
+
+    def spy(model, *a, **k):
+        seen.append(k.get("data_prop"))
+        return real(model, *a, **k)
+    monkeypatch.setattr(si, "infer_shapes", spy)
+    n = DATA_PROP_MAX * 4
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [n])
+    shape = numpy_helper.from_array(np.array([n], np.int64), "shape")
+    m = helper.make_model(helper.make_graph([helper.make_node("Expand", ["x", "shape"], ["e"]),
+                                             helper.make_node("Relu", ["e"], ["y"])], "g", [x], [y], [shape]),
+                          opset_imports=[helper.make_opsetid("", 17)])
+    shapes = infer_shapes(m, want_values=False)
+    assert shapes.shape["e"] == (n,) and True not in seen
