@@ -244,7 +244,9 @@ def allocate(groups: list[Group], runner: MaskedRunner, resource: ResourceModel,
         saved = resource.value(keeps) - resource.value(trial)
         if saved > 0:
             after = runner.change(trial)
-            heapq.heappush(heap, ((after - base if after > base else 0.0) / saved, -saved, gi, nxt[0],
+            if not np.isfinite(after):  # a cut that makes the outputs NaN or infinite is never cheap
+                return
+            heapq.heappush(heap, (max(after - base, 0.0) / saved, -saved, gi, nxt[0],
                                   max(after - base, 0.0), version, after))
 
     for gi in range(len(groups)):

@@ -243,6 +243,9 @@ def prune(model_or_path, ratio: float = 0.5, criterion: str = "l1", *, heads: fl
         options["budget"] = {kind: target, "allocation": allocation}
     if steps < 1:
         raise SpaError(f"--steps must be at least 1, got {steps}")
+    if budgets and (head_dims or hidden):
+        raise SpaError("a budget (--macs/--params/--latency) spends on channels and heads; --head-dims and "
+                       "--hidden cannot share it yet: give them with --ratio")
     if steps > 1 and latency is not None:
         raise SpaError("--steps with --latency is not supported: use --macs, or one step")
     result = None
@@ -254,7 +257,7 @@ def prune(model_or_path, ratio: float = 0.5, criterion: str = "l1", *, heads: fl
         result = one if result is None else _merge_passes(result, one)
     if steps > 1 and budget is not None:
         key = "params" if budget.kind == "params" else "macs"
-        result.report["budget"].update(target=budget.target, steps=steps,
+        result.report.setdefault("budget", {"kind": budget.kind}).update(target=budget.target, steps=steps,
                                        achieved=result.report["after"][key] / result.report["before"][key])
         result.report["budget"]["met"] = result.report["budget"]["achieved"] <= budget.target + 1e-9
     if head_dims:
@@ -278,7 +281,8 @@ def _step(plan: PlanOptions, budget: Budget | None, step: int, steps: int, done:
     if steps == 1:
         return plan, budget
     share = lambda r: 1 - (1 - r) ** (1 / steps)  # noqa: E731 - per-step share of a total ratio
-    step_plan = replace(plan, ratio=share(plan.ratio), ratios=tuple((k, share(r)) for k, r in plan.ratios))
+    step_plan = replace(plan, ratio=share(plan.ratio), ratios=tuple((k, share(r)) for k, r in plan.ratios),
+                        max_ratio=share(plan.max_ratio))  # N capped steps never remove more than the cap
     if budget is None:
         return step_plan, None
     goal = 1 - (1 - budget.target) * step / steps          # share of the original after this step
@@ -327,6 +331,9 @@ def _prune_pass(a: Analysis, plan: PlanOptions, *, criterion, aggregate, seed, v
     if budget is not None and a.groups:
         on_stage("allocate")
         removals, spent = _spend(a, scores, removals, plan, budget)
+    elif budget is not None:
+        spent = {"predicted": [], "report": {"kind": budget.kind, "target": budget.target, "achieved": 1.0,
+                                             "met": budget.target >= 1.0, "reason": "no prunable groups"}}
     model, data_info = a.model, None
     if calibration is not None and a.groups:
         on_stage("calibrate")
@@ -413,6 +420,10 @@ def _spend(a: Analysis, scores, removals, plan: PlanOptions, budget: Budget):
                         seed=budget.seed).batches(a.model, a.shapes.input_shapes)[:1]
     runner = MaskedRunner(a.model, a.dep, a.shapes, a.groups, orders, feeds)
     resource = ResourceModel(a.model, a.shapes, a.dep, a.groups, "params" if budget.kind == "params" else "macs")
+    if not resource.full:
+        raise SpaError(f"--{budget.kind}: the model has no {'weights' if budget.kind == 'params' else 'MACs'} spa "
+                       "can count (Conv, Gemm, MatMul with static shapes); use --ratio" +
+                       ("" if budget.kind == "params" else " or --params"))
 
     def spend(target):
         if budget.how == "uniform":
@@ -422,8 +433,7 @@ def _spend(a: Analysis, scores, removals, plan: PlanOptions, budget: Budget):
     report = {"kind": budget.kind, "target": budget.target, "allocation": budget.how, "measured_on": (
         f"{samples} {'calibration samples' if budget.calib is not None else 'synthetic samples'}")}
     if budget.kind == "latency":
-        alloc, report["latency_search"] = _search_latency(a, orders, spend, budget.target)
-        report["achieved"] = next(t["latency"] for t in report["latency_search"] if t["macs"] == _share(alloc))
+        alloc, report["achieved"], report["latency_search"] = _search_latency(a, orders, spend, budget.target)
         report["met"] = report["achieved"] <= budget.target * 1.05
     else:
         alloc = spend(budget.target)
@@ -440,16 +450,18 @@ def _share(alloc) -> float:
 
 def _search_latency(a: Analysis, orders, spend, target: float, tries: int = 6):
     """Latency is measured, not modelled: prune to a MACs share, time original and pruned
-    interleaved on onnxruntime (one thread), correct the MACs share by the miss, repeat. The
-    greedy path is computed once, down to ``target ** 2`` of the MACs, and each try takes its
-    prefix. Returns the allocation with the largest measured latency share within 5 % of the
-    target (else the fastest one), and every try."""
+    interleaved on onnxruntime (one thread), correct the MACs share by the miss, repeat. A
+    measured allocation's greedy path is computed once, down to ``target ** 2`` of the MACs,
+    and each try takes its prefix. Returns the allocation with the largest measured latency
+    share within 5 % of the target (else the fastest one), its latency share, and every try."""
     from .bench import latency as measure
     deep = spend(max(0.01, target * target))
     tried = []
     share = target
     for _ in range(tries):
-        alloc = deep.at(share) if share >= _share(deep) else spend(share)
+        alloc = deep.at(share) if deep.path and share >= _share(deep) else spend(share)
+        if tried and np.array_equal(alloc.keeps, tried[-1]["alloc"].keeps):
+            break  # the caps allow nothing else: timing it again tells nothing new
         removed = np.zeros(len(a.dep.root), dtype=bool)
         for g, o, k in zip(a.groups, orders, alloc.keeps):
             removed[g.channels[o[: g.size - int(k)]]] = True
@@ -462,4 +474,4 @@ def _search_latency(a: Analysis, orders, spend, target: float, tries: int = 6):
         share = float(np.clip(share * target / max(ratio, 1e-6), 0.01, 1.0))
     fits = [t for t in tried if t["latency"] <= target * 1.05]
     best = max(fits, key=lambda t: t["macs"]) if fits else min(tried, key=lambda t: t["latency"])
-    return best["alloc"], [{"macs": t["macs"], "latency": t["latency"]} for t in tried]
+    return best["alloc"], best["latency"], [{"macs": t["macs"], "latency": t["latency"]} for t in tried]

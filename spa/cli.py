@@ -169,8 +169,9 @@ def cmd_prune(args) -> int:
 def _print_budget(rep):
     b = rep["budget"]
     print(f"budget: {b['kind']} {b['target']:.3g} of the original -> {b['achieved']:.3g}"
-          f"{'' if b['met'] else ' (not met: every group is at its cap)'}; output change before any "
-          f"compensation {b['output_change']:.3g} (relative squared, on {b['measured_on']})")
+          f"{'' if b['met'] else ' (not met: ' + b.get('reason', 'the caps and pinned kinds allow no more') + ')'}"
+          + (f"; output change before any compensation {b['output_change']:.3g} (mean cosine distance, on "
+             f"{b['measured_on']})" if "output_change" in b else ""))
     cut = sorted((g for g in rep["groups"] if g["channels"]), key=lambda g: g["removed"] / g["channels"])
     for title, chosen in (("cut most", cut[::-1][:5]), ("cut least", cut[:5])):
         print(f"{title}: " + ", ".join(f"{(g['members'] or ['group ' + str(g['id'])])[0]} "
@@ -267,6 +268,10 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _latency(text: str):
+    return True if text == "on" else _share(text)  # "on": a bare --latency, see _bare_latency
+
+
 def _share(text: str) -> float:
     try:
         value = float(text)
@@ -347,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="after pruning, correct consumer biases from activation means (closed form)")
     sp.add_argument("--strict", action="store_true", help="fail if any node blocks pruning")
     sp.add_argument("--report", metavar="JSON", help="write the full report as JSON")
-    sp.add_argument("--latency", type=_share, nargs="?", const=True, default=None, metavar="F",
+    sp.add_argument("--latency", type=_latency, nargs="?", const=True, default=None, metavar="F",
                     help="keep this share of the onnxruntime latency (measured here); a bare --latency only "
                          "measures it before and after")
     sp.add_argument("--runs", type=_positive, default=30, help="latency runs")
@@ -376,9 +381,21 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def _bare_latency(argv: list[str]) -> list[str]:
+    """A bare ``--latency`` (measure only) must not swallow the next word (the model path)."""
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a == "--latency":
+            try:
+                float(out[i + 1])
+            except (IndexError, ValueError):
+                out[i] = "--latency=on"
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(_bare_latency(sys.argv[1:] if argv is None else argv))
     except SystemExit as e:  # usage errors (one line printed by _Parser.error) and --help
         return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

@@ -204,3 +204,79 @@ def test_auto_allocation_measures_for_magnitude_and_goes_uniform_for_obspa():
     assert spa.prune(branchy(), macs=0.6, round_to=1, verify=False).report["budget"]["allocation"] == "measured"
     r = spa.prune(branchy(), macs=0.6, criterion="obspa", round_to=1, verify=True)
     assert r.report["budget"]["allocation"] == "uniform" and r.report["verify"]["ok"]
+
+
+def test_keep_steps_respect_the_cap():
+    g = spa.analyze(branchy()).groups[0]
+    assert keep_steps(g, 1, 0.5)[-1] == g.size - g.size // 2
+    assert keep_steps(g, 1, 0.9)[-1] < keep_steps(g, 1, 0.5)[-1]
+
+
+def test_steps_do_not_overshoot_or_bypass_the_cap():
+    r = spa.prune(branchy(), macs=0.5, steps=2, round_to=1, verify=False).report
+    assert 0.4 <= r["budget"]["achieved"] <= 0.5
+    capped = spa.prune(branchy(), macs=0.05, steps=3, max_ratio=0.5, round_to=1, verify=False)
+    assert capped.report["budget"]["met"] is False
+    dims = {t.name: list(t.dims) for t in capped.model.graph.initializer}
+    checked = 0
+    for g in capped.report["passes"][0]["groups"]:  # each group's members, as first analyzed
+        for member in g["members"]:
+            name, axis = member[:-3], int(member[-2])
+            if name in dims:
+                assert dims[name][axis] >= g["channels"] - g["channels"] // 2, (member, dims[name])
+                checked += 1
+    assert checked
+
+
+def test_cut_groups_report_their_output_change():
+    r = spa.prune(branchy(), macs=0.6, round_to=1, verify=False).report
+    cut = [g for g in r["groups"] if g["removed"]]
+    assert cut and all(g["output_change"] > 0 for g in cut)
+
+
+def test_latency_search_reports_the_try_it_chose(monkeypatch):
+    """With latency a known function of MACs, the search keeps the try within 5 % of the
+    target that keeps the most MACs, and reports that try's latency."""
+    import spa.bench
+    from spa.metrics import count_macs
+    from spa.model import infer_shapes
+
+    def fake(models, input_shapes, runs=20, **k):
+        return [float(count_macs(m, infer_shapes(m, input_shapes, want_values=False))) ** 1.3 for m in models]
+    monkeypatch.setattr(spa.bench, "latency", fake)
+    for allocation in ("measured", "uniform"):
+        b = spa.prune(branchy(), latency=0.6, round_to=1, verify=False, allocation=allocation).report["budget"]
+        fits = [t for t in b["latency_search"] if t["latency"] <= 0.6 * 1.05]
+        assert fits, b
+        best = max(fits, key=lambda t: t["macs"])
+        assert b["achieved"] == best["latency"] and b["met"]
+        assert b["macs_share"] == pytest.approx(best["macs"])
+        assert b["macs_share"] > 0.6 ** (1 / 1.3) - 0.15  # not cut to target ** 2
+
+
+def test_budget_without_anything_to_cut():
+    g = Graph()
+    g.output(g.conv(g.input([1, 3, 8, 8]), 3, 8))  # input and output channels: nothing prunable
+    r = spa.prune(g.model(), macs=0.5, verify=False).report
+    assert r["budget"]["met"] is False and r["budget"]["reason"] == "no prunable groups"
+    assert spa.prune(g.model(), macs=0.5, steps=2, verify=False).report["budget"]["met"] is False
+    h = Graph(seed=2)  # an embedding lookup summed away: channels to prune, no MACs to count
+    from onnx import TensorProto
+    e = h.op("Gather", [h.weight(10, 16), h.input([1, 3], name="idx", dtype=TensorProto.INT64)])
+    y = h.op("Mul", [h.op("Relu", [e]), h.weight(16)])
+    h.output(h.op("ReduceSum", [y, h.const(np.array([2], np.int64))], keepdims=0))
+    assert spa.analyze(h.model()).groups
+    with pytest.raises(spa.SpaError, match="no MACs"):
+        spa.prune(h.model(), macs=0.5, verify=False)
+    assert spa.prune(h.model(), params=0.5, round_to=1, verify=False).report["budget"]["met"]
+
+
+def test_budget_refuses_head_dims_and_hidden():
+    with pytest.raises(spa.SpaError, match="--head-dims"):
+        spa.prune(branchy(), macs=0.5, head_dims=0.25)
+
+
+def test_bare_latency_before_the_model(tmp_path, capsys):
+    path = tmp_path / "m.onnx"
+    onnx.save(branchy(), path)
+    assert main(["prune", "--latency", str(path), "-o", str(tmp_path / "o.onnx"), "-q", "--runs", "2"]) == 0
