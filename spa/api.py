@@ -27,6 +27,8 @@ __all__ = ["Analysis", "Loaded", "PruneResult", "analyze", "prune", "DEFAULT_ROU
 
 log = logging.getLogger(__name__)
 
+# ``hidden=HIDDEN_AS_RATIO`` (a bare --hidden) prunes the residual width by ``ratio``.
+HIDDEN_AS_RATIO = -1.0
 # Kept channels are rounded to a multiple of this by default (see benchmarks/README.md).
 DEFAULT_ROUND_TO = 8
 # The oracle runs by default below this many parameters (two onnxruntime sessions).
@@ -164,7 +166,7 @@ def _file_bytes(files: dict) -> int:
     return sum(os.path.getsize(f) for f in files.values())
 
 
-def prune(model_or_path, ratio: float = 0.5, criterion: str = "l1", *, heads: float | None = None,
+def prune(model_or_path, ratio: float | None = None, criterion: str = "l1", *, heads: float | None = None,
           mlp: float | None = None, head_dims: float | None = None, hidden: float | None = None,
           global_rank: bool = False,
           max_ratio: float = 0.9, round_to: int = DEFAULT_ROUND_TO, exclude: list[str] | None = None,
@@ -173,7 +175,9 @@ def prune(model_or_path, ratio: float = 0.5, criterion: str = "l1", *, heads: fl
           recalibrate: bool = False, calib_samples: int = 64, damping: float = 0.01,
           macs: float | None = None, params: float | None = None, latency: float | None = None,
           steps: int = 1, allocation: str = "auto", on_stage: Callable[[str], None] | None = None) -> PruneResult:
-    """Prune ``ratio`` of the channels of every prunable group (or globally).
+    """Prune ``ratio`` of the channels of every prunable group (or globally). Without a
+    ratio: 0.5, or 0 for every structure not named when ``heads``/``mlp``/``head_dims``/
+    ``hidden`` is given (the CLI means the same).
 
     Data-aware criteria (``obspa``, ``activation``, ``dead``) and ``recalibrate`` use
     activations of ``calib`` (an ``.npz`` path, a dict of arrays named after the inputs, or an
@@ -202,13 +206,21 @@ def prune(model_or_path, ratio: float = 0.5, criterion: str = "l1", *, heads: fl
     >>> result = prune("model.onnx", ratio=0.5, criterion="l1")   # doctest: +SKIP
     >>> result.save("model.pruned.onnx"); result.report["after"]["macs"]  # doctest: +SKIP
     """
+    # The one place options get their defaults (the CLI passes what the user typed).
+    budgets = {k: v for k, v in (("macs", macs), ("params", params), ("latency", latency)) if v is not None}
+    if budgets and ratio is not None:
+        raise SpaError("--ratio and a budget (--macs/--params/--latency F) exclude each other")
+    if hidden == HIDDEN_AS_RATIO:
+        hidden = ratio if ratio is not None else 0.5
+    if ratio is None:  # structures the user does not name are left whole
+        named = any(r is not None for r in (heads, mlp, head_dims, hidden))
+        ratio = 0.0 if named else 0.5
     for name, r in (("ratio", ratio), ("heads", heads), ("mlp", mlp), ("head-dims", head_dims),
                     ("hidden", hidden)):
         if r is not None and not 0 <= r < 1:
             raise SpaError(f"--{name} must be in [0, 1), got {r}")
     if round_to < 1:
         raise SpaError(f"--round-to must be at least 1, got {round_to}")
-    budgets = {k: v for k, v in (("macs", macs), ("params", params), ("latency", latency)) if v is not None}
     if len(budgets) > 1:
         raise SpaError(f"give one budget, not {' and '.join('--' + k for k in budgets)}")
     for name, v in budgets.items():

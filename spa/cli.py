@@ -100,15 +100,8 @@ def cmd_prune(args) -> int:
         bar.update(0 if name == "analyze" else 1)
 
     try:
-        if args.hidden == -1.0:
-            args.hidden = args.ratio if args.ratio is not None else 0.5
-        structures = [args.heads, args.mlp, args.head_dims, args.hidden]
         target = args.latency if args.latency is not True else None
-        budget = args.macs is not None or args.params is not None or target is not None
-        if budget and args.ratio is not None:
-            raise SpaError("--ratio and a budget (--macs/--params/--latency F) exclude each other")
-        ratio = args.ratio if args.ratio is not None else (0.0 if any(r is not None for r in structures) else 0.5)
-        result = api.prune(loaded, ratio=ratio, criterion=args.criterion, heads=args.heads, mlp=args.mlp,
+        result = api.prune(loaded, ratio=args.ratio, criterion=args.criterion, heads=args.heads, mlp=args.mlp,
                            head_dims=args.head_dims, hidden=args.hidden,
                            global_rank=args.global_rank, max_ratio=args.max_ratio, round_to=args.round_to,
                            exclude=args.exclude, input_shapes=input_shapes, verify=args.verify,
@@ -328,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--heads", type=_ratio, help="fraction of whole attention heads to remove")
     sp.add_argument("--mlp", type=_ratio, help="fraction of plain channels (MLP neurons, conv channels)")
     sp.add_argument("--head-dims", type=_ratio, help="fraction of the dims of every head (second pass)")
-    sp.add_argument("--hidden", type=_ratio, nargs="?", const=-1.0,
+    sp.add_argument("--hidden", type=_ratio, nargs="?", const=api.HIDDEN_AS_RATIO,
                     help="also prune the residual width through LayerNorm/RMSNorm (inexact: the output "
                          "error is reported); a bare --hidden uses --ratio")
     sp.add_argument("--criterion", choices=CRITERIA, default="l1")

@@ -105,3 +105,21 @@ def test_bench(tmp_path, capsys, model_path):
     assert main(["bench", str(model_path), str(out), "--runs", "3"]) == 0
     table = capsys.readouterr().out
     assert "latency" in table and "MACs" in table
+
+
+@pytest.mark.parametrize("options", [{}, {"ratio": 0.3}, {"mlp": 0.25}, {"heads": 0.25}, {"macs": 0.6},
+                                     {"ratio": 0.3, "global_rank": True}])
+def test_api_and_cli_mean_the_same(tmp_path, model_path, options):
+    """Defaults live in one place: every option gives the same pruning from both."""
+    import spa
+    flags = {"ratio": "--ratio", "mlp": "--mlp", "heads": "--heads", "macs": "--macs", "global_rank": "--global"}
+    argv = ["prune", str(model_path), "-o", str(tmp_path / "o.onnx"), "-q", "--report", str(tmp_path / "r.json")]
+    for k, v in options.items():
+        argv += [flags[k]] if v is True else [flags[k], str(v)]
+    assert main(argv) == 0
+    cli = json.loads((tmp_path / "r.json").read_text())
+    api = spa.prune(str(model_path), **options).report
+    assert [g["removed_channels"] for g in cli["groups"]] == [g["removed_channels"] for g in api["groups"]]
+    assert cli["after"]["params"] == api["after"]["params"]
+    if "heads" in options:  # a structure named alone leaves the others whole
+        assert all(g["removed"] == 0 for g in api["groups"] if g["kind"] == "channels")
