@@ -316,8 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--allocate", choices=["auto", "measured", "uniform"], default="auto",
                     help="how a budget is spent: where the measured output change per MAC saved is least, "
                          "or one ratio for every group; auto (default): measured, uniform for obspa")
-    sp.add_argument("--steps", type=_positive, default=1,
-                    help="prune in N steps, re-scoring and re-compensating in between (default 1)")
+    sp.add_argument("--steps", type=_positive, default=None,
+                    help="prune in N steps, re-scoring and re-compensating in between (default: 3 for a measured "
+                         "--macs/--params budget, else 1)")
     sp.add_argument("--heads", type=_ratio, help="fraction of whole attention heads to remove")
     sp.add_argument("--mlp", type=_ratio, help="fraction of plain channels (MLP neurons, conv channels)")
     sp.add_argument("--head-dims", type=_ratio, help="fraction of the dims of every head (second pass)")

@@ -127,7 +127,7 @@ def test_rounding_and_caps_are_respected():
 
 def test_pinned_kind_keeps_its_ratio():
     """--mlp pins plain channel groups: a MACs budget then has nothing free to spend."""
-    r = spa.prune(branchy(), macs=0.5, mlp=0.25, round_to=1, verify=False)
+    r = spa.prune(branchy(), macs=0.5, mlp=0.25, round_to=1, verify=False, steps=1)
     for g in r.report["groups"]:
         assert g["removed"] == int(np.floor(g["channels"] * 0.25 + 1e-9))
     assert not r.report["budget"]["met"]
@@ -280,3 +280,9 @@ def test_bare_latency_before_the_model(tmp_path, capsys):
     path = tmp_path / "m.onnx"
     onnx.save(branchy(), path)
     assert main(["prune", "--latency", str(path), "-o", str(tmp_path / "o.onnx"), "-q", "--runs", "2"]) == 0
+
+
+def test_default_steps():
+    assert len(spa.prune(branchy(), macs=0.6, round_to=1, verify=False).report.get("passes", [])) == 2  # 3 steps
+    assert "passes" not in spa.prune(branchy(), macs=0.6, criterion="obspa", round_to=1, verify=False).report
+    assert "passes" not in spa.prune(branchy(), ratio=0.3, round_to=1, verify=False).report
