@@ -22,6 +22,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from _common import update_readme_section  # noqa: E402
 from accuracy import Bench, git_rev, spa_kwargs  # noqa: E402
 
 RESULTS = HERE / "results" / "allocation.jsonl"
@@ -99,18 +100,6 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def update_readme(text: str):
-    readme = HERE / "README.md"
-    body = readme.read_text()
-    start = body.find("## Where to cut")
-    if start >= 0:
-        end = body.find("\n## ", start + 3)
-        body = body[:start] + text.rstrip() + "\n" + (body[end:] if end >= 0 else "")
-    else:
-        body = body.rstrip() + "\n\n" + text.rstrip() + "\n"
-    readme.write_text(body)
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--models", nargs="*", default=MODELS)
@@ -136,7 +125,7 @@ def main():
     rows = load()
     text = render(rows)
     print(text)
-    update_readme(text)
+    update_readme_section(text)
     plot(rows)
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO / "models"))
+sys.path.insert(0, str(HERE))
+from _common import update_readme_section  # noqa: E402
 
 RESULTS = HERE / "results" / "latency_budget.jsonl"
 CACHE = HERE / "results" / "cache"
@@ -94,15 +96,7 @@ def main():
     rows = [json.loads(x) for x in RESULTS.read_text().splitlines() if x.strip()] if RESULTS.exists() else []
     text = render(rows)
     print(text)
-    readme = HERE / "README.md"
-    body = readme.read_text()
-    start = body.find("## Latency as a budget")
-    if start >= 0:
-        end = body.find("\n## ", start + 3)
-        body = body[:start] + text.rstrip() + "\n" + (body[end:] if end >= 0 else "")
-    else:
-        body = body.rstrip() + "\n\n" + text
-    readme.write_text(body)
+    update_readme_section(text)
 
 
 if __name__ == "__main__":

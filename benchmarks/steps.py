@@ -18,6 +18,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from _common import update_readme_section  # noqa: E402
 from accuracy import Bench, git_rev, spa_kwargs  # noqa: E402
 
 RESULTS = HERE / "results" / "steps.jsonl"
@@ -78,15 +79,7 @@ def main():
     rows = [json.loads(x) for x in RESULTS.read_text().splitlines() if x.strip()] if RESULTS.exists() else []
     text = render(rows)
     print(text)
-    readme = HERE / "README.md"
-    body = readme.read_text()
-    start = body.find("## One shot vs incremental")
-    if start >= 0:
-        end = body.find("\n## ", start + 3)
-        body = body[:start] + text.rstrip() + "\n" + (body[end:] if end >= 0 else "")
-    else:
-        body = body.rstrip() + "\n\n" + text
-    readme.write_text(body)
+    update_readme_section(text)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import InputShapeError, ModelLoadError, UnsupportedModelError
-from .files import atomic_files, check_outputs
+from .files import atomic_files, check_outputs, check_readable
 
 __all__ = ["load", "normalize", "save", "output_paths", "external_data_files", "read", "unique_name", "tensor_names", "Shapes", "infer_shapes", "parse_input_shapes",
            "random_inputs", "graph_inputs"]
@@ -49,7 +49,7 @@ def read(path: str | os.PathLike) -> tuple[onnx.ModelProto, dict[str, Path]]:
     within their size: a downloaded model must never make spa read, or copy into its
     output, any other file."""
     path = Path(path)
-    _check_regular(path, ModelLoadError)
+    check_readable(path, "the model", ModelLoadError)
     if path.stat().st_size == 0:
         raise ModelLoadError(f"{path}: empty file, not an ONNX model")
     try:
@@ -68,20 +68,6 @@ def read(path: str | os.PathLike) -> tuple[onnx.ModelProto, dict[str, Path]]:
     files = {"the input model": path}
     files.update((f"the input's external data file {f}", f) for f in data_files)
     return model, files
-
-
-def _check_regular(path: Path, error=ModelLoadError):
-    """A clear word for what is not a readable regular file."""
-    if not os.path.lexists(path):
-        raise error(f"{path}: no such file")
-    if path.is_dir():
-        raise error(f"{path}: is a directory, not an ONNX file")
-    if not path.exists():
-        raise error(f"{path}: broken symbolic link")
-    if not path.is_file():
-        raise error(f"{path}: not a regular file")
-    if not os.access(path, os.R_OK):
-        raise error(f"{path}: not readable (permission denied)")
 
 
 def _external_info(t: onnx.TensorProto) -> dict:
