@@ -27,3 +27,28 @@ def test_torchvision_model(zoo, zoo_dir, name, exporter):
         assert not rep["blocked_nodes"], rep["blocked_nodes"]
         # every model here has a CNN body: pruning must remove a real share of its compute
         assert rep["after"]["macs"] < (0.85 if ratio == 0.3 else 0.75) * rep["before"]["macs"], (name, ratio)
+
+
+def test_dynamo_export_with_external_data_as_users_get_it(zoo, tmp_path, capsys):
+    """torch.onnx.export(dynamo=True) writes the weights to model.onnx.data by default:
+    default options must prune it, verify it, write a loadable model and leave the input
+    and its data file untouched."""
+    import hashlib
+
+    import onnxruntime as ort
+    import torch
+
+    from spa.cli import main
+    model, x = zoo.build("resnet18", IMAGE_SIZE)
+    path = tmp_path / "model.onnx"
+    with zoo._quiet():
+        torch.onnx.export(model.eval(), (x,), str(path), dynamo=True)
+    data = tmp_path / "model.onnx.data"
+    assert data.exists()
+    digest = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (path, data)}
+    out = tmp_path / "small.onnx"
+    assert main(["prune", str(path), "-o", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "verified" in stdout
+    ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (path, data)} == digest
