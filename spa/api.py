@@ -20,6 +20,7 @@ from .importance.obspa import DATA_CRITERIA, data_aware_plan, with_updates
 from .metrics import count_macs, count_params
 from .model import Shapes, infer_shapes, normalize, opset_of, read, save
 from .planner import PlanOptions, plan_removals
+from .probe import second_probe
 from .rewrite import rewrite
 from .verify import check_shapes, check_signature, check_valid, masked_model, oracle, output_error
 
@@ -289,6 +290,8 @@ def prune(model_or_path, ratio: float | None = None, criterion: str = "l1", *, h
                                            args["on_stage"], allow_mixing=True), plan, **args)
         result = _merge_passes(result, third)
     _restore_default_inputs(result.model, first.default_inputs)
+    if first.shapes.probe:  # later passes analyze at the sizes the first pass chose
+        result.report["probe"] = first.shapes.probe
     result.report["options"] = options
     return result
 
@@ -378,6 +381,7 @@ def _prune_pass(a: Analysis, plan: PlanOptions, *, criterion, aggregate, seed, v
     report = {
         "source": a.source,
         "input_shapes": {k: list(v) for k, v in a.shapes.input_shapes.items()},
+        **({"probe": a.shapes.probe} if a.shapes.probe else {}),  # the verify branch adds "second"
         "before": {"params": count_params(a.model), "macs": count_macs(a.model, a.shapes)},
         "after": {"params": count_params(pruned), "macs": count_macs(pruned, after_shapes)},
         "groups": [],
@@ -409,8 +413,12 @@ def _prune_pass(a: Analysis, plan: PlanOptions, *, criterion, aggregate, seed, v
     elif verify:
         on_stage("verify")
         check_valid(pruned, a.model)
+        shapes = a.shapes.input_shapes
+        if a.shapes.probe:  # sizes spa chose: check a second size too, so none holds for one shape only
+            second, report["probe"]["second"] = second_probe(a.model, a.shapes)
+            shapes = [shapes, second] if second else shapes
         try:
-            result = oracle(pruned, masked_model(model, a.dep, removed, a.shapes), a.shapes.input_shapes, a.model)
+            result = oracle(pruned, masked_model(model, a.dep, removed, a.shapes), shapes, a.model)
         except UnsupportedModelError as e:
             if asked:
                 raise

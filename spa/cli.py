@@ -128,6 +128,9 @@ def cmd_prune(args) -> int:
     rows = [("params", rep["before"]["params"], rep["after"]["params"]),
             ("MACs", rep["before"]["macs"], rep["after"]["macs"]),
             ("file size", rep["before"].get("file_bytes"), rep["after"].get("file_bytes"))] + extra
+    if rep.get("probe"):
+        from .probe import describe
+        print(f"spa: note: {_one_line(describe(rep['probe']))}", file=sys.stderr)
     if "skipped" in rep.get("verify", {}):
         print(f"spa: warning: not verified: {_one_line(rep['verify']['skipped'])}", file=sys.stderr)
     if not args.quiet:

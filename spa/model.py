@@ -357,6 +357,7 @@ class Shapes:
     dtype: dict[str, int] = field(default_factory=dict)
     value: dict[str, np.ndarray] = field(default_factory=dict)
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    probe: dict = field(default_factory=dict)  # sizes spa chose for symbolic input dims (spa.probe)
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -380,7 +381,9 @@ def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _fixed_input_shapes(model, overrides):
+def _fixed_input_shapes(model, overrides) -> dict[str, tuple]:
+    """Each input's dims: from ``--input-shape``, else as declared, with None for a symbolic
+    dim (``spa.probe`` chooses those)."""
     shapes = {}
     known = {i.name for i in graph_inputs(model)}
     for name in overrides:
@@ -395,22 +398,16 @@ def _fixed_input_shapes(model, overrides):
             if len(fixed) != len(dims):
                 raise InputShapeError(f"--input-shape {inp.name} has {len(fixed)} dims, the model's input has {len(dims)}")
         else:
-            fixed = []
-            for axis, d in enumerate(dims):
-                if d.HasField("dim_value") and d.dim_value > 0:
-                    fixed.append(d.dim_value)
-                elif axis == 0:
-                    fixed.append(1)  # a symbolic leading dim is the batch
-                else:
-                    raise InputShapeError(
-                        f"input {inp.name!r} has a symbolic dim {d.dim_param or '?'!r} at axis {axis}; "
-                        f"pass --input-shape {inp.name}=" + ",".join(
-                            str(x.dim_value) if x.HasField("dim_value") else "N" for x in dims))
-        shapes[inp.name] = tuple(int(x) for x in fixed)
-        if int(np.prod(shapes[inp.name], dtype=object)) > MAX_INPUT_VALUES:
-            raise InputShapeError(f"input {inp.name!r} has dims {list(shapes[inp.name])}: too large to run here "
-                                  f"(over {MAX_INPUT_VALUES} values); pass --input-shape {inp.name}=... with smaller dims")
+            fixed = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
+        shapes[inp.name] = tuple(None if x is None else int(x) for x in fixed)
     return shapes
+
+
+def _check_input_size(shapes: dict):
+    for name, shape in shapes.items():
+        if int(np.prod(shape, dtype=object)) > MAX_INPUT_VALUES:
+            raise InputShapeError(f"input {name!r} has dims {list(shape)}: too large to run here "
+                                  f"(over {MAX_INPUT_VALUES} values); pass --input-shape {name}=... with smaller dims")
 
 
 # Random inputs are drawn to find shapes and to verify: no input may ask for more values.
@@ -449,8 +446,16 @@ def _tensor_shape(vi) -> tuple[int, ...] | None:
 def infer_shapes(model: onnx.ModelProto, overrides: dict | None = None,
                  want_values: bool = True) -> Shapes:
     """Static shapes for every tensor, from ONNX shape inference, completed by one
-    onnxruntime run (random inputs) for whatever inference left symbolic or unknown."""
-    out = Shapes(input_shapes=_fixed_input_shapes(model, overrides or {}))
+    onnxruntime run (random inputs) for whatever inference left symbolic or unknown. Input
+    dims ``overrides`` leave symbolic get probe sizes (``spa.probe``; ``Shapes.probe`` says which)."""
+    from .probe import choose_probe
+    return choose_probe(model, _fixed_input_shapes(model, overrides or {}),
+                        lambda input_shapes: _infer_at(model, input_shapes, want_values))
+
+
+def _infer_at(model: onnx.ModelProto, input_shapes: dict, want_values: bool) -> tuple[Shapes, bool]:
+    """``infer_shapes`` at fixed input shapes, and whether every tensor's shape resolved."""
+    out = Shapes(input_shapes=dict(input_shapes))
     g = model.graph
     for t in g.initializer:
         out.shape[t.name] = tuple(t.dims)
@@ -494,7 +499,7 @@ def infer_shapes(model: onnx.ModelProto, overrides: dict | None = None,
     fetch = sorted((set(missing) | set(wanted)) - set(out.input_shapes))  # inputs are data, not sizes
     if fetch:
         _fill_from_onnxruntime(model, out, fetch)
-    return out
+    return out, all(n in out.shape for n in produced)
 
 
 # ONNX's data propagation keeps a value per element of 1-D tensors (~80 bytes each): it is

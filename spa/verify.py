@@ -174,27 +174,38 @@ def _any_session(model: onnx.ModelProto):
     return s
 
 
-def oracle(pruned: onnx.ModelProto, masked: onnx.ModelProto, input_shapes: dict,
+def oracle(pruned: onnx.ModelProto, masked: onnx.ModelProto, input_shapes: dict | list[dict],
            original: onnx.ModelProto | None = None, samples: int = 2, seed: int = 0,
            rtol: float = 1e-3, atol: float = 1e-5) -> OracleResult:
     """Run both models on the same random inputs; errors are relative to the output scale.
 
-    The pruned model must load with default options (see ``_default_session``)."""
+    The pruned model must load with default options (see ``_default_session``). A list of
+    input shapes runs ``samples`` times at the first and once at each other (a second probe
+    size for symbolic dims spa chose): a failure there raises, naming those sizes."""
+    runs = [input_shapes] if isinstance(input_shapes, dict) else list(input_shapes)
     s_pruned = _default_session(pruned, original if original is not None else masked)
     s_masked = _any_session(masked)
     rng = np.random.default_rng(seed)
     max_abs = max_rel = 0.0
     ok = True
-    for _ in range(samples):
-        feeds = random_inputs(pruned, input_shapes, rng)
+    for i, shapes in [(i, s) for i, s in enumerate(runs) for _ in range(samples if i == 0 else 1)]:
+        if i and not ok:
+            break  # already differs at the first shapes
+        where = "" if not i else " at the second probe " + ", ".join(dict.fromkeys(
+            f"{d.dim_param or f'{vi.name}[{a}]'}={n} (analyzed at {runs[0][vi.name][a]})"
+            for vi in pruned.graph.input if vi.name in shapes
+            for a, (d, n) in enumerate(zip(vi.type.tensor_type.shape.dim, shapes[vi.name]))
+            if n != runs[0][vi.name][a]))
+        feeds = random_inputs(pruned, shapes, rng)
         try:
             got = s_pruned.run(None, feeds)
         except Exception as e:
-            raise VerificationError(f"onnxruntime fails on the pruned model: {str(e).splitlines()[0][:300]}") from None
+            raise VerificationError(f"onnxruntime fails on the pruned model{where}: "
+                                    f"{str(e).splitlines()[0][:300]}") from None
         want = s_masked.run(None, feeds)
         for g, w in zip(got, want):
             if g.shape != w.shape:
-                raise VerificationError(f"pruned output shape {g.shape} differs from {w.shape}")
+                raise VerificationError(f"pruned output shape {g.shape} differs from {w.shape}{where}")
             if g.dtype.kind not in "fc":
                 ok &= bool(np.array_equal(g, w))
                 continue
@@ -210,6 +221,9 @@ def oracle(pruned: onnx.ModelProto, masked: onnx.ModelProto, input_shapes: dict,
             max_abs = max(max_abs, err)
             max_rel = max(max_rel, err / scale if scale > 0 else err)
             ok &= err <= atol + rtol * scale
+        if i and not ok:
+            raise VerificationError(f"pruned model differs from the masked original{where} (max abs error "
+                                    f"{max_abs:.3g}, relative {max_rel:.3g}): a size fixed for the first probe")
     return OracleResult(max_abs, max_rel, ok, samples)
 
 
