@@ -79,32 +79,35 @@ class Rewriter:
         if np.array_equal(old, new):
             return
         name = node.input[k]
-        if name in self._inits:
-            self.set_input(node, k, new.astype(old.dtype))
-            return
-        self._rewrite_vector(name, np.asarray(old), np.asarray(new))
+        if name in self._inits or not self._rewrite_vector(name, np.asarray(old), np.asarray(new)):
+            # a constant, or computed in a way not understood: the values it had at analysis
+            self.set_input(node, k, np.asarray(new).astype(np.asarray(old).dtype))
 
+    # ops that only read and cut shape vectors: their result follows the pruned sizes
+    _SHAPE_OPS = {"Shape", "Size", "Slice", "Gather", "Squeeze", "Unsqueeze"}
     # elementwise ops exporters use on size vectors: Where(Equal(shape, -1), 1, shape) ...
     _VECTOR_OPS = {"Where", "Equal", "Mul", "Add", "Sub", "Max", "Min", "Cast", "Identity", "Abs"}
 
-    def _rewrite_vector(self, name: str, old: np.ndarray, new: np.ndarray, depth: int = 0):
+    def _rewrite_vector(self, name: str, old: np.ndarray, new: np.ndarray, depth: int = 0) -> bool:
+        """Rewrite the constant parts of a computed size vector; False where its structure is
+        not one of the understood ones (a Concat of pieces, elementwise ops over them)."""
         if depth > 4:
-            return
+            return False
         if name in self._inits:
             init = self._inits[name]
             value = tensor_array(init)
             if value.shape == old.shape and np.array_equal(value, old):
                 init.CopyFrom(numpy_helper.from_array(new.astype(value.dtype), name))
-            return
+            return True
         producer = self._producers().get(name)
         if producer is None:
-            return
+            return False
+        if producer.op_type in self._SHAPE_OPS:  # read from tensors: follows their pruned sizes
+            return True
         if producer.op_type in self._VECTOR_OPS:
-            for i in producer.input:
-                self._rewrite_vector(i, old, new, depth + 1)
-            return
+            return any([self._rewrite_vector(i, old, new, depth + 1) for i in producer.input])
         if producer.op_type != "Concat":
-            return
+            return False
         start = 0
         for piece in producer.input:
             value, init = self._constant_piece(piece)
@@ -113,6 +116,7 @@ class Rewriter:
                 init.CopyFrom(numpy_helper.from_array(
                     new[start:start + size].reshape(value.shape).astype(value.dtype), init.name))
             start += size
+        return True
 
     def _producers(self):
         if not hasattr(self, "_producer_map"):

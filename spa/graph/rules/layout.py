@@ -185,9 +185,9 @@ def slice_(ctx: NodeContext):
             changed = True
         if not changed:
             return
-        if ctx.opset >= 10:
-            plan.set_input(node, 1, new_starts)
-            plan.set_input(node, 2, new_ends)
+        if ctx.opset >= 10:  # only the pruned axes' entries: computed bounds of others stay computed
+            plan.set_size_vector(node, 1, starts, new_starts)
+            plan.set_size_vector(node, 2, ends, new_ends)
         else:
             plan.set_attr(node, "starts", [int(v) for v in new_starts])
             plan.set_attr(node, "ends", [int(v) for v in new_ends])
@@ -223,10 +223,15 @@ def resize(ctx: NodeContext):
     def set_sizes(node, plan):
         if node.op_type != "Resize" or not ctx.has_input(3):
             return
-        sizes = ctx.const(3).copy()
-        new = np.array([plan.new_size((node.output[0], i)) for i in range(len(y))], dtype=sizes.dtype)
-        if not np.array_equal(new, sizes):
-            plan.set_input(node, 3, new)
+        sizes = ctx.const(3)
+        new = sizes.copy()
+        for i in range(len(y)):
+            kept = plan.kept((node.output[0], i))
+            if kept is not None:
+                new[i] = len(kept)
+        # only the pruned axes' entries: a size read from another tensor's shape (upsampling to
+        # a skip connection's size) must stay computed, or the model only runs at one shape
+        plan.set_size_vector(node, 3, sizes, new)
     ctx.rewrite(set_sizes)
 
 
