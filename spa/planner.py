@@ -46,8 +46,11 @@ def plan_removals(groups: list[Group], scores: list[np.ndarray], opts: PlanOptio
     ratio_of = [by_kind.get(g.kind, opts.ratio) for g in groups]
     if opts.global_rank:
         keeps = [0] * len(groups)
-        for r in set(ratio_of):  # rank within each kind: heads and neurons are not comparable
-            idx = [i for i, ri in enumerate(ratio_of) if ri == r]
+        # rank within each kind, whatever the ratios: heads and neurons are not comparable,
+        # and two kinds that happen to share a ratio value must not compete for one budget
+        for kind in dict.fromkeys(g.kind for g in groups):
+            idx = [i for i, g in enumerate(groups) if g.kind == kind]
+            r = by_kind.get(kind, opts.ratio)
             for i, k in zip(idx, _global_keeps([groups[i] for i in idx], [scores[i] for i in idx], opts, r)):
                 keeps[i] = k
     else:

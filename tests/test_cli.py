@@ -123,3 +123,113 @@ def test_api_and_cli_mean_the_same(tmp_path, model_path, options):
     assert cli["after"]["params"] == api["after"]["params"]
     if "heads" in options:  # a structure named alone leaves the others whole
         assert all(g["removed"] == 0 for g in api["groups"] if g["kind"] == "channels")
+
+
+# ---- options change what they must (issue 13, item 6) ---------------------------------------
+
+def _conv_model(tmp_path, widths, weights, bn=None, name="m.onnx"):
+    """x -> conv -> [BatchNormalization] -> relu -> ... -> conv -> out, with given weights
+    (a dict: layer index -> (c_out, c_in, 3, 3) array); other layers random."""
+    g = Graph()
+    y = g.input([1, 3, 8, 8])
+    for i, (c_in, c_out) in enumerate(zip([3, *widths], [*widths, 4])):
+        w = weights.get(i)
+        w = g.const(w.astype(np.float32)) if w is not None else g.weight(c_out, c_in, 3, 3)
+        y = g.op("Conv", [y, w], pads=[1, 1, 1, 1])
+        if i < len(widths):
+            if bn is not None and i == 0:
+                ones, zeros = np.ones(c_out, np.float32), np.zeros(c_out, np.float32)
+                y = g.op("BatchNormalization", [y, g.const(bn.astype(np.float32)), g.const(zeros),
+                                                g.const(zeros), g.const(ones)])
+            y = g.op("Relu", [y])
+    g.output(y)
+    path = tmp_path / name
+    onnx.save(g.model(), path)
+    return path
+
+
+def _prune_report(tmp_path, path, *flags):
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    assert main(["prune", str(path), "-o", str(out), "--report", str(report), "--verify", "-q", *flags]) == 0
+    rep = json.loads(report.read_text())
+    assert rep["verify"]["ok"]
+    return rep, onnx.load(out)
+
+
+def _init(model, node_index, k):
+    name = model.graph.node[node_index].input[k]
+    return onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name))
+
+
+@pytest.mark.parametrize("round_to,kept", [(8, 16), (1, 14), (4, 16), (3, 15)])
+def test_round_to_changes_kept_count(tmp_path, round_to, kept):
+    """20 channels at ratio 0.3 keep 14; rounded to multiples of 8, 16."""
+    path = _conv_model(tmp_path, [20], {})
+    rep, pruned = _prune_report(tmp_path, path, "--ratio", "0.3", "--round-to", str(round_to))
+    assert [(g["channels"], g["kept"]) for g in rep["groups"]] == [(20, kept)]
+    assert _init(pruned, 0, 1).shape[0] == kept
+
+
+def test_removed_channels_are_the_ones_gone_from_the_model(tmp_path):
+    """Every filter of the first conv is constant with its own value, and every column of the
+    next conv too: the pruned weights tell which original channels are left."""
+    c = 12
+    perm = np.random.default_rng(3).permutation(c)           # l1 ranks the filters in this order
+    filt = (0.1 * (perm + 1))[:, None, None, None] * np.ones((c, 3, 3, 3))
+    cols = (1e-3 * (np.arange(c) + 1))[None, :, None, None] * np.ones((4, c, 3, 3))
+    path = _conv_model(tmp_path, [c], {0: filt, 1: cols})
+    rep, pruned = _prune_report(tmp_path, path, "--ratio", "0.5", "--round-to", "1", "--criterion", "l1")
+    (group,) = rep["groups"]
+    removed = group["removed_channels"]
+    assert sorted(removed) == sorted(np.argsort(perm)[:6].tolist()) and removed != list(range(6))
+    kept = [i for i in range(c) if i not in removed]
+    w1, w2 = _init(pruned, 0, 1), _init(pruned, 2, 1)
+    assert np.round(w1[:, 0, 0, 0] / 0.1).astype(int).tolist() == (perm[kept] + 1).tolist()
+    assert np.round(w2[0, :, 0, 0] / 1e-3).astype(int).tolist() == [i + 1 for i in kept]
+
+
+def test_bn_scale_chooses_by_the_batchnorm_scale(tmp_path):
+    """Filters grow with the index, BatchNorm scales shrink with it: l1 removes the first half,
+    bn-scale the second."""
+    c = 8
+    filt = (0.1 * (np.arange(c) + 1))[:, None, None, None] * np.ones((c, 3, 3, 3))
+    gamma = 0.1 * (c - np.arange(c))
+    path = _conv_model(tmp_path, [c], {0: filt}, bn=gamma)
+    common = ["--ratio", "0.5", "--round-to", "1", "--criterion"]
+    by_l1, _ = _prune_report(tmp_path, path, *common, "l1")
+    by_bn, pruned = _prune_report(tmp_path, path, *common, "bn-scale")
+    assert by_l1["groups"][0]["removed_channels"] == [0, 1, 2, 3]
+    assert by_bn["groups"][0]["removed_channels"] == [4, 5, 6, 7]
+    assert "note" not in by_bn["groups"][0]  # scored by the BatchNorm, not a fallback
+    assert np.round(_init(pruned, 0, 1)[:, 0, 0, 0] / 0.1).astype(int).tolist() == [1, 2, 3, 4]
+
+
+def test_global_takes_more_from_the_less_sensitive_group(tmp_path):
+    """Layer 1 has 6 near-zero filters of 8, layer 2 eight alike: ranked globally, layer 1 loses
+    6 and layer 2 2; ranked per layer, each loses 4."""
+    c = 8
+    filt1 = np.array([1e-3] * 6 + [1.0] * 2)[:, None, None, None] * np.ones((c, 3, 3, 3))
+    filt2 = (1e-2 * (1 + 1e-2 * np.arange(c)))[:, None, None, None] * np.ones((c, c, 3, 3))
+    path = _conv_model(tmp_path, [c, c], {0: filt1, 1: filt2, 2: np.full((4, c, 3, 3), 1e-2)})
+    common = ["--ratio", "0.5", "--round-to", "1", "--criterion", "l1"]
+    rep, _ = _prune_report(tmp_path, path, *common, "--global")
+    assert [g["removed_channels"] for g in rep["groups"]] == [[0, 1, 2, 3, 4, 5], [0, 1]]
+    rep, _ = _prune_report(tmp_path, path, *common)
+    assert [g["removed"] for g in rep["groups"]] == [4, 4]
+
+
+@pytest.mark.parametrize("heads_ratio", [0.5, 0.5000001, 0.25])
+def test_global_ranks_within_a_kind_whatever_the_ratios(heads_ratio):
+    """Channels and heads never share a budget: two kinds with the same ratio are ranked as
+    apart as two with different ones (they used to merge when the ratio values were equal)."""
+    from spa.graph.groups import Group
+    from spa.planner import PlanOptions, plan_removals
+
+    def group(i, n, kind):
+        return Group(i, np.arange(100 * i, 100 * i + n), [], kind=kind)
+
+    groups = [group(0, 8, "channels"), group(1, 8, "channels"), group(2, 4, "heads")]
+    scores = [np.array([1e-3] * 6 + [1.0] * 2), np.linspace(1, 1.1, 8), np.ones(4)]
+    opts = PlanOptions(ratio=0.5, ratios=(("heads", heads_ratio),), global_rank=True, round_to=1)
+    removed = [len(r) for r in plan_removals(groups, scores, opts)]
+    assert removed == [6, 2, int(np.floor(4 * heads_ratio + 1e-9))]

@@ -1,0 +1,142 @@
+"""Mutation testing: break the engine on purpose, check that the tests notice.
+
+Copies the ``spa`` package to a temporary directory, applies one deliberate break at a time
+to the copy, runs the tests that should catch it against the copy, and prints one line per
+break: ``caught`` (the tests fail) or ``NOT CAUGHT``. The unbroken copy runs first and must
+pass, so a break is not "caught" by tests that fail anyway.
+
+    python benchmarks/mutations.py            # every break (about a minute on 2 cores)
+    python benchmarks/mutations.py -k split   # the breaks whose name contains "split"
+
+The package is installed editable, so ``import spa`` would find /work/main whatever
+PYTHONPATH says; each test run goes through a wrapper that drops the editable finder from
+``sys.meta_path``, puts the copy first on ``sys.path``, and checks where ``spa`` came from.
+Exit status 1 when a break is not caught or a mutation no longer applies (the code moved:
+update its ``old`` text).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = ROOT / "tests"
+
+
+@dataclass
+class Break:
+    name: str
+    file: str          # relative to the package
+    old: str           # must occur exactly once
+    new: str
+    tests: list[str]   # pytest arguments, relative to tests/
+
+
+BREAKS = [
+    Break("oracle's numeric comparison replaced by pass (ok always True)", "verify.py",
+          "            ok &= err <= atol + rtol * scale\n", "            pass\n",
+          ["test_oracle.py"]),
+    Break("--round-to ignored", "planner.py",
+          "    if opts.round_to > 1:\n", "    if False:\n",
+          ["test_cli.py"]),
+    Break("rewrite removes other channels than the plan chose (report keeps the plan's)", "api.py",
+          "        removed[g.channels[rem]] = True\n", "        removed[g.channels[(rem + 1) % g.size]] = True\n",
+          ["test_cli.py"]),
+    Break("LRN treated as per-channel", "graph/rules/normalization.py",
+          "        if i == axis or (coerced_2d and i > axis):\n",
+          "        if (i == axis and ctx.op != \"LRN\") or (coerced_2d and i > axis):\n",
+          ["test_rules.py"]),
+    Break("Split sizes reversed", "graph/rules/layout.py",
+          "        new = [plan.new_size((o, axis)) for o in node.output]\n",
+          "        new = [plan.new_size((o, axis)) for o in node.output][::-1]\n",
+          ["test_rules.py", "test_property.py"]),
+    Break("Softmax treated as per-channel", "graph/rules/normalization.py",
+          "        if i == axis or (coerced_2d and i > axis):\n",
+          "        if (i == axis and ctx.op != \"Softmax\") or (coerced_2d and i > axis):\n",
+          ["test_rules.py"]),
+    Break("--global ranks kinds that share a ratio value together", "planner.py",
+          "        for kind in dict.fromkeys(g.kind for g in groups):\n"
+          "            idx = [i for i, g in enumerate(groups) if g.kind == kind]\n"
+          "            r = by_kind.get(kind, opts.ratio)\n",
+          "        for r in set(ratio_of):\n"
+          "            idx = [i for i, ri in enumerate(ratio_of) if ri == r]\n",
+          ["test_cli.py"]),
+    Break("oracle tolerance back to 1e-3 of the output scale", "verify.py",
+          "\nRTOL = 1e-4\n", "\nRTOL = 1e-3\n",
+          ["test_oracle.py"]),
+    Break("oracle's absolute floor back to 1e-5 (tiny outputs judged by it alone)", "verify.py",
+          "\nATOL = float(np.finfo(np.float32).tiny)\n", "\nATOL = 1e-5\n",
+          ["test_oracle.py"]),
+]
+
+WRAPPER = """
+import os, sys
+copy = sys.argv[1]
+sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]
+sys.path[:] = [os.path.dirname(copy)] + [p for p in sys.path if p not in ('', '.')]
+import spa
+assert spa.__file__.startswith(copy), f"spa imported from {spa.__file__}, not the copy {copy}"
+import pytest
+sys.exit(pytest.main(sys.argv[2:]))
+"""
+
+
+def run_tests(copy: Path, tests: list[str]) -> tuple[int, str, float]:
+    t = time.time()
+    proc = subprocess.run([sys.executable, "-c", WRAPPER, str(copy), "-q", "-x", "-p", "no:cacheprovider",
+                           "--no-header", "-W", "ignore", *tests],
+                          cwd=TESTS, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(copy.parent), "COLUMNS": "300"})
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    summary = next((ln for ln in reversed(lines) if " passed" in ln or " failed" in ln or "error" in ln),
+                   (proc.stderr.strip().splitlines() or ["?"])[-1])
+    first_failure = next((ln for ln in lines if ln.startswith("FAILED") or ln.startswith("ERROR")), "")
+    return proc.returncode, (first_failure or summary).strip()[:220], time.time() - t
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-k", default="", help="only the breaks whose name contains this")
+    args = ap.parse_args()
+    breaks = [b for b in BREAKS if args.k.lower() in b.name.lower()]
+    with tempfile.TemporaryDirectory(prefix="spa-mutations-") as tmp:
+        copy = Path(tmp) / "spa"
+        shutil.copytree(ROOT / "spa", copy, ignore=shutil.ignore_patterns("__pycache__"))
+        everything = sorted({t for b in breaks for t in b.tests})
+        code, line, secs = run_tests(copy, everything)
+        print(f"unbroken copy: {'passes' if code == 0 else 'FAILS'} ({' '.join(everything)}; {secs:.0f} s)",
+              flush=True)
+        if code != 0:
+            print(f"  {line}\nthe tests fail without a break: nothing to measure")
+            sys.exit(1)
+        missed = 0
+        for b in breaks:
+            target = copy / b.file
+            original = target.read_text()
+            if original.count(b.old) != 1:
+                print(f"MUTATION DOES NOT APPLY  {b.name}: its text occurs {original.count(b.old)} times in "
+                      f"spa/{b.file}", flush=True)
+                missed += 1
+                continue
+            target.write_text(original.replace(b.old, b.new))
+            try:
+                code, line, secs = run_tests(copy, b.tests)
+            finally:
+                target.write_text(original)
+            caught = code != 0
+            missed += not caught
+            print(f"{'caught    ' if caught else 'NOT CAUGHT'}  {b.name}  [{' '.join(b.tests)}, {secs:.0f} s]"
+                  f"{'' if not caught else '  <- ' + line}", flush=True)
+    sys.exit(1 if missed else 0)
+
+
+if __name__ == "__main__":
+    main()
