@@ -248,3 +248,22 @@ def test_cli_notes_the_probe(tmp_path, capsys):
     code = main(["prune", str(path), "-o", str(tmp_path / "q.onnx")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("spa: error:") and "--input-shape" in err[0]
+
+
+def test_channel_split_with_bounds_computed_from_the_shape():
+    """x[:, : x.shape[1] // 4] and the rest (a legacy-exported channel split): the pruned bound
+    must be the kept count of that quarter, not what the computation gives on the pruned shape
+    (16 channels at ratio 0.4: the quarter keeps 3 of 4, the rest 8 of 12; 11 // 4 would be 2)."""
+    g = Graph()
+    x = g.input(["N", 3, "H", "W"])
+    y = g.op("Relu", [g.conv(x, 3, 16)])
+    c = g.op("Gather", [g.op("Shape", [y]), g.const(np.array(1, np.int64))])
+    quarter = g.op("Unsqueeze", [g.op("Div", [c, g.const(np.array(4, np.int64))]),
+                                 g.const(np.array([0], np.int64))])
+    axis = g.const(np.array([1], np.int64))
+    first = g.op("Slice", [y, g.const(np.array([0], np.int64)), quarter, axis])
+    rest = g.op("Slice", [y, quarter, g.const(np.array([1 << 30], np.int64)), axis])
+    g.output(g.op("Add", [g.conv(first, 4, 4), g.conv(rest, 12, 4)]))
+    r = assert_prunes(g.model(), ratio=0.4)
+    assert sorted(grp["kept"] for grp in r.report["groups"]) == [3, 8]
+    assert runs(r.model, (1, 3, 40, 56))

@@ -173,7 +173,7 @@ def slice_(ctx: NodeContext):
 
     def set_bounds(node, plan):
         new_starts, new_ends = starts.copy(), ends.copy()
-        changed = False
+        pruned = []
         for p, a in enumerate(axes):
             s, st = sliced[int(a)]
             kept = plan.kept((node.input[0], int(a)))
@@ -182,12 +182,16 @@ def slice_(ctx: NodeContext):
             new_s = int(np.searchsorted(kept, s))
             new_starts[p] = new_s
             new_ends[p] = new_s + plan.new_size((node.output[0], int(a)))
-            changed = True
-        if not changed:
+            pruned.append(p)
+        if not pruned:
             return
-        if ctx.opset >= 10:  # only the pruned axes' entries: computed bounds of others stay computed
-            plan.set_size_vector(node, 1, starts, new_starts)
-            plan.set_size_vector(node, 2, ends, new_ends)
+        if ctx.opset >= 10:
+            if len(pruned) == len(axes):  # channel bounds only (a channel split): constants now
+                plan.set_input(node, 1, new_starts)
+                plan.set_input(node, 2, new_ends)
+            else:  # the other axes' bounds may be computed from shapes: keep them so
+                plan.set_size_vector(node, 1, starts, new_starts)
+                plan.set_size_vector(node, 2, ends, new_ends)
         else:
             plan.set_attr(node, "starts", [int(v) for v in new_starts])
             plan.set_attr(node, "ends", [int(v) for v in new_ends])
