@@ -19,3 +19,17 @@ def update_readme_section(text: str, readme: Path = README):
     else:
         body = body.rstrip() + "\n\n" + text.rstrip() + "\n"
     readme.write_text(body)
+
+
+def append_row(results: Path, row: dict):
+    """Print one result row and append it to a .jsonl file (runs resume from what is there)."""
+    import json
+    print(json.dumps(row), flush=True)
+    results.parent.mkdir(exist_ok=True)
+    with results.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def load_rows(results: Path) -> list[dict]:
+    import json
+    return [json.loads(x) for x in results.read_text().splitlines() if x.strip()] if results.exists() else []

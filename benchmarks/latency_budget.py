@@ -14,7 +14,6 @@ interleaved run, for speed per MAC and for what the measured search costs.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -24,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO / "models"))
 sys.path.insert(0, str(HERE))
-from _common import update_readme_section  # noqa: E402
+from _common import append_row, load_rows, update_readme_section  # noqa: E402
 
 RESULTS = HERE / "results" / "latency_budget.jsonl"
 CACHE = HERE / "results" / "cache"
@@ -89,11 +88,8 @@ def main():
         RESULTS.parent.mkdir(exist_ok=True)
         for name in args.models:
             for target in args.targets:
-                row = run(name, target)
-                print(json.dumps(row), flush=True)
-                with RESULTS.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-    rows = [json.loads(x) for x in RESULTS.read_text().splitlines() if x.strip()] if RESULTS.exists() else []
+                append_row(RESULTS, run(name, target))
+    rows = load_rows(RESULTS)
     text = render(rows)
     print(text)
     update_readme_section(text)

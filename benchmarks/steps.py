@@ -11,14 +11,13 @@ pruned model between steps. This script measures whether that pays here, per cri
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import update_readme_section  # noqa: E402
+from _common import append_row, load_rows, update_readme_section  # noqa: E402
 from accuracy import Bench, git_rev, spa_kwargs  # noqa: E402
 
 RESULTS = HERE / "results" / "steps.jsonl"
@@ -73,10 +72,8 @@ def main():
                 for crit in CRITERIA:
                     for steps in STEPS:
                         row = cell(bench, crit, target, steps)
-                        print(json.dumps(row), flush=True)
-                        with RESULTS.open("a") as f:
-                            f.write(json.dumps(row) + "\n")
-    rows = [json.loads(x) for x in RESULTS.read_text().splitlines() if x.strip()] if RESULTS.exists() else []
+                        append_row(RESULTS, row)
+    rows = load_rows(RESULTS)
     text = render(rows)
     print(text)
     update_readme_section(text)
