@@ -10,6 +10,7 @@ rewrites the "Where to cut" section of benchmarks/README.md.
 
     python models/fashion_cnns.py; python models/digits_mlp.py   # once: train the models
     python benchmarks/allocation.py [--models ...] [--criteria ...] [--targets ...] [--render]
+    python benchmarks/allocation.py --torch-pruning   # add Torch-Pruning's global L1 at the same MACs
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import update_readme_section  # noqa: E402
-from accuracy import Bench, git_rev, spa_kwargs  # noqa: E402
+from accuracy import TORCH_MODELS, Bench, git_rev, macs_of, spa_kwargs  # noqa: E402
 
 RESULTS = HERE / "results" / "allocation.jsonl"
 MODELS = ["fashion_resnet", "fashion_vgg", "digits_mlp"]
 CRITERIA = ["l1", "l1-calib", "obspa-free", "obspa-calib"]
-LABELS = {"l1": "l1 (sensitivity on 8 synthetic samples)", "l1-calib": "l1 (sensitivity on 8 calibration samples)",
+LABELS = {"tp-global": "Torch-Pruning global L1 (PyTorch), MACs matched to l1 allocated",
+          "l1": "l1 (sensitivity on 8 synthetic samples)", "l1-calib": "l1 (sensitivity on 8 calibration samples)",
           "obspa-free": "OBSPA data-free", "obspa-calib": "OBSPA calibrated (sensitivity on 8 of its samples)"}
 TARGETS = [0.8, 0.65, 0.5, 0.35]
 ROUND_TO = 1
@@ -64,6 +66,42 @@ def cell(bench: Bench, criterion: str, target: float, how: str, ratio: float | N
             "kept": [g["kept"] for g in rep["groups"]], "channels": [g["channels"] for g in rep["groups"]]}
 
 
+def tp_global(bench: Bench, target: float) -> dict:
+    """Torch-Pruning's global L1 pruning (MetaPruner, global_pruning=True) in PyTorch, its
+    ratio bisected so the exported model's MACs come closest to ``target``."""
+    import tempfile
+
+    import onnx
+    import torch_pruning as tp
+
+    import fashion_cnns as fc
+    short = TORCH_MODELS[bench.name]
+    original = macs_of(onnx.load(str(bench.path)))
+    x = __import__("torch").from_numpy(bench.calib_labelled[fc.INPUT][:2])
+
+    def pruned_at(ratio):
+        model = fc.load_trained(short)
+        final = model.fc if short == "resnet" else model[-1]
+        tp.pruner.MetaPruner(model, x, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=ratio,
+                             global_pruning=True, ignored_layers=[final]).step()
+        model.eval()
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "tp.onnx"
+            fc.export(model, path)
+            return onnx.load(str(path))
+    lo, hi, best = 0.0, 0.9, None
+    for _ in range(8):
+        mid = (lo + hi) / 2
+        m = pruned_at(mid)
+        share = macs_of(m) / original
+        if best is None or abs(share - target) < abs(best[0] - target):
+            best = (share, m, mid)
+        lo, hi = (mid, hi) if share > target else (lo, mid)
+    share, m, ratio = best
+    return {"model": bench.name, "criterion": "tp-global", "target": target, "how": "global", "ratio": ratio,
+            "macs": share, "accuracy": bench.evaluate(m), "torch_pruning": tp.__version__, "spa_rev": git_rev()}
+
+
 def load() -> list[dict]:
     return [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()] if RESULTS.exists() else []
 
@@ -86,6 +124,10 @@ def render(rows: list[dict]) -> str:
         targets = sorted({r["target"] for r in have}, reverse=True)
         lines += [f"### {model}", "", "| criterion | " + " | ".join(f"MACs {t}" for t in targets) + " |",
                   "|---|" + "---|" * len(targets)]
+        tp_cells = [latest.get((model, "tp-global", t, "global")) for t in targets]
+        if any(tp_cells):
+            lines.append(f"| {LABELS['tp-global']} | " + " | ".join(
+                f"{r['accuracy']:.4f} ({r['macs']:.2f})" if r else "-" for r in tp_cells) + " |")
         for crit in CRITERIA:
             for how in ("uniform", "allocated"):
                 cells = []
@@ -106,8 +148,18 @@ def main():
     p.add_argument("--criteria", nargs="*", default=CRITERIA)
     p.add_argument("--targets", nargs="*", type=float, default=TARGETS)
     p.add_argument("--render", action="store_true", help="only redraw the table from the results")
+    p.add_argument("--torch-pruning", action="store_true",
+                   help="only add Torch-Pruning's global L1 at the MACs each l1 allocated cell kept")
     args = p.parse_args()
-    if not args.render:
+    if args.torch_pruning:
+        for r in [r for r in load() if r["criterion"] == "l1" and r["how"] == "allocated"
+                  and r["model"] in TORCH_MODELS and r["model"] in args.models]:
+            row = tp_global(Bench(r["model"], HERE / "results" / "cache"), r["macs"])
+            row["target"] = r["target"]
+            print(json.dumps({k: v for k, v in row.items()}), flush=True)
+            with RESULTS.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+    elif not args.render:
         RESULTS.parent.mkdir(exist_ok=True)
         for name in args.models:
             bench = Bench(name, HERE / "results" / "cache")
