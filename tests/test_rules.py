@@ -460,3 +460,246 @@ def test_argmax_and_topk_over_spatial_axes_keep_channels_free():
         am = g.op("Cast", [g.op("ArgMax", [y], axis=2, keepdims=1)], to=1)    # (1, C, 1, 10)
         return g.op("Add", [g.op("ReduceSum", [values, g.const(np.array([3], np.int64))], keepdims=1), am]), C
     assert_prunes(sandwich(middle))
+
+
+# ---- every op with a rule: the rule prunes where it may and blocks where it must ----------
+
+def removed_with(r, member):
+    """Channels removed from the group that holds ``member`` (``"w3[0]"``); 0 if it is blocked."""
+    return sum(grp["removed"] for grp in r.report["groups"] if member in grp["members"])
+
+
+def is_blocked(r, member):
+    """``member`` is in no prunable group (a group fixed only as "not a channel axis" may not
+    be listed under ``blocked`` at all)."""
+    return not any(member in grp["members"] for grp in r.report["groups"])
+
+
+def matmul_columns(model, k):
+    """``"<weight>[1]"`` of the k-th MatMul node."""
+    return [n for n in model.graph.node if n.op_type == "MatMul"][k].input[1] + "[1]"
+
+
+def conv_filters(model, k):
+    """``"<weight>[0]"`` of the k-th Conv node."""
+    return [n for n in model.graph.node if n.op_type == "Conv"][k].input[1] + "[0]"
+
+
+def two_convs(middle, opset=17, shape=(1, 3, 10, 10)):
+    """x -> conv A (3 -> C) -> relu -> conv B (C -> C) -> middle(g, y) -> conv(C' -> 4) -> out.
+    A's filters (``conv_filters(model, 0)``) are always prunable, B's whatever ``middle`` allows."""
+    g = Graph(opset)
+    y = g.conv(g.input(list(shape)), shape[1], C)
+    y = g.conv(g.op("Relu", [y]), C, C)
+    y, c_out = middle(g, y)
+    g.output(g.conv(y, c_out, 4))
+    return g.model()
+
+
+def assert_b_blocked(model, why=None):
+    """Conv A is pruned, conv B (feeding the op under test) is left whole; the oracle holds."""
+    r = assert_prunes(model)
+    a, b = conv_filters(model, 0), conv_filters(model, 1)
+    assert removed_with(r, a) > 0
+    assert removed_with(r, b) == 0 and is_blocked(r, b)
+    if why:
+        assert any(why in x["reason"] for x in r.report["blocked"] if b in x["members"])
+    return r
+
+
+def assert_b_pruned(model):
+    r = assert_prunes(model)
+    assert removed_with(r, conv_filters(model, 0)) > 0 and removed_with(r, conv_filters(model, 1)) > 0
+    return r
+
+
+@pytest.mark.parametrize("op,attrs", [("DepthToSpace", {"blocksize": 2, "mode": "DCR"}),
+                                      ("DepthToSpace", {"blocksize": 2, "mode": "CRD"}),
+                                      ("SpaceToDepth", {"blocksize": 2})])
+def test_depth_space_rearrangement_blocks_channels(op, attrs):
+    """Output channel c reads a strided set of input channels: the channel axis stays whole."""
+    c_out = C // 4 if op == "DepthToSpace" else C * 4
+    assert_b_blocked(two_convs(lambda g, y: (g.op(op, [y], **attrs), c_out)))
+
+
+def test_gather_nd_on_leading_axis_passes_channels():
+    def middle(g, y):   # indices (2, 1) pick batch rows: output (2, C, 10, 10)
+        return g.op("GatherND", [y, g.const(np.array([[0], [0]], np.int64))]), C
+    assert_b_pruned(two_convs(middle))
+
+
+def test_gather_nd_with_batch_dims_passes_channels():
+    def middle(g, y):   # batch_dims=1, indices (1, 3, 1) index H: output (1, 3, C... ) -> via transpose
+        t = g.op("Transpose", [y], perm=[0, 2, 3, 1])                          # (1, 10, 10, C)
+        idx = g.const(np.array([[[2], [5], [7]]], np.int64))                    # (1, 3, 1)
+        s = g.op("GatherND", [t, idx], batch_dims=1)                           # (1, 3, 10, C)
+        return g.op("Transpose", [s], perm=[0, 3, 1, 2]), C                    # (1, C, 3, 10)
+    assert_b_pruned(two_convs(middle))
+
+
+def test_gather_nd_indexing_the_channel_axis_blocks():
+    def middle(g, y):   # indices (3, 2) pick (batch, channel) pairs: output (3, 10, 10)
+        s = g.op("GatherND", [y, g.const(np.array([[0, 1], [0, 5], [0, 6]], np.int64))])
+        return g.op("Unsqueeze", [s, g.const(np.array([0], np.int64))]), 3
+    assert_b_blocked(two_convs(middle))
+
+
+def test_scatter_elements_off_channel_axis_passes_channels():
+    def middle(g, y):
+        upd = g.op("Slice", [g.op("Relu", [y]), g.const(np.array([0], np.int64)),
+                             g.const(np.array([2], np.int64)), g.const(np.array([3], np.int64))])  # (1, C, 10, 2)
+        idx = np.zeros((1, C, 10, 2), np.int64)
+        idx[..., 0], idx[..., 1] = 1, 7
+        return g.op("ScatterElements", [y, g.const(idx), upd], axis=3), C
+    assert_b_pruned(two_convs(middle))
+
+
+def test_scatter_elements_along_channel_axis_blocks():
+    def middle(g, y):
+        upd = g.op("Slice", [g.op("Relu", [y]), g.const(np.array([0], np.int64)),
+                             g.const(np.array([2], np.int64)), g.const(np.array([1], np.int64))])  # (1, 2, 10, 10)
+        idx = np.zeros((1, 2, 10, 10), np.int64)
+        idx[:, 0], idx[:, 1] = 3, 6
+        return g.op("ScatterElements", [y, g.const(idx), upd], axis=1), C
+    assert_b_blocked(two_convs(middle))
+
+
+def test_max_roi_pool_passes_channels():
+    def middle(g, y):
+        rois = g.const(np.array([[0, 0, 0, 6, 6], [0, 2, 3, 9, 9]], np.float32))
+        return g.op("MaxRoiPool", [y, rois], pooled_shape=[3, 3]), C            # (2, C, 3, 3)
+    assert_b_pruned(two_convs(middle))
+
+
+@pytest.mark.parametrize("op,attrs", [("LpNormalization", {"axis": -1, "p": 2}),
+                                      ("LpNormalization", {"axis": 2, "p": 1}),
+                                      ("Hardmax", {"axis": -1}), ("LogSoftmax", {"axis": -1}),
+                                      ("LogSoftmax", {"axis": 2})])
+def test_normalizing_over_a_spatial_axis_passes_channels(op, attrs):
+    assert_b_pruned(two_convs(lambda g, y: (g.op(op, [y], **attrs), C), opset=13))
+
+
+@pytest.mark.parametrize("op,attrs", [("LpNormalization", {"axis": 1, "p": 2}),
+                                      ("Hardmax", {"axis": 1}), ("LogSoftmax", {"axis": 1})])
+def test_normalizing_over_channels_blocks(op, attrs):
+    assert_b_blocked(two_convs(lambda g, y: (g.op(op, [y], **attrs), C), opset=13), why="mixes")
+
+
+@pytest.mark.parametrize("op", ["LogSoftmax", "Hardmax"])
+@pytest.mark.parametrize("opset,prunable", [(11, False), (13, True)])
+def test_softmax_family_before_opset13_flattens_trailing_axes(op, opset, prunable):
+    """Opset < 13 coerces to 2-D at ``axis``: axis 1 of (1, 4, C) then mixes the C axis too."""
+    g = Graph(opset)
+    x = g.input([1, 4, 6])
+    h = g.op("Relu", [g.op("MatMul", [x, g.weight(6, 16)])])                  # w1: (6, 16)
+    h = g.op(op, [h], axis=1)
+    g.output(g.op("MatMul", [h, g.weight(16, 3)]))
+    model = g.model()
+    r = assert_prunes(model, expect_removed=prunable)
+    w = matmul_columns(model, 0)
+    if prunable:
+        assert removed_with(r, w) > 0
+    else:
+        assert removed_with(r, w) == 0 and is_blocked(r, w)
+
+
+@pytest.mark.parametrize("axis,keepdims", [(2, 1), (3, 0), (0, 0)])
+def test_arg_min_off_channel_axis_passes_channels(axis, keepdims):
+    def middle(g, y):
+        a = g.op("Cast", [g.op("ArgMin", [y], axis=axis, keepdims=keepdims)], to=1)
+        if not keepdims:
+            a = g.op("Unsqueeze", [a, g.const(np.array([axis], np.int64))])
+        return g.op("Add", [y, a]), C
+    assert_b_pruned(two_convs(middle))
+
+
+def test_arg_min_over_channels_blocks():
+    def middle(g, y):
+        a = g.op("Cast", [g.op("ArgMin", [y], axis=1, keepdims=1)], to=1)      # (1, 1, 10, 10)
+        return g.op("Mul", [g.op("Relu", [y]), a]), C
+    assert_b_blocked(two_convs(middle), why="mixes")
+
+
+def test_size_used_as_a_number_blocks():
+    """y / size(y): removing a channel changes the element count, so the value."""
+    def middle(g, y):
+        n = g.op("Cast", [g.op("Size", [y])], to=1)
+        return g.op("Div", [y, n]), C
+    assert_b_blocked(two_convs(middle), why="used as a number")
+
+
+def test_size_feeding_a_range_blocks():
+    """Size(y) only sizes a Range whose max is a side output: pruning y would change that
+    output (Range's output is fixed, nothing rewrites its length), so y is left whole."""
+    def middle(g, y):
+        n = g.op("Size", [y])
+        rng = g.op("Range", [g.const(np.array(0, np.int64)), n, g.const(np.array(1, np.int64))])
+        g.output(g.op("ReduceMax", [g.op("Cast", [rng], to=1)], keepdims=0))
+        return g.op("Relu", [y]), C
+    assert_b_blocked(two_convs(middle), why="used as a number")
+
+
+def test_eye_like_blocks_the_columns_it_is_added_to():
+    """EyeLike's 1 in column j sits on row j: removing a column moves the diagonal."""
+    g = Graph()
+    x = g.input([4, 6])
+    a = g.op("Relu", [g.op("MatMul", [x, g.weight(6, C)])])                    # w1: free control
+    h = g.op("MatMul", [a, g.weight(C, C)])                                    # w2
+    h = g.op("Add", [h, g.op("EyeLike", [h], k=1)])
+    g.output(g.op("MatMul", [h, g.weight(C, 3)]))
+    model = g.model()
+    r = assert_prunes(model)
+    assert removed_with(r, matmul_columns(model, 0)) > 0
+    assert removed_with(r, matmul_columns(model, 1)) == 0 and is_blocked(r, matmul_columns(model, 1))
+
+
+def test_constant_of_shape_blocks_what_it_is_added_to():
+    def middle(g, y):
+        ones = g.op("ConstantOfShape", [g.const(np.array([1, C, 1, 1], np.int64))],
+                    value=onnx.helper.make_tensor("v", onnx.TensorProto.FLOAT, [1], [0.5]))
+        return g.op("Add", [y, ones]), C
+    assert_b_blocked(two_convs(middle))
+
+
+def test_range_blocks_the_channels_it_indexes():
+    """y + arange(C) over the channel axis: channel j gets j, removing one shifts the rest."""
+    def middle(g, y):
+        r = g.op("Range", [g.const(np.float32(0)), g.const(np.float32(C)), g.const(np.float32(1))])
+        t = g.op("Add", [g.op("Transpose", [y], perm=[0, 2, 3, 1]), r])      # channels last
+        return g.op("Transpose", [t], perm=[0, 3, 1, 2]), C
+    assert_b_blocked(two_convs(middle))
+
+
+@pytest.mark.parametrize("repeats,prunable", [([1, 1, 2, 3], True), ([1, 2, 1, 1], False)])
+def test_tile(repeats, prunable):
+    """Tiling spatial axes passes channels; tiling the channel axis repeats them: blocked."""
+    c_out = C * repeats[1]
+    model = two_convs(lambda g, y: (g.op("Tile", [y, g.const(np.array(repeats, np.int64))]), c_out))
+    (assert_b_pruned if prunable else assert_b_blocked)(model)
+
+
+def ms_model(op, with_bias=True, with_skip=False, **attrs):
+    g = Graph()
+    x = g.input([1, 4, 6])
+    h = g.op("MatMul", [x, g.weight(6, 16)])                                   # w1
+    inputs = [h] + ([g.weight(16)] if with_bias else []) + ([g.op("MatMul", [x, g.weight(6, 16)])]
+                                                            if with_skip else [])
+    g.nodes.append(onnx.helper.make_node(op, inputs, ["ms_out"], domain="com.microsoft", name="ms", **attrs))
+    g.output(g.op("MatMul", ["ms_out", g.weight(16, 3)]))
+    return g.model(domains=["com.microsoft"])
+
+
+@pytest.mark.parametrize("op,kw", [("BiasGelu", {}), ("FastGelu", {}), ("FastGelu", {"with_bias": False}),
+                                   ("QuickGelu", {"with_bias": False, "alpha": 1.702})])
+def test_microsoft_elementwise(op, kw):
+    model = ms_model(op, **kw)
+    r = assert_prunes(model)
+    assert removed_with(r, matmul_columns(model, 0)) > 0
+
+
+def test_microsoft_bias_add_has_no_rule():
+    """com.microsoft.BiasAdd has no CPU kernel, so no oracle can check a rule for it: it blocks."""
+    model = ms_model("BiasAdd", with_skip=True)
+    analysis = spa.analyze(model)
+    assert any("com.microsoft.BiasAdd" in reason for _, _, reason in analysis.dep.blocked_nodes)
+    assert [grp.size for grp in analysis.groups] == []

@@ -28,7 +28,9 @@ BINARY = """Add Sub Mul Div Pow Max Min Mean Sum Where PRelu And Or Xor Equal Gr
 Less LessOrEqual Mod BitShift BitwiseAnd BitwiseOr BitwiseXor""".split()
 
 
-MS_ELEMENTWISE = ["com.microsoft." + op for op in ("Gelu", "FastGelu", "BiasGelu", "QuickGelu", "BiasAdd")]
+# BiasAdd (X + bias + skip) is elementwise too, but onnxruntime has no CPU kernel for it, so no
+# oracle test can check it: left without a rule, it blocks.
+MS_ELEMENTWISE = ["com.microsoft." + op for op in ("Gelu", "FastGelu", "BiasGelu", "QuickGelu")]
 
 
 @rule(*UNARY, *BINARY, *MS_ELEMENTWISE)

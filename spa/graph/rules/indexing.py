@@ -124,11 +124,13 @@ def scatter_nd(ctx: NodeContext):
 
 
 # Inputs that take sizes: a Shape value ending here follows the pruned sizes at run time.
-SIZE_SLOTS = {("Reshape", 1), ("Expand", 1), ("Tile", 1), ("ConstantOfShape", 0), ("Split", 1),
+# Not ConstantOfShape's or Range's: their outputs are fixed, so a pruned size read there would
+# change an output length nothing rewrites (arange(x.numel()) went wrong): a number, blocked.
+SIZE_SLOTS = {("Reshape", 1), ("Expand", 1), ("Tile", 1), ("Split", 1),
               ("Slice", 1), ("Slice", 2), ("Slice", 3), ("Slice", 4), ("Squeeze", 1), ("Unsqueeze", 1),
-              ("Resize", 1), ("Resize", 2), ("Resize", 3), ("Upsample", 1), ("Pad", 1), ("Range", 0),
-              ("Range", 1), ("Range", 2), ("TopK", 1), ("OneHot", 1), ("ReduceSum", 1), ("ReduceMean", 1),
-              ("ReduceMax", 1), ("ReduceMin", 1), ("Gather", 1), ("GatherElements", 1)}
+              ("Resize", 1), ("Resize", 2), ("Resize", 3), ("Upsample", 1), ("Pad", 1), ("TopK", 1),
+              ("OneHot", 1), ("ReduceSum", 1), ("ReduceMean", 1), ("ReduceMax", 1), ("ReduceMin", 1),
+              ("Gather", 1), ("GatherElements", 1)}
 # Integer arithmetic on sizes (x.size(1) // groups): still a size as long as it ends in a slot.
 SIZE_ARITHMETIC = {"Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Identity", "Mul", "Div", "Add",
                    "Sub", "Mod", "Max", "Min", "Equal", "Where", "Neg", "Abs", "ReduceProd", "Not"}
