@@ -76,12 +76,52 @@ class Analysis:
                 best = max(best, len(group.member(self.dep, space)[0]) // max(1, group.size))
         return best
 
+    @property
+    def graph(self):
+        """The dependency graph as a networkx MultiGraph: one node per space (tensor axis,
+        id ``"tensor[axis]"``) with its ``tensor``, ``axis``, ``size``, ``group`` (id, -1 if
+        in no group), ``kind`` and ``blocked`` (reason, "" if none); one edge per coupling
+        the rules stated (``coupling``: same, offset, product; ``node``: the node that
+        stated it). A contraction (the input axis a node sums over) is an edge to an operator
+        node ``"op:<name>"``."""
+        import networkx as nx
+        dep, graph = self.dep, nx.MultiGraph()
+        where: dict = {}
+        for g in self.groups + self.blocked:
+            for space in g.spaces:
+                where.setdefault(space, g)
+
+        def sid(space):
+            return f"{space[0]}[{space[1]}]"
+
+        for space, size in dep.couplings.sizes.items():
+            g = where.get(space)
+            graph.add_node(sid(space), tensor=space[0], axis=int(space[1]), size=int(size),
+                           group=g.id if g else -1, kind=(g.kind if g and not g.blocked else
+                                                          "blocked" if g else ""),
+                           blocked=(g.blocked or "") if g else "")
+        for a, b, node in dep.couplings.same:
+            graph.add_edge(sid(a), sid(b), coupling="same", node=node)
+        for small, big, start, step, node in dep.couplings.offset:
+            graph.add_edge(sid(small), sid(big), coupling="offset", node=node, start=int(start), step=int(step))
+        for whole, factors, node in dep.couplings.product:
+            for f in factors:
+                graph.add_edge(sid(whole), sid(f), coupling="product", node=node)
+        nodes = {n.name or f"{n.op_type}_{i}": n for i, n in enumerate(self.model.graph.node)}
+        for name, k, axis in dep.couplings.contractions:   # input k of the node is summed over
+            node = nodes.get(name)
+            space = (node.input[k], axis) if node is not None and k < len(node.input) else None
+            if space in dep.couplings.sizes:
+                graph.add_node(f"op:{name}", op=node.op_type, kind="operator", group=-1)
+                graph.add_edge(sid(space), f"op:{name}", coupling="contraction", node=name)
+        return graph
+
     def summary(self) -> dict:
         return {
             "groups": [{"id": g.id, "kind": g.kind, "channels": g.size, "span": self.span(g),
                         "members": self.member_names(g)} for g in self.groups],
-            "blocked": [{"id": g.id, "channels": g.size, "members": self.member_names(g), "reason": g.blocked}
-                        for g in self.blocked],
+            "blocked": [{"id": g.id, "channels": g.size, "members": self.member_names(g), "reason": g.blocked,
+                         "reasons": g.reasons} for g in self.blocked],
             "blocked_nodes": [{"node": n, "op": op, "reason": r} for n, op, r in self.dep.blocked_nodes],
         }
 
@@ -122,9 +162,25 @@ def analyze(model_or_path, input_shapes: dict | None = None, exclude: list[str] 
     model = normalize(model, copy=loaded is None)
     shapes = infer_shapes(model, input_shapes)
     dep = build_dependency(model, shapes, opset_of(model), exclude, attention, allow_mixing)
-    groups, blocked = find_groups(dep)
+    groups, blocked = find_groups(dep, _constants(model), _node_ops(model))
     return Analysis(model, shapes, dep, groups, blocked, loaded and loaded.path, defaults,
                     loaded.files if loaded else {})
+
+
+def _constants(model: onnx.ModelProto) -> set[str]:
+    """Tensors known before running: initializers and outputs of nodes that read only them
+    (a dequantized or transposed weight)."""
+    known = {t.name for t in model.graph.initializer} | {""}
+    for node in model.graph.node:      # topologically sorted
+        if node.op_type == "Constant" or all(i in known for i in node.input) and node.input:
+            known.update(node.output)
+    known.discard("")
+    return known
+
+
+def _node_ops(model: onnx.ModelProto) -> dict[str, str]:
+    """Node name -> op type, named as the rules name them."""
+    return {n.name or f"{n.op_type}_{i}": n.op_type for i, n in enumerate(model.graph.node)}
 
 
 def _restore_default_inputs(model: onnx.ModelProto, defaults: list):

@@ -197,8 +197,20 @@ def _dump_json(path, obj):
 
 
 def cmd_inspect(args) -> int:
-    a = api.analyze(args.model, parse_input_shapes(args.input_shape), args.exclude, args.attention)
+    model = args.model
+    if args.graph:
+        outputs, readers = {"--graph": Path(args.graph)}, {"the input model": Path(args.model)}
+        check_outputs(outputs, readers)  # before reading anything: never over the model
+        model = Loaded.read(args.model)
+        check_outputs(outputs, {**readers, **model.files})
+    a = api.analyze(model, parse_input_shapes(args.input_shape), args.exclude, args.attention)
     summary = a.summary()
+    if args.graph:
+        import networkx as nx
+        graph = a.graph
+        atomic_write(args.graph, lambda tmp: nx.write_graphml(graph, tmp))
+        print(f"dependency graph: {graph.number_of_nodes()} spaces/operators, "
+              f"{graph.number_of_edges()} couplings -> {args.graph}", file=sys.stderr)
     if args.json:
         print(json.dumps(summary, indent=1))
         return 0
@@ -362,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--attention", choices=["heads", "head-dims"], default="heads",
                     help="show attention splits as whole heads or as head dims")
+    sp.add_argument("--graph", metavar="OUT.graphml",
+                    help="also write the dependency graph (tensor axes, couplings, group ids) as GraphML")
     sp.set_defaults(func=cmd_inspect)
 
     sp = sub.add_parser("bench", help="params, MACs, file size and latency of two models")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import re
+
 import numpy as np
 
 from .context import NOT_CHANNEL, Space
@@ -25,6 +27,7 @@ class Group:
     spaces: list[Space]                # every tensor axis (or virtual axis) the channels live in
     blocked: str | None = None
     kind: str = "channels"             # "channels" (conv channels, MLP neurons), "heads", "head-dims"
+    reasons: list[dict] = field(default_factory=list)  # blocked: {"node", "op", "reason"} each
     _members: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -120,8 +123,50 @@ def _class_sets(dep: Dependency):
     return keys, [v[0] if len(v) == 1 else np.sort(np.concatenate(v)) for v in sets.values()]
 
 
-def find_groups(dep: Dependency) -> tuple[list[Group], list[Group]]:
-    """Return (prunable groups, blocked groups); only groups that own initializers count."""
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+def _typed(text: str, node_ops: dict[str, str]) -> dict:
+    """{"node", "op", "reason"} for a reason text: the node is the first quoted name in the
+    text that is a node of the graph (None for graph inputs/outputs and exclusions)."""
+    if not text.startswith(("graph input", "graph output")):
+        for quoted in _QUOTED.findall(text):
+            name = quoted[1:-1]
+            if name in node_ops:
+                return {"node": name, "op": node_ops[name], "reason": text}
+    return {"node": None, "op": None, "reason": text}
+
+
+def _not_channel_reasons(dep: Dependency, key, unmapped: dict, constants: set[str],
+                         ranks: dict[str, int]) -> list[str]:
+    """Readable reasons for the activation axes of these classes that a rule left unmapped
+    (a conv's channels read by DepthToSpace, Gather, Pad or Tile on that axis). Axes of
+    constant tensors (kernel axes of weights) and of size vectors are not channels: skipped."""
+    out = set()
+    for c in key:
+        for space in dep.class_spaces[c]:
+            for reason in unmapped.get(space, ()):
+                if space[0] not in constants and ranks.get(space[0], 0) >= 2:
+                    out.add(f"{reason[len(NOT_CHANNEL):]} does not treat this axis as channels")
+    return sorted(out)
+
+
+def _fixed_by_space(dep: Dependency) -> dict:
+    table: dict = {}
+    for space, reason in dep.couplings.fixed:
+        if reason.startswith(NOT_CHANNEL):
+            table.setdefault(space, []).append(reason)
+    return table
+
+
+def find_groups(dep: Dependency, constants: set[str] | None = None,
+                node_ops: dict[str, str] | None = None) -> tuple[list[Group], list[Group]]:
+    """Return (prunable groups, blocked groups); only groups that own initializers count.
+
+    ``constants`` (tensors known before running: initializers and what is computed from them
+    only) lets a group whose activation channels a rule leaves unmapped be reported as
+    blocked (without it such groups stay silent, as for a hand-built dependency).
+    ``node_ops`` (node name -> op type) types each blocked reason with the node it names."""
     sets, members = _class_sets(dep)
     found = [(key, channels) for key, channels in zip(sets, members)
              if dep.initializer_classes.intersection(key)]
@@ -136,6 +181,12 @@ def find_groups(dep: Dependency) -> tuple[list[Group], list[Group]]:
         free_id = -1
     else:
         texts, free_id = dep.reasons, NO_REASON
+    ranks: dict[str, int] = {}
+    unmapped: dict = {}
+    if constants is not None:
+        unmapped = _fixed_by_space(dep)
+        for tensor, axis in dep.couplings.sizes:
+            ranks[tensor] = max(ranks.get(tensor, 0), axis + 1)
 
     prunable, blocked = [], []
     for key, channels in found:
@@ -157,11 +208,16 @@ def find_groups(dep: Dependency) -> tuple[list[Group], list[Group]]:
                     "channels")
             prunable.append(Group(len(prunable), free, [s for c in key for s in dep.class_spaces[c]], kind=kind))
         del free
+        not_channel = any(r.startswith(NOT_CHANNEL) for r in fixed_reasons)
         fixed_reasons = [r for r in fixed_reasons if not r.startswith(NOT_CHANNEL)]
+        if not_channel and constants is not None and len(channels) > 1:
+            fixed_reasons += _not_channel_reasons(dep, key, unmapped, constants, ranks)
         if fixed_reasons and len(channels) > 1:
             spaces = [s for c in key for s in dep.class_spaces[c]]
             fixed = channels if n_free == 0 else channels[~is_free]
-            blocked.append(Group(-1, fixed, spaces, blocked="; ".join(fixed_reasons[:3])))
+            shown = fixed_reasons[:3]
+            blocked.append(Group(-1, fixed, spaces, blocked="; ".join(shown),
+                                 reasons=[_typed(r, node_ops or {}) for r in shown]))
     for i, g in enumerate(blocked):
         g.id = len(prunable) + i
     return prunable, blocked
