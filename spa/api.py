@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import onnx
 
+from .budget import Budget
+from .budget import spend as spend_budget
+from .budget import step as split_step
 from .errors import SpaError, StrictModeError, UnsupportedModelError, VerificationError
 from .graph.dependency import Dependency, build_dependency
 from .graph.groups import Group, find_groups
@@ -34,19 +37,6 @@ HIDDEN_AS_RATIO = -1.0
 DEFAULT_ROUND_TO = 8
 # The oracle runs by default below this many parameters (two onnxruntime sessions).
 VERIFY_AUTO_MAX_PARAMS = 50_000_000
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Keep ``target`` of the original's ``kind`` (macs, params or latency)."""
-
-    kind: str
-    target: float
-    calib: object = None        # where the sensitivity inputs come from (else synthetic)
-    input_stats: dict = field(default_factory=dict)
-    seed: int = 0
-    samples: int | None = None  # default: 8, fewer for models over 250 MMACs a sample
-    how: str = "measured"       # or "uniform": one ratio for every group, just enough
 
 
 @dataclass
@@ -328,7 +318,7 @@ def prune(model_or_path, ratio: float | None = None, criterion: str = "l1", *, h
     for step in range(1, steps + 1):
         a = first if result is None else _analyze_stage(result.model, result.report["input_shapes"], exclude,
                                                          "heads", args["on_stage"])
-        step_plan, step_budget = _step(plan, budget, step, steps, result)
+        step_plan, step_budget = split_step(plan, budget, step, steps, result)
         one = _prune_pass(a, step_plan, budget=step_budget, **args)
         result = one if result is None else _merge_passes(result, one)
     if steps > 1 and budget is not None:
@@ -351,22 +341,6 @@ def prune(model_or_path, ratio: float | None = None, criterion: str = "l1", *, h
         result.report["probe"] = first.shapes.probe
     result.report["options"] = options
     return result
-
-
-def _step(plan: PlanOptions, budget: Budget | None, step: int, steps: int, done: PruneResult | None):
-    """The plan and budget of one of ``steps`` incremental steps, relative to the model as
-    pruned by the steps before (``done``)."""
-    if steps == 1:
-        return plan, budget
-    share = lambda r: 1 - (1 - r) ** (1 / steps)  # noqa: E731 - per-step share of a total ratio
-    step_plan = replace(plan, ratio=share(plan.ratio), ratios=tuple((k, share(r)) for k, r in plan.ratios),
-                        max_ratio=share(plan.max_ratio))  # N capped steps never remove more than the cap
-    if budget is None:
-        return step_plan, None
-    goal = 1 - (1 - budget.target) * step / steps          # share of the original after this step
-    key = "params" if budget.kind == "params" else "macs"
-    now = done.report["after"][key] / done.report["before"][key] if done is not None else 1.0
-    return step_plan, replace(budget, target=min(1.0, goal / now))
 
 
 def _analyze_stage(model, input_shapes, exclude, attention, on_stage, allow_mixing=False) -> Analysis:
@@ -408,7 +382,7 @@ def _prune_pass(a: Analysis, plan: PlanOptions, *, criterion, aggregate, seed, v
     spent = None
     if budget is not None and a.groups:
         on_stage("allocate")
-        removals, spent = _spend(a, scores, removals, plan, budget)
+        removals, spent = spend_budget(a, scores, removals, plan, budget)
     elif budget is not None:
         spent = {"predicted": [], "report": {"kind": budget.kind, "target": budget.target, "achieved": 1.0,
                                              "met": budget.target >= 1.0, "reason": "no prunable groups"}}
@@ -488,73 +462,3 @@ def _prune_pass(a: Analysis, plan: PlanOptions, *, criterion, aggregate, seed, v
                 f"pruned model differs from the masked original (max abs error {result.max_abs:.3g}, "
                 f"relative {result.max_rel:.3g}); please report this model")
     return PruneResult(pruned, a.model, report, a.source, a.files)
-
-
-def _spend(a: Analysis, scores, removals, plan: PlanOptions, budget: Budget):
-    """Per-group removals that meet the budget where the outputs change least."""
-    from .allocate import MaskedRunner, ResourceModel, allocate, allocate_uniform
-    pinned = dict(plan.ratios)
-    free = [g.kind not in pinned for g in a.groups]
-    start = np.array([g.size - (len(r) if not f else 0) for g, r, f in zip(a.groups, removals, free)])
-    orders = [np.argsort(s, kind="stable") for s in scores]
-    # every run of the search costs a forward pass: bound it near 2 GMACs (ResNet-50: 1 sample)
-    samples = budget.samples or int(np.clip(2e9 // max(count_macs(a.model, a.shapes), 1), 1, 8))
-    feeds = Calibration(budget.calib, budget.input_stats, samples=samples, batch=samples,
-                        seed=budget.seed).batches(a.model, a.shapes.input_shapes)[:1]
-    runner = MaskedRunner(a.model, a.dep, a.shapes, a.groups, orders, feeds)
-    resource = ResourceModel(a.model, a.shapes, a.dep, a.groups, "params" if budget.kind == "params" else "macs")
-    if not resource.full:
-        raise SpaError(f"--{budget.kind}: the model has no {'weights' if budget.kind == 'params' else 'MACs'} spa "
-                       "can count (Conv, Gemm, MatMul with static shapes); use --ratio" +
-                       ("" if budget.kind == "params" else " or --params"))
-
-    def spend(target):
-        if budget.how == "uniform":
-            return allocate_uniform(a.groups, runner, resource, target, plan, free, start)
-        return allocate(a.groups, runner, resource, target, plan.round_to, plan.max_ratio, free, start)
-
-    report = {"kind": budget.kind, "target": budget.target, "allocation": budget.how, "measured_on": (
-        f"{samples} {'calibration samples' if budget.calib is not None else 'synthetic samples'}")}
-    if budget.kind == "latency":
-        alloc, report["achieved"], report["latency_search"] = _search_latency(a, orders, spend, budget.target)
-        report["met"] = report["achieved"] <= budget.target * 1.05
-    else:
-        alloc = spend(budget.target)
-        report.update(achieved=_share(alloc), met=bool(alloc.met))
-    report.update(macs_share=_share(alloc) if budget.kind != "params" else None, output_change=alloc.change,
-                  cuts=alloc.steps, runs=runner.runs)
-    chosen = [np.sort(o[: g.size - int(k)]) for g, o, k in zip(a.groups, orders, alloc.keeps)]
-    return chosen, {"predicted": [float(v) for v in alloc.marginal], "report": report}
-
-
-def _share(alloc) -> float:
-    return alloc.value / alloc.full if alloc.full else 1.0
-
-
-def _search_latency(a: Analysis, orders, spend, target: float, tries: int = 6):
-    """Latency is measured, not modelled: prune to a MACs share, time original and pruned
-    interleaved on onnxruntime (one thread), correct the MACs share by the miss, repeat. A
-    measured allocation's greedy path is computed once, down to ``target ** 2`` of the MACs,
-    and each try takes its prefix. Returns the allocation with the largest measured latency
-    share within 5 % of the target (else the fastest one), its latency share, and every try."""
-    from .bench import latency as measure
-    deep = spend(max(0.01, target * target))
-    tried = []
-    share = target
-    for _ in range(tries):
-        alloc = deep.at(share) if deep.path and share >= _share(deep) else spend(share)
-        if tried and np.array_equal(alloc.keeps, tried[-1]["alloc"].keeps):
-            break  # the caps allow nothing else: timing it again tells nothing new
-        removed = np.zeros(len(a.dep.root), dtype=bool)
-        for g, o, k in zip(a.groups, orders, alloc.keeps):
-            removed[g.channels[o[: g.size - int(k)]]] = True
-        pruned = rewrite(a.model, a.dep, removed, a.shapes)
-        before, after = measure([a.model, pruned], a.shapes.input_shapes, runs=20)
-        ratio = after / before if before else 1.0
-        tried.append({"macs": _share(alloc), "latency": ratio, "alloc": alloc})
-        if abs(ratio - target) <= 0.05 * target or (ratio < target and not alloc.met):
-            break
-        share = float(np.clip(share * target / max(ratio, 1e-6), 0.01, 1.0))
-    fits = [t for t in tried if t["latency"] <= target * 1.05]
-    best = max(fits, key=lambda t: t["macs"]) if fits else min(tried, key=lambda t: t["latency"])
-    return best["alloc"], best["latency"], [{"macs": t["macs"], "latency": t["latency"]} for t in tried]
