@@ -154,7 +154,7 @@ def memory_limit(gb: float):
 
 def macs_of(model) -> int:
     from spa.metrics import count_macs
-    from spa.model import infer_shapes
+    from spa.shapes import infer_shapes
     return count_macs(model, infer_shapes(model, None, want_values=False))
 
 

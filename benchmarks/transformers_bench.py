@@ -231,7 +231,7 @@ def measure_structure(path, family, exporter, name, kwargs, kind, runs) -> dict:
 def _output_is_zero(model, input_shapes) -> bool:
     """True if the original model outputs all zeros on random inputs (e.g. a zero-initialised
     classifier head): then neither the oracle nor a cosine can see any difference."""
-    from spa.model import random_inputs
+    from spa.shapes import random_inputs
     from spa.verify import session
 
     try:

@@ -21,7 +21,8 @@ from .importance import CRITERIA, score_groups
 from .importance.data import Calibration
 from .importance.obspa import DATA_CRITERIA, data_aware_plan, with_updates
 from .metrics import count_macs, count_params
-from .model import Shapes, infer_shapes, normalize, opset_of, read, save
+from .model import normalize, opset_of, read, save
+from .shapes import Shapes, infer_shapes
 from .planner import PlanOptions, plan_removals
 from .probe import second_probe
 from .rewrite import rewrite

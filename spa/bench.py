@@ -7,7 +7,7 @@ import time
 import numpy as np
 import onnx
 
-from .model import random_inputs
+from .shapes import random_inputs
 from .verify import session
 
 __all__ = ["latency"]

@@ -16,7 +16,8 @@ from .errors import SpaError
 from .importance import CRITERIA
 from .api import Loaded
 from .files import Terminated, atomic_write, check_outputs, check_readable, termination_as_exception
-from .model import graph_inputs, load, normalize, output_paths, parse_input_shapes
+from .model import load, normalize, output_paths
+from .shapes import graph_inputs, parse_input_shapes
 
 __all__ = ["main"]
 
@@ -234,7 +235,8 @@ def cmd_inspect(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import latency
     from .metrics import count_macs, count_params
-    from .model import external_data_files, infer_shapes
+    from .model import external_data_files
+    from .shapes import infer_shapes
     models = [normalize(load(p)) for p in (args.model, args.pruned)]
     signatures = [[(i.name, len(i.type.tensor_type.shape.dim)) for i in graph_inputs(m)] for m in models]
     if signatures[0] != signatures[1]:

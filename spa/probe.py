@@ -22,7 +22,8 @@ import numpy as np
 import onnx
 
 from .errors import InputShapeError
-from .model import MAX_INPUT_VALUES, _check_input_size, graph_inputs, materialized, random_inputs
+from .model import materialized
+from .shapes import MAX_INPUT_VALUES, _check_input_size, graph_inputs, random_inputs
 
 __all__ = ["choose_probe", "second_probe", "describe", "IMAGE_SIZES", "OTHER_SIZES"]
 

@@ -14,7 +14,8 @@ from onnx import helper, numpy_helper
 
 from .errors import UnsupportedModelError, VerificationError
 from .graph.dependency import Dependency
-from .model import _weightless, materialized, random_inputs, tensor_array, tensor_names, unique_name
+from .model import _weightless, materialized, tensor_array, tensor_names, unique_name
+from .shapes import random_inputs
 from .rewrite import Rewriter
 
 __all__ = ["masked_model", "check_signature", "check_valid", "check_shapes", "oracle", "output_error", "OracleResult",
@@ -100,7 +101,8 @@ def check_valid(pruned: onnx.ModelProto, original: onnx.ModelProto | None = None
 def check_shapes(original: onnx.ModelProto, pruned: onnx.ModelProto, input_shapes: dict):
     """Cheap structural check that runs even without --verify: strict ONNX shape inference
     of the pruned model (weights left out), where the original passes it too."""
-    from .model import _weightless, infer_skeleton
+    from .model import _weightless
+    from .shapes import infer_skeleton
 
     def strict(model):
         skeleton = _weightless(model)

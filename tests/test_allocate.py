@@ -11,7 +11,7 @@ from graphs import Graph
 from spa.allocate import MaskedRunner, ResourceModel, allocate, keep_steps
 from spa.cli import main
 from spa.metrics import count_macs, count_params
-from spa.model import infer_shapes, random_inputs
+from spa.shapes import infer_shapes, random_inputs
 from spa.rewrite import rewrite
 from spa.verify import session
 
@@ -239,7 +239,7 @@ def test_latency_search_reports_the_try_it_chose(monkeypatch):
     target that keeps the most MACs, and reports that try's latency."""
     import spa.bench
     from spa.metrics import count_macs
-    from spa.model import infer_shapes
+    from spa.shapes import infer_shapes
 
     def fake(models, input_shapes, runs=20, **k):
         return [float(count_macs(m, infer_shapes(m, input_shapes, want_values=False))) ** 1.3 for m in models]

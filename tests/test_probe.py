@@ -207,7 +207,7 @@ def test_shared_dim_names_share_a_size_and_input_shape_overrides():
 
 
 def test_memory_cap_skips_large_candidates():
-    """4096 channels at 224x224 is over spa.model.MAX_INPUT_VALUES: the first size under it runs."""
+    """4096 channels at 224x224 is over spa.shapes.MAX_INPUT_VALUES: the first size under it runs."""
     g = Graph()
     x = g.input(["N", 4096, "H", "W"])
     g.output(g.conv(g.op("Relu", [g.conv(x, 4096, 8, k=1)]), 8, 4, k=1))

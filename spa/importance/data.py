@@ -19,7 +19,7 @@ from onnx import helper
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ..errors import SpaError
-from ..model import graph_inputs
+from ..shapes import graph_inputs
 
 __all__ = ["BatchLayout", "Calibration", "ConsumerSpec", "consumer_specs", "collect_stats", "feeds_from", "im2col"]
 

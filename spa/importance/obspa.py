@@ -174,7 +174,7 @@ def data_aware_plan(model: onnx.ModelProto, dep: Dependency, groups: list[Group]
 
 
 def _image_inputs(model: onnx.ModelProto) -> bool:
-    from ..model import graph_inputs
+    from ..shapes import graph_inputs
     return all(vi.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
                and len(vi.type.tensor_type.shape.dim) == 4 for vi in graph_inputs(model))
 
