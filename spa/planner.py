@@ -18,11 +18,10 @@ class PlanOptions:
     global_rank: bool = False
     max_ratio: float = 0.9
     round_to: int = 8
-    min_keep: int = 1
 
 
 def rounded_keep(n: int, keep: int, opts: PlanOptions) -> int:
-    keep = max(keep, opts.min_keep, 1)
+    keep = max(keep, 1)
     if opts.round_to > 1:
         if n <= opts.round_to:
             return n

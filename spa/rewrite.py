@@ -10,7 +10,6 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .errors import UnsupportedModelError
 from .graph.dependency import Dependency
 from .model import copy_fields, tensor_array, tensor_names, unique_name
 
@@ -133,9 +132,6 @@ class Rewriter:
                 return None, None
             name = node.input[0]
         return None, None
-
-    def fail(self, message: str):
-        raise UnsupportedModelError(message)
 
 
 def rewrite(model: onnx.ModelProto, dep: Dependency, removed_roots: np.ndarray, shapes) -> onnx.ModelProto:
