@@ -240,11 +240,13 @@ def test_output_is_a_fifo_or_device(tmp_path, capsys):
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
     check(Case(["prune", path, "-o", tmp_path / "o.onnx", "--report", fifo], 2, ("not a regular file",),
                tmp_path), capsys)
-    if os.geteuid() == 0:  # a character device like /dev/null, made where it harms nothing
-        dev = tmp_path / "null"
+    dev = tmp_path / "null"  # a character device like /dev/null, made where it harms nothing
+    try:
         os.mknod(dev, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
-        check(Case(["prune", path, "-o", dev], 2, ("character device",), tmp_path), capsys)
-        assert stat.S_ISCHR(os.lstat(dev).st_mode)
+    except OSError:  # not root, or a container without CAP_MKNOD: the FIFO above stands in
+        return
+    check(Case(["prune", path, "-o", dev], 2, ("character device",), tmp_path), capsys)
+    assert stat.S_ISCHR(os.lstat(dev).st_mode)
 
 
 def test_output_is_a_directory(tmp_path, capsys):
