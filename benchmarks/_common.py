@@ -33,3 +33,16 @@ def append_row(results: Path, row: dict):
 def load_rows(results: Path) -> list[dict]:
     import json
     return [json.loads(x) for x in results.read_text().splitlines() if x.strip()] if results.exists() else []
+
+
+def blocking_op(blocked: dict) -> str | None:
+    """The op type that left a blocked group (or node) whole, from the report's typed reasons."""
+    if blocked.get("op"):
+        return blocked["op"]
+    return next((r["op"] for r in blocked.get("reasons", []) if r.get("op")), None)
+
+
+def blocked_by_graph_io_only(blocked: dict) -> bool:
+    """Whether only the graph's inputs/outputs keep this group whole (typed reasons name no node)."""
+    reasons = blocked.get("reasons")
+    return reasons is not None and not any(r.get("node") for r in reasons)

@@ -47,6 +47,8 @@ import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import blocking_op  # noqa: E402
 REPO = HERE.parent
 FOREIGN = REPO / "models" / "foreign"
 RESULTS = HERE / "results" / "exporters.jsonl"
@@ -316,14 +318,8 @@ def child_measure(name: str, cache: str, out_json: str) -> int:
                                  if o.type.tensor_type.shape.dim and o.type.tensor_type.shape.dim[-1].dim_value})
     res["n_groups"] = len(rep.get("groups", []))
     res["n_pruned_groups"] = sum(1 for g in rep.get("groups", []) if g.get("removed"))
-    ops = {n.name: n.op_type for n in result.original.graph.node}
-
-    def op_of(reason):
-        hit = re.search(r"node '([^']*)'", reason)
-        return ops.get(hit.group(1)) if hit else None
-
     res["blocked"] = [{"channels": b["channels"] if isinstance(b["channels"], int) else len(b["channels"]),
-                       "reason": b["reason"], "op": op_of(b["reason"])} for b in rep.get("blocked", [])]
+                       "reason": b["reason"], "op": blocking_op(b)} for b in rep.get("blocked", [])]
     res["blocked_nodes"] = [{"node": b.get("node"), "op": b.get("op"), "reason": b["reason"]}
                             for b in rep.get("blocked_nodes", [])]
     dump()

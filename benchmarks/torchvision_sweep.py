@@ -43,6 +43,8 @@ import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import blocking_op  # noqa: E402
 REPO = HERE.parent
 RESULTS = HERE / "results" / "torchvision_sweep.jsonl"
 META = HERE / "results" / "torchvision_sweep.meta.json"
@@ -192,13 +194,7 @@ def worker_measure(path: str, out_json: str) -> int:
     res["input_shapes"] = rep["input_shapes"]
     res["n_groups"] = len(rep["groups"])
     res["n_pruned_groups"] = sum(1 for g in rep["groups"] if g["removed"])
-    ops = {n.name: n.op_type for n in result.original.graph.node}
-
-    def op_of(reason):
-        hit = re.search(r"node '([^']*)'", reason)
-        return ops.get(hit.group(1)) if hit else None
-
-    res["blocked"] = [{"channels": b["channels"], "reason": b["reason"], "op": op_of(b["reason"])}
+    res["blocked"] = [{"channels": b["channels"], "reason": b["reason"], "op": blocking_op(b)}
                       for b in rep["blocked"]]
     res["blocked_nodes"] = [{"op": b["op"], "reason": b["reason"]} for b in rep["blocked_nodes"]]
     dump()

@@ -45,6 +45,8 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import blocked_by_graph_io_only  # noqa: E402
 REPO = HERE.parent
 sys.path.insert(0, str(REPO / "models"))
 RESULTS = HERE / "results" / "transformers_bench.json"
@@ -124,7 +126,7 @@ def main_blocking_reason(report: dict) -> str:
     """The most frequent reason (names aside) among blocked nodes, else blocked groups; graph
     inputs/outputs only if nothing else blocks. Returns an example with its count."""
     for items in (report.get("blocked_nodes", []), report.get("blocked", [])):
-        reasons = [b["reason"] for b in items if not re.match(r"graph (input|output)", b["reason"])]
+        reasons = [b["reason"] for b in items if not blocked_by_graph_io_only(b)]
         if reasons:
             counts = collections.Counter(_pattern(r) for r in reasons)
             pat, n = counts.most_common(1)[0]
