@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from .graph.dependency import Dependency
 from .graph.groups import Group
@@ -90,39 +89,6 @@ class ResourceModel:
         return float(self.base @ np.prod(share[self.term_rows], axis=1))
 
 
-def _mask_model(model: onnx.ModelProto, dep: Dependency, shapes, spaces: set):
-    """The original with a mask input multiplied in at every contraction over ``spaces``:
-    returns the model and, per space, the mask input's name and shape."""
-    from .model import tensor_names, unique_name
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    taken = tensor_names(m)
-    masks = {}
-    new_nodes = []
-    by_node: dict[str, list] = {}
-    for node_name, k, axis in dep.couplings.contractions:
-        by_node.setdefault(node_name, []).append((k, axis))
-    for node in m.graph.node:
-        for k, axis in by_node.get(node.name, ()):
-            tensor = node.input[k]
-            if (tensor, axis) not in spaces or tensor not in shapes.shape:
-                continue
-            shape = shapes.shape[tensor]
-            bshape = [1] * len(shape)
-            bshape[axis] = shape[axis]
-            name = unique_name(f"{node.name}__spa_mask{k}_{axis}", taken)
-            dtype = shapes.dtype.get(tensor, onnx.TensorProto.FLOAT)
-            m.graph.input.append(helper.make_tensor_value_info(name, dtype, bshape))
-            out = unique_name(name + "_out", taken)
-            new_nodes.append(helper.make_node("Mul", [tensor, name], [out], name=out))
-            node.input[k] = out
-            masks.setdefault((tensor, axis), []).append((name, bshape, helper.tensor_dtype_to_np_dtype(dtype)))
-        new_nodes.append(node)
-    del m.graph.node[:]
-    m.graph.node.extend(new_nodes)
-    return m, masks
-
-
 def _output_change(outputs, reference) -> float:
     """Mean cosine distance of each sample's float outputs to the reference's: blind to a
     uniform rescaling (which argmax, softmax order and normalized embeddings ignore too)."""
@@ -145,9 +111,10 @@ class MaskedRunner:
 
     def __init__(self, model: onnx.ModelProto, dep: Dependency, shapes, groups: list[Group],
                  orders: list[np.ndarray], feeds: list[dict]):
-        from .verify import session
+        from .verify import mask_contractions, session
         spaces = {s for g in groups for s in g.spaces}
-        masked, self.masks = _mask_model(model, dep, shapes, spaces)
+        masked, self.masks = mask_contractions(
+            model, dep, shapes, lambda s: np.ones(shapes.shape[s[0]][s[1]]) if s in spaces else None, as_inputs=True)
         try:
             self.session = session(masked)
         except Exception:  # the mask Muls can trip onnxruntime's optimizer

@@ -15,10 +15,10 @@ from onnx import helper, numpy_helper
 from .errors import UnsupportedModelError, VerificationError
 from .graph.dependency import Dependency
 from .model import _weightless, materialized, tensor_array, tensor_names, unique_name
-from .shapes import random_inputs
+from .shapes import infer_skeleton, random_inputs
 from .rewrite import Rewriter
 
-__all__ = ["masked_model", "check_signature", "check_valid", "check_shapes", "oracle", "output_error", "OracleResult",
+__all__ = ["masked_model", "mask_contractions", "check_signature", "check_valid", "check_shapes", "oracle", "output_error", "OracleResult",
            "session"]
 
 
@@ -34,37 +34,60 @@ class OracleResult:
                 "samples": self.samples}
 
 
-def masked_model(model: onnx.ModelProto, dep: Dependency, removed_roots: np.ndarray,
-                 shapes) -> onnx.ModelProto:
-    """The original with every removed channel zeroed where it is contracted."""
+def mask_contractions(model: onnx.ModelProto, dep: Dependency, shapes, mask_of, as_inputs: bool = False):
+    """A copy of ``model`` with a mask multiplied in wherever an axis is contracted and
+    ``mask_of((tensor, axis))`` gives one (a 1-D array; None leaves the axis alone). The masks
+    are initializers, or graph inputs with ``as_inputs`` (fed at run time, the given array
+    being their neutral value). Returns the model and, per masked space, its masks as
+    ``(name, broadcast shape, dtype)``."""
     masked = onnx.ModelProto()
     masked.CopyFrom(model)
-    rw = Rewriter(masked, dep, removed_roots)
     by_node: dict[str, list[tuple[int, int]]] = {}
     for node_name, k, axis in dep.couplings.contractions:
         by_node.setdefault(node_name, []).append((k, axis))
-    new_nodes = []
+    new_nodes, masks = [], {}
     taken = tensor_names(masked)
     for node in masked.graph.node:
         for k, axis in by_node.get(node.name, ()):
             tensor = node.input[k]
-            kept = rw.kept((tensor, axis))
-            if kept is None:
+            if tensor not in shapes.shape:
                 continue
-            shape = shapes.shape[tensor]
-            mask = np.zeros(shape[axis], dtype=helper.tensor_dtype_to_np_dtype(shapes.dtype[tensor]))
-            mask[kept] = 1
-            bshape = [1] * len(shape)
-            bshape[axis] = shape[axis]
-            mask_name = unique_name(f"{node.name}__spa_mask{k}_{axis}", taken)
-            masked.graph.initializer.append(numpy_helper.from_array(mask.reshape(bshape), mask_name))
-            out = mask_name + "_out"
-            new_nodes.append(helper.make_node("Mul", [tensor, mask_name], [out], name=mask_name + "_mul"))
+            dtype = helper.tensor_dtype_to_np_dtype(shapes.dtype.get(tensor, onnx.TensorProto.FLOAT))
+            values = mask_of((tensor, axis))
+            if values is None:
+                continue
+            bshape = [1] * len(shapes.shape[tensor])
+            bshape[axis] = shapes.shape[tensor][axis]
+            name = unique_name(f"{node.name}__spa_mask{k}_{axis}", taken)
+            if as_inputs:
+                masked.graph.input.append(helper.make_tensor_value_info(
+                    name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), bshape))
+            else:
+                masked.graph.initializer.append(
+                    numpy_helper.from_array(np.asarray(values, dtype).reshape(bshape), name))
+            out = unique_name(name + "_out", taken)
+            new_nodes.append(helper.make_node("Mul", [tensor, name], [out], name=out))
             node.input[k] = out
+            masks.setdefault((tensor, axis), []).append((name, bshape, dtype))
         new_nodes.append(node)
     del masked.graph.node[:]
     masked.graph.node.extend(new_nodes)
-    return masked
+    return masked, masks
+
+
+def masked_model(model: onnx.ModelProto, dep: Dependency, removed_roots: np.ndarray,
+                 shapes) -> onnx.ModelProto:
+    """The original with every removed channel zeroed where it is contracted."""
+    rw = Rewriter(model, dep, removed_roots)
+
+    def mask_of(space):
+        kept = rw.kept(space)
+        if kept is None:
+            return None
+        mask = np.zeros(shapes.shape[space[0]][space[1]])
+        mask[kept] = 1
+        return mask
+    return mask_contractions(model, dep, shapes, mask_of)[0]
 
 
 def _signature(model):
@@ -101,9 +124,6 @@ def check_valid(pruned: onnx.ModelProto, original: onnx.ModelProto | None = None
 def check_shapes(original: onnx.ModelProto, pruned: onnx.ModelProto, input_shapes: dict):
     """Cheap structural check that runs even without --verify: strict ONNX shape inference
     of the pruned model (weights left out), where the original passes it too."""
-    from .model import _weightless
-    from .shapes import infer_skeleton
-
     def strict(model):
         skeleton = _weightless(model)
         for inp in skeleton.graph.input:
