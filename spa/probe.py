@@ -22,8 +22,7 @@ import numpy as np
 import onnx
 
 from .errors import InputShapeError
-from .model import materialized
-from .shapes import MAX_INPUT_VALUES, _check_input_size, graph_inputs, random_inputs
+from .shapes import MAX_INPUT_VALUES, _check_input_size, graph_inputs, random_inputs, too_large
 
 __all__ = ["choose_probe", "second_probe", "describe", "IMAGE_SIZES", "OTHER_SIZES"]
 
@@ -184,14 +183,10 @@ class _Runner:
     """One onnxruntime session of the original, run at the sizes a probe tries."""
 
     def __init__(self, model: onnx.ModelProto):
-        import onnxruntime as ort
+        from .verify import session
         self.model, self.error = model, None
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        so.log_severity_level = 4
         try:
-            self.session = ort.InferenceSession(materialized(model).SerializeToString(), so,
-                                                providers=["CPUExecutionProvider"])
+            self.session = session(model, optimize=False)
         except Exception as e:
             self.session, self.error = None, _first_line(e)
 
@@ -210,10 +205,6 @@ def _first_line(e: Exception) -> str:
     text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
     text = re.sub(r"Status Message: /\S+:\d+ .*? was false\. ", "Status Message: ", text)
     return text[:240]
-
-
-def _too_large(shapes: dict) -> bool:
-    return any(int(np.prod(s, dtype=object)) > MAX_INPUT_VALUES for s in shapes.values())
 
 
 def _info(dims: list[Dim], pick, with_source: bool = True) -> dict:
@@ -244,7 +235,7 @@ def choose_probe(model: onnx.ModelProto, shapes: dict, infer):
         if len(tried) >= MAX_TRIES:
             break
         at = _assign(model, shapes, fixed, dims, pick)
-        if _too_large(at):
+        if too_large(at):
             continue
         tried.append(pick)
         if runner.session is not None:
@@ -304,7 +295,7 @@ def second_probe(model: onnx.ModelProto, shapes) -> tuple[dict | None, dict]:
         if any(d.candidates[k][0] == f and len(d.candidates) > 1 for d, k, f in zip(dims, pick, first)):
             continue
         at = _assign(model, open_shapes, fixed, dims, pick)
-        if _too_large(at):
+        if too_large(at):
             continue
         tried += 1
         if runner.fails(at) is None:

@@ -15,7 +15,7 @@ from .errors import InputShapeError, UnsupportedModelError
 from .model import _weightless, materialized, tensor_array
 
 __all__ = ["Shapes", "infer_shapes", "infer_skeleton", "parse_input_shapes", "random_inputs", "graph_inputs",
-           "SIZE_INPUTS", "MAX_INPUT_VALUES", "DATA_PROP_MAX"]
+           "too_large", "SIZE_INPUTS", "MAX_INPUT_VALUES", "DATA_PROP_MAX"]
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +84,18 @@ def _fixed_input_shapes(model, overrides) -> dict[str, tuple]:
     return shapes
 
 
+def too_large(shapes: dict) -> str | None:
+    """The first input whose dims ask for more than MAX_INPUT_VALUES values, if any."""
+    return next((name for name, shape in shapes.items() if int(np.prod(shape, dtype=object)) > MAX_INPUT_VALUES),
+                None)
+
+
 def _check_input_size(shapes: dict):
-    for name, shape in shapes.items():
-        if int(np.prod(shape, dtype=object)) > MAX_INPUT_VALUES:
-            raise InputShapeError(f"input {name!r} has dims {list(shape)}: too large to run here "
-                                  f"(over {MAX_INPUT_VALUES} values); pass --input-shape {name}=... with smaller dims")
+    name = too_large(shapes)
+    if name is not None:
+        shape = shapes[name]
+        raise InputShapeError(f"input {name!r} has dims {list(shape)}: too large to run here "
+                              f"(over {MAX_INPUT_VALUES} values); pass --input-shape {name}=... with smaller dims")
 
 
 # Random inputs are drawn to find shapes and to verify: no input may ask for more values.
@@ -201,7 +208,7 @@ def infer_skeleton(skeleton: onnx.ModelProto, strict: bool = False) -> onnx.Mode
 
 
 def _fill_from_onnxruntime(model, out: Shapes, names):
-    import onnxruntime as ort
+    from .verify import session
 
     m = onnx.ModelProto()
     m.CopyFrom(materialized(model))
@@ -209,11 +216,8 @@ def _fill_from_onnxruntime(model, out: Shapes, names):
     for name in names:
         if name not in existing:
             m.graph.output.append(onnx.ValueInfoProto(name=name))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
     try:
-        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        sess = session(m, optimize=False)
         feeds = random_inputs(model, out.input_shapes, np.random.default_rng(0))
         fetch = [o.name for o in sess.get_outputs() if o.name in set(names)]
         results = sess.run(fetch, feeds)
