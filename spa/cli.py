@@ -16,7 +16,7 @@ from .errors import SpaError
 from .importance import CRITERIA
 from .api import Loaded
 from .files import Terminated, atomic_write, check_outputs, check_readable, termination_as_exception
-from .model import load, normalize, output_paths
+from .model import normalize, output_paths
 from .shapes import graph_inputs, parse_input_shapes
 
 __all__ = ["main"]
@@ -81,16 +81,24 @@ def _eval_data(path, model) -> dict:
     return data
 
 
+def _read_checked(model_path, outputs: dict, readers: dict | None = None) -> Loaded:
+    """Read the model, checking the paths the run writes against every file it reads: once
+    before reading anything (nothing a typo could destroy), and again with the model's
+    external data files known."""
+    readers = {"the input model": Path(model_path), **(readers or {})}
+    check_outputs(outputs, readers)
+    loaded = Loaded.read(model_path)
+    check_outputs(outputs, {**readers, **loaded.files})
+    return loaded
+
+
 def cmd_prune(args) -> int:
     from tqdm import tqdm
 
     input_shapes = parse_input_shapes(args.input_shape)
     outputs = {**output_paths(args.output), **({"--report": Path(args.report)} if args.report else {})}
-    readers = {"the input model": Path(args.model),
-               **{f"the {flag} file": Path(p) for flag, p in (("--calib", args.calib), ("--eval", args.eval)) if p}}
-    check_outputs(outputs, readers)  # before reading anything: nothing a typo could destroy
-    loaded = Loaded.read(args.model)
-    check_outputs(outputs, {**readers, **loaded.files})
+    loaded = _read_checked(args.model, outputs, {f"the {flag} file": Path(p) for flag, p in
+                                                 (("--calib", args.calib), ("--eval", args.eval)) if p})
     eval_data = _eval_data(args.eval, loaded.model) if args.eval else None
     calib = _load_npz(args.calib, "--calib file") if args.calib else None
     bar = tqdm(total=len(STAGES), desc="spa", disable=args.quiet or not sys.stderr.isatty(),
@@ -198,12 +206,7 @@ def _dump_json(path, obj):
 
 
 def cmd_inspect(args) -> int:
-    model = args.model
-    if args.graph:
-        outputs, readers = {"--graph": Path(args.graph)}, {"the input model": Path(args.model)}
-        check_outputs(outputs, readers)  # before reading anything: never over the model
-        model = Loaded.read(args.model)
-        check_outputs(outputs, {**readers, **model.files})
+    model = _read_checked(args.model, {"--graph": Path(args.graph)}) if args.graph else args.model
     a = api.analyze(model, parse_input_shapes(args.input_shape), args.exclude, args.attention)
     summary = a.summary()
     if args.graph:
@@ -235,9 +238,9 @@ def cmd_inspect(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import latency
     from .metrics import count_macs, count_params
-    from .model import external_data_files
     from .shapes import infer_shapes
-    models = [normalize(load(p)) for p in (args.model, args.pruned)]
+    loaded = [Loaded.read(p) for p in (args.model, args.pruned)]
+    models = [normalize(m.model, copy=False) for m in loaded]
     signatures = [[(i.name, len(i.type.tensor_type.shape.dim)) for i in graph_inputs(m)] for m in models]
     if signatures[0] != signatures[1]:
         raise SpaError(f"{args.model} and {args.pruned} have different inputs ({signatures[0]} vs {signatures[1]}); "
@@ -245,8 +248,7 @@ def cmd_bench(args) -> int:
     overrides = parse_input_shapes(args.input_shape)
     shapes = [infer_shapes(m, overrides, want_values=False) for m in models]
     lat = latency(models, shapes[0].input_shapes, runs=args.runs, threads=args.threads)
-    sizes = [os.path.getsize(p) + sum(os.path.getsize(f) for f in external_data_files(m))
-             for p, m in zip((args.model, args.pruned), models)]
+    sizes = [sum(os.path.getsize(f) for f in m.files.values()) for m in loaded]
     rows = [("params", count_params(models[0]), count_params(models[1])),
             ("MACs", count_macs(models[0], shapes[0]), count_macs(models[1], shapes[1])),
             ("file size", sizes[0], sizes[1]),

@@ -20,7 +20,7 @@ from onnx import helper, numpy_helper
 from .errors import ModelLoadError
 from .files import atomic_files, check_outputs, check_readable
 
-__all__ = ["load", "read", "normalize", "save", "output_paths", "external_data_files", "tensor_array", "materialized",
+__all__ = ["load", "read", "normalize", "save", "output_paths", "tensor_array", "materialized",
            "unique_name", "tensor_names"]
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,9 @@ def read(path: str | os.PathLike) -> tuple[onnx.ModelProto, dict[str, Path]]:
         raise ModelLoadError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
     if not model.graph.node or not model.opset_import:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph nodes or opset)")
-    _check_tensor_sizes(model, path)
-    data_files = _resolve_external_data(model, path)
+    others = list(_other_tensors(model))
+    _check_tensor_sizes(list(model.graph.initializer) + others, path)
+    data_files = _resolve_external_data(model, others, path)
     try:
         onnx.checker.check_model(_weightless(model))  # structure only: weight bytes cost time
     except Exception as e:
@@ -63,12 +64,6 @@ def _external_info(t: onnx.TensorProto) -> dict:
     return {e.key: e.value for e in t.external_data}
 
 
-def external_data_files(model: onnx.ModelProto) -> list[Path]:
-    """The resolved files a loaded model reads its external weights from."""
-    return sorted({Path(_external_info(t)["location"]) for t in model.graph.initializer
-                   if t.data_location == onnx.TensorProto.EXTERNAL})
-
-
 def _elements(t: onnx.TensorProto) -> int:
     n = 1
     for d in t.dims:
@@ -81,30 +76,30 @@ def _elements(t: onnx.TensorProto) -> int:
 _TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
 
 
-def _check_tensor_sizes(model: onnx.ModelProto, path: Path):
-    """Every stored initializer holds as many values as its dims declare: memory follows
-    the bytes in the file, never dims a file merely declares."""
-    for t in list(model.graph.initializer) + list(_other_tensors(model)):
+def _check_tensor_sizes(tensors: list[onnx.TensorProto], path: Path):
+    """Every stored tensor holds as many values as its dims declare: memory follows the
+    bytes in the file, never dims a file merely declares."""
+    for t in tensors:
         n = _elements(t)
         if n < 0:
-            raise ModelLoadError(f"{path}: initializer {t.name!r} has a negative dim {list(t.dims)}")
+            raise ModelLoadError(f"{path}: tensor {t.name!r} has a negative dim {list(t.dims)}")
         if t.data_location == onnx.TensorProto.EXTERNAL or t.data_type == onnx.TensorProto.STRING:
             continue
         if t.HasField("raw_data"):
             try:
                 want = _nbytes(t)
             except Exception:
-                raise ModelLoadError(f"{path}: initializer {t.name!r} has an unknown data type {t.data_type}") from None
+                raise ModelLoadError(f"{path}: tensor {t.name!r} has an unknown data type {t.data_type}") from None
             if len(t.raw_data) != want:
-                raise ModelLoadError(f"{path}: initializer {t.name!r} declares dims {list(t.dims)} "
+                raise ModelLoadError(f"{path}: tensor {t.name!r} declares dims {list(t.dims)} "
                                      f"({want} bytes) but holds {len(t.raw_data)} bytes")
             continue
         have = sum(len(getattr(t, f)) for f in _TYPED_FIELDS)
         if have and have < n:  # complex types store two values per element: more is fine
-            raise ModelLoadError(f"{path}: initializer {t.name!r} declares dims {list(t.dims)} "
+            raise ModelLoadError(f"{path}: tensor {t.name!r} declares dims {list(t.dims)} "
                                  f"({n} values) but holds {have}")
         if not have and n:
-            raise ModelLoadError(f"{path}: initializer {t.name!r} declares dims {list(t.dims)} but holds no data")
+            raise ModelLoadError(f"{path}: tensor {t.name!r} declares dims {list(t.dims)} but holds no data")
 
 
 def _other_tensors(model: onnx.ModelProto):
@@ -140,14 +135,14 @@ def _short(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _resolve_external_data(model: onnx.ModelProto, path: Path) -> list[Path]:
+def _resolve_external_data(model: onnx.ModelProto, others: list[onnx.TensorProto], path: Path) -> list[Path]:
     """Leave external weights on disk (they are read one tensor at a time when needed), but
     point them at resolved paths after checking that each stays inside the model's folder,
-    is a regular file and holds the tensor in full. External tensors outside the main
-    graph's initializers (Constant values, subgraphs) are read into memory the same way."""
+    is a regular file and holds the tensor in full. External tensors among ``others`` (Constant
+    values, subgraphs: ``_other_tensors``) are checked the same way and read into memory."""
     folder = Path(os.path.realpath(path.parent if str(path.parent) else "."))
     sizes: dict[Path, int] = {}
-    others = [t for t in _other_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
+    others = [t for t in others if t.data_location == onnx.TensorProto.EXTERNAL]
     for is_other, t in [(False, t) for t in model.graph.initializer] + [(True, t) for t in others]:
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue

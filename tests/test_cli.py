@@ -233,3 +233,16 @@ def test_global_ranks_within_a_kind_whatever_the_ratios(heads_ratio):
     opts = PlanOptions(ratio=0.5, ratios=(("heads", heads_ratio),), global_rank=True, round_to=1)
     removed = [len(r) for r in plan_removals(groups, scores, opts)]
     assert removed == [6, 2, int(np.floor(4 * heads_ratio + 1e-9))]
+
+
+def test_bench_counts_external_data(tmp_path, capsys, model_path):
+    """The file size column counts every file a model is read from, small tensors read into
+    memory included."""
+    from spa.cli import FORMATS
+    m = onnx.load(model_path)
+    ext = tmp_path / "ext.onnx"
+    onnx.save(m, ext, save_as_external_data=True, location="ext.bin", size_threshold=0)
+    total = ext.stat().st_size + (tmp_path / "ext.bin").stat().st_size
+    assert main(["bench", str(ext), str(ext), "--runs", "2"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("file size"))
+    assert line.split()[2] == FORMATS["file size"](total)
