@@ -26,7 +26,7 @@ from .graph.dependency import Dependency
 from .graph.groups import Group
 from .metrics import WEIGHT_TYPES, node_macs, mac_spaces
 
-__all__ = ["ResourceModel", "MaskedRunner", "Allocation", "allocate", "allocate_uniform", "keep_steps"]
+__all__ = ["ResourceModel", "MaskedRunner", "Allocation", "allocate", "allocate_uniform", "keep_steps", "removed_positions"]
 
 log = logging.getLogger(__name__)
 
@@ -125,15 +125,24 @@ class MaskedRunner:
                      for name, shape, dtype in entries}
         self.reference = [self.session.run(None, {**f, **self.ones}) for f in feeds]
         self.runs = 0
+        self._zero_cache: dict = {}
+
+    def _zeroed(self, gi: int, keep: int) -> list:
+        """(space, positions) that group ``gi`` zeroes when it keeps ``keep``: the search asks
+        for the same few keep counts of a group hundreds of times."""
+        key = (gi, keep)
+        if key not in self._zero_cache:
+            removed = self.orders[gi][: self.groups[gi].size - keep]
+            self._zero_cache[key] = [(s, positions[np.isin(channel, removed)])
+                                     for s, (positions, channel) in self.members[gi]]
+        return self._zero_cache[key]
 
     def change(self, keeps) -> float:
         zero: dict = {}
-        for g, order, members, keep in zip(self.groups, self.orders, self.members, keeps):
-            if keep >= g.size:
-                continue
-            removed = order[: g.size - int(keep)]
-            for s, (positions, channel) in members:
-                zero.setdefault(s, []).append(positions[np.isin(channel, removed)])
+        for gi, (g, keep) in enumerate(zip(self.groups, keeps)):
+            if keep < g.size:
+                for s, positions in self._zeroed(gi, int(keep)):
+                    zero.setdefault(s, []).append(positions)
         masks = dict(self.ones)
         for s, parts in zero.items():
             for name, shape, dtype in self.masks[s]:
@@ -165,6 +174,11 @@ class Allocation:
             if value <= goal + 1e-9:
                 return Allocation(keeps, marginal, change, value, self.full, True, self.steps, self.runs, self.path)
         return self
+
+
+def removed_positions(groups: list[Group], orders: list[np.ndarray], keeps) -> list[np.ndarray]:
+    """Per group, the positions it loses: the first ``size - keep`` of its order, sorted."""
+    return [np.sort(o[: g.size - int(k)]) for g, o, k in zip(groups, orders, keeps)]
 
 
 def keep_steps(group: Group, round_to: int, max_ratio: float) -> list[int]:

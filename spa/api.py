@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import onnx
 
 from .budget import Budget
@@ -16,7 +15,7 @@ from .budget import spend as spend_budget
 from .budget import step as split_step
 from .errors import SpaError, StrictModeError, UnsupportedModelError, VerificationError
 from .graph.dependency import Dependency, build_dependency
-from .graph.groups import Group, find_groups
+from .graph.groups import Group, find_groups, removed_atoms
 from .importance import CRITERIA, score_groups
 from .importance.data import Calibration
 from .importance.obspa import DATA_CRITERIA, data_aware_plan, with_updates
@@ -380,13 +379,13 @@ def _prune_pass(a: Analysis, plan: PlanOptions, *, criterion, aggregate, seed, v
         removals = plan_removals(a.groups, scores, plan)
     except ValueError as e:
         raise SpaError(str(e)) from None
-    spent = None
+    budget_report, changes = None, None
     if budget is not None and a.groups:
         on_stage("allocate")
-        removals, spent = spend_budget(a, scores, removals, plan, budget)
+        removals, budget_report, changes = spend_budget(a, scores, removals, plan, budget)
     elif budget is not None:
-        spent = {"predicted": [], "report": {"kind": budget.kind, "target": budget.target, "achieved": 1.0,
-                                             "met": budget.target >= 1.0, "reason": "no prunable groups"}}
+        budget_report = {"kind": budget.kind, "target": budget.target, "achieved": 1.0,
+                         "met": budget.target >= 1.0, "reason": "no prunable groups"}
     model, data_info = a.model, None
     if calibration is not None and a.groups:
         on_stage("calibrate")
@@ -400,9 +399,7 @@ def _prune_pass(a: Analysis, plan: PlanOptions, *, criterion, aggregate, seed, v
         if dplan.weights or dplan.new_biases:
             model = with_updates(a.model, a.dep, dplan)
 
-    removed = np.zeros(len(a.dep.root), dtype=bool)
-    for g, rem in zip(a.groups, removals):
-        removed[g.channels[rem]] = True
+    removed = removed_atoms(a.dep, a.groups, removals)
 
     on_stage("rewrite")
     pruned = rewrite(model, a.dep, removed, a.shapes)
@@ -423,14 +420,14 @@ def _prune_pass(a: Analysis, plan: PlanOptions, *, criterion, aggregate, seed, v
         report["before"]["file_bytes"] = _file_bytes(a.files)
     if data_info is not None:
         report["data"] = data_info
-    if spent is not None:
-        report["budget"] = spent.pop("report")
-    for g, s, rem in zip(a.groups, scores, removals):
+    if budget_report is not None:
+        report["budget"] = budget_report
+    for i, (g, s, rem) in enumerate(zip(a.groups, scores, removals)):
         report["groups"].append({
             "id": g.id, "kind": g.kind, "channels": g.size, "removed": len(rem), "kept": g.size - len(rem),
             "removed_channels": rem.tolist(), "members": a.member_names(g),
             "scores": [float(v) for v in s], **({"note": notes[g.id]} if g.id in notes else {}),
-            **({"output_change": spent["predicted"][len(report["groups"])]} if spent else {}),
+            **({"output_change": changes[i]} if changes else {}),
         })
 
     asked = verify

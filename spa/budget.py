@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .allocate import MaskedRunner, ResourceModel, allocate, allocate_uniform
+from .allocate import MaskedRunner, ResourceModel, allocate, allocate_uniform, removed_positions
+from .graph.groups import removed_atoms
 from .errors import SpaError
 from .importance.data import Calibration
 from .metrics import count_macs
@@ -55,7 +56,8 @@ def step(plan: PlanOptions, budget: Budget | None, index: int, steps: int, done:
 
 
 def spend(a: Analysis, scores, removals, plan: PlanOptions, budget: Budget):
-    """Per-group removals that meet the budget where the outputs change least."""
+    """Per-group removals that meet the budget where the outputs change least, the report's
+    ``budget`` entry, and per group the output change its cuts added."""
     pinned = dict(plan.ratios)
     free = [g.kind not in pinned for g in a.groups]
     start = np.array([g.size - (len(r) if not f else 0) for g, r, f in zip(a.groups, removals, free)])
@@ -86,8 +88,7 @@ def spend(a: Analysis, scores, removals, plan: PlanOptions, budget: Budget):
         report.update(achieved=_share(alloc), met=bool(alloc.met))
     report.update(macs_share=_share(alloc) if budget.kind != "params" else None, output_change=alloc.change,
                   cuts=alloc.steps, runs=runner.runs)
-    chosen = [np.sort(o[: g.size - int(k)]) for g, o, k in zip(a.groups, orders, alloc.keeps)]
-    return chosen, {"predicted": [float(v) for v in alloc.marginal], "report": report}
+    return removed_positions(a.groups, orders, alloc.keeps), report, [float(v) for v in alloc.marginal]
 
 
 def _share(alloc) -> float:
@@ -108,9 +109,7 @@ def search_latency(a: Analysis, orders, spend, target: float, tries: int = 6):
         alloc = deep.at(share) if deep.path and share >= _share(deep) else spend(share)
         if tried and np.array_equal(alloc.keeps, tried[-1]["alloc"].keeps):
             break  # the caps allow nothing else: timing it again tells nothing new
-        removed = np.zeros(len(a.dep.root), dtype=bool)
-        for g, o, k in zip(a.groups, orders, alloc.keeps):
-            removed[g.channels[o[: g.size - int(k)]]] = True
+        removed = removed_atoms(a.dep, a.groups, removed_positions(a.groups, orders, alloc.keeps))
         pruned = rewrite(a.model, a.dep, removed, a.shapes)
         before, after = measure([a.model, pruned], a.shapes.input_shapes, runs=20)
         ratio = after / before if before else 1.0

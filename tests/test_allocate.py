@@ -8,7 +8,8 @@ import pytest
 
 import spa
 from graphs import Graph
-from spa.allocate import MaskedRunner, ResourceModel, allocate, keep_steps
+from spa.allocate import MaskedRunner, ResourceModel, allocate, keep_steps, removed_positions
+from spa.graph.groups import removed_atoms
 from spa.cli import main
 from spa.metrics import count_macs, count_params
 from spa.shapes import infer_shapes, random_inputs
@@ -33,10 +34,15 @@ def branchy() -> onnx.ModelProto:
 
 
 def pruned_for(a, orders, keeps):
-    removed = np.zeros(len(a.dep.root), dtype=bool)
-    for g, o, k in zip(a.groups, orders, keeps):
-        removed[g.channels[o[: g.size - int(k)]]] = True
-    return rewrite(a.model, a.dep, removed, a.shapes)
+    return rewrite(a.model, a.dep, removed_atoms(a.dep, a.groups, removed_positions(a.groups, orders, keeps)), a.shapes)
+
+
+def runner_for(a, seed):
+    """Random channel orders and one random feed, measured by a MaskedRunner."""
+    rng = np.random.default_rng(seed)
+    orders = [rng.permutation(g.size) for g in a.groups]
+    feeds = [random_inputs(a.model, a.shapes.input_shapes, rng)]
+    return MaskedRunner(a.model, a.dep, a.shapes, a.groups, orders, feeds), orders, feeds
 
 
 def test_resource_model_is_exact():
@@ -57,10 +63,7 @@ def test_resource_model_is_exact():
 def test_masked_runner_measures_the_pruned_model():
     """The runner's output change for some keep counts is the pruned model's own."""
     a = spa.analyze(branchy())
-    rng = np.random.default_rng(1)
-    orders = [rng.permutation(g.size) for g in a.groups]
-    feeds = [random_inputs(a.model, a.shapes.input_shapes, rng)]
-    runner = MaskedRunner(a.model, a.dep, a.shapes, a.groups, orders, feeds)
+    runner, orders, feeds = runner_for(a, 1)
     keeps = [max(1, g.size // 2) for g in a.groups]
     pruned = pruned_for(a, orders, keeps)
     want, got = session(a.model).run(None, feeds[0])[0], session(pruned).run(None, feeds[0])[0]
@@ -112,10 +115,7 @@ def test_budget_is_met(kind, target):
 
 def test_rounding_and_caps_are_respected():
     a = spa.analyze(branchy())
-    rng = np.random.default_rng(2)
-    orders = [rng.permutation(g.size) for g in a.groups]
-    feeds = [random_inputs(a.model, a.shapes.input_shapes, rng)]
-    runner = MaskedRunner(a.model, a.dep, a.shapes, a.groups, orders, feeds)
+    runner, orders, feeds = runner_for(a, 2)
     resource = ResourceModel(a.model, a.shapes, a.dep, a.groups, "macs")
     alloc = allocate(a.groups, runner, resource, 0.05, round_to=8, max_ratio=0.75)
     for g, k in zip(a.groups, alloc.keeps):
@@ -190,10 +190,7 @@ def test_greedy_path_prefix_is_the_looser_allocation():
     """The latency search reuses one greedy path: its prefix for a looser target is what
     allocating for that target gives."""
     a = spa.analyze(branchy())
-    rng = np.random.default_rng(4)
-    orders = [rng.permutation(g.size) for g in a.groups]
-    feeds = [random_inputs(a.model, a.shapes.input_shapes, rng)]
-    runner = MaskedRunner(a.model, a.dep, a.shapes, a.groups, orders, feeds)
+    runner, orders, feeds = runner_for(a, 4)
     resource = ResourceModel(a.model, a.shapes, a.dep, a.groups, "macs")
     deep = allocate(a.groups, runner, resource, 0.3, round_to=1)
     for target in (0.8, 0.6, 0.45):

@@ -17,7 +17,7 @@ import numpy as np
 from .context import NOT_CHANNEL, Space
 from .dependency import _CHUNK, NO_REASON, Dependency, sorted_unique
 
-__all__ = ["Group", "find_groups"]
+__all__ = ["Group", "find_groups", "removed_atoms"]
 
 
 @dataclass
@@ -221,3 +221,11 @@ def find_groups(dep: Dependency, constants: set[str] | None = None,
     for i, g in enumerate(blocked):
         g.id = len(prunable) + i
     return prunable, blocked
+
+
+def removed_atoms(dep: Dependency, groups: list[Group], removals) -> np.ndarray:
+    """The rewrite's input: a removed flag per atom, from each group's removed positions."""
+    removed = np.zeros(len(dep.root), dtype=bool)
+    for g, rem in zip(groups, removals):
+        removed[g.channels[rem]] = True
+    return removed
