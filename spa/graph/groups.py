@@ -88,24 +88,12 @@ def _class_sets(dep: Dependency):
         roots, classes = keys // n_classes, keys % n_classes
         del keys
         first = np.flatnonzero(np.concatenate([[True], roots[1:] != roots[:-1]]))
-        counts = np.diff(np.append(first, len(roots)))
-        rng = np.random.default_rng(0x5BA)
-        h = np.add.reduceat(rng.integers(0, 2**63, n_classes, dtype=np.uint64)[classes], first)
-        _, rep, inv = np.unique(h, return_index=True, return_inverse=True)
-        inv = inv.ravel()
-        same = np.array_equal(counts, counts[rep][inv])
-        if same:   # exact check of the hash: each run equals its set's first run, class by class
-            offset = np.arange(len(classes)) - np.repeat(first, counts)
-            same = np.array_equal(classes, classes[np.repeat(first[rep][inv], counts) + offset])
-            del offset
-        if same:
-            order = np.argsort(inv, kind="stable")
-            bounds = np.cumsum(np.bincount(inv, minlength=len(rep)))[:-1]
-            for f, members in zip(rep, np.split(roots[first][order], bounds)):
-                sets.setdefault(tuple(classes[first[f]:first[f] + counts[f]].tolist()), []).append(members)
-        else:      # two class sets with one hash: group in Python (never seen)
-            for r, f, n in zip(roots[first].tolist(), first.tolist(), counts.tolist()):
-                sets.setdefault(tuple(classes[f:f + n].tolist()), []).append(np.array([r], np.int64))
+        bounds = np.append(first, len(roots))
+        by_set: dict[tuple, list[int]] = {}   # few: one per channel tied across classes
+        for i, f in enumerate(first.tolist()):
+            by_set.setdefault(tuple(classes[f:bounds[i + 1]].tolist()), []).append(int(roots[f]))
+        for key, rs in by_set.items():
+            sets.setdefault(key, []).append(np.array(rs, dtype=np.int64))
     # every other root lives in its own class only
     for c in live:
         s, n = int(starts[c]), int(sizes[c])
