@@ -64,8 +64,8 @@ def spend(a: Analysis, scores, removals, plan: PlanOptions, budget: Budget):
     orders = [np.argsort(s, kind="stable") for s in scores]
     # every run of the search costs a forward pass: bound it near 2 GMACs (ResNet-50: 1 sample)
     samples = budget.samples or int(np.clip(2e9 // max(count_macs(a.model, a.shapes), 1), 1, 8))
-    feeds = Calibration(budget.calib, budget.input_stats, samples=samples, batch=samples,
-                        seed=budget.seed).batches(a.model, a.shapes.input_shapes)[:1]
+    feeds = [Calibration(budget.calib, budget.input_stats, samples=samples, batch=samples,
+                         seed=budget.seed).first_batch(a.model, a.shapes.input_shapes)]
     runner = MaskedRunner(a.model, a.dep, a.shapes, a.groups, orders, feeds)
     resource = ResourceModel(a.model, a.shapes, a.dep, a.groups, "params" if budget.kind == "params" else "macs")
     if not resource.full:

@@ -15,7 +15,7 @@ from .errors import InputShapeError, UnsupportedModelError
 from .model import _weightless, materialized, tensor_array
 
 __all__ = ["Shapes", "infer_shapes", "infer_skeleton", "parse_input_shapes", "random_inputs", "graph_inputs",
-           "too_large", "SIZE_INPUTS", "MAX_INPUT_VALUES", "DATA_PROP_MAX"]
+           "is_open", "too_large", "SIZE_INPUTS", "MAX_INPUT_VALUES", "DATA_PROP_MAX"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,12 @@ def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def is_open(d) -> bool:
+    """A declared dim left open: symbolic, unset, or the -1 (or 0) that some exporters
+    (paddle2onnx) write for "any size". Never a size to feed or to check against."""
+    return not d.HasField("dim_value") or d.dim_value <= 0
+
+
 def _fixed_input_shapes(model, overrides) -> dict[str, tuple]:
     """Each input's dims: from ``--input-shape``, else as declared, with None for a symbolic
     dim (``spa.probe`` chooses those)."""
@@ -79,7 +85,7 @@ def _fixed_input_shapes(model, overrides) -> dict[str, tuple]:
             if len(fixed) != len(dims):
                 raise InputShapeError(f"--input-shape {inp.name} has {len(fixed)} dims, the model's input has {len(dims)}")
         else:
-            fixed = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
+            fixed = [None if is_open(d) else d.dim_value for d in dims]
         shapes[inp.name] = tuple(None if x is None else int(x) for x in fixed)
     return shapes
 

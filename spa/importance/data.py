@@ -19,7 +19,7 @@ from onnx import helper
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ..errors import SpaError
-from ..shapes import graph_inputs
+from ..shapes import graph_inputs, is_open
 
 __all__ = ["BatchLayout", "Calibration", "ConsumerSpec", "consumer_specs", "collect_stats", "feeds_from", "im2col"]
 
@@ -40,17 +40,18 @@ class Calibration:
         return "calibration data" if self.data is not None else "synthetic inputs (data-free)"
 
     def batches(self, model: onnx.ModelProto, input_shapes: dict) -> list[dict]:
+        return list(self._feeds(model, input_shapes))
+
+    def first_batch(self, model: onnx.ModelProto, input_shapes: dict) -> dict:
+        """Only the first batch (the data is validated, not all cut into batches)."""
+        return next(iter(self._feeds(model, input_shapes)))
+
+    def _feeds(self, model: onnx.ModelProto, input_shapes: dict) -> Iterator[dict]:
         layout = BatchLayout.of(model, input_shapes)
         batch = self.batch if layout.free else layout.size
         if self.data is not None:
-            return list(feeds_from(self.data, model, input_shapes, batch, layout))
-        return list(_synthetic(model, input_shapes, self.input_stats, self.samples, batch, self.seed, layout))
-
-
-def _dynamic(d) -> bool:
-    """A declared dim left open: symbolic, unset, or the -1 (or 0) that some exporters
-    (paddle2onnx) write for "any size". Never a size to feed or to check against."""
-    return not d.HasField("dim_value") or d.dim_value <= 0
+            return feeds_from(self.data, model, input_shapes, batch, layout)
+        return _synthetic(model, input_shapes, self.input_stats, self.samples, batch, self.seed, layout)
 
 
 @dataclass
@@ -73,13 +74,13 @@ class BatchLayout:
         inputs = graph_inputs(model)
         declared = {vi.name: list(vi.type.tensor_type.shape.dim) for vi in inputs}
         symbols = {dims[0].dim_param for dims in declared.values()
-                   if dims and _dynamic(dims[0]) and dims[0].dim_param}
+                   if dims and is_open(dims[0]) and dims[0].dim_param}
         axes: dict[str, int | None] = {}
         for vi in inputs:
             dims, rank = declared[vi.name], len(input_shapes[vi.name])
             axis = None
             if rank and len(dims) == rank:
-                if _dynamic(dims[0]):
+                if is_open(dims[0]):
                     axis = 0
                 else:
                     axis = next((a for a, d in enumerate(dims) if d.dim_param and d.dim_param in symbols), None)
@@ -150,7 +151,7 @@ def feeds_from(data, model: onnx.ModelProto, input_shapes: dict, batch: int,
             rest = [a for a in range(len(want)) if a != axis]
             have = tuple(arr.shape[a] for a in rest) if arr.ndim == len(want) else arr.shape
             if arr.ndim != len(want) or any(
-                    not _dynamic(dims[a]) and arr.shape[a] != want[a] for a in rest if a < len(dims)):
+                    not is_open(dims[a]) and arr.shape[a] != want[a] for a in rest if a < len(dims)):
                 raise SpaError(f"calibration input {name!r} has per-sample shape {have}, "
                                f"the model expects {tuple(want[a] for a in rest)}")
             counts[name] = arr.shape[axis]
