@@ -414,11 +414,14 @@ def test_opset_onnxruntime_cannot_run_is_never_called_verified(tmp_path, capsys)
     path = tmp_path / "future.onnx"
     onnx.save(m, path)
     out = tmp_path / "o.onnx"
-    main(["prune", str(path), "-o", str(out)])
+    code = main(["prune", str(path), "-o", str(out)])
     stdout, err = capsys.readouterr()
     assert "Traceback" not in err
     assert "verified:" not in stdout
-    assert "warning" in err or "error" in err
+    # written (it is no worse than its input), with one warning line that says why
+    assert code == 0 and out.exists()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("spa: warning: not verified: onnxruntime cannot run"), err
 
 
 def test_float64_model(tmp_path, capsys):
@@ -435,7 +438,7 @@ def test_float64_model(tmp_path, capsys):
     code = main(["prune", str(path), "-o", str(out), "--round-to", "1"])
     stdout, err = capsys.readouterr()
     assert code == 0 and "Traceback" not in err
-    assert "verified:" in stdout or "warning" in err
+    assert "verified:" in stdout  # onnxruntime runs float64 MatMul: the oracle checks it
 
 
 def test_bfloat16_weights(tmp_path, capsys):
