@@ -30,6 +30,14 @@ def append_row(results: Path, row: dict):
         f.write(json.dumps(row) + "\n")
 
 
+def render_results(results: Path, render) -> str:
+    """Redraw a section from every row in ``results``: print it and put it in the README."""
+    text = render(load_rows(results))
+    print(text)
+    update_readme_section(text)
+    return text
+
+
 def load_rows(results: Path) -> list[dict]:
     import json
     return [json.loads(x) for x in results.read_text().splitlines() if x.strip()] if results.exists() else []

@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO / "models"))
 sys.path.insert(0, str(HERE))
-from _common import append_row, load_rows, update_readme_section  # noqa: E402
+from _common import append_row, render_results  # noqa: E402
 
 RESULTS = HERE / "results" / "latency_budget.jsonl"
 CACHE = HERE / "results" / "cache"
@@ -85,14 +85,10 @@ def main():
     p.add_argument("--render", action="store_true")
     args = p.parse_args()
     if not args.render:
-        RESULTS.parent.mkdir(exist_ok=True)
         for name in args.models:
             for target in args.targets:
                 append_row(RESULTS, run(name, target))
-    rows = load_rows(RESULTS)
-    text = render(rows)
-    print(text)
-    update_readme_section(text)
+    render_results(RESULTS, render)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import append_row, load_rows, update_readme_section  # noqa: E402
+from _common import append_row, render_results  # noqa: E402
 from accuracy import Bench, git_rev, spa_kwargs  # noqa: E402
 
 RESULTS = HERE / "results" / "steps.jsonl"
@@ -65,7 +65,6 @@ def main():
     p.add_argument("--render", action="store_true")
     args = p.parse_args()
     if not args.render:
-        RESULTS.parent.mkdir(exist_ok=True)
         for name in MODELS:
             bench = Bench(name, HERE / "results" / "cache")
             for target in TARGETS:
@@ -73,10 +72,7 @@ def main():
                     for steps in STEPS:
                         row = cell(bench, crit, target, steps)
                         append_row(RESULTS, row)
-    rows = load_rows(RESULTS)
-    text = render(rows)
-    print(text)
-    update_readme_section(text)
+    render_results(RESULTS, render)
 
 
 if __name__ == "__main__":
