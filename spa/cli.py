@@ -270,38 +270,31 @@ def _input_stats(specs: list[str] | None) -> dict:
     return out
 
 
-def _ratio(text: str) -> float:
+def _number(text: str, convert, ok, why: str):
+    """An option value, or argparse's one-line complaint (comparisons also refuse nan)."""
     try:
-        value = float(text)
+        value = convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value < 1:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+        raise argparse.ArgumentTypeError(f"not {'an integer' if convert is int else 'a number'}: {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"{why}, got {text}")
     return value
+
+
+def _ratio(text: str) -> float:
+    return _number(text, float, lambda v: 0 <= v < 1, "must be in [0, 1)")
+
+
+def _share(text: str) -> float:
+    return _number(text, float, lambda v: 0 < v <= 1, "is the share of the original to keep, in (0, 1]")
 
 
 def _latency(text: str):
     return True if text == "on" else _share(text)  # "on": a bare --latency, see _bare_latency
 
 
-def _share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value <= 1:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"is the share of the original to keep, in (0, 1]; got {text}")
-    return value
-
-
 def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    return _number(text, int, lambda v: v >= 1, "must be at least 1")
 
 
 class _Parser(argparse.ArgumentParser):
