@@ -234,7 +234,7 @@ def _output_is_zero(model, input_shapes) -> bool:
     """True if the original model outputs all zeros on random inputs (e.g. a zero-initialised
     classifier head): then neither the oracle nor a cosine can see any difference."""
     from spa.shapes import random_inputs
-    from spa.verify import session
+    from spa.runtime import session
 
     try:
         sess = session(model, threads=1)

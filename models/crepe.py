@@ -129,7 +129,7 @@ def pitch_accuracy(probabilities: np.ndarray, f0: np.ndarray, tolerance_cents: f
 def accuracy(model, data: dict[str, np.ndarray], batch: int = 100) -> float:
     """Raw pitch accuracy (within 50 cents) of an ONNX model on a samples() dict."""
     import onnx
-    from spa.verify import session
+    from spa.runtime import session
     sess = session(model if isinstance(model, onnx.ModelProto) else onnx.load(str(model)))
     x = data[INPUT]
     probs = np.concatenate([sess.run(None, {INPUT: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
@@ -164,7 +164,7 @@ def export(name: str, out_dir=DEFAULT_OUT) -> Path:
         onnx.checker.check_model(m)
         n_bn = sum(n.op_type == "BatchNormalization" for n in m.graph.node)
         assert n_bn == 6, f"{n_bn} BatchNormalization nodes"
-        from spa.verify import session
+        from spa.runtime import session
         x = samples("calib")[INPUT][:16]
         with torch.no_grad():
             ref = model(torch.from_numpy(x)).numpy()

@@ -50,7 +50,7 @@ def samples(which: str) -> dict[str, np.ndarray]:
 def accuracy(model, data: dict[str, np.ndarray]) -> float:
     """Top-1 accuracy (argmax of the probabilities output) of an ONNX model on a samples() dict."""
     import onnx
-    from spa.verify import session
+    from spa.runtime import session
     sess = session(model if isinstance(model, onnx.ModelProto) else onnx.load(str(model)))
     proba = sess.run([PROBA], {INPUT: data[INPUT]})[0]
     return float((proba.argmax(1) == data["label"]).mean())
@@ -87,7 +87,7 @@ def main():
         np.savez_compressed(OUT_DIR / f"digits_{which}.npz", **samples(which))
     ev = samples("eval")
     acc = accuracy(path, ev)
-    from spa.verify import session
+    from spa.runtime import session
     p_onnx = session(onx).run([PROBA], {INPUT: ev[INPUT]})[0]
     err = float(np.abs(p_onnx - clf.predict_proba(ev[INPUT])).max())
     ops = sorted({f"{n.domain or 'ai.onnx'}:{n.op_type}" for n in onx.graph.node})

@@ -73,7 +73,7 @@ def samples(which: str) -> dict[str, np.ndarray]:
 def accuracy(model, data: dict[str, np.ndarray], batch: int = 500) -> float:
     """Top-1 accuracy of an ONNX model (ModelProto or path) on a samples() dict."""
     import onnx
-    from spa.verify import session
+    from spa.runtime import session
     sess = session(model if isinstance(model, onnx.ModelProto) else onnx.load(str(model)))
     name = sess.get_inputs()[0].name
     x, y = data[INPUT], data["label"]
@@ -199,7 +199,7 @@ def export(model, path: Path):
     assert n_bn == n_bn_torch, f"{path.name}: {n_bn} BatchNormalization nodes, torch has {n_bn_torch}"
     assert all(len(n.output) == 1 for n in m.graph.node if n.op_type == "BatchNormalization"), "training-mode BN"
     # ORT matches torch
-    from spa.verify import session
+    from spa.runtime import session
     x = samples("eval")[INPUT][:64]
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()

@@ -68,7 +68,7 @@ def export(out_dir, exporter: str = "dynamo") -> Path:
 def embed(model, feeds: dict[str, np.ndarray]) -> np.ndarray:
     """Mean-pooled, L2-normalized sentence embeddings (the sentence-transformers recipe)."""
     import onnx
-    from spa.verify import session
+    from spa.runtime import session
     sess = session(model if isinstance(model, onnx.ModelProto) else onnx.load(model))
     out = []
     for i in range(len(feeds["input_ids"])):

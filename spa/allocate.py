@@ -111,10 +111,11 @@ class MaskedRunner:
 
     def __init__(self, model: onnx.ModelProto, dep: Dependency, shapes, groups: list[Group],
                  orders: list[np.ndarray], feeds: list[dict]):
-        from .verify import mask_contractions, session
+        from .runtime import session
+        from .verify import mask_contractions
         spaces = {s for g in groups for s in g.spaces}
         masked, self.masks = mask_contractions(
-            model, dep, shapes, lambda s: np.ones(shapes.shape[s[0]][s[1]]) if s in spaces else None, as_inputs=True)
+            model, dep.couplings.contractions, shapes, lambda s: np.ones(shapes.shape[s[0]][s[1]]) if s in spaces else None, as_inputs=True)
         try:
             self.session = session(masked)
         except Exception:  # the mask Muls can trip onnxruntime's optimizer

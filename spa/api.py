@@ -15,13 +15,14 @@ from .budget import spend as spend_budget
 from .budget import step as split_step
 from .errors import SpaError, StrictModeError, UnsupportedModelError, VerificationError
 from .graph.dependency import Dependency, build_dependency
-from .graph.groups import Group, find_groups, removed_atoms
+from .graph.groups import Group, find_groups
 from .importance import CRITERIA, score_groups
 from .importance.data import Calibration
-from .importance.obspa import DATA_CRITERIA, data_aware_plan, with_updates
+from .importance.obspa import DATA_CRITERIA, data_aware_plan
 from .metrics import count_macs, count_params
 from .model import normalize, opset_of, read, save
 from .shapes import Shapes, infer_shapes
+from .plan import Plan, make_plan
 from .planner import PlanOptions, plan_removals
 from .probe import second_probe
 from .rewrite import rewrite
@@ -152,7 +153,7 @@ def analyze(model_or_path, input_shapes: dict | None = None, exclude: list[str] 
     model = normalize(model, copy=loaded is None)
     shapes = infer_shapes(model, input_shapes)
     dep = build_dependency(model, shapes, opset_of(model), exclude, attention, allow_mixing)
-    groups, blocked = find_groups(dep, _constants(model), _node_ops(model))
+    groups, blocked = find_groups(dep, _constants(model))
     return Analysis(model, shapes, dep, groups, blocked, loaded and loaded.path, defaults,
                     loaded.files if loaded else {})
 
@@ -166,11 +167,6 @@ def _constants(model: onnx.ModelProto) -> set[str]:
             known.update(node.output)
     known.discard("")
     return known
-
-
-def _node_ops(model: onnx.ModelProto) -> dict[str, str]:
-    """Node name -> op type, named as the rules name them."""
-    return {n.name or f"{n.op_type}_{i}": n.op_type for i, n in enumerate(model.graph.node)}
 
 
 def _restore_default_inputs(model: onnx.ModelProto, defaults: list):
@@ -198,6 +194,7 @@ class PruneResult:
     report: dict = field(default_factory=dict)
     source: str | None = None
     files: dict = field(default_factory=dict)  # what the original was read from: never written
+    plans: list = field(default_factory=list)  # the Plan of each pass, in order
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the pruned model atomically; refuses to overwrite the input model or its
@@ -361,102 +358,130 @@ def _merge_passes(first: PruneResult, second: PruneResult) -> PruneResult:
             "max_abs_error": max(v1["max_abs_error"], v2["max_abs_error"]),
             "max_rel_error": max(v1["max_rel_error"], v2["max_rel_error"]),
             "ok": v1["ok"] and v2["ok"], "samples": v1["samples"]}
-    return PruneResult(second.model, first.original, rep, first.source, first.files)
+    return PruneResult(second.model, first.original, rep, first.source, first.files, first.plans + second.plans)
+
+
+@dataclass
+class _Choice:
+    """Which positions of each group go, why, and what the budget made of it."""
+
+    removals: list
+    scores: list
+    notes: dict
+    budget_report: dict | None = None
+    changes: list | None = None                    # per group: the output change the allocation measured
+    updates: dict = field(default_factory=dict)    # OBSPA: initializer -> new value
+    new_biases: dict = field(default_factory=dict)
+    data_info: dict | None = None
 
 
 def _prune_pass(a: Analysis, plan: PlanOptions, *, criterion, aggregate, seed, verify, strict,
                 calibration, recalibrate, damping, on_stage, budget: Budget | None = None) -> PruneResult:
+    """One pass: choose -> (calibrate) -> plan -> rewrite -> check -> report -> verify."""
     if strict and a.dep.blocked_nodes:
         name, op, reason = a.dep.blocked_nodes[0]
         raise StrictModeError(f"--strict: {reason} ({len(a.dep.blocked_nodes)} node(s) blocked)")
+    choice = _choose(a, plan, criterion, aggregate, seed, budget, on_stage)
+    if calibration is not None and a.groups:
+        on_stage("calibrate")
+        _calibrate(a, choice, criterion, calibration, recalibrate, damping)
+    the_plan = make_plan(a, choice.removals, choice.scores, choice.notes, choice.updates, choice.new_biases)
+    on_stage("rewrite")
+    pruned = rewrite(a.model, the_plan)
+    check_signature(a.model, pruned)
+    check_shapes(a.model, pruned, a.shapes.input_shapes)
+    report = _pass_report(a, the_plan, pruned, choice)
+    result = PruneResult(pruned, a.model, report, a.source, a.files, [the_plan])
+    _verify(a, the_plan, result, verify, on_stage)
+    return result
 
+
+def _choose(a: Analysis, plan: PlanOptions, criterion, aggregate, seed, budget, on_stage) -> _Choice:
+    """Score every group and choose its removed positions: by the plan's ratios, or by
+    spending the budget where the outputs change least."""
     on_stage("score")
-    data_criterion = criterion in DATA_CRITERIA
     try:
-        # data criteria choose which channels; how many still comes from the plan (on l1)
-        scores, notes = score_groups(a.model, a.dep, a.groups, "l1" if data_criterion else criterion,
+        # data criteria choose which channels later; how many still comes from the plan (on l1)
+        scores, notes = score_groups(a.model, a.dep, a.groups, "l1" if criterion in DATA_CRITERIA else criterion,
                                      aggregate, seed)
         removals = plan_removals(a.groups, scores, plan)
     except ValueError as e:
         raise SpaError(str(e)) from None
-    budget_report, changes = None, None
+    choice = _Choice(removals, scores, notes)
     if budget is not None and a.groups:
         on_stage("allocate")
-        removals, budget_report, changes = spend_budget(a, scores, removals, plan, budget)
+        choice.removals, choice.budget_report, choice.changes = spend_budget(a, scores, removals, plan, budget)
     elif budget is not None:
-        budget_report = {"kind": budget.kind, "target": budget.target, "achieved": 1.0,
-                         "met": budget.target >= 1.0, "reason": "no prunable groups"}
-    model, data_info = a.model, None
-    if calibration is not None and a.groups:
-        on_stage("calibrate")
-        dplan = data_aware_plan(a.model, a.dep, a.groups, [len(r) for r in removals], criterion,
-                                calibration, a.shapes.input_shapes, recalibrate, damping, chosen=removals,
-                                macs=count_macs(a.model, a.shapes))
-        removals = [r if r is not None else fallback for r, fallback in zip(dplan.removals, removals)]
-        scores = [s if s is not None else fallback for s, fallback in zip(dplan.scores, scores)]
-        notes.update(dplan.notes)
-        data_info = dplan.info
-        if dplan.weights or dplan.new_biases:
-            model = with_updates(a.model, a.dep, dplan)
+        choice.budget_report = {"kind": budget.kind, "target": budget.target, "achieved": 1.0,
+                                "met": budget.target >= 1.0, "reason": "no prunable groups"}
+    return choice
 
-    removed = removed_atoms(a.dep, a.groups, removals)
 
-    on_stage("rewrite")
-    pruned = rewrite(model, a.dep, removed, a.shapes)
-    check_signature(a.model, pruned)
-    check_shapes(a.model, pruned, a.shapes.input_shapes)
+def _calibrate(a: Analysis, choice: _Choice, criterion, calibration, recalibrate, damping):
+    """Data-aware: re-choose with a data criterion, and compute OBSPA's weight updates."""
+    dplan = data_aware_plan(a.model, a.dep, a.groups, [len(r) for r in choice.removals], criterion,
+                            calibration, a.shapes.input_shapes, recalibrate, damping, chosen=choice.removals,
+                            macs=count_macs(a.model, a.shapes))
+    choice.removals = [r if r is not None else old for r, old in zip(dplan.removals, choice.removals)]
+    choice.scores = [s if s is not None else old for s, old in zip(dplan.scores, choice.scores)]
+    choice.notes.update(dplan.notes)
+    choice.data_info = dplan.info
+    choice.updates, choice.new_biases = dplan.weights, dplan.new_biases
+
+
+def _pass_report(a: Analysis, plan: Plan, pruned: onnx.ModelProto, choice: _Choice) -> dict:
+    """The report of one pass, from the plan (what was removed) and both models (sizes)."""
     after_shapes = infer_shapes(pruned, a.shapes.input_shapes, want_values=False)
-
     report = {
         "source": a.source,
         "input_shapes": {k: list(v) for k, v in a.shapes.input_shapes.items()},
-        **({"probe": a.shapes.probe} if a.shapes.probe else {}),  # the verify branch adds "second"
+        **({"probe": a.shapes.probe} if a.shapes.probe else {}),  # the verify step adds "second"
         "before": {"params": count_params(a.model), "macs": count_macs(a.model, a.shapes)},
         "after": {"params": count_params(pruned), "macs": count_macs(pruned, after_shapes)},
-        "groups": [],
+        "groups": plan.groups_report(lambda gid: a.member_names(a.groups[gid])),
         **{k: v for k, v in a.summary().items() if k != "groups"},
     }
     if a.files:
         report["before"]["file_bytes"] = _file_bytes(a.files)
-    if data_info is not None:
-        report["data"] = data_info
-    if budget_report is not None:
-        report["budget"] = budget_report
-    for i, (g, s, rem) in enumerate(zip(a.groups, scores, removals)):
-        report["groups"].append({
-            "id": g.id, "kind": g.kind, "channels": g.size, "removed": len(rem), "kept": g.size - len(rem),
-            "removed_channels": rem.tolist(), "members": a.member_names(g),
-            "scores": [float(v) for v in s], **({"note": notes[g.id]} if g.id in notes else {}),
-            **({"output_change": changes[i]} if changes else {}),
-        })
+    if choice.data_info is not None:
+        report["data"] = choice.data_info
+    if choice.budget_report is not None:
+        report["budget"] = choice.budget_report
+    for row, change in zip(report["groups"], choice.changes or []):
+        row["output_change"] = change
+    return report
 
+
+def _verify(a: Analysis, plan: Plan, result: PruneResult, verify, on_stage):
+    """The oracle (exact pruning) or the output error (hidden width) into the report; by
+    default only below VERIFY_AUTO_MAX_PARAMS. Raises when the pruned model is wrong."""
+    report, pruned = result.report, result.model
     asked = verify
     if verify is None:
         verify = report["before"]["params"] <= VERIFY_AUTO_MAX_PARAMS
-    if verify and any(g.kind == "hidden" and len(rem) for g, rem in zip(a.groups, removals)):
-        on_stage("verify")
-        check_valid(pruned, a.model)
+    if not verify:
+        return
+    on_stage("verify")
+    check_valid(pruned, a.model)
+    if any(c.kind == "hidden" and len(c.removed) for c in plan.choices):
         report["verify"] = output_error(a.model, pruned, a.shapes.input_shapes)
         if not report["verify"]["finite"]:
             raise VerificationError("pruning the hidden width made the outputs non-finite")
-    elif verify:
-        on_stage("verify")
-        check_valid(pruned, a.model)
-        shapes = a.shapes.input_shapes
-        if a.shapes.probe:  # sizes spa chose: check a second size too, so none holds for one shape only
-            second, report["probe"]["second"] = second_probe(a.model, a.shapes)
-            shapes = [shapes, second] if second else shapes
-        try:
-            result = oracle(pruned, masked_model(model, a.dep, removed, a.shapes), shapes, a.model)
-        except UnsupportedModelError as e:
-            if asked:
-                raise
-            report["verify"] = {"skipped": str(e)}
-            log.info("not verified: %s", e)
-            return PruneResult(pruned, a.model, report, a.source, a.files)
-        report["verify"] = result.as_dict()
-        if not result.ok:
-            raise VerificationError(
-                f"pruned model differs from the masked original (max abs error {result.max_abs:.3g}, "
-                f"relative {result.max_rel:.3g}); please report this model")
-    return PruneResult(pruned, a.model, report, a.source, a.files)
+        return
+    shapes = a.shapes.input_shapes
+    if a.shapes.probe:  # sizes spa chose: check a second size too, so none holds for one shape only
+        second, report["probe"]["second"] = second_probe(a.model, a.shapes)
+        shapes = [shapes, second] if second else shapes
+    try:
+        checked = oracle(pruned, masked_model(a.model, plan, a.shapes), shapes, a.model)
+    except UnsupportedModelError as e:
+        if asked:
+            raise
+        report["verify"] = {"skipped": str(e)}
+        log.info("not verified: %s", e)
+        return
+    report["verify"] = checked.as_dict()
+    if not checked.ok:
+        raise VerificationError(
+            f"pruned model differs from the masked original (max abs error {checked.max_abs:.3g}, "
+            f"relative {checked.max_rel:.3g}); please report this model")

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 
 from .shapes import random_inputs
-from .verify import session
+from .runtime import session
 
 __all__ = ["latency"]
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .allocate import MaskedRunner, ResourceModel, allocate, allocate_uniform, removed_positions
-from .graph.groups import removed_atoms
+from .plan import make_plan
 from .errors import SpaError
 from .importance.data import Calibration
 from .metrics import count_macs
@@ -109,8 +109,7 @@ def search_latency(a: Analysis, orders, spend, target: float, tries: int = 6):
         alloc = deep.at(share) if deep.path and share >= _share(deep) else spend(share)
         if tried and np.array_equal(alloc.keeps, tried[-1]["alloc"].keeps):
             break  # the caps allow nothing else: timing it again tells nothing new
-        removed = removed_atoms(a.dep, a.groups, removed_positions(a.groups, orders, alloc.keeps))
-        pruned = rewrite(a.model, a.dep, removed, a.shapes)
+        pruned = rewrite(a.model, make_plan(a, removed_positions(a.groups, orders, alloc.keeps)))
         before, after = measure([a.model, pruned], a.shapes.input_shapes, runs=20)
         ratio = after / before if before else 1.0
         tried.append({"macs": _share(alloc), "latency": ratio, "alloc": alloc})

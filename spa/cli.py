@@ -49,7 +49,7 @@ FORMATS = {
 
 
 def _accuracy(model, data: dict) -> float:
-    from .verify import session
+    from .runtime import session
     sess = session(model)
     names = [i.name for i in sess.get_inputs()]
     n = len(data["label"])

@@ -183,7 +183,7 @@ class _Runner:
     """One onnxruntime session of the original, run at the sizes a probe tries."""
 
     def __init__(self, model: onnx.ModelProto):
-        from .verify import session
+        from .runtime import session
         self.model, self.error = model, None
         try:
             self.session = session(model, optimize=False)

@@ -214,7 +214,7 @@ def infer_skeleton(skeleton: onnx.ModelProto, strict: bool = False) -> onnx.Mode
 
 
 def _fill_from_onnxruntime(model, out: Shapes, names):
-    from .verify import session
+    from .runtime import session
 
     m = onnx.ModelProto()
     m.CopyFrom(materialized(model))

@@ -13,13 +13,13 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import UnsupportedModelError, VerificationError
-from .graph.dependency import Dependency
-from .model import _weightless, materialized, tensor_array, tensor_names, unique_name
+from .model import _weightless, tensor_array, tensor_names, unique_name
+from .plan import Plan
+from .rewrite import apply_updates
+from .runtime import any_session, default_session
 from .shapes import infer_skeleton, random_inputs
-from .rewrite import Rewriter
 
-__all__ = ["masked_model", "mask_contractions", "check_signature", "check_valid", "check_shapes", "oracle", "output_error", "OracleResult",
-           "session"]
+__all__ = ["masked_model", "mask_contractions", "check_signature", "check_valid", "check_shapes", "oracle", "output_error", "OracleResult"]
 
 
 @dataclass
@@ -34,8 +34,9 @@ class OracleResult:
                 "samples": self.samples}
 
 
-def mask_contractions(model: onnx.ModelProto, dep: Dependency, shapes, mask_of, as_inputs: bool = False):
-    """A copy of ``model`` with a mask multiplied in wherever an axis is contracted and
+def mask_contractions(model: onnx.ModelProto, contractions, shapes, mask_of, as_inputs: bool = False):
+    """A copy of ``model`` with a mask multiplied in wherever an axis is contracted
+    (``contractions``: (node name, input index, axis), as the rules record them) and
     ``mask_of((tensor, axis))`` gives one (a 1-D array; None leaves the axis alone). The masks
     are initializers, or graph inputs with ``as_inputs`` (fed at run time, the given array
     being their neutral value). Returns the model and, per masked space, its masks as
@@ -43,7 +44,7 @@ def mask_contractions(model: onnx.ModelProto, dep: Dependency, shapes, mask_of, 
     masked = onnx.ModelProto()
     masked.CopyFrom(model)
     by_node: dict[str, list[tuple[int, int]]] = {}
-    for node_name, k, axis in dep.couplings.contractions:
+    for node_name, k, axis in contractions:
         by_node.setdefault(node_name, []).append((k, axis))
     new_nodes, masks = [], {}
     taken = tensor_names(masked)
@@ -75,19 +76,17 @@ def mask_contractions(model: onnx.ModelProto, dep: Dependency, shapes, mask_of, 
     return masked, masks
 
 
-def masked_model(model: onnx.ModelProto, dep: Dependency, removed_roots: np.ndarray,
-                 shapes) -> onnx.ModelProto:
-    """The original with every removed channel zeroed where it is contracted."""
-    rw = Rewriter(model, dep, removed_roots)
-
+def masked_model(model: onnx.ModelProto, plan: Plan, shapes) -> onnx.ModelProto:
+    """The interpreter of a plan for the oracle: the original with the plan's weight updates,
+    and every channel the plan removes zeroed where it is contracted."""
     def mask_of(space):
-        kept = rw.kept(space)
+        kept = plan.kept_of(space)
         if kept is None:
             return None
-        mask = np.zeros(shapes.shape[space[0]][space[1]])
+        mask = np.zeros(plan.sizes[space])
         mask[kept] = 1
         return mask
-    return mask_contractions(model, dep, shapes, mask_of)[0]
+    return mask_contractions(apply_updates(model, plan), plan.contractions, shapes, mask_of)[0]
 
 
 def _signature(model):
@@ -144,58 +143,6 @@ def check_shapes(original: onnx.ModelProto, pruned: onnx.ModelProto, input_shape
         raise VerificationError(f"pruned model has inconsistent shapes ({first}); please report this model") from None
 
 
-def session(model: onnx.ModelProto, threads: int = 0, optimize: bool = True):
-    import onnxruntime as ort
-    model = materialized(model)
-    so = ort.SessionOptions()
-    so.log_severity_level = 4
-    if not optimize:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if threads:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-
-
-def _try_session(model, optimize: bool):
-    try:
-        return session(model, optimize=optimize), None
-    except Exception as e:
-        return None, str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-
-
-def _default_session(pruned: onnx.ModelProto, original: onnx.ModelProto):
-    """The pruned model in onnxruntime with default options, the ones users have. When it
-    does not load, the original tells whose fault that is: if the original loads, the pruning
-    broke it; if the original loads only without graph optimizations, neither is fit to
-    write; if it does not load at all, the model cannot be verified here."""
-    s_pruned, pruned_error = _try_session(pruned, optimize=True)
-    if s_pruned is not None:
-        return s_pruned
-    if _try_session(original, optimize=True)[0] is not None:
-        raise VerificationError(f"onnxruntime cannot load the pruned model with default options: "
-                                f"{pruned_error}; please report this model")
-    if _try_session(original, optimize=False)[0] is None:
-        raise UnsupportedModelError(f"onnxruntime cannot run the original model, so it cannot be "
-                                    f"verified: {pruned_error}")
-    raise VerificationError(f"onnxruntime loads the original model only without graph optimizations, and "
-                            f"the pruned one not with default options either ({pruned_error}); spa does not "
-                            f"write models that onnxruntime's default session cannot load (--no-verify writes "
-                            f"it unchecked)")
-
-
-def _any_session(model: onnx.ModelProto):
-    """A reference to compare with: optimized, or unoptimized where onnxruntime's optimizer
-    trips over the graph (the oracle's masking Muls can do that)."""
-    s, error = _try_session(model, optimize=True)
-    if s is None:
-        s, error = _try_session(model, optimize=False)
-    if s is None:
-        raise UnsupportedModelError(f"onnxruntime cannot run the original model, so it cannot be verified: "
-                                    f"{error}")
-    return s
-
-
 # The oracle's tolerance: an output passes when max |pruned - masked| <= ATOL + RTOL * max |masked|.
 # Measured by benchmarks/oracle_tolerance.py over 562 correct float32 prunings (the rule and
 # property tests, exported transformers, the cached zoo models, the results of the torchvision
@@ -228,12 +175,12 @@ def oracle(pruned: onnx.ModelProto, masked: onnx.ModelProto, input_shapes: dict 
            rtol: float = RTOL, atol: float = ATOL) -> OracleResult:
     """Run both models on the same random inputs; errors are relative to the output scale.
 
-    The pruned model must load with default options (see ``_default_session``). A list of
+    The pruned model must load with default options (see ``default_session``). A list of
     input shapes runs ``samples`` times at the first and once at each other (a second probe
     size for symbolic dims spa chose): a failure there raises, naming those sizes."""
     runs = [input_shapes] if isinstance(input_shapes, dict) else list(input_shapes)
-    s_pruned = _default_session(pruned, original if original is not None else masked)
-    s_masked = _any_session(masked)
+    s_pruned = default_session(pruned, original if original is not None else masked)
+    s_masked = any_session(masked)
     rng = np.random.default_rng(seed)
     max_abs = max_rel = 0.0
     ok = True
@@ -294,7 +241,7 @@ def output_error(reference: onnx.ModelProto, pruned: onnx.ModelProto, input_shap
                  samples: int = 2, seed: int = 0) -> dict:
     """How far an inexact pruning moved the outputs: max abs/relative error and the mean
     cosine similarity of each output sample to the reference's."""
-    s_new, s_ref = _default_session(pruned, reference), _any_session(reference)
+    s_new, s_ref = default_session(pruned, reference), any_session(reference)
     rng = np.random.default_rng(seed)
     max_abs = max_rel = 0.0
     cosines = []

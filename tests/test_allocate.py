@@ -9,12 +9,12 @@ import pytest
 import spa
 from graphs import Graph
 from spa.allocate import MaskedRunner, ResourceModel, allocate, keep_steps, removed_positions
-from spa.graph.groups import removed_atoms
+from spa.plan import make_plan
 from spa.cli import main
 from spa.metrics import count_macs, count_params
 from spa.shapes import infer_shapes, random_inputs
 from spa.rewrite import rewrite
-from spa.verify import session
+from spa.runtime import session
 
 
 def branchy() -> onnx.ModelProto:
@@ -34,7 +34,7 @@ def branchy() -> onnx.ModelProto:
 
 
 def pruned_for(a, orders, keeps):
-    return rewrite(a.model, a.dep, removed_atoms(a.dep, a.groups, removed_positions(a.groups, orders, keeps)), a.shapes)
+    return rewrite(a.model, make_plan(a, removed_positions(a.groups, orders, keeps)))
 
 
 def runner_for(a, seed):

@@ -7,7 +7,7 @@ import pytest
 import spa
 from graphs import Graph
 from spa.importance.data import Calibration, im2col
-from spa.verify import session
+from spa.runtime import session
 
 
 @pytest.mark.parametrize("attrs", [

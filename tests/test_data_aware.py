@@ -8,7 +8,7 @@ from onnx import numpy_helper
 import spa
 from graphs import Graph
 from spa.cli import main
-from spa.verify import session
+from spa.runtime import session
 
 
 def mlp(dead: int = 0, seed: int = 0):

@@ -467,8 +467,8 @@ def test_bfloat16_weights(tmp_path, capsys):
 
 def _fail_optimized(which):
     """A stand-in for onnxruntime whose default (optimized) session fails on some models."""
-    from spa import verify
-    real = verify._try_session
+    from spa import runtime
+    real = runtime._try_session
 
     def fake(model, optimize):
         if optimize and which(model):
@@ -482,20 +482,20 @@ def _params(model):
 
 
 def test_pruned_model_that_default_onnxruntime_cannot_load_is_never_written(tmp_path, capsys, monkeypatch):
-    from spa import verify
+    from spa import runtime
     path = tmp_path / "m.onnx"
     onnx.save(small_model(), path)
     full = _params(small_model())
-    monkeypatch.setattr(verify, "_try_session", _fail_optimized(lambda m: _params(m) < full))
+    monkeypatch.setattr(runtime, "_try_session", _fail_optimized(lambda m: _params(m) < full))
     check(Case(["prune", path, "-o", tmp_path / "o.onnx"], 2, ("default options", "please report"), tmp_path),
           capsys)
 
 
 def test_original_that_loads_only_unoptimized_is_said_and_not_written(tmp_path, capsys, monkeypatch):
-    from spa import verify
+    from spa import runtime
     path = tmp_path / "m.onnx"
     onnx.save(small_model(), path)
-    monkeypatch.setattr(verify, "_try_session", _fail_optimized(lambda m: True))
+    monkeypatch.setattr(runtime, "_try_session", _fail_optimized(lambda m: True))
     check(Case(["prune", path, "-o", tmp_path / "o.onnx"], 2, ("only without graph optimizations",), tmp_path),
           capsys)
     out = tmp_path / "o.onnx"  # the user may still ask for it, unchecked

@@ -37,7 +37,8 @@ def test_a_group_blocked_by_a_non_channel_use_says_so(op, tmp_path, capsys):
     conv_group = [b for b in blocked if "w1[0]" in b["members"]]
     assert len(conv_group) == 1 and conv_group[0]["channels"] == 8    # ...and the report says why
     node = next(n for n in model.graph.node if n.op_type == op).name
-    assert conv_group[0]["reasons"] == [{"node": node, "op": op, "reason": conv_group[0]["reason"]}]
+    assert conv_group[0]["reasons"] == [{"kind": "not-channel", "node": node, "op": op,
+                                         "reason": conv_group[0]["reason"]}]
     assert node in conv_group[0]["reason"] and "not a channel axis of" not in conv_group[0]["reason"]
     # the kernel axes of the weight (constant, not channels) stay out of the report
     assert not [b for b in blocked if any(m in ("w1[2]", "w1[3]") for m in b["members"])]
@@ -52,7 +53,29 @@ def test_a_group_blocked_by_a_non_channel_use_says_so(op, tmp_path, capsys):
 def test_graph_io_reasons_are_typed_without_a_node():
     a = analyze(_conv_then("Pad"))
     io = [b for b in a.summary()["blocked"] if b["reason"].startswith("graph input")]
-    assert io and io[0]["reasons"][0]["node"] is None
+    assert io and io[0]["reasons"][0]["node"] is None and io[0]["reasons"][0]["kind"] == "graph-input"
+
+
+@pytest.mark.parametrize("model,kind,op", [
+    (lambda: _conv_then("Pad"), "not-channel", "Pad"),
+    (lambda: _custom_op_after_conv(), "no-rule", "Foo"),
+])
+def test_reasons_are_typed_where_they_are_stated(model, kind, op):
+    """The kind, node and op come from the rule that fixed the axis, not from the text."""
+    blocked = analyze(model()).summary()["blocked"]
+    typed = [r for b in blocked for r in b["reasons"] if r["kind"] == kind]
+    assert typed and all(r["op"] == op and r["node"] for r in typed)
+
+
+def _custom_op_after_conv() -> onnx.ModelProto:
+    g = Graph()
+    y = g.conv(g.input([1, 3, 8, 8]), 3, 8)
+    g.nodes.append(onnx.helper.make_node("Foo", [y], ["foo_out"], name="custom", domain="my.domain"))
+    g.outputs.append("foo_out")
+    m = onnx.helper.make_model(onnx.helper.make_graph(g.nodes, "t", g.inputs, [onnx.helper.make_tensor_value_info(
+        "foo_out", onnx.TensorProto.FLOAT, [1, 8, 8, 8])], g.inits),
+        opset_imports=[onnx.helper.make_opsetid("", 17), onnx.helper.make_opsetid("my.domain", 1)])
+    return m
 
 
 def _two_convs() -> onnx.ModelProto:

@@ -16,6 +16,7 @@ import spa
 from graphs import Graph
 from spa.errors import VerificationError
 from spa.graph.rules.registry import RULES
+from spa.plan import make_plan
 from spa.rewrite import rewrite
 from spa.verify import RTOL, masked_model, oracle
 
@@ -32,12 +33,13 @@ def conv_relu_conv(middle=None, seed=0, opset=17):
 
 
 def removal(a, positions):
-    """The per-atom removed flags for channels ``positions`` of the first conv's output."""
+    """The plan that removes channels ``positions`` of the first conv's output."""
     space = (a.model.graph.node[0].output[0], 1)
-    c = a.dep.space_class[space]
-    removed = np.zeros(len(a.dep.root), dtype=bool)
-    removed[a.dep.root[a.dep.block_start[c] + np.asarray(positions)]] = True
-    return removed
+    removals = []
+    for g in a.groups:
+        idx, ch = g.member(a.dep, space) if space in g.spaces else (np.array([]), np.array([], np.int64))
+        removals.append(np.sort(ch[np.isin(idx, positions)]))
+    return make_plan(a, removals)
 
 
 def judge(pruned, masked, a):
@@ -55,7 +57,7 @@ def rejected(pruned, masked, a) -> bool:
 def test_same_removal_passes():
     a = spa.analyze(conv_relu_conv())
     removed = removal(a, [1, 4, 6])
-    result = judge(rewrite(a.model, a.dep, removed, a.shapes), masked_model(a.model, a.dep, removed, a.shapes), a)
+    result = judge(rewrite(a.model, removed), masked_model(a.model, removed, a.shapes), a)
     assert result.ok and result.max_rel < RTOL / 10
 
 
@@ -64,8 +66,8 @@ def test_channel_off_by_one_fails(shift):
     """The rewrite removed other channels than the masked original zeroes."""
     a = spa.analyze(conv_relu_conv())
     planned = np.array([1, 4, 6])
-    pruned = rewrite(a.model, a.dep, removal(a, planned), a.shapes)
-    masked = masked_model(a.model, a.dep, removal(a, (planned + shift) % C), a.shapes)
+    pruned = rewrite(a.model, removal(a, planned))
+    masked = masked_model(a.model, removal(a, (planned + shift) % C), a.shapes)
     result = judge(pruned, masked, a)
     assert not result.ok and result.max_rel > 10 * RTOL
 
@@ -73,8 +75,8 @@ def test_channel_off_by_one_fails(shift):
 def test_one_channel_of_many_off_fails():
     """Only one of the removed channels differs: still caught."""
     a = spa.analyze(conv_relu_conv())
-    pruned = rewrite(a.model, a.dep, removal(a, [0, 2, 5]), a.shapes)
-    assert rejected(pruned, masked_model(a.model, a.dep, removal(a, [0, 2, 6]), a.shapes), a)
+    pruned = rewrite(a.model, removal(a, [0, 2, 5]))
+    assert rejected(pruned, masked_model(a.model, removal(a, [0, 2, 6]), a.shapes), a)
 
 
 def split_concat(g, y):
@@ -93,12 +95,12 @@ def _split_sizes(model):
 def test_wrong_split_sizes_fail(wrong):
     a = spa.analyze(conv_relu_conv(split_concat))
     removed = removal(a, [0, 4, 5])          # Split [3, 5] becomes [2, 3]
-    pruned = rewrite(a.model, a.dep, removed, a.shapes)
+    pruned = rewrite(a.model, removed)
     sizes = _split_sizes(pruned)
     assert numpy_helper.to_array(sizes).tolist() == [2, 3]
     if wrong:                                # same total, so every shape still fits
         sizes.CopyFrom(numpy_helper.from_array(np.array([3, 2], np.int64), sizes.name))
-    masked = masked_model(a.model, a.dep, removed, a.shapes)
+    masked = masked_model(a.model, removed, a.shapes)
     assert rejected(pruned, masked, a) == wrong
 
 
@@ -139,9 +141,9 @@ def test_small_relative_error_fails(relative):
     """An error of 1e-3 of the output scale (what a subtly wrong rule leaves) fails the oracle."""
     a = spa.analyze(conv_relu_conv())
     removed = removal(a, [1, 4, 6])
-    pruned = rewrite(a.model, a.dep, removed, a.shapes)
+    pruned = rewrite(a.model, removed)
     _scale_output(pruned, 1 + relative)
-    masked = masked_model(a.model, a.dep, removed, a.shapes)
+    masked = masked_model(a.model, removed, a.shapes)
     result = judge(pruned, masked, a)
     assert result.max_rel == pytest.approx(relative, rel=0.05)
     assert not result.ok
@@ -154,8 +156,8 @@ def test_small_outputs_are_judged_relatively(scale):
     swallows the error (it was 1e-5)."""
     a = spa.analyze(conv_relu_conv())
     removed = removal(a, [1, 4, 6])
-    pruned = rewrite(a.model, a.dep, removed, a.shapes)
-    masked = masked_model(a.model, a.dep, removed, a.shapes)
+    pruned = rewrite(a.model, removed)
+    masked = masked_model(a.model, removed, a.shapes)
     _scale_output(masked, scale)
     _scale_output(pruned, scale)
     result = judge(pruned, masked, a)
@@ -169,9 +171,9 @@ def test_error_below_tolerance_passes():
     """Float rounding of the kind correct prunings show (here 1e-6 relative) passes."""
     a = spa.analyze(conv_relu_conv())
     removed = removal(a, [1, 4, 6])
-    pruned = rewrite(a.model, a.dep, removed, a.shapes)
+    pruned = rewrite(a.model, removed)
     _scale_output(pruned, 1 + 1e-6)
-    assert judge(pruned, masked_model(a.model, a.dep, removed, a.shapes), a).ok
+    assert judge(pruned, masked_model(a.model, removed, a.shapes), a).ok
 
 
 def test_integer_output_must_match_exactly():
@@ -184,8 +186,8 @@ def test_integer_output_must_match_exactly():
         out, onnx.TensorProto.INT64, [1, 1, 10, 10])], g.inits)
     a = spa.analyze(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]))
     removed = removal(a, [1, 4, 6])
-    pruned = rewrite(a.model, a.dep, removed, a.shapes)
-    masked = masked_model(a.model, a.dep, removed, a.shapes)
+    pruned = rewrite(a.model, removed)
+    masked = masked_model(a.model, removed, a.shapes)
     assert judge(pruned, masked, a).ok
     t = next(t for t in pruned.graph.initializer if t.name == sign)
     t.CopyFrom(numpy_helper.from_array(np.float32(-1.0), sign))  # argmin instead of argmax
@@ -195,8 +197,8 @@ def test_integer_output_must_match_exactly():
 def test_pruned_model_that_does_not_load_is_an_error():
     a = spa.analyze(conv_relu_conv())
     removed = removal(a, [1, 4, 6])
-    pruned = rewrite(a.model, a.dep, removed, a.shapes)
+    pruned = rewrite(a.model, removed)
     first = next(t for t in pruned.graph.initializer if t.name == pruned.graph.node[0].input[1])
     first.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(first)[:-1], first.name))  # one filter too few
     with pytest.raises(VerificationError):
-        judge(pruned, masked_model(a.model, a.dep, removed, a.shapes), a)
+        judge(pruned, masked_model(a.model, removed, a.shapes), a)

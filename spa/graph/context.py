@@ -2,27 +2,47 @@
 
 A *space* is one axis of one tensor, keyed ``(tensor_name, axis)``; a rule may also make a
 *virtual* space for a structure no tensor has as an axis (the groups of a grouped Conv),
-keyed ``(node_name + "#" + label, 0)``. Rules only describe; they never change the graph.
+keyed ``(node_name + "#" + label, 0)``. Rules only describe; they never change the graph:
+how a node's size constants follow the pruning is stated as data (``sizes``, ``slice_bounds``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
-
 import numpy as np
 import onnx
 from onnx import helper
 
 from ..model import tensor_array
+from .fixups import SliceBounds, Sizes, Space
 
-__all__ = ["Space", "NodeContext", "Couplings", "NOT_CHANNEL"]
-
-Space = tuple[str, int]
+__all__ = ["Space", "NodeContext", "Couplings", "NOT_CHANNEL", "Reason"]
 
 # Reason prefix for axes a rule leaves unmapped (kernel, spatial, size vectors): they are not
 # channels, so the report does not list them as blocked groups.
 NOT_CHANNEL = "not a channel axis of "
+
+
+class Reason(str):
+    """Why an axis cannot shrink: the message, typed at the place that states it with its
+    ``kind`` (rule, no-rule, shapes-unknown, mixing, not-channel, graph-input, graph-output,
+    excluded, subgraph, no-weight) and the ``node``/``op`` it comes from (None for graph
+    inputs and outputs). A str, so reasons stay plain values wherever text is enough."""
+
+    kind: str
+    node: str | None
+    op: str | None
+
+    def __new__(cls, message: str, kind: str, node: str | None = None, op: str | None = None):
+        self = super().__new__(cls, message)
+        self.kind, self.node, self.op = kind, node, op
+        return self
+
+    def __reduce__(self):
+        return Reason, (str(self), self.kind, self.node, self.op)
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "node": self.node, "op": self.op, "reason": str(self)}
 
 
 @dataclass
@@ -38,7 +58,7 @@ class Couplings:
     free: set[Space] = field(default_factory=set)
     contractions: list[tuple[str, int, int]] = field(default_factory=list)  # node, input index, axis
     batch: set[Space] = field(default_factory=set)  # MatMul batch axes: where attention heads live
-    rewrites: list[tuple[onnx.NodeProto, Callable]] = field(default_factory=list)
+    fixups: list = field(default_factory=list)  # Sizes/SliceBounds specs (see fixups.py)
 
 
 class NodeContext:
@@ -189,14 +209,17 @@ class NodeContext:
 
     def fix(self, space: Space, reason: str | None = None):
         self.mentioned.add(space)
-        self.out.fixed.append((space, reason or f"{self.op} {self.name!r} does not allow pruning this axis"))
+        if not isinstance(reason, Reason):
+            reason = Reason(reason or f"{self.op} {self.name!r} does not allow pruning this axis", "rule",
+                            self.name, self.op)
+        self.out.fixed.append((space, reason))
 
     def mixing(self, space: Space):
         """Removing a channel here changes the others (normalization, softmax, mean): fixed,
         unless the analysis allows inexact pruning (hidden width)."""
         self.mentioned.add(space)
-        self.out.mixing.append((space, f"{self.op} {self.name!r} mixes this axis "
-                                       "(removing a channel changes the others)"))
+        self.out.mixing.append((space, Reason(f"{self.op} {self.name!r} mixes this axis (removing a channel "
+                                              "changes the others)", "mixing", self.name, self.op)))
 
     def free(self, space: Space):
         """The node reads the axis without constraining it (Shape reads sizes only)."""
@@ -208,9 +231,16 @@ class NodeContext:
         rank = len(self.in_shape(k))
         self.out.contractions.append((self.name, k, axis % rank))
 
-    def rewrite(self, fn: Callable):
-        """fn(node, plan) fixes the node's size attributes/constants for the kept channels."""
-        self.out.rewrites.append((self.node, fn))
+    def sizes(self, where: tuple[str, object], old, entries: dict[int, Space], scalar: bool = False,
+              drop: tuple[str, ...] = ()):
+        """After pruning, entry p of the node's size vector or attribute ``where`` (see
+        ``fixups.Sizes``) holds the new size of ``entries[p]``."""
+        self.out.fixups.append(Sizes(self.name, where, tuple(int(v) for v in np.ravel(old)),
+                                     tuple(entries.items()), scalar, tuple(drop)))
+
+    def slice_bounds(self, starts, ends, entries, as_attrs: bool):
+        self.out.fixups.append(SliceBounds(self.name, tuple(int(v) for v in starts),
+                                           tuple(int(v) for v in ends), tuple(entries), as_attrs))
 
     def fix_all(self, reason: str):
         for k, name in enumerate(self.node.input):
@@ -221,7 +251,7 @@ class NodeContext:
                 self.fix(self.space(name, axis), reason)
 
     def fix_unmentioned(self):
-        reason = f"{NOT_CHANNEL}{self.op} {self.name!r}"
+        reason = Reason(f"{NOT_CHANNEL}{self.op} {self.name!r}", "not-channel", self.name, self.op)
         for name in list(self.node.input) + list(self.node.output):
             shape = self.shape(name)
             for axis in range(len(shape or ())):

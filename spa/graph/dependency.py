@@ -31,7 +31,8 @@ import numpy as np
 import onnx
 
 from ..errors import UnsupportedModelError
-from .context import NOT_CHANNEL, Couplings, NodeContext, Space
+from .context import NOT_CHANNEL, Couplings, NodeContext, Reason, Space
+from .fixups import GraphView
 from .rules import apply_rule
 
 __all__ = ["Dependency", "build_dependency", "MAX_EXTRA_ATOMS", "NO_REASON", "sorted_unique"]
@@ -99,6 +100,7 @@ class Dependency:
     collapsed: set[int] = field(default_factory=set)  # classes tied to no weight: one fixed atom
     reason_ids: np.ndarray | None = None   # atom -> index into ``reasons`` (NO_REASON: free)
     reasons: list[str] = field(default_factory=list)
+    view: GraphView | None = None          # the model's producers, initializers, nodes by name
 
     def atoms(self, space: Space) -> np.ndarray:
         """The atoms of a space, one per index, or the single stand-in of a collapsed class
@@ -194,13 +196,14 @@ class _UnionFind:
 
 
 def collect_couplings(model: onnx.ModelProto, shapes, opset: int,
-                      exclude: list[str] | None = None) -> tuple[Couplings, list]:
+                      exclude: list[str] | None = None) -> tuple[Couplings, list, GraphView]:
     g = model.graph
-    inits = {t.name: t for t in g.initializer}
+    view = GraphView.of(model, shapes)
+    inits = view.inits
     out = Couplings()
     blocked = []
     patterns = list(exclude or [])
-    producers = {o: n for n in g.node for o in n.output}
+    producers = view.producers
     consumers: dict[str, list] = {}
     for n in g.node:
         for k, name in enumerate(n.input):
@@ -211,22 +214,24 @@ def collect_couplings(model: onnx.ModelProto, shapes, opset: int,
         if reason:
             blocked.append((ctx.name, node.op_type, reason))
         elif patterns and any(fnmatch.fnmatchcase(ctx.name, p) for p in patterns):
-            ctx.fix_all(f"excluded by pattern (node {ctx.name!r})")
+            ctx.fix_all(Reason(f"excluded by pattern (node {ctx.name!r})", "excluded", ctx.name, node.op_type))
     for name, node_name in _outer_scope_references(g):
         shape = shapes.shape.get(name)
         for axis in range(len(shape or ())):
             out.sizes[(name, axis)] = shape[axis]
-            out.fixed.append(((name, axis), f"used inside a subgraph of node {node_name!r}"))
+            out.fixed.append(((name, axis), Reason(f"used inside a subgraph of node {node_name!r}", "subgraph",
+                                                   node_name, view.nodes[node_name].op_type
+                                                   if node_name in view.nodes else None)))
     for vi, what in [(i, "input") for i in g.input] + [(o, "output") for o in g.output]:
         shape = shapes.shape.get(vi.name)
         for axis in range(len(shape or ())):
             out.sizes[(vi.name, axis)] = shape[axis]
-            out.fixed.append(((vi.name, axis), f"graph {what} {vi.name!r}"))
+            out.fixed.append(((vi.name, axis), Reason(f"graph {what} {vi.name!r}", f"graph-{what}")))
     if patterns:
         for space in list(out.sizes):
             if any(fnmatch.fnmatchcase(space[0], p) for p in patterns):
-                out.fixed.append((space, f"excluded by pattern (tensor {space[0]!r})"))
-    return out, blocked
+                out.fixed.append((space, Reason(f"excluded by pattern (tensor {space[0]!r})", "excluded")))
+    return out, blocked, view
 
 
 def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
@@ -314,7 +319,7 @@ def build_dependency(model: onnx.ModelProto, shapes, opset: int, exclude: list[s
     ``allow_mixing`` leaves mixed axes (LayerNorm, RMSNorm, ...) free but inexact."""
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
-    couplings, blocked = collect_couplings(model, shapes, opset, exclude)
+    couplings, blocked, view = collect_couplings(model, shapes, opset, exclude)
 
     graph = nx.Graph()
     graph.add_nodes_from(couplings.sizes)
@@ -337,7 +342,8 @@ def build_dependency(model: onnx.ModelProto, shapes, opset: int, exclude: list[s
         return int(starts[c]), int(sizes[c])
 
     for c in sorted(collapsed):   # never part of a group: one shared reason is enough
-        uf.fix_block(int(starts[c]), int(sizes[c]), f"{NOT_CHANNEL}any weight (tied to no initializer)")
+        uf.fix_block(int(starts[c]), int(sizes[c]), Reason(f"{NOT_CHANNEL}any weight (tied to no initializer)",
+                                                           "no-weight"))
     for space, reason in couplings.fixed + ([] if allow_mixing else couplings.mixing):
         if space_class[space] not in collapsed:
             uf.fix_block(*block(space), reason)
@@ -384,7 +390,7 @@ def build_dependency(model: onnx.ModelProto, shapes, opset: int, exclude: list[s
             inexact.update(sorted_unique(root[s:s + n]).tolist())
     return Dependency(couplings, space_class, class_spaces, starts, sizes, root,
                       FixedReasons(root, reason_ids, uf.texts), blocked, init_classes, inexact,
-                      heads, head_dims, attention, collapsed, reason_ids, uf.texts)
+                      heads, head_dims, attention, collapsed, reason_ids, uf.texts, view)
 
 
 def _head_classes(couplings: Couplings, space_class: dict) -> set[int]:

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import re
-
 import numpy as np
 
-from .context import NOT_CHANNEL, Space
+from .context import NOT_CHANNEL, Reason, Space
 from .dependency import _CHUNK, NO_REASON, Dependency, sorted_unique
 
-__all__ = ["Group", "find_groups", "removed_atoms"]
+__all__ = ["Group", "find_groups"]
 
 
 @dataclass
@@ -111,18 +109,11 @@ def _class_sets(dep: Dependency):
     return keys, [v[0] if len(v) == 1 else np.sort(np.concatenate(v)) for v in sets.values()]
 
 
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
-
-
-def _typed(text: str, node_ops: dict[str, str]) -> dict:
-    """{"node", "op", "reason"} for a reason text: the node is the first quoted name in the
-    text that is a node of the graph (None for graph inputs/outputs and exclusions)."""
-    if not text.startswith(("graph input", "graph output")):
-        for quoted in _QUOTED.findall(text):
-            name = quoted[1:-1]
-            if name in node_ops:
-                return {"node": name, "op": node_ops[name], "reason": text}
-    return {"node": None, "op": None, "reason": text}
+def _typed(reason: str) -> dict:
+    """{"kind", "node", "op", "reason"}: as the rule or stage typed it where it was stated."""
+    if isinstance(reason, Reason):
+        return reason.as_dict()
+    return {"kind": None, "node": None, "op": None, "reason": str(reason)}   # a hand-built dependency
 
 
 def _not_channel_reasons(dep: Dependency, key, unmapped: dict, constants: set[str],
@@ -135,7 +126,8 @@ def _not_channel_reasons(dep: Dependency, key, unmapped: dict, constants: set[st
         for space in dep.class_spaces[c]:
             for reason in unmapped.get(space, ()):
                 if space[0] not in constants and ranks.get(space[0], 0) >= 2:
-                    out.add(f"{reason[len(NOT_CHANNEL):]} does not treat this axis as channels")
+                    out.add(Reason(f"{reason[len(NOT_CHANNEL):]} does not treat this axis as channels", "not-channel",
+                                   getattr(reason, "node", None), getattr(reason, "op", None)))
     return sorted(out)
 
 
@@ -147,14 +139,12 @@ def _fixed_by_space(dep: Dependency) -> dict:
     return table
 
 
-def find_groups(dep: Dependency, constants: set[str] | None = None,
-                node_ops: dict[str, str] | None = None) -> tuple[list[Group], list[Group]]:
+def find_groups(dep: Dependency, constants: set[str] | None = None) -> tuple[list[Group], list[Group]]:
     """Return (prunable groups, blocked groups); only groups that own initializers count.
 
     ``constants`` (tensors known before running: initializers and what is computed from them
     only) lets a group whose activation channels a rule leaves unmapped be reported as
-    blocked (without it such groups stay silent, as for a hand-built dependency).
-    ``node_ops`` (node name -> op type) types each blocked reason with the node it names."""
+    blocked (without it such groups stay silent, as for a hand-built dependency)."""
     sets, members = _class_sets(dep)
     found = [(key, channels) for key, channels in zip(sets, members)
              if dep.initializer_classes.intersection(key)]
@@ -205,15 +195,8 @@ def find_groups(dep: Dependency, constants: set[str] | None = None,
             fixed = channels if n_free == 0 else channels[~is_free]
             shown = fixed_reasons[:3]
             blocked.append(Group(-1, fixed, spaces, blocked="; ".join(shown),
-                                 reasons=[_typed(r, node_ops or {}) for r in shown]))
+                                 reasons=[_typed(r) for r in shown]))
     for i, g in enumerate(blocked):
         g.id = len(prunable) + i
     return prunable, blocked
 
-
-def removed_atoms(dep: Dependency, groups: list[Group], removals) -> np.ndarray:
-    """The rewrite's input: a removed flag per atom, from each group's removed positions."""
-    removed = np.zeros(len(dep.root), dtype=bool)
-    for g, rem in zip(groups, removals):
-        removed[g.channels[rem]] = True
-    return removed

@@ -355,7 +355,7 @@ class InputStats:
 
 
 def _session_with_outputs(model: onnx.ModelProto, tensors: list[str]):
-    from ..verify import session
+    from ..runtime import session
     m = onnx.ModelProto()
     m.CopyFrom(model)
     have = {o.name for o in m.graph.output}

@@ -17,7 +17,7 @@ from .data import (BatchLayout, Calibration, ConsumerSpec, collect_stats, consum
                    weight_matrix)
 from .obs import Consumer, damped_inverse, greedy_obs
 
-__all__ = ["DATA_CRITERIA", "DataPlan", "data_aware_plan", "with_updates"]
+__all__ = ["DATA_CRITERIA", "DataPlan", "data_aware_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -52,26 +52,15 @@ MAX_HESSIAN_DIM = 8192
 def data_aware_plan(model: onnx.ModelProto, dep: Dependency, groups: list[Group], n_remove: list[int],
                     criterion: str, calibration: Calibration, input_shapes: dict,
                     recalibrate: bool = False, damping: float = 0.01,
-                    chosen: list[np.ndarray] | None = None, macs: int = 0,
-                    select_given: bool = False) -> DataPlan:
+                    chosen: list[np.ndarray] | None = None, macs: int = 0) -> DataPlan:
     """Choose the channels to remove with a data criterion (DATA_CRITERIA), or take them as
     ``chosen`` by another criterion, and compute the weight updates: OBS compensation for
-    ``obspa``, bias correction when ``recalibrate``."""
-    axis_of = {}
-    for node_name, k, axis in dep.couplings.contractions:
-        if k == 0:
-            axis_of[node_name] = axis
-    specs = consumer_specs(model, dep.couplings.contractions)
-    group_spaces = [set(g.spaces) for g in groups]
+    ``obspa``, bias correction when ``recalibrate``.
+
+    Steps: the layers that read the groups (``_consumers_of``) -> statistics of their inputs
+    -> a choice per group (``_choose``) -> the weight updates."""
     inits = {t.name: t for t in model.graph.initializer}
-    used = {name: s for name, s in specs.items()
-            if any((s.data, axis_of[name]) in sp for sp in group_spaces)}
-    # A layer reading more than MAX_HESSIAN_DIM features (crepe's 1024-channel x 64-tap conv:
-    # 65536) would need a 32 GB Hessian: it is left out, its groups fall back to l1.
-    too_wide = sorted(name for name, spec in used.items()
-                      if weight_matrix(spec, np.empty(tuple(inits[spec.weight].dims), np.int8)).shape[1]
-                      > MAX_HESSIAN_DIM)
-    used = {name: spec for name, spec in used.items() if name not in too_wide}
+    used, axis_of, too_wide = _consumers_of(model, dep, groups, inits)
     batches = calibration.batches(model, input_shapes)
     layout = BatchLayout.of(model, input_shapes)
     samples = int(sum(layout.count(b) for b in batches))
@@ -84,18 +73,54 @@ def data_aware_plan(model: onnx.ModelProto, dep: Dependency, groups: list[Group]
             and sum(1 for k in n_remove if k) * samples * macs <= SEQUENTIAL_BUDGET):
         info["mode"] = "sequential (each group refit on the inputs of the already pruned model)"
         return _obspa_sequential(model, dep, groups, n_remove, used, axis_of, batches, damping, inits, info)
+    keep_choice = False
     if criterion == "obspa" and calibration.data is None and _image_inputs(model):
         # On images, synthetic (1/f) statistics compensate well but choose badly (Fashion-MNIST
         # VGG at ratio 0.3: OBS choice 0.64, l1 choice 0.81, l1 choice + OBS compensation 0.88):
         # the magnitude criterion picks the channels and OBS repairs the consumers. On token
         # inputs the reverse holds (MiniLM MLP 30%: OBS choice keeps cosine 0.86, l1 choice +
         # compensation 0.51), so there OBS both chooses and compensates.
-        select_given = True
+        keep_choice = True
         info["mode"] = "data-free: channels chosen by l1, removal compensated by OBS"
     elif criterion == "obspa":
         info["mode"] = "one pass (statistics of the unpruned model)"
     stats = collect_stats(model, used, batches, axis_of, seed=calibration.seed)
     plan = DataPlan([], [], info=info)
+    consumers = _choose(plan, criterion, dep, groups, n_remove, chosen, used, axis_of, stats, inits, damping,
+                        keep_choice)
+    if criterion == "obspa" and keep_choice:
+        _refit(plan, _removed_columns(plan, dep, groups, used, stats, axis_of), used, stats, inits, damping)
+    elif criterion == "obspa":
+        for name, c in consumers.items():
+            _write_back(plan, used[name], c.weight, inits)
+    elif recalibrate:
+        _bias_correction(plan, _removed_columns(plan, dep, groups, used, stats, axis_of), used, stats, inits)
+    return plan
+
+
+def _consumers_of(model, dep: Dependency, groups: list[Group], inits: dict):
+    """The layers whose weights read a group's channels (by name), the axis each contracts
+    its input over, and those too wide for a Hessian."""
+    axis_of = {}
+    for node_name, k, axis in dep.couplings.contractions:
+        if k == 0:
+            axis_of[node_name] = axis
+    specs = consumer_specs(model, dep.couplings.contractions)
+    group_spaces = [set(g.spaces) for g in groups]
+    used = {name: s for name, s in specs.items()
+            if any((s.data, axis_of[name]) in sp for sp in group_spaces)}
+    # A layer reading more than MAX_HESSIAN_DIM features (crepe's 1024-channel x 64-tap conv:
+    # 65536) would need a 32 GB Hessian: it is left out, its groups fall back to l1.
+    too_wide = sorted(name for name, spec in used.items()
+                      if weight_matrix(spec, np.empty(tuple(inits[spec.weight].dims), np.int8)).shape[1]
+                      > MAX_HESSIAN_DIM)
+    return {name: spec for name, spec in used.items() if name not in too_wide}, axis_of, too_wide
+
+
+def _choose(plan: DataPlan, criterion, dep, groups, n_remove, chosen, used, axis_of, stats, inits, damping,
+            keep_choice: bool) -> dict[str, Consumer]:
+    """Append each group's removals and scores to the plan; returns the consumers whose
+    weights OBS updated while choosing."""
     consumers: dict[str, Consumer] = {}
 
     def consumer(name: str) -> Consumer:
@@ -109,11 +134,12 @@ def data_aware_plan(model: onnx.ModelProto, dep: Dependency, groups: list[Group]
                                        damped_inverse(h, damping), [])
         return consumers[name]
 
+    group_spaces = [set(g.spaces) for g in groups]
     readers = {name: sum((used[name].data, axis_of[name]) in sp for sp, k in zip(group_spaces, n_remove) if k)
                for name in used}
     dead_rates = {}
     for gi, (g, k) in enumerate(zip(groups, n_remove)):
-        mine = [name for name in used if (used[name].data, axis_of[name]) in set(g.spaces) and name in stats]
+        mine = [name for name in used if (used[name].data, axis_of[name]) in group_spaces[gi] and name in stats]
         if criterion == "dead":
             alive = np.zeros(g.size, dtype=bool)
             for name in mine:
@@ -146,7 +172,7 @@ def data_aware_plan(model: onnx.ModelProto, dep: Dependency, groups: list[Group]
             plan.removals.append(None)
             plan.scores.append(None)
             continue
-        if select_given:
+        if keep_choice:
             plan.removals.append(np.asarray(chosen[gi], dtype=np.int64))
             plan.scores.append(None)
             continue
@@ -162,15 +188,7 @@ def data_aware_plan(model: onnx.ModelProto, dep: Dependency, groups: list[Group]
         plan.scores.append(-cost)
     if dead_rates:
         plan.info["dead_rate"] = dead_rates
-
-    if criterion == "obspa" and select_given:
-        _refit(plan, _removed_columns(plan, dep, groups, used, stats, axis_of), used, stats, inits, damping)
-    elif criterion == "obspa":
-        for name, c in consumers.items():
-            _write_back(plan, used[name], c.weight, inits)
-    elif recalibrate:
-        _bias_correction(plan, _removed_columns(plan, dep, groups, used, stats, axis_of), used, stats, inits)
-    return plan
+    return consumers
 
 
 def _image_inputs(model: onnx.ModelProto) -> bool:
@@ -320,24 +338,3 @@ def _set_consumer(working: onnx.ModelProto, w_inits: dict, spec: ConsumerSpec, m
                 node.input.append("")
             node.input[2] = name
 
-
-def with_updates(model: onnx.ModelProto, dep: Dependency, plan: DataPlan) -> onnx.ModelProto:
-    """A copy of ``model`` with the plan's new weights and biases (a new bias is registered
-    in the dependency under the output channel axis, so rewriting slices it too)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    for t in out.graph.initializer:
-        if t.name in plan.weights:
-            t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(plan.weights[t.name]), t.name))
-    taken = tensor_names(out) if plan.new_biases else set()
-    for node in out.graph.node:
-        bias = plan.new_biases.get(node.name)
-        if bias is None:
-            continue
-        name = unique_name(f"{node.name}__spa_bias", taken)
-        out.graph.initializer.append(numpy_helper.from_array(bias, name))
-        while len(node.input) < 3:
-            node.input.append("")
-        node.input[2] = name
-        dep.space_class[(name, 0)] = dep.space_class[(node.output[0], 1)]
-    return out

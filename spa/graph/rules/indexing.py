@@ -20,15 +20,9 @@ def expand(ctx: NodeContext):
     broadcast(ctx, [0])
     tie_read_sizes(ctx, 1, offset=len(y) - np.size(target))
 
-    def set_target(node, plan):
-        new = target.copy()
-        offset = len(y) - len(new)
-        for p in range(len(new)):
-            j = p + offset
-            if new[p] == y[j] and new[p] != 1:
-                new[p] = plan.new_size((node.output[0], j))
-        plan.set_size_vector(node, 1, target, new)
-    ctx.rewrite(set_target)
+    offset = len(y) - np.size(target)
+    ctx.sizes(("vector", 1), target, {p: ctx.outp(0, p + offset) for p, v in enumerate(np.ravel(target))
+                                      if v == y[p + offset] and v != 1})
 
 
 @rule("Tile")

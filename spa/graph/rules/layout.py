@@ -67,18 +67,11 @@ def reshape(ctx: NodeContext):
     if not ctx.is_initializer(1) and ctx.const(1) is None:
         return f"Reshape {ctx.name!r}: target shape unknown"
     tie_read_sizes(ctx, 1)
-    out_shape = ctx.out_shape(0)
+    target = ctx.const(1)
     allowzero = int(ctx.attr("allowzero", 0))
-
-    def set_target(node, plan):
-        target = ctx.const(1)
-        new = target.copy()
-        for j in range(len(out_shape)):
-            if target[j] == -1 or (target[j] == 0 and not allowzero):
-                continue  # inferred or copied: follows the pruned input by itself
-            new[j] = plan.new_size((node.output[0], j))
-        plan.set_size_vector(node, 1, target, new)
-    ctx.rewrite(set_target)
+    # -1 (inferred) and 0 (copied) follow the pruned input by themselves
+    ctx.sizes(("vector", 1), target, {j: ctx.outp(0, j) for j, v in enumerate(np.ravel(target))
+                                      if v != -1 and (v != 0 or allowzero)})
     return None
 
 
@@ -128,17 +121,12 @@ def split(ctx: NodeContext):
                 ctx.same(ctx.inp(0, i), ctx.outp(k, i))
         start += shape[axis]
 
-    def set_sizes(node, plan):
-        old = [ctx.out_shape(k)[axis] for k in range(len(node.output))]
-        new = [plan.new_size((o, axis)) for o in node.output]
-        if new == old:
-            return
-        if ctx.opset >= 13:
-            plan.set_input(node, 1, np.array(new, dtype=np.int64))
-            plan.remove_attr(node, "num_outputs")
-        else:
-            plan.set_attr(node, "split", new)
-    ctx.rewrite(set_sizes)
+    old = [ctx.out_shape(k)[axis] for k in range(len(ctx.node.output))]
+    entries = {k: ctx.outp(k, axis) for k in range(len(ctx.node.output))}
+    if ctx.opset >= 13:
+        ctx.sizes(("input", 1), old, entries, drop=("num_outputs",))
+    else:
+        ctx.sizes(("attr", "split"), old, entries)
 
 
 @rule("Slice")
@@ -171,31 +159,9 @@ def slice_(ctx: NodeContext):
             ctx.offset(ctx.outp(0, i), ctx.inp(0, i), sliced[i][0])
         # other steps: left unmentioned, so fixed
 
-    def set_bounds(node, plan):
-        new_starts, new_ends = starts.copy(), ends.copy()
-        pruned = []
-        for p, a in enumerate(axes):
-            s, st = sliced[int(a)]
-            kept = plan.kept((node.input[0], int(a)))
-            if kept is None:
-                continue
-            new_s = int(np.searchsorted(kept, s))
-            new_starts[p] = new_s
-            new_ends[p] = new_s + plan.new_size((node.output[0], int(a)))
-            pruned.append(p)
-        if not pruned:
-            return
-        if ctx.opset >= 10:
-            if len(pruned) == len(axes):  # channel bounds only (a channel split): constants now
-                plan.set_input(node, 1, new_starts)
-                plan.set_input(node, 2, new_ends)
-            else:  # the other axes' bounds may be computed from shapes: keep them so
-                plan.set_size_vector(node, 1, starts, new_starts)
-                plan.set_size_vector(node, 2, ends, new_ends)
-        else:
-            plan.set_attr(node, "starts", [int(v) for v in new_starts])
-            plan.set_attr(node, "ends", [int(v) for v in new_ends])
-    ctx.rewrite(set_bounds)
+    entries = [(p, ctx.inp(0, int(a)), ctx.outp(0, int(a)), sliced[int(a)][0])
+               for p, a in enumerate(axes) if sliced[int(a)][1] == 1 and y[int(a)] > 0]
+    ctx.slice_bounds(starts, ends, entries, as_attrs=ctx.opset < 10)
 
 
 @rule("Pad")
@@ -216,26 +182,18 @@ def pad(ctx: NodeContext):
 @rule("Resize", "Upsample")
 def resize(ctx: NodeContext):
     x, y = ctx.in_shape(0), ctx.out_shape(0)
-    if ctx.op == "Resize" and ctx.has_input(3) and ctx.attr("axes") is None:
-        sizes = ctx.const(3)
-        if sizes is None:
-            return f"Resize {ctx.name!r}: output sizes are computed"
+    sizes = ctx.const(3) if ctx.op == "Resize" and ctx.has_input(3) else None
+    if ctx.op == "Resize" and ctx.has_input(3) and sizes is None:
+        return f"Resize {ctx.name!r}: output sizes are computed"
     for i in range(len(x)):
         if x[i] == y[i]:
             ctx.same(ctx.inp(0, i), ctx.outp(0, i))
-
-    def set_sizes(node, plan):
-        if node.op_type != "Resize" or not ctx.has_input(3):
-            return
-        sizes = ctx.const(3)
-        new = sizes.copy()
-        for i in range(len(y)):
-            kept = plan.kept((node.output[0], i))
-            if kept is not None:
-                new[i] = len(kept)
-        # only the pruned axes' entries: a size read from another tensor's shape (upsampling to
-        # a skip connection's size) must stay computed, or the model only runs at one shape
-        plan.set_size_vector(node, 3, sizes, new)
-    ctx.rewrite(set_sizes)
+    if sizes is not None:
+        axes = ctx.attr("axes")
+        axes = range(len(y)) if axes is None else [int(a) % len(y) for a in axes]
+        # only the pruned axes' entries change: a size read from another tensor's shape
+        # (upsampling to a skip connection's size) must stay computed, or the model only runs
+        # at one shape
+        ctx.sizes(("vector", 3), sizes, {p: ctx.outp(0, a) for p, a in enumerate(axes)})
 
 

@@ -33,11 +33,7 @@ def conv(ctx: NodeContext):
     if ctx.attr("output_shape") is not None:
         return f"ConvTranspose {ctx.name!r} has an explicit output_shape"
 
-    def set_groups(node, plan):
-        new = plan.new_size(g)
-        if new != groups:
-            plan.set_attr(node, "group", new)
-    ctx.rewrite(set_groups)
+    ctx.sizes(("attr", "group"), [groups], {0: g}, scalar=True)
 
 
 # onnxruntime's graph optimizer fuses an activation into the layer; the axes are the layer's.

@@ -46,11 +46,7 @@ def group_norm(ctx: NodeContext):
         n = ctx.in_shape(k)[0]
         ctx.same(ctx.inp(k, 0), ctx.outp(0, 1) if n == x[1] else g)
 
-    def set_groups(node, plan):
-        new = plan.new_size(g)
-        if new != groups:
-            plan.set_attr(node, "num_groups", new)
-    ctx.rewrite(set_groups)
+    ctx.sizes(("attr", "num_groups"), [groups], {0: g}, scalar=True)
 
 
 @rule("LayerNormalization")

@@ -3,7 +3,8 @@
 A rule receives a :class:`NodeContext` and states how the axes of the node's inputs and
 outputs are tied (``same``, ``offset``, ``product``), which it cannot allow to shrink
 (``fix``/``mixing``), where channels are summed away (``contract``: the oracle zeroes them
-there), and how to fix the node's size constants after pruning (``rewrite``). Any axis a
+there), and which of the node's size constants must follow the pruning (``sizes``,
+``slice_bounds``: data the plan resolves, see ``fixups.py``). Any axis a
 rule does not mention is fixed, so an incomplete rule is conservative, never wrong.
 Operators without a rule fix every axis they touch, and the report names them.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 from typing import Callable
 
 
-from ..context import NodeContext
+from ..context import NodeContext, Reason
 
 __all__ = ["RULES", "rule", "apply_rule"]
 
@@ -37,9 +38,11 @@ def apply_rule(ctx: NodeContext) -> str | None:
     key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
     fn = RULES.get(key)
     if fn is None:
-        reason = f"no rule for {(node.domain + '.') if node.domain else ''}{node.op_type} (node {ctx.name!r})"
+        reason = Reason(f"no rule for {(node.domain + '.') if node.domain else ''}{node.op_type} "
+                        f"(node {ctx.name!r})", "no-rule", ctx.name, node.op_type)
     elif not shapes_known:
-        reason = f"{node.op_type} {ctx.name!r}: tensor shapes unknown"
+        reason = Reason(f"{node.op_type} {ctx.name!r}: tensor shapes unknown", "shapes-unknown", ctx.name,
+                        node.op_type)
     else:
         reason = fn(ctx)
     if reason:

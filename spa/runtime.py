@@ -1,0 +1,62 @@
+"""onnxruntime sessions: how spa runs a model (CPU), and which session a check may trust."""
+
+from __future__ import annotations
+
+import onnx
+
+from .errors import UnsupportedModelError, VerificationError
+from .model import materialized
+
+__all__ = ["session", "default_session", "any_session"]
+
+
+def session(model: onnx.ModelProto, threads: int = 0, optimize: bool = True):
+    import onnxruntime as ort
+    model = materialized(model)
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _try_session(model, optimize: bool):
+    try:
+        return session(model, optimize=optimize), None
+    except Exception as e:
+        return None, str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+
+
+def default_session(pruned: onnx.ModelProto, original: onnx.ModelProto):
+    """The pruned model in onnxruntime with default options, the ones users have. When it
+    does not load, the original tells whose fault that is: if the original loads, the pruning
+    broke it; if the original loads only without graph optimizations, neither is fit to
+    write; if it does not load at all, the model cannot be verified here."""
+    s_pruned, pruned_error = _try_session(pruned, optimize=True)
+    if s_pruned is not None:
+        return s_pruned
+    if _try_session(original, optimize=True)[0] is not None:
+        raise VerificationError(f"onnxruntime cannot load the pruned model with default options: "
+                                f"{pruned_error}; please report this model")
+    if _try_session(original, optimize=False)[0] is None:
+        raise UnsupportedModelError(f"onnxruntime cannot run the original model, so it cannot be "
+                                    f"verified: {pruned_error}")
+    raise VerificationError(f"onnxruntime loads the original model only without graph optimizations, and "
+                            f"the pruned one not with default options either ({pruned_error}); spa does not "
+                            f"write models that onnxruntime's default session cannot load (--no-verify writes "
+                            f"it unchecked)")
+
+
+def any_session(model: onnx.ModelProto):
+    """A reference to compare with: optimized, or unoptimized where onnxruntime's optimizer
+    trips over the graph (the oracle's masking Muls can do that)."""
+    s, error = _try_session(model, optimize=True)
+    if s is None:
+        s, error = _try_session(model, optimize=False)
+    if s is None:
+        raise UnsupportedModelError(f"onnxruntime cannot run the original model, so it cannot be verified: "
+                                    f"{error}")
+    return s
