@@ -205,6 +205,17 @@ class PruneResult:
         after["files"] = [str(p) for p in written]
         return written[0]
 
+    def save_plan(self, path: str | os.PathLike) -> list[Path]:
+        """Write the plan file (JSON, and an ``.npz`` beside it when values changed): what
+        this pruning changed per tensor of the original, for ``spa.torch.apply_plan``. See
+        ``spa.plan_file``."""
+        from .files import check_outputs
+        from .plan_file import write_plan
+        path = Path(path)
+        check_outputs({"--plan": path, "--plan arrays": path.with_name(path.name + ".npz")},
+                      {k: Path(v) for k, v in self.files.items()})
+        return write_plan(self, path)
+
 
 def _file_bytes(files: dict) -> int:
     return sum(os.path.getsize(f) for f in files.values())

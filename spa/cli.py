@@ -96,7 +96,8 @@ def cmd_prune(args) -> int:
     from tqdm import tqdm
 
     input_shapes = parse_input_shapes(args.input_shape)
-    outputs = {**output_paths(args.output), **({"--report": Path(args.report)} if args.report else {})}
+    outputs = {**output_paths(args.output), **({"--report": Path(args.report)} if args.report else {}),
+               **({"--plan": Path(args.plan), "--plan arrays": Path(args.plan + ".npz")} if args.plan else {})}
     loaded = _read_checked(args.model, outputs, {f"the {flag} file": Path(p) for flag, p in
                                                  (("--calib", args.calib), ("--eval", args.eval)) if p})
     eval_data = _eval_data(args.eval, loaded.model) if args.eval else None
@@ -133,7 +134,7 @@ def cmd_prune(args) -> int:
         rep["before"]["accuracy"] = _accuracy(result.original, eval_data)
         rep["after"]["accuracy"] = _accuracy(result.model, eval_data)
         extra.append(("accuracy", rep["before"]["accuracy"], rep["after"]["accuracy"]))
-    written = _save_all(result, args.output, args.report)
+    written = _save_all(result, args.output, args.report, args.plan)
     rows = [("params", rep["before"]["params"], rep["after"]["params"]),
             ("MACs", rep["before"]["macs"], rep["after"]["macs"]),
             ("file size", rep["before"].get("file_bytes"), rep["after"].get("file_bytes"))] + extra
@@ -183,13 +184,16 @@ def _print_budget(rep):
                                         f"{g['removed']}/{g['channels']}" for g in chosen))
 
 
-def _save_all(result, output, report_path) -> list[Path]:
-    """The model, then the report; if the report cannot be written the model goes too, so a
-    failed run leaves nothing behind."""
+def _save_all(result, output, report_path, plan_path=None) -> list[Path]:
+    """The model, then the plan and the report; if one cannot be written the others go too,
+    so a failed run leaves nothing behind."""
+    from .plan_file import write_plan
     written = []
     try:
         result.save(output)
         written = [Path(p) for p in result.report["after"]["files"]]
+        if plan_path:
+            written += write_plan(result, plan_path)
         if report_path:
             atomic_write(report_path, lambda tmp: _dump_json(tmp, result.report))
     except BaseException:
@@ -358,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="after pruning, correct consumer biases from activation means (closed form)")
     sp.add_argument("--strict", action="store_true", help="fail if any node blocks pruning")
     sp.add_argument("--report", metavar="JSON", help="write the full report as JSON")
+    sp.add_argument("--plan", metavar="JSON", help="also write the plan: per tensor of the original, the kept "
+                    "indices and value changes (large ones in JSON.npz), for spa.torch.apply_plan")
     sp.add_argument("--latency", type=_latency, nargs="?", const=True, default=None, metavar="F",
                     help="keep this share of the onnxruntime latency (measured here); a bare --latency only "
                          "measures it before and after")

@@ -76,6 +76,18 @@ def test_where_and_clip_and_prelu():
     assert_prunes(sandwich(middle))
 
 
+@pytest.mark.parametrize("like_activation", [False, True])
+def test_cast_like(like_activation):
+    """CastLike(y, ...) passes y's channels; CastLike(scalar, y) (the dynamo exporter's zero
+    bias, unoptimized) reads only y's type and must not tie y's axes to a scalar."""
+    def middle(g, y):
+        if like_activation:
+            zero = g.op("CastLike", [g.const(np.array(0.5, np.float64)), y])
+            return g.op("Add", [y, zero]), C
+        return g.op("CastLike", [y, g.const(np.zeros(1, np.float32))]), C
+    assert_prunes(sandwich(middle))
+
+
 def test_dropout_passes_channels():
     assert_prunes(sandwich(lambda g, y: (g.op("Dropout", [y]), C)))
 

@@ -37,7 +37,12 @@ MS_ELEMENTWISE = ["com.microsoft." + op for op in ("Gelu", "FastGelu", "BiasGelu
 def elementwise(ctx: NodeContext):
     if ctx.op == "Dropout" and len(ctx.node.output) > 1 and ctx.node.output[1]:
         ctx.fix_all(f"Dropout {ctx.name!r}: its mask output is used")
-    inputs = [0] if ctx.op in ("Clip", "Dropout") else None  # their other inputs are scalars
+    # Clip's and Dropout's other inputs are scalars; CastLike reads only the type of its second
+    # (the dynamo exporter casts a scalar like an activation: CastLike(0.0, x))
+    inputs = [0] if ctx.op in ("Clip", "Dropout", "CastLike") else None
     broadcast(ctx, inputs)
+    if ctx.op == "CastLike":
+        for i in range(len(ctx.in_shape(1) or ())):
+            ctx.free(ctx.inp(1, i))
 
 

@@ -1,0 +1,146 @@
+"""The plan goes back to PyTorch: export -> spa prune --plan -> spa.torch.apply_plan -> export
+again; the re-exported model computes what spa's pruned ONNX computes."""
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+torch = pytest.importorskip("torch", reason="needs torch (test extras)")
+zoo = pytest.importorskip("torchvision_zoo", reason="needs torchvision (test extras)")
+import torchvision  # noqa: E402  (after torchvision_zoo defined its ops)
+
+import spa  # noqa: E402
+import spa.torch  # noqa: E402
+from spa.cli import main  # noqa: E402
+
+RTOL = 1e-5
+
+
+def _export(model, inputs: dict, path, optimize=True):
+    torch.onnx.export(model, tuple(inputs.values()), str(path), dynamo=True, external_data=False,
+                      optimize=optimize, input_names=list(inputs), output_names=["output"])
+    return path
+
+
+def _run(path, inputs: dict):
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return s.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+
+
+def _rel(a, b):
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def round_trip(model, inputs, tmp_path, optimize=True, **prune_kw):
+    """Prune the export with spa, apply the plan to ``model``, check torch and a re-export
+    against spa's pruned ONNX."""
+    src = _export(model, inputs, tmp_path / "model.onnx", optimize)
+    result = spa.prune(src, **prune_kw)
+    result.save(tmp_path / "pruned.onnx")
+    result.save_plan(tmp_path / "plan.json")
+    applied = spa.torch.apply_plan(model, tmp_path / "plan.json")
+    want = _run(tmp_path / "pruned.onnx", inputs)
+    with torch.no_grad():
+        got = model(*inputs.values())
+    got = (got if isinstance(got, torch.Tensor) else got[0]).numpy()
+    assert got.shape == want.shape and _rel(got, want) < RTOL
+    again = _run(_export(model, inputs, tmp_path / "again.onnx"), inputs)
+    assert _rel(again, want) < RTOL
+    return result, applied
+
+
+def _params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name,optimize,criterion", [
+    ("resnet18", True, "l1"),            # the exporter folds BatchNorm into the convs
+    ("resnet18", False, "obspa"),        # every tensor kept as it is: OBSPA's value changes go back too
+    ("mobilenet_v3_small", True, "l1"),  # depthwise groups, squeeze-excitation, zero biases dropped
+])
+def test_torchvision_round_trip(tmp_path, name, optimize, criterion):
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)().eval()
+    before = _params(model)
+    result, applied = round_trip(model, {"x": torch.randn(2, 3, 64, 64)}, tmp_path, optimize,
+                                 ratio=0.3, criterion=criterion, calib_samples=8)
+    assert _params(model) < 0.85 * before and applied.modules
+    if criterion == "obspa":
+        doc = json.loads((tmp_path / "plan.json").read_text())
+        assert any("delta" in t for t in doc["tensors"].values()) and doc["arrays"] == "plan.json.npz"
+    if optimize:
+        assert applied.inferred            # the folded BatchNorms followed their convs
+
+
+def _transformer(family):
+    tz = pytest.importorskip("transformers_zoo", reason="needs transformers (test extras)")
+    return tz.build(family)
+
+
+@pytest.mark.parametrize("family,kw", [
+    ("bert", {"heads": 0.5, "mlp": 0.5}),
+    ("llama", {"heads": 0.5, "mlp": 0.5}),     # GQA: a key/value head goes with its query heads
+    ("tv_vit_b_16", {"mlp": 0.5}),
+])
+def test_transformer_round_trip(tmp_path, family, kw):
+    model, inputs = _transformer(family)
+    before = _params(model)
+    result, applied = round_trip(model, inputs, tmp_path, **kw)
+    assert _params(model) < before
+    if "heads" in kw:
+        removed = [g for g in result.report["groups"] if g["kind"] == "heads" and g["removed"]]
+        assert removed, "no heads were removed: the test would not test them"
+
+
+def test_multihead_attention_heads_are_refused_by_name(tmp_path):
+    """torch.nn.MultiheadAttention ties its heads to the model width: removing heads cannot be
+    expressed in it, and apply_plan says so, naming the module."""
+    model, inputs = _transformer("tv_vit_b_16")
+    src = _export(model, inputs, tmp_path / "model.onnx")
+    result = spa.prune(src, heads=0.5)
+    assert any(g["kind"] == "heads" and g["removed"] for g in result.report["groups"])
+    result.save_plan(tmp_path / "plan.json")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(spa.SpaError, match="MultiheadAttention"):
+        spa.torch.apply_plan(model, tmp_path / "plan.json")
+    after = model.state_dict()        # a refused plan leaves the module as it was
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(m.in_features == m.weight.shape[1] for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_folded_values_cannot_take_value_changes(tmp_path):
+    """BatchNorm folded into the convs (trained statistics): slicing maps back, OBSPA's value
+    changes do not; apply_plan refuses them with the way out, and applies the slicing alone."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):       # statistics a trained model would have
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    inputs = {"x": torch.randn(1, 3, 64, 64)}
+    src = _export(model, inputs, tmp_path / "model.onnx")
+    spa.prune(src, ratio=0.3, criterion="obspa", calib_samples=8).save_plan(tmp_path / "plan.json")
+    with pytest.raises(spa.SpaError, match="optimize=False"):
+        spa.torch.apply_plan(model, tmp_path / "plan.json")
+    applied = spa.torch.apply_plan(model, tmp_path / "plan.json", updates=False)
+    assert applied.folded and applied.inferred
+    with torch.no_grad():
+        model(*inputs.values())       # consistent shapes
+
+
+def test_cli_writes_the_plan_and_a_wrong_module_is_refused(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    src = _export(model, {"x": torch.randn(1, 3, 32, 32)}, tmp_path / "model.onnx")
+    plan = tmp_path / "plan.json"
+    assert main(["prune", str(src), "-o", str(tmp_path / "o.onnx"), "--ratio", "0.3", "--plan", str(plan),
+                 "-q"]) == 0
+    doc = json.loads(plan.read_text())
+    assert doc["format"] == "spa-plan" and doc["version"] == 1 and doc["source"]
+    assert all(len(v["new_shape"]) == len(v["shape"]) for v in doc["tensors"].values())
+    with pytest.raises(spa.SpaError, match="no counterpart"):
+        spa.torch.apply_plan(torchvision.models.mobilenet_v3_small(), plan)
+    assert main(["prune", str(src), "-o", str(tmp_path / "p.onnx"), "--plan", str(src)]) == 2
+    assert "never overwrites" in capsys.readouterr().err
