@@ -1,4 +1,4 @@
-"""The ``spa`` command: prune, inspect, bench."""
+"""The ``spa`` command: prune, inspect, bench, sweep (spa/sweep_cli.py)."""
 
 from __future__ import annotations
 
@@ -382,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--runs", type=_positive, default=50)
     sp.add_argument("--threads", type=_positive, default=1)
     sp.set_defaults(func=cmd_bench)
+
+    from .sweep_cli import add_parser as add_sweep
+    add_sweep(sub, common, _positive, argparse.RawDescriptionHelpFormatter)
     return p
 
 
