@@ -338,7 +338,7 @@ def run_sweep(config: SweepConfig, cells: list[Cell], backend: str = "pool", job
         rows = _pool(config, cells, jobs, on_cell)
     else:
         from .sweep_ray import run_cells
-        rows = run_cells(config, cells, on_cell, address)
+        rows, jobs = run_cells(config, cells, on_cell, address)
     original = local.original()
     lat = [r["original_latency_s"] for r in rows if "original_latency_s" in r]
     original["latency_s"] = float(np.median(lat)) if lat else None
