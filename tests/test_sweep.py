@@ -157,3 +157,13 @@ def test_a_failed_write_leaves_nothing(tmp_path, capsys, monkeypatch):
     assert main(["sweep", DEMO, "--ratios", "0.5", "--backend", "serial", "-o", str(out), "--runs", "1",
                  "--samples", "4", "-q"]) == 2
     assert "No space left" in capsys.readouterr().err and not out.exists()
+
+
+def test_pool_workers_get_a_share_of_the_blas_threads(monkeypatch):
+    import os
+    from spa.sweep import _blas_threads
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "3")
+    with _blas_threads(2):
+        assert os.environ["OPENBLAS_NUM_THREADS"] == "2" and os.environ["MKL_NUM_THREADS"] == "3"
+    assert "OPENBLAS_NUM_THREADS" not in os.environ and os.environ["MKL_NUM_THREADS"] == "3"
