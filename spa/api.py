@@ -19,6 +19,7 @@ from .graph.groups import Group, find_groups
 from .importance import CRITERIA, score_groups
 from .importance.data import Calibration
 from .importance.obspa import DATA_CRITERIA, data_aware_plan
+from .interop import from_graphsurgeon, is_graphsurgeon_graph, to_graphsurgeon
 from .metrics import count_macs, count_params
 from .model import normalize, opset_of, read, save
 from .shapes import Shapes, infer_shapes
@@ -136,8 +137,11 @@ def _as_model(model_or_path) -> tuple[onnx.ModelProto, Loaded | None]:
     """The model, and where it came from when spa read it (then spa owns the proto)."""
     if isinstance(model_or_path, onnx.ModelProto):
         return model_or_path, None
+    if is_graphsurgeon_graph(model_or_path):
+        return from_graphsurgeon(model_or_path), None
     if not isinstance(model_or_path, (str, os.PathLike, Loaded)):
-        raise SpaError(f"expected a path or an onnx.ModelProto, got {type(model_or_path).__name__}")
+        raise SpaError(f"expected a path, an onnx.ModelProto or an onnx_graphsurgeon Graph, "
+                       f"got {type(model_or_path).__name__}")
     loaded = model_or_path if isinstance(model_or_path, Loaded) else Loaded.read(model_or_path)
     return loaded.model, loaded
 
@@ -215,6 +219,10 @@ class PruneResult:
         check_outputs({"--plan": path, "--plan arrays": path.with_name(path.name + ".npz")},
                       {k: Path(v) for k, v in self.files.items()})
         return write_plan(self, path)
+
+    def to_graphsurgeon(self):
+        """The pruned model as an ``onnx_graphsurgeon.Graph`` (extra ``graphsurgeon``)."""
+        return to_graphsurgeon(self.model)
 
 
 def _file_bytes(files: dict) -> int:

@@ -29,7 +29,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import onnx
 from onnx import helper
 
 from .errors import SpaError

@@ -1,0 +1,7 @@
+"""``python -m spa``: the same as the ``spa`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,117 @@
+"""The ``spa sweep`` subcommand: options, checks before any work, table and files."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .errors import SpaError
+
+__all__ = ["add_parser", "cmd_sweep"]
+
+DEFAULT_RATIOS = "0.1:0.7:0.1"
+
+EXAMPLES = """examples:
+  spa sweep models/demo_cnn.onnx --ratios 0.1:0.7:0.2 --criteria l1,obspa --calib models/demo_calib.npz \\
+      --eval models/demo_sample.npz -o sweep/
+  spa sweep model.onnx --targets macs=0.8,0.6,0.4 --keep best:macs<=0.6 -o sweep/
+  spa sweep model.onnx --ratios 0.2,0.4 --backend serial -o sweep/      # no worker processes
+"""
+
+
+def add_parser(sub, common, positive, formatter):
+    from .api import DEFAULT_ROUND_TO
+    sp = sub.add_parser("sweep", help="prune at many ratios/budgets and criteria; table, CSV, JSON, plot",
+                        description="Prune one model at every ratio or budget with every criterion, measure "
+                                    "each result (MACs, params, size, latency, quality) and mark the Pareto "
+                                    "front. Quality is accuracy with --eval, else agreement with the original "
+                                    "on --calib or synthetic inputs.",
+                        epilog=EXAMPLES, formatter_class=formatter)
+    common(sp)
+    sp.add_argument("-o", "--output", required=True, metavar="DIR",
+                    help="directory for sweep.json, sweep.csv, sweep.png and kept models (created if missing)")
+    sp.add_argument("--ratios", metavar="START:STOP:STEP|R1,R2", default=None,
+                    help="uniform ratios (fraction of channels removed), STOP included "
+                         "(default 0.1:0.7:0.1 when no --targets)")
+    sp.add_argument("--targets", action="append", metavar="KIND=V1,V2",
+                    help="budgets: share of the original's macs, params or latency to keep (repeatable)")
+    sp.add_argument("--criteria", default="l1", metavar="C1,C2",
+                    help="comma-separated criteria (see spa prune --help for what each costs; default l1)")
+    sp.add_argument("--calib", metavar="NPZ", help="calibration data: for data-aware criteria and for the "
+                    "fidelity measurement (arrays named after the inputs)")
+    sp.add_argument("--eval", metavar="NPZ", help="labelled sample (input arrays + 'label'): quality = accuracy")
+    sp.add_argument("--keep", action="append", default=[], metavar="best:KEY<=V",
+                    help="write the best-quality model whose KEY (macs, params, size or latency, as a share of "
+                         "the original) is at most V, as DIR/best-KEY-V.onnx (repeatable)")
+    sp.add_argument("--backend", choices=["pool", "serial", "ray"], default="pool",
+                    help="where cells run: local worker processes (default), this process, or Ray tasks")
+    sp.add_argument("--jobs", type=positive, default=None,
+                    help="worker processes of the pool (default: the CPU count, at most one per cell)")
+    sp.add_argument("--address", metavar="HOST:PORT",
+                    help="with --backend ray: the cluster to join (default: a local Ray instance)")
+    sp.add_argument("--runs", type=positive, default=20, help="latency runs per cell (default 20)")
+    sp.add_argument("--samples", type=positive, default=64,
+                    help="inputs for the fidelity measurement: first N --calib samples or N synthetic (default 64)")
+    sp.add_argument("--round-to", type=positive, default=DEFAULT_ROUND_TO,
+                    help=f"keep a multiple of N channels (default {DEFAULT_ROUND_TO}; 1 = off)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of synthetic inputs and the random criterion")
+    sp.add_argument("--no-verify", dest="verify", action="store_false", default=None,
+                    help="skip the equivalence oracle in each cell (default: on for small models)")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress lines and no table")
+    sp.set_defaults(func=cmd_sweep)
+    return sp
+
+
+def cmd_sweep(args) -> int:
+    from .cli import _read_checked
+    from .shapes import parse_input_shapes
+    from .sweep import (Cell, Progress, SweepConfig, best_under, cells_of, parse_keep, parse_ratios,
+                        parse_targets, rerun, run_sweep)
+    from .sweep_report import (PLOT_MISSING, check_output_dir, format_sweep, have_matplotlib, keep_name,
+                               output_files, write_all)
+
+    # every option is checked before the model is read or a worker started
+    targets = [t for spec in args.targets or [] for t in parse_targets(spec)]
+    ratios = parse_ratios(args.ratios) if args.ratios else [] if targets else parse_ratios(DEFAULT_RATIOS)
+    cells = cells_of([c.strip() for c in args.criteria.split(",") if c.strip()], ratios, targets)
+    keeps = [parse_keep(k) for k in args.keep]
+    out_dir = Path(args.output)
+    plot = have_matplotlib()
+    files = output_files(out_dir, keeps, plot)
+    readers = {f"the {flag} file": Path(p) for flag, p in (("--calib", args.calib), ("--eval", args.eval)) if p}
+    check_output_dir(out_dir, files, {"the input model": Path(args.model), **readers})
+    loaded = _read_checked(args.model, {}, readers)
+    if out_dir.is_dir():   # the model's external data is known only now
+        check_output_dir(out_dir, files, {"the input model": Path(args.model), **readers, **loaded.files})
+    if args.address and args.backend != "ray":
+        raise SpaError("--address joins a Ray cluster: give it with --backend ray")
+
+    config = SweepConfig(str(args.model), args.calib, args.eval, parse_input_shapes(args.input_shape) or {},
+                         list(args.exclude), args.round_to, args.seed, args.runs, args.samples, args.verify)
+    progress = Progress(len(cells), quiet=args.quiet)
+    try:
+        sweep = run_sweep(config, cells, args.backend, args.jobs, progress.cell_done, args.address)
+    finally:
+        progress.close()
+
+    keep_models, chosen = {}, []
+    for key, bound in keeps:
+        i = best_under(sweep, key, bound)
+        if i is None:
+            raise SpaError(f"--keep best:{key}<={bound:g}: no cell has {key} at most {bound:g} of the original; "
+                           "add larger ratios or smaller --targets")
+        row = sweep.rows[i]
+        keep_models[f"--keep best:{key}<={bound:g}"] = rerun(config, Cell(row["criterion"], row["kind"], row["value"]))
+        chosen.append((key, bound, row))
+    write_all(sweep, out_dir, files, keep_models)
+    if not args.quiet:
+        print(format_sweep(sweep))
+        for key, bound, row in chosen:
+            print(f"kept: {out_dir / keep_name(key, bound)} = {row['criterion']} {row['kind']}={row['value']:g} "
+                  f"({key} {row[key + '_ratio']:.3f}"
+                  f" of the original, {sweep.quality} {row[sweep.quality]:.4f})")
+        print(f"wrote {', '.join(str(p) for p in files.values() if p.suffix != '.onnx')} "
+              f"({len(cells)} cells in {sweep.seconds:.1f}s, backend {sweep.backend}, {sweep.jobs} job(s))")
+    if not plot:
+        print(f"spa: note: {PLOT_MISSING}", file=sys.stderr)
+    return 0
