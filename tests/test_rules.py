@@ -464,6 +464,8 @@ def test_size_used_as_a_number_is_not_pruned():
     assert r.report["verify"]["ok"]
     assert all(grp["removed"] == 0 for grp in r.report["groups"])
     assert any("used as a number" in b["reason"] for b in r.report["blocked"])
+    numeric = [t for b in r.report["blocked"] for t in b["reasons"] if t["kind"] == "numeric"]
+    assert numeric and all(t["op"] == "Cast" for t in numeric)   # where the size turns into a float
 
 
 def test_argmax_and_topk_over_spatial_axes_keep_channels_free():

@@ -74,6 +74,31 @@ def test_torchvision_round_trip(tmp_path, name, optimize, criterion):
         assert applied.inferred            # the folded BatchNorms followed their convs
 
 
+class SmallNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(16)
+        self.conv2 = torch.nn.Conv2d(16, 24, 3, padding=1)
+        self.fc = torch.nn.Linear(24, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return self.fc(y.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("kw", [{"ratio": 0.5, "steps": 2, "criterion": "obspa"},
+                                {"macs": 0.5, "criterion": "l1"}])
+def test_passes_compose(tmp_path, kw):
+    """Several passes (steps, a measured budget's three steps): kept indices and value
+    changes are composed into one change per tensor of the original."""
+    torch.manual_seed(0)
+    model = SmallNet().eval()
+    result, _ = round_trip(model, {"x": torch.randn(2, 3, 16, 16)}, tmp_path, optimize=False, round_to=1,
+                           calib_samples=8, **kw)
+    assert len(result.plans) > 1 and model.conv1.out_channels < 16
+
+
 def _transformer(family):
     tz = pytest.importorskip("transformers_zoo", reason="needs transformers (test extras)")
     return tz.build(family)

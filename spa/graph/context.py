@@ -26,7 +26,7 @@ NOT_CHANNEL = "not a channel axis of "
 class Reason(str):
     """Why an axis cannot shrink: the message, typed at the place that states it with its
     ``kind`` (rule, no-rule, shapes-unknown, mixing, not-channel, graph-input, graph-output,
-    excluded, subgraph, no-weight) and the ``node``/``op`` it comes from (None for graph
+    excluded, subgraph, no-weight, numeric, merged) and the ``node``/``op`` it comes from (None for graph
     inputs and outputs). A str, so reasons stay plain values wherever text is enough."""
 
     kind: str

@@ -376,7 +376,7 @@ def build_dependency(model: onnx.ModelProto, shapes, opset: int, exclude: list[s
             head_dims.update(space_class[f] for f in others)
             preferred = set(in_batch) if attention == "heads" else set(others)
         if space_class[whole] not in collapsed:
-            _unite_product(uf, block, couplings.sizes, whole, factors, node, preferred)
+            _unite_product(uf, block, couplings.sizes, whole, factors, node, view.nodes.get(node), preferred)
 
     root = uf.roots()
     reason_ids = uf.reason       # atom -> reason of its root, in place: a root's own entry
@@ -409,11 +409,11 @@ def _head_classes(couplings: Couplings, space_class: dict) -> set[int]:
     return classes
 
 
-def _unite_product(uf: _UnionFind, block, sizes, whole, factors, node, preferred=None):
+def _unite_product(uf: _UnionFind, block, sizes, whole, factors, node, proto=None, preferred=None):
     factors = [f for f in factors if sizes[f] != 1]
     w0, wn = block(whole)
     if math.prod(sizes[f] for f in factors) != sizes[whole]:
-        reason = f"{node!r}: axis sizes do not factor"
+        reason = Reason(f"{node!r}: axis sizes do not factor", "rule", node, proto and proto.op_type)
         uf.fix_block(w0, wn, reason)
         for f in factors:
             uf.fix_block(*block(f), reason)
@@ -428,7 +428,8 @@ def _unite_product(uf: _UnionFind, block, sizes, whole, factors, node, preferred
     carrier = max(candidates or free, key=lambda f: sizes[f])
     for f in free:
         if f != carrier:
-            uf.fix_block(*block(f), f"node {node!r} merges this axis with a larger one that carries the channels")
+            uf.fix_block(*block(f), Reason(f"node {node!r} merges this axis with a larger one that carries the channels",
+                                           "merged", node, proto and proto.op_type))
     pos = factors.index(carrier)
     inner = math.prod(sizes[f] for f in factors[pos + 1:])
     c0, n = block(carrier)

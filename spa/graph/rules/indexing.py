@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 from onnx import helper
 
-from ..context import NodeContext
+from ..context import NodeContext, Reason
 from .registry import rule
 from .elementwise import broadcast
 from .layout import tie_read_sizes
@@ -130,12 +131,12 @@ SIZE_ARITHMETIC = {"Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Identit
                    "Sub", "Mod", "Max", "Min", "Equal", "Where", "Neg", "Abs", "ReduceProd", "Not"}
 
 
-def numeric_reads(ctx: NodeContext) -> dict[int, str]:
+def numeric_reads(ctx: NodeContext) -> dict[int, onnx.NodeProto]:
     """Axes of the Shape/Size input whose size is used as a number (scaled attention's
     1/sqrt(head_dim) computed from q.shape[-1], say): pruning them would change the value,
     so they must not be pruned. Returns {axis: node that uses it}."""
     rank = len(ctx.in_shape(0))
-    found: dict[int, str] = {}
+    found: dict[int, onnx.NodeProto] = {}
     seen = set()
 
     def walk(name: str, axes: list[int]):
@@ -160,7 +161,7 @@ def numeric_reads(ctx: NodeContext) -> dict[int, str]:
                     walk(out, axes)
             else:
                 for a in axes:
-                    found.setdefault(a, node.name)
+                    found.setdefault(a, node)
 
     if ctx.op == "Shape":
         walk(ctx.node.output[0], list(range(rank))[slice(ctx.attr("start", 0), ctx.attr("end", None))])
@@ -176,8 +177,9 @@ def shape(ctx: NodeContext):
     numeric = numeric_reads(ctx)
     for i in range(len(ctx.in_shape(0))):
         used_by = numeric.get(i)
-        if used_by is not None:
-            ctx.fix(ctx.inp(0, i), f"its size is used as a number by node {used_by!r}")
+        if used_by is not None:   # the node that uses the number is the cause, not this Shape
+            ctx.fix(ctx.inp(0, i), Reason(f"its size is used as a number by node {used_by.name!r}", "numeric",
+                                          used_by.name, used_by.op_type))
         else:
             ctx.free(ctx.inp(0, i))
 
