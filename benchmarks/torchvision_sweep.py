@@ -161,15 +161,15 @@ def worker_measure(path: str, out_json: str) -> int:
     import numpy as np  # noqa: F401
     import spa
     import spa.bench
-    import spa.verify as V
+    import spa.runtime as R
 
     # The oracle uses ORT's default thread count; keep it to one thread here (politeness
     # on a shared 2-core machine; results do not depend on it).
-    _session = V.session
+    _session = R.session
     def _one_thread_session(model, threads=0, *a, **kw):
         return _session(model, threads or 1, *a, **kw)
 
-    V.session = _one_thread_session
+    R.session = _one_thread_session
 
     t0 = time.perf_counter()
     try:
