@@ -116,9 +116,8 @@ def update(sweep, timings: dict, loads: dict, args, cells, sweeps: dict) -> str:
     if "serial" in cell and cell["serial"]:
         lines += ["", "OBSPA cells' summed time against serial (last run): " + ", ".join(
             f"{b} {t / cell['serial']:.2f}x" for b, t in cell.items() if b != "serial") + ". Parallel cells "
-            "share the cores: pool workers get their share of OpenBLAS threads (as Ray's get "
-            "OMP_NUM_THREADS=1), but the onnxruntime sessions the engine creates use every core in every "
-            "worker; a thread count per worker needs an option in `spa.verify.session`."]
+            "share the cores: pool workers get their share of OpenBLAS threads and of onnxruntime's "
+            "intra-op threads (`spa.runtime.THREADS`), Ray's tasks one of each."]
     lines += ["", "How it scales, on paper: the work is models x cells prunings, independent of each other; "
               "each cell costs one `spa.prune` (its analysis 10-30 ms here, an OBSPA calibration seconds) plus "
               "its measurements, and each worker reads the model and data once. A pool is bounded by one "

@@ -7,11 +7,16 @@ import onnx
 from .errors import UnsupportedModelError, VerificationError
 from .model import materialized
 
-__all__ = ["session", "default_session", "any_session"]
+__all__ = ["session", "default_session", "any_session", "THREADS"]
+
+# Intra-op threads of every session spa makes when a caller gives none; 0: onnxruntime's
+# default (every core). Parallel callers (a sweep's workers, a shared benchmark machine) set it.
+THREADS = 0
 
 
 def session(model: onnx.ModelProto, threads: int = 0, optimize: bool = True):
     import onnxruntime as ort
+    threads = threads or THREADS
     model = materialized(model)
     so = ort.SessionOptions()
     so.log_severity_level = 4

@@ -274,8 +274,10 @@ def fidelity(reference: np.ndarray, pruned: np.ndarray) -> dict:
 _WORKER: _Worker | None = None
 
 
-def _init_worker(config: SweepConfig):
+def _init_worker(config: SweepConfig, threads: int = 0):
     global _WORKER
+    from . import runtime
+    runtime.THREADS = threads   # the worker's share of the cores, for every session it makes
     _WORKER = _Worker(config)
 
 
@@ -357,7 +359,8 @@ def _pool(config: SweepConfig, cells: list[Cell], jobs: int, on_cell) -> list[di
     from concurrent.futures import ProcessPoolExecutor, as_completed
     # spawn, not fork: a forked onnxruntime (its thread pools) can hang in the child
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_init_worker, initargs=(config,)) as pool:
+                             initializer=_init_worker,
+                             initargs=(config, max(1, (os.cpu_count() or 1) // jobs))) as pool:
         with _blas_threads(max(1, (os.cpu_count() or 1) // jobs)):  # workers start during submit
             futures = {pool.submit(_run_in_worker, cell): i for i, cell in enumerate(cells)}
         rows: list = [None] * len(cells)

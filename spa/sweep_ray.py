@@ -58,6 +58,8 @@ def _cell_task(sweep_id: str, blobs: dict, config: SweepConfig, cell: Cell) -> d
             target.write_bytes(data)
         local = {k: os.path.join(folder, getattr(config, k)) for k in ("model", "calib", "eval")
                  if getattr(config, k)}
+        from . import runtime
+        runtime.THREADS = 1          # the task asked Ray for one CPU: its sessions use one
         worker = _WORKERS[sweep_id] = _Worker(replace(config, **local))
     return worker.run(cell)
 
