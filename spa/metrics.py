@@ -17,23 +17,37 @@ def count_params(model: onnx.ModelProto) -> int:
     return int(sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type in WEIGHT_TYPES))
 
 
+# Integer and quantized forms count as their float op; the weight is input 3 of QLinear ops.
+_AS = {"ConvInteger": "Conv", "QLinearConv": "Conv", "MatMulInteger": "MatMul", "QLinearMatMul": "MatMul",
+       "QGemm": "Gemm"}
+
+
 def count_macs(model: onnx.ModelProto, shapes) -> int:
-    """MACs of Conv, ConvTranspose, Gemm and MatMul, from static shapes."""
+    """MACs of Conv, ConvTranspose, Gemm and MatMul (and their integer and quantized forms),
+    from static shapes."""
     return sum(node_macs(node, shapes) for node in model.graph.node)
 
 
+def _operands(node: onnx.NodeProto) -> tuple[str, list[str]]:
+    """(the float op it counts as, [data input, weight input])."""
+    op = _AS.get(node.op_type, node.op_type)
+    k = 3 if node.op_type.startswith("QLinear") or node.op_type == "QGemm" else 1
+    return op, [node.input[0], node.input[k] if len(node.input) > k else ""]
+
+
 def node_macs(node: onnx.NodeProto, shapes) -> int:
-    ins = [shapes.shape.get(n) for n in node.input]
+    op, operands = _operands(node)
+    ins = [shapes.shape.get(n) for n in operands]
     out = shapes.shape.get(node.output[0]) if node.output else None
-    if out is None or len(ins) < 2 or any(s is None for s in ins[:2]):
+    if out is None or any(s is None for s in ins):
         return 0
-    if node.op_type in ("Conv", "FusedConv"):
+    if op in ("Conv", "FusedConv"):
         return int(np.prod(out)) * int(np.prod(ins[1][1:]))
-    if node.op_type == "ConvTranspose":
+    if op == "ConvTranspose":
         return int(np.prod(ins[0])) * int(np.prod(ins[1][1:]))
-    if node.op_type in ("Gemm", "FusedGemm"):
+    if op in ("Gemm", "FusedGemm"):
         return int(np.prod(out)) * int(ins[1][0] if not _attr(node, "transB") else ins[1][1])
-    if node.op_type == "MatMul":
+    if op == "MatMul":
         return int(np.prod(out)) * int(ins[0][-1])
     return 0
 
@@ -43,15 +57,15 @@ def mac_spaces(node: onnx.NodeProto, shapes) -> list[tuple[str, int]]:
     output (or, for ConvTranspose, input) and of the contracted dimension."""
     out = node.output[0]
     rank = len(shapes.shape.get(out, ()))
-    if node.op_type in ("Conv", "FusedConv"):
-        return [(out, a) for a in range(rank)] + [(node.input[1], 1)]
-    if node.op_type == "ConvTranspose":
-        return [(node.input[0], a) for a in range(len(shapes.shape[node.input[0]]))] + [(node.input[1], 1)]
-    if node.op_type in ("Gemm", "FusedGemm"):
-        return [(out, a) for a in range(rank)] + [(node.input[1], 1 if _attr(node, "transB") else 0)]
-    if node.op_type == "MatMul":
-        a_rank = len(shapes.shape[node.input[0]])
-        return [(out, a) for a in range(rank)] + [(node.input[0], a_rank - 1)]
+    op, (x, w) = _operands(node)
+    if op in ("Conv", "FusedConv"):
+        return [(out, a) for a in range(rank)] + [(w, 1)]
+    if op == "ConvTranspose":
+        return [(x, a) for a in range(len(shapes.shape[x]))] + [(w, 1)]
+    if op in ("Gemm", "FusedGemm"):
+        return [(out, a) for a in range(rank)] + [(w, 1 if _attr(node, "transB") else 0)]
+    if op == "MatMul":
+        return [(out, a) for a in range(rank)] + [(x, len(shapes.shape[x]) - 1)]
     return []
 
 

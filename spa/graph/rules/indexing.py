@@ -59,7 +59,9 @@ def quantize(ctx: NodeContext):
         if not ctx.has_input(k):
             continue
         shape = ctx.in_shape(k)
-        if len(shape) == 1 and shape[0] == x[axis] and shape[0] > 1:
+        if int(np.prod(shape)) == 1:
+            continue      # per tensor, as a scalar or a 1-element vector (onnxruntime's bias scales)
+        if len(shape) == 1 and shape[0] == x[axis]:
             ctx.same(ctx.inp(k, 0), ctx.outp(0, axis))
         elif len(shape) == len(x) and shape != x:
             return f"{ctx.op} {ctx.name!r}: blocked quantization is not supported"
