@@ -102,9 +102,9 @@ def test_oracle_compares_qdq_graphs_unfused(tmp_path, monkeypatch):
     assert r.report["verify"]["ok"] and made == [False, False]
 
 
-@pytest.mark.parametrize("how", ["qoperator", "dynamic"])
+@pytest.mark.parametrize("how", ["qoperator"])
 def test_onnxruntime_quantizer_integer_ops_block_by_name(tmp_path, how):
-    """QLinearConv / ConvInteger have no rule yet: blocked by name, MACs still counted."""
+    """QLinearConv / QGemm / QLinearAdd have no rule yet: blocked by name, MACs still counted."""
     r = spa.prune(_quantized(tmp_path, how), ratio=0.5, round_to=1, verify=True)
     rep = r.report
     assert rep["blocked_nodes"] and rep["before"]["macs"] > 0 and rep["verify"]["ok"]
@@ -146,16 +146,21 @@ def test_recurrent_ops_block_cleanly(op):
     assert r.report["verify"]["ok"]
 
 
-def test_integer_ops_block_cleanly():
+def test_integer_conv_of_statically_quantized_input_keeps_its_input_whole():
+    """ConvInteger reading integers of a static QuantizeLinear: nothing zeroes removed input
+    channels for the oracle, so they stay whole, with a typed reason."""
     g = Graph(opset=13)
     x = g.input([1, 3, 8, 8])
-    q = g.op("QuantizeLinear", [x, g.const(np.float32(0.05)), g.const(np.uint8(128))])
-    w = g.const(np.ones((8, 3, 3, 3), np.uint8))
-    y = g.op("ConvInteger", [q, w, g.const(np.uint8(128))])
-    g.output(g.op("Cast", [y], to=1))
+    y = g.op("Relu", [g.conv(x, 3, 8)])
+    q = g.op("QuantizeLinear", [y, g.const(np.float32(0.05)), g.const(np.uint8(128))])
+    w = g.const(np.ones((4, 8, 3, 3), np.int8))
+    c = g.op("ConvInteger", [q, w, g.const(np.uint8(128))])
+    g.output(g.op("Cast", [c], to=1))
     r = spa.prune(g.model(), ratio=0.5, verify=True)
-    assert any("ConvInteger" in b["reason"] for b in r.report["blocked_nodes"])
+    assert r.report["verify"]["ok"] and not r.report["blocked_nodes"]
     assert r.report["after"]["params"] == r.report["before"]["params"]
+    reasons = [t for b in r.report["blocked"] for t in b["reasons"]]
+    assert any(t["op"] == "ConvInteger" and "integers" in t["reason"] for t in reasons)
 
 
 @pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
@@ -239,3 +244,38 @@ def test_optimized_bert_that_onnxruntime_cannot_load_by_default(tmp_path, zoo_di
         return
     out = spa.prune(src, ratio=0.3).save(tmp_path / "p.onnx")
     ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"])
+
+
+def test_onnxruntime_dynamic_quantization_prunes_exactly(tmp_path):
+    """quantize_dynamic: DynamicQuantizeLinear -> ConvInteger / MatMulInteger. The oracle
+    zeroes removed channels before DynamicQuantizeLinear (a zero quantizes to the zero point)."""
+    r = spa.prune(_quantized(tmp_path, "dynamic"), ratio=0.5, round_to=1, verify=True)
+    rep = r.report
+    assert rep["verify"]["ok"] and not rep["blocked_nodes"], rep["verify"]
+    assert rep["after"]["macs"] < 0.5 * rep["before"]["macs"]
+
+
+def _dynamic_mlp(extra_reader: bool):
+    """x -> MatMul(W1) -> Relu -> DynamicQuantizeLinear -> MatMulInteger(int8 W2) -> Cast ->
+    Mul(scales); with ``extra_reader`` the quantized hidden layer is also cast to float and
+    multiplied by a float matrix (where a removed channel's zero point would still count)."""
+    g = Graph(opset=13, seed=5)
+    x = g.input([2, 8])
+    h = g.op("Relu", [g.op("MatMul", [x, g.weight(8, 16)])])
+    q, scale, zp = g.op("DynamicQuantizeLinear", [h], n_out=3)
+    w = g.const(g.rng.integers(-100, 100, (16, 6)).astype(np.int8))
+    y = g.op("MatMulInteger", [q, w, zp, g.const(np.int8(3))])
+    out = g.op("Mul", [g.op("Cast", [y], to=1), g.op("Mul", [scale, g.const(np.float32(0.01))])])
+    if extra_reader:
+        out = g.op("Add", [out, g.op("MatMul", [g.op("Cast", [q], to=1), g.weight(16, 6, scale=0.01)])])
+    g.output(out)
+    return g.model()
+
+
+@pytest.mark.parametrize("extra_reader", [False, True])
+def test_dynamic_quantized_matmul_integer(extra_reader):
+    """The hidden layer prunes when the integer MatMul is its only reader; when the quantized
+    tensor is read elsewhere too, nothing can zero its removed channels: left whole."""
+    r = spa.prune(_dynamic_mlp(extra_reader), ratio=0.5, round_to=1, verify=True)
+    removed = sum(g["removed"] for g in r.report["groups"])
+    assert r.report["verify"]["ok"] and (removed == 0) == extra_reader

@@ -89,3 +89,17 @@ def test_inspect_shows_kv_groups_and_rope_pairs(tfzoo, zoo_dir, capsys):
     assert "each = 2 query heads: grouped-query attention" in capsys.readouterr().out
     assert main(["inspect", str(path), "--attention", "head-dims"]) == 0
     assert "RoPE pairs" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_dynamically_quantized_transformer(tfzoo, zoo_dir, tmp_path, family):
+    """onnxruntime's quantize_dynamic (int8 MatMulInteger weights, the usual CPU recipe for
+    transformers): heads and MLP neurons prune, the oracle holds."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    quantized = tmp_path / f"{family}-int8.onnx"
+    quantize_dynamic(tfzoo.export(family, "dynamo", zoo_dir), quantized, weight_type=QuantType.QInt8)
+    assert any(n.op_type == "MatMulInteger" for n in onnx.load(quantized).graph.node)
+    r = spa.prune(quantized, heads=0.5, mlp=0.5, round_to=1, verify=True)
+    rep = r.report
+    assert rep["verify"]["ok"], rep["verify"]
+    assert {g["kind"] for g in rep["groups"] if g["removed"]} == {"channels", "heads"}

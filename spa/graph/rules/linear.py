@@ -10,6 +10,13 @@ from .elementwise import broadcast
 
 @rule("Conv", "ConvTranspose")
 def conv(ctx: NodeContext):
+    return conv_axes(ctx, bias=2, contract=True)
+
+
+def conv_axes(ctx: NodeContext, bias: int | None, contract: bool):
+    """A convolution's couplings; ``bias`` is the index of its per-output-channel input, and
+    ``contract`` says the oracle may zero removed input channels at input 0 (not when it
+    holds integers, where zero is not the zero point)."""
     x = ctx.in_shape(0)
     groups = int(ctx.attr("group", 1))
     transpose = ctx.op == "ConvTranspose"
@@ -27,9 +34,10 @@ def conv(ctx: NodeContext):
         ctx.same(w_out, ctx.outp(0, 1))
     if w_in is not None:
         ctx.same(w_in, ctx.inp(0, 1))
-    if ctx.has_input(2):
-        ctx.same(ctx.inp(2, 0), ctx.outp(0, 1))
-    ctx.contract(0, 1)
+    if bias is not None and ctx.has_input(bias):
+        ctx.same(ctx.inp(bias, 0), ctx.outp(0, 1))
+    if contract:
+        ctx.contract(0, 1)
     if ctx.attr("output_shape") is not None:
         return f"ConvTranspose {ctx.name!r} has an explicit output_shape"
 
@@ -55,11 +63,17 @@ def gemm(ctx: NodeContext):
 
 @rule("MatMul")
 def matmul(ctx: NodeContext):
+    return matmul_axes(ctx, contract=True)
+
+
+def matmul_axes(ctx: NodeContext, contract: bool):
+    """numpy matmul's couplings (``contract`` as for ``conv_axes``)."""
     a, b, y = ctx.in_shape(0), ctx.in_shape(1), ctx.out_shape(0)
     if len(a) < 1 or len(b) < 1:
-        return f"MatMul {ctx.name!r} on scalars"
+        return f"{ctx.op} {ctx.name!r} on scalars"
     ctx.same(ctx.inp(0, len(a) - 1), ctx.inp(1, 0 if len(b) == 1 else len(b) - 2))
-    ctx.contract(0, len(a) - 1)
+    if contract:
+        ctx.contract(0, len(a) - 1)
     if len(a) >= 2:
         ctx.same(ctx.inp(0, len(a) - 2), ctx.outp(0, len(y) - (2 if len(b) >= 2 else 1)))
     if len(b) >= 2:

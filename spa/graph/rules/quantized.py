@@ -1,0 +1,68 @@
+"""Dynamically quantized layers, as onnxruntime's ``quantize_dynamic`` writes them:
+x -> DynamicQuantizeLinear -> ConvInteger / MatMulInteger (int8 weights) -> Cast -> Mul(scales).
+
+The oracle zeroes a removed channel where it is summed away; in an integer input, zero is not
+the zero point, so the layers declare no contraction themselves. DynamicQuantizeLinear does,
+at its float input, when every reader of its output sums over that axis: a zeroed channel
+quantizes to the zero point exactly (its range always holds zero), contributes nothing, and
+leaves the range of the others (hence every kept value) as removing it would.
+"""
+
+from __future__ import annotations
+
+from ..context import NodeContext
+from .elementwise import broadcast
+from .linear import conv_axes, matmul_axes
+from .registry import rule
+
+# (op, input) -> the axis of that input the op sums over, by its rank
+_INTEGER_CONTRACTIONS = {("ConvInteger", 0): lambda rank: 1, ("MatMulInteger", 0): lambda rank: rank - 1}
+
+
+def _summed_axis(ctx: NodeContext, quantized: str, rank: int) -> int | None:
+    """The axis every reader of a DynamicQuantizeLinear output sums over, if they agree."""
+    summed = {_INTEGER_CONTRACTIONS[(n.op_type, k)](rank) if (n.op_type, k) in _INTEGER_CONTRACTIONS else None
+              for n, k in ctx.consumers.get(quantized, [])}
+    return summed.pop() if len(summed) == 1 and None not in summed else None
+
+
+@rule("DynamicQuantizeLinear")
+def dynamic_quantize(ctx: NodeContext):
+    broadcast(ctx, [0])
+    axis = _summed_axis(ctx, ctx.node.output[0], len(ctx.in_shape(0)))
+    if axis is not None:
+        ctx.contract(0, axis)
+
+
+def _integer_input(ctx: NodeContext, axis: int):
+    """The summed axis of an integer input can lose channels only where the DynamicQuantizeLinear
+    that made it zeroes them for the oracle (every reader of its output sums over that axis)."""
+    producer = ctx._producers.get(ctx.node.input[0])
+    if producer is None or producer.op_type != "DynamicQuantizeLinear" or _summed_axis(
+            ctx, ctx.node.input[0], len(ctx.in_shape(0))) != axis:
+        ctx.fix(ctx.inp(0, axis), f"{ctx.op} {ctx.name!r} sums over integers whose removed channels nothing "
+                                  "can zero (not quantized by a DynamicQuantizeLinear that only it reads)")
+
+
+def _per_channel(ctx: NodeContext, k: int, space):
+    """A zero point per output channel (a scalar one needs nothing)."""
+    if ctx.has_input(k) and len(ctx.in_shape(k)) == 1 and ctx.in_shape(k)[0] > 1:
+        ctx.same(ctx.inp(k, 0), space)
+
+
+@rule("ConvInteger")
+def conv_integer(ctx: NodeContext):
+    reason = conv_axes(ctx, bias=None, contract=False)
+    _per_channel(ctx, 3, ctx.outp(0, 1))
+    _integer_input(ctx, 1)
+    return reason
+
+
+@rule("MatMulInteger")
+def matmul_integer(ctx: NodeContext):
+    reason = matmul_axes(ctx, contract=False)
+    b = ctx.in_shape(1)
+    if len(b) >= 2:
+        _per_channel(ctx, 3, ctx.inp(1, len(b) - 1))
+    _integer_input(ctx, len(ctx.in_shape(0)) - 1)
+    return reason
