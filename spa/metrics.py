@@ -19,7 +19,7 @@ def count_params(model: onnx.ModelProto) -> int:
 
 # Integer and quantized forms count as their float op; the weight is input 3 of QLinear ops.
 _AS = {"ConvInteger": "Conv", "QLinearConv": "Conv", "MatMulInteger": "MatMul", "QLinearMatMul": "MatMul",
-       "QGemm": "Gemm"}
+       "QGemm": "Gemm", "MatMulNBits": "MatMul"}
 
 
 def count_macs(model: onnx.ModelProto, shapes) -> int:

@@ -279,3 +279,36 @@ def test_dynamic_quantized_matmul_integer(extra_reader):
     r = spa.prune(_dynamic_mlp(extra_reader), ratio=0.5, round_to=1, verify=True)
     removed = sum(g["removed"] for g in r.report["groups"])
     assert r.report["verify"]["ok"] and (removed == 0) == extra_reader
+
+
+def _nbits_mlp(bits: int, symmetric: bool):
+    """A float MLP whose MatMuls onnxruntime's MatMulNBitsQuantizer turned into block-quantized
+    MatMulNBits (blocks of 32 input rows), as LLM ONNX files ship."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    g = Graph(opset=17, seed=6)
+    x = g.input([2, 64])
+    h = g.op("Relu", [g.op("MatMul", [x, g.weight(64, 128)])])
+    g.output(g.op("MatMul", [h, g.weight(128, 64)]))
+    quantizer = MatMulNBitsQuantizer(g.model(), bits=bits, block_size=32, is_symmetric=symmetric)
+    quantizer.process()
+    return quantizer.model.model
+
+
+@pytest.mark.parametrize("bits,symmetric,prunes", [(4, True, True), (8, False, True), (4, False, False)])
+def test_matmul_nbits_prunes_whole_blocks(bits, symmetric, prunes):
+    """Output columns of the first layer and input rows of the second go together, in whole
+    blocks of 32; where two blocks' 4-bit zero points share a byte, the rows stay whole and the
+    report says why."""
+    model = _nbits_mlp(bits, symmetric)
+    assert [n.op_type for n in model.graph.node].count("MatMulNBits") == 2
+    r = spa.prune(model, ratio=0.5, round_to=1, verify=True)
+    rep = r.report
+    assert rep["verify"]["ok"] and not rep["blocked_nodes"]
+    removed = [(g["channels"], g["removed"]) for g in rep["groups"] if g["removed"]]
+    assert removed == ([(4, 2)] if prunes else [])      # 4 blocks of 32 hidden neurons
+    if prunes:
+        layers = [n for n in r.model.graph.node if n.op_type == "MatMulNBits"]
+        attrs = [{a.name: a.i for a in n.attribute} for n in layers]
+        assert (attrs[0]["N"], attrs[1]["K"]) == (64, 64) and rep["after"]["macs"] == rep["before"]["macs"] // 2
+    else:
+        assert any("packs the 4-bit zero points" in b["reason"] for b in rep["blocked"])

@@ -66,3 +66,50 @@ def matmul_integer(ctx: NodeContext):
         _per_channel(ctx, 3, ctx.inp(1, len(b) - 1))
     _integer_input(ctx, len(ctx.in_shape(0)) - 1)
     return reason
+
+
+@rule("com.microsoft.MatMulNBits")
+def matmul_nbits(ctx: NodeContext):
+    """Block-quantized weights (onnxruntime's model builder and MatMulNBitsQuantizer): B is
+    [N, K / block_size, packed bytes], scales and zero points per (n, block). Output columns
+    prune freely; input rows only in whole blocks (one channel is a block of rows), and not
+    where two blocks share a byte of packed zero points, nor with a g_idx reordering."""
+    a = ctx.in_shape(0)
+    n, k = int(ctx.attr("N")), int(ctx.attr("K"))
+    bits, block = int(ctx.attr("bits", 4)), int(ctx.attr("block_size"))
+    b = ctx.in_shape(1)
+    if a[-1] != k or len(b) != 3 or b[0] != n:
+        return f"MatMulNBits {ctx.name!r}: weights not laid out as [N, K / block_size, bytes]"
+    for i in range(len(a) - 1):
+        ctx.same(ctx.inp(0, i), ctx.outp(0, i))
+    out = ctx.outp(0, len(a) - 1)
+    blocks = ctx.inp(1, 1)
+    per_block = ctx.virtual("rows_per_block", k // b[1]) if k % b[1] == 0 else None
+    if per_block is None or k // b[1] != block:
+        return f"MatMulNBits {ctx.name!r}: K {k} is not whole blocks of {block}"
+    ctx.product(ctx.inp(0, len(a) - 1), [blocks, per_block])
+    ctx.fix(per_block, f"MatMulNBits {ctx.name!r} quantizes its input rows in blocks of {block}: whole blocks only")
+    ctx.same(ctx.inp(1, 0), out)
+    scales = ctx.in_shape(2)
+    if len(scales) == 2:
+        ctx.same(ctx.inp(2, 0), out)
+        ctx.same(ctx.inp(2, 1), blocks)
+    elif len(scales) == 1:
+        ctx.product(ctx.inp(2, 0), [out, blocks])
+    if ctx.has_input(3):
+        zp = ctx.in_shape(3)
+        if len(zp) == 2:
+            ctx.same(ctx.inp(3, 0), out)
+            if zp[1] != b[1]:       # fewer bytes than blocks: packed
+                ctx.fix(blocks, f"MatMulNBits {ctx.name!r} packs the {bits}-bit zero points of two blocks per byte")
+            else:
+                ctx.same(ctx.inp(3, 1), blocks)
+        else:
+            return f"MatMulNBits {ctx.name!r}: zero points as a flat vector are not supported"
+    if ctx.has_input(4):
+        ctx.fix(blocks, f"MatMulNBits {ctx.name!r} reorders its input rows (g_idx)")
+    if ctx.has_input(5):
+        ctx.same(ctx.inp(5, 0), out)
+    ctx.contract(0, len(a) - 1)
+    ctx.sizes(("attr", "N"), [n], {0: out}, scalar=True)
+    ctx.sizes(("attr", "K"), [k], {0: ctx.inp(0, len(a) - 1)}, scalar=True)
