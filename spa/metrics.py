@@ -18,7 +18,8 @@ def count_params(model: onnx.ModelProto) -> int:
 
 
 def count_macs(model: onnx.ModelProto, shapes) -> int:
-    """MACs of Conv, ConvTranspose, Gemm and MatMul, from static shapes."""
+    """MACs of Conv, ConvTranspose, Gemm and MatMul (and the packed QKV projection of
+    onnxruntime's fused Attention), from static shapes."""
     return sum(node_macs(node, shapes) for node in model.graph.node)
 
 
@@ -35,7 +36,14 @@ def node_macs(node: onnx.NodeProto, shapes) -> int:
         return int(np.prod(out)) * int(ins[1][0] if not _attr(node, "transB") else ins[1][1])
     if node.op_type == "MatMul":
         return int(np.prod(out)) * int(ins[0][-1])
+    if _fused_attention(node, ins):   # its projection only: the score products are not counted
+        return int(np.prod(ins[0])) * int(ins[1][1])
     return 0
+
+
+def _fused_attention(node, ins) -> bool:
+    return (node.op_type == "Attention" and node.domain == "com.microsoft" and len(ins) >= 2
+            and ins[0] is not None and ins[1] is not None and len(ins[1]) == 2)
 
 
 def mac_spaces(node: onnx.NodeProto, shapes) -> list[tuple[str, int]]:
@@ -52,6 +60,8 @@ def mac_spaces(node: onnx.NodeProto, shapes) -> list[tuple[str, int]]:
     if node.op_type == "MatMul":
         a_rank = len(shapes.shape[node.input[0]])
         return [(out, a) for a in range(rank)] + [(node.input[0], a_rank - 1)]
+    if _fused_attention(node, [shapes.shape.get(n) for n in node.input]):
+        return [(node.input[0], a) for a in range(len(shapes.shape[node.input[0]]))] + [(node.input[1], 1)]
     return []
 
 

@@ -161,6 +161,14 @@ def test_attention_prunes_whole_heads(kw):
         assert attr(r.model, "Attention", "qkv_hidden_sizes") == [v // 2 for v in widths]
 
 
+def test_attention_macs_count_its_projection():
+    """MACs: the packed QKV projection counts (B*S*D*(q+k+v)); the score products do not."""
+    r = assert_prunes(attention_model(), ratio=0.0, heads=0.5, criterion="l1")
+    proj = S * D * 3 * D
+    assert r.report["before"]["macs"] == S * 8 * D + proj + S * D * 3
+    assert r.report["after"]["macs"] == S * 8 * D + proj // 2 + S * D // 2 * 3
+
+
 def test_attention_heads_are_the_ones_scored():
     """Removing heads removes their Q, K and V columns together: the pruned model equals the
     original with those heads' output columns zeroed (the oracle), for every choice."""
@@ -207,6 +215,30 @@ def test_attention_output_as_graph_output_stays_whole():
     assert analysis.groups == []
 
 
+def test_attention_block_hidden_width():
+    """A residual block as the optimizer writes it: the hidden width runs through the
+    Attention weight's rows, the output projection and the skip-norm (``hidden``, inexact);
+    heads and hidden prune together."""
+    g = Graph(seed=5)
+    x = g.input([1, S, 8])
+    h = g.op("MatMul", [x, g.weight(8, D)])
+    a = ms(g, "Attention", [h, g.weight(D, 3 * D), g.weight(3 * D)], num_heads=N)
+    y = ms(g, "SkipLayerNormalization", [g.op("MatMul", [a, g.weight(D, D)]), h, g.weight(D), g.weight(D),
+                                         g.weight(D)])
+    g.output(g.op("MatMul", [y, g.weight(D, 3)]))
+    model = g.model(domains=(MS,))
+    r = spa.prune(model, ratio=0.0, heads=0.5, hidden=0.25, criterion="l1", round_to=1, verify=True)
+    kinds = {}
+    for grp in r.report["groups"]:
+        kinds[grp["kind"]] = kinds.get(grp["kind"], 0) + grp["removed"]
+    assert kinds.get("heads") == N // 2 and kinds.get("hidden") == D // 4, r.report["groups"]
+    assert r.report["verify"]["finite"]
+    w = next(n for n in r.model.graph.node if n.op_type == "Attention").input[1]
+    assert [list(t.dims) for t in r.model.graph.initializer if t.name == w] == [[D - D // 4, 3 * D // 2]]
+    feeds = {"x": np.ones((1, S, 8), np.float32)}
+    assert run(r.model, feeds)[0].shape == (1, S, 3)
+
+
 # ---- onnxruntime's transformer optimizer on the zoo's BERT and GPT-2 -------------------------
 
 def optimized(family, zoo_dir):
@@ -247,7 +279,7 @@ def test_optimizer_output_prunes_heads_and_mlp(zoo_dir, family, fused):
         removed[g["kind"]] = removed.get(g["kind"], 0) + g["removed"]
     assert removed.get("heads", 0) == 2 * 2, rep["groups"]          # 2 of 4 heads in each layer
     assert removed.get("channels", 0) >= 2 * 64, rep["groups"]      # half of the 128 MLP neurons
-    assert rep["after"]["macs"] < 0.6 * rep["before"]["macs"]
+    assert rep["after"]["macs"] < 0.6 * rep["before"]["macs"]   # counts fused Attention's projection
     blocked = {b["op"] for b in rep["blocked_nodes"]}
     assert not blocked & (fused | {"MultiHeadAttention"}), rep["blocked_nodes"]
     if "Attention" in fused:
