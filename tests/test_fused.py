@@ -122,6 +122,42 @@ def test_simplified_layer_norm_hidden_matches_its_decomposition():
                                rtol=1e-4, atol=1e-4)
 
 
+def embed_model(fused: bool, with_sum: bool = False):
+    """ids -> word + position (+ segment) embeddings -> LayerNorm -> MatMul."""
+    g = Graph(seed=6)
+    ids = g.input([1, S], "ids", onnx.TensorProto.INT32)
+    seg = g.input([1, S], "seg", onnx.TensorProto.INT32)
+    word, pos, segment, gamma, beta = g.weight(10, H), g.weight(S, H), g.weight(2, H), g.weight(H), g.weight(H)
+    if fused:
+        outs = ms(g, "EmbedLayerNormalization", [ids, seg, word, pos, segment, gamma, beta],
+                  n_out=3 if with_sum else 2, epsilon=1e-5)   # mask_index is required
+        y, total = outs[0], (outs[2] if with_sum else None)
+    else:
+        positions = g.const(np.arange(S, dtype=np.int64).reshape(1, S))
+        total = g.op("Add", [g.op("Add", [g.op("Gather", [word, ids]), g.op("Gather", [pos, positions])]),
+                             g.op("Gather", [segment, seg])])
+        y = g.op("LayerNormalization", [total, gamma, beta], axis=-1, epsilon=1e-5)
+    out = g.op("MatMul", [y, g.weight(H, 3)])
+    if with_sum:
+        out = g.op("Add", [out, g.op("MatMul", [total, g.weight(H, 3)])])
+    g.output(out)
+    return g.model(domains=(MS,))
+
+
+@pytest.mark.parametrize("with_sum", [False, True])
+def test_embed_layer_norm_hidden_matches_its_decomposition(with_sum):
+    fused, plain = embed_model(True, with_sum), embed_model(False, with_sum)
+    assert spa.analyze(fused).groups == [] and not spa.analyze(fused).dep.blocked_nodes
+    rng = np.random.default_rng(1)
+    feeds = {"ids": rng.integers(0, 10, (1, S)).astype(np.int32), "seg": rng.integers(0, 2, (1, S)).astype(np.int32)}
+    np.testing.assert_allclose(run(fused, feeds)[0], run(plain, feeds)[0], rtol=1e-4, atol=1e-4)
+    results = [spa.prune(m, ratio=0.0, hidden=0.25, criterion="l1", round_to=1, verify=True)
+               for m in (fused, plain)]
+    assert [[g["removed"] for g in r.report["groups"] if g["kind"] == "hidden"] for r in results] == [[4], [4]]
+    np.testing.assert_allclose(run(results[0].model, feeds)[0], run(results[1].model, feeds)[0],
+                               rtol=1e-4, atol=1e-4)
+
+
 # ---- fused attention -----------------------------------------------------------------------
 
 D, N, S = 16, 4, 5
@@ -280,8 +316,7 @@ def test_optimizer_output_prunes_heads_and_mlp(zoo_dir, family, fused):
     assert removed.get("heads", 0) == 2 * 2, rep["groups"]          # 2 of 4 heads in each layer
     assert removed.get("channels", 0) >= 2 * 64, rep["groups"]      # half of the 128 MLP neurons
     assert rep["after"]["macs"] < 0.6 * rep["before"]["macs"]   # counts fused Attention's projection
-    blocked = {b["op"] for b in rep["blocked_nodes"]}
-    assert not blocked & (fused | {"MultiHeadAttention"}), rep["blocked_nodes"]
+    assert rep["blocked_nodes"] == [], rep["blocked_nodes"]   # EmbedLayerNormalization too
     if "Attention" in fused:
         assert {attr(r.model, "Attention", "num_heads")} == {2}
     if family == "gpt2":   # the hidden width through the skip-norms, inexact

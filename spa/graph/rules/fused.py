@@ -170,3 +170,27 @@ def multi_head_attention(ctx: NodeContext):
         _cache(ctx, k, heads, per, 1, 3, output=True)
     ctx.sizes(("attr", "num_heads"), [n], {0: heads}, scalar=True)
     return None
+
+
+# ---- embeddings ------------------------------------------------------------------------------
+
+@rule("com.microsoft.EmbedLayerNormalization")
+def embed_layer_norm(ctx: NodeContext):
+    """``LayerNorm(word[ids] + position[pos] + segment[seg]) * gamma + beta``: the tables'
+    columns, gamma, beta and the outputs' hidden axis are one mixed axis; ``embedding_sum``
+    (output 2) is the sum before the norm. Table rows (vocabulary, positions) and the
+    ``mask_index`` output are not channels."""
+    y = ctx.out_shape(0)
+    if len(y) != 3:
+        return f"EmbedLayerNormalization {ctx.name!r}: output is not [batch, sequence, hidden]"
+    hidden = ctx.outp(0, 2)
+    for k in (2, 3, 4):                    # word, position, segment embedding tables [rows, H]
+        if ctx.has_input(k):
+            ctx.same(ctx.inp(k, 1), hidden)
+    for k in (5, 6):                       # gamma, beta [H]
+        if ctx.has_input(k):
+            ctx.same(ctx.inp(k, 0), hidden)
+    ctx.mixing(hidden)
+    if len(ctx.node.output) > 2 and ctx.node.output[2]:
+        ctx.same(ctx.outp(2, 2), hidden)
+    return None
