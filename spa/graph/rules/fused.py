@@ -4,7 +4,9 @@ model builder): skip-normalizations and fused attention.
 Only ops with an onnxruntime CPU kernel get a rule here, since the oracle runs on the CPU:
 ``BiasAdd`` and ``BiasSplitGelu`` (CUDA only) stay without one and block. The fused
 activations (``FastGelu``, ``BiasGelu``, ``QuickGelu``, ``Gelu``) are elementwise with a
-broadcast bias: ``elementwise.py`` has them.
+broadcast bias: ``elementwise.py`` has them. ``GroupQueryAttention`` (heads = kv heads x
+repeats, ``num_heads``/``kv_num_heads``) and ``RotaryEmbedding`` have CPU kernels but no rule
+yet: they block by name.
 """
 
 from __future__ import annotations
