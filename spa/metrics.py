@@ -23,8 +23,8 @@ _AS = {"ConvInteger": "Conv", "QLinearConv": "Conv", "MatMulInteger": "MatMul", 
 
 
 def count_macs(model: onnx.ModelProto, shapes) -> int:
-    """MACs of Conv, ConvTranspose, Gemm and MatMul (and their integer and quantized forms),
-    from static shapes."""
+    """MACs of Conv, ConvTranspose, Gemm and MatMul (their integer and quantized forms, and the
+    packed QKV projection of onnxruntime's fused Attention), from static shapes."""
     return sum(node_macs(node, shapes) for node in model.graph.node)
 
 
@@ -49,7 +49,14 @@ def node_macs(node: onnx.NodeProto, shapes) -> int:
         return int(np.prod(out)) * int(ins[1][0] if not _attr(node, "transB") else ins[1][1])
     if op == "MatMul":
         return int(np.prod(out)) * int(ins[0][-1])
+    if _fused_attention(node, ins):   # its projection only: the score products are not counted
+        return int(np.prod(ins[0])) * int(ins[1][1])
     return 0
+
+
+def _fused_attention(node, ins) -> bool:
+    return (node.op_type == "Attention" and node.domain == "com.microsoft" and len(ins) >= 2
+            and ins[0] is not None and ins[1] is not None and len(ins[1]) == 2)
 
 
 def mac_spaces(node: onnx.NodeProto, shapes) -> list[tuple[str, int]]:
@@ -66,6 +73,8 @@ def mac_spaces(node: onnx.NodeProto, shapes) -> list[tuple[str, int]]:
         return [(out, a) for a in range(rank)] + [(w, 1 if _attr(node, "transB") else 0)]
     if op == "MatMul":
         return [(out, a) for a in range(rank)] + [(x, len(shapes.shape[x]) - 1)]
+    if _fused_attention(node, [shapes.shape.get(n) for n in node.input]):
+        return [(x, a) for a in range(len(shapes.shape[x]))] + [(w, 1)]
     return []
 
 
