@@ -307,7 +307,9 @@ def test_optimizer_output_prunes_heads_and_mlp(zoo_dir, family, fused):
     model = onnx.load(path)
     assert fused <= {n.op_type for n in model.graph.node if n.domain == MS}
     shapes = {i.name: [1, 8] for i in model.graph.input}
-    r = spa.prune(path, heads=0.5, mlp=0.5, round_to=1, verify=True, input_shapes=shapes)
+    # symbolic batch and sequence: spa picks the probe sizes and verifies at a second one (the
+    # [1, 512] position table cut to the sequence length must stay whole for that)
+    r = spa.prune(path, heads=0.5, mlp=0.5, round_to=1, verify=True)
     rep = r.report
     assert rep["verify"]["ok"], rep["verify"]
     removed = {}

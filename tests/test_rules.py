@@ -717,3 +717,21 @@ def test_microsoft_bias_add_has_no_rule():
     analysis = spa.analyze(model)
     assert any("com.microsoft.BiasAdd" in reason for _, _, reason in analysis.dep.blocked_nodes)
     assert [grp.size for grp in analysis.groups] == []
+
+
+def test_constant_table_cut_at_a_computed_length_stays_whole():
+    """Position ids [1, 512] cut to the sequence length read from the input's shape (BERT's
+    buffer): at the analysed length the entries past it look unused, but a longer input reads
+    them; they must stay (they were removed, and the second probe size failed)."""
+    g = Graph()
+    x = g.input([1, "seq"])
+    table = g.const(np.arange(512, dtype=np.float32).reshape(1, 512))
+    length = g.op("Gather", [g.op("Shape", [x]), g.const(np.array([1], np.int64))])
+    window = g.op("Slice", [table, g.const(np.array([0], np.int64)), length, g.const(np.array([1], np.int64))])
+    h = g.op("Add", [x, window])
+    g.output(g.op("MatMul", [g.op("Relu", [g.op("Unsqueeze", [h, g.const(np.array([2], np.int64))])]),
+                             g.weight(1, 4)]))
+    r = spa.prune(g.model(), ratio=0.5, round_to=1, verify=True)
+    assert r.report["verify"]["ok"]
+    assert [t for t in r.model.graph.initializer if t.name == table][0].dims == [1, 512]
+    assert any("computed at run time" in b["reason"] for b in r.report["blocked"])

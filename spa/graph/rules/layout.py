@@ -152,9 +152,16 @@ def slice_(ctx: NodeContext):
         else:
             s = min(max(s + n if s < 0 else s, -1), n - 1)
         sliced[int(a)] = (int(s), int(st))
+    # A constant table cut by bounds computed at run time (BERT's position ids up to the
+    # sequence length): how much of it is read depends on the input, so none of it may go
+    window = ctx.is_initializer(0) and ctx.opset >= 10 and not all(
+        ctx.is_initializer(k) for k in (1, 2) if ctx.has_input(k))
     for i in range(len(x)):
         if i not in sliced:
             ctx.same(ctx.inp(0, i), ctx.outp(0, i))
+        elif window:
+            ctx.fix(ctx.inp(0, i), f"Slice {ctx.name!r} reads a window of this constant whose bounds are "
+                                   "computed at run time")
         elif sliced[i][1] == 1 and y[i] > 0:
             ctx.offset(ctx.outp(0, i), ctx.inp(0, i), sliced[i][0])
         # other steps: left unmentioned, so fixed
