@@ -344,8 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND",
                            help="prune, inspect, bench or sweep (spa COMMAND --help for its options)")
 
-    def common(sp):
-        sp.add_argument("model", help="input .onnx file")
+    def common(sp, several=False):
+        if several:
+            sp.add_argument("models", nargs="+", metavar="model", help="input .onnx file(s)")
+        else:
+            sp.add_argument("model", help="input .onnx file")
         sp.add_argument("--input-shape", action="append", metavar="NAME=D0,D1,...",
                         help="fix an input's symbolic dims (repeatable)")
         sp.add_argument("--exclude", action="append", default=[], metavar="PATTERN",

@@ -22,7 +22,7 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -46,10 +46,11 @@ class Cell:
     criterion: str
     kind: str          # "ratio" or one of BUDGET_KINDS
     value: float
+    model: str = ""    # which model, when a sweep runs several (for progress lines only)
 
     @property
     def label(self) -> str:
-        return f"{self.criterion} {self.kind}={self.value:g}"
+        return f"{self.model + ': ' if self.model else ''}{self.criterion} {self.kind}={self.value:g}"
 
     def prune_kwargs(self) -> dict:
         return {"criterion": self.criterion, self.kind: self.value}
@@ -274,15 +275,23 @@ def fidelity(reference: np.ndarray, pruned: np.ndarray) -> dict:
 _WORKER: _Worker | None = None
 
 
-def _init_worker(config: SweepConfig, threads: int = 0):
-    global _WORKER
+def _init_worker(configs: list[SweepConfig], threads: int = 0):
+    global _CONFIGS
     from . import runtime
     runtime.THREADS = threads   # the worker's share of the cores, for every session it makes
-    _WORKER = _Worker(config)
+    _CONFIGS = configs
 
 
-def _run_in_worker(cell: Cell) -> dict:
-    return _WORKER.run(cell)
+def _run_in_worker(model: int, cell: Cell) -> dict:
+    """A cell of model ``model``; each process reads a model (and its data) once, when it first
+    gets one of its cells."""
+    if model not in _WORKERS:
+        _WORKERS[model] = _Worker(_CONFIGS[model])
+    return _WORKERS[model].run(cell)
+
+
+_CONFIGS: list = []
+_WORKERS: dict = {}
 
 
 # ---------------------------------------------------------------- the sweep
@@ -325,23 +334,42 @@ def _duration(s: float) -> str:
 def run_sweep(config: SweepConfig, cells: list[Cell], backend: str = "pool", jobs: int | None = None,
               on_cell: Callable[[Cell, dict], None] | None = None, address: str | None = None) -> Sweep:
     """Prune and measure every cell; rows come back in cell order, Pareto front marked."""
+    return run_sweeps([config], cells, backend, jobs, on_cell, address)[0]
+
+
+def run_sweeps(configs: list[SweepConfig], cells: list[Cell], backend: str = "pool", jobs: int | None = None,
+               on_cell: Callable[[Cell, dict], None] | None = None, address: str | None = None) -> list[Sweep]:
+    """The same cells on every model: one sweep each. The local pool runs the cells of all
+    models together (a worker reads each model once); Ray takes one model after another."""
     if backend not in BACKENDS:
         raise SpaError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    jobs = max(1, min(jobs or os.cpu_count() or 1, len(cells)))
+    tasks = [(m, replace(cell, model=Path(c.model).name if len(configs) > 1 else ""))
+             for m, c in enumerate(configs) for cell in cells]
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(tasks)))
     start = time.perf_counter()
-    local = _Worker(config)   # also validates the model and data before any worker starts
+    local = [_Worker(c) for c in configs]   # also validates every model and its data before any worker starts
     on_cell = on_cell or (lambda cell, row: None)
+    rows: list = [None] * len(tasks)
     if backend == "serial":
         jobs = 1
-        rows = []
-        for cell in cells:
-            rows.append(local.run(cell))
-            on_cell(cell, rows[-1])
+        for i, (m, cell) in enumerate(tasks):
+            rows[i] = local[m].run(cell)
+            on_cell(cell, rows[i])
     elif backend == "pool":
-        rows = _pool(config, cells, jobs, on_cell)
+        rows = _pool(configs, tasks, jobs, on_cell)
     else:
         from .sweep_ray import run_cells
-        rows, jobs = run_cells(config, cells, on_cell, address)
+        for m, config in enumerate(configs):
+            mine = [i for i, (mm, _) in enumerate(tasks) if mm == m]
+            got, jobs = run_cells(config, [tasks[i][1] for i in mine], on_cell, address)
+            for i, row in zip(mine, got):
+                rows[i] = row
+    seconds = time.perf_counter() - start
+    return [_sweep_of(config, local[m], [r for (mm, _), r in zip(tasks, rows) if mm == m], seconds, backend, jobs)
+            for m, config in enumerate(configs)]
+
+
+def _sweep_of(config, local, rows, seconds, backend, jobs) -> Sweep:
     original = local.original()
     lat = [r["original_latency_s"] for r in rows if "original_latency_s" in r]
     original["latency_s"] = float(np.median(lat)) if lat else None
@@ -350,25 +378,25 @@ def run_sweep(config: SweepConfig, cells: list[Cell], backend: str = "pool", job
     for i in pareto(rows, quality):
         rows[i]["pareto"] = True
     if all("error" in r for r in rows):
-        raise SpaError(f"every cell failed; the first: {rows[0]['error']}")
-    return Sweep(original, rows, quality, asdict(config), time.perf_counter() - start, backend, jobs)
+        raise SpaError(f"{config.model}: every cell failed; the first: {rows[0]['error']}")
+    return Sweep(original, rows, quality, asdict(config), seconds, backend, jobs)
 
 
-def _pool(config: SweepConfig, cells: list[Cell], jobs: int, on_cell) -> list[dict]:
+def _pool(configs: list[SweepConfig], tasks: list[tuple[int, Cell]], jobs: int, on_cell) -> list[dict]:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
     # spawn, not fork: a forked onnxruntime (its thread pools) can hang in the child
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_init_worker,
-                             initargs=(config, max(1, (os.cpu_count() or 1) // jobs))) as pool:
+                             initargs=(configs, max(1, (os.cpu_count() or 1) // jobs))) as pool:
         with _blas_threads(max(1, (os.cpu_count() or 1) // jobs)):  # workers start during submit
-            futures = {pool.submit(_run_in_worker, cell): i for i, cell in enumerate(cells)}
-        rows: list = [None] * len(cells)
+            futures = {pool.submit(_run_in_worker, m, cell): i for i, (m, cell) in enumerate(tasks)}
+        rows: list = [None] * len(tasks)
         try:
             for f in as_completed(futures):
                 i = futures[f]
                 rows[i] = f.result()
-                on_cell(cells[i], rows[i])
+                on_cell(tasks[i][1], rows[i])
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise

@@ -16,20 +16,22 @@ EXAMPLES = """examples:
       --eval models/demo_sample.npz -o sweep/
   spa sweep model.onnx --targets macs=0.8,0.6,0.4 --keep best:macs<=0.6 -o sweep/
   spa sweep model.onnx --ratios 0.2,0.4 --backend serial -o sweep/      # no worker processes
+  spa sweep a.onnx b.onnx --ratios 0.3,0.5 -o sweep/    # one pool for both: sweep/a/, sweep/b/
 """
 
 
 def add_parser(sub, common, positive, formatter):
     from .api import DEFAULT_ROUND_TO
     sp = sub.add_parser("sweep", help="prune at many ratios/budgets and criteria; table, CSV, JSON, plot",
-                        description="Prune one model at every ratio or budget with every criterion, measure "
-                                    "each result (MACs, params, size, latency, quality) and mark the Pareto "
-                                    "front. Quality is accuracy with --eval, else agreement with the original "
-                                    "on --calib or synthetic inputs.",
+                        description="Prune a model (or several: the same cells, run together) at every ratio "
+                                    "or budget with every criterion, measure each result (MACs, params, size, "
+                                    "latency, quality) and mark the Pareto front. Quality is accuracy with "
+                                    "--eval, else agreement with the original on --calib or synthetic inputs.",
                         epilog=EXAMPLES, formatter_class=formatter)
-    common(sp)
+    common(sp, several=True)
     sp.add_argument("-o", "--output", required=True, metavar="DIR",
-                    help="directory for sweep.json, sweep.csv, sweep.png and kept models (created if missing)")
+                    help="directory for sweep.json, sweep.csv, sweep.png and kept models (created if missing); "
+                         "with several models, one folder per model inside it, named after the file")
     sp.add_argument("--ratios", metavar="START:STOP:STEP|R1,R2", default=None,
                     help="uniform ratios (fraction of channels removed), STOP included "
                          "(default 0.1:0.7:0.1 when no --targets)")
@@ -66,7 +68,7 @@ def cmd_sweep(args) -> int:
     from .cli import _read_checked
     from .shapes import parse_input_shapes
     from .sweep import (Cell, Progress, SweepConfig, best_under, cells_of, parse_keep, parse_ratios,
-                        parse_targets, rerun, run_sweep)
+                        parse_targets, rerun, run_sweeps)
     from .sweep_report import (PLOT_MISSING, check_output_dir, format_sweep, have_matplotlib, keep_name,
                                output_files, write_all)
 
@@ -77,41 +79,78 @@ def cmd_sweep(args) -> int:
     keeps = [parse_keep(k) for k in args.keep]
     out_dir = Path(args.output)
     plot = have_matplotlib()
-    files = output_files(out_dir, keeps, plot)
+    models = [Path(m) for m in args.models]
+    stems = [m.stem for m in models]
+    if len(set(stems)) != len(stems):
+        raise SpaError("spa sweep of several models writes a folder per model, named after the file: "
+                       f"give files with different names ({', '.join(sorted(s for s in stems if stems.count(s) > 1))})")
+    dirs = [out_dir] if len(models) == 1 else [out_dir / s for s in stems]
+    files = [output_files(d, keeps, plot) for d in dirs]
     readers = {f"the {flag} file": Path(p) for flag, p in (("--calib", args.calib), ("--eval", args.eval)) if p}
-    check_output_dir(out_dir, files, {"the input model": Path(args.model), **readers})
-    loaded = _read_checked(args.model, {}, readers)
-    if out_dir.is_dir():   # the model's external data is known only now
-        check_output_dir(out_dir, files, {"the input model": Path(args.model), **readers, **loaded.files})
+    inputs = {**({"the input model": models[0]} if len(models) == 1 else
+                 {f"the input model {m}": m for m in models}), **readers}
+    if len(models) > 1:
+        check_output_dir(out_dir, {}, inputs)
+    for d, f in zip(dirs, files):
+        if len(models) == 1 or out_dir.is_dir():   # else the folders are made inside a new one
+            check_output_dir(d, f, inputs)
+    loaded = [_read_checked(m, {}, readers) for m in models]
+    for d, f in zip(dirs, files):
+        if d.is_dir():   # the models' external data is known only now
+            check_output_dir(d, f, {**inputs, **{k: v for one in loaded for k, v in one.files.items()}})
     if args.address and args.backend != "ray":
         raise SpaError("--address joins a Ray cluster: give it with --backend ray")
 
-    config = SweepConfig(str(args.model), args.calib, args.eval, parse_input_shapes(args.input_shape) or {},
-                         list(args.exclude), args.round_to, args.seed, args.runs, args.samples, args.verify)
-    progress = Progress(len(cells), quiet=args.quiet)
+    configs = [SweepConfig(str(m), args.calib, args.eval, parse_input_shapes(args.input_shape) or {},
+                           list(args.exclude), args.round_to, args.seed, args.runs, args.samples, args.verify)
+               for m in models]
+    progress = Progress(len(cells) * len(models), quiet=args.quiet)
     try:
-        sweep = run_sweep(config, cells, args.backend, args.jobs, progress.cell_done, args.address)
+        sweeps = run_sweeps(configs, cells, args.backend, args.jobs, progress.cell_done, args.address)
     finally:
         progress.close()
 
-    keep_models, chosen = {}, []
-    for key, bound in keeps:
-        i = best_under(sweep, key, bound)
-        if i is None:
-            raise SpaError(f"--keep best:{key}<={bound:g}: no cell has {key} at most {bound:g} of the original; "
-                           "add larger ratios or smaller --targets")
-        row = sweep.rows[i]
-        keep_models[f"--keep best:{key}<={bound:g}"] = rerun(config, Cell(row["criterion"], row["kind"], row["value"]))
-        chosen.append((key, bound, row))
-    write_all(sweep, out_dir, files, keep_models)
+    results = []
+    for config, sweep, d, f in zip(configs, sweeps, dirs, files):
+        keep_models, chosen = {}, []
+        for key, bound in keeps:
+            i = best_under(sweep, key, bound)
+            if i is None:
+                raise SpaError(f"--keep best:{key}<={bound:g}: no cell of {config.model} has {key} at most "
+                               f"{bound:g} of the original; add larger ratios or smaller --targets")
+            row = sweep.rows[i]
+            keep_models[f"--keep best:{key}<={bound:g}"] = rerun(config, Cell(row["criterion"], row["kind"],
+                                                                              row["value"]))
+            chosen.append((key, bound, row))
+        results.append((sweep, d, f, keep_models, chosen))
+    made = len(models) > 1 and not out_dir.exists()
+    if made:
+        out_dir.mkdir()
+    done = 0
+    try:
+        for sweep, d, f, keep_models, _ in results:
+            write_all(sweep, d, f, keep_models)     # removes what it wrote if it fails
+            done += 1
+    except BaseException:
+        for _, d, f, _, _ in results[:done]:        # and the models before it go too
+            for path in f.values():
+                path.unlink(missing_ok=True)
+            if d != out_dir and d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+        if made and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
     if not args.quiet:
-        print(format_sweep(sweep))
-        for key, bound, row in chosen:
-            print(f"kept: {out_dir / keep_name(key, bound)} = {row['criterion']} {row['kind']}={row['value']:g} "
-                  f"({key} {row[key + '_ratio']:.3f}"
-                  f" of the original, {sweep.quality} {row[sweep.quality]:.4f})")
-        print(f"wrote {', '.join(str(p) for p in files.values() if p.suffix != '.onnx')} "
-              f"({len(cells)} cells in {sweep.seconds:.1f}s, backend {sweep.backend}, {sweep.jobs} job(s))")
+        for sweep, d, f, _, chosen in results:
+            if len(models) > 1:
+                print(f"== {sweep.config['model']}")
+            print(format_sweep(sweep))
+            for key, bound, row in chosen:
+                print(f"kept: {d / keep_name(key, bound)} = {row['criterion']} {row['kind']}={row['value']:g} "
+                      f"({key} {row[key + '_ratio']:.3f}"
+                      f" of the original, {sweep.quality} {row[sweep.quality]:.4f})")
+            print(f"wrote {', '.join(str(p) for p in f.values() if p.suffix != '.onnx')} "
+                  f"({len(cells)} cells in {sweep.seconds:.1f}s, backend {sweep.backend}, {sweep.jobs} job(s))")
     if not plot:
         print(f"spa: note: {PLOT_MISSING}", file=sys.stderr)
     return 0

@@ -167,3 +167,28 @@ def test_pool_workers_get_a_share_of_the_blas_threads(monkeypatch):
     with _blas_threads(2):
         assert os.environ["OPENBLAS_NUM_THREADS"] == "2" and os.environ["MKL_NUM_THREADS"] == "3"
     assert "OPENBLAS_NUM_THREADS" not in os.environ and os.environ["MKL_NUM_THREADS"] == "3"
+
+
+def test_several_models_share_one_pool(tmp_path, capsys):
+    """spa sweep a.onnx b.onnx: the cells of both run in one pool, each model gets its folder
+    and table, and the progress lines say which model a cell belongs to."""
+    out = tmp_path / "out"
+    digits = str(MODELS / "digits_mlp.onnx")
+    assert main(["sweep", DEMO, digits, "--ratios", "0.25,0.5", "--criteria", "l1", "-o", str(out),
+                 "--jobs", "2", "--runs", "1", "--samples", "8", "--keep", "best:macs<=0.9"]) == 0
+    captured = capsys.readouterr()
+    for stem in ("demo_cnn", "digits_mlp"):
+        data = json.loads((out / stem / "sweep.json").read_text())
+        assert data["model"].endswith(f"{stem}.onnx") and len(data["cells"]) == 2
+        assert (out / stem / "best-macs-0.9.onnx").is_file()
+        assert f"{stem}.onnx: l1 ratio=0.5" in captured.err
+    assert captured.out.count("== ") == 2 and "4/4" in captured.err
+
+
+def test_several_models_need_different_names(tmp_path, capsys):
+    other = tmp_path / "x" / "demo_cnn.onnx"
+    other.parent.mkdir()
+    other.write_bytes(Path(DEMO).read_bytes())
+    assert main(["sweep", DEMO, str(other), "--ratios", "0.5", "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "different names" in err[0] and not (tmp_path / "out").exists()
