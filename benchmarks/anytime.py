@@ -194,7 +194,7 @@ def render(rows: list[dict], args, wall_s: float) -> str:
     ref = next(r for r in rows if r["ratio"] == 0)
     lines = ["| method | trained params | " + " | ".join(f"ratio {q}: accuracy (MACs)" for q in ratios)
              + " | seconds |", "|---|---|" + "---|" * len(ratios) + "---|",
-             f"| {ref['method']} | all | " + " | ".join(f"{ref['accuracy']:.4f} (100 %)" for _ in ratios) + " | |"]
+             f"| {ref['method']} | all | " + " | ".join(f"{ref['accuracy']:.4f} (100%)" for _ in ratios) + " | |"]
     for m in methods:
         got = [cell.get((m, q)) for q in ratios]
         first = next(r for r in got if r)
@@ -231,7 +231,7 @@ def render(rows: list[dict], args, wall_s: float) -> str:
         "", f"![accuracy vs MACs](plots/{PLOT.name})", "",
         f"`python benchmarks/anytime.py --ratios {','.join(map(str, args.ratios))} --init-epochs "
         f"{args.init_epochs} --perp-steps {args.perp_steps}`: {wall_s / 60:.1f} min wall on "
-        f"{platform.machine()} ({torch.get_num_threads()} torch thread(s), shared machine), torch "
+        f"{platform.machine()} ({args.threads} torch thread(s), shared machine), torch "
         f"{torch.__version__}, spa {spa.__version__}.",
     ])
 
@@ -240,18 +240,22 @@ def plot(rows: list[dict], path: Path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5))
+    # two panels: the whole range, and a zoom on the methods that stay near the unpruned model
+    fig, axes = plt.subplots(1, 2, figsize=(12, 6))
     ref = next(r for r in rows if r["ratio"] == 0)
-    for m in sorted({r["method"] for r in rows if r["ratio"] > 0}, key=_order):
-        pts = sorted((r["macs_share"], r["accuracy"]) for r in rows if r["method"] == m)
-        ax.plot(*zip(*pts), marker="o", ls="--" if m.startswith("(d0)") else "-", label=m)
-    ax.plot([1.0], [ref["accuracy"]], "k*", ms=12, label=ref["method"])
-    ax.set_xlabel("MACs, share of the unpruned model")
-    ax.set_ylabel("accuracy (2000 test images)")
-    ax.set_title("Fashion-MNIST ResNet pruned by spa, any time")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    for ax in axes:
+        for m in sorted({r["method"] for r in rows if r["ratio"] > 0}, key=_order):
+            pts = sorted((r["macs_share"], r["accuracy"]) for r in rows if r["method"] == m)
+            ax.plot(*zip(*pts), marker="o", ls="--" if m.startswith("(d0)") else "-", label=m)
+        ax.axhline(ref["accuracy"], color="k", ls=":", label=ref["method"])
+        ax.set_xlabel("MACs, share of the unpruned model")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (2000 test images)")
+    axes[0].set_title("Fashion-MNIST ResNet pruned by spa, any time")
+    axes[1].set_ylim(0.82, ref["accuracy"] + 0.01)
+    axes[1].set_title("zoom")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     path.parent.mkdir(exist_ok=True)
     fig.savefig(path, dpi=120)
 
@@ -264,15 +268,19 @@ def main():
     p.add_argument("--perp-steps", type=int, default=300)
     p.add_argument("--perp-lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    p.add_argument("--render", action="store_true", help="only redraw table and plot from the results file")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = run(args, Path(tmp))
-    wall = time.perf_counter() - start
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"args": {k: v for k, v in vars(args).items()}, "wall_s": round(wall, 1),
-                                   "rows": rows}, indent=1))
+    if args.render:
+        saved = json.loads(RESULTS.read_text())
+        args, wall, rows = argparse.Namespace(**saved["args"]), saved["wall_s"], saved["rows"]
+    else:
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = run(args, Path(tmp))
+        wall = time.perf_counter() - start
+        RESULTS.parent.mkdir(exist_ok=True)
+        RESULTS.write_text(json.dumps({"args": vars(args), "wall_s": round(wall, 1), "rows": rows}, indent=1))
     plot(rows, PLOT)
     text = render(rows, args, wall)
     print(text)
