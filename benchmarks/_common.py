@@ -54,3 +54,16 @@ def blocked_by_graph_io_only(blocked: dict) -> bool:
     """Whether only the graph's inputs/outputs keep this group whole (typed reasons name no node)."""
     reasons = blocked.get("reasons")
     return reasons is not None and not any(r.get("node") for r in reasons)
+
+
+def update_readme_markers(tag: str, heading: str, text: str, readme: Path = README):
+    """Replace what lies between ``<!-- tag:start -->`` and ``<!-- tag:end -->`` in
+    benchmarks/README.md with ``text``; without the markers, append ``heading`` and them."""
+    start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
+    body = readme.read_text()
+    i, j = body.find(start), body.find(end)
+    if i >= 0 and j > i:
+        body = body[:i + len(start)] + "\n" + text.rstrip() + "\n" + body[j:]
+    else:
+        body = body.rstrip() + f"\n\n{heading}\n\n{start}\n{text.rstrip()}\n{end}\n"
+    readme.write_text(body)

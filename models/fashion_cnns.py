@@ -150,21 +150,32 @@ def load_trained(name: str):
 # ---------------------------------------------------------------------------- train / export
 
 def train(name: str, epochs: int, batch: int = 256, lr: float = 4e-3):
+    """A fresh build_<name>() (seed 0) trained with fit()'s recipe."""
     torch = _torch()
     torch.manual_seed(0)
+    return fit(BUILD[name](), epochs, batch, lr, name=name)
+
+
+def fit(model, epochs: int, batch: int = 256, lr: float = 4e-3, *, params=None, steps: int | None = None,
+        weight_decay: float = 5e-4, name: str = "model"):
+    """The training recipe, on a given model (also pruned ones, benchmarks/anytime.py): AdamW,
+    one-cycle schedule (20 % warm-up), random horizontal flips, seed-0 data order. ``params``
+    (default: all) are the ones trained; ``steps`` stops early (the schedule spans ``steps``)."""
+    torch = _torch()
     x, y = load_split("train")
-    model = BUILD[name]()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
-    steps = epochs * (len(x) // batch)
+    params = list(model.parameters()) if params is None else list(params)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    steps = steps or epochs * (len(x) // batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2)
     rng = np.random.default_rng(0)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     t0 = time.time()
+    done = 0
     for epoch in range(epochs):
         model.train()
         perm = torch.from_numpy(rng.permutation(len(x)))
         total, n = 0.0, 0
-        for i in range(len(x) // batch):
+        for i in range(min(len(x) // batch, steps - done)):
             idx = perm[i * batch:(i + 1) * batch]
             xb = xt[idx]
             # light augmentation: random horizontal flip
@@ -177,7 +188,9 @@ def train(name: str, epochs: int, batch: int = 256, lr: float = 4e-3):
             sched.step()
             total += loss.item() * len(idx)
             n += len(idx)
-        print(f"  {name} epoch {epoch + 1}/{epochs}: loss {total / n:.4f} ({time.time() - t0:.0f} s)", flush=True)
+            done += 1
+        print(f"  {name} epoch {epoch + 1}/{epochs}: loss {total / max(n, 1):.4f} ({time.time() - t0:.0f} s)",
+              flush=True)
     return model.eval()
 
 
