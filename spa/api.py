@@ -232,7 +232,7 @@ def _file_bytes(files: dict) -> int:
 def prune(model_or_path, ratio: float | None = None, criterion: str = "l1", *, heads: float | None = None,
           mlp: float | None = None, head_dims: float | None = None, hidden: float | None = None,
           global_rank: bool = False,
-          max_ratio: float = 0.9, round_to: int = DEFAULT_ROUND_TO, exclude: list[str] | None = None,
+          max_ratio: float = 0.9, round_to: int | str = DEFAULT_ROUND_TO, exclude: list[str] | None = None,
           input_shapes: dict | None = None, verify: bool | None = None, strict: bool = False,
           aggregate: str = "sum", seed: int = 0, calib=None, input_stats: dict | None = None,
           recalibrate: bool = False, calib_samples: int = 64, damping: float = 0.01,
@@ -283,8 +283,11 @@ def prune(model_or_path, ratio: float | None = None, criterion: str = "l1", *, h
                     ("hidden", hidden)):
         if r is not None and not 0 <= r < 1:
             raise SpaError(f"--{name} must be in [0, 1), got {r}")
-    if round_to < 1:
-        raise SpaError(f"--round-to must be at least 1, got {round_to}")
+    if round_to == "auto":   # the CPU's vector width (see benchmarks/round_to.py for what it buys)
+        from .runtime import vector_channels
+        round_to = vector_channels()
+    if not isinstance(round_to, int) or round_to < 1:
+        raise SpaError(f"--round-to must be at least 1 or 'auto', got {round_to!r}")
     if len(budgets) > 1:
         raise SpaError(f"give one budget, not {' and '.join('--' + k for k in budgets)}")
     for name, v in budgets.items():

@@ -327,6 +327,10 @@ def _positive(text: str) -> int:
     return _number(text, int, lambda v: v >= 1, "must be at least 1")
 
 
+def _round_to(text: str):
+    return "auto" if text == "auto" else _positive(text)
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage mistakes get one line, like every other error."""
 
@@ -382,8 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--global", dest="global_rank", action="store_true",
                     help="rank all groups' channels together on normalized scores")
     sp.add_argument("--max-ratio", type=_ratio, default=0.9, help="per-group cap with --global")
-    sp.add_argument("--round-to", type=_positive, default=api.DEFAULT_ROUND_TO,
-                    help=f"keep a multiple of N channels (default {api.DEFAULT_ROUND_TO}; 1 = off)")
+    sp.add_argument("--round-to", type=_round_to, default=api.DEFAULT_ROUND_TO, metavar="N|auto",
+                    help=f"keep a multiple of N channels (default {api.DEFAULT_ROUND_TO}; 1 = off; auto = this "
+                         "CPU's float32 vector width: 16 with AVX-512, 8 with AVX2, else 4)")
     sp.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
     sp.add_argument("--verify", dest="verify", action="store_true", default=None,
                     help="run the equivalence oracle (default: when the model is small)")

@@ -7,7 +7,7 @@ import onnx
 from .errors import UnsupportedModelError, VerificationError
 from .model import materialized
 
-__all__ = ["session", "default_session", "any_session", "THREADS"]
+__all__ = ["session", "default_session", "any_session", "THREADS", "vector_channels"]
 
 # Intra-op threads of every session spa makes when a caller gives none; 0: onnxruntime's
 # default (every core). Parallel callers (a sweep's workers, a shared benchmark machine) set it.
@@ -65,3 +65,24 @@ def any_session(model: onnx.ModelProto):
         raise UnsupportedModelError(f"onnxruntime cannot run the original model, so it cannot be verified: "
                                     f"{error}")
     return s
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def vector_channels() -> int:
+    """float32 lanes of this CPU's widest vector unit, the multiple of channels onnxruntime's
+    kernels process at once: AVX-512 16, AVX2 8, anything else (SSE, NEON) 4. Where the CPU
+    cannot be read (not Linux), 8, the default."""
+    flags = _cpu_flags()
+    if not flags:
+        return 8
+    return 16 if "avx512f" in flags else 8 if "avx2" in flags else 4

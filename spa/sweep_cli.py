@@ -54,8 +54,10 @@ def add_parser(sub, common, positive, formatter):
     sp.add_argument("--runs", type=positive, default=20, help="latency runs per cell (default 20)")
     sp.add_argument("--samples", type=positive, default=64,
                     help="inputs for the fidelity measurement: first N --calib samples or N synthetic (default 64)")
-    sp.add_argument("--round-to", type=positive, default=DEFAULT_ROUND_TO,
-                    help=f"keep a multiple of N channels (default {DEFAULT_ROUND_TO}; 1 = off)")
+    from .cli import _round_to
+    sp.add_argument("--round-to", type=_round_to, default=DEFAULT_ROUND_TO, metavar="N|auto",
+                    help=f"keep a multiple of N channels (default {DEFAULT_ROUND_TO}; 1 = off; auto = the CPU's "
+                         "float32 vector width)")
     sp.add_argument("--seed", type=int, default=0, help="seed of synthetic inputs and the random criterion")
     sp.add_argument("--no-verify", dest="verify", action="store_false", default=None,
                     help="skip the equivalence oracle in each cell (default: on for small models)")

@@ -1,6 +1,7 @@
 """The spa command end to end: prune (table, JSON report, accuracy), inspect, bench."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -246,3 +247,20 @@ def test_bench_counts_external_data(tmp_path, capsys, model_path):
     assert main(["bench", str(ext), str(ext), "--runs", "2"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("file size"))
     assert line.split()[2] == FORMATS["file size"](total)
+
+
+DEMO = Path(__file__).resolve().parent.parent / "models" / "demo_cnn.onnx"
+
+
+@pytest.mark.parametrize("flags,expected", [({"avx512f", "avx2"}, 16), ({"avx2", "sse4_2"}, 8), ({"neon"}, 4)])
+def test_round_to_auto_follows_the_vector_width(monkeypatch, tmp_path, capsys, flags, expected):
+    from spa import runtime
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: flags)
+    report = tmp_path / "r.json"
+    assert main(["prune", str(DEMO), "-o", str(tmp_path / "o.onnx"), "--ratio", "0.3", "--round-to", "auto",
+                 "--report", str(report), "-q"]) == 0
+    rep = json.loads(report.read_text())
+    assert rep["options"]["round_to"] == expected
+    assert all(g["kept"] % expected == 0 or g["kept"] == g["channels"] for g in rep["groups"])
+    assert main(["prune", str(DEMO), "-o", str(tmp_path / "p.onnx"), "--round-to", "fast"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
