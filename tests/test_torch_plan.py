@@ -59,6 +59,7 @@ def _params(model):
     ("resnet18", True, "l1"),            # the exporter folds BatchNorm into the convs
     ("resnet18", False, "obspa"),        # every tensor kept as it is: OBSPA's value changes go back too
     ("mobilenet_v3_small", True, "l1"),  # depthwise groups, squeeze-excitation, zero biases dropped
+    ("efficientnet_b0", True, "l1"),     # the same, with SiLU and stochastic-depth blocks
 ])
 def test_torchvision_round_trip(tmp_path, name, optimize, criterion):
     torch.manual_seed(0)
