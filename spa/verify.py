@@ -86,7 +86,40 @@ def masked_model(model: onnx.ModelProto, plan: Plan, shapes) -> onnx.ModelProto:
         mask = np.zeros(plan.sizes[space])
         mask[kept] = 1
         return mask
-    return mask_contractions(apply_updates(model, plan), plan.contractions, shapes, mask_of)[0]
+    masked = mask_contractions(apply_updates(model, plan), plan.contractions, shapes, mask_of)[0]
+    return _mask_integer_inputs(masked, plan, shapes) if plan.integer_contractions else masked
+
+
+def _mask_integer_inputs(model: onnx.ModelProto, plan: Plan, shapes) -> onnx.ModelProto:
+    """Removed channels of an integer input set to its zero point: Where(kept, x, zero point)."""
+    by_node: dict = {}
+    for node_name, k, axis, zp in plan.integer_contractions:
+        by_node.setdefault(node_name, []).append((k, axis, zp))
+    taken = tensor_names(model)
+    new_nodes = []
+    for node in model.graph.node:
+        for k, axis, zp in by_node.get(node.name, ()):
+            tensor = node.input[k]
+            space = (tensor, axis)
+            shape = [1] * len(shapes.shape[tensor])
+            shape[axis] = plan.sizes[space]
+            keep = np.zeros(plan.sizes[space], dtype=bool)
+            keep[plan.kept[space]] = True
+            cond = unique_name(f"{node.name}__spa_keep{k}", taken)
+            model.graph.initializer.append(numpy_helper.from_array(keep.reshape(shape), cond))
+            if zp < len(node.input) and node.input[zp]:
+                zero = node.input[zp]
+            else:   # no zero point input: it is 0
+                dtype = helper.tensor_dtype_to_np_dtype(shapes.dtype.get(tensor, onnx.TensorProto.UINT8))
+                zero = unique_name(f"{node.name}__spa_zero{k}", taken)
+                model.graph.initializer.append(numpy_helper.from_array(np.zeros((), dtype), zero))
+            out = unique_name(f"{cond}_out", taken)
+            new_nodes.append(helper.make_node("Where", [cond, tensor, zero], [out], name=out))
+            node.input[k] = out
+        new_nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    return model
 
 
 def _signature(model):

@@ -68,8 +68,8 @@ def _quantized(tmp_path, how: str):
     if how == "dynamic":
         quantize_dynamic(src, out, weight_type=QuantType.QInt8)
     else:
-        fmt = QuantFormat.QOperator if how == "qoperator" else QuantFormat.QDQ
-        quantize_static(src, out, Reader(), quant_format=fmt, per_channel=how == "qdq-per-channel",
+        fmt = QuantFormat.QOperator if how.startswith("qoperator") else QuantFormat.QDQ
+        quantize_static(src, out, Reader(), quant_format=fmt, per_channel=how.endswith("per-channel"),
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     return out
 
@@ -102,12 +102,19 @@ def test_oracle_compares_qdq_graphs_unfused(tmp_path, monkeypatch):
     assert r.report["verify"]["ok"] and made == [False, False]
 
 
-@pytest.mark.parametrize("how", ["qoperator"])
-def test_onnxruntime_quantizer_integer_ops_block_by_name(tmp_path, how):
-    """QLinearConv / QGemm / QLinearAdd have no rule yet: blocked by name, MACs still counted."""
-    r = spa.prune(_quantized(tmp_path, how), ratio=0.5, round_to=1, verify=True)
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_onnxruntime_quantizer_qoperator_prunes_exactly(tmp_path, per_channel):
+    """quantize_static's QOperator output (QLinearConv, QLinearAdd, QLinearGlobalAveragePool,
+    QGemm on uint8 activations): the oracle sets removed channels to the zero point where they
+    are summed, and the pruned model matches the masked original."""
+    how = "qoperator-per-channel" if per_channel else "qoperator"
+    model = _quantized(tmp_path, how)
+    ops = {n.op_type for n in onnx.load(model).graph.node}
+    assert {"QLinearConv", "QLinearAdd", "QGemm"} <= ops
+    r = spa.prune(model, ratio=0.5, round_to=1, verify=True)
     rep = r.report
-    assert rep["blocked_nodes"] and rep["before"]["macs"] > 0 and rep["verify"]["ok"]
+    assert rep["verify"]["ok"] and rep["verify"]["max_rel_error"] < 1e-6 and not rep["blocked_nodes"]
+    assert rep["after"]["macs"] < 0.5 * rep["before"]["macs"]
 
 
 def test_onnxruntime_optimized_graph(tmp_path):

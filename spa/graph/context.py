@@ -57,6 +57,9 @@ class Couplings:
     mixing: list[tuple[Space, str]] = field(default_factory=list)
     free: set[Space] = field(default_factory=set)
     contractions: list[tuple[str, int, int]] = field(default_factory=list)  # node, input index, axis
+    # integer inputs summed over an axis: (node, input index, axis, index of its zero point input);
+    # the oracle sets removed channels to the zero point there (zero is not "nothing" in integers)
+    integer_contractions: list[tuple[str, int, int, int]] = field(default_factory=list)
     batch: set[Space] = field(default_factory=set)  # MatMul batch axes: where attention heads live
     fixups: list = field(default_factory=list)  # Sizes/SliceBounds specs (see fixups.py)
 
@@ -230,6 +233,12 @@ class NodeContext:
         """Input k is summed over this axis: where the oracle zeroes removed channels."""
         rank = len(self.in_shape(k))
         self.out.contractions.append((self.name, k, axis % rank))
+
+    def contract_integer(self, k: int, axis: int, zero_point: int):
+        """Integer input k is summed over this axis with the zero point of input
+        ``zero_point``: where the oracle sets removed channels to that zero point."""
+        rank = len(self.in_shape(k))
+        self.out.integer_contractions.append((self.name, k, axis % rank, zero_point))
 
     def sizes(self, where: tuple[str, object], old, entries: dict[int, Space], scalar: bool = False,
               drop: tuple[str, ...] = ()):

@@ -13,10 +13,10 @@ def conv(ctx: NodeContext):
     return conv_axes(ctx, bias=2, contract=True)
 
 
-def conv_axes(ctx: NodeContext, bias: int | None, contract: bool):
-    """A convolution's couplings; ``bias`` is the index of its per-output-channel input, and
-    ``contract`` says the oracle may zero removed input channels at input 0 (not when it
-    holds integers, where zero is not the zero point)."""
+def conv_axes(ctx: NodeContext, bias: int | None, contract: bool, weight: int = 1):
+    """A convolution's couplings; ``weight`` and ``bias`` are the indices of its weight and
+    per-output-channel inputs, and ``contract`` says the oracle may zero removed input channels
+    at input 0 (not when it holds integers, where zero is not the zero point)."""
     x = ctx.in_shape(0)
     groups = int(ctx.attr("group", 1))
     transpose = ctx.op == "ConvTranspose"
@@ -24,10 +24,10 @@ def conv_axes(ctx: NodeContext, bias: int | None, contract: bool):
     ctx.same(ctx.inp(0, 0), ctx.outp(0, 0))
     # Channels = groups x per-group channels; the dependency stage picks which one to prune.
     g = ctx.virtual("groups", groups)
-    k_in = ctx.inp(1, 1) if not transpose else ctx.virtual("in_per_group", c_in // groups)
-    k_out = ctx.inp(1, 1) if transpose else ctx.virtual("out_per_group", c_out // groups)
-    w_in = ctx.inp(1, 0) if transpose else None
-    w_out = None if transpose else ctx.inp(1, 0)
+    k_in = ctx.inp(weight, 1) if not transpose else ctx.virtual("in_per_group", c_in // groups)
+    k_out = ctx.inp(weight, 1) if transpose else ctx.virtual("out_per_group", c_out // groups)
+    w_in = ctx.inp(weight, 0) if transpose else None
+    w_out = None if transpose else ctx.inp(weight, 0)
     ctx.product(ctx.inp(0, 1), [g, k_in])
     ctx.product(ctx.outp(0, 1), [g, k_out])
     if w_out is not None:
@@ -50,15 +50,22 @@ RULES["com.microsoft.FusedConv"] = conv
 
 @rule("Gemm", "com.microsoft.FusedGemm")
 def gemm(ctx: NodeContext):
+    gemm_axes(ctx, b=1, c=2, contract=True)
+
+
+def gemm_axes(ctx: NodeContext, b: int, c: int, contract: bool):
+    """Gemm's couplings, with B and C at inputs ``b`` and ``c``; returns A's summed axis."""
     ta, tb = int(ctx.attr("transA", 0)), int(ctx.attr("transB", 0))
     a_m, a_k = (1, 0) if ta else (0, 1)
     b_k, b_n = (1, 0) if tb else (0, 1)
-    ctx.same(ctx.inp(0, a_k), ctx.inp(1, b_k))
+    ctx.same(ctx.inp(0, a_k), ctx.inp(b, b_k))
     ctx.same(ctx.inp(0, a_m), ctx.outp(0, 0))
-    ctx.same(ctx.inp(1, b_n), ctx.outp(0, 1))
-    if ctx.has_input(2):
-        broadcast(ctx, [2])
-    ctx.contract(0, a_k)
+    ctx.same(ctx.inp(b, b_n), ctx.outp(0, 1))
+    if ctx.has_input(c):
+        broadcast(ctx, [c])
+    if contract:
+        ctx.contract(0, a_k)
+    return a_k
 
 
 @rule("MatMul")
@@ -66,20 +73,21 @@ def matmul(ctx: NodeContext):
     return matmul_axes(ctx, contract=True)
 
 
-def matmul_axes(ctx: NodeContext, contract: bool):
-    """numpy matmul's couplings (``contract`` as for ``conv_axes``)."""
-    a, b, y = ctx.in_shape(0), ctx.in_shape(1), ctx.out_shape(0)
+def matmul_axes(ctx: NodeContext, contract: bool, second: int = 1):
+    """numpy matmul's couplings, the second operand at input ``second`` (``contract`` as for
+    ``conv_axes``)."""
+    a, b, y = ctx.in_shape(0), ctx.in_shape(second), ctx.out_shape(0)
     if len(a) < 1 or len(b) < 1:
         return f"{ctx.op} {ctx.name!r} on scalars"
-    ctx.same(ctx.inp(0, len(a) - 1), ctx.inp(1, 0 if len(b) == 1 else len(b) - 2))
+    ctx.same(ctx.inp(0, len(a) - 1), ctx.inp(second, 0 if len(b) == 1 else len(b) - 2))
     if contract:
         ctx.contract(0, len(a) - 1)
     if len(a) >= 2:
         ctx.same(ctx.inp(0, len(a) - 2), ctx.outp(0, len(y) - (2 if len(b) >= 2 else 1)))
     if len(b) >= 2:
-        ctx.same(ctx.inp(1, len(b) - 1), ctx.outp(0, len(y) - 1))
+        ctx.same(ctx.inp(second, len(b) - 1), ctx.outp(0, len(y) - 1))
     batch_y = len(y) - (len(a) >= 2) - (len(b) >= 2)
-    for k, shape, core in ((0, a, 2), (1, b, 2)):
+    for k, shape, core in ((0, a, 2), (second, b, 2)):
         batch = shape[:-core] if len(shape) >= core else ()
         for i, n in enumerate(batch):
             j = batch_y - len(batch) + i

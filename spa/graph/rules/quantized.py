@@ -1,5 +1,8 @@
-"""Dynamically quantized layers, as onnxruntime's ``quantize_dynamic`` writes them:
+"""Quantized layers as onnxruntime's quantizers write them. Dynamic (``quantize_dynamic``):
 x -> DynamicQuantizeLinear -> ConvInteger / MatMulInteger (int8 weights) -> Cast -> Mul(scales).
+Static QOperator (``quantize_static(quant_format=QOperator)``): QLinearConv, QLinearMatMul,
+QGemm, QLinearAdd, QLinearGlobalAveragePool on uint8 activations, whose summed inputs the
+oracle sets to their zero point (``ctx.contract_integer``). MatMulNBits: block-quantized weights.
 
 The oracle zeroes a removed channel where it is summed away; in an integer input, zero is not
 the zero point, so the layers declare no contraction themselves. DynamicQuantizeLinear does,
@@ -10,10 +13,13 @@ leaves the range of the others (hence every kept value) as removing it would.
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..context import NodeContext
 from .elementwise import broadcast
-from .linear import conv_axes, matmul_axes
+from .linear import conv_axes, gemm_axes, matmul_axes
 from .registry import rule
+from .normalization import pool
 
 # (op, input) -> the axis of that input the op sums over, by its rank
 _INTEGER_CONTRACTIONS = {("ConvInteger", 0): lambda rank: 1, ("MatMulInteger", 0): lambda rank: rank - 1}
@@ -113,3 +119,67 @@ def matmul_nbits(ctx: NodeContext):
     ctx.contract(0, len(a) - 1)
     ctx.sizes(("attr", "N"), [n], {0: out}, scalar=True)
     ctx.sizes(("attr", "K"), [k], {0: ctx.inp(0, len(a) - 1)}, scalar=True)
+
+
+def _scalar(ctx: NodeContext, k: int) -> bool:
+    return not ctx.has_input(k) or int(np.prod(ctx.in_shape(k))) == 1
+
+
+def _contract_integer(ctx: NodeContext, axis: int, zero_point: int):
+    """Summed integer input 0 with a zero point per tensor: the oracle can set removed channels
+    to it. A zero point per channel there is not supported: the axis stays whole."""
+    if _scalar(ctx, zero_point):
+        ctx.contract_integer(0, axis, zero_point)
+    else:
+        ctx.fix(ctx.inp(0, axis), f"{ctx.op} {ctx.name!r}: a zero point per channel of its summed input")
+
+
+@rule("QLinearConv")
+def qlinear_conv(ctx: NodeContext):
+    """x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point, bias."""
+    reason = conv_axes(ctx, bias=8, contract=False, weight=3)
+    for k in (4, 5):
+        _per_channel(ctx, k, ctx.outp(0, 1))
+    _contract_integer(ctx, 1, 2)
+    return reason
+
+
+@rule("QLinearMatMul")
+def qlinear_matmul(ctx: NodeContext):
+    """a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point."""
+    reason = matmul_axes(ctx, contract=False, second=3)
+    b = ctx.in_shape(3)
+    if len(b) >= 2:
+        for k in (4, 5):
+            _per_channel(ctx, k, ctx.inp(3, len(b) - 1))
+    _contract_integer(ctx, len(ctx.in_shape(0)) - 1, 2)
+    return reason
+
+
+@rule("com.microsoft.QGemm")
+def qgemm(ctx: NodeContext):
+    """A, a_scale, a_zero_point, B, b_scale, b_zero_point, C, y_scale, y_zero_point."""
+    a_k = gemm_axes(ctx, b=3, c=6, contract=False)
+    n = ctx.outp(0, 1)
+    for k in (4, 5):
+        _per_channel(ctx, k, n)
+    _contract_integer(ctx, a_k, 2)
+
+
+@rule("com.microsoft.QLinearAdd", "com.microsoft.QLinearMul")
+def qlinear_binary(ctx: NodeContext):
+    """A, A_scale, A_zero_point, B, B_scale, B_zero_point, C_scale, C_zero_point: elementwise,
+    scales and zero points per tensor."""
+    if not all(_scalar(ctx, k) for k in (1, 2, 4, 5, 6, 7)):
+        return f"{ctx.op} {ctx.name!r}: scales or zero points per channel"
+    broadcast(ctx, [0, 3])
+
+
+@rule("com.microsoft.QLinearGlobalAveragePool")
+def qlinear_global_average_pool(ctx: NodeContext):
+    """X, x_scale, x_zero_point, y_scale, y_zero_point: a pool, channels first (or last)."""
+    if int(ctx.attr("channels_last", 0)):
+        return f"QLinearGlobalAveragePool {ctx.name!r}: channels last"
+    if not all(_scalar(ctx, k) for k in (1, 2, 3, 4)):
+        return f"{ctx.op} {ctx.name!r}: scales or zero points per channel"
+    return pool(ctx)
