@@ -34,6 +34,30 @@ class OracleResult:
                 "samples": self.samples}
 
 
+def _insert_before(model: onnx.ModelProto, at: dict, insert):
+    """For each node named in ``at`` (name -> entries, each naming an input index first),
+    ``insert(node, entry, taken)`` returns a node computing a replacement for that input,
+    placed just before the node, which then reads it instead. In place."""
+    taken = tensor_names(model)
+    new_nodes = []
+    for node in model.graph.node:
+        for entry in at.get(node.name, ()):
+            made = insert(node, entry, taken)
+            if made is not None:
+                new_nodes.append(made)
+                node.input[entry[0]] = made.output[0]
+        new_nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+
+
+def _by_node(contractions) -> dict:
+    at: dict = {}
+    for node_name, *rest in contractions:
+        at.setdefault(node_name, []).append(tuple(rest))
+    return at
+
+
 def mask_contractions(model: onnx.ModelProto, contractions, shapes, mask_of, as_inputs: bool = False):
     """A copy of ``model`` with a mask multiplied in wherever an axis is contracted
     (``contractions``: (node name, input index, axis), as the rules record them) and
@@ -43,42 +67,37 @@ def mask_contractions(model: onnx.ModelProto, contractions, shapes, mask_of, as_
     ``(name, broadcast shape, dtype)``."""
     masked = onnx.ModelProto()
     masked.CopyFrom(model)
-    by_node: dict[str, list[tuple[int, int]]] = {}
-    for node_name, k, axis in contractions:
-        by_node.setdefault(node_name, []).append((k, axis))
-    new_nodes, masks = [], {}
-    taken = tensor_names(masked)
-    for node in masked.graph.node:
-        for k, axis in by_node.get(node.name, ()):
-            tensor = node.input[k]
-            if tensor not in shapes.shape:
-                continue
-            dtype = helper.tensor_dtype_to_np_dtype(shapes.dtype.get(tensor, onnx.TensorProto.FLOAT))
-            values = mask_of((tensor, axis))
-            if values is None:
-                continue
-            bshape = [1] * len(shapes.shape[tensor])
-            bshape[axis] = shapes.shape[tensor][axis]
-            name = unique_name(f"{node.name}__spa_mask{k}_{axis}", taken)
-            if as_inputs:
-                masked.graph.input.append(helper.make_tensor_value_info(
-                    name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), bshape))
-            else:
-                masked.graph.initializer.append(
-                    numpy_helper.from_array(np.asarray(values, dtype).reshape(bshape), name))
-            out = unique_name(name + "_out", taken)
-            new_nodes.append(helper.make_node("Mul", [tensor, name], [out], name=out))
-            node.input[k] = out
-            masks.setdefault((tensor, axis), []).append((name, bshape, dtype))
-        new_nodes.append(node)
-    del masked.graph.node[:]
-    masked.graph.node.extend(new_nodes)
+    masks: dict = {}
+
+    def insert(node, entry, taken):
+        k, axis = entry
+        tensor = node.input[k]
+        if tensor not in shapes.shape:
+            return None
+        dtype = helper.tensor_dtype_to_np_dtype(shapes.dtype.get(tensor, onnx.TensorProto.FLOAT))
+        values = mask_of((tensor, axis))
+        if values is None:
+            return None
+        bshape = [1] * len(shapes.shape[tensor])
+        bshape[axis] = shapes.shape[tensor][axis]
+        name = unique_name(f"{node.name}__spa_mask{k}_{axis}", taken)
+        if as_inputs:
+            masked.graph.input.append(helper.make_tensor_value_info(
+                name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), bshape))
+        else:
+            masked.graph.initializer.append(numpy_helper.from_array(np.asarray(values, dtype).reshape(bshape), name))
+        masks.setdefault((tensor, axis), []).append((name, bshape, dtype))
+        out = unique_name(name + "_out", taken)
+        return helper.make_node("Mul", [tensor, name], [out], name=out)
+
+    _insert_before(masked, _by_node(contractions), insert)
     return masked, masks
 
 
 def masked_model(model: onnx.ModelProto, plan: Plan, shapes) -> onnx.ModelProto:
     """The interpreter of a plan for the oracle: the original with the plan's weight updates,
-    and every channel the plan removes zeroed where it is contracted."""
+    and every channel the plan removes zeroed where it is contracted (set to the zero point
+    where the summed input holds integers)."""
     def mask_of(space):
         kept = plan.kept_of(space)
         if kept is None:
@@ -87,39 +106,26 @@ def masked_model(model: onnx.ModelProto, plan: Plan, shapes) -> onnx.ModelProto:
         mask[kept] = 1
         return mask
     masked = mask_contractions(apply_updates(model, plan), plan.contractions, shapes, mask_of)[0]
-    return _mask_integer_inputs(masked, plan, shapes) if plan.integer_contractions else masked
 
+    def to_zero_point(node, entry, taken):   # Where(kept, x, zero point)
+        k, axis, zp = entry
+        tensor = node.input[k]
+        keep = mask_of((tensor, axis)).astype(bool)
+        shape = [1] * len(shapes.shape[tensor])
+        shape[axis] = len(keep)
+        cond = unique_name(f"{node.name}__spa_keep{k}", taken)
+        masked.graph.initializer.append(numpy_helper.from_array(keep.reshape(shape), cond))
+        if zp < len(node.input) and node.input[zp]:
+            zero = node.input[zp]
+        else:   # no zero point input: it is 0
+            dtype = helper.tensor_dtype_to_np_dtype(shapes.dtype.get(tensor, onnx.TensorProto.UINT8))
+            zero = unique_name(f"{node.name}__spa_zero{k}", taken)
+            masked.graph.initializer.append(numpy_helper.from_array(np.zeros((), dtype), zero))
+        out = unique_name(f"{cond}_out", taken)
+        return helper.make_node("Where", [cond, tensor, zero], [out], name=out)
 
-def _mask_integer_inputs(model: onnx.ModelProto, plan: Plan, shapes) -> onnx.ModelProto:
-    """Removed channels of an integer input set to its zero point: Where(kept, x, zero point)."""
-    by_node: dict = {}
-    for node_name, k, axis, zp in plan.integer_contractions:
-        by_node.setdefault(node_name, []).append((k, axis, zp))
-    taken = tensor_names(model)
-    new_nodes = []
-    for node in model.graph.node:
-        for k, axis, zp in by_node.get(node.name, ()):
-            tensor = node.input[k]
-            space = (tensor, axis)
-            shape = [1] * len(shapes.shape[tensor])
-            shape[axis] = plan.sizes[space]
-            keep = np.zeros(plan.sizes[space], dtype=bool)
-            keep[plan.kept[space]] = True
-            cond = unique_name(f"{node.name}__spa_keep{k}", taken)
-            model.graph.initializer.append(numpy_helper.from_array(keep.reshape(shape), cond))
-            if zp < len(node.input) and node.input[zp]:
-                zero = node.input[zp]
-            else:   # no zero point input: it is 0
-                dtype = helper.tensor_dtype_to_np_dtype(shapes.dtype.get(tensor, onnx.TensorProto.UINT8))
-                zero = unique_name(f"{node.name}__spa_zero{k}", taken)
-                model.graph.initializer.append(numpy_helper.from_array(np.zeros((), dtype), zero))
-            out = unique_name(f"{cond}_out", taken)
-            new_nodes.append(helper.make_node("Where", [cond, tensor, zero], [out], name=out))
-            node.input[k] = out
-        new_nodes.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(new_nodes)
-    return model
+    _insert_before(masked, _by_node(plan.integer_contractions), to_zero_point)
+    return masked
 
 
 def _signature(model):
