@@ -35,6 +35,16 @@ def attr(model, op, name):
 H = 16
 
 
+def _read_out(g, y, also=None):
+    """y (and the pre-norm sum ``also``, when the fused op outputs it) read by MatMuls: the
+    hidden axis is contracted, so pruning it is measurable."""
+    out = g.op("MatMul", [y, g.weight(H, 3)])
+    if also is not None:
+        out = g.op("Add", [out, g.op("MatMul", [also, g.weight(H, 3)])])
+    g.output(out)
+    return g.model(domains=(MS,))
+
+
 def skip_norm_model(fused: bool, simplified: bool = False, sum_output: bool = False, seed=0):
     """x -> two MatMuls (input, skip) -> SkipLayerNorm (+bias) -> MatMul; ``fused=False``
     writes the same function with standard ops (Add, LayerNormalization or the RMSNorm
@@ -57,11 +67,7 @@ def skip_norm_model(fused: bool, simplified: bool = False, sum_output: bool = Fa
             y = g.op("Mul", [g.op("Div", [s, g.op("Sqrt", [g.op("Add", [ms_, g.const(np.float32(1e-5))])])]), gamma])
         else:
             y = g.op("LayerNormalization", [s, gamma, beta], axis=-1, epsilon=1e-5)
-    out = g.op("MatMul", [y, g.weight(H, 3)])
-    if sum_output:
-        out = g.op("Add", [out, g.op("MatMul", [s, g.weight(H, 3)])])
-    g.output(out)
-    return g.model(domains=(MS,))
+    return _read_out(g, y, s if sum_output else None)
 
 
 @pytest.mark.parametrize("simplified", [False, True])
@@ -137,11 +143,7 @@ def embed_model(fused: bool, with_sum: bool = False):
         total = g.op("Add", [g.op("Add", [g.op("Gather", [word, ids]), g.op("Gather", [pos, positions])]),
                              g.op("Gather", [segment, seg])])
         y = g.op("LayerNormalization", [total, gamma, beta], axis=-1, epsilon=1e-5)
-    out = g.op("MatMul", [y, g.weight(H, 3)])
-    if with_sum:
-        out = g.op("Add", [out, g.op("MatMul", [total, g.weight(H, 3)])])
-    g.output(out)
-    return g.model(domains=(MS,))
+    return _read_out(g, y, total if with_sum else None)
 
 
 @pytest.mark.parametrize("with_sum", [False, True])

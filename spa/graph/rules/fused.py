@@ -37,24 +37,6 @@ def skip_layer_norm(ctx: NodeContext):
     return None
 
 
-@rule("SimplifiedLayerNormalization")
-def simplified_layer_norm(ctx: NodeContext):
-    """RMSNorm (onnxruntime registers it in the default domain): like LayerNormalization,
-    the axes from ``axis`` on are mixed; ``mean``/``inv_std_var`` outputs keep the others."""
-    x = ctx.in_shape(0)
-    axis = int(ctx.attr("axis", -1)) % len(x)
-    for i in range(len(x)):
-        ctx.same(ctx.inp(0, i), ctx.outp(0, i))
-        if i >= axis:
-            ctx.mixing(ctx.inp(0, i))
-    broadcast(ctx, [k for k in (1, 2) if ctx.has_input(k)])
-    for k in (1, 2):   # inv_std_var (and mean): [..., 1, ...] from axis on
-        if len(ctx.node.output) > k and ctx.node.output[k]:
-            for i in range(axis):
-                ctx.same(ctx.outp(k, i), ctx.outp(0, i))
-    return None
-
-
 # ---- fused attention: whole heads --------------------------------------------------------
 
 def _heads(ctx: NodeContext, n: int, widths: dict[str, int]):

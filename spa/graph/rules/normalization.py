@@ -49,8 +49,11 @@ def group_norm(ctx: NodeContext):
     ctx.sizes(("attr", "num_groups"), [groups], {0: g}, scalar=True)
 
 
-@rule("LayerNormalization")
+@rule("LayerNormalization", "SimplifiedLayerNormalization")
 def layer_norm(ctx: NodeContext):
+    """The axes from ``axis`` on are mixed. SimplifiedLayerNormalization is RMSNorm, which
+    onnxruntime registers in the default domain. The optional ``mean``/``inv_std_var`` outputs
+    ([..., 1, ...] from ``axis`` on) keep the axes before it."""
     x = ctx.in_shape(0)
     axis = int(ctx.attr("axis", -1)) % len(x)
     for i in range(len(x)):
@@ -58,6 +61,10 @@ def layer_norm(ctx: NodeContext):
         if i >= axis:
             ctx.mixing(ctx.inp(0, i))
     broadcast(ctx, [k for k in (1, 2) if ctx.has_input(k)])
+    for k in (1, 2):
+        if len(ctx.node.output) > k and ctx.node.output[k]:
+            for i in range(axis):
+                ctx.same(ctx.outp(k, i), ctx.outp(0, i))
 
 
 @rule("Softmax", "LogSoftmax", "Hardmax", "LpNormalization", "LRN")
