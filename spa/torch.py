@@ -41,19 +41,29 @@ class Applied:
     modules: list = field(default_factory=list)      # modules whose attributes were fixed
 
 
-def _close(fp, values) -> bool:
+class _Prints:
+    """Fingerprints of the module's tensors, each computed once: (fingerprint, index-weighted
+    sum of its transpose for a matrix, else None)."""
+
+    def __init__(self, owned):
+        self._owned, self._cache = owned, {}
+
+    def __getitem__(self, name):
+        if name not in self._cache:
+            values = self._owned[name][2].detach().cpu().numpy()
+            self._cache[name] = (fingerprint(values), fingerprint(values.T)[2] if values.ndim == 2 else None)
+        return self._cache[name]
+
+
+def _close(fp, got) -> bool:
     """Sum and norm agree (orientation aside)."""
-    got = fingerprint(values)
     return all(abs(a - b) <= _MATCH_RTOL * max(abs(b), fp[1] * 1e-3, 1e-12) for a, b in zip(got[:2], fp[:2]))
 
 
-def _stored_transposed(fp, values) -> bool:
+def _stored_transposed(fp, prints) -> bool:
     """A matrix the exporter stored transposed: the index-weighted sum fits the transpose."""
-    if values.ndim != 2:
-        return False
-    def miss(v):
-        return abs(fingerprint(v)[2] - fp[2])
-    return miss(values.T) < miss(values)
+    got, transposed = prints
+    return transposed is not None and abs(transposed - fp[2]) < abs(got[2] - fp[2])
 
 
 def _tensors(module):
@@ -69,6 +79,7 @@ def _tensors(module):
 def _match(doc, owned, updates: bool) -> tuple[dict, Applied]:
     """Plan tensor name -> module tensor name."""
     applied = Applied()
+    prints = _Prints(owned)
     taken: set[str] = set()
     pending = []
     for name, entry in doc["tensors"].items():
@@ -76,8 +87,7 @@ def _match(doc, owned, updates: bool) -> tuple[dict, Applied]:
             continue
         t = owned.get(name)
         if t is not None and list(t[2].shape) == entry["shape"]:
-            values = t[2].detach().cpu().numpy()
-            if "fingerprint" not in entry or _close(entry["fingerprint"], values):
+            if "fingerprint" not in entry or _close(entry["fingerprint"], prints[name][0]):
                 applied.by_name[name] = name
             else:
                 applied.folded[name] = name
@@ -92,10 +102,10 @@ def _match(doc, owned, updates: bool) -> tuple[dict, Applied]:
         hits = [] if fp is None or fp[1] == 0 else [
             n for n, (_, _, t) in owned.items()
             if n not in taken and (list(t.shape) == entry["shape"] or t.dim() == 2 and list(t.shape)[::-1] == entry[
-                "shape"]) and _close(fp, t.detach().cpu().numpy())]
+                "shape"]) and _close(fp, prints[n][0])]
         if len(hits) == 1:
             applied.by_value[name] = hits[0]
-            if _stored_transposed(fp, owned[hits[0]][2].detach().cpu().numpy()):
+            if _stored_transposed(fp, prints[hits[0]]):
                 applied.transposed.add(name)
             taken.add(hits[0])
         else:
