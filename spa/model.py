@@ -23,6 +23,9 @@ from .files import atomic_files, check_outputs, check_readable
 __all__ = ["load", "read", "normalize", "save", "output_paths", "tensor_array", "materialized",
            "unique_name", "tensor_names"]
 
+# normalize names a further reader's copy of an initializer <name><COPY_MARK><n>
+COPY_MARK = "__use"
+
 log = logging.getLogger(__name__)
 
 
@@ -300,10 +303,17 @@ def normalize(model: onnx.ModelProto, copy: bool = True) -> onnx.ModelProto:
                 continue
             copy = onnx.TensorProto()
             copy.CopyFrom(inits[name])
-            copy.name = unique_name(f"{name}__use{n}", taken)
+            copy.name = unique_name(f"{name}{COPY_MARK}{n}", taken)
             g.initializer.append(copy)
             node.input[k] = copy.name
     return model
+
+
+def copied_from(name: str) -> str | None:
+    """The initializer ``normalize`` copied to make ``name`` (a further reader's own copy),
+    if the name says so; the caller checks the values agree."""
+    base, mark, n = name.rpartition(COPY_MARK)
+    return base if mark and n.isdigit() else None
 
 
 def tensor_names(model: onnx.ModelProto) -> set[str]:

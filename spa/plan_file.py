@@ -25,14 +25,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 
 import numpy as np
 from onnx import helper
 
 from .errors import SpaError
-from .model import tensor_array
+from .model import copied_from, tensor_array
 
 __all__ = ["FORMAT", "VERSION", "fingerprint", "plan_document", "write_plan", "read_plan"]
 
@@ -87,9 +86,6 @@ def _jsonable(v):
     return v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
 
 
-_COPY = re.compile(r"^(.*)__use\d+$")
-
-
 def _shape_only(model) -> set[str]:
     """Initializers every reader of which reads only the shape or type (Shape, Size, the
     second input of CastLike): nothing of their values reaches the outputs."""
@@ -111,8 +107,8 @@ def _fold_copies(tensors: dict, o_inits: dict, arrays: dict, shape_only: set[str
             ("delta" in a) == ("delta" in b)) and (
             "delta" not in a or np.array_equal(arrays[a["delta"]], arrays[b["delta"]]))
     renamed = {}
-    for name in [n for n in o_inits if _COPY.match(n)]:
-        base = _COPY.match(name).group(1)
+    for name in [n for n in o_inits if copied_from(n)]:
+        base = copied_from(name)
         if base not in o_inits or o_inits[base].data_type != o_inits[name].data_type or not np.array_equal(
                 tensor_array(o_inits[base]), tensor_array(o_inits[name])):
             continue                       # a user's tensor that happens to be named so
