@@ -55,7 +55,7 @@ class Analysis:
     files: dict = field(default_factory=dict)           # the files read: what each is -> path
 
     def member_names(self, group: Group) -> list[str]:
-        inits = {t.name for t in self.model.graph.initializer}
+        inits = self.dep.view.inits if self.dep.view is not None else {t.name for t in self.model.graph.initializer}
         return [f"{t}[{a}]" for t, a in group.spaces if t in inits]
 
     def span(self, group: Group) -> int:
