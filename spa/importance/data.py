@@ -342,15 +342,38 @@ def im2col(x: np.ndarray, node: onnx.NodeProto, w_shape, rows: np.ndarray | None
     return patches.reshape(len(rows), -1)
 
 
+# Above this many features a layer whose sampled rows are fewer than its features keeps the
+# rows instead of their (D+1)^2 Gram matrix (obs.LowRankConsumer works from them).
+WIDE = 2048
+
+
 @dataclass
 class InputStats:
-    h: np.ndarray                   # (D+1, D+1) sum of row outer products, last row/col = ones
+    """A layer's sampled input rows, each with a constant 1 appended: either their Gram matrix
+    ``h`` = X^T X (D+1, D+1), or, for a wide layer with fewer rows than features, the rows X."""
+
+    gram: np.ndarray | None = None
     n: int = 0
     channel_max: np.ndarray | None = None  # max |x| per index of the contracted axis
     cross: np.ndarray | None = None  # (D+1, D+1) reference rows x these rows, when asked
+    rows: np.ndarray | None = None   # (n, D+1) float32, kept instead of gram for wide layers
+
+    @property
+    def h(self) -> np.ndarray:
+        if self.gram is None:
+            self.gram = (self.rows.T @ self.rows).astype(np.float64)
+        return self.gram
+
+    @property
+    def diag(self) -> np.ndarray:
+        if self.rows is not None:
+            return np.einsum("nd,nd->d", self.rows, self.rows, dtype=np.float64)
+        return np.diag(self.gram).copy()
 
     @property
     def mean(self) -> np.ndarray:
+        if self.rows is not None:
+            return self.rows[:, :-1].mean(axis=0, dtype=np.float64) if self.n else np.zeros(self.rows.shape[1] - 1)
         return self.h[-1, :-1] / max(self.n, 1)
 
 
@@ -403,6 +426,9 @@ def collect_stats(model: onnx.ModelProto, specs: dict[str, ConsumerSpec], batche
     for name, parts in rows_of.items():
         feats = np.concatenate(parts)
         del parts[:]
+        if feats.shape[1] > WIDE and len(feats) < feats.shape[1] and name not in ref_rows_of:
+            stats[name] = InputStats(None, len(feats), cmax_of[name], rows=feats)
+            continue
         st = stats[name] = InputStats((feats.T @ feats).astype(np.float64), len(feats), cmax_of[name])
         if name in ref_rows_of:
             st.cross = (np.concatenate(ref_rows_of.pop(name)).T @ feats).astype(np.float64)

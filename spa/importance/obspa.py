@@ -15,7 +15,7 @@ from ..model import tensor_array, tensor_names, unique_name
 from ..graph.groups import Group
 from .data import (BatchLayout, Calibration, ConsumerSpec, collect_stats, consumer_specs, from_weight_matrix,
                    weight_matrix)
-from .obs import Consumer, damped_inverse, greedy_obs
+from .obs import Consumer, LowRankConsumer, damped_inverse, damping_of, greedy_obs
 
 __all__ = ["DATA_CRITERIA", "DataPlan", "data_aware_plan"]
 
@@ -129,9 +129,13 @@ def _choose(plan: DataPlan, criterion, dep, groups, n_remove, chosen, used, axis
             w = weight_matrix(spec, tensor_array(inits[spec.weight]).astype(np.float64))
             bias = np.zeros(w.shape[0]) if spec.bias is None else tensor_array(inits[spec.bias]).astype(np.float64)
             can_bias = spec.bias is not None or spec.kind in ("conv", "gemm")
-            h = st.h if can_bias else st.h[:-1, :-1]
-            consumers[name] = Consumer(np.hstack([w, bias[:, None]]) if can_bias else w.copy(),
-                                       damped_inverse(h, damping), [])
+            m = np.hstack([w, bias[:, None]]) if can_bias else w.copy()
+            if st.rows is not None:
+                rows = st.rows if can_bias else st.rows[:, :-1]
+                consumers[name] = LowRankConsumer(m, rows, damping_of(st.diag[:rows.shape[1]], damping), [])
+            else:
+                h = st.h if can_bias else st.h[:-1, :-1]
+                consumers[name] = Consumer(m, damped_inverse(h, damping), [])
         return consumers[name]
 
     group_spaces = [set(g.spaces) for g in groups]
@@ -157,7 +161,7 @@ def _choose(plan: DataPlan, criterion, dep, groups, n_remove, chosen, used, axis
             for name in mine:
                 c = consumer(name)
                 cols = _columns(g, dep, used[name], axis_of[name])
-                norms = np.sqrt(np.maximum(np.diag(stats[name].h)[:-1], 0) / max(stats[name].n, 1))
+                norms = np.sqrt(np.maximum(stats[name].diag[:-1], 0) / max(stats[name].n, 1))
                 contrib = np.abs(c.weight[:, :len(norms)]).sum(axis=0) * norms
                 score += [contrib[col].sum() for col in cols]
             plan.scores.append(score)
@@ -214,15 +218,20 @@ def _refit(plan, removed_cols, used, stats, inits, damping):
     """With the removed set known, OBS's joint update equals the least-squares refit of the
     kept columns, W_K = W H[:, K] (H_KK)^-1: one solve of the kept size, no D x D inverse."""
     for name, cols in removed_cols.items():
-        spec, h = used[name], stats[name].h
+        spec, st = used[name], stats[name]
         w = weight_matrix(spec, tensor_array(inits[spec.weight]).astype(np.float64))
         bias = np.zeros(w.shape[0]) if spec.bias is None else tensor_array(inits[spec.bias]).astype(np.float64)
         m = np.hstack([w, bias[:, None]])
-        kept = np.setdiff1d(np.arange(m.shape[1] - (spec.bias is None and spec.kind == "matmul")), cols)
-        if spec.bias is None and spec.kind == "matmul":
-            m, h = m[:, :-1], h[:-1, :-1]
-        lam = damping * float(np.mean(np.diag(h))) if np.mean(np.diag(h)) > 0 else damping
-        h = h + lam * np.eye(len(h))          # the damped H that OBS uses, in both terms
+        width = m.shape[1] - (spec.bias is None and spec.kind == "matmul")
+        m = m[:, :width]
+        lam = damping_of(st.diag[:width], damping)
+        if st.rows is not None:
+            c = LowRankConsumer(m, st.rows[:, :width], lam, [cols])
+            c.remove([0], last=True)
+            _write_back(plan, spec, c.weight, inits)
+            continue
+        h = st.h[:width, :width] + lam * np.eye(width)   # the damped H that OBS uses, in both terms
+        kept = np.setdiff1d(np.arange(width), cols)
         new = np.zeros_like(m)
         new[:, kept] = np.linalg.solve(h[np.ix_(kept, kept)], (m @ h[:, kept]).T).T
         _write_back(plan, spec, new, inits)
