@@ -96,11 +96,11 @@ CRITERION_HELP = ("how channels are ranked. From the weights alone, milliseconds
                   "bn-scale (|BatchNorm scale|). From activations on --calib or synthetic inputs: dead (channels "
                   "that never fire; one onnxruntime pass), activation (mean activation magnitude; a pass per "
                   "layer), obspa (Optimal Brain Surgeon: removes and compensates the kept weights, best without "
-                  "fine-tuning; a Hessian per layer: about 100x l1, 9 s for models/fashion_resnet.onnx). "
-                  "Default l1")
+                  "fine-tuning; a Hessian per layer, from synthetic inputs when there is no --calib). "
+                  "Default obspa (l1 where the model cannot run on synthetic inputs)")
 
 PRUNE_EXAMPLES = """examples:
-  spa prune model.onnx -o small.onnx --ratio 0.3                      # 30% of every group's channels, by L1
+  spa prune model.onnx -o small.onnx --ratio 0.3                      # 30% of every group's channels, OBSPA, no data
   spa prune model.onnx -o small.onnx --macs 0.5 --criterion obspa --calib data.npz --eval test.npz
   spa prune bert.onnx -o bert.small.onnx --heads 0.25 --mlp 0.3 --report report.json
 """
@@ -147,6 +147,9 @@ def cmd_prune(args) -> int:
     if rep.get("probe"):
         from .probe import describe
         print(f"spa: note: {_one_line(describe(rep['probe']))}", file=sys.stderr)
+    if (rep.get("data") or {}).get("fallback"):
+        print(f"spa: note: OBSPA could not run this model on synthetic inputs "
+              f"({_one_line(rep['data']['reason'])}): channels chosen by {rep['data']['fallback']}", file=sys.stderr)
     if "skipped" in rep.get("verify", {}):
         print(f"spa: warning: not verified: {_one_line(rep['verify']['skipped'])}", file=sys.stderr)
     if not args.quiet:
@@ -380,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--hidden", type=_ratio, nargs="?", const=api.HIDDEN_AS_RATIO,
                     help="also prune the residual width through LayerNorm/RMSNorm (inexact: the output "
                          "error is reported); a bare --hidden uses --ratio")
-    sp.add_argument("--criterion", choices=CRITERIA, default="l1", help=CRITERION_HELP)
+    sp.add_argument("--criterion", choices=CRITERIA, default=None, help=CRITERION_HELP)
     sp.add_argument("--aggregate", choices=["sum", "mean", "max"], default="sum",
                     help="how a group combines its members' scores")
     sp.add_argument("--global", dest="global_rank", action="store_true",

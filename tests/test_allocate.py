@@ -92,7 +92,7 @@ def test_budget_goes_where_it_hurts_least():
     for quiet, loud in ((0, 1), (1, 0)):
         scales = [1.0, 1.0]
         scales[quiet] = 1e-3
-        r = spa.prune(two_branches(*scales), macs=0.7, round_to=1, verify=True)
+        r = spa.prune(two_branches(*scales), macs=0.7, criterion="l1", round_to=1, verify=True)
         removed = {name: g["removed"] for g in r.report["groups"] for name in ("down_a", "down_b")
                    if f"{name}[1]" in g["members"]}
         quiet_name, loud_name = ("down_a", "down_b")[quiet], ("down_a", "down_b")[loud]
@@ -198,8 +198,9 @@ def test_greedy_path_prefix_is_the_looser_allocation():
 
 
 def test_auto_allocation_measures_for_magnitude_and_goes_uniform_for_obspa():
-    assert spa.prune(branchy(), macs=0.6, round_to=1, verify=False).report["budget"]["allocation"] == "measured"
-    r = spa.prune(branchy(), macs=0.6, criterion="obspa", round_to=1, verify=True)
+    r = spa.prune(branchy(), macs=0.6, criterion="l1", round_to=1, verify=False)
+    assert r.report["budget"]["allocation"] == "measured"
+    r = spa.prune(branchy(), macs=0.6, round_to=1, verify=True)     # the default criterion is OBSPA
     assert r.report["budget"]["allocation"] == "uniform" and r.report["verify"]["ok"]
 
 
@@ -226,7 +227,7 @@ def test_steps_do_not_overshoot_or_bypass_the_cap():
 
 
 def test_cut_groups_report_their_output_change():
-    r = spa.prune(branchy(), macs=0.6, round_to=1, verify=False).report
+    r = spa.prune(branchy(), macs=0.6, criterion="l1", round_to=1, verify=False).report
     cut = [g for g in r["groups"] if g["removed"]]
     assert cut and all(g["output_change"] > 0 for g in cut)
 
@@ -280,6 +281,6 @@ def test_bare_latency_before_the_model(tmp_path, capsys):
 
 
 def test_default_steps():
-    assert len(spa.prune(branchy(), macs=0.6, round_to=1, verify=False).report.get("passes", [])) == 2  # 3 steps
-    assert "passes" not in spa.prune(branchy(), macs=0.6, criterion="obspa", round_to=1, verify=False).report
+    assert len(spa.prune(branchy(), macs=0.6, criterion="l1", round_to=1, verify=False).report.get("passes", [])) == 2
+    assert "passes" not in spa.prune(branchy(), macs=0.6, round_to=1, verify=False).report  # OBSPA: uniform, 1 step
     assert "passes" not in spa.prune(branchy(), ratio=0.3, round_to=1, verify=False).report

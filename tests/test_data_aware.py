@@ -164,3 +164,76 @@ def test_layers_too_wide_for_a_hessian_fall_back(monkeypatch):
     r = spa.prune(mlp(), ratio=0.5, criterion="obspa", round_to=1, verify=True, calib=calib())
     assert r.report["verify"]["ok"] and r.report["data"]["too_wide_for_a_hessian"]
     assert any("chosen by l1" in g.get("note", "") for g in r.report["groups"])
+
+
+def _same_pruning(a, b, rtol):
+    """Same channels removed, same weights (to float32 sums of products: the dense path forms
+    the Gram matrix in float32)."""
+    assert [g["removed_channels"] for g in a.report["groups"]] == [g["removed_channels"] for g in b.report["groups"]]
+    wa = {t.name: numpy_helper.to_array(t) for t in a.model.graph.initializer}
+    for t in b.model.graph.initializer:
+        np.testing.assert_allclose(wa[t.name], numpy_helper.to_array(t), rtol=rtol, atol=1e-4 * np.abs(wa[t.name]).max())
+
+
+def test_wide_layers_work_from_their_rows_with_the_same_result(monkeypatch):
+    """A layer wider than its sampled rows keeps the rows, not their Gram matrix; OBS then
+    chooses (tokens) or refits (images) through Woodbury: same channels, same weights."""
+    import spa.importance.data as data
+    few = dict(calib_samples=12)                              # 12 rows < 33 features of the 2nd Gemm
+    dense = spa.prune(mlp(), ratio=0.5, criterion="obspa", round_to=1, verify=False, **few)
+    g = Graph(seed=6)
+    x = g.input([1, 3, 6, 6])
+    y = g.op("Relu", [g.conv(x, 3, 16)])
+    y = g.op("Relu", [g.conv(y, 16, 8, k=5)])                 # 16 x 5 x 5 = 400 features, 72 rows
+    g.output(g.op("Gemm", [g.op("Flatten", [g.op("GlobalAveragePool", [y])]), g.weight(5, 8)], transB=1))
+    cnn = g.model()
+    dense_cnn = spa.prune(cnn, ratio=0.5, criterion="obspa", round_to=1, verify=False, calib_samples=2)
+    monkeypatch.setattr(data, "WIDE", 8)
+    import spa.importance.obspa as ob
+    removals = []
+
+    class Spy(ob.LowRankConsumer):
+        def remove(self, channels, last=False):
+            removals.append(self.rows.shape)
+            super().remove(channels, last)
+    monkeypatch.setattr(ob, "LowRankConsumer", Spy)
+    low = spa.prune(mlp(), ratio=0.5, criterion="obspa", round_to=1, verify=True, **few)
+    low_cnn = spa.prune(cnn, ratio=0.5, criterion="obspa", round_to=1, verify=True, calib_samples=2)
+    assert low.report["verify"]["ok"] and low_cnn.report["verify"]["ok"]
+    assert low_cnn.report["data"]["mode"].startswith("data-free")
+    assert (12, 33) in removals and (72, 401) in removals      # both paths went through the rows
+    _same_pruning(low, dense, rtol=1e-4)
+    _same_pruning(low_cnn, dense_cnn, rtol=1e-4)
+
+
+def test_default_criterion_is_data_free_obspa(tmp_path, capsys):
+    model = mlp()
+    r = spa.prune(model, ratio=0.5, round_to=1, verify=True)
+    explicit = spa.prune(model, ratio=0.5, criterion="obspa", round_to=1)
+    assert r.report["options"]["criterion"] == "obspa" and r.report["verify"]["ok"]
+    assert r.report["data"]["hessian_source"].startswith("synthetic")
+    _same_pruning(r, explicit, rtol=0)
+    onnx.save(model, tmp_path / "m.onnx")
+    assert main(["prune", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "s.onnx"), "--ratio", "0.5",
+                 "--report", str(tmp_path / "r.json"), "-q"]) == 0
+    import json
+    assert json.loads((tmp_path / "r.json").read_text())["options"]["criterion"] == "obspa"
+
+
+def test_default_criterion_falls_back_to_l1_when_the_model_cannot_run(monkeypatch, tmp_path, capsys):
+    import spa.importance.obspa as ob
+
+    def cannot_run(*a, **k):
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : no kernel for this op\nmore")
+    monkeypatch.setattr(ob, "collect_stats", cannot_run)
+    r = spa.prune(mlp(), ratio=0.5, round_to=1, verify=True)
+    l1 = spa.prune(mlp(), ratio=0.5, criterion="l1", round_to=1)
+    assert r.report["verify"]["ok"] and r.report["data"] == {
+        "fallback": "l1", "reason": "[ONNXRuntimeError] : 1 : FAIL : no kernel for this op"}
+    _same_pruning(r, l1, rtol=0)
+    onnx.save(mlp(), tmp_path / "m.onnx")
+    assert main(["prune", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "s.onnx"), "-q"]) == 0
+    assert capsys.readouterr().err == ("spa: note: OBSPA could not run this model on synthetic inputs ([ONNXRuntimeError]"
+                                       " : 1 : FAIL : no kernel for this op): channels chosen by l1\n")
+    with pytest.raises(RuntimeError):                      # asked for by name: no silent substitute
+        spa.prune(mlp(), ratio=0.5, criterion="obspa", round_to=1)

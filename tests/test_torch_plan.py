@@ -116,7 +116,7 @@ def _transformer(family):
 def test_transformer_round_trip(tmp_path, family, kw):
     model, inputs = _transformer(family)
     before = _params(model)
-    result, applied = round_trip(model, inputs, tmp_path, **kw)
+    result, applied = round_trip(model, inputs, tmp_path, criterion="l1", **kw)
     assert _params(model) < before
     if "heads" in kw:
         removed = [g for g in result.report["groups"] if g["kind"] == "heads" and g["removed"]]
@@ -165,7 +165,7 @@ def test_cli_writes_the_plan_and_a_wrong_module_is_refused(tmp_path, capsys):
     src = _export(model, {"x": torch.randn(1, 3, 32, 32)}, tmp_path / "model.onnx")
     plan = tmp_path / "plan.json"
     assert main(["prune", str(src), "-o", str(tmp_path / "o.onnx"), "--ratio", "0.3", "--plan", str(plan),
-                 "-q"]) == 0
+                 "--criterion", "l1", "-q"]) == 0
     doc = json.loads(plan.read_text())
     assert doc["format"] == "spa-plan" and doc["version"] == 1 and doc["source"]
     assert all(len(v["new_shape"]) == len(v["shape"]) for v in doc["tensors"].values())
