@@ -141,7 +141,9 @@ def test_onnxruntime_optimized_graph(tmp_path):
 
 
 @pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
-def test_recurrent_ops_block_cleanly(op):
+def test_recurrent_output_keeps_its_hidden_size(op):
+    """Y is a graph output: the hidden size stays, the input size (through W) is pruned
+    (tests/test_recurrent.py prunes the hidden size of torch exports)."""
     g = Graph()
     x = g.input([5, 1, 4])
     h = g.op("Relu", [g.op("MatMul", [x, g.weight(4, 8)])])
@@ -149,8 +151,12 @@ def test_recurrent_ops_block_cleanly(op):
     outs = g.op(op, [h, g.weight(1, gates * 6, 8), g.weight(1, gates * 6, 6)], n_out=2, hidden_size=6)
     g.output(outs[0])
     r = spa.prune(g.model(), ratio=0.5, round_to=1, verify=True)
-    assert any(op in b["reason"] for b in r.report["blocked_nodes"])
-    assert r.report["verify"]["ok"]
+    assert r.report["verify"]["ok"] and not r.report["blocked_nodes"]
+    node = next(n for n in r.model.graph.node if n.op_type == op)
+    assert [a.i for a in node.attribute if a.name == "hidden_size"] == [6]
+    assert [list(t.dims) for t in r.model.graph.initializer if t.name == node.input[1]] == [[1, gates * 6, 4]]
+    assert any(b["reason"] == f"graph output '{outs[0]}'" and f"{node.input[2]}[2]" in b["members"]
+               for b in r.report["blocked"])
 
 
 def test_integer_conv_of_statically_quantized_input_keeps_its_input_whole():
