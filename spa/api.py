@@ -11,6 +11,7 @@ from typing import Callable
 import onnx
 
 from .budget import Budget
+from .calibrated import choose_use
 from .budget import spend as spend_budget
 from .budget import step as split_step
 from .errors import SpaError, StrictModeError, UnsupportedModelError, VerificationError
@@ -460,10 +461,19 @@ def _choose(a: Analysis, plan: PlanOptions, criterion, aggregate, seed, budget, 
 
 
 def _calibrate(a: Analysis, choice: _Choice, criterion, calibration, recalibrate, damping):
-    """Data-aware: re-choose with a data criterion, and compute OBSPA's weight updates."""
+    """Data-aware: re-choose with a data criterion, and compute OBSPA's weight updates.
+    OBSPA with calibration data first chooses how to use it on held-out samples."""
+    refit, held_out = None, None
+    if criterion == "obspa" and calibration.data is not None and any(len(r) for r in choice.removals):
+        use, held_out = choose_use(a, choice.removals, calibration, damping)
+        if use == "data-free":
+            calibration = Calibration(None, calibration.input_stats, calibration.samples, seed=calibration.seed)
+        refit = {"refit": True, "one pass": False}.get(use)
     dplan = data_aware_plan(a.model, a.dep, a.groups, [len(r) for r in choice.removals], criterion,
                             calibration, a.shapes.input_shapes, recalibrate, damping, chosen=choice.removals,
-                            macs=count_macs(a.model, a.shapes))
+                            macs=count_macs(a.model, a.shapes), refit=refit)
+    if held_out is not None:
+        dplan.info["held_out"] = held_out
     choice.removals = [r if r is not None else old for r, old in zip(dplan.removals, choice.removals)]
     choice.scores = [s if s is not None else old for s, old in zip(dplan.scores, choice.scores)]
     choice.notes.update(dplan.notes)

@@ -237,3 +237,78 @@ def test_default_criterion_falls_back_to_l1_when_the_model_cannot_run(monkeypatc
                                        " : 1 : FAIL : no kernel for this op): channels chosen by l1\n")
     with pytest.raises(RuntimeError):                      # asked for by name: no silent substitute
         spa.prune(mlp(), ratio=0.5, criterion="obspa", round_to=1)
+
+
+def _fake_errors(monkeypatch, table):
+    """Held-out errors by use, instead of pruning and measuring; records the uses tried."""
+    import spa.calibrated as cal
+    tried = []
+
+    def fake(a, removals, source, refit, *rest):
+        name = "data-free" if source.data is None else ("refit" if refit else "one pass")
+        tried.append(name)
+        return table[name]
+    monkeypatch.setattr(cal, "_held_out_error", fake)
+    return tried
+
+
+@pytest.mark.parametrize("table,chosen,tried", [
+    ({"refit": 0.2, "data-free": 0.3, "one pass": 0.0}, "refit", ["refit", "data-free"]),
+    ({"refit": 0.6, "data-free": 0.1, "one pass": 0.05}, "one pass", ["refit", "data-free", "one pass"]),
+    ({"refit": 0.6, "data-free": 0.1, "one pass": 0.2}, "data-free", ["refit", "data-free", "one pass"]),
+])
+def test_calibration_never_does_worse_than_no_data_on_held_out_samples(monkeypatch, table, chosen, tried):
+    """The default use of the data (refit) stays unless it moves held-out outputs more than
+    pruning without data; then the better of one pass and no data runs on all samples."""
+    got = _fake_errors(monkeypatch, table)
+    r = spa.prune(mlp(), ratio=0.5, criterion="obspa", round_to=1, verify=True, calib=calib(32))
+    held = r.report["data"]["held_out"]
+    assert held["chosen"] == chosen and got == tried and held["held_out_samples"] == 8
+    assert held["relative_error"] == {k: table[k] for k in tried}
+    assert r.report["data"]["hessian_source"] == ("synthetic inputs (data-free)" if chosen == "data-free"
+                                                  else "calibration data")
+    assert r.report["data"]["mode"].startswith({"refit": "sequential", "one pass": "one pass",
+                                                "data-free": "one pass"}[chosen])
+    assert r.report["verify"]["ok"]
+
+
+def test_held_out_errors_are_measured():
+    r = spa.prune(mlp(), ratio=0.5, criterion="obspa", round_to=1, calib=calib(32))
+    errors = r.report["data"]["held_out"]["relative_error"]
+    assert set(errors) >= {"refit", "data-free"} and all(0 < e < 1 for e in errors.values())
+    few = spa.prune(mlp(), ratio=0.5, criterion="obspa", round_to=1, calib=calib(6))
+    assert "skipped" in few.report["data"]["held_out"]
+
+
+@pytest.mark.parametrize("batch_dim,held_shapes", [("N", [(4, 16)]), (2, [(2, 16), (2, 16)])])
+def test_split_holds_out_every_fourth_sample_or_batch(batch_dim, held_shapes):
+    from spa.importance.data import Calibration
+    g = Graph()
+    x = g.input([batch_dim, 16])
+    g.output(g.op("Gemm", [x, g.weight(4, 16)], transB=1))
+    model = g.model()
+    data = calib(16)
+    fit, held = Calibration(data, batch=16).split(model, {"x": [2, 16]})
+    assert [h["x"].shape for h in held] == held_shapes
+    kept = np.concatenate([b["x"] for b in fit.batches(model, {"x": [2, 16]})])
+    gone = np.concatenate([h["x"] for h in held])
+    assert len(kept) + len(gone) == 16 and not set(map(bytes, kept)) & set(map(bytes, gone))
+
+
+def test_padding_is_left_out_of_the_statistics():
+    """Rows at positions the attention mask marks as padding are no input the layer serves."""
+    from spa.importance.data import collect_stats, consumer_specs
+    g = Graph()
+    x = g.input(["N", 4, 8])
+    g.input(["N", 4], name="attention_mask", dtype=onnx.TensorProto.INT64)
+    g.output(g.op("MatMul", [x, g.weight(8, 3)]))
+    model = g.model()
+    node = model.graph.node[0].name
+    specs = consumer_specs(model, [(node, 0, 2)])
+    xs = np.ones((2, 4, 8), np.float32)
+    mask = np.array([[1, 1, 0, 0], [1, 1, 1, 0]])
+    xs[mask == 0] = 1000.0
+    stats = collect_stats(model, specs, [{"x": xs, "attention_mask": mask}], {node: 2})
+    assert stats[node].n == 5 and np.allclose(stats[node].mean, 1.0)
+    unmasked = collect_stats(model, specs, [{"x": xs, "attention_mask": np.ones_like(mask)}], {node: 2})
+    assert unmasked[node].n == 8

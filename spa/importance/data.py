@@ -46,6 +46,30 @@ class Calibration:
         """Only the first batch (the data is validated, not all cut into batches)."""
         return next(iter(self._feeds(model, input_shapes)))
 
+    def split(self, model: onnx.ModelProto, input_shapes: dict, every: int = 4, least: int = 8):
+        """(fit, held out): every ``every``-th sample held out of each batch (every
+        ``every``-th batch where the model fixes the batch size), the rest as a Calibration of
+        its own; None without data or with fewer than ``least`` samples."""
+        if self.data is None:
+            return None
+        layout = BatchLayout.of(model, input_shapes)
+        batches = self.batches(model, input_shapes)
+        if sum(layout.count(b) for b in batches) < least:
+            return None
+        if not layout.free:
+            held = batches[every - 1::every]
+            fit = [b for i, b in enumerate(batches) if i % every != every - 1]
+            return (Calibration(fit, self.input_stats, self.samples, self.batch, self.seed), held) if held else None
+        fit, held = [], []
+        for feeds in batches:
+            n = layout.count(feeds)
+            out = np.arange(n) % every == every - 1
+            for keep, into in ((~out, fit), (out, held)):
+                if keep.any():
+                    into.append({k: v if layout.axes.get(k) is None else np.compress(keep, v, axis=layout.axes[k])
+                                 for k, v in feeds.items()})
+        return Calibration(fit, self.input_stats, self.samples, self.batch, self.seed), held
+
     def _feeds(self, model: onnx.ModelProto, input_shapes: dict) -> Iterator[dict]:
         layout = BatchLayout.of(model, input_shapes)
         batch = self.batch if layout.free else layout.size
@@ -412,6 +436,7 @@ def collect_stats(model: onnx.ModelProto, specs: dict[str, ConsumerSpec], batche
     for feeds in batches:
         values = dict(zip(tensors, sess.run(tensors, feeds)))
         ref_values = dict(zip(tensors, ref.run(tensors, feeds))) if ref is not None else None
+        mask = _token_mask(feeds)
         for name, spec in specs.items():
             x = values[spec.data]
             axis = axis_of[name]
@@ -424,7 +449,11 @@ def collect_stats(model: onnx.ModelProto, specs: dict[str, ConsumerSpec], batche
                 rows = _pick(rng, _conv_positions(x, spec.node, w_shape), limit)
             else:
                 limit = wide_per_batch if x.shape[axis] >= WIDE and ref is None else per_batch
-                rows = _pick(rng, x.size // x.shape[axis], limit)
+                if mask is not None and x.ndim == 3 and axis == 2 and x.shape[:2] == mask.shape:
+                    real = np.flatnonzero(mask)    # padding's rows are no input the layer must serve
+                    rows = real[_pick(rng, len(real), limit)]
+                else:
+                    rows = _pick(rng, x.size // x.shape[axis], limit)
             # keep the (few thousand) sampled rows; one product per consumer at the end
             rows_of.setdefault(name, []).append(_features(x, spec, axis, rows, inits))
             if ref_values is not None:
@@ -441,6 +470,16 @@ def collect_stats(model: onnx.ModelProto, specs: dict[str, ConsumerSpec], batche
         if name in ref_rows_of:
             st.cross = (np.concatenate(ref_rows_of.pop(name)).T @ feats).astype(np.float64)
     return stats
+
+
+def _token_mask(feeds: dict) -> np.ndarray | None:
+    """The (batch, seq) attention mask among the feeds, when there is exactly one: a 2-D
+    integer or boolean input named like a mask, holding only 0 and 1, with some zeros."""
+    masks = [v for k, v in feeds.items() if "mask" in k.lower() and isinstance(v, np.ndarray) and v.ndim == 2
+             and (v.dtype == bool or np.issubdtype(v.dtype, np.integer))]
+    if len(masks) != 1 or not np.isin(masks[0], (0, 1)).all() or masks[0].all() or not masks[0].any():
+        return None
+    return masks[0].astype(bool)
 
 
 def _features(x, spec: ConsumerSpec, axis: int, rows, inits) -> np.ndarray:
