@@ -49,3 +49,16 @@ def test_calibration_errors():
         Calibration({"x": rng.standard_normal((1, 3, 6, 6))}).batches(model, shapes)
     batches = Calibration({"x": rng.standard_normal((10, 3, 6, 6))}, batch=4).batches(model, shapes)
     assert [len(b["x"]) for b in batches] == [4, 4, 2] and batches[0]["x"].dtype == np.float32
+
+
+def test_synthetic_images_are_dead_leaves():
+    """Image-like synthetic inputs are opaque shapes with edges (mostly flat, some jumps), of
+    unit variance per image; other inputs stay Gaussian."""
+    from spa.importance.data import _natural_noise
+    rng = np.random.default_rng(0)
+    x = _natural_noise(rng, (4, 3, 32, 32))
+    step = np.abs(np.diff(x, axis=3))
+    assert (step < 1e-9).mean() > 0.6 and (step > 0.1).mean() > 0.02
+    np.testing.assert_allclose(x.std(axis=(2, 3)), 1.0, rtol=1e-6)
+    flat = _natural_noise(rng, (4, 16))
+    assert (np.abs(np.diff(flat, axis=1)) < 1e-9).mean() == 0
