@@ -62,3 +62,40 @@ def test_synthetic_images_are_dead_leaves():
     np.testing.assert_allclose(x.std(axis=(2, 3)), 1.0, rtol=1e-6)
     flat = _natural_noise(rng, (4, 16))
     assert (np.abs(np.diff(flat, axis=1)) < 1e-9).mean() == 0
+
+
+def _token_model(mix: bool):
+    """ids [N, 8] -> embedding -> MatMul -> Relu -> MatMul -> logits over the same 10 tokens,
+    which put all weight on the next token id (v -> v+1 mod 10); ``mix`` adds the sequence
+    mean to every position, so later tokens change earlier logits."""
+    g = Graph()
+    ids = g.input(["N", 8], name="ids", dtype=onnx.TensorProto.INT64)
+    table = np.zeros((10, 16), np.float32)
+    table[np.arange(10), np.arange(10)] = 5.0
+    a = np.zeros((16, 32), np.float32)
+    a[np.arange(16), np.arange(16)] = 1.0
+    b = np.zeros((32, 10), np.float32)
+    b[np.arange(10), (np.arange(10) + 1) % 10] = 4.0
+    x = g.op("Gather", [g.const(table), ids])
+    if mix:
+        x = g.op("Add", [x, g.op("ReduceMean", [x], axes=[1], keepdims=1)])
+    h = g.op("Relu", [g.op("MatMul", [x, g.const(a)])])
+    g.output(g.op("MatMul", [h, g.const(b)]))
+    return g.model()
+
+
+def test_decoder_language_models_write_their_own_calibration_text():
+    cal = Calibration(samples=64)
+    (feeds,) = cal.batches(_token_model(mix=False), {"ids": [1, 8]})
+    ids = feeds["ids"]
+    assert cal.generated and ids.shape == (64, 8)
+    (long,) = Calibration(samples=512).batches(_token_model(mix=False), {"ids": [1, 8]})
+    assert long["ids"].shape == (256, 8)                      # 2048 positions: what the statistics sample
+    assert (ids[:, 1:] == (ids[:, :-1] + 1) % 10).mean() > 0.99
+    assert len(set(ids[:, 0].tolist())) == 10                 # the first token is random
+    mixed = Calibration(samples=64)
+    batches = mixed.batches(_token_model(mix=True), {"ids": [1, 8]})
+    assert not mixed.generated and sum(len(b["ids"]) for b in batches) == 64
+    r = spa.prune(_token_model(mix=False), ratio=0.5, input_shapes={"ids": [1, 8]}, round_to=1)
+    assert r.report["data"]["hessian_source"] == "text the model wrote itself (data-free)"
+    assert r.report["verify"]["ok"]

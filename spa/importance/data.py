@@ -20,6 +20,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from ..errors import SpaError
 from ..shapes import graph_inputs, is_open
+from .selfgen import self_generated
 
 __all__ = ["BatchLayout", "Calibration", "ConsumerSpec", "consumer_specs", "collect_stats", "feeds_from", "im2col"]
 
@@ -34,10 +35,13 @@ class Calibration:
                  seed: int = 0):
         self.data, self.input_stats = data, input_stats or {}
         self.samples, self.batch, self.seed = samples, batch, seed
+        self.generated = False      # the synthetic token ids were replaced by text the model wrote
 
     @property
     def source(self) -> str:
-        return "calibration data" if self.data is not None else "synthetic inputs (data-free)"
+        if self.data is not None:
+            return "calibration data"
+        return "text the model wrote itself (data-free)" if self.generated else "synthetic inputs (data-free)"
 
     def batches(self, model: onnx.ModelProto, input_shapes: dict) -> list[dict]:
         return list(self._feeds(model, input_shapes))
@@ -75,7 +79,11 @@ class Calibration:
         batch = self.batch if layout.free else layout.size
         if self.data is not None:
             return feeds_from(self.data, model, input_shapes, batch, layout)
-        return _synthetic(model, input_shapes, self.input_stats, self.samples, batch, self.seed, layout)
+        batches = list(_synthetic(model, input_shapes, self.input_stats, self.samples, batch, self.seed, layout))
+        vocab = _token_ranges(model)
+        written = self_generated(model, batches, vocab, self.seed, layout.free) if vocab else None
+        self.generated = written is not None
+        return iter(written or batches)
 
 
 @dataclass

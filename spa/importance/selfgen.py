@@ -1,0 +1,62 @@
+"""Data-free statistics for decoder language models from text the model writes itself.
+
+Uniform random token ids are no text: every layer sees inputs unlike any it was trained on.
+A causal language model can write its own (self-calibration): start from one random token,
+sample each next token from the model's logits, and prune on those sequences. Only for models
+whose token ids [batch, seq] give logits [batch, seq, vocab] over the same table and whose
+logits at a position do not depend on later tokens (checked by running it)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+
+# S forward passes of the whole sequence generate it (no cache); above this many
+# weight x token x step multiply-adds the uniform ids stay
+GENERATION_BUDGET = 4e12
+ROWS = 2048          # as many token positions as the statistics sample (data.collect_stats)
+
+
+def self_generated(model: onnx.ModelProto, batches: list[dict], vocab: dict[str, int], seed: int,
+                   free_batch: bool) -> list[dict] | None:
+    """Feeds holding sequences the model sampled itself, replacing ``batches`` (synthetic
+    feeds with uniform token ids); None when the model is no causal language model, or too
+    large to generate with here."""
+    from ..runtime import session
+    first = batches[0]
+    ids = [k for k, v in first.items() if k in vocab and np.ndim(v) == 2]
+    if len(ids) != 1:
+        return None
+    ids = ids[0]
+    n, seq = first[ids].shape
+    size = vocab[ids]
+    params = sum(math.prod(t.dims) for t in model.graph.initializer)
+    rows = min(sum(len(b[ids]) for b in batches) * seq, ROWS)
+    count = max(1, -(-rows // seq)) if free_batch else n
+    if seq < 2 or params * count * seq * seq > GENERATION_BUDGET:
+        return None
+    sess = session(model)
+    outputs = [o.name for o in sess.get_outputs()]
+    probe = dict(first)
+    got = sess.run(None, probe)
+    logits = next((i for i, y in enumerate(got) if y.ndim == 3 and y.shape[:2] == (n, seq) and y.shape[2] == size
+                   and y.dtype.kind == "f"), None)
+    if logits is None:
+        return None
+    changed = dict(probe)
+    changed[ids] = probe[ids].copy()
+    changed[ids][:, -1] = (probe[ids][:, -1] + 1) % size
+    later = sess.run([outputs[logits]], changed)[0]
+    if not np.allclose(later[:, :-1], got[logits][:, :-1], rtol=1e-4, atol=1e-5):
+        return None                                   # a later token changed earlier logits
+    rng = np.random.default_rng(seed)
+    feeds = {k: (v[:1].repeat(count, axis=0) if np.ndim(v) and len(v) == n else v) for k, v in first.items()}
+    tokens = rng.integers(0, size, (count, seq)).astype(first[ids].dtype)
+    for t in range(1, seq):
+        feeds[ids] = tokens
+        z = sess.run([outputs[logits]], feeds)[0][:, t - 1, :].astype(np.float64)
+        tokens[:, t] = np.argmax(z + rng.gumbel(size=z.shape), axis=1)    # a sample of softmax(z)
+    feeds[ids] = tokens
+    return [feeds]
