@@ -239,7 +239,7 @@ def prune(model_or_path, ratio: float | None = None, criterion: str | None = Non
           max_ratio: float = 0.9, round_to: int | str = DEFAULT_ROUND_TO, exclude: list[str] | None = None,
           input_shapes: dict | None = None, verify: bool | None = None, strict: bool = False,
           aggregate: str = "sum", seed: int = 0, calib=None, input_stats: dict | None = None,
-          recalibrate: bool = False, calib_samples: int = 64, damping: float = 0.01,
+          recalibrate: bool = False, calib_samples: int | None = None, damping: float = 0.01,
           macs: float | None = None, params: float | None = None, latency: float | None = None,
           steps: int | None = None, allocation: str = "auto", on_stage: Callable[[str], None] | None = None) -> PruneResult:
     """Prune ``ratio`` of the channels of every prunable group (or globally). Without a
@@ -248,7 +248,9 @@ def prune(model_or_path, ratio: float | None = None, criterion: str | None = Non
 
     Data-aware criteria (``obspa``, ``activation``, ``dead``) and ``recalibrate`` use
     activations of ``calib`` (an ``.npz`` path, a dict of arrays named after the inputs, or an
-    iterable of feed dicts) or, without it, of ``calib_samples`` synthetic inputs drawn with
+    iterable of feed dicts; with ``calib_samples``, at most that many of its samples, one from
+    each cluster of the model's outputs: ``spa.importance.select``) or, without it, of
+    ``calib_samples`` (64) synthetic inputs drawn with
     ``input_stats`` ({input: (mean, std)}, per channel or scalar). OBSPA damps each Hessian
     by ``damping`` times its mean diagonal.
 
@@ -314,7 +316,8 @@ def prune(model_or_path, ratio: float | None = None, criterion: str | None = Non
     plan = PlanOptions(ratio, ratios, global_rank, max_ratio, round_to)
     options.update(calib=str(calib) if isinstance(calib, (str, os.PathLike)) else
                    ("given" if calib is not None else None), recalibrate=recalibrate)
-    calibration = Calibration(calib, input_stats, samples=calib_samples, seed=seed) \
+    calibration = Calibration(calib, input_stats, samples=calib_samples or 64, seed=seed,
+                              select=calib_samples if calib is not None else None) \
         if criterion in DATA_CRITERIA or recalibrate else None
     args = dict(criterion=criterion, fallback=default_criterion, aggregate=aggregate, seed=seed, verify=verify,
                 strict=strict,

@@ -401,7 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "--recalibrate: arrays named after the inputs, first axis = samples")
     sp.add_argument("--input-stats", action="append", metavar="[NAME=]MEAN,STD",
                     help="statistics of synthetic inputs when there is no --calib (default 0,1)")
-    sp.add_argument("--calib-samples", type=_positive, default=64, help="synthetic samples (data-free)")
+    sp.add_argument("--calib-samples", type=_positive, default=None, metavar="N",
+                    help="synthetic samples without --calib (default 64); with --calib, use at most N of its "
+                         "samples, one from each of N clusters of the model's outputs (default: all)")
     sp.add_argument("--recalibrate", action="store_true",
                     help="after pruning, correct consumer biases from activation means (closed form)")
     sp.add_argument("--strict", action="store_true", help="fail if any node blocks pruning")

@@ -99,3 +99,24 @@ def test_decoder_language_models_write_their_own_calibration_text():
     r = spa.prune(_token_model(mix=False), ratio=0.5, input_shapes={"ids": [1, 8]}, round_to=1)
     assert r.report["data"]["hessian_source"] == "text the model wrote itself (data-free)"
     assert r.report["verify"]["ok"]
+
+
+def test_diverse_samples_cover_every_cluster():
+    """PASER's point: a pool dominated by one kind of sample still gives one of each kind."""
+    from spa.importance.select import diverse_samples
+    rng = np.random.default_rng(0)
+    sizes = [200, 10, 8, 5]
+    centres = rng.standard_normal((4, 6)) * 20
+    x = np.concatenate([c + rng.standard_normal((k, 6)) for c, k in zip(centres, sizes)])
+    kind = np.repeat(np.arange(4), sizes)
+    chosen = diverse_samples(x, 4)
+    assert sorted(kind[chosen].tolist()) == [0, 1, 2, 3]
+    assert len(diverse_samples(x, 300)) == len(x)
+
+
+def test_calibration_pool_larger_than_asked_is_sampled_for_diversity():
+    from test_data_aware import calib, mlp
+    r = spa.prune(mlp(), ratio=0.5, criterion="obspa", round_to=1, calib=calib(64), calib_samples=16)
+    assert r.report["data"]["samples"] == 16 and r.report["verify"]["ok"]
+    full = spa.prune(mlp(), ratio=0.5, criterion="obspa", round_to=1, calib=calib(64))
+    assert full.report["data"]["samples"] == 64

@@ -32,9 +32,11 @@ class Calibration:
     feed dicts) or synthetic inputs drawn to match stated input statistics."""
 
     def __init__(self, data=None, input_stats: dict | None = None, samples: int = 64, batch: int = 16,
-                 seed: int = 0):
+                 seed: int = 0, select: int | None = None):
         self.data, self.input_stats = data, input_stats or {}
         self.samples, self.batch, self.seed = samples, batch, seed
+        self.select = select        # at most this many of the data's samples, chosen for diversity
+        self.selected = None        # which ones (indices into the pool), once chosen
         self.generated = False      # the synthetic token ids were replaced by text the model wrote
 
     @property
@@ -78,7 +80,18 @@ class Calibration:
         layout = BatchLayout.of(model, input_shapes)
         batch = self.batch if layout.free else layout.size
         if self.data is not None:
-            return feeds_from(self.data, model, input_shapes, batch, layout)
+            data = _load(self.data)
+            if self.select and isinstance(data, dict) and layout.free:
+                if self.selected is None:
+                    pool = feeds_from(data, model, input_shapes, batch, layout)   # validates it, too
+                    self.selected = np.arange(sum(layout.count(f) for f in pool))
+                    if len(self.selected) > self.select:
+                        from .select import select_feeds
+                        self.selected = select_feeds(model, data, self.select, layout,
+                                                     feeds_from(data, model, input_shapes, batch, layout), self.seed)
+                data = {k: v if layout.axes.get(k) is None else np.take(v, self.selected, axis=layout.axes[k])
+                        for k, v in data.items()}
+            return feeds_from(data, model, input_shapes, batch, layout)
         batches = list(_synthetic(model, input_shapes, self.input_stats, self.samples, batch, self.seed, layout))
         vocab = _token_ranges(model)
         written = self_generated(model, batches, vocab, self.seed, layout.free) if vocab else None
