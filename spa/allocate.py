@@ -24,7 +24,7 @@ import onnx
 
 from .graph.dependency import Dependency
 from .graph.groups import Group
-from .metrics import WEIGHT_TYPES, node_macs, mac_spaces
+from .metrics import WEIGHT_TYPES, mac_terms
 
 __all__ = ["ResourceModel", "MaskedRunner", "Allocation", "allocate", "allocate_uniform", "keep_steps", "removed_positions"]
 
@@ -33,9 +33,11 @@ log = logging.getLogger(__name__)
 class ResourceModel:
     """MACs or params of the pruned model as a function of every group's keep count.
 
-    Each MAC-counting node (or weight) is a term ``base * prod(kept share of its axes)``; the
-    kept share of an axis is ``(fixed + sum_g count[g, axis] * keep_g / size_g) / size``,
-    exact for every group whose channels are removed evenly from its members."""
+    Each weight, and each of a MAC-counting node's terms (``metrics.mac_terms``: one for a
+    conv, two for an LSTM), is ``base * prod(kept share of its axes)``, where an axis listed
+    twice counts twice (a recurrence's H x H); the kept share of an axis is
+    ``(fixed + sum_g count[g, axis] * keep_g / size_g) / size``, exact for every group whose
+    channels are removed evenly from its members."""
 
     def __init__(self, model: onnx.ModelProto, shapes, dep: Dependency, groups: list[Group], kind: str):
         if kind not in ("macs", "params"):
@@ -43,10 +45,8 @@ class ResourceModel:
         self.sizes = np.array([g.size for g in groups], dtype=np.float64)
         terms: list[tuple[float, list]] = []
         if kind == "macs":
-            for node in model.graph.node:
-                base = node_macs(node, shapes)
-                if base:
-                    terms.append((float(base), mac_spaces(node, shapes)))
+            for node in model.graph.node:   # a node may be several terms (an LSTM's W and R)
+                terms += [(float(base), spaces) for base, spaces in mac_terms(node, shapes)]
         else:
             for t in model.graph.initializer:
                 if t.data_type in WEIGHT_TYPES:

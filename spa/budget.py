@@ -70,7 +70,7 @@ def spend(a: Analysis, scores, removals, plan: PlanOptions, budget: Budget):
     resource = ResourceModel(a.model, a.shapes, a.dep, a.groups, "params" if budget.kind == "params" else "macs")
     if not resource.full:
         raise SpaError(f"--{budget.kind}: the model has no {'weights' if budget.kind == 'params' else 'MACs'} spa "
-                       "can count (Conv, Gemm, MatMul with static shapes); use --ratio" +
+                       "can count (Conv, Gemm, MatMul, LSTM/GRU/RNN, Einsum with static shapes); use --ratio" +
                        ("" if budget.kind == "params" else " or --params"))
 
     def spend(target):
