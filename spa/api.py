@@ -360,6 +360,8 @@ def prune(model_or_path, ratio: float | None = None, criterion: str | None = Non
         result.report.setdefault("budget", {"kind": budget.kind}).update(target=budget.target, steps=steps,
                                        achieved=result.report["after"][key] / result.report["before"][key])
         result.report["budget"]["met"] = result.report["budget"]["achieved"] <= budget.target + 1e-9
+        if result.report["budget"].get("macs_share") is not None:   # the last step's share is not the run's
+            result.report["budget"]["macs_share"] = result.report["after"]["macs"] / result.report["before"]["macs"]
     if head_dims:
         plan = PlanOptions(0.0, (("head-dims", head_dims),), global_rank, max_ratio, round_to)
         second = _prune_pass(_analyze_stage(result.model, result.report["input_shapes"], exclude, "head-dims",

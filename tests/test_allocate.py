@@ -281,6 +281,8 @@ def test_bare_latency_before_the_model(tmp_path, capsys):
 
 
 def test_default_steps():
-    assert len(spa.prune(branchy(), macs=0.6, criterion="l1", round_to=1, verify=False).report.get("passes", [])) == 2
+    stepped = spa.prune(branchy(), macs=0.6, criterion="l1", round_to=1, verify=False).report
+    assert len(stepped.get("passes", [])) == 2
+    assert stepped["budget"]["macs_share"] == stepped["budget"]["achieved"]      # the whole run's, not a step's
     assert "passes" not in spa.prune(branchy(), macs=0.6, round_to=1, verify=False).report  # OBSPA: uniform, 1 step
     assert "passes" not in spa.prune(branchy(), ratio=0.3, round_to=1, verify=False).report
