@@ -24,6 +24,7 @@ from .interop import from_graphsurgeon, is_graphsurgeon_graph, to_graphsurgeon
 from .metrics import count_macs, count_params
 from .model import normalize, opset_of, read, save
 from .shapes import Shapes, infer_shapes
+from .perp import refit_normalizations
 from .plan import Plan, make_plan
 from .planner import PlanOptions, plan_removals
 from .probe import second_probe
@@ -434,6 +435,13 @@ def _prune_pass(a: Analysis, plan: PlanOptions, *, criterion, aggregate, seed, v
             log.info("OBSPA could not run this model on synthetic inputs (%s); channels chosen by l1", reason)
             choice.data_info = {"fallback": "l1", "reason": reason}
     the_plan = make_plan(a, choice.removals, choice.scores, choice.notes, choice.updates, choice.new_biases)
+    if recalibrate and calibration is not None and the_plan.kept:
+        refit = {"skipped": "no --calib: fit to synthetic inputs it hurt (spa/perp.py)"}
+        if calibration.data is not None:
+            on_stage("recalibrate")
+            refit = refit_normalizations(a.model, the_plan, calibration.batches(a.model, a.shapes.input_shapes),
+                                         rewrite)
+        choice.data_info = {**(choice.data_info or {}), "normalizations_refit": refit}
     on_stage("rewrite")
     pruned = rewrite(a.model, the_plan)
     check_signature(a.model, pruned)

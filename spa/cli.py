@@ -405,7 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="synthetic samples without --calib (default 64); with --calib, use at most N of its "
                          "samples, one from each of N clusters of the model's outputs (default: all)")
     sp.add_argument("--recalibrate", action="store_true",
-                    help="after pruning, correct consumer biases from activation means (closed form)")
+                    help="after pruning, refit normalization scales and biases (BatchNorm, InstanceNorm, LayerNorm) "
+                         "to the original's outputs, and with magnitude criteria correct consumer biases from "
+                         "activation means; closed form, on --calib or synthetic inputs")
     sp.add_argument("--strict", action="store_true", help="fail if any node blocks pruning")
     sp.add_argument("--report", metavar="JSON", help="write the full report as JSON")
     sp.add_argument("--plan", metavar="JSON", help="also write the plan: per tensor of the original, the kept "

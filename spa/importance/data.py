@@ -441,13 +441,15 @@ class InputStats:
         return self.h[-1, :-1] / max(self.n, 1)
 
 
-def _session_with_outputs(model: onnx.ModelProto, tensors: list[str]):
+def _session_with_outputs(model: onnx.ModelProto, tensors: list[str], optimize: bool = True):
+    """A session that also returns ``tensors``; ``optimize=False`` where onnxruntime would fuse
+    a producer away (a BatchNormalization folded into its Conv has no output left to return)."""
     from ..runtime import session
     m = onnx.ModelProto()
     m.CopyFrom(model)
     have = {o.name for o in m.graph.output}
     m.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in have)
-    return session(m)
+    return session(m, optimize=optimize)
 
 
 def collect_stats(model: onnx.ModelProto, specs: dict[str, ConsumerSpec], batches: list[dict],
