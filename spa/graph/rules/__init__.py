@@ -1,8 +1,8 @@
 """One axis rule per ONNX operator family, registered by op type (``registry.py`` says what
 a rule is). Importing this package registers them all."""
 
-from . import (einsum, elementwise, fused, indexing, layout, linear, normalization, quantized,  # noqa: F401
-               recurrent)  # (registration)
+from . import (attention, einsum, elementwise, fused, indexing, layout, linear,  # noqa: F401
+               normalization, quantized, recurrent)  # (registration)
 from .registry import RULES, apply_rule, rule
 
 __all__ = ["RULES", "rule", "apply_rule"]

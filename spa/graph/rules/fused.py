@@ -4,9 +4,8 @@ model builder): skip-normalizations and fused attention.
 Only ops with an onnxruntime CPU kernel get a rule here, since the oracle runs on the CPU:
 ``BiasAdd`` and ``BiasSplitGelu`` (CUDA only) stay without one and block. The fused
 activations (``FastGelu``, ``BiasGelu``, ``QuickGelu``, ``Gelu``) are elementwise with a
-broadcast bias: ``elementwise.py`` has them. ``GroupQueryAttention`` (heads = kv heads x
-repeats, ``num_heads``/``kv_num_heads``) and ``RotaryEmbedding`` have CPU kernels but no rule
-yet: they block by name.
+broadcast bias: ``elementwise.py`` has them. ``GroupQueryAttention`` and ``RotaryEmbedding``
+(and the standard ``Attention``/``RotaryEmbedding`` of opset 23) are in ``attention.py``.
 """
 
 from __future__ import annotations
