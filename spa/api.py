@@ -152,16 +152,19 @@ def _as_model(model_or_path) -> tuple[onnx.ModelProto, Loaded | None]:
 
 
 def analyze(model_or_path, input_shapes: dict | None = None, exclude: list[str] | None = None,
-            attention: str = "heads", allow_mixing: bool = False) -> Analysis:
+            attention: str = "heads", allow_mixing: bool = False, conv_groups: str = "auto") -> Analysis:
     """Load (if a path), normalize, infer shapes and find the groups. ``attention`` picks
     whether attention splits are pruned as whole ``heads`` or as ``head-dims``;
-    ``allow_mixing`` also offers channels that normalizations mix (inexact ``hidden`` groups)."""
+    ``allow_mixing`` also offers channels that normalizations mix (inexact ``hidden`` groups);
+    ``conv_groups="width"`` offers the per-group width of grouped convolutions (the same
+    positions of every group, ``group-width`` groups) where ``auto`` prunes the larger of
+    groups and width."""
     model, loaded = _as_model(model_or_path)
     inits = {t.name for t in model.graph.initializer}
     defaults = [vi for vi in model.graph.input if vi.name in inits] if model.ir_version >= 4 else []
     model = normalize(model, copy=loaded is None)
     shapes = infer_shapes(model, input_shapes)
-    dep = build_dependency(model, shapes, opset_of(model), exclude, attention, allow_mixing)
+    dep = build_dependency(model, shapes, opset_of(model), exclude, attention, allow_mixing, conv_groups)
     groups, blocked = find_groups(dep, _constants(model))
     return Analysis(model, shapes, dep, groups, blocked, loaded and loaded.path, defaults,
                     loaded.files if loaded else {})
@@ -236,7 +239,7 @@ def _file_bytes(files: dict) -> int:
 
 def prune(model_or_path, ratio: float | None = None, criterion: str | None = None, *, heads: float | None = None,
           mlp: float | None = None, head_dims: float | None = None, hidden: float | None = None,
-          global_rank: bool = False,
+          group_width: float | None = None, global_rank: bool = False,
           max_ratio: float = 0.9, round_to: int | str = DEFAULT_ROUND_TO, exclude: list[str] | None = None,
           input_shapes: dict | None = None, verify: bool | None = None, strict: bool = False,
           aggregate: str = "sum", seed: int = 0, calib=None, input_stats: dict | None = None,
@@ -259,7 +262,11 @@ def prune(model_or_path, ratio: float | None = None, criterion: str | None = Non
     neurons) and for whole attention heads; ``head_dims`` then removes that share of the
     dims of every remaining head in a second pass on the pruned model, and ``hidden`` that
     share of the residual width (through LayerNorm/RMSNorm: inexact, the report gives the
-    output error instead of the oracle) in a last pass.
+    output error instead of the oracle) in a last pass. ``group_width`` removes that share of
+    the per-group width of every grouped convolution (the same positions in each group, the
+    group count kept) in a pass of its own after the channel passes: ``ratio`` removes whole
+    groups where a grouped conv has more groups than channels per group (RegNet, ResNeXt),
+    ``group_width`` thins the groups that are left.
 
     A budget replaces the uniform ratio: ``macs``, ``params`` or ``latency`` keep that share
     of the original's MACs, weights or onnxruntime latency (measured here, one thread), and
@@ -288,10 +295,10 @@ def prune(model_or_path, ratio: float | None = None, criterion: str | None = Non
     if hidden == HIDDEN_AS_RATIO:
         hidden = ratio if ratio is not None else 0.5
     if ratio is None:  # structures the user does not name are left whole
-        named = any(r is not None for r in (heads, mlp, head_dims, hidden))
+        named = any(r is not None for r in (heads, mlp, head_dims, hidden, group_width))
         ratio = 0.0 if named else 0.5
     for name, r in (("ratio", ratio), ("heads", heads), ("mlp", mlp), ("head-dims", head_dims),
-                    ("hidden", hidden)):
+                    ("hidden", hidden), ("group-width", group_width)):
         if r is not None and not 0 <= r < 1:
             raise SpaError(f"--{name} must be in [0, 1), got {r}")
     if round_to == "auto":   # the CPU's vector width (see benchmarks/round_to.py for what it buys)
@@ -310,6 +317,7 @@ def prune(model_or_path, ratio: float | None = None, criterion: str | None = Non
     if criterion not in CRITERIA:
         raise SpaError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
     options = {"ratio": ratio, "heads": heads, "mlp": mlp, "head_dims": head_dims, "hidden": hidden,
+               "group_width": group_width,
                "criterion": criterion,
                "global": global_rank, "max_ratio": max_ratio, "round_to": round_to,
                "exclude": list(exclude or []), "aggregate": aggregate, "seed": seed}
@@ -344,9 +352,9 @@ def prune(model_or_path, ratio: float | None = None, criterion: str | None = Non
         steps = 3 if budget is not None and budget.how == "measured" and budget.kind != "latency" else 1
     if steps < 1:
         raise SpaError(f"--steps must be at least 1, got {steps}")
-    if budgets and (head_dims or hidden):
-        raise SpaError("a budget (--macs/--params/--latency) spends on channels and heads; --head-dims and "
-                       "--hidden cannot share it yet: give them with --ratio")
+    if budgets and (head_dims or hidden or group_width):
+        raise SpaError("a budget (--macs/--params/--latency) spends on channels and heads; --head-dims, "
+                       "--group-width and --hidden cannot share it yet: give them with --ratio")
     if steps > 1 and latency is not None:
         raise SpaError("--steps with --latency is not supported: use --macs, or one step")
     result = None
@@ -368,6 +376,11 @@ def prune(model_or_path, ratio: float | None = None, criterion: str | None = Non
         second = _prune_pass(_analyze_stage(result.model, result.report["input_shapes"], exclude, "head-dims",
                                            args["on_stage"]), plan, **args)
         result = _merge_passes(result, second)
+    if group_width:
+        plan = PlanOptions(0.0, (("group-width", group_width),), global_rank, max_ratio, round_to)
+        width = _prune_pass(_analyze_stage(result.model, result.report["input_shapes"], exclude, "heads",
+                                           args["on_stage"], conv_groups="width"), plan, **args)
+        result = _merge_passes(result, width)
     if hidden:
         plan = PlanOptions(0.0, (("hidden", hidden),), global_rank, max_ratio, round_to)
         third = _prune_pass(_analyze_stage(result.model, result.report["input_shapes"], exclude, "heads",
@@ -380,10 +393,11 @@ def prune(model_or_path, ratio: float | None = None, criterion: str | None = Non
     return result
 
 
-def _analyze_stage(model, input_shapes, exclude, attention, on_stage, allow_mixing=False) -> Analysis:
+def _analyze_stage(model, input_shapes, exclude, attention, on_stage, allow_mixing=False,
+                   conv_groups="auto") -> Analysis:
     on_stage("analyze")
     shapes = {k: tuple(v) for k, v in (input_shapes or {}).items()}
-    return analyze(model, shapes, exclude, attention, allow_mixing)
+    return analyze(model, shapes, exclude, attention, allow_mixing, conv_groups)
 
 
 def _merge_passes(first: PruneResult, second: PruneResult) -> PruneResult:

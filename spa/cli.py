@@ -117,7 +117,7 @@ def cmd_prune(args) -> int:
     with StageProgress(enabled=not args.quiet) as on_stage:
         target = args.latency if args.latency is not True else None
         result = api.prune(loaded, ratio=args.ratio, criterion=args.criterion, heads=args.heads, mlp=args.mlp,
-                           head_dims=args.head_dims, hidden=args.hidden,
+                           head_dims=args.head_dims, hidden=args.hidden, group_width=args.group_width,
                            global_rank=args.global_rank, max_ratio=args.max_ratio, round_to=args.round_to,
                            exclude=args.exclude, input_shapes=input_shapes, verify=args.verify,
                            strict=args.strict, aggregate=args.aggregate, seed=args.seed, calib=calib,
@@ -176,7 +176,8 @@ def cmd_prune(args) -> int:
     return 0
 
 
-NOUNS = {"channels": "channels", "heads": "attention heads", "head-dims": "head dims", "hidden": "hidden channels"}
+NOUNS = {"channels": "channels", "heads": "attention heads", "head-dims": "head dims", "hidden": "hidden channels",
+         "group-width": "channels of every conv group"}
 
 
 def removal_summary(rep: dict, ratio: float | None = None) -> list[str]:
@@ -240,7 +241,8 @@ def _dump_json(path, obj):
 
 def cmd_inspect(args) -> int:
     model = _read_checked(args.model, {"--graph": Path(args.graph)}) if args.graph else args.model
-    a = api.analyze(model, parse_input_shapes(args.input_shape), args.exclude, args.attention)
+    a = api.analyze(model, parse_input_shapes(args.input_shape), args.exclude, args.attention,
+                    conv_groups=args.conv_groups)
     summary = a.summary()
     if args.graph:
         import networkx as nx
@@ -380,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--heads", type=_ratio, help="fraction of whole attention heads to remove")
     sp.add_argument("--mlp", type=_ratio, help="fraction of plain channels (MLP neurons, conv channels)")
     sp.add_argument("--head-dims", type=_ratio, help="fraction of the dims of every head (second pass)")
+    sp.add_argument("--group-width", type=_ratio,
+                    help="fraction of the channels of every group of a grouped conv, the same positions in each "
+                         "group, the group count kept (a pass of its own)")
     sp.add_argument("--hidden", type=_ratio, nargs="?", const=api.HIDDEN_AS_RATIO,
                     help="also prune the residual width through LayerNorm/RMSNorm (inexact: the output "
                          "error is reported); a bare --hidden uses --ratio")
@@ -425,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print the groups and blockers as JSON")
     sp.add_argument("--attention", choices=["heads", "head-dims"], default="heads",
                     help="show attention splits as whole heads or as head dims")
+    sp.add_argument("--conv-groups", choices=["auto", "width"], default="auto",
+                    help="show a grouped conv's channels as the larger of groups and per-group width (auto, "
+                         "what --ratio prunes) or as the per-group width (what --group-width prunes)")
     sp.add_argument("--graph", metavar="OUT.graphml",
                     help="also write the dependency graph (tensor axes, couplings, group ids) as GraphML")
     sp.set_defaults(func=cmd_inspect)

@@ -264,3 +264,24 @@ def test_round_to_auto_follows_the_vector_width(monkeypatch, tmp_path, capsys, f
     assert all(g["kept"] % expected == 0 or g["kept"] == g["channels"] for g in rep["groups"])
     assert main(["prune", str(DEMO), "-o", str(tmp_path / "p.onnx"), "--round-to", "fast"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_group_width_flags(tmp_path, capsys):
+    """--group-width thins every group of a grouped conv (a pass of its own); inspect
+    --conv-groups width shows those groups."""
+    g = Graph()
+    y = g.op("Relu", [g.conv(g.input([1, 3, 6, 6]), 3, 32, k=1)])
+    y = g.op("Relu", [g.conv(y, 32, 32, group=8)])
+    g.output(g.conv(y, 32, 4, k=1))
+    path, out, report = tmp_path / "g.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    onnx.save(g.model(), path)
+    assert main(["inspect", str(path), "--conv-groups", "width"]) == 0
+    assert "group-width" in capsys.readouterr().out
+    assert main(["prune", str(path), "-o", str(out), "--group-width", "0.5", "--report", str(report),
+                 "--verify"]) == 0
+    assert "verified" in capsys.readouterr().out
+    rep = json.loads(report.read_text())
+    assert rep["options"]["group_width"] == 0.5 and rep["verify"]["ok"]
+    assert {grp["kind"] for grp in rep["groups"] if grp["removed"]} == {"group-width"}
+    conv = [n for n in onnx.load(out).graph.node if n.op_type == "Conv"][1]
+    assert [a.i for a in conv.attribute if a.name == "group"] == [8]

@@ -126,6 +126,72 @@ def test_depthwise_conv_changes_group(multiplier):
     assert group < C and dw.input[1] in {t.name for t in r.model.graph.initializer}
 
 
+def _grouped_block(c=32, group=4, bn=False, tail=True):
+    """x -> conv 1x1 (3 -> c) -> Relu -> grouped conv 3x3 (c -> c) [-> BN] -> Relu [-> conv 1x1 (c -> 4)]."""
+    g = Graph()
+    y = g.op("Relu", [g.conv(g.input([1, 3, 6, 6]), 3, c, k=1)])
+    y = g.conv(y, c, c, k=3, group=group)
+    if bn:
+        var = g.const(np.abs(g.rng.standard_normal(c)).astype(np.float32) + 0.5)
+        y = g.op("BatchNormalization", [y, g.weight(c), g.weight(c), g.weight(c), var])
+    y = g.op("Relu", [y])
+    g.output(g.conv(y, c, 4, k=1) if tail else y)
+    return g.model()
+
+
+def _conv_weights(model):
+    inits = {t.name: t for t in model.graph.initializer}
+    return [(list(inits[n.input[1]].dims), next(a.i for a in n.attribute if a.name == "group"))
+            for n in model.graph.node if n.op_type == "Conv"]
+
+
+@pytest.mark.parametrize("group,bn", [(2, False), (4, True), (8, False), (16, True)])
+def test_group_width_thins_every_group(group, bn):
+    """--group-width: the same positions go from every group, the group count stays; where
+    there are more groups than channels per group (RegNet, ResNeXt) the width was whole."""
+    c = 32
+    r = assert_prunes(_grouped_block(c, group, bn), ratio=None, group_width=0.5)
+    (w1, _), (w2, new_group), (w3, _) = _conv_weights(r.model)
+    assert new_group == group
+    assert w2[:2] == [c // 2, c // group // 2]        # out channels and in per group, halved
+    assert w1[0] == c // 2 and w3[1] == c // 2
+    assert {grp["kind"] for grp in r.report["groups"] if grp["removed"]} == {"group-width"}
+
+
+def test_group_width_after_whole_groups():
+    """--ratio removes whole groups (8 groups of 4), --group-width then thins those left."""
+    r = assert_prunes(_grouped_block(32, 8, tail=True), ratio=0.5, group_width=0.5)
+    (_, _), (w2, new_group), (_, _) = _conv_weights(r.model)
+    assert new_group == 4 and w2[:2] == [8, 2]
+
+
+def test_group_width_without_tail_or_bn():
+    r = assert_prunes(_grouped_block(16, 4, tail=False), ratio=None, group_width=0.5)
+    assert _conv_weights(r.model)[1] == ([16, 2, 3, 3], 4)   # output channels are the graph's
+
+
+@pytest.mark.parametrize("multiplier", [1, 2])
+def test_group_width_leaves_depthwise_alone(multiplier):
+    """A depthwise conv has one channel per group: its groups are the channels, and
+    --group-width leaves it as --ratio prunes it."""
+    def middle(g, y):
+        return g.conv(g.op("Relu", [y]), C, C * multiplier, group=C), C * multiplier
+    r = assert_prunes(sandwich(middle), ratio=0.5, group_width=0.5)
+    assert not any(grp["kind"] == "group-width" for grp in r.report["groups"])
+    dw = [n for n in r.model.graph.node if n.op_type == "Conv"][1]
+    assert [a.i for a in dw.attribute if a.name == "group"][0] == C // 2
+
+
+def test_group_width_analysis_kinds():
+    model = _grouped_block(32, 8)
+    auto = spa.analyze(model)
+    width = spa.analyze(model, conv_groups="width")
+    assert sorted(g.kind for g in auto.groups) == ["channels"]           # 8 groups of 4 carry
+    assert sorted((g.kind, g.size) for g in width.groups) == [("group-width", 4), ("group-width", 4)]
+    assert any("merges this axis" in g.blocked for g in auto.blocked)    # the width was whole
+    assert not any("merges this axis" in g.blocked for g in width.blocked)
+
+
 def test_conv_transpose():
     def middle(g, y):
         w = g.weight(C, 6, 2, 2)
@@ -214,6 +280,70 @@ def test_group_norm_prunes_whole_groups():
     r = assert_prunes(sandwich(middle, opset=21), ratio=0.5)
     gn = [n for n in r.model.graph.node if n.op_type == "GroupNormalization"][0]
     assert [a.i for a in gn.attribute if a.name == "num_groups"] == [2]
+
+
+def test_group_norm_18_per_group_scale():
+    """GroupNormalization-18 (deprecated in 21, still run by onnxruntime) has one scale and
+    bias per group: they lose the removed groups."""
+    g = Graph(18)
+    y = g.conv(g.input([1, 3, 6, 6]), 3, 16)
+    y = g.op("GroupNormalization", [y, g.weight(4), g.weight(4)], num_groups=4)
+    g.output(g.conv(g.op("Relu", [y]), 16, 4))
+    r = spa.prune(g.model(check=False), ratio=0.5, criterion="random", round_to=1, verify=True)
+    assert r.report["verify"]["ok"], r.report["verify"]
+    gn = [n for n in r.model.graph.node if n.op_type == "GroupNormalization"][0]
+    inits = {t.name: t for t in r.model.graph.initializer}
+    assert [a.i for a in gn.attribute if a.name == "num_groups"] == [2]
+    assert list(inits[gn.input[1]].dims) == list(inits[gn.input[2]].dims) == [2]
+    assert _conv_weights(r.model)[0][0][0] == 8
+
+
+def test_group_norm_21_with_exporter_value_info():
+    """onnx cannot infer GroupNormalization-21's output; an exporter's value_info can. The
+    shape check must not hold that against the pruned model, whose value_info is gone."""
+    def middle(g, y):
+        return g.op("GroupNormalization", [y, g.weight(C), g.weight(C)], num_groups=4), C
+    model = sandwich(middle, opset=21)
+    gn = [n for n in model.graph.node if n.op_type == "GroupNormalization"][0]
+    model.graph.value_info.append(onnx.helper.make_tensor_value_info(gn.output[0], onnx.TensorProto.FLOAT,
+                                                                     [1, C, 10, 10]))
+    out = model.graph.output[0]   # declared as the exporter would: Graph() could not infer it
+    out.CopyFrom(onnx.helper.make_tensor_value_info(out.name, onnx.TensorProto.FLOAT, [1, 4, 10, 10]))
+    onnx.shape_inference.infer_shapes(model, strict_mode=True)   # the original passes with its value_info
+    assert_prunes(model, ratio=0.5)
+
+
+@pytest.mark.parametrize("c,groups", [(16, 2), (16, 4), (16, 8)])
+def test_decomposed_group_norm_prunes_whole_groups(c, groups):
+    """The exporters' GroupNorm: Reshape [N, G, -1] -> InstanceNormalization -> Reshape to
+    the input's shape -> Mul/Add per channel. C = G x C/G: whole groups go, G is rewritten,
+    whichever of G and C/G is larger (C/G*H*W is normalized over, so C/G cannot carry)."""
+    g = Graph()
+    y = g.conv(g.input([1, 3, 6, 6]), 3, c)
+    r = g.op("Reshape", [y, g.const(np.array([0, groups, -1], np.int64))])
+    n = g.op("InstanceNormalization", [r, g.const(np.ones(groups, np.float32)), g.const(np.zeros(groups, np.float32))])
+    s = g.op("Reshape", [n, g.op("Shape", [y])])
+    s = g.op("Add", [g.op("Mul", [s, g.weight(c, 1, 1)]), g.weight(c, 1, 1)])
+    g.output(g.conv(g.op("Relu", [s]), c, 4))
+    res = assert_prunes(g.model(), ratio=0.5)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    first = [n for n in res.model.graph.node if n.op_type == "Reshape"][0]
+    inorm = [n for n in res.model.graph.node if n.op_type == "InstanceNormalization"][0]
+    assert inits[first.input[1]].tolist() == [0, groups // 2, -1]
+    assert inits[inorm.input[1]].shape == (groups // 2,)
+    assert _conv_weights(res.model)[0][0][0] == c // 2
+
+
+def test_reshape_regrouping_without_common_axes_stays_whole():
+    """[1, 8, 6] -> [1, 6, 8]: no axis of one is a product of axes of the other. Neither
+    side may lose channels (the output side was left free: the MatMul's rows were cut and
+    the Reshape failed at run time)."""
+    g = Graph()
+    y = g.conv(g.input([1, 3, 6]), 3, 8, dims=1)
+    r = g.op("Reshape", [y, g.const(np.array([1, 6, 8], np.int64))])
+    g.output(g.op("MatMul", [g.op("Relu", [r]), g.weight(8, 5)]))
+    r = assert_prunes(g.model(), ratio=0.5, expect_removed=False)
+    assert sum(grp["removed"] for grp in r.report["groups"]) == 0
 
 
 @pytest.mark.parametrize("op,attrs", [("LayerNormalization", {"axis": 1}), ("Softmax", {"axis": 1}),

@@ -61,6 +61,7 @@ class Couplings:
     # the oracle sets removed channels to the zero point there (zero is not "nothing" in integers)
     integer_contractions: list[tuple[str, int, int, int]] = field(default_factory=list)
     batch: set[Space] = field(default_factory=set)  # MatMul batch axes: where attention heads live
+    per_group: set[Space] = field(default_factory=set)  # per-group widths of grouped convolutions
     fixups: list = field(default_factory=list)  # Sizes/SliceBounds specs (see fixups.py)
 
 
@@ -209,6 +210,11 @@ class NodeContext:
     def batch(self, space: Space):
         """A MatMul batch axis: a split axis whose factor ends up here is a set of heads."""
         self.out.batch.add(space)
+
+    def per_group(self, space: Space):
+        """The per-group width of a grouped convolution (a factor of its channels beside the
+        groups): with ``conv_groups="width"`` it carries the channels and the groups stay."""
+        self.out.per_group.add(space)
 
     def fix(self, space: Space, reason: str | None = None):
         self.mentioned.add(space)

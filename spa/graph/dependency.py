@@ -4,8 +4,10 @@ Every space (tensor axis) tied to others by ``same`` shares one block of *atoms*
 index; ``offset`` and ``product`` couplings then unite single atoms (union-find). Two atoms
 in one class must be removed together. ``product`` (a merged axis such as Flatten's C*H*W, or
 a grouped Conv's groups x channels) ties each index of the whole to the index of one factor,
-the *carrier*: the largest factor not already fixed. The other factors are fixed, so a merged
-axis loses whole slices of its carrier, which is always a valid structured removal.
+the *carrier*: the largest factor not already fixed (first, every factor of an axis that
+can lose no index is fixed too), unless a mode prefers one (``attention``: heads or head dims;
+``conv_groups="width"``: a grouped conv's per-group width). The other factors are fixed, so a
+merged axis loses whole slices of its carrier, which is always a valid structured removal.
 
 Memory follows what can be pruned, not what a file declares. Only same-classes connected
 (through ``offset``/``product`` couplings) to an initializer axis can ever hold a prunable or
@@ -35,7 +37,8 @@ from .context import NOT_CHANNEL, Couplings, NodeContext, Reason, Space
 from .fixups import GraphView
 from .rules import apply_rule
 
-__all__ = ["Dependency", "build_dependency", "MAX_EXTRA_ATOMS", "NO_REASON", "sorted_unique"]
+__all__ = ["Dependency", "build_dependency", "MAX_EXTRA_ATOMS", "NO_REASON", "sorted_unique", "ATTENTION_MODES",
+           "CONV_GROUP_MODES"]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +100,7 @@ class Dependency:
     head_classes: set[int] = field(default_factory=set)      # split factors that are heads
     head_dim_classes: set[int] = field(default_factory=set)  # the per-head dims beside them
     attention: str = "heads"                                  # which of the two carries splits
+    group_width_classes: set[int] = field(default_factory=set)  # conv_groups="width": per-group widths
     collapsed: set[int] = field(default_factory=set)  # classes tied to no weight: one fixed atom
     reason_ids: np.ndarray | None = None   # atom -> index into ``reasons`` (NO_REASON: free)
     reasons: list[str] = field(default_factory=list)
@@ -150,6 +154,9 @@ class _UnionFind:
 
     def block_fixed(self, start: int, size: int) -> bool:
         return any((self.reason[self.find(a)] != NO_REASON).any() for a in self._blocks(start, size))
+
+    def block_all_fixed(self, start: int, size: int) -> bool:
+        return all((self.reason[self.find(a)] != NO_REASON).all() for a in self._blocks(start, size))
 
     def block_reason(self, start: int, size: int) -> str | None:
         best = NO_REASON
@@ -257,6 +264,7 @@ def _outer_scope_references(graph: onnx.GraphProto):
 
 
 ATTENTION_MODES = ("heads", "head-dims")
+CONV_GROUP_MODES = ("auto", "width")
 
 
 def weight_values(model: onnx.ModelProto) -> int:
@@ -312,13 +320,20 @@ def _refuse_if_too_wide(model, couplings, class_spaces, sizes, keep):
 
 
 def build_dependency(model: onnx.ModelProto, shapes, opset: int, exclude: list[str] | None = None,
-                     attention: str = "heads", allow_mixing: bool = False) -> Dependency:
+                     attention: str = "heads", allow_mixing: bool = False,
+                     conv_groups: str = "auto") -> Dependency:
     """``attention`` says what a split of a hidden axis into heads x head_dim carries:
     whole ``heads`` (the factor that becomes a MatMul batch axis) or ``head-dims`` (the same
-    dims removed from every head). Other splits carry their largest free factor.
-    ``allow_mixing`` leaves mixed axes (LayerNorm, RMSNorm, ...) free but inexact."""
+    dims removed from every head). ``conv_groups`` says what a grouped convolution's channels
+    (groups x per-group width) carry: ``auto``, the larger free factor, or ``width``, the
+    per-group width (the same positions removed from every group, the group count kept;
+    depthwise convolutions, whose per-group width is 1, keep losing whole groups). Other
+    splits carry their largest free factor. ``allow_mixing`` leaves mixed axes (LayerNorm,
+    RMSNorm, ...) free but inexact."""
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+    if conv_groups not in CONV_GROUP_MODES:
+        raise ValueError(f"conv_groups must be one of {CONV_GROUP_MODES}, got {conv_groups!r}")
     couplings, blocked, view = collect_couplings(model, shapes, opset, exclude)
 
     graph = nx.Graph()
@@ -365,8 +380,9 @@ def build_dependency(model: onnx.ModelProto, shapes, opset: int, exclude: list[s
     if pairs_a:
         uf.union(np.concatenate(pairs_a), np.concatenate(pairs_b))
     del pairs_a, pairs_b
+    _fix_factors_of_fixed(uf, block, couplings, space_class, collapsed)
     batch_classes = _head_classes(couplings, space_class)
-    heads, head_dims = set(), set()
+    heads, head_dims, group_width = set(), set(), set()
     for whole, factors, node in couplings.product:
         preferred = None
         in_batch = [f for f in factors if space_class[f] in batch_classes and couplings.sizes[f] > 1]
@@ -375,6 +391,9 @@ def build_dependency(model: onnx.ModelProto, shapes, opset: int, exclude: list[s
             others = [f for f in factors if f not in in_batch and couplings.sizes[f] > 1]
             head_dims.update(space_class[f] for f in others)
             preferred = set(in_batch) if attention == "heads" else set(others)
+        elif conv_groups == "width" and couplings.per_group.intersection(factors):
+            preferred = couplings.per_group.intersection(factors)
+            group_width.update(space_class[f] for f in preferred)
         if space_class[whole] not in collapsed:
             _unite_product(uf, block, couplings.sizes, whole, factors, node, view.nodes.get(node), preferred)
 
@@ -390,7 +409,7 @@ def build_dependency(model: onnx.ModelProto, shapes, opset: int, exclude: list[s
             inexact.update(sorted_unique(root[s:s + n]).tolist())
     return Dependency(couplings, space_class, class_spaces, starts, sizes, root,
                       FixedReasons(root, reason_ids, uf.texts), blocked, init_classes, inexact,
-                      heads, head_dims, attention, collapsed, reason_ids, uf.texts, view)
+                      heads, head_dims, attention, group_width, collapsed, reason_ids, uf.texts, view)
 
 
 def _head_classes(couplings: Couplings, space_class: dict) -> set[int]:
@@ -407,6 +426,27 @@ def _head_classes(couplings: Couplings, space_class: dict) -> set[int]:
                         classes.add(space_class[f])
                         changed = True
     return classes
+
+
+def _fix_factors_of_fixed(uf: _UnionFind, block, couplings: Couplings, space_class: dict, collapsed: set):
+    """A factor of an axis that cannot lose any index cannot lose one either: fix it before
+    carriers are chosen, so that a product sharing that factor (the C/G of the exporters'
+    GroupNorm, C -> G x C/G beside C/G*H*W -> C/G x H x W, normalized over) lets another of
+    its factors carry instead of one that is fixed later."""
+    changed = True
+    while changed:
+        changed = False
+        for whole, factors, _ in couplings.product:
+            w0, wn = block(whole)
+            if wn == 0 or not (space_class[whole] in collapsed or uf.block_all_fixed(w0, wn)):
+                continue
+            for f in factors:
+                if space_class[f] in collapsed or couplings.sizes[f] == 1:
+                    continue
+                f0, fn = block(f)
+                if not uf.block_all_fixed(f0, fn):
+                    uf.fix_block(f0, fn, uf.block_reason(w0, wn))
+                    changed = True
 
 
 def _unite_product(uf: _UnionFind, block, sizes, whole, factors, node, proto=None, preferred=None):

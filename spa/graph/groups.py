@@ -24,7 +24,8 @@ class Group:
     channels: np.ndarray               # representative atom of each channel, sorted
     spaces: list[Space]                # every tensor axis (or virtual axis) the channels live in
     blocked: str | None = None
-    kind: str = "channels"             # "channels" (conv channels, MLP neurons), "heads", "head-dims"
+    kind: str = "channels"             # "channels" (conv channels, MLP neurons), "heads", "head-dims",
+                                       # "group-width" (the same positions of every conv group), "hidden"
     reasons: list[dict] = field(default_factory=list)  # blocked: {"node", "op", "reason"} each
     _members: dict = field(default_factory=dict, repr=False)
 
@@ -183,6 +184,7 @@ def find_groups(dep: Dependency, constants: set[str] | None = None) -> tuple[lis
             kind = ("hidden" if len(inexact) and np.isin(free, inexact).any() else
                     "heads" if dep.head_classes.intersection(key) and dep.attention == "heads" else
                     "head-dims" if dep.head_dim_classes.intersection(key) and dep.attention == "head-dims" else
+                    "group-width" if dep.group_width_classes.intersection(key) else
                     "channels")
             prunable.append(Group(len(prunable), free, [s for c in key for s in dep.class_spaces[c]], kind=kind))
         del free

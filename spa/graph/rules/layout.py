@@ -47,6 +47,64 @@ def tie_read_sizes(ctx: NodeContext, k: int, offset: int = 0):
                 ctx.same(ctx.outp(0, out_axis), ctx.space(src[1], src[2]))
 
 
+def common_pieces(a: list[int], b: list[int]) -> list[int] | None:
+    """The sizes of the finest axes that both ``a`` and ``b`` (same product) are row-major
+    merges of: ``(8, 10, 10)`` and ``(4, 200)`` give ``[4, 2, 10, 10]``; None when no such
+    axes exist (``(6, 4)`` and ``(4, 6)``: a boundary of one falls inside a piece of the other)."""
+    cuts = sorted(set(np.cumprod(a).tolist()) | set(np.cumprod(b).tolist()))
+    pieces, prev = [], 1
+    for c in cuts:
+        if c % prev:
+            return None
+        pieces.append(c // prev)
+        prev = c
+    return pieces
+
+
+def regroup(ctx: NodeContext, ins: list[int], outs: list[int]):
+    """Several axes into several others (``[N, C, H, W] -> [N, G, C/G*H*W]``, the exporters'
+    GroupNorm): both sides are products of their common pieces, so each piece can carry
+    channels (the groups G of C = G x C/G). Without common pieces the axes stay whole."""
+    x, y = ctx.in_shape(0), ctx.out_shape(0)
+    pieces = common_pieces([x[i] for i in ins], [y[j] for j in outs])
+    if pieces is None:
+        for i in ins:
+            ctx.fix(ctx.inp(0, i), f"{ctx.op} {ctx.name!r} regroups axes {ins} into {outs}")
+        for j in outs:
+            ctx.fix(ctx.outp(0, j), f"{ctx.op} {ctx.name!r} regroups axes {ins} into {outs}")
+        return
+
+    def spans(axes, shape):   # axis -> the pieces it merges, [first, last)
+        out, p = {}, 0
+        for i in axes:
+            start, size = p, 1
+            while size < shape[i]:
+                size *= pieces[p]
+                p += 1
+            out[i] = (start, p)
+        return out
+
+    in_spans, out_spans = spans(ins, x), spans(outs, y)
+    space = {}
+    for i, (s, e) in in_spans.items():
+        if e - s == 1:
+            space[s] = ctx.inp(0, i)
+    for j, (s, e) in out_spans.items():
+        if e - s == 1:
+            if s in space:
+                ctx.same(space[s], ctx.outp(0, j))
+            else:
+                space[s] = ctx.outp(0, j)
+    for p, n in enumerate(pieces):
+        if p not in space:
+            space[p] = ctx.virtual(f"piece{ins[0]}.{p}", n)
+    for k, axes_spans in ((0, in_spans), (None, out_spans)):
+        for axis, (s, e) in axes_spans.items():
+            if e - s > 1:
+                whole = ctx.inp(0, axis) if k == 0 else ctx.outp(0, axis)
+                ctx.product(whole, [space[p] for p in range(s, e)])
+
+
 @rule("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 def reshape(ctx: NodeContext):
     blocks = align_axes(ctx.in_shape(0), ctx.out_shape(0))
@@ -60,8 +118,7 @@ def reshape(ctx: NodeContext):
         elif len(outs) == 1:
             ctx.product(ctx.outp(0, outs[0]), [ctx.inp(0, i) for i in ins])
         else:
-            for i in ins:
-                ctx.fix(ctx.inp(0, i), f"{ctx.op} {ctx.name!r} regroups axes {ins} into {outs}")
+            regroup(ctx, ins, outs)
     if ctx.op != "Reshape":
         return None
     if not ctx.is_initializer(1) and ctx.const(1) is None:

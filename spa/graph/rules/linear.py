@@ -30,6 +30,10 @@ def conv_axes(ctx: NodeContext, bias: int | None, contract: bool, weight: int = 
     w_out = None if transpose else ctx.inp(weight, 0)
     ctx.product(ctx.inp(0, 1), [g, k_in])
     ctx.product(ctx.outp(0, 1), [g, k_out])
+    if groups > 1 and c_in // groups > 1 and c_out // groups > 1:
+        # a grouped conv (not depthwise: there one factor is 1 and the groups are the channels)
+        ctx.per_group(k_in)
+        ctx.per_group(k_out)
     if w_out is not None:
         ctx.same(w_out, ctx.outp(0, 1))
     if w_in is not None:
