@@ -34,23 +34,8 @@ class Consumer:
     shared: bool = False          # read by several groups: later groups need H^-1 downdated
 
     def costs(self, channels) -> np.ndarray:
-        channels = list(channels)
-        out = np.zeros(len(channels))
-        by_width: dict[int, list[int]] = {}
-        for i, j in enumerate(channels):
-            by_width.setdefault(len(self.columns[j]), []).append(i)
-        for width, positions in by_width.items():
-            if width == 0:
-                continue
-            # all channels of one width at once, in chunks that keep memory bounded
-            chunk = max(1, int(2e7 // max(1, width * width + width * self.weight.shape[0])))
-            for start in range(0, len(positions), chunk):
-                pos = positions[start:start + chunk]
-                cols = np.stack([self.columns[channels[i]] for i in pos])          # (m, b)
-                blocks = self.hinv[cols[:, :, None], cols[:, None, :]]             # (m, b, b)
-                w = self.weight[:, cols].transpose(1, 2, 0)                        # (m, b, out)
-                out[pos] = np.sum(w * np.linalg.solve(blocks, w), axis=(1, 2))
-        return out
+        return _costs(list(channels), self.columns, self.weight,
+                      lambda cols: self.hinv[cols[:, :, None], cols[:, None, :]], lambda width: width * width)
 
     def remove(self, channels, last: bool = False):
         """Remove channels jointly; ``last`` skips the H^-1 downdate nobody will read."""
@@ -112,28 +97,15 @@ class LowRankConsumer:
         return np.linalg.solve(g, b)
 
     def costs(self, channels) -> np.ndarray:
-        channels = list(channels)
-        out = np.zeros(len(channels))
         x = self.rows if self.alive.all() else np.where(self.alive, self.rows, 0.0)  # removed read nothing
         z = self._solve(x, x)                                                  # (n, D): M X
-        by_width: dict[int, list[int]] = {}
-        for i, j in enumerate(channels):
-            by_width.setdefault(len(self.columns[j]), []).append(i)
-        n = len(x)
-        for width, positions in by_width.items():
-            if width == 0:
-                continue
-            chunk = max(1, int(4e6 // max(1, 2 * n * width + width * self.weight.shape[0])))
-            for start in range(0, len(positions), chunk):
-                pos = positions[start:start + chunk]
-                cols = np.stack([self.columns[channels[i]] for i in pos])      # (m, b)
-                # (H^-1)_cc = (I - X_c^T M X_c) / lam, one b x b block per channel
-                blocks = -np.einsum("nmb,nmc->mbc", x[:, cols], z[:, cols], optimize=True)
-                blocks[:, np.arange(width), np.arange(width)] += 1.0
-                blocks /= self.lam
-                w = self.weight[:, cols].transpose(1, 2, 0)                    # (m, b, out)
-                out[pos] = np.sum(w * np.linalg.solve(blocks, w), axis=(1, 2))
-        return out
+
+        def blocks(cols):
+            # (H^-1)_cc = (I - X_c^T M X_c) / lam, one b x b block per channel
+            out = -np.einsum("nmb,nmc->mbc", x[:, cols], z[:, cols], optimize=True)
+            out[:, np.arange(cols.shape[1]), np.arange(cols.shape[1])] += 1.0
+            return out / self.lam
+        return _costs(list(channels), self.columns, self.weight, blocks, lambda width: 2 * len(x) * width)
 
     def remove(self, channels, last: bool = False):
         cols = np.concatenate([self.columns[j] for j in channels]) if channels else np.array([], int)
@@ -150,6 +122,26 @@ class LowRankConsumer:
         self.weight[:, k] = new
         if last:
             self.rows = None          # nobody reads this layer again: free its rows early
+
+
+def _costs(channels: list, columns, weight, blocks_of, block_size) -> np.ndarray:
+    """Each channel's OBS cost tr(W_c B_c^-1 W_c^T), B_c = (H^-1)_cc from ``blocks_of(cols)``
+    for a stack of channels (m, b) -> (m, b, b): all channels of one width at once, in chunks
+    of about 2e7 elements (``block_size(width)`` per channel besides its weights)."""
+    out = np.zeros(len(channels))
+    by_width: dict[int, list[int]] = {}
+    for i, j in enumerate(channels):
+        by_width.setdefault(len(columns[j]), []).append(i)
+    for width, positions in by_width.items():
+        if width == 0:
+            continue
+        chunk = max(1, int(2e7 // max(1, block_size(width) + width * weight.shape[0])))
+        for start in range(0, len(positions), chunk):
+            pos = positions[start:start + chunk]
+            cols = np.stack([columns[channels[i]] for i in pos])               # (m, b)
+            w = weight[:, cols].transpose(1, 2, 0)                              # (m, b, out)
+            out[pos] = np.sum(w * np.linalg.solve(blocks_of(cols), w), axis=(1, 2))
+    return out
 
 
 def greedy_obs(consumers: list[Consumer], n_channels: int, n_remove: int, steps: int = 32,
