@@ -114,9 +114,18 @@ def _match(doc, owned, updates: bool) -> tuple[dict, Applied]:
         lost = [n for n in applied.folded if doc["tensors"][n].get("delta")]
         lost += [n for n in applied.exporter_only if doc["tensors"][n].get("delta")]
         if lost:
+            from .model import copied_from
+            why = []
+            if any(n in applied.folded for n in lost):
+                why.append("BatchNorm folded into the convs by the exporter: export with dynamo=True, optimize=False")
+            if any(copied_from(n) for n in lost):
+                why.append("one module tensor read by several layers, which OBSPA changed differently for each "
+                           "(no single value to write back)")
+            if not why:
+                why.append("constants the exporter made")
             raise SpaError(f"the plan changes values of {len(lost)} tensor(s) the module does not hold as "
-                           f"exported ({', '.join(lost[:3])}{'...' if len(lost) > 3 else ''}: BatchNorm folded by "
-                           f"the exporter?): export with dynamo=True, optimize=False, or pass updates=False")
+                           f"exported ({', '.join(lost[:3])}{'...' if len(lost) > 3 else ''}): {'; '.join(why)}; "
+                           f"or pass updates=False to apply the slicing alone")
     return {**applied.by_name, **applied.by_value, **applied.folded}, applied
 
 

@@ -173,3 +173,14 @@ def test_cli_writes_the_plan_and_a_wrong_module_is_refused(tmp_path, capsys):
         spa.torch.apply_plan(torchvision.models.mobilenet_v3_small(), plan)
     assert main(["prune", str(src), "-o", str(tmp_path / "p.onnx"), "--plan", str(src)]) == 2
     assert "never overwrites" in capsys.readouterr().err
+
+
+def test_per_reader_changes_of_one_module_tensor_are_refused_by_what_they_are(tmp_path):
+    """OBSPA changes a tensor several layers read (a LayerNorm bias in the legacy export)
+    differently for each reader: apply_plan says so instead of guessing at folded BatchNorms."""
+    model, inputs = _transformer("bert")
+    src = _export(model, inputs, tmp_path / "model.onnx")
+    spa.prune(src, heads=0.5, mlp=0.5).save_plan(tmp_path / "plan.json")      # default: OBSPA
+    with pytest.raises(spa.SpaError, match="read by several layers") as refused:
+        spa.torch.apply_plan(model, tmp_path / "plan.json")
+    assert "BatchNorm" not in str(refused.value)
