@@ -181,11 +181,18 @@ def _apply(module, doc, arrays, updates, strict) -> Applied:
     if updates:
         _add_biases(module, doc, arrays, mapping, owned)
     _fix_attributes(module, doc, mapping, applied)     # refuses modules that cannot be fixed
-    unexplained = [n for n in applied.exporter_only if not _explained(doc["tensors"][n], applied, out_kept)]
+    unexplained = [n for n in applied.exporter_only if not _explained(doc["tensors"][n], applied, out_kept)
+                   and not _inert(doc["tensors"][n], updates)]
     if strict and unexplained:
         raise SpaError(f"{len(unexplained)} tensor(s) of the plan have no counterpart in the module: "
                        f"{', '.join(unexplained[:5])}{'...' if len(unexplained) > 5 else ''}")
     return applied
+
+
+def _inert(entry, updates: bool) -> bool:
+    """A plan tensor that slices nothing and, without updates, changes nothing either (a
+    reader's copy of a LayerNorm bias whose only change is OBSPA's): it needs no counterpart."""
+    return not entry["kept"] and not (updates and entry.get("delta"))
 
 
 def _explained(entry, applied, out_kept) -> bool:

@@ -177,10 +177,16 @@ def test_cli_writes_the_plan_and_a_wrong_module_is_refused(tmp_path, capsys):
 
 def test_per_reader_changes_of_one_module_tensor_are_refused_by_what_they_are(tmp_path):
     """OBSPA changes a tensor several layers read (a LayerNorm bias in the legacy export)
-    differently for each reader: apply_plan says so instead of guessing at folded BatchNorms."""
+    differently for each reader: apply_plan says so instead of guessing at folded BatchNorms,
+    and applies the slicing alone when asked."""
     model, inputs = _transformer("bert")
     src = _export(model, inputs, tmp_path / "model.onnx")
     spa.prune(src, heads=0.5, mlp=0.5).save_plan(tmp_path / "plan.json")      # default: OBSPA
     with pytest.raises(spa.SpaError, match="read by several layers") as refused:
         spa.torch.apply_plan(model, tmp_path / "plan.json")
     assert "BatchNorm" not in str(refused.value)
+    before = _params(model)
+    spa.torch.apply_plan(model, tmp_path / "plan.json", updates=False)
+    assert _params(model) < before
+    with torch.no_grad():
+        model(*inputs.values())
