@@ -40,7 +40,8 @@ HIDDEN_AS_RATIO = -1.0
 # Kept channels are rounded to a multiple of this by default (see benchmarks/README.md).
 DEFAULT_ROUND_TO = 8
 # benchmarks/accuracy.py: without data, OBSPA keeps more accuracy than l1 at every ratio >= 0.3
-# on every model there (crepe full ties at 0.7); it falls back to l1 where the model cannot run
+# on 7 of its 8 models (not the depthwise/SE mobile net, where both collapse); it falls back to
+# l1 where the model cannot run
 DEFAULT_CRITERION = "obspa"
 # The oracle runs by default below this many parameters (two onnxruntime sessions).
 VERIFY_AUTO_MAX_PARAMS = 50_000_000
@@ -491,14 +492,15 @@ def _calibrate(a: Analysis, choice: _Choice, criterion, calibration, recalibrate
     """Data-aware: re-choose with a data criterion, and compute OBSPA's weight updates.
     OBSPA with calibration data first chooses how to use it on held-out samples."""
     refit, held_out = None, None
+    macs = count_macs(a.model, a.shapes)
     if criterion == "obspa" and calibration.data is not None and any(len(r) for r in choice.removals):
-        use, held_out = choose_use(a, choice.removals, calibration, damping)
+        use, held_out = choose_use(a, choice.removals, calibration, damping, macs)
         if use == "data-free":
-            calibration = Calibration(None, calibration.input_stats, calibration.samples, seed=calibration.seed)
+            calibration = calibration.without_data()
         refit = {"refit": True, "one pass": False}.get(use)
     dplan = data_aware_plan(a.model, a.dep, a.groups, [len(r) for r in choice.removals], criterion,
                             calibration, a.shapes.input_shapes, recalibrate, damping, chosen=choice.removals,
-                            macs=count_macs(a.model, a.shapes), refit=refit)
+                            macs=macs, refit=refit)
     if held_out is not None:
         dplan.info["held_out"] = held_out
     choice.removals = [r if r is not None else old for r, old in zip(dplan.removals, choice.removals)]

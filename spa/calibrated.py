@@ -15,13 +15,13 @@ import numpy as np
 
 from .importance.data import BatchLayout, Calibration
 from .importance.obspa import SEQUENTIAL_BUDGET, data_aware_plan
-from .metrics import count_macs
 
 # (name, calibration data or synthetic, refit group after group)
 USES = (("refit", True, True), ("one pass", True, False), ("data-free", False, None))
 
 
-def choose_use(a, removals: list, calibration: Calibration, damping: float) -> tuple[str | None, dict]:
+def choose_use(a, removals: list, calibration: Calibration, damping: float,
+               macs: int) -> tuple[str | None, dict]:
     """How to use the calibration data (a name of ``USES``), with the held-out error of each
     use tried; None when the data is too small to hold samples out.
 
@@ -37,7 +37,6 @@ def choose_use(a, removals: list, calibration: Calibration, damping: float) -> t
     fit, held = split
     reference = any_session(a.model)
     want = [reference.run(None, feeds) for feeds in held]
-    macs = count_macs(a.model, a.shapes)
     layout = BatchLayout.of(a.model, a.shapes.input_shapes)
     samples = sum(layout.count(b) for b in fit.batches(a.model, a.shapes.input_shapes))
     refit_fits = sum(1 for r in removals if len(r)) * samples * macs <= SEQUENTIAL_BUDGET
@@ -46,8 +45,7 @@ def choose_use(a, removals: list, calibration: Calibration, damping: float) -> t
 
     def error(name):
         _, with_data, refit = next(u for u in USES if u[0] == name)
-        source = fit if with_data else Calibration(None, calibration.input_stats, calibration.samples,
-                                                   seed=calibration.seed)
+        source = fit if with_data else calibration.without_data()
         errors[name] = _held_out_error(a, removals, source, refit, damping, macs, held, want)
         return errors[name]
 

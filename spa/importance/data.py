@@ -39,6 +39,10 @@ class Calibration:
         self.selected = None        # which ones (indices into the pool), once chosen
         self.generated = False      # the synthetic token ids were replaced by text the model wrote
 
+    def without_data(self) -> "Calibration":
+        """The same synthetic settings, no data: what data-free pruning would use."""
+        return Calibration(None, self.input_stats, self.samples, self.batch, self.seed)
+
     @property
     def source(self) -> str:
         if self.data is not None:
@@ -83,12 +87,11 @@ class Calibration:
             data = _load(self.data)
             if self.select and isinstance(data, dict) and layout.free:
                 if self.selected is None:
-                    pool = feeds_from(data, model, input_shapes, batch, layout)   # validates it, too
+                    pool = list(feeds_from(data, model, input_shapes, batch, layout))   # validates it, too
                     self.selected = np.arange(sum(layout.count(f) for f in pool))
                     if len(self.selected) > self.select:
                         from .select import select_feeds
-                        self.selected = select_feeds(model, data, self.select, layout,
-                                                     feeds_from(data, model, input_shapes, batch, layout), self.seed)
+                        self.selected = select_feeds(model, self.select, layout, pool, self.seed)
                 data = {k: v if layout.axes.get(k) is None else np.take(v, self.selected, axis=layout.axes[k])
                         for k, v in data.items()}
             return feeds_from(data, model, input_shapes, batch, layout)

@@ -59,9 +59,9 @@ def _distances(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
     return (x ** 2).sum(1)[:, None] - 2 * x @ centres.T + (centres ** 2).sum(1)[None, :]
 
 
-def select_feeds(model, data: dict, count: int, layout, feed_batches, seed: int = 0) -> np.ndarray:
+def select_feeds(model, count: int, layout, feed_batches, seed: int = 0) -> np.ndarray:
     """Which ``count`` samples of the pool to use, chosen by ``diverse_samples`` on the
-    model's outputs; ``feed_batches`` cuts the pool into feed dicts in order."""
+    model's outputs; ``feed_batches`` is the pool as feed dicts, in order."""
     from ..runtime import session
     sess = session(model)
     parts = []
