@@ -88,7 +88,7 @@ def _dense(node: onnx.NodeProto, shapes) -> list[Term]:
     return []
 
 
-_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+from .graph.rules.recurrent import _GATES  # noqa: E402  (gates per hidden unit: the rule's table)
 
 
 def _recurrent(node: onnx.NodeProto, shapes) -> list[Term]:

@@ -172,7 +172,7 @@ class _Worker:
     def __init__(self, config: SweepConfig):
         from .api import Loaded
         from .cli import _eval_data, _load_npz
-        from .importance.data import Calibration
+        from .importance.data import BatchLayout, Calibration
         from .shapes import infer_shapes
         self.config = config
         loaded = Loaded.read(config.model)
@@ -182,7 +182,10 @@ class _Worker:
         self.eval = _eval_data(config.eval, self.model) if config.eval else None
         shapes = infer_shapes(self.model, {k: tuple(v) for k, v in config.input_shapes.items()}, want_values=False)
         self.input_shapes = shapes.input_shapes
-        data = {k: v[:config.samples] for k, v in self.calib.items()} if self.calib is not None else None
+        self.layout = BatchLayout.of(self.model, self.input_shapes)
+        data = None if self.calib is None else {   # the first samples, along each input's batch axis
+            k: v if self.layout.axes.get(k) is None else np.take(v, np.arange(min(config.samples, v.shape[
+                self.layout.axes[k]])), axis=self.layout.axes[k]) for k, v in self.calib.items()}
         self.feeds = Calibration(data, samples=config.samples, seed=config.seed).batches(self.model,
                                                                                          self.input_shapes)
         self.reference = _outputs(self.model, self.feeds)
@@ -195,8 +198,7 @@ class _Worker:
         start = time.perf_counter()
         row = {"criterion": cell.criterion, "kind": cell.kind, "value": cell.value}
         try:
-            result = api.prune(self.model, **cell.prune_kwargs(), calib=self.calib, round_to=c.round_to,
-                               seed=c.seed, exclude=c.exclude, input_shapes=c.input_shapes, verify=c.verify)
+            result = self.prune(cell)
         except SpaError as e:   # one cell that cannot be pruned does not end the sweep
             return {**row, "error": " ".join(str(e).split()), "seconds": time.perf_counter() - start}
         rep = result.report
@@ -229,7 +231,7 @@ class _Worker:
                "file_bytes": self.file_bytes, "classifier": _is_classifier(self.reference)}
         if self.eval is not None:
             out["accuracy"] = _accuracy(self.model, self.eval)
-        out["fidelity_inputs"] = (f"{sum(len(next(iter(f.values()))) for f in self.feeds)} calibration samples"
+        out["fidelity_inputs"] = (f"{sum(self.layout.count(f) for f in self.feeds)} calibration samples"
                                   if self.calib is not None else f"{self.config.samples} synthetic samples")
         return out
 
@@ -269,10 +271,6 @@ def fidelity(reference: np.ndarray, pruned: np.ndarray) -> dict:
     out["cosine"] = float(np.mean(cos))
     out["rel_error"] = float(np.linalg.norm(new - ref) / max(np.linalg.norm(ref), 1e-12))
     return out
-
-
-# Each worker process holds one _Worker (a process runs one sweep's cells).
-_WORKER: _Worker | None = None
 
 
 def _init_worker(configs: list[SweepConfig], threads: int = 0):

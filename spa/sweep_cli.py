@@ -128,14 +128,13 @@ def cmd_sweep(args) -> int:
     made = len(models) > 1 and not out_dir.exists()
     if made:
         out_dir.mkdir()
-    done = 0
+    written: list = []                              # (directory, files) of each model written
     try:
         for sweep, d, f, keep_models, _ in results:
-            write_all(sweep, d, f, keep_models)     # removes what it wrote if it fails
-            done += 1
+            written.append((d, write_all(sweep, d, f, keep_models)))   # removes its own files if it fails
     except BaseException:
-        for _, d, f, _, _ in results[:done]:        # and the models before it go too
-            for path in f.values():
+        for d, files in written:                    # and the models before it go too (external data included)
+            for path in files:
                 path.unlink(missing_ok=True)
             if d != out_dir and d.is_dir() and not any(d.iterdir()):
                 d.rmdir()

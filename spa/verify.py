@@ -233,8 +233,9 @@ def oracle(pruned: onnx.ModelProto, masked: onnx.ModelProto, input_shapes: dict 
     size for symbolic dims spa chose): a failure there raises, naming those sizes."""
     runs = [input_shapes] if isinstance(input_shapes, dict) else list(input_shapes)
     s_pruned = default_session(pruned, original if original is not None else masked)
-    s_masked = any_session(masked)
-    if _has_qdq(pruned):
+    qdq = _has_qdq(pruned)
+    s_masked = None if qdq else any_session(masked)
+    if qdq:
         # onnxruntime's optimizer turns DequantizeLinear -> Conv -> QuantizeLinear into integer
         # kernels, which round otherwise; the masks the oracle inserts break that pattern in the
         # masked original only. Compare both as the graphs say, unfused; the pruned model must
