@@ -348,3 +348,49 @@ def test_recalibrate_refits_normalizations_on_calibration_data():
     assert err(r.model) < 0.8 * err(plain.model)
     free = spa.prune(_bn_cnn(), ratio=0.5, criterion="l1", round_to=1, recalibrate=True)
     assert "skipped" in free.report["data"]["normalizations_refit"]
+
+
+@pytest.mark.parametrize("rank", [2, 3, 4])
+def test_steered_batch_norm_gives_each_channel_its_running_scale_and_bias(rank):
+    """In the statistics copy, a BatchNormalization's output has per channel the mean of its
+    bias and the standard deviation of its scale over the batch, whatever its input's
+    statistics; names stay, and the model itself is untouched."""
+    from spa.importance.steer import steer_batch_norms
+    g = Graph(seed=3)
+    shape = ["N", 6, 5, 4][:rank]
+    x = g.input(shape)
+    scale = np.array([0.5, 1, 2, 3, 0.25, 1.5], np.float32)
+    bias = np.array([-1, 0, 1, 2, 0.5, -0.5], np.float32)
+    mean, var = np.full(6, 40, np.float32), np.full(6, 0.01, np.float32)   # far from the inputs'
+    y = g.op("BatchNormalization", [x, g.const(scale), g.const(bias), g.const(mean), g.const(var)])
+    g.output(g.op("Relu", [y]))
+    model = g.model()
+    before = model.SerializeToString()
+    steered, count = steer_batch_norms(model)
+    assert count == 1 and model.SerializeToString() == before
+    xs = (np.random.default_rng(0).standard_normal([8, 6, 5, 4][:rank]) * 3 + 7).astype(np.float32)
+    from spa.importance.data import _session_with_outputs
+    got = _session_with_outputs(steered, [y]).run([y], {"x": xs})[0]
+    axes = tuple(a for a in range(rank) if a != 1)
+    assert np.allclose(got.mean(axis=axes), bias, atol=1e-4)
+    assert np.allclose(got.std(axis=axes), scale, rtol=1e-3)
+    plain = session(model).run(None, {"x": xs})[0]
+    assert plain.min() >= 0 and not np.allclose(plain, session(steered).run(None, {"x": xs})[0])
+
+
+def test_data_free_obspa_steers_batch_norms_on_images_only(monkeypatch):
+    """Image models with BatchNormalization collect data-free statistics on the steered copy
+    (and OBS chooses); the plan still passes the oracle; calibration data is never steered."""
+    r = spa.prune(_bn_cnn(), ratio=0.5, criterion="obspa", round_to=1, verify=True)
+    assert r.report["verify"]["ok"] and r.report["data"]["batch_norms_steered"] == 2
+    assert "chosen by l1" not in r.report["data"]["mode"]
+    import spa.importance.obspa as obspa
+    monkeypatch.setattr(obspa, "steer_batch_norms", lambda m: (m, 0))
+    unsteered = spa.prune(_bn_cnn(), ratio=0.5, criterion="obspa", round_to=1)
+    weights = lambda m: np.concatenate([numpy_helper.to_array(t).ravel() for t in m.graph.initializer])  # noqa: E731
+    a, b = weights(r.model), weights(unsteered.model)
+    assert a.shape != b.shape or not np.allclose(a, b)      # the statistics came from the steered copy
+    monkeypatch.undo()
+    data = {"x": np.random.default_rng(3).standard_normal((32, 3, 8, 8)).astype(np.float32)}
+    calibrated = spa.prune(_bn_cnn(), ratio=0.5, criterion="obspa", round_to=1, calib=data)
+    assert "batch_norms_steered" not in calibrated.report["data"]
