@@ -22,6 +22,7 @@ from .importance.data import Calibration
 from .importance.obspa import DATA_CRITERIA, data_aware_plan
 from .interop import from_graphsurgeon, is_graphsurgeon_graph, to_graphsurgeon
 from .metrics import count_macs, count_params
+from .fold import fold_normalized_weights
 from .model import normalize, opset_of, read, save
 from .shapes import Shapes, infer_shapes
 from .perp import refit_normalizations
@@ -164,6 +165,7 @@ def analyze(model_or_path, input_shapes: dict | None = None, exclude: list[str] 
     inits = {t.name for t in model.graph.initializer}
     defaults = [vi for vi in model.graph.input if vi.name in inits] if model.ir_version >= 4 else []
     model = normalize(model, copy=loaded is None)
+    fold_normalized_weights(model)
     shapes = infer_shapes(model, input_shapes)
     dep = build_dependency(model, shapes, opset_of(model), exclude, attention, allow_mixing, conv_groups)
     groups, blocked = find_groups(dep, _constants(model))

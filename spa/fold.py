@@ -1,0 +1,148 @@
+"""Weights normalized at run time, computed once.
+
+Weight standardization (timm's StdConv2d / ScaledStdConv2d in NF-ResNets: each output
+channel's weights normalized over its inputs) and weight normalization (g * v / ||v||) export,
+with torch's legacy exporter and others, as nodes that recompute the weight from initializers
+on every run. Their reductions mix a weight's input axis, so no channel could be removed from
+it exactly while the pruned model recomputes them, and every group such a layer reads stayed
+whole. Computed once, the weight is a plain initializer: slicing it is exact, and the model does
+what the dynamo exporter's constant folding writes for the same layer.
+
+Only chains of nodes that read initializers alone, end in the weight input of a Conv,
+ConvTranspose, Gemm or MatMul, and contain a reduction or a normalization are computed; a
+dequantized, cast or transposed weight stays as it is (folding it would undo the quantization
+or widen the stored type). The computed weight may be at most ``GROWTH`` times the
+initializers it is computed from, every intermediate value included, so a declared shape
+cannot make the fold allocate more than the weights do.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SLOTS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
+MIXING = {"BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization",
+          "LpNormalization", "MeanVarianceNormalization"}
+GROWTH = 4
+
+
+def fold_normalized_weights(model: onnx.ModelProto) -> list[str]:
+    """Replace, in place, each weight computed from initializers through a reduction or a
+    normalization by its value; returns the weights folded."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output if o}
+    position = {id(n): i for i, n in enumerate(g.node)}
+    read = {i for n in g.node for i in n.input} | {o.name for o in g.output} | _subgraph_reads(g)
+    folds = {}
+    for node in g.node:
+        slot = WEIGHT_SLOTS.get(node.op_type)
+        if node.domain not in ("", "ai.onnx") or slot is None or len(node.input) <= slot:
+            continue
+        name = node.input[slot]
+        chain = _constant_chain(name, producer, inits, position)
+        if chain and any(n.op_type in MIXING or n.op_type.startswith("Reduce") for n in chain) and \
+                not any(o in read for o in producer[name].output if o and o != name):
+            folds[name] = chain
+    if not folds:
+        return []
+    sizes = _inferred_sizes(model)
+    done = []
+    for name, chain in folds.items():
+        sources = {i for n in chain for i in n.input if i in inits}
+        budget = GROWTH * sum(_elements(inits[s]) for s in sources) + 1024
+        if any(sizes.get(o) is None or sizes[o] > budget for n in chain for o in n.output if o):
+            continue
+        value = _evaluate(model, chain, [inits[s] for s in sources], name)
+        if value is None:
+            continue
+        g.initializer.append(numpy_helper.from_array(value, name))
+        inits[name] = g.initializer[-1]
+        done.append(name)
+    if done:
+        keep = [n for n in g.node if not set(n.output) & set(done)]
+        del g.node[:]
+        g.node.extend(keep)
+        _drop_unused(model)
+        log.info("weights normalized at run time computed once: %s", ", ".join(done))
+    return done
+
+
+def _constant_chain(name: str, producer: dict, inits: dict, position: dict) -> list[onnx.NodeProto] | None:
+    """The nodes computing ``name`` from initializers only (graph order), or None when it
+    depends on an input, a subgraph or a random op."""
+    chain, seen, stack = {}, set(), [name]
+    while stack:
+        t = stack.pop()
+        if t in seen or t in inits or t == "":
+            continue
+        seen.add(t)
+        n = producer.get(t)
+        if n is None or n.domain not in ("", "ai.onnx") or n.op_type.startswith("Random") or \
+                any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
+            return None
+        chain[id(n)] = n
+        stack.extend(n.input)
+    return sorted(chain.values(), key=lambda n: position[id(n)]) if chain else None
+
+
+def _inferred_sizes(model: onnx.ModelProto) -> dict[str, int]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:       # an unknown op or an inconsistent graph: nothing is folded
+        return {}
+    sizes = {}
+    for vi in inferred.graph.value_info:
+        tt = vi.type.tensor_type
+        if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+            sizes[vi.name] = int(np.prod([d.dim_value for d in tt.shape.dim], dtype=np.int64))
+    return sizes
+
+
+def _elements(t: onnx.TensorProto) -> int:
+    return int(np.prod(t.dims, dtype=np.int64))
+
+
+def _evaluate(model, chain, sources, name) -> np.ndarray | None:
+    from .runtime import session
+    sub = helper.make_model(helper.make_graph(chain, "fold", [], [onnx.ValueInfoProto(name=name)], list(sources)),
+                            opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    try:
+        return session(sub).run([name], {})[0]
+    except Exception as e:   # onnxruntime cannot compute it: the layer stays as it was
+        log.info("could not compute the weight %s once: %s", name, str(e).splitlines()[0])
+        return None
+
+
+def _drop_unused(model: onnx.ModelProto):
+    """Nodes whose outputs nothing reads any more, then initializers nothing reads."""
+    g = model.graph
+    while True:
+        read = {i for n in g.node for i in n.input} | {o.name for o in g.output} | _subgraph_reads(g)
+        dead = [n for n in g.node if not any(o in read for o in n.output if o)]
+        if not dead:
+            break
+        ids = {id(n) for n in dead}
+        keep = [n for n in g.node if id(n) not in ids]
+        del g.node[:]
+        g.node.extend(keep)
+    read = {i for n in g.node for i in n.input} | {o.name for o in g.output} | _subgraph_reads(g)
+    keep_inits = [t for t in g.initializer if t.name in read]
+    if len(keep_inits) != len(g.initializer):
+        del g.initializer[:]
+        g.initializer.extend(keep_inits)
+
+
+def _subgraph_reads(g: onnx.GraphProto) -> set[str]:
+    names = set()
+    for n in g.node:
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                names |= {i for m in sub.node for i in m.input} | _subgraph_reads(sub)
+    return names
