@@ -27,7 +27,7 @@ from _common import update_readme_section  # noqa: E402
 from accuracy import TORCH_MODELS, Bench, git_rev, macs_of, spa_kwargs  # noqa: E402
 
 RESULTS = HERE / "results" / "allocation.jsonl"
-MODELS = ["fashion_resnet", "fashion_vgg", "digits_mlp"]
+MODELS = ["fashion_resnet", "fashion_vgg", "fashion_mobile", "digits_mlp"]
 CRITERIA = ["l1", "l1-calib", "obspa-free", "obspa-calib"]
 LABELS = {"tp-global": "Torch-Pruning global L1 (PyTorch), MACs matched to l1 allocated",
           "l1": "l1 (sensitivity on 8 synthetic samples)", "l1-calib": "l1 (sensitivity on 8 calibration samples)",

@@ -186,6 +186,25 @@ def test_uniform_allocation_is_the_smallest_ratio_that_fits():
     assert looser["after"]["macs"] > 0.6 * looser["before"]["macs"]
 
 
+def test_uniform_allocation_gives_back_what_rounding_overshot():
+    """With --round-to 8 on 16-channel groups, one ratio either keeps 16 or 8 of each: the
+    budget is then spent back one rounding step at a time, still within it."""
+    for target in (0.85, 0.75, 0.6):
+        rep = spa.prune(branchy(), macs=target, allocation="uniform", round_to=8, verify=True).report
+        share = rep["after"]["macs"] / rep["before"]["macs"]
+        assert rep["verify"]["ok"] and share <= target
+        # no group could take one more step of 8 channels and stay within the budget
+        a = spa.analyze(branchy())
+        resource = ResourceModel(a.model, a.shapes, a.dep, a.groups, "macs")
+        keeps = np.array([g["channels"] - g["removed"] for g in rep["groups"]])
+        assert len(keeps) == len(a.groups)
+        for i, g in enumerate(rep["groups"]):
+            if keeps[i] < g["channels"]:
+                more = keeps.copy()
+                more[i] = min(g["channels"], keeps[i] + 8)
+                assert resource.value(more) > target * resource.full, (target, i)
+
+
 def test_greedy_path_prefix_is_the_looser_allocation():
     """The latency search reuses one greedy path: its prefix for a looser target is what
     allocating for that target gives."""
