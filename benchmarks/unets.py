@@ -35,6 +35,8 @@ import diffusion_unets  # noqa: E402
 import spa  # noqa: E402
 import spa.bench  # noqa: E402
 from benchmarks._common import blocking_op, update_readme_markers  # noqa: E402
+from spa.graph.groups import Group  # noqa: E402
+from spa.planner import round_unit, rounded_keep  # noqa: E402
 from spa.runtime import session  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "unets.jsonl"
@@ -67,13 +69,17 @@ def _rel_error(original, pruned, feeds: list[dict]) -> float:
     return (num / den) ** 0.5
 
 
-def _why_whole(group, ratio: float, round_to: int) -> str:
-    """Why a prunable group kept every channel at ``ratio`` (the planner's arithmetic)."""
-    n, gone = group.size, int(np.floor(group.size * ratio + 1e-9))
+def _why_whole(w: dict, ratio: float, round_to: int) -> str:
+    """Why a prunable group kept every channel at ``ratio``: the planner's arithmetic."""
+    n, kind, width = w["channels"], w["kind"], w["width"]
+    gone = int(np.floor(n * ratio + 1e-9))
+    of = f" of {width} filters" if width > 1 and kind == "channels" else ""
     if gone == 0:
-        return f"{ratio} of {n} {group.kind} rounds down to 0"
-    width = f" of {group.width} filters" if group.width > 1 else ""
-    return f"{n} channels{width} keep a multiple of {round_to} filters only whole"
+        return f"{ratio} of {n} {kind}{of} rounds down to 0"
+    group = Group(0, np.arange(n), [], kind=kind, width=width)
+    unit = round_unit(group, round_to)
+    return (f"{n} {kind}{of}: keeping {n - gone} is rounded to a multiple of {unit} "
+            f"({round_to} filters), {rounded_keep(n, n - gone, unit)}")
 
 
 def measure(name: str, path: Path, exporter: str, runs: int) -> list[dict]:
@@ -92,7 +98,8 @@ def measure(name: str, path: Path, exporter: str, runs: int) -> list[dict]:
                 if not g["removed"]:
                     group = groups[g["id"]]
                     assert (group.kind, group.size) == (g["kind"], g["channels"])
-                    whole.append(_why_whole(group, ratio, rep["options"]["round_to"]))
+                    whole.append({"kind": g["kind"], "channels": g["channels"], "width": group.width,
+                                  "member": g["members"][0]})
             blocked = sorted({(b["reasons"][0]["kind"] or "?") + (f" ({blocking_op(b)})" if blocking_op(b) else "")
                               for b in rep["blocked"]})
             row = {
@@ -142,7 +149,7 @@ def render(rows: list[dict], meta: dict) -> str:
           "measured here. Prunable groups that kept every channel (count: why):", ""]
     for r in rows:
         counts: dict = {}
-        for why in r["whole"]:
+        for why in (_why_whole(w, r["ratio"], r["round_to"]) for w in r["whole"]):
             counts[why] = counts.get(why, 0) + 1
         if counts:
             L.append(f"- {r['model']} {r['criterion']} {r['ratio']}: " +
