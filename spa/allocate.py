@@ -25,6 +25,7 @@ import onnx
 from .graph.dependency import Dependency
 from .graph.groups import Group
 from .metrics import WEIGHT_TYPES, mac_terms
+from .planner import round_unit
 
 __all__ = ["ResourceModel", "MaskedRunner", "Allocation", "allocate", "allocate_uniform", "keep_steps", "removed_positions"]
 
@@ -184,8 +185,8 @@ def removed_positions(groups: list[Group], orders: list[np.ndarray], keeps) -> l
 
 def keep_steps(group: Group, round_to: int, max_ratio: float) -> list[int]:
     """The keep counts a group may take, largest first: whole, then multiples of the rounding
-    unit (channels only; heads are few and whole) down to the cap."""
-    unit = round_to if group.kind == "channels" and round_to > 1 else 1
+    unit (``spa.planner.round_unit``) down to the cap."""
+    unit = round_unit(group, round_to)
     if unit > 1 and group.size <= unit:
         return [group.size]
     # at most ~16 steps a group: each step is one measured run per round

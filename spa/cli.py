@@ -395,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="rank all groups' channels together on normalized scores")
     sp.add_argument("--max-ratio", type=_ratio, default=0.9, help="per-group cap with --global")
     sp.add_argument("--round-to", type=_round_to, default=api.DEFAULT_ROUND_TO, metavar="N|auto",
-                    help=f"keep a multiple of N channels (default {api.DEFAULT_ROUND_TO}; 1 = off; auto = this "
+                    help=f"keep a multiple of N channels, counted in filters: a GroupNorm group of C/G filters "
+                         f"counts C/G (default {api.DEFAULT_ROUND_TO}; 1 = off; auto = this "
                          "CPU's float32 vector width: 16 with AVX-512, 8 with AVX2, else 4)")
     sp.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
     sp.add_argument("--verify", dest="verify", action="store_true", default=None,

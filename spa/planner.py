@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from .graph.groups import Group
 
-__all__ = ["PlanOptions", "plan_removals", "uniform_keep", "rounded_keep"]
+__all__ = ["PlanOptions", "plan_removals", "uniform_keep", "rounded_keep", "round_unit"]
 
 
 @dataclass(frozen=True)
@@ -20,20 +21,30 @@ class PlanOptions:
     round_to: int = 8
 
 
-def rounded_keep(n: int, keep: int, opts: PlanOptions) -> int:
+def round_unit(group: Group, round_to: int) -> int:
+    """Keep a multiple of this many of ``group``'s channels, so that its weights keep a
+    multiple of ``round_to`` channels: a channel that spans ``group.width`` weight channels
+    (a GroupNorm group) needs fewer. Heads and the other kinds are few and whole: 1."""
+    if group.kind != "channels" or round_to <= 1:
+        return 1
+    return round_to // math.gcd(round_to, group.width)
+
+
+def rounded_keep(n: int, keep: int, unit: int) -> int:
+    """``keep`` of ``n`` rounded to a multiple of ``unit`` (at least one unit; a group of at
+    most one unit stays whole)."""
     keep = max(keep, 1)
-    if opts.round_to > 1:
-        if n <= opts.round_to:
+    if unit > 1:
+        if n <= unit:
             return n
-        keep = max(opts.round_to, int(round(keep / opts.round_to)) * opts.round_to)
+        keep = max(unit, int(round(keep / unit)) * unit)
     return min(keep, n)
 
 
 def uniform_keep(group: Group, ratio: float, opts: PlanOptions) -> int:
     """What ``ratio`` leaves of a group, rounded as ``plan_removals`` rounds it."""
     keep = group.size - int(np.floor(group.size * ratio + 1e-9))
-    round_opts = opts if group.kind == "channels" else PlanOptions(round_to=1)
-    return rounded_keep(group.size, keep, round_opts) if keep < group.size else group.size
+    return rounded_keep(group.size, keep, round_unit(group, opts.round_to)) if keep < group.size else group.size
 
 
 def plan_removals(groups: list[Group], scores: list[np.ndarray], opts: PlanOptions) -> list[np.ndarray]:
@@ -56,9 +67,7 @@ def plan_removals(groups: list[Group], scores: list[np.ndarray], opts: PlanOptio
         keeps = [g.size - int(np.floor(g.size * r + 1e-9)) for g, r in zip(groups, ratio_of)]
     removals = []
     for g, s, keep in zip(groups, scores, keeps):
-        # heads are few and whole: rounding them to hardware multiples makes no sense
-        round_opts = opts if g.kind == "channels" else PlanOptions(round_to=1)
-        keep = rounded_keep(g.size, keep, round_opts) if keep < g.size else g.size
+        keep = rounded_keep(g.size, keep, round_unit(g, opts.round_to)) if keep < g.size else g.size
         order = np.argsort(s, kind="stable")
         removals.append(np.sort(order[: g.size - keep]))
     return removals

@@ -334,6 +334,25 @@ def test_decomposed_group_norm_prunes_whole_groups(c, groups):
     assert _conv_weights(res.model)[0][0][0] == c // 2
 
 
+@pytest.mark.parametrize("c,groups,kept", [(32, 8, 16), (48, 4, 24), (24, 8, 24)])
+def test_decomposed_group_norm_rounds_weight_channels(c, groups, kept):
+    """The default rounding (keep a multiple of 8) counts conv filters, not GroupNorm groups:
+    8 groups of 4 filters lose 4 groups (16 filters kept), 4 groups of 12 lose 2 (24 kept);
+    8 groups of 3 filters stay whole (no fewer groups keep a multiple of 8 filters). Before,
+    a group of at most 8 GroupNorm groups was always left whole: every diffusers UNet block."""
+    g = Graph()
+    y = g.conv(g.input([1, 3, 6, 6]), 3, c)
+    r = g.op("Reshape", [y, g.const(np.array([0, groups, -1], np.int64))])
+    n = g.op("InstanceNormalization", [r, g.const(np.ones(groups, np.float32)), g.const(np.zeros(groups, np.float32))])
+    s = g.op("Reshape", [n, g.op("Shape", [y])])
+    s = g.op("Add", [g.op("Mul", [s, g.weight(c, 1, 1)]), g.weight(c, 1, 1)])
+    g.output(g.conv(g.op("Relu", [s]), c, 4))
+    res = spa.prune(g.model(), ratio=0.5, criterion="random", verify=True)
+    assert res.report["verify"]["ok"], res.report["verify"]
+    assert _conv_weights(res.model)[0][0][0] == kept
+    assert [grp["removed"] for grp in res.report["groups"]] == [(c - kept) // (c // groups)]
+
+
 def test_reshape_regrouping_without_common_axes_stays_whole():
     """[1, 8, 6] -> [1, 6, 8]: no axis of one is a product of axes of the other. Neither
     side may lose channels (the output side was left free: the MatMul's rows were cut and

@@ -27,6 +27,8 @@ class Group:
     kind: str = "channels"             # "channels" (conv channels, MLP neurons), "heads", "head-dims",
                                        # "group-width" (the same positions of every conv group), "hidden"
     reasons: list[dict] = field(default_factory=list)  # blocked: {"node", "op", "reason"} each
+    width: int = 1                     # weight channels per channel of the group: a GroupNorm
+                                       # group of C/G conv filters is one channel (see _width)
     _members: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -140,6 +142,27 @@ def _fixed_by_space(dep: Dependency) -> dict:
     return table
 
 
+def _width(dep: Dependency, group: Group) -> int:
+    """How many indices one channel of ``group`` spans in its weights: the fewest over its
+    initializer axes of rank >= 2 (conv kernels, matrices; not the 1-D biases and norm scales,
+    which a per-group GroupNorm scale would make 1). 1 for a plain conv channel or neuron; C/G
+    when GroupNorm ties the C/G filters of a group into one channel. Rounding to hardware
+    widths counts these weight channels (``spa.planner.round_unit``)."""
+    inits = dep.view.inits if dep.view is not None else {}
+    width = None
+    for space in group.spaces:
+        init = inits.get(space[0])
+        if init is None or len(init.dims) < 2:
+            continue
+        idx, which = group.member(dep, space)
+        if len(idx):
+            w = len(idx) // len(sorted_unique(which))
+            width = w if width is None else min(width, w)
+            if width == 1:
+                break
+    return width or 1
+
+
 def find_groups(dep: Dependency, constants: set[str] | None = None) -> tuple[list[Group], list[Group]]:
     """Return (prunable groups, blocked groups); only groups that own initializers count.
 
@@ -186,7 +209,9 @@ def find_groups(dep: Dependency, constants: set[str] | None = None) -> tuple[lis
                     "head-dims" if dep.head_dim_classes.intersection(key) and dep.attention == "head-dims" else
                     "group-width" if dep.group_width_classes.intersection(key) else
                     "channels")
-            prunable.append(Group(len(prunable), free, [s for c in key for s in dep.class_spaces[c]], kind=kind))
+            group = Group(len(prunable), free, [s for c in key for s in dep.class_spaces[c]], kind=kind)
+            group.width = _width(dep, group)
+            prunable.append(group)
         del free
         not_channel = any(r.startswith(NOT_CHANNEL) for r in fixed_reasons)
         fixed_reasons = [r for r in fixed_reasons if not r.startswith(NOT_CHANNEL)]
