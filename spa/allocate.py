@@ -294,7 +294,7 @@ def _top_up(groups, free, keeps: np.ndarray, ratio: float, opts, resource: Resou
         if not free[i] or keeps[i] >= g.size:
             continue
         trial = keeps.copy()
-        trial[i] = min(g.size, keeps[i] + (opts.round_to if g.kind == "channels" else 1))
+        trial[i] = min(g.size, keeps[i] + round_unit(g, opts.round_to))
         if resource.value(trial) <= goal:
             keeps = trial
     return keeps
