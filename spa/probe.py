@@ -6,7 +6,10 @@ the dim's name where they say something, else from candidates (images: 224, 320,
 multiples of 32; sequences and other dims: 16, 128, ...), the first at which onnxruntime runs
 the model on random inputs and every tensor's shape resolves. A dim name shared by several
 inputs gets one size; a symbolic leading dim is the batch (1), as is a dim named batch,
-unless its name says otherwise (``seq_len`` leading a sequence-first input is probed). The
+unless its name says otherwise (``seq_len`` leading a sequence-first input is probed). When
+no candidates run the model, an unnamed dim that may be the batch carried by another input
+(the first open dim of an input whose leading dim is static, as the batch of a recurrent
+state ``[layers, batch, hidden]``) is also tried at the batch size, 1. The
 written model keeps its symbolic dims; the oracle also runs at a second probe
 (``second_probe``), so a size constant that held only for the first is caught.
 """
@@ -22,7 +25,8 @@ import numpy as np
 import onnx
 
 from .errors import InputShapeError
-from .shapes import MAX_INPUT_VALUES, _check_input_size, graph_inputs, random_inputs, too_large
+from .shapes import (MAX_INPUT_VALUES, _check_input_size, compared_values, graph_inputs, is_open, random_inputs,
+                     too_large)
 
 __all__ = ["choose_probe", "second_probe", "describe", "IMAGE_SIZES", "OTHER_SIZES"]
 
@@ -49,7 +53,8 @@ class Dim:
     key: str = ""
     places: list = field(default_factory=list)            # (input, axis)
     kind: str | None = None                               # image, sequence; None: unknown
-    candidates: list = field(default_factory=list)        # (size, "metadata" | "name" | "candidate")
+    candidates: list = field(default_factory=list)        # (size, "metadata" | "name" | "candidate" | "batch")
+    batch: int | None = None                              # index of the batch size (1) among them, if it may be one
 
     @property
     def label(self) -> str:
@@ -155,16 +160,32 @@ def _open_dims(model: onnx.ModelProto, shapes: dict) -> tuple[list[Dim], dict]:
         dim.candidates = ([(hint, "metadata")] if hint and hint >= 1 else []) + [
             (s, source) for s in sizes if s != hint]
         found.append(dim)
+    leading = [vi.type.tensor_type.shape.dim[0] for vi in graph_inputs(model) if vi.type.tensor_type.shape.dim]
+    batched = any(is_open(d) and _kind_of_name(d.dim_param) in (None, "batch") for d in leading)
+    for dim in found:
+        if batched and dim.kind is None and any(_carries_batch(shapes[inp], axis) for inp, axis in dim.places):
+            dim.batch = next(k for k, (s, _) in enumerate(dim.candidates) if s == 1)
+            dim.candidates[dim.batch] = (1, "batch")
     return found, fixed
 
 
+def _carries_batch(shape: tuple, axis: int) -> bool:
+    """Whether ``axis`` may carry the batch of another input (one whose leading dim is open,
+    even where --input-shape fixed it): the first open dim of an input whose leading dim is
+    static (a recurrent state [layers, batch, hidden] beside [batch, ...])."""
+    return shape[0] is not None and axis == shape.index(None)
+
+
 def _tries(dims: list[Dim]):
-    """Assignments (one candidate index per dim): in lockstep, then mixes of the first few."""
+    """Assignments (one candidate index per dim): in lockstep; in lockstep again with the dims
+    that may be a batch at 1 (``Dim.batch``); then mixes of the first few."""
     seen = set()
     longest = max(len(d.candidates) for d in dims)
     lockstep = (tuple(min(k, len(d.candidates) - 1) for d in dims) for k in range(longest))
+    batch = (tuple(min(k, len(d.candidates) - 1) if d.batch is None else d.batch for d in dims)
+             for k in range(longest if any(d.batch is not None for d in dims) else 0))
     mixes = itertools.product(*(range(min(_PRODUCT, len(d.candidates))) for d in dims))
-    for pick in itertools.chain(lockstep, mixes):
+    for pick in itertools.chain(lockstep, batch, mixes):
         if pick not in seen:
             seen.add(pick)
             yield pick
@@ -272,6 +293,9 @@ def _template(shapes: dict) -> str:
 
 def _chosen(out, dims: list[Dim], pick, tried: int, runner: _Runner):
     out.probe = {"inputs": _info(dims, pick), "tried": tried}
+    values = compared_values(runner.model)
+    if values:  # random_inputs fed these the value the graph compares them with: say which branch ran
+        out.probe["values"] = values
     if runner.session is None:
         out.probe["ran"] = f"not run: onnxruntime cannot load the model ({runner.error})"
     log.info("%s", describe(out.probe))
@@ -282,10 +306,13 @@ def second_probe(model: onnx.ModelProto, shapes) -> tuple[dict | None, dict]:
     """Other sizes for the dims ``shapes.probe`` chose, the first at which the original
     ``model`` runs (each probed dim at a new size, where it has one to try): those input
     shapes, and what the report says about them (or why there are none)."""
-    chosen = shapes.probe.get("inputs", {})
+    chosen = {inp: {a: e for a, e in axes.items() if e.get("from") != "batch"}  # a batch stays 1
+              for inp, axes in shapes.probe.get("inputs", {}).items()}
     open_shapes = {inp: tuple(None if a in chosen.get(inp, {}) else s for a, s in enumerate(shape))
                    for inp, shape in shapes.input_shapes.items()}
     dims, fixed = _open_dims(model, open_shapes)
+    if not dims:
+        return None, {"skipped": "the only dims spa chose are batch sizes, which stay 1"}
     first = [chosen[d.places[0][0]][d.places[0][1]]["size"] for d in dims]
     runner = _Runner(model)
     if runner.session is None:
@@ -315,6 +342,9 @@ def describe(probe: dict) -> str:
                 seen.setdefault(e["dim"], f"{e['size']}" + (f" ({e['from']})" if source else ""))
         return ", ".join(f"{k}={v}" for k, v in seen.items())
     text = f"symbolic input dims analyzed at {sizes(probe.get('inputs', {}), True)}"
+    if probe.get("values"):
+        text += " with " + ", ".join(f"{k}={v}" for k, v in probe["values"].items()) + \
+            " (a value the graph compares with)"
     second = probe.get("second")
     if second and "inputs" in second:
         text += f", verified also at {sizes(second['inputs'], False)}"

@@ -12,10 +12,10 @@ import onnx
 from onnx import helper
 
 from .errors import InputShapeError, UnsupportedModelError
-from .model import _weightless, materialized, tensor_array
+from .model import _constant_value, _weightless, materialized, tensor_array
 
 __all__ = ["Shapes", "infer_shapes", "infer_skeleton", "parse_input_shapes", "random_inputs", "graph_inputs",
-           "is_open", "too_large", "SIZE_INPUTS", "MAX_INPUT_VALUES", "DATA_PROP_MAX"]
+           "is_open", "too_large", "compared_values", "SIZE_INPUTS", "MAX_INPUT_VALUES", "DATA_PROP_MAX"]
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,10 @@ MAX_INPUT_VALUES = 1 << 26
 
 def random_inputs(model: onnx.ModelProto, input_shapes: dict, rng: np.random.Generator,
                   batch: int | None = None) -> dict[str, np.ndarray]:
-    """Random feeds for every graph input: normal floats, small non-negative integers."""
+    """Random feeds for every graph input: normal floats, small non-negative integers; an
+    integer scalar the graph compares with a constant takes that constant (``compared_values``)."""
     feeds = {}
+    compared = compared_values(model)
     for inp in graph_inputs(model):
         shape = list(input_shapes[inp.name])
         if batch is not None and shape:
@@ -121,9 +123,44 @@ def random_inputs(model: onnx.ModelProto, input_shapes: dict, rng: np.random.Gen
             feeds[inp.name] = rng.standard_normal(shape).astype(np_type)
         elif np_type == np.bool_:
             feeds[inp.name] = rng.integers(0, 2, shape).astype(np.bool_)
+        elif inp.name in compared:
+            feeds[inp.name] = np.full(shape, compared[inp.name], np_type)
         else:
             feeds[inp.name] = rng.integers(0, 2, shape).astype(np_type)
     return feeds
+
+
+_COMPARISONS = {"Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual"}
+_INT_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
+              onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64}
+
+
+def compared_values(model: onnx.ModelProto) -> dict[str, int]:
+    """Integer scalar inputs that the main graph compares with a constant, and the first such
+    constant: a sample rate read as ``If(sr == 16000)`` is fed 16000, which selects a branch
+    the model was built for, where a small random integer selects the other one (or none that
+    runs). Only scalars: comparing token ids with a pad id must not make every id the pad."""
+    scalars = {vi.name for vi in graph_inputs(model)
+               if vi.type.tensor_type.elem_type in _INT_TYPES and vi.type.tensor_type.HasField("shape")
+               and all(d.HasField("dim_value") and d.dim_value == 1 for d in vi.type.tensor_type.shape.dim)}
+    pairs = [(n.input[i], n.input[1 - i]) for n in model.graph.node if n.op_type in _COMPARISONS
+             and len(n.input) == 2 for i in (0, 1) if n.input[i] in scalars] if scalars else []
+    if not pairs:
+        return {}
+    consts = {t.name: t for t in model.graph.initializer if t.name in {c for _, c in pairs}}
+    nodes = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant" and n.output}
+    out: dict[str, int] = {}
+    for name, other in pairs:
+        if other in consts and np.prod(consts[other].dims) == 1:
+            value = tensor_array(consts[other])
+        elif other in nodes:
+            value = _constant_value(nodes[other])
+        else:
+            continue
+        if value is not None and np.size(value) == 1 and np.asarray(value).dtype.kind in "iu":
+            out.setdefault(name, int(np.asarray(value).reshape(())))
+    return out
+
 
 
 def _tensor_shape(vi) -> tuple[int, ...] | None:

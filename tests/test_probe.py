@@ -267,3 +267,15 @@ def test_channel_split_with_bounds_computed_from_the_shape():
     r = assert_prunes(g.model(), ratio=0.4)
     assert sorted(grp["kept"] for grp in r.report["groups"]) == [3, 8]
     assert runs(r.model, (1, 3, 40, 56))
+
+
+def test_batch_size_for_a_state_dim_is_only_a_fallback():
+    """An unnamed first open dim of an input with a static leading dim (a state [layers, ?, ...])
+    may be the batch, but is tried at 1 only after the candidates: here they run."""
+    from spa.shapes import infer_shapes
+    g = Graph(opset=18)
+    x, y = g.input([None, None], "x"), g.input([3, None], "y")
+    g.output(g.op("Add", [x, g.op("ReduceMean", [y, g.const(np.array([0], np.int64))], keepdims=1)]))
+    s = infer_shapes(g.model())
+    assert s.input_shapes == {"x": (1, 16), "y": (3, 16)}
+    assert s.probe["inputs"]["y"][1]["from"] == "candidate" and "values" not in s.probe

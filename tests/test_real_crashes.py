@@ -178,7 +178,12 @@ def test_if_with_lstm_prunes(criterion, calib):
     assert _subgraphs(r.model) == _subgraphs(model), "a subgraph was changed"
     removed = sorted(g["removed"] for g in r.report["groups"] if g["removed"])
     assert removed == [4, 8]                               # conv stem 8 -> 4, MLP 16 -> 8
-    if criterion != "l1":
+    if criterion == "obspa" and calib:
+        # the 3 held-out samples ran through the If; the synthetic inputs feed sr the 16000 it is
+        # compared with, as the data does, so here the data-free statistics win that choice
+        assert r.report["data"]["held_out"]["held_out_samples"] == 3
+        assert r.report["data"]["held_out"]["chosen"] == "data-free" and r.report["data"]["samples"] == 64
+    elif criterion != "l1":
         assert r.report["data"]["samples"] == (12 if calib else 64)
 
 
@@ -232,3 +237,98 @@ def test_weight_read_inside_if_is_untouched():
         after = numpy_helper.to_array(next(t for t in r.model.graph.initializer if t.name == conv2.input[1]))
         np.testing.assert_array_equal(after, before)
         assert _subgraphs(r.model) == _subgraphs(model)
+
+
+# ---- Silero VAD as shipped: nothing named, sample rate chosen by value ---------------------
+
+
+def _frames_branch(name: str, u: str, rng, frame: int) -> onnx.GraphProto:
+    """Frames of ``frame`` samples (a strided Conv on the outer-scope [N, 1, L] signal, an
+    STFT's shape), mean over time, one LSTM step from the outer-scope state [2, N, H]: runs
+    only when L >= ``frame`` and the state's batch is the signal's."""
+    def w(suffix, *shape):
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), f"{name}_{suffix}")
+
+    inits = [w("conv", H, 1, frame), w("W", 1, 4 * H, H), w("R", 1, 4 * H, H), w("B", 1, 8 * H),
+             numpy_helper.from_array(np.array([2], np.int64), f"{name}_time"),
+             numpy_helper.from_array(np.array([0], np.int64), f"{name}_zero")]
+    nodes = [helper.make_node("Conv", [u, f"{name}_conv"], [f"{name}_c"], strides=[frame // 2], name=f"{name}_stft"),
+             helper.make_node("ReduceMean", [f"{name}_c", f"{name}_time"], [f"{name}_f"], keepdims=0,
+                              name=f"{name}_mean"),
+             helper.make_node("Split", ["state"], [f"{name}_h0", f"{name}_c0"], axis=0, num_outputs=2,
+                              name=f"{name}_split"),
+             helper.make_node("Unsqueeze", [f"{name}_f", f"{name}_zero"], [f"{name}_seq"], name=f"{name}_unsq"),
+             helper.make_node("LSTM", [f"{name}_seq", f"{name}_W", f"{name}_R", f"{name}_B", "", f"{name}_h0",
+                                       f"{name}_c0"], [f"{name}_y", f"{name}_h", f"{name}_cn"], hidden_size=H,
+                              name=f"{name}_lstm"),
+             helper.make_node("Squeeze", [f"{name}_h", f"{name}_zero"], [f"{name}_out"], name=f"{name}_sq"),
+             helper.make_node("Concat", [f"{name}_h", f"{name}_cn"], [f"{name}_state"], axis=0, name=f"{name}_cat")]
+    outs = [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info(f"{name}_state", TensorProto.FLOAT, None)]
+    return helper.make_graph(nodes, name, [], outs, inits)
+
+
+def shipped_vad() -> onnx.ModelProto:
+    """The silero-vad package's file: input [?, ?] and state [2, ?, H] with no dim names (so
+    nothing ties the state's batch to the input's), sr an int64 scalar compared with 16000 to
+    choose a 16 kHz branch (frames of 256) or an 8 kHz one (frames of 128); an MLP head."""
+    g = Graph(opset=18)
+    x = g.input([None, None], "input")
+    g.input([2, None, H], "state")
+    sr = g.input([], "sr", TensorProto.INT64)
+    u = g.op("Unsqueeze", [x, g.const(np.array([1], np.int64))])
+    cond = g.op("Equal", [sr, g.const(np.array(16000, np.int64))])
+    g.nodes.append(helper.make_node("If", [cond], ["feat", "new_state"], name="if_16k",
+                                    then_branch=_frames_branch("k16", u, g.rng, 256),
+                                    else_branch=_frames_branch("k8", u, g.rng, 128)))
+    z = g.op("Relu", [g.op("Add", [g.op("MatMul", ["feat", g.weight(H, 16)]), g.weight(16)])])  # prunable
+    g.output(g.op("Sigmoid", [g.op("MatMul", [z, g.weight(16, 1)])]))
+    g.output("new_state")
+    return g.model()
+
+
+@pytest.mark.parametrize("criterion", ["l1", "obspa"])
+def test_shipped_vad_probes_itself(criterion):
+    """No --input-shape: the candidates alone never ran it (the state's batch got 16, 128, ...
+    beside the input's batch 1, and sr a random 0 or 1). The state's first open dim is tried
+    at the batch size, sr is fed the 16000 it is compared with: the 16 kHz branch runs at 256
+    samples, and the oracle and the data-free statistics feed the same."""
+    model = shipped_vad()
+    r = assert_prunes(model, criterion=criterion)
+    rep = r.report
+    assert rep["input_shapes"] == {"input": [1, 256], "state": [2, 1, H], "sr": []}
+    probe = rep["probe"]
+    assert probe["inputs"]["state"][1] == {"dim": "state[1]", "size": 1, "from": "batch"}
+    assert probe["values"] == {"sr": 16000}
+    assert probe["second"] == {"inputs": {"input": {1: {"dim": "input[1]", "size": 512}}}}  # the batch stays 1
+    assert [g["removed"] for g in rep["groups"] if g["removed"]] == [8]
+    assert _subgraphs(r.model) == _subgraphs(model)
+    batches = Calibration(samples=3).batches(model, {"input": (1, 256), "state": (2, 1, H), "sr": ()})
+    assert all(b["sr"] == 16000 and b["state"].shape == (2, 1, H) for b in batches)
+    describe = spa.probe.describe(probe)
+    assert "state[1]=1 (batch)" in describe and "sr=16000" in describe
+
+
+def test_shipped_vad_with_the_input_fixed():
+    """--input-shape fixes the input only: the state's batch is still tried at 1, and as no
+    other dim was chosen there is no second probe."""
+    r = assert_prunes(shipped_vad(), criterion="l1", input_shapes={"input": (1, 512)})
+    assert r.report["input_shapes"]["state"] == [2, 1, H]
+    assert "batch sizes" in r.report["probe"]["second"]["skipped"]
+
+
+def test_compared_values_only_for_integer_scalars():
+    """A scalar compared with a constant (an initializer or a Constant node, either side) takes
+    that constant; token ids compared with a pad id keep random ids."""
+    from spa.shapes import compared_values, random_inputs
+    g = Graph()
+    ids = g.input(["N", "S"], "ids", TensorProto.INT64)
+    mode = g.input([1], "mode", TensorProto.INT32)
+    g.nodes.append(helper.make_node("Constant", [], ["three"], value=numpy_helper.from_array(np.array(3, np.int32))))
+    pad = g.op("Cast", [g.op("Equal", [ids, g.const(np.array(0, np.int64))])], to=TensorProto.FLOAT)
+    big = g.op("Cast", [g.op("Greater", ["three", mode])], to=TensorProto.FLOAT)
+    g.output(g.op("Mul", [pad, big]))
+    model = g.model()
+    assert compared_values(model) == {"mode": 3}
+    feeds = random_inputs(model, {"ids": (2, 5), "mode": (1,)}, np.random.default_rng(0))
+    assert feeds["mode"].tolist() == [3] and feeds["mode"].dtype == np.int32

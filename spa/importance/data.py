@@ -19,7 +19,7 @@ from onnx import helper
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ..errors import SpaError
-from ..shapes import graph_inputs, is_open
+from ..shapes import compared_values, graph_inputs, is_open
 from .selfgen import self_generated
 
 __all__ = ["BatchLayout", "Calibration", "ConsumerSpec", "consumer_specs", "collect_stats", "feeds_from", "im2col"]
@@ -248,7 +248,7 @@ def _token_ranges(model) -> dict[str, int]:
 
 def _synthetic(model, input_shapes, stats, samples, batch, seed, layout: BatchLayout):
     rng = np.random.default_rng(seed)
-    vocab = _token_ranges(model)
+    vocab, compared = _token_ranges(model), compared_values(model)
     for start in range(0, samples, batch):
         n = min(batch, samples - start) if layout.free else batch
         feeds = {}
@@ -269,6 +269,8 @@ def _synthetic(model, input_shapes, stats, samples, batch, seed, layout: BatchLa
                 feeds[vi.name] = x.astype(dtype)
             elif vi.name in vocab:  # token ids: uniform over the embedding table
                 feeds[vi.name] = rng.integers(0, vocab[vi.name], shape).astype(dtype)
+            elif vi.name in compared:  # a scalar the graph compares (a sample rate): that value
+                feeds[vi.name] = np.full(shape, compared[vi.name], dtype)
             else:  # masks attend everywhere; other integer inputs (token types) take 0
                 feeds[vi.name] = (np.ones if "mask" in vi.name.lower() else np.zeros)(shape, dtype=dtype)
         yield feeds
