@@ -414,7 +414,10 @@ def _merge_passes(first: PruneResult, second: PruneResult) -> PruneResult:
         rep["verify"] = v1 if "skipped" in v1 or "skipped" in v2 else v2 if v2.get("exact") is False else {
             "max_abs_error": max(v1["max_abs_error"], v2["max_abs_error"]),
             "max_rel_error": max(v1["max_rel_error"], v2["max_rel_error"]),
-            "ok": v1["ok"] and v2["ok"], "samples": v1["samples"]}
+            "ok": v1["ok"] and v2["ok"], "samples": v1["samples"],
+            "noise": max((v["noise"] for v in (v1, v2) if v.get("noise") is not None), default=None),
+            "rounded": v1.get("rounded", 0) + v2.get("rounded", 0),
+            "rounded_noise": v1.get("rounded_noise", 0) + v2.get("rounded_noise", 0)}
     return PruneResult(second.model, first.original, rep, first.source, first.files, first.plans + second.plans)
 
 
@@ -566,5 +569,4 @@ def _verify(a: Analysis, plan: Plan, result: PruneResult, verify, on_stage):
     report["verify"] = checked.as_dict()
     if not checked.ok:
         raise VerificationError(
-            f"pruned model differs from the masked original (max abs error {checked.max_abs:.3g}, "
-            f"relative {checked.max_rel:.3g}); please report this model")
+            f"pruned model differs from the masked original ({checked.describe()}); please report this model")

@@ -165,8 +165,12 @@ def cmd_prune(args) -> int:
                   f"{v['max_rel_error']:.3g}, mean cosine {v['mean_cosine']:.4f}")
         elif "verify" in rep:
             v = rep["verify"]
+            extra = f", within onnxruntime's own rewrite noise {v['noise']:.2g}" if v.get("noise") is not None else ""
+            if v.get("rounded"):
+                extra += (f", {v['rounded']} quantized elements off by whole steps where onnxruntime's own "
+                          f"kernels flip {v.get('rounded_noise', 0)}")
             print(f"verified: pruned == masked original (max abs error {v['max_abs_error']:.2g}, "
-                  f"relative {v['max_rel_error']:.2g})")
+                  f"relative {v['max_rel_error']:.2g}{extra})")
         if "budget" in rep:
             _print_budget(rep)
         for b in rep["blocked_nodes"][:10]:
