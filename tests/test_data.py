@@ -120,3 +120,25 @@ def test_calibration_pool_larger_than_asked_is_sampled_for_diversity():
     assert r.report["data"]["samples"] == 16 and r.report["verify"]["ok"]
     full = spa.prune(mlp(), ratio=0.5, criterion="obspa", round_to=1, calib=calib(64))
     assert full.report["data"]["samples"] == 64
+
+
+def test_one_pruning_writes_its_text_once(monkeypatch):
+    """Later steps (pruned models) and the data-free stand-in reuse the text the first model
+    wrote: a forward pass per token is the price of writing it."""
+    import spa.importance.selfgen as selfgen
+    writes = []
+    real = selfgen._write
+    monkeypatch.setattr(selfgen, "_write", lambda *a: writes.append(1) or real(*a))
+    monkeypatch.setattr(selfgen, "_WRITTEN", {})
+    cal = Calibration(samples=64)
+    first = cal.batches(_token_model(mix=False), {"ids": [1, 8]})
+    other = _token_model(mix=False)
+    other.graph.initializer[0].float_data[:] = []              # another model: its own digest
+    other.graph.initializer[0].raw_data = (np.eye(10, 16, dtype=np.float32) * 4).tobytes()
+    again = cal.without_data().batches(other, {"ids": [1, 8]})
+    assert len(writes) == 1 and np.array_equal(first[0]["ids"], again[0]["ids"])
+    selfgen._WRITTEN.clear()
+    r = spa.prune(_token_model(mix=False), ratio=0.5, steps=3, input_shapes={"ids": [1, 8]}, round_to=1,
+                  verify=False)
+    assert r.report["data"]["hessian_source"] == "text the model wrote itself (data-free)"
+    assert len(writes) == 2                  # 3 steps, 3 different models, one text

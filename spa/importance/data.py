@@ -38,10 +38,15 @@ class Calibration:
         self.select = select        # at most this many of the data's samples, chosen for diversity
         self.selected = None        # which ones (indices into the pool), once chosen
         self.generated = False      # the synthetic token ids were replaced by text the model wrote
+        # text written by the first model this calibration fed (the unpruned one), reused for
+        # the pruned models of later steps and the data-free stand-in (without_data)
+        self.written: dict = {}
 
     def without_data(self) -> "Calibration":
         """The same synthetic settings, no data: what data-free pruning would use."""
-        return Calibration(None, self.input_stats, self.samples, self.batch, self.seed)
+        stand_in = Calibration(None, self.input_stats, self.samples, self.batch, self.seed)
+        stand_in.written = self.written
+        return stand_in
 
     @property
     def source(self) -> str:
@@ -97,7 +102,7 @@ class Calibration:
             return feeds_from(data, model, input_shapes, batch, layout)
         batches = list(_synthetic(model, input_shapes, self.input_stats, self.samples, batch, self.seed, layout))
         vocab = _token_ranges(model)
-        written = self_generated(model, batches, vocab, self.seed, layout.free) if vocab else None
+        written = self_generated(model, batches, vocab, self.seed, layout.free, self.written) if vocab else None
         self.generated = written is not None
         return iter(written or batches)
 
