@@ -325,3 +325,28 @@ def test_dynamic_quantize_lstm_oracle_needs_silenced_units(tmp_path, monkeypatch
     q = quantized(tmp_path, export(tmp_path, "LSTM"))
     with pytest.raises(spa.VerificationError, match="differs from the masked original"):
         spa.prune(q, ratio=0.5, criterion="random", seed=0, round_to=1, verify=True)
+
+
+def zero_state_graph():
+    """The initial states as older exporters write them (ddddocr's OCR models): zeros of
+    ConstantOfShape(Concat([dirs], batch read from x's shape, [hidden]))."""
+    h, f, g = 8, 6, Graph(opset=17)
+    x = g.op("MatMul", [g.input([5, 2, 4]), g.weight(4, f)])
+    batch = g.op("Unsqueeze", [g.op("Gather", [g.op("Shape", [x]), g.const(np.array(1, np.int64))], axis=0),
+                               g.const(np.array([0], np.int64))])
+    shape = g.op("Concat", [g.const(np.array([2], np.int64)), batch, g.const(np.array([h], np.int64))], axis=0)
+    zeros = g.op("ConstantOfShape", [shape], value=onnx.helper.make_tensor("v", onnx.TensorProto.FLOAT, [1], [0.0]))
+    y = g.op("LSTM", [x, g.weight(2, 4 * h, f), g.weight(2, 4 * h, h), g.weight(2, 8 * h), "", zeros, zeros],
+             hidden_size=h, direction="bidirectional")
+    g.output(g.op("MatMul", [g.op("Reshape", [y, g.const(np.array([5, 2, 2 * h], np.int64))]), g.weight(2 * h, 3)]))
+    return g.model()
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_zero_state_from_constant_of_shape(tmp_path, dynamic):
+    """The hidden size is a literal of the state's shape vector: rewritten, not a block."""
+    model = quantized(tmp_path, zero_state_graph()) if dynamic else zero_state_graph()
+    r = assert_prunes(model)
+    node = (dq_nodes if dynamic else recurrent_nodes)(r.model)[0]
+    assert attr(node, "hidden_size") == 4
+    assert not [b for b in r.report["blocked"] if "ConstantOfShape" in b["reason"]]
