@@ -319,7 +319,7 @@ def test_dynamic_quantize_lstm_oracle_needs_silenced_units(tmp_path, monkeypatch
     enough: the unit's state still moves the dynamic quantization range of the others."""
     from spa.graph.rules import recurrent
 
-    def rows_only(ctx, weights, initial, hidden):
+    def rows_only(ctx, weights, initial):
         ctx.contract_integer(2, weights.cols, 11, zero_point_axes=(0,))
     monkeypatch.setattr(recurrent, "_silence", rows_only)
     q = quantized(tmp_path, export(tmp_path, "LSTM"))

@@ -123,7 +123,7 @@ def recurrent(ctx: NodeContext):
                     gated(q, n_gates, "gates")
                 else:
                     ctx.same(ctx.inp(q, 0), dirs)
-        reason = _silence(ctx, weights, initial, hidden)
+        reason = _silence(ctx, weights, initial)
         if reason:
             ctx.fix(hidden, reason)
     else:
@@ -132,7 +132,7 @@ def recurrent(ctx: NodeContext):
     return None
 
 
-def _silence(ctx: NodeContext, weights: Layout, initial: list[int], hidden) -> Reason | None:
+def _silence(ctx: NodeContext, weights: Layout, initial: list[int]) -> Reason | None:
     """DynamicQuantizeLSTM: where the oracle makes a removed unit's state exactly 0 (see the
     module's docstring), or why it cannot."""
     names = [a.decode() if isinstance(a, bytes) else a for a in (ctx.attr("activations") or [])]
