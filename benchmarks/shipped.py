@@ -172,8 +172,6 @@ NOTES = {
                            "layer goes at 0.3); the head groups count pairs of heads (a head is half a 32-row "
                            "block) and 0.3 of 2 rounds to 0. At 0.5 one pair of heads per layer goes. The report "
                            "says neither.",
-    "ddddocr_common_old": "pruned, but the recurrent part stays whole: com.microsoft.DynamicQuantizeLSTM has no "
-                          "rule (spa/graph/rules/recurrent.py covers LSTM/GRU/RNN only; 17 groups left whole).",
 }
 
 CONV_LIKE = {"Conv", "QLinearConv", "ConvInteger", "ConvTranspose", "FusedConv", "NhwcConv"}

@@ -32,8 +32,8 @@ def count_params(model: onnx.ModelProto) -> int:
 
 def count_macs(model: onnx.ModelProto, shapes) -> int:
     """MACs of Conv, ConvTranspose, Gemm and MatMul (their integer and quantized forms, and the
-    packed QKV projection of onnxruntime's fused Attention), LSTM, GRU, RNN and Einsum, from
-    static shapes. Elementwise work (bias adds, activations, gates, peepholes) is not counted."""
+    packed QKV projection of onnxruntime's fused Attention), LSTM (and DynamicQuantizeLSTM), GRU,
+    RNN and Einsum, from static shapes. Elementwise work (bias adds, activations, gates, peepholes) is not counted."""
     return sum(node_macs(node, shapes) for node in model.graph.node)
 
 
@@ -88,25 +88,27 @@ def _dense(node: onnx.NodeProto, shapes) -> list[Term]:
     return []
 
 
-from .graph.rules.recurrent import _GATES  # noqa: E402  (gates per hidden unit: the rule's table)
+from .graph.rules.recurrent import LAYOUTS  # noqa: E402  (where each recurrent op keeps its axes: the rule's table)
 
 
 def _recurrent(node: onnx.NodeProto, shapes) -> list[Term]:
-    """LSTM, GRU, RNN: every step of every direction multiplies the input by W [G*H, in] and
-    the state by R [G*H, H], so ``seq * batch * dirs * G * H * (in + H)`` as two terms, the
-    second one quadratic in the hidden share. LSTM's peepholes (3 * H elementwise products a
-    step) are not counted, like the gates' other elementwise work."""
+    """LSTM, GRU, RNN and DynamicQuantizeLSTM (counted as the LSTM it quantizes): every step
+    of every direction multiplies the input by W (G*H x in) and the state by R (G*H x H), so
+    ``seq * batch * dirs * G * H * (in + H)`` as two terms, the second one quadratic in the
+    hidden share. LSTM's peepholes (3 * H elementwise products a step) are not counted, like
+    the gates' other elementwise work."""
     x, w = node.input[0], node.input[1]
     r = node.input[2] if len(node.input) > 2 else ""
     xs, ws, rs = shapes.shape.get(x), shapes.shape.get(w), shapes.shape.get(r)
     hidden = _attr(node, "hidden_size")
     if xs is None or ws is None or rs is None or len(xs) != 3 or not hidden:
         return []
+    layout = LAYOUTS[node.op_type]
     seq, batch = (0, 1) if not _attr(node, "layout") else (1, 0)
-    common = int(xs[seq]) * int(xs[batch]) * int(ws[0]) * _GATES[node.op_type] * int(hidden)
-    steps = [(x, seq), (x, batch), (w, 0), (r, 2)]   # sequence, batch, directions, hidden
-    return [(common * int(xs[2]), steps + [(x, 2)]),        # W: input size
-            (common * int(hidden), steps + [(r, 2)])]       # R: hidden again
+    common = int(xs[seq]) * int(xs[batch]) * int(ws[0]) * layout.gates * int(hidden)
+    steps = [(x, seq), (x, batch), (w, 0), (r, layout.cols)]   # sequence, batch, directions, hidden
+    return [(common * int(xs[2]), steps + [(x, 2)]),               # W: input size
+            (common * int(hidden), steps + [(r, layout.cols)])]    # R: hidden again
 
 
 def _einsum(node: onnx.NodeProto, shapes) -> list[Term]:
@@ -130,7 +132,7 @@ def _einsum(node: onnx.NodeProto, shapes) -> list[Term]:
 
 _HANDLERS: dict[str, Callable[[onnx.NodeProto, object], list[Term]]] = {
     **{op: _dense for op in ("Conv", "FusedConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul", "Attention")},
-    **{op: _recurrent for op in _GATES},
+    **{op: _recurrent for op in LAYOUTS},
     "Einsum": _einsum,
 }
 

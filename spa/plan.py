@@ -69,7 +69,8 @@ class Plan:
     # (node, input index, axis) where a shrinking space is summed away: where the oracle's
     # interpreter zeroes the removed channels
     contractions: list[tuple[str, int, int]] = field(default_factory=list)
-    integer_contractions: list[tuple[str, int, int, int]] = field(default_factory=list)  # + zero point input
+    # + zero point input, and the axes its axes lie along (None: broadcast)
+    integer_contractions: list[tuple[str, int, int, int, tuple[int, ...] | None]] = field(default_factory=list)
 
     def kept_of(self, space: Space) -> np.ndarray | None:
         """Sorted kept indices of a space, or None when nothing of it is removed."""
@@ -183,7 +184,7 @@ def make_plan(analysis, removals, scores=None, notes: dict | None = None, update
         view = dep.view if dep.view is not None else GraphView.of(model, shapes)
         plan.contractions = [(n, k, axis) for n, k, axis in dep.couplings.contractions
                              if k < len(view.nodes[n].input) and (view.nodes[n].input[k], axis) in plan.kept]
-        plan.integer_contractions = [(n, k, axis, zp) for n, k, axis, zp in dep.couplings.integer_contractions
+        plan.integer_contractions = [(n, k, axis, *rest) for n, k, axis, *rest in dep.couplings.integer_contractions
                                      if (view.nodes[n].input[k], axis) in plan.kept]
 
         def size(space):

@@ -53,16 +53,18 @@ class OracleResult:
 
 def _insert_before(model: onnx.ModelProto, at: dict, insert):
     """For each node named in ``at`` (name -> entries, each naming an input index first),
-    ``insert(node, entry, taken)`` returns a node computing a replacement for that input,
-    placed just before the node, which then reads it instead. In place."""
+    ``insert(node, entry, taken)`` returns a node (or a list of nodes, the last one's output
+    the result) computing a replacement for that input, placed just before the node, which
+    then reads it instead. In place."""
     taken = tensor_names(model)
     new_nodes = []
     for node in model.graph.node:
         for entry in at.get(node.name, ()):
             made = insert(node, entry, taken)
             if made is not None:
-                new_nodes.append(made)
-                node.input[entry[0]] = made.output[0]
+                made = made if isinstance(made, list) else [made]
+                new_nodes.extend(made)
+                node.input[entry[0]] = made[-1].output[0]
         new_nodes.append(node)
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
@@ -125,21 +127,32 @@ def masked_model(model: onnx.ModelProto, plan: Plan, shapes) -> onnx.ModelProto:
     masked = mask_contractions(apply_updates(model, plan), plan.contractions, shapes, mask_of)[0]
 
     def to_zero_point(node, entry, taken):   # Where(kept, x, zero point)
-        k, axis, zp = entry
+        k, axis, zp, zp_axes = entry
         tensor = node.input[k]
         keep = mask_of((tensor, axis)).astype(bool)
-        shape = [1] * len(shapes.shape[tensor])
+        rank = len(shapes.shape[tensor])
+        shape = [1] * rank
         shape[axis] = len(keep)
         cond = unique_name(f"{node.name}__spa_keep{k}", taken)
         masked.graph.initializer.append(numpy_helper.from_array(keep.reshape(shape), cond))
-        if zp < len(node.input) and node.input[zp]:
+        made = []
+        if zp < len(node.input) and node.input[zp] and zp_axes is not None:
+            # the zero point's axes lie along zp_axes of the input: reshape it to broadcast there
+            zero = unique_name(f"{node.name}__spa_zero{k}", taken)
+            target = [1] * rank
+            for i, a in enumerate(zp_axes):
+                target[a] = shapes.shape[node.input[zp]][i]
+            shape_name = unique_name(f"{zero}_shape", taken)
+            masked.graph.initializer.append(numpy_helper.from_array(np.array(target, np.int64), shape_name))
+            made.append(helper.make_node("Reshape", [node.input[zp], shape_name], [zero], name=zero))
+        elif zp < len(node.input) and node.input[zp]:
             zero = node.input[zp]
         else:   # no zero point input: it is 0
             dtype = helper.tensor_dtype_to_np_dtype(shapes.dtype.get(tensor, onnx.TensorProto.UINT8))
             zero = unique_name(f"{node.name}__spa_zero{k}", taken)
             masked.graph.initializer.append(numpy_helper.from_array(np.zeros((), dtype), zero))
         out = unique_name(f"{cond}_out", taken)
-        return helper.make_node("Where", [cond, tensor, zero], [out], name=out)
+        return made + [helper.make_node("Where", [cond, tensor, zero], [out], name=out)]
 
     _insert_before(masked, _by_node(plan.integer_contractions), to_zero_point)
     return masked

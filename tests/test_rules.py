@@ -816,9 +816,21 @@ def test_eye_like_blocks_the_columns_it_is_added_to():
     assert removed_with(r, matmul_columns(model, 1)) == 0 and is_blocked(r, matmul_columns(model, 1))
 
 
-def test_constant_of_shape_blocks_what_it_is_added_to():
+def test_constant_of_shape_prunes_with_its_literal_size():
+    """One value everywhere, C a literal of its shape vector: the literal is rewritten and
+    the channels it is added to prune (it blocked them until the DynamicQuantizeLSTM work:
+    ddddocr's LSTM states are ConstantOfShape(Concat([2], batch, [512])))."""
     def middle(g, y):
         ones = g.op("ConstantOfShape", [g.const(np.array([1, C, 1, 1], np.int64))],
+                    value=onnx.helper.make_tensor("v", onnx.TensorProto.FLOAT, [1], [0.5]))
+        return g.op("Add", [y, ones]), C
+    assert_b_pruned(two_convs(middle))
+
+
+def test_constant_of_shape_blocks_a_size_read_from_a_shape():
+    """C read from y's shape: a number nothing rewrites (not a size slot), so it stays whole."""
+    def middle(g, y):
+        ones = g.op("ConstantOfShape", [g.op("Shape", [y])],
                     value=onnx.helper.make_tensor("v", onnx.TensorProto.FLOAT, [1], [0.5]))
         return g.op("Add", [y, ones]), C
     assert_b_blocked(two_convs(middle))

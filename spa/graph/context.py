@@ -57,9 +57,10 @@ class Couplings:
     mixing: list[tuple[Space, str]] = field(default_factory=list)
     free: set[Space] = field(default_factory=set)
     contractions: list[tuple[str, int, int]] = field(default_factory=list)  # node, input index, axis
-    # integer inputs summed over an axis: (node, input index, axis, index of its zero point input);
+    # integer inputs summed over an axis: (node, input index, axis, index of its zero point input,
+    # the input's axes that the zero point's axes lie along or None for numpy broadcasting);
     # the oracle sets removed channels to the zero point there (zero is not "nothing" in integers)
-    integer_contractions: list[tuple[str, int, int, int]] = field(default_factory=list)
+    integer_contractions: list[tuple[str, int, int, int, tuple[int, ...] | None]] = field(default_factory=list)
     batch: set[Space] = field(default_factory=set)  # MatMul batch axes: where attention heads live
     per_group: set[Space] = field(default_factory=set)  # per-group widths of grouped convolutions
     fixups: list = field(default_factory=list)  # Sizes/SliceBounds specs (see fixups.py)
@@ -240,11 +241,14 @@ class NodeContext:
         rank = len(self.in_shape(k))
         self.out.contractions.append((self.name, k, axis % rank))
 
-    def contract_integer(self, k: int, axis: int, zero_point: int):
+    def contract_integer(self, k: int, axis: int, zero_point: int, zero_point_axes: tuple[int, ...] | None = None):
         """Integer input k is summed over this axis with the zero point of input
-        ``zero_point``: where the oracle sets removed channels to that zero point."""
+        ``zero_point``: where the oracle sets removed channels to that zero point.
+        ``zero_point_axes``: the axes of input k that the zero point's axes lie along, where
+        numpy broadcasting would misplace them (a zero point [dirs] of a weight [dirs, in, out])."""
         rank = len(self.in_shape(k))
-        self.out.integer_contractions.append((self.name, k, axis % rank, zero_point))
+        axes = None if zero_point_axes is None else tuple(a % rank for a in zero_point_axes)
+        self.out.integer_contractions.append((self.name, k, axis % rank, zero_point, axes))
 
     def sizes(self, where: tuple[str, object], old, entries: dict[int, Space], scalar: bool = False,
               drop: tuple[str, ...] = ()):

@@ -186,6 +186,18 @@ def shape(ctx: NodeContext):
             ctx.free(ctx.inp(0, i))
 
 
-@rule("ConstantOfShape", "Range", "EyeLike", "RandomNormalLike", "RandomUniformLike")
+@rule("Range", "EyeLike", "RandomNormalLike", "RandomUniformLike")
 def generator(ctx: NodeContext):
     return None  # outputs are fixed (unmentioned); inputs are sizes
+
+
+@rule("ConstantOfShape")
+def constant_of_shape(ctx: NodeContext):
+    """One value everywhere: an axis whose size is a literal of the shape vector (the hidden
+    size in an exporter's zero initial state, Concat(batch read from a shape, 512)) may
+    shrink, the literal rewritten; sizes read from shapes stay fixed (see SIZE_SLOTS)."""
+    shape, sources = ctx.const(0), ctx.size_sources(0)
+    if shape is None or sources is None:
+        return None
+    ctx.sizes(("vector", 0), shape, {p: ctx.outp(0, p) for p, (v, src) in enumerate(zip(np.ravel(shape), sources))
+                                     if src == ("const",) and v > 1})
