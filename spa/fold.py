@@ -11,7 +11,10 @@ what the dynamo exporter's constant folding writes for the same layer.
 Only chains of nodes that read initializers alone, end in the weight input of a Conv,
 ConvTranspose, Gemm or MatMul, and contain a reduction or a normalization are computed; a
 dequantized, cast or transposed weight stays as it is (folding it would undo the quantization
-or widen the stored type). The computed weight may be at most ``GROWTH`` times the
+or widen the stored type). So is a scatter of constants into a constant (torchvision's swin v2
+zeroes the key third of its qkv bias, ``qkv_bias[C:2C].zero_()``, which the legacy exporter
+writes as a ScatterND on the bias on every run): a scatter's written axes have no rule, so
+the bias, and every head and width the qkv projection carries, stayed whole. The computed weight may be at most ``GROWTH`` times the
 initializers it is computed from, every intermediate value included, so a declared shape
 cannot make the fold allocate more than the weights do.
 """
@@ -27,6 +30,7 @@ from onnx import helper, numpy_helper
 log = logging.getLogger(__name__)
 
 WEIGHT_SLOTS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
+SCATTERS = {"ScatterND", "ScatterElements", "Scatter"}
 MIXING = {"BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization",
           "LpNormalization", "MeanVarianceNormalization"}
 GROWTH = 4
@@ -34,7 +38,8 @@ GROWTH = 4
 
 def fold_normalized_weights(model: onnx.ModelProto) -> list[str]:
     """Replace, in place, each weight computed from initializers through a reduction or a
-    normalization by its value; returns the weights folded."""
+    normalization, and each scatter of constants into a constant, by its value; returns the
+    tensors folded."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     producer = {o: n for n in g.node for o in n.output if o}
@@ -50,6 +55,11 @@ def fold_normalized_weights(model: onnx.ModelProto) -> list[str]:
         if chain and any(n.op_type in MIXING or n.op_type.startswith("Reduce") for n in chain) and \
                 not any(o in read for o in producer[name].output if o and o != name):
             folds[name] = chain
+    for node in g.node:     # a constant written into a constant
+        if node.op_type in SCATTERS and node.domain in ("", "ai.onnx") and node.output[0] not in folds:
+            chain = _constant_chain(node.output[0], producer, inits, position)
+            if chain:
+                folds[node.output[0]] = chain
     if not folds:
         return []
     sizes = _inferred_sizes(model)
@@ -57,6 +67,7 @@ def fold_normalized_weights(model: onnx.ModelProto) -> list[str]:
     for name, chain in folds.items():
         sources = {i for n in chain for i in n.input if i in inits}
         budget = GROWTH * sum(_elements(inits[s]) for s in sources) + 1024
+        sizes.update(_chain_sizes(chain, inits, sizes))
         if any(sizes.get(o) is None or sizes[o] > budget for n in chain for o in n.output if o):
             continue
         value = _evaluate(model, chain, [inits[s] for s in sources], name)
@@ -70,7 +81,7 @@ def fold_normalized_weights(model: onnx.ModelProto) -> list[str]:
         del g.node[:]
         g.node.extend(keep)
         _drop_unused(model)
-        log.info("weights normalized at run time computed once: %s", ", ".join(done))
+        log.info("weights computed at run time computed once: %s", ", ".join(done))
     return done
 
 
@@ -103,6 +114,33 @@ def _inferred_sizes(model: onnx.ModelProto) -> dict[str, int]:
         if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
             sizes[vi.name] = int(np.prod([d.dim_value for d in tt.shape.dim], dtype=np.int64))
     return sizes
+
+
+def _chain_sizes(chain, inits: dict, sizes: dict) -> dict[str, int]:
+    """Element counts that shape inference leaves unknown in a constant chain where a size
+    is an initializer behind Identity nodes (the legacy exporter's deduplicated constants):
+    Identity keeps its input's, Reshape too, Expand broadcasts its input to a known shape."""
+    shapes = {n: tuple(t.dims) for n, t in inits.items()}
+    values = {}
+    found = {}
+    for n in chain:
+        ins = [shapes.get(i) for i in n.input]
+        if n.op_type == "Identity" and ins[0] is not None:
+            shapes[n.output[0]] = ins[0]
+            if n.input[0] in inits and len(ins[0]) <= 1:
+                values[n.output[0]] = numpy_helper.to_array(inits[n.input[0]])
+        elif n.op_type == "Expand" and ins[0] is not None:
+            target = values.get(n.input[1])
+            if target is None and n.input[1] in inits:
+                target = numpy_helper.to_array(inits[n.input[1]])
+            if target is not None:
+                shapes[n.output[0]] = np.broadcast_shapes(ins[0], tuple(int(v) for v in np.ravel(target)))
+        elif n.op_type == "Reshape" and ins[0] is not None:
+            found[n.output[0]] = int(np.prod(ins[0], dtype=np.int64))
+        for o in n.output:
+            if o in shapes and o not in found:
+                found[o] = int(np.prod(shapes[o], dtype=np.int64))
+    return {o: v for o, v in found.items() if sizes.get(o) is None}
 
 
 def _elements(t: onnx.TensorProto) -> int:

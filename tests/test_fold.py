@@ -100,3 +100,20 @@ def test_timm_scaled_std_conv_prunes_from_either_exporter(dynamo, tmp_path):
     torch.onnx.export(Net().eval(), (torch.randn(1, 3, 8, 8),), str(path), **kw)
     r = assert_prunes(onnx.load(str(path)), ratio=0.5, criterion="l1")
     assert r.report["after"]["macs"] < 0.4 * r.report["before"]["macs"]
+
+
+def test_bias_written_by_a_scatter_is_computed_once():
+    """swin v2's ``qkv_bias[C:2C].zero_()``, as the legacy exporter writes it: a ScatterND of
+    zeros into the bias on every run. Computed once, the bias is a plain initializer and the
+    projection's channels prune."""
+    g = Graph(seed=2)
+    x = g.input([1, 4, 6])
+    shape = g.op("Identity", [g.const(np.array([4], np.int64))])    # sizes behind Identity: not inferred
+    zeros = g.op("Reshape", [g.op("Expand", [g.const(np.float32(0)), shape]), g.op("Identity", [shape])])
+    bias = g.op("ScatterND", [g.op("Identity", [g.weight(12)]), g.const(np.arange(4, 8, dtype=np.int64)[:, None]),
+                              zeros])
+    h = g.op("Relu", [g.op("Add", [bias, g.op("MatMul", [x, g.weight(6, 12)])])])
+    g.output(g.op("MatMul", [h, g.weight(12, 3)]))
+    model = g.model()
+    r = assert_prunes(model)
+    assert not any(n.op_type == "ScatterND" for n in r.model.graph.node)

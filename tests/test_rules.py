@@ -572,8 +572,9 @@ def test_cumsum_and_gather_elements_keep_channels_free():
     assert_prunes(sandwich(middle))
 
 
-def test_reshape_size_read_from_another_tensor_ties_the_two():
-    """x.view(b, n, other.shape[-1]): the output width must stay equal to ``other``'s."""
+def test_reshape_size_read_from_another_tensor():
+    """x.view(b, n, other.shape[-1]): the width read is a Concat piece of its own, which
+    becomes a constant when either width changes, so the two are pruned apart."""
     g = Graph()
     x = g.input([1, 4, 6])
     other = g.op("Relu", [g.op("MatMul", [x, g.weight(6, 8)])])          # (1, 4, 8), prunable
@@ -588,6 +589,60 @@ def test_reshape_size_read_from_another_tensor_ties_the_two():
     g.output(g.op("Add", [g.op("MatMul", [merged, g.weight(8, 3)]), g.op("MatMul", [other, g.weight(8, 3)])]))
     r = assert_prunes(g.model())
     assert r.report["verify"]["ok"]
+
+
+def _shape_dim(g, t, axis):
+    """Unsqueeze(Gather(Shape(t), axis)): a size the legacy exporter reads at run time."""
+    d = g.op("Gather", [g.op("Shape", [t]), g.const(np.array(axis, np.int64))])
+    return g.op("Unsqueeze", [d, g.const(np.array([0], np.int64))])
+
+
+def _legacy_window_attention(g, x, c=8, heads=2, n=4):
+    """torchvision's shifted_window_attention as the legacy exporter writes it: the head
+    size is ``C // heads`` computed from the input's width (Shape -> Gather -> Div -> Cast),
+    the scale ``(C // heads) ** -0.5`` reads it as a number, and the output is reshaped to
+    ``(b, n, C)`` with C read from the input again."""
+    c_dim = g.op("Gather", [g.op("Shape", [x]), g.const(np.array(2, np.int64))])
+    head = g.op("Cast", [g.op("Div", [c_dim, g.const(np.array(heads, np.int64))])], to=7)
+    target = g.op("Concat", [_shape_dim(g, x, 0), _shape_dim(g, x, 1), g.const(np.array([3, heads], np.int64)),
+                             g.op("Unsqueeze", [head, g.const(np.array([0], np.int64))])], axis=0)
+    qkv = g.op("Add", [g.op("MatMul", [x, g.weight(c, 3 * c)]), g.weight(3 * c)])
+    qkv = g.op("Transpose", [g.op("Reshape", [qkv, target])], perm=[2, 0, 3, 1, 4])     # 3, b, h, n, d
+    q, k, v = (g.op("Gather", [qkv, g.const(np.array(i, np.int64))], axis=0) for i in range(3))
+    scale = g.op("Pow", [g.op("Cast", [head], to=1), g.const(np.array(-0.5, np.float32))])
+    att = g.op("Softmax", [g.op("MatMul", [g.op("Mul", [q, scale]), g.op("Transpose", [k], perm=[0, 1, 3, 2])])],
+               axis=-1)
+    o = g.op("Transpose", [g.op("MatMul", [att, v])], perm=[0, 2, 1, 3])                # b, n, h, d
+    back = g.op("Concat", [_shape_dim(g, o, 0), _shape_dim(g, o, 1), _shape_dim(g, x, 2)], axis=0)
+    return g.op("Add", [g.op("MatMul", [g.op("Reshape", [o, back]), g.weight(c, c)]), g.weight(c)])
+
+
+@pytest.mark.parametrize("attention", ["heads", "head-dims"])
+def test_legacy_window_attention_sizes_computed_from_the_width(attention):
+    """Heads (or head dims) are pruned although the output size is read from the input's
+    width and the head size is computed from it: those pieces become constants."""
+    g = Graph()
+    x = g.input([1, 4, 8])
+    g.output(g.op("MatMul", [_legacy_window_attention(g, x), g.weight(8, 3)]))
+    r = assert_prunes(g.model(), ratio=None, **{attention.replace("-", "_"): 0.5})
+    assert {grp["kind"] for grp in r.report["groups"] if grp["removed"]} == {attention}
+
+
+def test_size_read_from_a_pruned_width_keeps_its_old_value():
+    """out.view(b, n, other.shape[-1]) where ``out`` cannot shrink (a graph output) but
+    ``other`` can: the piece read from ``other`` becomes the constant it was."""
+    g = Graph()
+    x = g.input([1, 4, 6])
+    other = g.op("Relu", [g.op("MatMul", [x, g.weight(6, 8)])])
+    h = g.op("MatMul", [x, g.weight(6, 8)])
+    t = g.op("Transpose", [g.op("Reshape", [h, g.const(np.array([1, 4, 2, 4], np.int64))])], perm=[0, 1, 3, 2])
+    target = g.op("Concat", [g.const(np.array([1, 4], np.int64)), _shape_dim(g, other, 2)], axis=0)
+    g.output(g.op("Reshape", [t, target]))
+    g.output(g.op("MatMul", [other, g.weight(8, 3)]))
+    r = assert_prunes(g.model())
+    assert [grp["removed"] for grp in r.report["groups"]] == [4]
+    concat = next(n for n in r.model.graph.node if n.op_type == "Concat")
+    assert concat.input[1] in {t.name for t in r.model.graph.initializer}
 
 
 def test_scatter_nd_passes_trailing_channels():

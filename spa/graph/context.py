@@ -18,6 +18,9 @@ from .fixups import SliceBounds, Sizes, Space
 
 __all__ = ["Space", "NodeContext", "Couplings", "NOT_CHANNEL", "Reason"]
 
+# Integer arithmetic a size may go through on its way to a size vector (x.size(-1) // heads)
+_SIZE_ARITHMETIC = {"Div", "Mul", "Add", "Sub", "Mod", "Max", "Min", "Neg", "Abs"}
+
 # Reason prefix for axes a rule leaves unmapped (kernel, spatial, size vectors): they are not
 # channels, so the report does not list them as blocked groups.
 NOT_CHANNEL = "not a channel axis of "
@@ -110,8 +113,27 @@ class NodeContext:
     def size_sources(self, k: int) -> list | None:
         """Where each entry of size-vector input k comes from: ``("dim", tensor, axis)`` when
         it is read from a shape (Shape -> Gather/Slice -> Unsqueeze -> Concat), ``("const",)``
-        when it is a constant, ``None`` when computed otherwise. None if not traceable."""
+        when it is a constant, ``("expr", ((tensor, axis), ...))`` when it is integer arithmetic
+        on constants and the sizes listed (the legacy exporter's ``C // num_heads``:
+        Shape -> Gather -> Div -> Cast), ``None`` when computed otherwise. None if not traceable."""
         return self._sources(self.node.input[k], 0) if self.has_input(k) else None
+
+    def concat_pieces(self, k: int) -> list[int] | None:
+        """For each entry of size-vector input k, how many entries the Concat input holding
+        it has (1: the entry is a piece of its own, which the rewrite can replace alone);
+        None when input k is not made by a Concat."""
+        node = self._producers.get(self.node.input[k]) if self.has_input(k) else None
+        if node is None or node.op_type != "Concat":
+            return None
+        out = []
+        for name in node.input:
+            value = self.const_of(name)
+            shape = self.shape(name) if value is None else np.shape(value)
+            if shape is None:
+                return None
+            n = int(np.prod(shape))
+            out.extend([n] * n)
+        return out
 
     def _sources(self, name: str, depth: int):
         if depth > 8:
@@ -138,6 +160,23 @@ class NodeContext:
             if inner is None or idx is None:
                 return None
             return [inner[int(i) % len(inner)] for i in np.ravel(idx)]
+        if op in _SIZE_ARITHMETIC:
+            parts = [self._sources(i, depth + 1) for i in node.input]
+            if any(p is None for p in parts) or len({len(p) for p in parts} - {1}) > 1:
+                return None
+            n = max(len(p) for p in parts)
+            out = []
+            for j in range(n):
+                reads = set()
+                for p in parts:
+                    src = p[j if len(p) > 1 else 0]
+                    if src is None:
+                        reads = None
+                        break
+                    reads.update([src[1:]] if src[0] == "dim" else src[1] if src[0] == "expr" else [])
+                # constants only: still computed (the rewrite edits constant pieces only)
+                out.append(None if reads is None else ("expr", tuple(sorted(reads))))
+            return out
         if op == "Slice" and len(node.input) >= 3:
             inner = self._sources(node.input[0], depth + 1)
             starts, ends = self.const_of(node.input[1]), self.const_of(node.input[2])
@@ -251,11 +290,13 @@ class NodeContext:
         self.out.integer_contractions.append((self.name, k, axis % rank, zero_point, axes))
 
     def sizes(self, where: tuple[str, object], old, entries: dict[int, Space], scalar: bool = False,
-              drop: tuple[str, ...] = ()):
+              drop: tuple[str, ...] = (), frozen: dict[int, list[Space]] | None = None):
         """After pruning, entry p of the node's size vector or attribute ``where`` (see
-        ``fixups.Sizes``) holds the new size of ``entries[p]``."""
+        ``fixups.Sizes``) holds the new size of ``entries[p]``; a ``frozen`` entry, a piece
+        computed from the sizes of the spaces listed, becomes a constant when one changes."""
+        frozen = tuple((p, tuple((s, self.out.sizes[s]) for s in reads)) for p, reads in (frozen or {}).items())
         self.out.fixups.append(Sizes(self.name, where, tuple(int(v) for v in np.ravel(old)),
-                                     tuple(entries.items()), scalar, tuple(drop)))
+                                     tuple(entries.items()), scalar, tuple(drop), frozen))
 
     def slice_bounds(self, starts, ends, entries, as_attrs: bool):
         self.out.fixups.append(SliceBounds(self.name, tuple(int(v) for v in starts),

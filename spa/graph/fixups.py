@@ -30,7 +30,13 @@ class Sizes:
     ``("input", k)`` (input k becomes a constant), or ``("vector", k)`` (input k is a size
     vector that may be computed from shapes: only its constant pieces are rewritten, pieces
     read from shapes follow the pruned tensors by themselves). ``drop`` names attributes
-    the new value supersedes (Split's ``num_outputs``)."""
+    the new value supersedes (Split's ``num_outputs``).
+
+    ``frozen`` lists entries of a computed ``vector`` that are pieces of their own, computed
+    from other sizes (``other.shape[-1]``, ``x.size(-1) // heads``): position, then the spaces
+    read with their sizes. Such a piece becomes a constant, the new size of its entry, when
+    that size or one of the sizes read changes; both are channel widths then, fixed by weights,
+    so the constant is the value it would have had."""
 
     node: str
     where: tuple[str, object]
@@ -38,6 +44,7 @@ class Sizes:
     entries: tuple[tuple[int, Space], ...]   # position in the vector -> space whose size goes there
     scalar: bool = False
     drop: tuple[str, ...] = ()
+    frozen: tuple[tuple[int, tuple[tuple[Space, int], ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -121,7 +128,9 @@ def resolve(spec: Fixup, view: GraphView, kept: Callable[[Space], np.ndarray | N
     new = np.array(spec.old, dtype=np.int64)
     for p, space in spec.entries:
         new[p] = new_size(space)
-    if np.array_equal(new, spec.old):
+    freeze = {p for p, reads in spec.frozen
+              if new[p] != spec.old[p] or any(new_size(s) != n for s, n in reads)}
+    if np.array_equal(new, spec.old) and not freeze:
         return []
     edits = [DropAttr(spec.node, a) for a in spec.drop]
     kind, target = spec.where
@@ -129,7 +138,7 @@ def resolve(spec: Fixup, view: GraphView, kept: Callable[[Space], np.ndarray | N
         value = int(new[0]) if spec.scalar else tuple(int(v) for v in new)
         return [*edits, SetAttr(spec.node, target, value)]
     return [*edits, *_vector_edits(view, spec.node, target, np.array(spec.old), new,
-                                   computed=kind == "vector")]
+                                   computed=kind == "vector", freeze=freeze)]
 
 
 def _slice_edits(spec: SliceBounds, view, kept, new_size) -> list[Edit]:
@@ -157,15 +166,15 @@ def _slice_edits(spec: SliceBounds, view, kept, new_size) -> list[Edit]:
             *_vector_edits(view, spec.node, 2, ends, new_ends, computed)]
 
 
-def _vector_edits(view, node_name, k, old, new, computed) -> list[Edit]:
+def _vector_edits(view, node_name, k, old, new, computed, freeze=frozenset()) -> list[Edit]:
     node = view.nodes[node_name]
     name = node.input[k] if k < len(node.input) else ""
-    if np.array_equal(old, new) and (computed or name in view.inits):
+    if np.array_equal(old, new) and (computed or name in view.inits) and not freeze:
         return []
     dtype = tensor_array(view.inits[name]).dtype if name in view.inits else np.asarray(old).dtype
     if computed and name not in view.inits:
         edits: list[Edit] = []
-        if _vector_pieces(view, name, np.asarray(old), np.asarray(new), edits, 0):
+        if _vector_pieces(view, name, np.asarray(old), np.asarray(new), edits, 0, freeze):
             return edits
     # a constant, or computed in a way not understood: the values it had at analysis
     return [SetInput(node_name, k, name, np.asarray(new).astype(dtype))]
@@ -177,13 +186,16 @@ _SHAPE_OPS = {"Shape", "Size", "Slice", "Gather", "Squeeze", "Unsqueeze"}
 _VECTOR_OPS = {"Where", "Equal", "Mul", "Add", "Sub", "Max", "Min", "Cast", "Identity", "Abs"}
 
 
-def _vector_pieces(view, name, old, new, edits, depth) -> bool:
-    """Edits for the constant parts of a computed size vector; False where its structure is
-    not one of the understood ones (a Concat of pieces, elementwise ops over them)."""
+def _vector_pieces(view, name, old, new, edits, depth, freeze=frozenset()) -> bool:
+    """Edits for the constant parts of a computed size vector, and for the pieces in
+    ``freeze`` (positions of pieces of their own, made constants); False where its structure
+    is not one of the understood ones (a Concat of pieces, elementwise ops over them)."""
     if depth > 4:
         return False
     producer = view.producers.get(name)
     if producer is None:
+        return False
+    if freeze and producer.op_type != "Concat":
         return False
     if producer.op_type in _SHAPE_OPS:  # read from tensors: follows their pruned sizes
         return True
@@ -204,7 +216,11 @@ def _vector_pieces(view, name, old, new, edits, depth) -> bool:
     for k, piece in enumerate(producer.input):
         value, reader, at = _constant_piece(view, producer, k)
         size = int(np.prod(view.shapes.shape.get(piece, (1,)))) if value is None else value.size
-        if value is not None and not np.array_equal(value.ravel(), new[start:start + size]):
+        if value is None and freeze.intersection(range(start, start + size)):
+            if size != 1:
+                return False
+            edits.append(SetInput(producer.name, k, piece, new[start:start + 1].astype(np.int64)))
+        elif value is not None and not np.array_equal(value.ravel(), new[start:start + size]):
             edits.append(SetInput(reader.name, at, reader.input[at],
                                   new[start:start + size].reshape(value.shape).astype(value.dtype)))
         start += size

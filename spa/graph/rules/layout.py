@@ -123,13 +123,36 @@ def reshape(ctx: NodeContext):
         return None
     if not ctx.is_initializer(1) and ctx.const(1) is None:
         return f"Reshape {ctx.name!r}: target shape unknown"
-    tie_read_sizes(ctx, 1)
     target = ctx.const(1)
     allowzero = int(ctx.attr("allowzero", 0))
     # -1 (inferred) and 0 (copied) follow the pruned input by themselves
-    ctx.sizes(("vector", 1), target, {j: ctx.outp(0, j) for j, v in enumerate(np.ravel(target))
-                                      if v != -1 and (v != 0 or allowzero)})
+    entries = {j: ctx.outp(0, j) for j, v in enumerate(np.ravel(target)) if v != -1 and (v != 0 or allowzero)}
+    ctx.sizes(("vector", 1), target, entries, frozen=computed_sizes(ctx, 1, entries))
     return None
+
+
+def computed_sizes(ctx: NodeContext, k: int, entries: dict) -> dict:
+    """Entries of size vector k computed from other sizes: ``x.view(b, n, other.shape[-1])``,
+    ``qkv.reshape(b, n, 3, heads, C // heads)`` as the legacy exporter writes them (Shape ->
+    Gather -> Div -> Cast -> Unsqueeze -> Concat). Such an entry, a Concat piece of its own,
+    becomes a constant once its own size or a size it reads changes (``fixups.Sizes``), so the
+    output axis and the axes read need not keep equal widths: attention heads need not follow
+    the residual width their output size is read from. An entry read from a shape that shares
+    its Concat piece with others (``x.shape[:2]``) ties the axis to the one it is read from.
+    Returns {position: spaces read}."""
+    pieces = ctx.concat_pieces(k)
+    frozen, out = {}, ctx.node.output[0]
+    for j, src in enumerate(ctx.size_sources(k) or []):
+        if src == ("const",) or j not in entries:
+            continue
+        reads = [src[1:]] if src and src[0] == "dim" else list(src[1]) if src and src[0] == "expr" else []
+        if reads == [(out, j)]:
+            continue
+        if pieces is not None and pieces[j] == 1 and all(ctx.shape(t) is not None for t, _ in reads):
+            frozen[j] = [ctx.space(t, a) for t, a in reads]
+        elif src and src[0] == "dim" and ctx.shape(src[1]) is not None:
+            ctx.same(ctx.outp(0, j), ctx.space(src[1], src[2]))
+    return frozen
 
 
 @rule("Transpose")
