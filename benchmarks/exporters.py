@@ -48,7 +48,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import blocking_op  # noqa: E402
+from _common import blocking_op, interleaved_latency  # noqa: E402
 REPO = HERE.parent
 FOREIGN = REPO / "models" / "foreign"
 RESULTS = HERE / "results" / "exporters.jsonl"
@@ -326,7 +326,7 @@ def child_measure(name: str, cache: str, out_json: str) -> int:
     # the pruned model must be a valid file that onnxruntime loads
     try:
         onnx.checker.check_model(result.model, full_check=True)
-        _session(result.model, threads=1)
+        spa.runtime.session(result.model, threads=1)
         res["valid"] = True
     except BaseException as e:  # noqa: BLE001
         res["valid"] = False
@@ -338,8 +338,8 @@ def child_measure(name: str, cache: str, out_json: str) -> int:
         try:
             rng = np.random.default_rng(1)
             feeds = {k: rng.standard_normal(v).astype(np.float32) for k, v in extra["dyn_check"].items()}
-            yo = _session(result.original, threads=1).run(None, feeds)
-            yp = _session(result.model, threads=1).run(None, feeds)
+            yo = spa.runtime.session(result.original, threads=1).run(None, feeds)
+            yp = spa.runtime.session(result.model, threads=1).run(None, feeds)
             same = [a.shape == b.shape for a, b in zip(yo, yp)]
             res["dyn_check"] = "ok" if all(same) else f"output shapes differ {[a.shape for a in yo]} vs {[b.shape for b in yp]}"
         except BaseException as e:  # noqa: BLE001
@@ -353,7 +353,7 @@ def child_measure(name: str, cache: str, out_json: str) -> int:
             data = {k: f[k] for k in f.files}
 
         def acc(model):
-            sess = _session(model, threads=1)
+            sess = spa.runtime.session(model, threads=1)
             x, y = data[inp], data["label"]
             pred = np.concatenate([sess.run([out_name], {inp: x[i:i + 500]})[0].argmax(1)
                                    for i in range(0, len(x), 500)])
@@ -366,14 +366,8 @@ def child_measure(name: str, cache: str, out_json: str) -> int:
         dump()
 
     # latency, interleaved, one thread
-    try:
-        lat_shapes = rep.get("input_shapes") or shapes or {}
-        probe = spa.bench.latency([result.original], lat_shapes, runs=3, warmup=1, threads=1)[0]
-        runs = int(max(20, min(500, LATENCY_BUDGET_S / max(probe * 2, 1e-6))))
-        lo, lp = spa.bench.latency([result.original, result.model], lat_shapes, runs=runs, threads=1)
-        res["latency"] = {"original_s": lo, "pruned_s": lp, "ratio": lp / lo, "runs": runs}
-    except BaseException as e:  # noqa: BLE001
-        res["latency"] = {"error": f"{type(e).__name__}: {_first_line(str(e))}"}
+    res["latency"] = interleaved_latency(result.original, result.model, rep.get("input_shapes") or shapes or {},
+                                         LATENCY_BUDGET_S, 20, 500)
     dump()
     return 0
 

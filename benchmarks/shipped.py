@@ -51,7 +51,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import README, blocking_op, load_rows, update_readme_markers  # noqa: E402
+from _common import README, blocking_op, interleaved_latency, load_rows, update_readme_markers  # noqa: E402
 from exporters import (_first_line, _git_rev, _last_error_line, _machine, _run,  # noqa: E402
                        classify_blocks)
 
@@ -505,14 +505,8 @@ def measure_ratio(path: str, ratio: float) -> dict:
         nothing = res["after"] == res["before"]
         res["status"] = "no-op" if nothing else "pruned"
     if res["status"] in ("pruned", "oracle-fail"):
-        try:
-            shapes = rep.get("input_shapes") or {}
-            probe = spa.bench.latency([result.original], shapes, runs=3, warmup=1, threads=1)[0]
-            runs = int(max(10, min(300, LATENCY_BUDGET_S / max(probe * 2, 1e-6))))
-            lo, lp = spa.bench.latency([result.original, result.model], shapes, runs=runs, threads=1)
-            res["latency"] = {"original_s": lo, "pruned_s": lp, "ratio": lp / lo, "runs": runs}
-        except BaseException as e:  # noqa: BLE001
-            res["latency"] = {"error": f"{type(e).__name__}: {_first_line(str(e))}"}
+        res["latency"] = interleaved_latency(result.original, result.model, rep.get("input_shapes") or {},
+                                             LATENCY_BUDGET_S, 10, 300)
     return res
 
 

@@ -44,7 +44,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import blocking_op  # noqa: E402
+from _common import blocking_op, interleaved_latency  # noqa: E402
 REPO = HERE.parent
 RESULTS = HERE / "results" / "torchvision_sweep.jsonl"
 META = HERE / "results" / "torchvision_sweep.meta.json"
@@ -196,14 +196,8 @@ def worker_measure(path: str, out_json: str) -> int:
     dump()
 
     # latency: probe one run of the original, then size the interleaved loop
-    try:
-        shapes = rep["input_shapes"]
-        probe = spa.bench.latency([result.original], shapes, runs=2, warmup=1, threads=1)[0]
-        runs = int(max(10, min(500, LATENCY_BUDGET_S / max(probe * 1.7, 1e-6))))
-        lo, lp = spa.bench.latency([result.original, result.model], shapes, runs=runs, threads=1)
-        res["latency"] = {"original_s": lo, "pruned_s": lp, "ratio": lp / lo, "runs": runs}
-    except BaseException as e:  # noqa: BLE001
-        res["latency"] = {"error": f"{type(e).__name__}: {_first_line(str(e))}"}
+    res["latency"] = interleaved_latency(result.original, result.model, rep["input_shapes"], LATENCY_BUDGET_S,
+                                         10, 500, probe_factor=1.7)
     dump()
     return 0
 

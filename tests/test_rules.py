@@ -313,11 +313,8 @@ def test_group_norm_21_with_exporter_value_info():
     assert_prunes(model, ratio=0.5)
 
 
-@pytest.mark.parametrize("c,groups", [(16, 2), (16, 4), (16, 8)])
-def test_decomposed_group_norm_prunes_whole_groups(c, groups):
-    """The exporters' GroupNorm: Reshape [N, G, -1] -> InstanceNormalization -> Reshape to
-    the input's shape -> Mul/Add per channel. C = G x C/G: whole groups go, G is rewritten,
-    whichever of G and C/G is larger (C/G*H*W is normalized over, so C/G cannot carry)."""
+def _decomposed_group_norm(c, groups):
+    """conv -> Reshape [N, G, -1] -> InstanceNormalization -> Reshape back -> Mul/Add -> conv."""
     g = Graph()
     y = g.conv(g.input([1, 3, 6, 6]), 3, c)
     r = g.op("Reshape", [y, g.const(np.array([0, groups, -1], np.int64))])
@@ -325,7 +322,15 @@ def test_decomposed_group_norm_prunes_whole_groups(c, groups):
     s = g.op("Reshape", [n, g.op("Shape", [y])])
     s = g.op("Add", [g.op("Mul", [s, g.weight(c, 1, 1)]), g.weight(c, 1, 1)])
     g.output(g.conv(g.op("Relu", [s]), c, 4))
-    res = assert_prunes(g.model(), ratio=0.5)
+    return g.model()
+
+
+@pytest.mark.parametrize("c,groups", [(16, 2), (16, 4), (16, 8)])
+def test_decomposed_group_norm_prunes_whole_groups(c, groups):
+    """The exporters' GroupNorm: Reshape [N, G, -1] -> InstanceNormalization -> Reshape to
+    the input's shape -> Mul/Add per channel. C = G x C/G: whole groups go, G is rewritten,
+    whichever of G and C/G is larger (C/G*H*W is normalized over, so C/G cannot carry)."""
+    res = assert_prunes(_decomposed_group_norm(c, groups), ratio=0.5)
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in res.model.graph.initializer}
     first = [n for n in res.model.graph.node if n.op_type == "Reshape"][0]
     inorm = [n for n in res.model.graph.node if n.op_type == "InstanceNormalization"][0]
@@ -340,14 +345,7 @@ def test_decomposed_group_norm_rounds_weight_channels(c, groups, kept):
     8 groups of 4 filters lose 4 groups (16 filters kept), 4 groups of 12 lose 2 (24 kept);
     8 groups of 3 filters stay whole (no fewer groups keep a multiple of 8 filters). Before,
     a group of at most 8 GroupNorm groups was always left whole: every diffusers UNet block."""
-    g = Graph()
-    y = g.conv(g.input([1, 3, 6, 6]), 3, c)
-    r = g.op("Reshape", [y, g.const(np.array([0, groups, -1], np.int64))])
-    n = g.op("InstanceNormalization", [r, g.const(np.ones(groups, np.float32)), g.const(np.zeros(groups, np.float32))])
-    s = g.op("Reshape", [n, g.op("Shape", [y])])
-    s = g.op("Add", [g.op("Mul", [s, g.weight(c, 1, 1)]), g.weight(c, 1, 1)])
-    g.output(g.conv(g.op("Relu", [s]), c, 4))
-    res = spa.prune(g.model(), ratio=0.5, criterion="random", verify=True)
+    res = spa.prune(_decomposed_group_norm(c, groups), ratio=0.5, criterion="random", verify=True)
     assert res.report["verify"]["ok"], res.report["verify"]
     assert _conv_weights(res.model)[0][0][0] == kept
     assert [grp["removed"] for grp in res.report["groups"]] == [(c - kept) // (c // groups)]
