@@ -78,7 +78,7 @@ RATIOS = {
     "mlp": [0.14, 0.28, 0.41, 0.55, 0.68],
     # spa's budget: keep this share of the parameters, heads and MLP neurons allocated by the
     # measured output change per parameter saved (spa.prune(params=..., allocation="measured"))
-    "allocated": [0.9, 0.8, 0.7, 0.6],
+    "allocated": [0.9, 0.8],
 }
 SPA_ONLY = {"allocated"}
 

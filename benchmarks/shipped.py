@@ -134,44 +134,32 @@ FAMILIES = {
 # hand-written diagnoses of the runs that did not prune cleanly (rendered under the table); each
 # names the rule or check in spa/ it comes from. Re-check them when the results change.
 NOTES = {
-    "silero_vad": "refused by the probe (spa/probe.py): its dims are unnamed (neither dim_param nor dim_value), "
-                  "so nothing ties `state[1]` (the batch, second axis) to `input[0]`; the probe tries `input[1]` "
-                  "and `state[1]` with the sequence candidates (16, 128, ...) and never 1 for `state[1]`, and the "
-                  "int64 scalar `sr` is drawn at random (1), which selects the 8 kHz branch of the top-level If. "
-                  "With `--input-shape input=1,256 state=2,1,128` it loads, but is a no-op like the next row: every "
-                  "weight lives inside the If subgraphs.",
+    "silero_vad": "no-op: the probe now runs it (its unnamed `state[1]` tried at 1 as the batch, `sr` fed the "
+                  "16000 the graph compares it with; spa/probe.py, spa/shapes.py), but every weight lives inside "
+                  "the top-level If's branches and their nested Ifs, and spa analyses the main graph only.",
     "silero_vad_op18_ifless": "no-op: the whole network is inside the top-level If's branches, and spa analyses "
                               "the main graph only; every tensor a subgraph reads from the outer scope is fixed "
                               "(\"used inside a subgraph of node\", spa/graph/dependency.py) and If has no rule.",
-    "ppocrv5_det": "oracle false positive, not a wrong rule: at 0.3 the output is a sigmoid map whose maximum on "
-                   "the random image is ~5e-5 (deep in the sigmoid's tail), so the oracle's bound `RTOL * max|masked|` "
-                   "(spa/verify.py, RTOL = 1e-4) is ~5e-9 absolute; the masked original run with and without "
-                   "onnxruntime's graph optimizations differs by the same 3.6e-3 relative as pruned vs masked. "
-                   "At 0.5 it fails at the second probe (320, output max ~9e-4) with 2.3e-4 relative, less than "
-                   "the masked original's own optimized-vs-unoptimized difference there (2.6e-4); at 224 the "
-                   "0.5 pruning passes with 3e-5, the same as that difference (3.2e-5 to 3.4e-5).",
-    "silero_vad_16k_op15": "oracle false positive at the second probe (512) at 0.3 only: the output is a "
-                           "probability of ~4e-4 (sigmoid tail); pruned vs masked differ by 1.57e-4 relative "
-                           "with onnxruntime's default optimizations and by 0 with both unoptimized, so the "
-                           "difference is how onnxruntime fuses the two graphs, not the pruning "
-                           "(tolerance in spa/verify.py, RTOL = 1e-4 of max|output|).",
-    "resnet18_qdq": "oracle false positive for a QDQ graph: both graphs are compared unfused (spa/verify.py's QDQ "
-                    "branch), and the first random sample matches exactly, but on the second one output element "
-                    "differs by exactly one step of the output's quantization scale (0.0425): a float sum in the "
-                    "pruned Conv (fewer terms, another accumulation order) lands on the other side of a "
-                    "QuantizeLinear rounding boundary. The oracle's tolerance is not quantization-aware (an "
-                    "error of one output scale step should pass for QDQ outputs).",
+    "ppocrv5_det": "passes the oracle since the tolerance counts onnxruntime's own rewrite noise: its output is a "
+                   "sigmoid map of maximum ~5e-5, where the masked original with and without graph optimizations "
+                   "differs by as much (3.6e-3 relative) as pruned vs masked (spa/verify.py, float_tolerance).",
+    "silero_vad_16k_op15": "passes the oracle at the second probe (512) since the tolerance counts onnxruntime's "
+                           "rewrite noise: pruned vs masked differ by 1.57e-4 relative with default "
+                           "optimizations and by 0 with both unoptimized.",
+    "resnet18_qdq": "passes the oracle since the tolerance allows quantization steps: about 14 % of the 1000 "
+                    "logits land one output step (0.0425) off, as many as the masked original's own fused vs "
+                    "unoptimized runs flip (spa/verify.py, rounding_ok); a wrong pruning moves ~99 % by up to "
+                    "129 steps.",
     "bert_mha_nbits4": "no-op by design: MatMulNBits's default asymmetric 4-bit zero points pack two blocks per byte, "
                        "so every MatMulNBits block axis is fixed (spa/graph/rules/quantized.py, "
                        "\"packs the 4-bit zero points\"); the "
                        "MultiHeadAttention heads are read by those MatMulNBits too.",
     "bert_mha_nbits4_sym": "at 0.3 nothing is removed although 4 groups are free: the MLP groups count 4 units "
-                           "(blocks of 32 neurons) and the default `round_to=8` is applied to the unit count "
-                           "(spa/planner.py `rounded_keep`: a group of at most 8 units is kept whole), so the MLP of "
-                           "a MatMulNBits model never loses a block by default (with `round_to=1` one block per "
-                           "layer goes at 0.3); the head groups count pairs of heads (a head is half a 32-row "
-                           "block) and 0.3 of 2 rounds to 0. At 0.5 one pair of heads per layer goes. The report "
-                           "says neither.",
+                           "(blocks of 32 neurons) and the default `round_to=8` rounds that unit count "
+                           "(spa/planner.py `round_unit`: Group.width counts the packed block axis as 1), so the "
+                           "MLP of a MatMulNBits model never loses a block by default (with `round_to=1` one block "
+                           "per layer goes at 0.3); the head groups count pairs of heads (a head is half a 32-row "
+                           "block) and 0.3 of 2 rounds to 0. At 0.5 one pair of heads per layer goes.",
 }
 
 CONV_LIKE = {"Conv", "QLinearConv", "ConvInteger", "ConvTranspose", "FusedConv", "NhwcConv"}
