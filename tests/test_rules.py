@@ -260,6 +260,73 @@ def test_reshape_flatten_into_matmul():
     assert_prunes(g.model())
 
 
+def _concat_flatten_gemm(pieces, hw=6):
+    """x [1, 6, hw, hw] -> pieces(g, x) -> Concat(axis 1) -> Flatten -> Gemm -> out; the Gemm
+    weight's rows (``<w>[0]``) follow the concatenated channels, hw * hw rows each."""
+    g = Graph()
+    x = g.input([1, 6, hw, hw])
+    parts, c = pieces(g, x)
+    f = g.op("Flatten", [g.op("Concat", parts, axis=1)], axis=1)
+    w = g.weight(c * hw * hw, 5)
+    g.output(g.op("Gemm", [f, w]))
+    return g.model(), w + "[0]"
+
+
+def _flatten_rows_follow(model, rows, *filters):
+    """Each conv named by index in ``filters`` loses channels in a group holding ``rows``."""
+    r = assert_prunes(model, ratio=0.25)
+    for k in filters:
+        grp = [grp for grp in r.report["groups"] if conv_filters(model, k) in grp["members"]]
+        assert grp and grp[0]["removed"] > 0 and rows in grp[0]["members"]
+    return r
+
+
+def test_flatten_of_concat_with_a_fixed_piece():
+    """Concat of a prunable conv and the graph input (fixed) -> Flatten: the merged axis
+    (10 x 6 x 6) has no free factor, only a partly free one, which must still carry the
+    channels (it used to be treated as fixed: the Gemm rows were left out of the conv's group
+    and the pruned model failed)."""
+    model, rows = _concat_flatten_gemm(lambda g, x: ([g.op("Relu", [g.conv(x, 6, 4)]), x], 10))
+    _flatten_rows_follow(model, rows, 0)
+
+
+def test_flatten_of_concat_with_a_grouped_conv_piece():
+    """The hypothesis case: a grouped conv (6 -> 2, group 2: its groups cannot be pruned, the
+    input's per-group width of 3 carries) feeds two convs, and all three are concatenated, then
+    flattened into a Gemm: the two convs' groups take their Gemm rows along."""
+    def pieces(g, x):
+        y = g.op("Relu", [g.conv(g.op("Relu", [g.conv(x, 6, 6)]), 6, 2, group=2)])
+        a = g.op("Relu", [g.conv(y, 2, 4)])
+        return [a, g.conv(y, 2, 4), y], 10
+    model, rows = _concat_flatten_gemm(pieces)
+    _flatten_rows_follow(model, rows, 2, 3)
+
+
+def test_flatten_of_concat_of_prunable_convs():
+    """Control: every piece prunable, the channel axis carries as before."""
+    def pieces(g, x):
+        return [g.op("Relu", [g.conv(x, 6, 4)]), g.conv(x, 6, 6)], 10
+    model, rows = _concat_flatten_gemm(pieces)
+    _flatten_rows_follow(model, rows, 0, 1)
+
+
+def test_partly_fixed_factor_beside_a_free_one_is_fixed():
+    """A merged axis [6 (4 prunable rows of W0, 2 of a graph input), 8 (W1's columns)]: the
+    free factor carries, so the partly free one must be fixed whole (it was left free, and
+    W0's rows were removed without the rows of W2 that read them)."""
+    g = Graph()
+    x, x2 = g.input([1, 3, 5]), g.input([1, 2, 5], name="x2")
+    p = g.op("MatMul", [g.weight(4, 3), x])
+    h = g.op("Relu", [g.op("MatMul", [g.op("Concat", [p, x2], axis=1), g.weight(5, 8)])])
+    f = g.op("Reshape", [h, g.const(np.array([1, -1], np.int64))])
+    g.output(g.op("MatMul", [f, g.weight(48, 3)]))
+    model = g.model()
+    r = assert_prunes(model)
+    w0 = [n for n in model.graph.node if n.op_type == "MatMul"][0].input[0] + "[0]"
+    assert is_blocked(r, w0)
+    assert removed_with(r, matmul_columns(model, 1)) > 0
+
+
 # ---- normalization -------------------------------------------------------------------------
 
 def test_batch_norm():

@@ -6,8 +6,9 @@ in one class must be removed together. ``product`` (a merged axis such as Flatte
 a grouped Conv's groups x channels) ties each index of the whole to the index of one factor,
 the *carrier*: the largest factor not already fixed (first, every factor of an axis that
 can lose no index is fixed too), unless a mode prefers one (``attention``: heads or head dims;
-``conv_groups="width"``: a grouped conv's per-group width). The other factors are fixed, so a
-merged axis loses whole slices of its carrier, which is always a valid structured removal.
+``conv_groups="width"``: a grouped conv's per-group width); failing that, the largest factor
+only partly fixed (a Concat of a prunable and a fixed piece). The other factors are fixed, so
+a merged axis loses whole slices of its carrier, which is always a valid structured removal.
 
 Memory follows what can be pruned, not what a file declares. Only same-classes connected
 (through ``offset``/``product`` couplings) to an initializer axis can ever hold a prunable or
@@ -460,13 +461,19 @@ def _unite_product(uf: _UnionFind, block, sizes, whole, factors, node, proto=Non
         return
     if not factors:
         return
-    free = [f for f in factors if not uf.block_fixed(*block(f))]
-    if not free:
+    # A factor is free when none of its indices is fixed, partly free when only some are (a
+    # Concat of a prunable piece and a fixed one, merged by a Flatten): the carrier is a free
+    # factor if there is one, else a partly free one (its fixed indices fix the slices of the
+    # whole they carry). Every other factor that can still lose an index is fixed whole: a
+    # factor neither carrying nor fixed would lose channels the whole does not follow.
+    open_ = [f for f in factors if not uf.block_all_fixed(*block(f))]
+    if not open_:
         uf.fix_block(w0, wn, uf.block_reason(*block(factors[0])))
         return
+    free = [f for f in open_ if not uf.block_fixed(*block(f))] or open_
     candidates = [f for f in free if f in preferred] if preferred else []
     carrier = max(candidates or free, key=lambda f: sizes[f])
-    for f in free:
+    for f in open_:
         if f != carrier:
             uf.fix_block(*block(f), Reason(f"node {node!r} merges this axis with a larger one that carries the channels",
                                            "merged", node, proto and proto.op_type))
