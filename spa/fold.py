@@ -22,6 +22,7 @@ cannot make the fold allocate more than the weights do.
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import onnx
@@ -34,6 +35,9 @@ SCATTERS = {"ScatterND", "ScatterElements", "Scatter"}
 MIXING = {"BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization",
           "LpNormalization", "MeanVarianceNormalization"}
 GROWTH = 4
+# a chain through these is not folded: random values differ per run, and folding a dequantized
+# or cast weight would undo its quantization or widen its stored type
+KEPT = {"Bernoulli", "Multinomial", "DequantizeLinear", "DynamicQuantizeLinear", "Cast", "CastLike"}
 
 
 def fold_normalized_weights(model: onnx.ModelProto) -> list[str]:
@@ -63,7 +67,7 @@ def fold_normalized_weights(model: onnx.ModelProto) -> list[str]:
     if not folds:
         return []
     sizes = _inferred_sizes(model)
-    done = []
+    done, folded, folded_sources = [], [], set()
     for name, chain in folds.items():
         sources = {i for n in chain for i in n.input if i in inits}
         budget = GROWTH * sum(_elements(inits[s]) for s in sources) + 1024
@@ -76,11 +80,13 @@ def fold_normalized_weights(model: onnx.ModelProto) -> list[str]:
         g.initializer.append(numpy_helper.from_array(value, name))
         inits[name] = g.initializer[-1]
         done.append(name)
+        folded.append(chain)
+        folded_sources |= sources
     if done:
         keep = [n for n in g.node if not set(n.output) & set(done)]
         del g.node[:]
         g.node.extend(keep)
-        _drop_unused(model)
+        _drop_unused(model, folded, folded_sources - set(done))
         log.info("weights computed at run time computed once: %s", ", ".join(done))
     return done
 
@@ -95,7 +101,7 @@ def _constant_chain(name: str, producer: dict, inits: dict, position: dict) -> l
             continue
         seen.add(t)
         n = producer.get(t)
-        if n is None or n.domain not in ("", "ai.onnx") or n.op_type.startswith("Random") or \
+        if n is None or n.domain not in ("", "ai.onnx") or n.op_type.startswith("Random") or n.op_type in KEPT or \
                 any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
             return None
         chain[id(n)] = n
@@ -104,15 +110,22 @@ def _constant_chain(name: str, producer: dict, inits: dict, position: dict) -> l
 
 
 def _inferred_sizes(model: onnx.ModelProto) -> dict[str, int]:
+    """Element counts shape inference works out, on the weightless skeleton (the guarded data
+    propagation of ``infer_skeleton``) and with the file's own value_info left out: a declared
+    shape is a claim, not a measurement."""
+    from .model import _weightless
+    from .shapes import infer_skeleton
+    skeleton = _weightless(model)
+    del skeleton.graph.value_info[:]
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        inferred = infer_skeleton(skeleton)
     except Exception:       # an unknown op or an inconsistent graph: nothing is folded
         return {}
     sizes = {}
     for vi in inferred.graph.value_info:
         tt = vi.type.tensor_type
-        if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
-            sizes[vi.name] = int(np.prod([d.dim_value for d in tt.shape.dim], dtype=np.int64))
+        if tt.HasField("shape") and all(d.HasField("dim_value") and d.dim_value >= 0 for d in tt.shape.dim):
+            sizes[vi.name] = math.prod(d.dim_value for d in tt.shape.dim)
     return sizes
 
 
@@ -133,18 +146,21 @@ def _chain_sizes(chain, inits: dict, sizes: dict) -> dict[str, int]:
             target = values.get(n.input[1])
             if target is None and n.input[1] in inits:
                 target = numpy_helper.to_array(inits[n.input[1]])
-            if target is not None:
-                shapes[n.output[0]] = np.broadcast_shapes(ins[0], tuple(int(v) for v in np.ravel(target)))
+            try:
+                if target is not None:
+                    shapes[n.output[0]] = np.broadcast_shapes(ins[0], tuple(int(v) for v in np.ravel(target)))
+            except ValueError:      # a target that cannot broadcast: its size stays unknown
+                pass
         elif n.op_type == "Reshape" and ins[0] is not None:
-            found[n.output[0]] = int(np.prod(ins[0], dtype=np.int64))
+            found[n.output[0]] = math.prod(ins[0])
         for o in n.output:
-            if o in shapes and o not in found:
-                found[o] = int(np.prod(shapes[o], dtype=np.int64))
+            if o in shapes and o not in found and all(d >= 0 for d in shapes[o]):
+                found[o] = math.prod(shapes[o])
     return {o: v for o, v in found.items() if sizes.get(o) is None}
 
 
 def _elements(t: onnx.TensorProto) -> int:
-    return int(np.prod(t.dims, dtype=np.int64))
+    return math.prod(t.dims)
 
 
 def _evaluate(model, chain, sources, name) -> np.ndarray | None:
@@ -158,20 +174,22 @@ def _evaluate(model, chain, sources, name) -> np.ndarray | None:
         return None
 
 
-def _drop_unused(model: onnx.ModelProto):
-    """Nodes whose outputs nothing reads any more, then initializers nothing reads."""
+def _drop_unused(model: onnx.ModelProto, chains: list, sources: set[str]):
+    """The folded chains' nodes whose outputs nothing reads any more, then those of their
+    source initializers nothing reads; the rest of the graph stays as it is (an unread
+    initializer may be an input's default)."""
     g = model.graph
+    outputs = {o for chain in chains for n in chain for o in n.output}
     while True:
         read = {i for n in g.node for i in n.input} | {o.name for o in g.output} | _subgraph_reads(g)
-        dead = [n for n in g.node if not any(o in read for o in n.output if o)]
+        dead = {i for i, n in enumerate(g.node) if set(n.output) <= outputs and not any(o in read for o in n.output if o)}
         if not dead:
             break
-        ids = {id(n) for n in dead}
-        keep = [n for n in g.node if id(n) not in ids]
+        keep = [n for i, n in enumerate(g.node) if i not in dead]
         del g.node[:]
         g.node.extend(keep)
     read = {i for n in g.node for i in n.input} | {o.name for o in g.output} | _subgraph_reads(g)
-    keep_inits = [t for t in g.initializer if t.name in read]
+    keep_inits = [t for t in g.initializer if t.name in read or t.name not in sources]
     if len(keep_inits) != len(g.initializer):
         del g.initializer[:]
         g.initializer.extend(keep_inits)

@@ -117,3 +117,49 @@ def test_bias_written_by_a_scatter_is_computed_once():
     model = g.model()
     r = assert_prunes(model)
     assert not any(n.op_type == "ScatterND" for n in r.model.graph.node)
+
+
+def _matmul_chain(nodes, inits, value_info=()):
+    from onnx import TensorProto, helper
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    return helper.make_model(helper.make_graph(nodes + [helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y],
+                                               inits, value_info=list(value_info)),
+                             opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_fold_trusts_no_declared_shape_and_survives_a_bad_expand():
+    """A value_info claiming a 3000 x 3000 fill is 1 x 1 does not get it computed; an Expand
+    that cannot broadcast leaves the chain as it is (no traceback)."""
+    from onnx import TensorProto, helper, numpy_helper
+    fill = [numpy_helper.from_array(np.array([3000, 3000], np.int64), "shape"),
+            numpy_helper.from_array(np.array([1], np.int64), "axes")]
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["big"],
+                              value=numpy_helper.from_array(np.array([1.0], np.float32))),
+             helper.make_node("ReduceSum", ["big", "axes"], ["w0"], keepdims=1),
+             helper.make_node("Slice", ["w0", "starts", "ends", "axes"], ["w"])]
+    fill += [numpy_helper.from_array(np.array([0], np.int64), "starts"),
+             numpy_helper.from_array(np.array([3], np.int64), "ends")]
+    lie = [helper.make_tensor_value_info("big", TensorProto.FLOAT, [1, 1])]
+    assert fold_normalized_weights(_matmul_chain(nodes, fill, lie)) == []
+    bad = [numpy_helper.from_array(np.ones((3, 4), np.float32), "w0"),
+           numpy_helper.from_array(np.array([5, 4], np.int64), "shape"),
+           numpy_helper.from_array(np.array([1], np.int64), "axes")]
+    nodes = [helper.make_node("Identity", ["shape"], ["shape_id"]),
+             helper.make_node("Expand", ["w0", "shape_id"], ["we"]),
+             helper.make_node("ReduceMean", ["we", "axes"], ["m"], keepdims=1),
+             helper.make_node("Sub", ["we", "m"], ["w"])]
+    model = _matmul_chain(nodes, bad)
+    assert fold_normalized_weights(model) == [] and len(model.graph.node) == 5
+    spa.analyze(_matmul_chain(nodes, bad))
+
+
+def test_fold_leaves_the_rest_of_the_graph_alone():
+    """Only the folded chain's nodes and sources go: an input's default initializer that
+    nothing reads stays, and the pruned model lists that input again."""
+    from onnx import TensorProto, helper, numpy_helper
+    model = std_cnn("reduce")
+    model.graph.initializer.append(numpy_helper.from_array(np.array(1.0, np.float32), "temperature"))
+    model.graph.input.append(helper.make_tensor_value_info("temperature", TensorProto.FLOAT, []))
+    r = spa.prune(model, ratio=0.5, criterion="l1", round_to=1, verify=True)
+    assert r.report["verify"]["ok"] and [i.name for i in r.model.graph.input] == ["x", "temperature"]
