@@ -1016,3 +1016,30 @@ def test_constant_table_cut_at_a_computed_length_stays_whole():
     assert r.report["verify"]["ok"]
     assert [t for t in r.model.graph.initializer if t.name == table][0].dims == [1, 512]
     assert any("computed at run time" in b["reason"] for b in r.report["blocked"])
+
+
+def test_size_computed_from_a_sequence_and_a_pruned_width_keeps_computing():
+    """Reshape(h, [1, S * hidden]) with S and hidden both read from h's shape: pruned, the
+    entry still reads the new width at run time; made a constant it would hold for the probe's
+    S only. The pruned model runs at another S."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    ints = lambda v, n: numpy_helper.from_array(np.array(v, np.int64), n)  # noqa: E731
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 32)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((32, 8)).astype(np.float32), "w2"),
+             ints([1], "one"), ints(1, "i1"), ints(2, "i2"), ints([0], "ax0")]
+    n = helper.make_node
+    nodes = [n("MatMul", ["x", "w1"], ["h0"]), n("Relu", ["h0"], ["h"]), n("Shape", ["h"], ["sh"]),
+             n("Gather", ["sh", "i1"], ["s1"]), n("Gather", ["sh", "i2"], ["s2"]), n("Mul", ["s1", "s2"], ["p"]),
+             n("Unsqueeze", ["p", "ax0"], ["pu"]), n("Concat", ["one", "pu"], ["t1"], axis=0),
+             n("Reshape", ["h", "t1"], ["flat"]), n("Unsqueeze", ["s1", "ax0"], ["s1u"]),
+             n("Unsqueeze", ["s2", "ax0"], ["s2u"]), n("Concat", ["one", "s1u", "s2u"], ["t2"], axis=0),
+             n("Reshape", ["flat", "t2"], ["back"]), n("MatMul", ["back", "w2"], ["y"])]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "S", 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "S", 8])
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)])
+    r = assert_prunes(model, ratio=0.5)
+    from spa.runtime import session
+    sess = session(r.model)
+    for s in (7, 33):
+        assert sess.run(None, {"x": np.ones((1, s, 16), np.float32)})[0].shape == (1, s, 8)

@@ -138,7 +138,8 @@ def computed_sizes(ctx: NodeContext, k: int, entries: dict) -> dict:
     becomes a constant once its own size or a size it reads changes (``fixups.Sizes``), so the
     output axis and the axes read need not keep equal widths: attention heads need not follow
     the residual width their output size is read from. An entry read from a shape that shares
-    its Concat piece with others (``x.shape[:2]``) ties the axis to the one it is read from.
+    its Concat piece with others (``x.shape[:2]``) ties the axis to the one it is read from;
+    one computed from several sizes is left to compute itself.
     Returns {position: spaces read}."""
     pieces = ctx.concat_pieces(k)
     frozen, out = {}, ctx.node.output[0]
@@ -147,6 +148,10 @@ def computed_sizes(ctx: NodeContext, k: int, entries: dict) -> dict:
             continue
         reads = [src[1:]] if src and src[0] == "dim" else list(src[1]) if src and src[0] == "expr" else []
         if reads == [(out, j)]:
+            continue
+        if src and src[0] == "expr" and len(reads) > 1:
+            # S * hidden: at run time it reads the pruned width itself, and a constant would
+            # hold for the probe's S only (a model pruned before this rule ran at any S)
             continue
         if pieces is not None and pieces[j] == 1 and all(ctx.shape(t) is not None for t, _ in reads):
             frozen[j] = [ctx.space(t, a) for t, a in reads]
