@@ -350,7 +350,7 @@ def output_steps(model: onnx.ModelProto) -> dict:
         scale = tensor_array(inits[node.input[1]]).astype(np.float64)
         if scale.size == 1:
             steps[out.name] = float(scale.reshape(()))
-        elif not moved:
+        elif not moved and out.type.tensor_type.shape.dim:     # a per-axis step needs the output's rank
             rank = len(out.type.tensor_type.shape.dim)
             axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % max(rank, 1)
             steps[out.name] = scale.reshape([-1 if d == axis else 1 for d in range(rank)])

@@ -394,3 +394,29 @@ def test_data_free_obspa_steers_batch_norms_on_images_only(monkeypatch):
     data = {"x": np.random.default_rng(3).standard_normal((32, 3, 8, 8)).astype(np.float32)}
     calibrated = spa.prune(_bn_cnn(), ratio=0.5, criterion="obspa", round_to=1, calib=data)
     assert "batch_norms_steered" not in calibrated.report["data"]
+
+
+def test_float16_conv_with_float32_batch_norm_keeps_data_free_obspa():
+    """BatchNormalization (opset 15+) may hold float32 parameters for float16 data, which the
+    steered copy's InstanceNormalization cannot: that layer is not steered, OBSPA still runs
+    (no fallback to l1), and a bias it adds to a float16 conv is float16."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    f16 = lambda *s: numpy_helper.from_array((rng.standard_normal(s) * 0.5).astype(np.float16))  # noqa: E731
+    inits = []
+    for name, t in (("w1", f16(8, 3, 3, 3)), ("w2", f16(4, 8, 3, 3))):
+        t.name = name
+        inits.append(t)
+    for name, v in (("s", np.ones(8)), ("b", np.zeros(8)), ("m", np.zeros(8)), ("v", np.ones(8))):
+        inits.append(numpy_helper.from_array(v.astype(np.float32), name))
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1] * 4),
+             helper.make_node("BatchNormalization", ["c1", "s", "b", "m", "v"], ["n1"]),
+             helper.make_node("Relu", ["n1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["y"], pads=[1] * 4)]
+    model = helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 4, 8, 8])], inits),
+        opset_imports=[helper.make_opsetid("", 15)])
+    r = spa.prune(model, ratio=0.5, criterion="obspa", round_to=1, verify=True)
+    assert r.report["verify"]["ok"] and "fallback" not in r.report["data"]
+    assert "batch_norms_steered" not in r.report["data"]

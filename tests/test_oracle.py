@@ -460,3 +460,20 @@ def test_qdq_rounding_allowance_follows_onnxruntimes_own_flips(monkeypatch):
     planned = np.array([1, 4, 6])
     wrong = masked_model(a.model, removal(a, planned + 1), a.shapes)
     assert not judge(pruned, wrong, a).ok
+
+
+def test_output_steps_of_an_undeclared_per_axis_output():
+    """A per-axis DequantizeLinear output without a declared shape has no step to broadcast
+    (it is compared as floats) rather than an error; declared, it gets one per channel."""
+    from onnx import TensorProto, helper, numpy_helper
+    from spa.verify import output_steps
+    x = helper.make_tensor_value_info("x", TensorProto.INT8, [1, 4, 2])
+    steps = []
+    for shape in (None, [1, 4, 2]):
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)
+        inits = [numpy_helper.from_array(np.array([.1, .2, .3, .4], np.float32), "s"),
+                 numpy_helper.from_array(np.zeros(4, np.int8), "z")]
+        m = helper.make_model(helper.make_graph([helper.make_node("DequantizeLinear", ["x", "s", "z"], ["y"], axis=1)],
+                                                "g", [x], [y], inits))
+        steps.append(output_steps(m))
+    assert steps[0] == {} and steps[1]["y"].shape == (1, 4, 1)

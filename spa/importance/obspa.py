@@ -281,7 +281,8 @@ def _write_back(plan: DataPlan, spec: ConsumerSpec, m: np.ndarray, inits, weight
     if spec.bias is not None:
         plan.weights[spec.bias] = bias.astype(tensor_array(inits[spec.bias]).dtype)
     elif np.any(bias != 0):
-        plan.new_biases[spec.node.name] = bias.astype(np.float32)
+        dtype = tensor_array(w).dtype
+        plan.new_biases[spec.node.name] = bias.astype(dtype if dtype.kind == "f" else np.float32)  # float16 conv: float16 bias
 
 
 def _obspa_sequential(model, dep, groups, n_remove, used, axis_of, batches, damping, inits, info) -> DataPlan:

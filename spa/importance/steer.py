@@ -29,14 +29,18 @@ def steer_batch_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     normalize each channel over the batch and every axis but the channel one, and the number
     of them. Output names stay, so the statistics of any tensor can be read from the copy."""
     inits = {t.name: t for t in model.graph.initializer}
+    types = _elem_types(model)
     steered = onnx.ModelProto()
     steered.CopyFrom(model)
     nodes, count = [], 0
     for i, node in enumerate(steered.graph.node):
         scale = inits.get(node.input[1]) if node.op_type == "BatchNormalization" and len(node.input) == 5 else None
         training = any(a.name == "training_mode" and a.i for a in node.attribute) or any(node.output[1:])
-        if scale is None or training or len(scale.dims) != 1 or any(a.name == "spatial" and a.i == 0
-                                                                      for a in node.attribute):
+        # InstanceNormalization takes its scale in the input's type; BatchNormalization from
+        # opset 15 may hold float32 parameters for float16 data: such a layer stays as it is
+        mixed = scale is not None and types.get(node.input[0], scale.data_type) != scale.data_type
+        if scale is None or training or mixed or len(scale.dims) != 1 or any(a.name == "spatial" and a.i == 0
+                                                                               for a in node.attribute):
             nodes.append(node)
             continue
         count += 1
@@ -44,6 +48,17 @@ def steer_batch_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     del steered.graph.node[:]
     steered.graph.node.extend(nodes)
     return steered, count
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element types of the tensors that ONNX type inference (no shapes needed) can name."""
+    from ..model import _weightless
+    try:
+        typed = onnx.shape_inference.infer_shapes(_weightless(model))
+    except Exception:           # what inference cannot type is steered as before
+        return {}
+    return {vi.name: vi.type.tensor_type.elem_type for vi in list(typed.graph.input) + list(typed.graph.value_info)
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type}
 
 
 def _batch_statistics_norm(model: onnx.ModelProto, node: onnx.NodeProto, channels: int, p: str):
