@@ -260,7 +260,9 @@ def allocate(groups: list[Group], runner: MaskedRunner, resource: ResourceModel,
 def allocate_uniform(groups: list[Group], runner: MaskedRunner, resource: ResourceModel, target: float,
                      opts, free: list[bool] | None = None, start: np.ndarray | None = None) -> Allocation:
     """The smallest single ratio, applied to every free group as ``--ratio`` would, whose
-    resource is at most ``target`` (bisection; capped at ``opts.max_ratio``)."""
+    resource is at most ``target`` (bisection; capped at ``opts.max_ratio``), then the
+    rounding's overshoot given back group by group (``_top_up``), so the keep counts may
+    differ by a rounding step from what the ratio alone gives."""
     from .planner import uniform_keep
     free = free if free is not None else [True] * len(groups)
     base = np.array(start if start is not None else [g.size for g in groups], dtype=np.int64)

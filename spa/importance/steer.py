@@ -21,6 +21,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..model import tensor_names, unique_name
+
 __all__ = ["steer_batch_norms"]
 
 
@@ -30,6 +32,7 @@ def steer_batch_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     of them. Output names stay, so the statistics of any tensor can be read from the copy."""
     inits = {t.name: t for t in model.graph.initializer}
     types = _elem_types(model)
+    taken = tensor_names(model)
     steered = onnx.ModelProto()
     steered.CopyFrom(model)
     nodes, count = [], 0
@@ -44,7 +47,9 @@ def steer_batch_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             nodes.append(node)
             continue
         count += 1
-        nodes.extend(_batch_statistics_norm(steered, node, int(scale.dims[0]), f"_spa_steer{i}_"))
+        prefix = unique_name(f"_spa_steer{i}_", taken)
+        taken.add(prefix)
+        nodes.extend(_batch_statistics_norm(steered, node, int(scale.dims[0]), prefix))
     del steered.graph.node[:]
     steered.graph.node.extend(nodes)
     return steered, count

@@ -53,7 +53,6 @@ class Layout:
 
 LAYOUTS = {"LSTM": Layout(4, rows=1, cols=2), "GRU": Layout(3, rows=1, cols=2), "RNN": Layout(1, rows=1, cols=2),
            "DynamicQuantizeLSTM": Layout(4, rows=2, cols=1, quantized=True)}
-_GATES = {op: layout.gates for op, layout in LAYOUTS.items()}   # gates per hidden unit
 _PEEPHOLES = 7  # LSTM only: P [num_directions, 3*H] (input, output, forget)
 _QUANTIZATION = {1: (8, 9), 2: (10, 11)}   # DynamicQuantizeLSTM: W, R -> their scale, zero point inputs
 # activations f(0) == 0: a silenced unit's cell candidate and state stay exactly 0
