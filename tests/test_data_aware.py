@@ -368,6 +368,7 @@ def test_steered_batch_norm_gives_each_channel_its_running_scale_and_bias(rank):
     before = model.SerializeToString()
     steered, count = steer_batch_norms(model)
     assert count == 1 and model.SerializeToString() == before
+    assert steer_batch_norms(model, batch=1)[1] == (0 if rank == 2 else 1)   # one value per channel: noise
     xs = (np.random.default_rng(0).standard_normal([8, 6, 5, 4][:rank]) * 3 + 7).astype(np.float32)
     from spa.importance.data import _session_with_outputs
     got = _session_with_outputs(steered, [y]).run([y], {"x": xs})[0]
@@ -385,7 +386,7 @@ def test_data_free_obspa_steers_batch_norms_on_images_only(monkeypatch):
     assert r.report["verify"]["ok"] and r.report["data"]["batch_norms_steered"] == 2
     assert "chosen by l1" not in r.report["data"]["mode"]
     import spa.importance.obspa as obspa
-    monkeypatch.setattr(obspa, "steer_batch_norms", lambda m: (m, 0))
+    monkeypatch.setattr(obspa, "steer_batch_norms", lambda m, batch=16: (m, 0))
     unsteered = spa.prune(_bn_cnn(), ratio=0.5, criterion="obspa", round_to=1)
     weights = lambda m: np.concatenate([numpy_helper.to_array(t).ravel() for t in m.graph.initializer])  # noqa: E731
     a, b = weights(r.model), weights(unsteered.model)

@@ -86,7 +86,7 @@ def data_aware_plan(model: onnx.ModelProto, dep: Dependency, groups: list[Group]
         # (0.897 / 0.887 / 0.786), mobile net 0.814 / 0.387 / 0.181 (0.791 / 0.344 / 0.197).
         # Not on 1-D signals: the pitch CNN at ratio 0.3 / 0.5 keeps 0.744 / 0.504 plain and
         # 0.688 / 0.226 steered, its variance matching being what hurts (mean only: 0.812 / 0.438).
-        source, steered = steer_batch_norms(model)
+        source, steered = steer_batch_norms(model, min(layout.count(b) for b in batches))
         if steered:
             info["batch_norms_steered"] = steered
     keep_choice = False

@@ -25,13 +25,18 @@ from ..model import tensor_names, unique_name
 
 __all__ = ["steer_batch_norms"]
 
+MIN_SAMPLES = 8
 
-def steer_batch_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+
+def steer_batch_norms(model: onnx.ModelProto, batch: int = 16) -> tuple[onnx.ModelProto, int]:
     """A copy of ``model`` whose inference BatchNormalizations (main graph, initializer scale)
     normalize each channel over the batch and every axis but the channel one, and the number
-    of them. Output names stay, so the statistics of any tensor can be read from the copy."""
+    of them. Output names stay, so the statistics of any tensor can be read from the copy.
+    ``batch``: the samples per run; a BatchNormalization of [N, C] data sees only N values per
+    channel, and with fewer than MIN_SAMPLES its batch statistics would be noise (at N = 1 the
+    output is its bias alone): such a layer stays as it is."""
     inits = {t.name: t for t in model.graph.initializer}
-    types = _elem_types(model)
+    types, ranks = _tensor_info(model)
     taken = tensor_names(model)
     steered = onnx.ModelProto()
     steered.CopyFrom(model)
@@ -42,7 +47,8 @@ def steer_batch_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         # InstanceNormalization takes its scale in the input's type; BatchNormalization from
         # opset 15 may hold float32 parameters for float16 data: such a layer stays as it is
         mixed = scale is not None and types.get(node.input[0], scale.data_type) != scale.data_type
-        if scale is None or training or mixed or len(scale.dims) != 1 or any(a.name == "spatial" and a.i == 0
+        few = ranks.get(node.input[0], 4) <= 2 and batch < MIN_SAMPLES
+        if scale is None or training or mixed or few or len(scale.dims) != 1 or any(a.name == "spatial" and a.i == 0
                                                                                for a in node.attribute):
             nodes.append(node)
             continue
@@ -55,15 +61,17 @@ def steer_batch_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     return steered, count
 
 
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element types of the tensors that ONNX type inference (no shapes needed) can name."""
+def _tensor_info(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int]]:
+    """Element types and ranks of the tensors ONNX inference can name (on the weightless model)."""
     from ..model import _weightless
     try:
         typed = onnx.shape_inference.infer_shapes(_weightless(model))
     except Exception:           # what inference cannot type is steered as before
-        return {}
-    return {vi.name: vi.type.tensor_type.elem_type for vi in list(typed.graph.input) + list(typed.graph.value_info)
-            if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type}
+        return {}, {}
+    known = [vi for vi in list(typed.graph.input) + list(typed.graph.value_info) if vi.type.HasField("tensor_type")]
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in known if vi.type.tensor_type.elem_type}
+    ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in known if vi.type.tensor_type.HasField("shape")}
+    return types, ranks
 
 
 def _batch_statistics_norm(model: onnx.ModelProto, node: onnx.NodeProto, channels: int, p: str):
