@@ -155,20 +155,24 @@ def test_gqa_head_dims_stay_with_the_reason():
 
 # ---- RotaryEmbedding (com.microsoft and opset 23) --------------------------------------------
 
+def rotary_projection(domain: str, n: int, head: int, seed: int):
+    """x [1, S, E] -> MatMul to n heads of ``head`` -> RotaryEmbedding (3-D, num_heads), of
+    onnxruntime's domain (position ids second) or opset 23's (position ids last)."""
+    g = Graph(opset=23, seed=seed)
+    q = g.op("MatMul", [g.input([1, S, E]), g.weight(E, n * head)])
+    cos, sin = rope_caches(g, head)
+    pos = g.const(np.arange(S, dtype=np.int64).reshape(1, S))
+    r = (ms(g, "RotaryEmbedding", [q, pos, cos, sin], num_heads=n) if domain else
+         g.op("RotaryEmbedding", [q, cos, sin, pos], num_heads=n))
+    return g, r
+
+
 @pytest.mark.parametrize("domain", [MS, ""])
 def test_rotary_embedding_3d_rewrites_num_heads_and_keeps_head_dims(domain):
     """x -> MatMul -> RotaryEmbedding (3-D, num_heads) -> Reshape/Transpose into heads ->
     scores with a second projection -> MatMul: heads go, num_heads follows, head dims stay."""
     n, head = 4, 16
-    g = Graph(opset=23, seed=4)
-    x = g.input([1, S, E])
-    q = g.op("MatMul", [x, g.weight(E, n * head)])
-    cos, sin = rope_caches(g, head)
-    pos = g.const(np.arange(S, dtype=np.int64).reshape(1, S))
-    if domain:
-        r = ms(g, "RotaryEmbedding", [q, pos, cos, sin], num_heads=n)
-    else:
-        r = g.op("RotaryEmbedding", [q, cos, sin, pos], num_heads=n)
+    g, r = rotary_projection(domain, n, head, seed=4)
     shape = g.const(np.array([1, S, n, head], np.int64))
     heads = g.op("Transpose", [g.op("Reshape", [r, shape])], perm=[0, 2, 1, 3])
     a = g.op("Attention", [heads, heads, heads])
@@ -250,13 +254,7 @@ def test_rotary_embedding_alone_keeps_head_dims(domain):
     """Rotary output read by a MatMul (nothing else fixes the head dims): ``head_dims`` finds
     none, since the cos/sin cache pairs them; whole heads still go, with ``num_heads``."""
     n, head = 4, 16
-    g = Graph(opset=23, seed=6)
-    x = g.input([1, S, E])
-    q = g.op("MatMul", [x, g.weight(E, n * head)])
-    cos, sin = rope_caches(g, head)
-    pos = g.const(np.arange(S, dtype=np.int64).reshape(1, S))
-    r = (ms(g, "RotaryEmbedding", [q, pos, cos, sin], num_heads=n) if domain else
-         g.op("RotaryEmbedding", [q, cos, sin, pos], num_heads=n))
+    g, r = rotary_projection(domain, n, head, seed=6)
     g.output(g.op("MatMul", [r, g.weight(n * head, 3)]))
     model = g.model(ir_version=10, domains=(MS,) if domain else ())
     dims = spa.prune(model, ratio=0.0, head_dims=0.5, criterion="l1", round_to=1, verify=True)
