@@ -48,7 +48,7 @@ def fold_normalized_weights(model: onnx.ModelProto) -> list[str]:
     inits = {t.name: t for t in g.initializer}
     producer = {o: n for n in g.node for o in n.output if o}
     position = {id(n): i for i, n in enumerate(g.node)}
-    read = {i for n in g.node for i in n.input} | {o.name for o in g.output} | _subgraph_reads(g)
+    read = _read_names(g)
     folds = {}
     for node in g.node:
         slot = WEIGHT_SLOTS.get(node.op_type)
@@ -181,24 +181,22 @@ def _drop_unused(model: onnx.ModelProto, chains: list, sources: set[str]):
     g = model.graph
     outputs = {o for chain in chains for n in chain for o in n.output}
     while True:
-        read = {i for n in g.node for i in n.input} | {o.name for o in g.output} | _subgraph_reads(g)
+        read = _read_names(g)
         dead = {i for i, n in enumerate(g.node) if set(n.output) <= outputs and not any(o in read for o in n.output if o)}
         if not dead:
             break
         keep = [n for i, n in enumerate(g.node) if i not in dead]
         del g.node[:]
         g.node.extend(keep)
-    read = {i for n in g.node for i in n.input} | {o.name for o in g.output} | _subgraph_reads(g)
+    read = _read_names(g)
     keep_inits = [t for t in g.initializer if t.name in read or t.name not in sources]
     if len(keep_inits) != len(g.initializer):
         del g.initializer[:]
         g.initializer.extend(keep_inits)
 
 
-def _subgraph_reads(g: onnx.GraphProto) -> set[str]:
-    names = set()
-    for n in g.node:
-        for a in n.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                names |= {i for m in sub.node for i in m.input} | _subgraph_reads(sub)
-    return names
+def _read_names(g: onnx.GraphProto) -> set[str]:
+    """Tensors something reads: a node, a graph output, or a subgraph from the outer scope."""
+    from .graph.dependency import _outer_scope_references
+    return ({i for n in g.node for i in n.input} | {o.name for o in g.output}
+            | {name for name, _ in _outer_scope_references(g)})

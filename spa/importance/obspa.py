@@ -79,7 +79,8 @@ def data_aware_plan(model: onnx.ModelProto, dep: Dependency, groups: list[Group]
         info["mode"] = "sequential (each group refit on the inputs of the already pruned model)"
         return _obspa_sequential(model, dep, groups, n_remove, used, axis_of, batches, damping, inits, info)
     source, steered = model, 0
-    if calibration.data is None and _image_inputs(model):
+    images = calibration.data is None and _image_inputs(model)
+    if images:
         # Synthetic images, their statistics steered by the BatchNormalizations' running ones
         # (steer.py), top-1 at ratio 0.2 / 0.3 / 0.5 with OBS choosing (l1 choosing): Fashion
         # ResNet 0.916 / 0.893 / 0.709 (0.916 / 0.838 / 0.498), VGG 0.908 / 0.899 / 0.803
@@ -90,7 +91,7 @@ def data_aware_plan(model: onnx.ModelProto, dep: Dependency, groups: list[Group]
         if steered:
             info["batch_norms_steered"] = steered
     keep_choice = False
-    if criterion == "obspa" and calibration.data is None and _image_inputs(model) and not steered:
+    if criterion == "obspa" and images and not steered:
         # Unsteered synthetic images compensate well but choose badly (Fashion-MNIST VGG at
         # ratio 0.3 on 1/f noise: OBS choice 0.64, l1 choice 0.81, l1 choice + OBS compensation
         # 0.88; on dead-leaves images, ratio 0.2 / 0.3 / 0.5, Fashion ResNet OBS choice 0.84 /

@@ -35,6 +35,8 @@ def steer_batch_norms(model: onnx.ModelProto, batch: int = 16) -> tuple[onnx.Mod
     ``batch``: the samples per run; a BatchNormalization of [N, C] data sees only N values per
     channel, and with fewer than MIN_SAMPLES its batch statistics would be noise (at N = 1 the
     output is its bias alone): such a layer stays as it is."""
+    if not any(n.op_type == "BatchNormalization" for n in model.graph.node):
+        return model, 0                 # nothing to steer: no copy of the weights, no inference
     inits = {t.name: t for t in model.graph.initializer}
     types, ranks = _tensor_info(model)
     taken = tensor_names(model)
