@@ -162,7 +162,6 @@ def compared_values(model: onnx.ModelProto) -> dict[str, int]:
     return out
 
 
-
 def _tensor_shape(vi) -> tuple[int, ...] | None:
     if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
         return None
