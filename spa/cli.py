@@ -15,6 +15,7 @@ from . import api
 from .errors import SpaError
 from .importance import CRITERIA
 from .api import Loaded
+from .data_files import accuracy, calibration_data, eval_data as read_eval
 from .files import Terminated, atomic_write, check_outputs, check_readable, termination_as_exception
 from .model import normalize, output_paths
 from .progress import StageProgress
@@ -48,39 +49,6 @@ FORMATS = {
 }
 
 
-def _accuracy(model, data: dict) -> float:
-    from .runtime import session
-    sess = session(model)
-    names = [i.name for i in sess.get_inputs()]
-    n = len(data["label"])
-    correct = 0
-    for start in range(0, n, 64):
-        feeds = {k: data[k][start:start + 64] for k in names}
-        logits = sess.run(None, feeds)[0]
-        correct += int((logits.argmax(axis=-1) == data["label"][start:start + 64]).sum())
-    return correct / n
-
-
-def _load_npz(path, what: str) -> dict:
-    check_readable(path, what, SpaError)
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
-    except Exception as e:
-        raise SpaError(f"{path}: {what} cannot be read as .npz ({type(e).__name__})") from None
-
-
-def _eval_data(path, model) -> dict:
-    data = _load_npz(path, "--eval file")
-    names = [i.name for i in graph_inputs(model)]
-    missing = [n for n in names + ["label"] if n not in data]
-    if missing:
-        raise SpaError(f"{path}: --eval file needs arrays {names + ['label']}, has {sorted(data)}")
-    if any(len(data[n]) != len(data["label"]) for n in names) or not len(data["label"]):
-        raise SpaError(f"{path}: --eval arrays need the same number of samples as 'label' (at least one)")
-    return data
-
-
 def _read_checked(model_path, outputs: dict, readers: dict | None = None) -> Loaded:
     """Read the model, checking the paths the run writes against every file it reads: once
     before reading anything (nothing a typo could destroy), and again with the model's
@@ -112,8 +80,8 @@ def cmd_prune(args) -> int:
                **({"--plan": Path(args.plan), "--plan arrays": Path(args.plan + ".npz")} if args.plan else {})}
     loaded = _read_checked(args.model, outputs, {f"the {flag} file": Path(p) for flag, p in
                                                  (("--calib", args.calib), ("--eval", args.eval)) if p})
-    eval_data = _eval_data(args.eval, loaded.model) if args.eval else None
-    calib = _load_npz(args.calib, "--calib file") if args.calib else None
+    eval_data = read_eval(args.eval, loaded.model) if args.eval else None
+    calib = calibration_data(args.calib, loaded.model) if args.calib else None
     with StageProgress(enabled=not args.quiet) as on_stage:
         target = args.latency if args.latency is not True else None
         result = api.prune(loaded, ratio=args.ratio, criterion=args.criterion, heads=args.heads, mlp=args.mlp,
@@ -136,8 +104,8 @@ def cmd_prune(args) -> int:
             extra.append(("latency", before, after))
         if eval_data is not None:
             on_stage("evaluate")
-            rep["before"]["accuracy"] = _accuracy(result.original, eval_data)
-            rep["after"]["accuracy"] = _accuracy(result.model, eval_data)
+            rep["before"]["accuracy"] = accuracy(result.original, eval_data)
+            rep["after"]["accuracy"] = accuracy(result.model, eval_data)
             extra.append(("accuracy", rep["before"]["accuracy"], rep["after"]["accuracy"]))
         on_stage("save")
         written = _save_all(result, args.output, args.report, args.plan)

@@ -19,7 +19,8 @@ from typing import Callable, Iterator
 
 from .errors import OutputPathError
 
-__all__ = ["check_outputs", "check_readable", "atomic_write", "Terminated", "termination_as_exception"]
+__all__ = ["check_outputs", "check_readable", "check_inside", "check_side_file", "open_regular", "read_all",
+           "pread_into", "atomic_write", "Terminated", "termination_as_exception"]
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -60,9 +61,12 @@ def check_outputs(outputs: dict[str, Path], inputs: dict[str, Path]):
 
 
 def _kind(path: Path) -> str:
-    mode = path.stat().st_mode
+    return _kind_of_mode(path.stat().st_mode)
+
+
+def _kind_of_mode(mode: int) -> str:
     for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory")):
         if test(mode):
             return name
     return "not a file"
@@ -82,6 +86,85 @@ def check_readable(path, what: str, error=OutputPathError) -> Path:
     if not os.access(path, os.R_OK):
         raise error(f"{path}: {what} is not readable (permission denied)")
     return path
+
+
+def open_regular(path, what: str, error=OutputPathError) -> int:
+    """A descriptor of ``path`` once it is known to be a regular file. Every read goes through
+    it, so a file swapped for a FIFO or a device after the checks cannot block or feed spa:
+    O_NONBLOCK makes opening a FIFO return at once, and the descriptor is what is checked."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise error(f"{path}: {what}: {e.strerror or e}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise error(f"{path}: {what} is not a regular file ({_kind_of_mode(mode)}); spa only reads "
+                        "regular files")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def pread_into(fd: int, buffer: memoryview, offset: int, where: str, error=OutputPathError):
+    """Fill ``buffer`` from ``fd`` at ``offset``; a file that shrank since it was checked is an
+    error, not a short read."""
+    view = buffer.cast("B") if buffer.format != "B" or buffer.ndim != 1 else buffer
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise error(f"{where}: file ended {len(view) - done} bytes early (changed while spa read it?)")
+        done += n
+
+
+def read_all(path, what: str, error=OutputPathError) -> bytes:
+    """The bytes of a regular file, read through one checked descriptor."""
+    fd = open_regular(path, what, error)
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
+def check_inside(root: Path, path: Path, what: str):
+    """Refuse a path spa derived (from a file name, say) that would leave ``root``: every file
+    a run writes lies inside the folder the user named, whatever the input is called."""
+    real_root = Path(os.path.realpath(root))
+    real = Path(os.path.realpath(path))
+    if real_root != real.parent and real_root not in real.parents:
+        raise OutputPathError(f"{path}: {what} would be written outside {root}; rename the input file")
+
+
+def check_side_file(side: Path, main: Path, what: str, option: str):
+    """``side`` is written beside ``main`` though the user never named it: it may replace only a
+    file spa wrote there before (one ``main`` refers to by name), never a stranger's file."""
+    if not os.path.lexists(side) or _mentions(main, side.name):
+        return
+    raise OutputPathError(f"{side}: {what} would replace a file spa did not write; move it away or "
+                          f"choose another {option}")
+
+
+def _mentions(path: Path, name: str) -> bool:
+    """Whether the file ``path`` holds ``name`` (how an ONNX file or a plan names its side
+    file), searched in chunks so a large file costs no memory."""
+    try:
+        fd = open_regular(path, "", OSError)
+    except OSError:
+        return False
+    needle, tail = name.encode(), b""
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                if needle in tail + chunk:
+                    return True
+                tail = chunk[-len(needle):]
+    finally:
+        os.close(fd)
+    return False
 
 
 def _plain_write_mode(path: Path) -> int:

@@ -18,7 +18,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import ModelLoadError
-from .files import atomic_files, check_outputs, check_readable
+from .files import atomic_files, check_outputs, check_readable, check_side_file, open_regular, pread_into, read_all
 
 __all__ = ["load", "read", "normalize", "save", "output_paths", "tensor_array", "materialized",
            "unique_name", "tensor_names"]
@@ -44,8 +44,9 @@ def read(path: str | os.PathLike) -> tuple[onnx.ModelProto, dict[str, Path]]:
     check_readable(path, "the model", ModelLoadError)
     if path.stat().st_size == 0:
         raise ModelLoadError(f"{path}: empty file, not an ONNX model")
+    data = read_all(path, "the model", ModelLoadError)
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        model = onnx.load_model_from_string(data)
     except Exception as e:  # protobuf raises several unrelated types for garbage
         raise ModelLoadError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
     if not model.graph.node or not model.opset_import:
@@ -166,9 +167,7 @@ def _resolve_external_data(model: onnx.ModelProto, others: list[onnx.TensorProto
             if resolved not in sizes:
                 if not resolved.exists():
                     raise ModelLoadError(f"{where}: file is missing")
-                if not resolved.is_file():
-                    raise ModelLoadError(f"{where}: not a regular file")
-                sizes[resolved] = resolved.stat().st_size
+                sizes[resolved] = _open_data_file(resolved, where)
         except OSError as e:
             raise ModelLoadError(f"{where}: {e.strerror or e}") from None
         try:
@@ -202,16 +201,42 @@ def _nbytes(t: onnx.TensorProto) -> int:
     return n * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
 
 
+# External data files by resolved path -> the descriptor opened and checked when the model
+# was read. Tensors are read from it, never by opening the path again: a file swapped for a
+# FIFO, a device or a link after the checks is not what spa reads. Reading the same path again
+# (a new load) replaces the entry.
+_DATA_FILES: dict[str, int] = {}
+
+
+def _open_data_file(resolved: Path, where: str) -> int:
+    """Open and check one external data file; its size."""
+    fd = open_regular(resolved, "external data", ModelLoadError)
+    old = _DATA_FILES.pop(str(resolved), None)
+    if old is not None:
+        os.close(old)
+    _DATA_FILES[str(resolved)] = fd
+    return os.fstat(fd).st_size
+
+
 def tensor_array(t: onnx.TensorProto) -> np.ndarray:
     """An initializer's value; external data is read from its file (only this tensor)."""
     if t.data_location != onnx.TensorProto.EXTERNAL:
         return numpy_helper.to_array(t)
     info = _external_info(t)
     dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
-    with open(info["location"], "rb") as f:
-        f.seek(int(info.get("offset", 0)))
-        arr = np.fromfile(f, dtype=dtype, count=int(np.prod(t.dims)))
-    return arr.reshape(tuple(t.dims))
+    location = info["location"]
+    fd = _DATA_FILES.get(location)
+    if fd is None:   # a model spa did not read itself: check the file as read() would
+        fd = _open_data_file(Path(location), f"tensor {t.name!r}")
+    where, offset = f"{location}: tensor {t.name!r}", int(info.get("offset", 0))
+    if t.data_type in _PACKED:   # several values a byte: let onnx unpack the raw bytes
+        raw = bytearray(_nbytes(t))
+        pread_into(fd, memoryview(raw), offset, where, ModelLoadError)
+        return numpy_helper.to_array(onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims,
+                                                      raw_data=bytes(raw)))
+    arr = np.empty(tuple(int(d) for d in t.dims), dtype=dtype)
+    pread_into(fd, memoryview(arr.reshape(-1).view(np.uint8)), offset, where, ModelLoadError)
+    return arr
 
 
 def has_external_data(model: onnx.ModelProto) -> bool:
@@ -400,6 +425,7 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, inputs: dict[str, Path
     out, data = outputs["-o"], outputs["-o's weight file"]
     external = has_external_data(model) or sum(_nbytes(t) for t in model.graph.initializer) > EXTERNAL_ABOVE
     if external:
+        check_side_file(data, out, "the weight file of -o", "-o")
         with atomic_files(data, out) as (data_tmp, tmp):
             onnx.save(_with_streamed_weights(model, data_tmp, data.name), tmp)
         return [out, data]

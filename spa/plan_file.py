@@ -40,10 +40,11 @@ VERSION = 1
 
 
 def _digest(files: dict) -> dict:
+    from .files import open_regular
     out = {}
     for what, path in sorted(files.items()):
         h = hashlib.sha256()
-        with open(path, "rb") as f:
+        with os.fdopen(open_regular(path, what, SpaError), "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
         out[what] = {"file": os.path.basename(str(path)), "sha256": h.hexdigest()}
@@ -198,13 +199,14 @@ def plan_document(result) -> tuple[dict, dict[str, np.ndarray]]:
 
 def write_plan(result, path) -> list[Path]:
     """Write ``path`` (JSON) and, when values changed, ``path`` + ``.npz`` beside it, atomically."""
-    from .files import atomic_files
+    from .files import atomic_files, check_side_file
     doc, arrays = plan_document(result)
     path = Path(path)
     targets = [path]
     if arrays:
         doc["arrays"] = path.name + ".npz"
         targets.append(path.with_name(path.name + ".npz"))
+        check_side_file(targets[1], path, "the plan's arrays", "--plan")
     with atomic_files(*targets) as tmps:
         with open(tmps[0], "w") as f:
             json.dump(doc, f, indent=1)

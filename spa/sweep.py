@@ -171,15 +171,15 @@ class _Worker:
 
     def __init__(self, config: SweepConfig):
         from .api import Loaded
-        from .cli import _eval_data, _load_npz
+        from .data_files import calibration_data, eval_data
         from .importance.data import BatchLayout, Calibration
         from .shapes import infer_shapes
         self.config = config
         loaded = Loaded.read(config.model)
         self.model = loaded.model
         self.file_bytes = sum(os.path.getsize(f) for f in loaded.files.values())
-        self.calib = _load_npz(config.calib, "--calib file") if config.calib else None
-        self.eval = _eval_data(config.eval, self.model) if config.eval else None
+        self.calib = calibration_data(config.calib, self.model) if config.calib else None
+        self.eval = eval_data(config.eval, self.model) if config.eval else None
         shapes = infer_shapes(self.model, {k: tuple(v) for k, v in config.input_shapes.items()}, want_values=False)
         self.input_shapes = shapes.input_shapes
         self.layout = BatchLayout.of(self.model, self.input_shapes)
@@ -193,7 +193,7 @@ class _Worker:
     def run(self, cell: Cell) -> dict:
         from . import api
         from .bench import latency
-        from .cli import _accuracy
+        from .data_files import accuracy
         c = self.config
         start = time.perf_counter()
         row = {"criterion": cell.criterion, "kind": cell.kind, "value": cell.value}
@@ -217,20 +217,20 @@ class _Worker:
         if "budget" in rep:
             row["budget_met"] = rep["budget"].get("met")
         if self.eval is not None:
-            row["accuracy"] = _accuracy(result.model, self.eval)
+            row["accuracy"] = accuracy(result.model, self.eval)
         row.update(fidelity(self.reference, _outputs(result.model, self.feeds)))
         row["seconds"] = time.perf_counter() - start
         return row
 
     def original(self) -> dict:
-        from .cli import _accuracy
+        from .data_files import accuracy
         from .metrics import count_macs, count_params
         from .shapes import infer_shapes
         shapes = infer_shapes(self.model, self.input_shapes, want_values=False)
         out = {"macs": count_macs(self.model, shapes), "params": count_params(self.model),
                "file_bytes": self.file_bytes, "classifier": _is_classifier(self.reference)}
         if self.eval is not None:
-            out["accuracy"] = _accuracy(self.model, self.eval)
+            out["accuracy"] = accuracy(self.model, self.eval)
         out["fidelity_inputs"] = (f"{sum(self.layout.count(f) for f in self.feeds)} calibration samples"
                                   if self.calib is not None else f"{self.config.samples} synthetic samples")
         return out

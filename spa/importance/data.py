@@ -89,7 +89,7 @@ class Calibration:
         layout = BatchLayout.of(model, input_shapes)
         batch = self.batch if layout.free else layout.size
         if self.data is not None:
-            data = _load(self.data)
+            data = _load(self.data, model)
             if self.select and isinstance(data, dict) and layout.free:
                 if self.selected is None:
                     pool = list(feeds_from(data, model, input_shapes, batch, layout))   # validates it, too
@@ -157,13 +157,10 @@ class BatchLayout:
         return 1
 
 
-def _load(data):
+def _load(data, model: onnx.ModelProto):
     if isinstance(data, (str, Path)):
-        try:
-            with np.load(data) as f:
-                return {k: f[k] for k in f.files}
-        except Exception as e:
-            raise SpaError(f"--calib {data}: cannot read as .npz ({type(e).__name__})") from None
+        from ..data_files import calibration_data
+        return calibration_data(data, model)
     return data
 
 
@@ -179,7 +176,7 @@ def feeds_from(data, model: onnx.ModelProto, input_shapes: dict, batch: int,
     such as a sample rate, a state of static shape) takes either one array of its exact
     shape, fed to every batch, or one such value per sample (a leading sample axis), of
     which each batch gets its first."""
-    data = _load(data)
+    data = _load(data, model)
     layout = layout or BatchLayout.of(model, input_shapes)
     inputs = {i.name: i for i in graph_inputs(model)}
     if isinstance(data, dict):
