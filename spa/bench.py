@@ -7,7 +7,7 @@ import time
 import numpy as np
 import onnx
 
-from .shapes import random_inputs
+from .shapes import graph_inputs, random_inputs
 from .runtime import session
 
 __all__ = ["latency", "provider_session"]
@@ -20,16 +20,24 @@ def latency(models: list[onnx.ModelProto], input_shapes: dict, runs: int = 30, w
     sessions = [session(m, threads=threads) if provider == "CPUExecutionProvider" else
                 provider_session(m, provider, threads) for m in models]
     feeds = random_inputs(models[0], input_shapes, np.random.default_rng(seed))
-    for s in sessions:
+    # the same values in each model's own input types (a float16 copy takes float16)
+    own = [_cast_to_inputs(feeds, m) for m in models]
+    for s, f in zip(sessions, own):
         for _ in range(warmup):
-            s.run(None, feeds)
+            s.run(None, f)
     times = [[] for _ in sessions]
     for _ in range(runs):
-        for s, t in zip(sessions, times):
+        for s, f, t in zip(sessions, own, times):
             start = time.perf_counter()
-            s.run(None, feeds)
+            s.run(None, f)
             t.append(time.perf_counter() - start)
     return [float(np.median(t)) for t in times]
+
+
+def _cast_to_inputs(feeds: dict, model: onnx.ModelProto) -> dict:
+    types = {i.name: i.type.tensor_type.elem_type for i in graph_inputs(model)}
+    return {k: v.astype(onnx.helper.tensor_dtype_to_np_dtype(types[k])) if types.get(k) else v
+            for k, v in feeds.items()}
 
 
 def provider_session(model: onnx.ModelProto, provider: str, threads: int = 1):

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, OutputPathError
 from .files import atomic_files, check_outputs, check_readable, check_side_file, open_regular, pread_into, read_all
 
 __all__ = ["load", "read", "normalize", "save", "output_paths", "tensor_array", "materialized",
@@ -51,6 +51,7 @@ def read(path: str | os.PathLike) -> tuple[onnx.ModelProto, dict[str, Path]]:
         raise ModelLoadError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
     if not model.graph.node or not model.opset_import:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph nodes or opset)")
+    _check_old_ir(model, path)
     others = list(_other_tensors(model))
     _check_tensor_sizes(list(model.graph.initializer) + others, path)
     data_files = _resolve_external_data(model, others, path)
@@ -62,6 +63,18 @@ def read(path: str | os.PathLike) -> tuple[onnx.ModelProto, dict[str, Path]]:
     files = {"the input model": path}
     files.update((f"the input's external data file {f}", f) for f in data_files)
     return model, files
+
+
+def _check_old_ir(model: onnx.ModelProto, path: Path):
+    """Below IR version 4 an initializer must also be a graph input (the checker sees the
+    weightless copy, where that rule cannot show)."""
+    if model.ir_version >= 4:
+        return
+    listed = {i.name for i in model.graph.input}
+    loose = [t.name for t in model.graph.initializer if t.name not in listed]
+    if loose:
+        raise ModelLoadError(f"{path}: invalid ONNX model (IR version {model.ir_version} needs every initializer "
+                             f"listed as a graph input; {_short(loose[0])!r} is not)")
 
 
 def _external_info(t: onnx.TensorProto) -> dict:
@@ -216,6 +229,14 @@ def _open_data_file(resolved: Path, where: str) -> int:
         os.close(old)
     _DATA_FILES[str(resolved)] = fd
     return os.fstat(fd).st_size
+
+
+def close_data_files(folder: str | os.PathLike):
+    """Close the external data files read from inside ``folder`` (a model whose weights are
+    now in memory, before its folder is removed)."""
+    root = os.path.realpath(folder) + os.sep
+    for path in [p for p in _DATA_FILES if p.startswith(root)]:
+        os.close(_DATA_FILES.pop(path))
 
 
 def tensor_array(t: onnx.TensorProto) -> np.ndarray:
@@ -382,10 +403,11 @@ def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
     g.input.extend(src.input)
     g.output.extend(src.output)
     g.value_info.extend(src.value_info)
+    listed = {i.name for i in src.input}   # below IR 4 every initializer is also an input
     for t in src.initializer:
         if int(np.prod(t.dims)) <= 64 and t.data_location != onnx.TensorProto.EXTERNAL:
             g.initializer.append(t)
-        else:
+        elif t.name not in listed:
             g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     m.ir_version = max(m.ir_version, 4)
     return m
@@ -394,6 +416,8 @@ def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
 def output_paths(output_path: str | os.PathLike) -> dict[str, Path]:
     """The files saving a model to ``output_path`` may write."""
     out = Path(output_path)
+    if not out.name or str(output_path).endswith(os.sep):
+        raise OutputPathError(f"-o {str(output_path)!r}: names no file (give a path such as small.onnx)")
     return {"-o": out, "-o's weight file": out.with_name(out.name + ".data")}
 
 

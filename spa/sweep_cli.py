@@ -68,6 +68,7 @@ def add_parser(sub, common, positive, formatter):
 
 def cmd_sweep(args) -> int:
     from .cli import _read_checked
+    from .files import check_inside
     from .shapes import parse_input_shapes
     from .sweep import (Cell, Progress, SweepConfig, best_under, cells_of, parse_keep, parse_ratios,
                         parse_targets, rerun, run_sweeps)
@@ -88,6 +89,9 @@ def cmd_sweep(args) -> int:
                        f"give files with different names ({', '.join(sorted(s for s in stems if stems.count(s) > 1))})")
     dirs = [out_dir] if len(models) == 1 else [out_dir / s for s in stems]
     files = [output_files(d, keeps, plot) for d in dirs]
+    for f in files:
+        for role, path in f.items():
+            check_inside(out_dir, path, role)
     readers = {f"the {flag} file": Path(p) for flag, p in (("--calib", args.calib), ("--eval", args.eval)) if p}
     inputs = {**({"the input model": models[0]} if len(models) == 1 else
                  {f"the input model {m}": m for m in models}), **readers}

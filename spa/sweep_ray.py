@@ -3,7 +3,8 @@
 The model file (and its external data), the ``--calib`` and ``--eval`` files are put into Ray's
 object store once, as bytes: a node of a cluster need not see this machine's paths. Each worker
 process writes them into a temporary folder the first time it runs a cell of this sweep, reads
-them once (the same ``_Worker`` the local pool uses) and keeps them for its later cells.
+them once (the same ``_Worker`` the local pool uses), removes the folder at once and keeps what
+it read in memory for its later cells.
 
 Without ``--address`` Ray starts a local instance on this machine's CPUs (or uses the one the
 caller already started with ``ray.init``); ``--address HOST:PORT`` (or ``auto``) joins a running
@@ -13,9 +14,9 @@ in the cluster's image).
 
 from __future__ import annotations
 
-import atexit
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 from dataclasses import replace
@@ -50,8 +51,16 @@ def _files_of(config: SweepConfig) -> tuple[dict, SweepConfig]:
 def _cell_task(sweep_id: str, blobs: dict, config: SweepConfig, cell: Cell) -> dict:
     worker = _WORKERS.get(sweep_id)
     if worker is None:
-        folder = tempfile.mkdtemp(prefix="spa-ray-")
-        atexit.register(shutil.rmtree, folder, True)
+        worker = _WORKERS[sweep_id] = _worker_from(blobs, config)
+    return worker.run(cell)
+
+
+def _worker_from(blobs: dict, config: SweepConfig) -> _Worker:
+    """A ``_Worker`` read from the files in ``blobs``, which live on disk only while it reads
+    them: Ray ends its worker processes without running ``atexit``, so a folder kept for later
+    would outlive the sweep with the user's model and data in it."""
+    folder = tempfile.mkdtemp(prefix="spa-ray-")
+    try:
         for rel, data in blobs.items():
             target = Path(folder, rel)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -60,8 +69,28 @@ def _cell_task(sweep_id: str, blobs: dict, config: SweepConfig, cell: Cell) -> d
                  if getattr(config, k)}
         from . import runtime
         runtime.THREADS = 1          # the task asked Ray for one CPU: its sessions use one
-        worker = _WORKERS[sweep_id] = _Worker(replace(config, **local))
-    return worker.run(cell)
+        from .model import close_data_files, materialized
+        worker = _Worker(replace(config, **local))
+        worker.model = materialized(worker.model)   # its external data must not need the folder
+        close_data_files(folder)
+        return worker
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _check_reachable(address: str | None, timeout: float = 10.0):
+    """``HOST:PORT`` where nothing listens makes ``ray.init`` wait for minutes: try the port
+    first and say so in one line."""
+    if not address or address == "auto" or address.startswith("local"):
+        return
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not port.isdigit():
+        raise SpaError(f"--address {address!r}: expected HOST:PORT (or auto)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise SpaError(f"--address {address}: nothing answers there ({e.strerror or e}); is the Ray head "
+                       "running?") from None
 
 
 def run_cells(config: SweepConfig, cells: list[Cell], on_cell, address: str | None = None) -> tuple[list[dict], int]:
@@ -72,6 +101,7 @@ def run_cells(config: SweepConfig, cells: list[Cell], on_cell, address: str | No
         raise SpaError("--backend ray needs Ray: pip install 'spa-prune[ray]'") from None
     started = not ray.is_initialized()
     if started:
+        _check_reachable(address)
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         except Exception as e:

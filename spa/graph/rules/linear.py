@@ -21,6 +21,8 @@ def conv_axes(ctx: NodeContext, bias: int | None, contract: bool, weight: int = 
     groups = int(ctx.attr("group", 1))
     transpose = ctx.op == "ConvTranspose"
     c_in, c_out = x[1], ctx.out_shape(0)[1]
+    if groups < 1 or any(isinstance(c, int) and c % groups for c in (c_in, c_out)):
+        return f"{ctx.op} {ctx.name!r} has group={groups}, which does not divide its {c_in} -> {c_out} channels"
     ctx.same(ctx.inp(0, 0), ctx.outp(0, 0))
     # Channels = groups x per-group channels; the dependency stage picks which one to prune.
     g = ctx.virtual("groups", groups)
