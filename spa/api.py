@@ -448,8 +448,8 @@ def _prune_pass(a: Analysis, plan: PlanOptions, *, criterion, aggregate, seed, v
         try:
             _calibrate(a, choice, criterion, calibration, recalibrate, damping)
         except Exception as e:  # noqa: BLE001  (onnxruntime's errors share no base class but Exception)
-            if not fallback:
-                raise
+            if not fallback or (isinstance(e, SpaError) and calibration.data is not None):
+                raise   # data the user gave that does not fit the model is their mistake to hear of
             # the default criterion must not refuse a model l1 prunes: keep l1's choice
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             log.info("OBSPA could not run this model on synthetic inputs (%s); channels chosen by l1", reason)

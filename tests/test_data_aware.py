@@ -108,7 +108,7 @@ def test_obspa_data_free_on_cnn_verifies():
     assert any(t.name.endswith("__spa_bias") for t in r.model.graph.initializer)  # a bias was added
 
 
-@pytest.mark.parametrize("arrays,word", [({"image": np.zeros((8, 16), np.float32)}, "lacks input"),
+@pytest.mark.parametrize("arrays,word", [({"image": np.zeros((8, 16), np.float32)}, "named after the model's inputs"),
                                          ({"x": np.zeros((8, 15), np.float32)}, "per-sample shape"),
                                          ({"x": np.zeros((1, 16), np.float32)}, "at least 2")])
 def test_bad_calibration_file(tmp_path, capsys, arrays, word):

@@ -281,3 +281,15 @@ def test_an_invalid_ir3_model_is_refused_not_written(tmp_path, capsys):
     path = _save(model, tmp_path / "old.onnx")
     check(Case(["prune", path, "-o", tmp_path / "out.onnx", "--ratio", "0.5"], 2, ("IR version 3",), tmp_path),
           capsys)
+
+
+@pytest.mark.parametrize("value,words", [
+    (np.zeros((8, 3, 16, 16), np.float32), ("per-sample shape", "(3, 16, 16)")),
+    (np.zeros((1, 3, 8, 8), np.float32), ("1 sample",)),
+])
+def test_calib_that_does_not_fit_the_model_is_an_error(tmp_path, capsys, value, words):
+    path = tmp_path / "d.npz"
+    np.savez(path, **{INPUT: value})
+    case = _obspa_case(tmp_path, "--calib", path)
+    case.code, case.words = 2, words
+    check(case, capsys)
