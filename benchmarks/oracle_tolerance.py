@@ -10,7 +10,7 @@ measures the first and a few of the second, and prints the distribution of the r
 - every oracle call made by the tests that prune small graphs (tests/test_rules.py,
   tests/test_property.py's random CNNs, tests/test_hostile.py's float64 model, tests/test_foreign.py's
   non-zoo
-  tests, tests/test_transformers.py's exported transformers): ``spa.api.oracle`` is wrapped so
+  tests, tests/test_transformers.py's exported transformers): ``spa.pipeline.oracle`` is wrapped so
   every call is recorded, whatever the test asserts;
 - exported models already on disk (models/*.onnx, the benchmarks' cache in
   benchmarks/results/cache/: ResNet-50, MobileNet-V3, EfficientNet-B0, BERT-base), pruned at
@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import spa  # noqa: E402
-import spa.api  # noqa: E402
+import spa.pipeline  # noqa: E402
 from spa.errors import SpaError  # noqa: E402
 
 RECORD: list[dict] = []
@@ -149,7 +149,7 @@ def main():
                     help="measure only these sources (repeatable)")
     args = ap.parse_args()
     os.chdir(ROOT)
-    spa.api.oracle = _recording_oracle(spa.api.oracle)
+    spa.pipeline.oracle = _recording_oracle(spa.pipeline.oracle)
     wanted = set(args.only or ["tests", "models", "recorded"])
     if "tests" in wanted:
         from_tests(args.quick)

@@ -1,13 +1,16 @@
 """spa: Structurally Prune Anything — channel pruning of ONNX models at the graph level."""
 
-from .api import DEFAULT_ROUND_TO, Analysis, PruneResult, analyze, prune
+from .analysis import Analysis, analyze
+from .options import DEFAULT_ROUND_TO, PruneOptions
+from .pipeline import prune
+from .result import PruneResult
 from .errors import (InputShapeError, ModelLoadError, OutputPathError, SpaError, StrictModeError,
                      UnsupportedModelError, VerificationError)
 from .model import load, save
 
 __all__ = [
     # pipeline
-    "prune", "analyze", "PruneResult", "Analysis", "DEFAULT_ROUND_TO",
+    "prune", "analyze", "PruneOptions", "PruneResult", "Analysis", "DEFAULT_ROUND_TO",
     # files
     "load", "save",
     # errors

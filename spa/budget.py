@@ -21,7 +21,8 @@ from .planner import PlanOptions
 from .rewrite import rewrite
 
 if TYPE_CHECKING:
-    from .api import Analysis, PruneResult
+    from .analysis import Analysis
+    from .result import PruneResult
 
 __all__ = ["Budget", "spend", "step"]
 

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import api
 from .errors import SpaError
 from .importance import CRITERIA
-from .api import Loaded
+from .analysis import Loaded, analyze
+from .options import DEFAULT_ROUND_TO, HIDDEN_AS_RATIO, PruneOptions
+from .pipeline import prune
 from .data_files import accuracy, calibration_data, eval_data as read_eval
 from .files import Terminated, atomic_write, check_outputs, check_readable, termination_as_exception
 from .model import normalize, output_paths
@@ -75,23 +76,16 @@ PRUNE_EXAMPLES = """examples:
 
 
 def cmd_prune(args) -> int:
-    input_shapes = parse_input_shapes(args.input_shape)
+    options = pruning_options(args)
     outputs = {**output_paths(args.output), **({"--report": Path(args.report)} if args.report else {}),
                **({"--plan": Path(args.plan), "--plan arrays": Path(args.plan + ".npz")} if args.plan else {})}
     loaded = _read_checked(args.model, outputs, {f"the {flag} file": Path(p) for flag, p in
                                                  (("--calib", args.calib), ("--eval", args.eval)) if p})
     eval_data = read_eval(args.eval, loaded.model) if args.eval else None
-    calib = calibration_data(args.calib, loaded.model) if args.calib else None
+    if args.calib:
+        options = options.replace(calib=calibration_data(args.calib, loaded.model))
     with StageProgress(enabled=not args.quiet) as on_stage:
-        target = args.latency if args.latency is not True else None
-        result = api.prune(loaded, ratio=args.ratio, criterion=args.criterion, heads=args.heads, mlp=args.mlp,
-                           head_dims=args.head_dims, hidden=args.hidden, group_width=args.group_width,
-                           global_rank=args.global_rank, max_ratio=args.max_ratio, round_to=args.round_to,
-                           exclude=args.exclude, input_shapes=input_shapes, verify=args.verify,
-                           strict=args.strict, aggregate=args.aggregate, seed=args.seed, calib=calib,
-                           input_stats=_input_stats(args.input_stats), recalibrate=args.recalibrate,
-                           calib_samples=args.calib_samples, macs=args.macs, params=args.params,
-                           latency=target, steps=args.steps, allocation=args.allocate, on_stage=on_stage)
+        result = prune(loaded, options=options, on_stage=on_stage)
         if args.calib:
             result.report["options"]["calib"] = args.calib
         rep = result.report
@@ -213,7 +207,7 @@ def _dump_json(path, obj):
 
 def cmd_inspect(args) -> int:
     model = _read_checked(args.model, {"--graph": Path(args.graph)}) if args.graph else args.model
-    a = api.analyze(model, parse_input_shapes(args.input_shape), args.exclude, args.attention,
+    a = analyze(model, parse_input_shapes(args.input_shape), args.exclude, args.attention,
                     conv_groups=args.conv_groups)
     summary = a.summary()
     if args.graph:
@@ -316,6 +310,67 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def add_pruning_options(sp):
+    """The options of how to prune that ``spa prune`` and ``spa sweep`` share (a sweep's cells
+    set the criterion and the amount)."""
+    sp.add_argument("--allocate", choices=["auto", "measured", "uniform"], default="auto",
+                    help="how a budget is spent: where the measured output change per MAC saved is least, "
+                         "or one ratio for every group; auto (default): measured, uniform for obspa")
+    sp.add_argument("--steps", type=_positive, default=None,
+                    help="prune in N steps, re-scoring and re-compensating in between (default: 3 for a measured "
+                         "--macs/--params budget, else 1)")
+    sp.add_argument("--heads", type=_ratio, help="fraction of whole attention heads to remove")
+    sp.add_argument("--mlp", type=_ratio, help="fraction of plain channels (MLP neurons, conv channels)")
+    sp.add_argument("--head-dims", type=_ratio, help="fraction of the dims of every head (second pass)")
+    sp.add_argument("--group-width", type=_ratio,
+                    help="fraction of the channels of every group of a grouped conv, the same positions in each "
+                         "group, the group count kept (a pass of its own)")
+    sp.add_argument("--hidden", type=_ratio, nargs="?", const=HIDDEN_AS_RATIO,
+                    help="also prune the residual width through LayerNorm/RMSNorm (inexact: the output "
+                         "error is reported); a bare --hidden uses --ratio")
+    sp.add_argument("--aggregate", choices=["sum", "mean", "max"], default="sum",
+                    help="how a group combines its members' scores")
+    sp.add_argument("--global", dest="global_rank", action="store_true",
+                    help="rank all groups' channels together on normalized scores")
+    sp.add_argument("--max-ratio", type=_ratio, default=0.9, help="per-group cap with --global")
+    sp.add_argument("--round-to", type=_round_to, default=DEFAULT_ROUND_TO, metavar="N|auto",
+                    help=f"keep a multiple of N channels, counted in filters: a GroupNorm group of C/G filters "
+                         f"counts C/G (default {DEFAULT_ROUND_TO}; 1 = off; auto = this "
+                         "CPU's float32 vector width: 16 with AVX-512, 8 with AVX2, else 4)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the random criterion and synthetic inputs")
+    sp.add_argument("--verify", dest="verify", action="store_true", default=None,
+                    help="run the equivalence oracle (default: when the model is small)")
+    sp.add_argument("--no-verify", dest="verify", action="store_false",
+                    help="skip the equivalence oracle (large models: it builds two onnxruntime sessions)")
+    sp.add_argument("--input-stats", action="append", metavar="[NAME=]MEAN,STD",
+                    help="statistics of synthetic inputs when there is no --calib (default 0,1)")
+    sp.add_argument("--calib-samples", type=_positive, default=None, metavar="N",
+                    help="synthetic samples without --calib (default 64); with --calib, use at most N of its "
+                         "samples, one from each of N clusters of the model's outputs (default: all)")
+    sp.add_argument("--recalibrate", action="store_true",
+                    help="after pruning, refit normalization scales and biases (BatchNorm, InstanceNorm, LayerNorm) "
+                         "to the original's outputs, and with magnitude criteria correct consumer biases from "
+                         "activation means; closed form, on --calib or synthetic inputs")
+    sp.add_argument("--strict", action="store_true", help="fail if any node blocks pruning")
+
+
+def pruning_options(args, **values) -> PruneOptions:
+    """The ``PruneOptions`` of parsed arguments (``add_pruning_options`` and, for prune, the
+    amount and criterion), checked before any file is read; ``values`` add or override."""
+    fields = dict(heads=args.heads, mlp=args.mlp, head_dims=args.head_dims, hidden=args.hidden,
+                  group_width=args.group_width, aggregate=args.aggregate, global_rank=args.global_rank,
+                  max_ratio=args.max_ratio, round_to=args.round_to, allocation=args.allocate, steps=args.steps,
+                  exclude=args.exclude, seed=args.seed, input_stats=_input_stats(args.input_stats),
+                  calib_samples=args.calib_samples, recalibrate=args.recalibrate, verify=args.verify,
+                  strict=args.strict, input_shapes=parse_input_shapes(args.input_shape) or {})
+    for name in ("ratio", "criterion", "macs", "params"):
+        if hasattr(args, name):
+            fields[name] = getattr(args, name)
+    if getattr(args, "latency", None) not in (None, True):   # a bare --latency only measures
+        fields["latency"] = args.latency
+    return PruneOptions(**{**fields, **values})
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="spa", description="Structurally prune ONNX models: remove whole channels and attention "
                                          "heads and write a smaller ONNX model with the same inputs and outputs.")
@@ -345,48 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "structures not named when --heads/--mlp/--head-dims is given)")
     sp.add_argument("--macs", type=_share, metavar="F", help="keep this share of the MACs, cut where it hurts least")
     sp.add_argument("--params", type=_share, metavar="F", help="keep this share of the weights (file size)")
-    sp.add_argument("--allocate", choices=["auto", "measured", "uniform"], default="auto",
-                    help="how a budget is spent: where the measured output change per MAC saved is least, "
-                         "or one ratio for every group; auto (default): measured, uniform for obspa")
-    sp.add_argument("--steps", type=_positive, default=None,
-                    help="prune in N steps, re-scoring and re-compensating in between (default: 3 for a measured "
-                         "--macs/--params budget, else 1)")
-    sp.add_argument("--heads", type=_ratio, help="fraction of whole attention heads to remove")
-    sp.add_argument("--mlp", type=_ratio, help="fraction of plain channels (MLP neurons, conv channels)")
-    sp.add_argument("--head-dims", type=_ratio, help="fraction of the dims of every head (second pass)")
-    sp.add_argument("--group-width", type=_ratio,
-                    help="fraction of the channels of every group of a grouped conv, the same positions in each "
-                         "group, the group count kept (a pass of its own)")
-    sp.add_argument("--hidden", type=_ratio, nargs="?", const=api.HIDDEN_AS_RATIO,
-                    help="also prune the residual width through LayerNorm/RMSNorm (inexact: the output "
-                         "error is reported); a bare --hidden uses --ratio")
     sp.add_argument("--criterion", choices=CRITERIA, default=None, help=CRITERION_HELP)
-    sp.add_argument("--aggregate", choices=["sum", "mean", "max"], default="sum",
-                    help="how a group combines its members' scores")
-    sp.add_argument("--global", dest="global_rank", action="store_true",
-                    help="rank all groups' channels together on normalized scores")
-    sp.add_argument("--max-ratio", type=_ratio, default=0.9, help="per-group cap with --global")
-    sp.add_argument("--round-to", type=_round_to, default=api.DEFAULT_ROUND_TO, metavar="N|auto",
-                    help=f"keep a multiple of N channels, counted in filters: a GroupNorm group of C/G filters "
-                         f"counts C/G (default {api.DEFAULT_ROUND_TO}; 1 = off; auto = this "
-                         "CPU's float32 vector width: 16 with AVX-512, 8 with AVX2, else 4)")
-    sp.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
-    sp.add_argument("--verify", dest="verify", action="store_true", default=None,
-                    help="run the equivalence oracle (default: when the model is small)")
-    sp.add_argument("--no-verify", dest="verify", action="store_false",
-                    help="skip the equivalence oracle (large models: it builds two onnxruntime sessions)")
     sp.add_argument("--calib", metavar="NPZ", help="calibration data for data-aware criteria and "
                     "--recalibrate: arrays named after the inputs, first axis = samples")
-    sp.add_argument("--input-stats", action="append", metavar="[NAME=]MEAN,STD",
-                    help="statistics of synthetic inputs when there is no --calib (default 0,1)")
-    sp.add_argument("--calib-samples", type=_positive, default=None, metavar="N",
-                    help="synthetic samples without --calib (default 64); with --calib, use at most N of its "
-                         "samples, one from each of N clusters of the model's outputs (default: all)")
-    sp.add_argument("--recalibrate", action="store_true",
-                    help="after pruning, refit normalization scales and biases (BatchNorm, InstanceNorm, LayerNorm) "
-                         "to the original's outputs, and with magnitude criteria correct consumer biases from "
-                         "activation means; closed form, on --calib or synthetic inputs")
-    sp.add_argument("--strict", action="store_true", help="fail if any node blocks pruning")
+    add_pruning_options(sp)
     sp.add_argument("--report", metavar="JSON", help="write the full report as JSON")
     sp.add_argument("--plan", metavar="JSON", help="also write the plan: per tensor of the original, the kept "
                     "indices and value changes (large ones in JSON.npz), for spa.torch.apply_plan")
@@ -471,7 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug of ours: still one line, the traceback only with -v
         if args.verbose:
             raise
-        print(f"spa: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+        stages = getattr(e, "spa_stages", None)
+        where = f" in stage {stages[-1]} (after {', '.join(stages[:-1]) or 'nothing'})" if stages else ""
+        print(f"spa: internal error{where}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
               f"(please report; -v shows the traceback)", file=sys.stderr)
         return 3
 

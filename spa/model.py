@@ -322,7 +322,7 @@ def normalize(model: onnx.ModelProto, copy: bool = True) -> onnx.ModelProto:
 
     # Initializers listed as inputs are weights to the analysis. Below IR 4 every initializer
     # must be an input; from IR 4 on such an input is a default a user may override, so the
-    # pruned model lists it again (api._restore_default_inputs).
+    # pruned model lists it again (pipeline._restore_default_inputs).
     real_inputs = [i for i in g.input if i.name not in inits]
     if len(real_inputs) != len(g.input):
         del g.input[:]

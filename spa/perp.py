@@ -26,15 +26,15 @@ from .model import tensor_array
 NORMS = {"BatchNormalization": (1, 2), "InstanceNormalization": (1, 2), "LayerNormalization": (1, 2)}
 
 
-def refit_normalizations(original: onnx.ModelProto, plan, batches: list[dict], rewrite) -> dict:
-    """Add the refit scales and biases to ``plan.updates``; returns what was done, for the
-    report. ``rewrite(model, plan)`` builds the pruned model of the plan as it stands."""
+def refit_normalizations(original: onnx.ModelProto, plan, batches: list[dict], rewrite) -> tuple:
+    """The plan with the refit scales and biases among its updates, and what was done, for
+    the report. ``rewrite(model, plan)`` builds the pruned model of a plan."""
     inits = {t.name: t for t in original.graph.initializer}
     norms = [n for n in original.graph.node if n.op_type in NORMS
              and all(len(n.input) > k and n.input[k] in inits and len(inits[n.input[k]].dims) == 1
                      for k in NORMS[n.op_type])]
     if not norms or not batches:
-        return {"normalizations": 0}
+        return plan, {"normalizations": 0}
     reference = _session_with_outputs(original, [n.output[0] for n in norms], optimize=False)
     total = {"before": 0.0, "after": 0.0, "energy": 0.0}
     for node in norms:
@@ -67,10 +67,11 @@ def refit_normalizations(original: onnx.ModelProto, plan, batches: list[dict], r
             total[key] += float(np.sum(syy - 2 * (sa * sny + sc * sy) + sa * sa * snn + 2 * sa * sc * sn
                                        + count * sc * sc))
         total["energy"] += float(syy.sum())
-        plan.updates[scale_name] = _in_full(scale, a, kept).astype(tensor_array(inits[scale_name]).dtype)
-        plan.updates[bias_name] = _in_full(bias, c, kept).astype(tensor_array(inits[bias_name]).dtype)
+        plan = plan.with_updates({
+            scale_name: _in_full(scale, a, kept).astype(tensor_array(inits[scale_name]).dtype),
+            bias_name: _in_full(bias, c, kept).astype(tensor_array(inits[bias_name]).dtype)})
     energy = max(total["energy"], 1e-30)
-    return {"normalizations": len(norms), "relative_error_before": total["before"] / energy,
+    return plan, {"normalizations": len(norms), "relative_error_before": total["before"] / energy,
             "relative_error_after": total["after"] / energy}
 
 

@@ -1,6 +1,6 @@
 """The plan: one value that says everything a pruning pass changes.
 
-Stages: the analysis (``spa.api.analyze``) finds the groups; scoring and the planner choose
+Stages: the analysis (``spa.analysis.analyze``) finds the groups; scoring and the planner choose
 removed positions per group; :func:`make_plan` turns those into a :class:`Plan` — kept
 indices of every space that shrinks, the concrete edits of size constants and attributes
 (resolved from the rules' fix-up specs), weight updates (OBSPA compensation, bias
@@ -12,6 +12,7 @@ the report's groups come from it too, so model, oracle and report cannot disagre
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,8 +58,11 @@ class NewBias:
     space: Space
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
+    """What one pass changes, built once (``make_plan``) and never changed after: a variant
+    (a refit's new values) is a new plan (``with_updates``)."""
+
     kept: dict[Space, np.ndarray]           # every space that shrinks -> its kept indices, sorted
     sizes: dict[Space, int]                 # ... and its size before
     edits: list[Edit] = field(default_factory=list)
@@ -71,6 +75,10 @@ class Plan:
     contractions: list[tuple[str, int, int]] = field(default_factory=list)
     # + zero point input, and the axes its axes lie along (None: broadcast)
     integer_contractions: list[tuple[str, int, int, int, tuple[int, ...] | None]] = field(default_factory=list)
+
+    def with_updates(self, updates: dict[str, np.ndarray]) -> "Plan":
+        """This plan with more (or other) new initializer values."""
+        return dataclasses.replace(self, updates={**self.updates, **updates})
 
     def kept_of(self, space: Space) -> np.ndarray | None:
         """Sorted kept indices of a space, or None when nothing of it is removed."""
@@ -156,7 +164,7 @@ def _kept_spaces(dep: Dependency, removed: np.ndarray) -> tuple[dict, dict]:
 def make_plan(analysis, removals, scores=None, notes: dict | None = None, updates: dict | None = None,
               new_biases: dict | None = None) -> Plan:
     """The plan for removing ``removals[i]`` (positions into ``groups[i].channels``) of each
-    group of an ``spa.api.Analysis``; ``updates`` (initializer -> new value) and
+    group of an ``spa.analysis.Analysis``; ``updates`` (initializer -> new value) and
     ``new_biases`` (node -> bias) are OBSPA's weight changes, in the original widths."""
     model, shapes, dep, groups = analysis.model, analysis.shapes, analysis.dep, analysis.groups
     notes = notes or {}
@@ -167,29 +175,37 @@ def make_plan(analysis, removals, scores=None, notes: dict | None = None, update
         if len(r) >= g.size:
             raise PlanError(f"group {g.id}: every channel removed")
     kept, sizes = _kept_spaces(dep, removed_atoms(dep, groups, removals))
-    plan = Plan(kept, sizes, blocked=list(analysis.blocked))
-    plan.choices = [Choice(g.id, g.kind, g.size, np.sort(r), None if scores is None else np.asarray(scores[i]),
-                           notes.get(g.id)) for i, (g, r) in enumerate(zip(groups, removals))]
-    plan.updates = dict(updates or {})
-    if new_biases:
-        taken = tensor_names(model)
-        nodes = {n.name: n for n in model.graph.node}
-        for node, value in new_biases.items():
-            space = (nodes[node].output[0], 1)
-            plan.new_biases.append(NewBias(node, unique_name(f"{node}__spa_bias", taken), np.asarray(value), space))
-            if space in kept:
-                plan.kept[(plan.new_biases[-1].name, 0)] = kept[space]
-                plan.sizes[(plan.new_biases[-1].name, 0)] = sizes[space]
-    if plan.kept:
+    choices = [Choice(g.id, g.kind, g.size, np.sort(r), None if scores is None else np.asarray(scores[i]),
+                      notes.get(g.id)) for i, (g, r) in enumerate(zip(groups, removals))]
+    biases = _new_biases(model, new_biases or {}, kept, sizes)
+    contractions, integer_contractions, edits = [], [], []
+    if kept:
         view = dep.view if dep.view is not None else GraphView.of(model, shapes)
-        plan.contractions = [(n, k, axis) for n, k, axis in dep.couplings.contractions
-                             if k < len(view.nodes[n].input) and (view.nodes[n].input[k], axis) in plan.kept]
-        plan.integer_contractions = [(n, k, axis, *rest) for n, k, axis, *rest in dep.couplings.integer_contractions
-                                     if (view.nodes[n].input[k], axis) in plan.kept]
+        contractions = [(n, k, axis) for n, k, axis in dep.couplings.contractions
+                        if k < len(view.nodes[n].input) and (view.nodes[n].input[k], axis) in kept]
+        integer_contractions = [(n, k, axis, *rest) for n, k, axis, *rest in dep.couplings.integer_contractions
+                                if (view.nodes[n].input[k], axis) in kept]
 
         def size(space):
-            return plan.new_size(space, dep.couplings.sizes[space])
+            k = kept.get(space)
+            return dep.couplings.sizes[space] if k is None else len(k)
         for spec in dep.couplings.fixups:
-            plan.edits.extend(resolve(spec, view, plan.kept_of, size))
-    return plan
+            edits.extend(resolve(spec, view, kept.get, size))
+    return Plan(kept, sizes, edits, dict(updates or {}), biases, choices, list(analysis.blocked), contractions,
+                integer_contractions)
+
+
+def _new_biases(model: onnx.ModelProto, new_biases: dict, kept: dict, sizes: dict) -> list[NewBias]:
+    """OBSPA's biases for bias-free layers, named anew; the kept and sizes of their spaces
+    join ``kept`` and ``sizes``."""
+    out = []
+    taken = tensor_names(model) if new_biases else set()
+    nodes = {n.name: n for n in model.graph.node}
+    for node, value in new_biases.items():
+        space = (nodes[node].output[0], 1)
+        out.append(NewBias(node, unique_name(f"{node}__spa_bias", taken), np.asarray(value), space))
+        if space in kept:
+            kept[(out[-1].name, 0)] = kept[space]
+            sizes[(out[-1].name, 0)] = sizes[space]
+    return out
 

@@ -22,7 +22,7 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 
 from .errors import SpaError
+from .options import PruneOptions
 
 __all__ = ["Cell", "SweepConfig", "Sweep", "cells_of", "parse_ratios", "parse_targets", "parse_keep",
            "run_sweep", "pareto", "best_under", "Progress", "BACKENDS"]
@@ -52,8 +53,10 @@ class Cell:
     def label(self) -> str:
         return f"{self.model + ': ' if self.model else ''}{self.criterion} {self.kind}={self.value:g}"
 
-    def prune_kwargs(self) -> dict:
-        return {"criterion": self.criterion, self.kind: self.value}
+    def options(self, shared: PruneOptions) -> PruneOptions:
+        """The options of this cell: the sweep's, with this criterion and amount."""
+        amounts = {"ratio": None, "macs": None, "params": None, "latency": None, self.kind: self.value}
+        return shared.replace(criterion=self.criterion, **amounts)
 
 
 @dataclass
@@ -63,13 +66,13 @@ class SweepConfig:
     model: str
     calib: str | None = None
     eval: str | None = None
-    input_shapes: dict = field(default_factory=dict)
-    exclude: list = field(default_factory=list)
-    round_to: int = 8
-    seed: int = 0
+    options: PruneOptions = field(default_factory=PruneOptions)   # every cell's, but criterion and amount
     runs: int = 20
     samples: int = 64          # fidelity inputs: calibration samples used, or synthetic ones drawn
-    verify: bool | None = None
+
+    @property
+    def seed(self) -> int:
+        return self.options.seed
 
 
 @dataclass
@@ -170,7 +173,7 @@ class _Worker:
     copies a ModelProto before changing it), the data, and the original's reference outputs."""
 
     def __init__(self, config: SweepConfig):
-        from .api import Loaded
+        from .analysis import Loaded
         from .data_files import calibration_data, eval_data
         from .importance.data import BatchLayout, Calibration
         from .shapes import infer_shapes
@@ -180,7 +183,7 @@ class _Worker:
         self.file_bytes = sum(os.path.getsize(f) for f in loaded.files.values())
         self.calib = calibration_data(config.calib, self.model) if config.calib else None
         self.eval = eval_data(config.eval, self.model) if config.eval else None
-        shapes = infer_shapes(self.model, {k: tuple(v) for k, v in config.input_shapes.items()}, want_values=False)
+        shapes = infer_shapes(self.model, dict(config.options.input_shapes), want_values=False)
         self.input_shapes = shapes.input_shapes
         self.layout = BatchLayout.of(self.model, self.input_shapes)
         data = None if self.calib is None else {   # the first samples, along each input's batch axis
@@ -191,7 +194,6 @@ class _Worker:
         self.reference = _outputs(self.model, self.feeds)
 
     def run(self, cell: Cell) -> dict:
-        from . import api
         from .bench import latency
         from .data_files import accuracy
         c = self.config
@@ -237,10 +239,8 @@ class _Worker:
 
     def prune(self, cell: Cell):
         """The cell's pruned model again (to save it): the same call, so the same model."""
-        from . import api
-        c = self.config
-        return api.prune(self.model, **cell.prune_kwargs(), calib=self.calib, round_to=c.round_to, seed=c.seed,
-                         exclude=c.exclude, input_shapes=c.input_shapes, verify=c.verify)
+        from .pipeline import prune
+        return prune(self.model, options=cell.options(self.config.options).replace(calib=self.calib))
 
 
 def _share(a, b):
@@ -377,7 +377,9 @@ def _sweep_of(config, local, rows, seconds, backend, jobs) -> Sweep:
         rows[i]["pareto"] = True
     if all("error" in r for r in rows):
         raise SpaError(f"{config.model}: every cell failed; the first: {rows[0]['error']}")
-    return Sweep(original, rows, quality, asdict(config), seconds, backend, jobs)
+    described = {"model": config.model, "calib": config.calib, "eval": config.eval, "runs": config.runs,
+                 "samples": config.samples, "options": config.options.as_report()}
+    return Sweep(original, rows, quality, described, seconds, backend, jobs)
 
 
 def _pool(configs: list[SweepConfig], tasks: list[tuple[int, Cell]], jobs: int, on_cell) -> list[dict]:

@@ -21,7 +21,6 @@ EXAMPLES = """examples:
 
 
 def add_parser(sub, common, positive, formatter):
-    from .api import DEFAULT_ROUND_TO
     sp = sub.add_parser("sweep", help="prune at many ratios/budgets and criteria; table, CSV, JSON, plot",
                         description="Prune a model (or several: the same cells, run together) at every ratio "
                                     "or budget with every criterion, measure each result (MACs, params, size, "
@@ -54,28 +53,23 @@ def add_parser(sub, common, positive, formatter):
     sp.add_argument("--runs", type=positive, default=20, help="latency runs per cell (default 20)")
     sp.add_argument("--samples", type=positive, default=64,
                     help="inputs for the fidelity measurement: first N --calib samples or N synthetic (default 64)")
-    from .cli import _round_to
-    sp.add_argument("--round-to", type=_round_to, default=DEFAULT_ROUND_TO, metavar="N|auto",
-                    help=f"keep a multiple of N channels (default {DEFAULT_ROUND_TO}; 1 = off; auto = the CPU's "
-                         "float32 vector width)")
-    sp.add_argument("--seed", type=int, default=0, help="seed of synthetic inputs and the random criterion")
-    sp.add_argument("--no-verify", dest="verify", action="store_false", default=None,
-                    help="skip the equivalence oracle in each cell (default: on for small models)")
+    from .cli import add_pruning_options
+    add_pruning_options(sp)
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress lines and no table")
     sp.set_defaults(func=cmd_sweep)
     return sp
 
 
 def cmd_sweep(args) -> int:
-    from .cli import _read_checked
+    from .cli import _read_checked, pruning_options
     from .files import check_inside
-    from .shapes import parse_input_shapes
     from .sweep import (Cell, Progress, SweepConfig, best_under, cells_of, parse_keep, parse_ratios,
                         parse_targets, rerun, run_sweeps)
     from .sweep_report import (PLOT_MISSING, check_output_dir, format_sweep, have_matplotlib, keep_name,
                                output_files, write_all)
 
     # every option is checked before the model is read or a worker started
+    options = pruning_options(args)
     targets = [t for spec in args.targets or [] for t in parse_targets(spec)]
     ratios = parse_ratios(args.ratios) if args.ratios else [] if targets else parse_ratios(DEFAULT_RATIOS)
     cells = cells_of([c.strip() for c in args.criteria.split(",") if c.strip()], ratios, targets)
@@ -107,9 +101,7 @@ def cmd_sweep(args) -> int:
     if args.address and args.backend != "ray":
         raise SpaError("--address joins a Ray cluster: give it with --backend ray")
 
-    configs = [SweepConfig(str(m), args.calib, args.eval, parse_input_shapes(args.input_shape) or {},
-                           list(args.exclude), args.round_to, args.seed, args.runs, args.samples, args.verify)
-               for m in models]
+    configs = [SweepConfig(str(m), args.calib, args.eval, options, args.runs, args.samples) for m in models]
     progress = Progress(len(cells) * len(models), quiet=args.quiet)
     try:
         sweeps = run_sweeps(configs, cells, args.backend, args.jobs, progress.cell_done, args.address)

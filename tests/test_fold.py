@@ -41,9 +41,9 @@ def test_standardized_weights_are_computed_once_and_prune(how, monkeypatch):
     model = std_cnn(how)
     r = assert_prunes(model, ratio=0.5, criterion="l1")
     assert sum(g["removed"] for g in r.report["groups"]) >= 16
-    import spa.api
+    import spa.analysis
     with monkeypatch.context() as m:      # recomputed in the graph, the standardization mixes inputs
-        m.setattr(spa.api, "fold_normalized_weights", lambda model: [])
+        m.setattr(spa.analysis, "fold_normalized_weights", lambda model: [])
         unfolded = spa.prune(model, ratio=0.5, criterion="l1", round_to=1).report
     assert sum(g["removed"] for g in unfolded["groups"]) < sum(g["removed"] for g in r.report["groups"])
     convs = [n for n in r.model.graph.node if n.op_type == "Conv"]

@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 from graphs import Graph
-from spa.api import analyze
+from spa.analysis import analyze
 from spa.cli import main
 
 

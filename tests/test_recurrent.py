@@ -295,8 +295,8 @@ def test_dynamic_quantize_lstm_activation_not_zero_at_zero(tmp_path):
 
 def rolled_gates(monkeypatch):
     """The pruned model's W with its gate blocks rotated (i rows read as o, ...) before the oracle."""
-    import spa.api
-    oracle = spa.api.oracle
+    import spa.pipeline
+    oracle = spa.pipeline.oracle
 
     def corrupted(pruned, masked, *args, **kw):
         node = dq_nodes(pruned)[0]
@@ -304,7 +304,7 @@ def rolled_gates(monkeypatch):
         w = onnx.numpy_helper.to_array(t)
         t.CopyFrom(onnx.numpy_helper.from_array(np.roll(w, w.shape[2] // 4, axis=2), t.name))
         return oracle(pruned, masked, *args, **kw)
-    monkeypatch.setattr(spa.api, "oracle", corrupted)
+    monkeypatch.setattr(spa.pipeline, "oracle", corrupted)
 
 
 def test_dynamic_quantize_lstm_oracle_catches_wrong_gates(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ import pytest
 
 from spa.cli import main
 from spa.errors import SpaError
+from spa.options import PruneOptions
 from spa.sweep import Cell, Sweep, best_under, cells_of, fidelity, pareto, parse_keep, parse_ratios, parse_targets
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -42,7 +43,11 @@ def test_cells_cross_criteria_with_settings():
     cells = cells_of(["l1", "obspa"], [0.2, 0.4], [("macs", 0.5)])
     assert cells == [Cell("l1", "ratio", 0.2), Cell("l1", "ratio", 0.4), Cell("obspa", "ratio", 0.2),
                      Cell("obspa", "ratio", 0.4), Cell("l1", "macs", 0.5), Cell("obspa", "macs", 0.5)]
-    assert cells[-1].prune_kwargs() == {"criterion": "obspa", "macs": 0.5}
+    shared = PruneOptions(max_ratio=0.5, heads=0.25, steps=2, round_to=4)   # every option reaches a cell
+    opts = cells[-1].options(shared)
+    assert (opts.criterion, opts.macs, opts.ratio) == ("obspa", 0.5, None)
+    assert (opts.max_ratio, opts.heads, opts.steps, opts.round_to) == (0.5, 0.25, 2, 4)
+    assert cells[0].options(opts).criterion == "l1" and cells[0].options(opts).macs is None
     with pytest.raises(SpaError, match="unknown criterion"):
         cells_of(["l3"], [0.2], [])
 

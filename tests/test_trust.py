@@ -18,7 +18,8 @@ import onnx
 import pytest
 from onnx import helper
 
-from spa import api
+from spa.analysis import Loaded
+from spa.pipeline import prune
 from spa.errors import SpaError
 from graphs import Graph
 from test_hostile import Case, check, external, small_model
@@ -131,13 +132,13 @@ def test_external_data_swapped_for_a_fifo_after_the_checks_does_not_block(tmp_pa
     folder = tmp_path / "m"
     folder.mkdir()
     path = external(small_model(), folder)
-    loaded = api.Loaded.read(path)
+    loaded = Loaded.read(path)
     (folder / "m.data").unlink()
     os.mkfifo(folder / "m.data")
     done = {}
 
     def run():
-        done["result"] = api.prune(loaded, ratio=0.5, criterion="l1", round_to=1)
+        done["result"] = prune(loaded, ratio=0.5, criterion="l1", round_to=1)
         done["files"] = done["result"].save(tmp_path / "out.onnx")
     worker = threading.Thread(target=run, daemon=True)
     worker.start()

@@ -1,0 +1,158 @@
+"""The analysis stage: a model read (or given), normalized, its shapes inferred, its channel
+dependency built and its groups found. It describes; it never changes what it was given
+(except a model spa read itself, which it normalizes in place)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import onnx
+
+from .errors import SpaError
+from .fold import fold_normalized_weights
+from .graph.dependency import Dependency, build_dependency
+from .graph.groups import Group, find_groups
+from .interop import from_graphsurgeon, is_graphsurgeon_graph
+from .model import normalize, opset_of, read
+from .shapes import Shapes, infer_shapes
+
+__all__ = ["Analysis", "Loaded", "analyze"]
+
+
+@dataclass
+class Analysis:
+    """A normalized model, its static shapes, its channel dependency and its groups."""
+
+    model: onnx.ModelProto
+    shapes: Shapes
+    dep: Dependency
+    groups: list[Group]
+    blocked: list[Group]
+    source: str | None = None
+    default_inputs: list = field(default_factory=list)  # IR >= 4 inputs with a default initializer
+    files: dict = field(default_factory=dict)           # the files read: what each is -> path
+
+    def member_names(self, group: Group) -> list[str]:
+        inits = self.dep.view.inits if self.dep.view is not None else {t.name for t in self.model.graph.initializer}
+        return [f"{t}[{a}]" for t, a in group.spaces if t in inits]
+
+    def span(self, group: Group) -> int:
+        """How many indices of a heads or head-dim axis one channel of the group covers: a
+        key/value head shared by N query heads spans N, a RoPE pair of head dims spans 2."""
+        best = 1
+        for space in group.spaces:
+            c = self.dep.space_class[space]
+            if c in self.dep.head_classes or c in self.dep.head_dim_classes:
+                best = max(best, len(group.member(self.dep, space)[0]) // max(1, group.size))
+        return best
+
+    @property
+    def graph(self):
+        """The dependency graph as a networkx MultiGraph: one node per space (tensor axis,
+        id ``"tensor[axis]"``) with its ``tensor``, ``axis``, ``size``, ``group`` (id, -1 if
+        in no group), ``kind`` and ``blocked`` (reason, "" if none); one edge per coupling
+        the rules stated (``coupling``: same, offset, product; ``node``: the node that
+        stated it). A contraction (the input axis a node sums over) is an edge to an operator
+        node ``"op:<name>"``."""
+        import networkx as nx
+        dep, graph = self.dep, nx.MultiGraph()
+        where: dict = {}
+        for g in self.groups + self.blocked:
+            for space in g.spaces:
+                where.setdefault(space, g)
+
+        def sid(space):
+            return f"{space[0]}[{space[1]}]"
+
+        for space, size in dep.couplings.sizes.items():
+            g = where.get(space)
+            graph.add_node(sid(space), tensor=space[0], axis=int(space[1]), size=int(size),
+                           group=g.id if g else -1, kind=(g.kind if g and not g.blocked else
+                                                          "blocked" if g else ""),
+                           blocked=(g.blocked or "") if g else "")
+        for a, b, node in dep.couplings.same:
+            graph.add_edge(sid(a), sid(b), coupling="same", node=node)
+        for small, big, start, step, node in dep.couplings.offset:
+            graph.add_edge(sid(small), sid(big), coupling="offset", node=node, start=int(start), step=int(step))
+        for whole, factors, node in dep.couplings.product:
+            for f in factors:
+                graph.add_edge(sid(whole), sid(f), coupling="product", node=node)
+        nodes = {n.name or f"{n.op_type}_{i}": n for i, n in enumerate(self.model.graph.node)}
+        for name, k, axis in dep.couplings.contractions:   # input k of the node is summed over
+            node = nodes.get(name)
+            space = (node.input[k], axis) if node is not None and k < len(node.input) else None
+            if space in dep.couplings.sizes:
+                graph.add_node(f"op:{name}", op=node.op_type, kind="operator", group=-1)
+                graph.add_edge(sid(space), f"op:{name}", coupling="contraction", node=name)
+        return graph
+
+    def summary(self) -> dict:
+        return {
+            "groups": [{"id": g.id, "kind": g.kind, "channels": g.size, "span": self.span(g),
+                        "members": self.member_names(g)} for g in self.groups],
+            "blocked": [{"id": g.id, "channels": g.size, "members": self.member_names(g), "reason": g.blocked,
+                         "reasons": g.reasons} for g in self.blocked],
+            "blocked_nodes": [{"node": n, "op": op, "reason": r} for n, op, r in self.dep.blocked_nodes],
+        }
+
+
+@dataclass
+class Loaded:
+    """A model spa read from ``path`` itself (so it may be normalized in place), and the
+    files it was read from (see ``spa.model.read``)."""
+
+    model: onnx.ModelProto
+    path: str
+    files: dict
+
+    @classmethod
+    def read(cls, path) -> "Loaded":
+        model, files = read(path)
+        return cls(model, str(path), files)
+
+
+def _as_model(model_or_path) -> tuple[onnx.ModelProto, Loaded | None]:
+    """The model, and where it came from when spa read it (then spa owns the proto)."""
+    if isinstance(model_or_path, onnx.ModelProto):
+        return model_or_path, None
+    if is_graphsurgeon_graph(model_or_path):
+        return from_graphsurgeon(model_or_path), None
+    if not isinstance(model_or_path, (str, os.PathLike, Loaded)):
+        raise SpaError(f"expected a path, an onnx.ModelProto or an onnx_graphsurgeon Graph, "
+                       f"got {type(model_or_path).__name__}")
+    loaded = model_or_path if isinstance(model_or_path, Loaded) else Loaded.read(model_or_path)
+    return loaded.model, loaded
+
+
+def analyze(model_or_path, input_shapes: dict | None = None, exclude: list[str] | None = None,
+            attention: str = "heads", allow_mixing: bool = False, conv_groups: str = "auto") -> Analysis:
+    """Load (if a path), normalize, infer shapes and find the groups. ``attention`` picks
+    whether attention splits are pruned as whole ``heads`` or as ``head-dims``;
+    ``allow_mixing`` also offers channels that normalizations mix (inexact ``hidden`` groups);
+    ``conv_groups="width"`` offers the per-group width of grouped convolutions (the same
+    positions of every group, ``group-width`` groups) where ``auto`` prunes the larger of
+    groups and width."""
+    model, loaded = _as_model(model_or_path)
+    inits = {t.name for t in model.graph.initializer}
+    defaults = [vi for vi in model.graph.input if vi.name in inits] if model.ir_version >= 4 else []
+    model = normalize(model, copy=loaded is None)
+    fold_normalized_weights(model)
+    shapes = infer_shapes(model, input_shapes)
+    dep = build_dependency(model, shapes, opset_of(model), exclude, attention, allow_mixing, conv_groups)
+    groups, blocked = find_groups(dep, _constants(model))
+    return Analysis(model, shapes, dep, groups, blocked, loaded and loaded.path, defaults,
+                    loaded.files if loaded else {})
+
+
+def _constants(model: onnx.ModelProto) -> set[str]:
+    """Tensors known before running: initializers and outputs of nodes that read only them
+    (a dequantized or transposed weight)."""
+    known = {t.name for t in model.graph.initializer} | {""}
+    for node in model.graph.node:      # topologically sorted
+        if node.op_type == "Constant" or all(i in known for i in node.input) and node.input:
+            known.update(node.output)
+    known.discard("")
+    return known
+
+
