@@ -14,7 +14,7 @@ from .model import save
 __all__ = ["PruneResult", "file_bytes"]
 
 
-@dataclass
+@dataclass(repr=False)
 class PruneResult:
     model: onnx.ModelProto
     original: onnx.ModelProto
@@ -22,6 +22,25 @@ class PruneResult:
     source: str | None = None
     files: dict = field(default_factory=dict)  # what the original was read from: never written
     plans: list = field(default_factory=list)  # the Plan of each pass, in order
+
+    def __repr__(self) -> str:
+        """A few lines like the CLI's table, not the protobufs."""
+        rep = self.report
+        before, after = rep.get("before", {}), rep.get("after", {})
+        lines = [f"PruneResult of {self.source or 'a model in memory'}:"]
+        for key in ("params", "macs", "file_bytes"):
+            if before.get(key) and after.get(key) is not None:
+                lines.append(f"  {key:<10} {before[key]:>14,} -> {after[key]:>14,}  ({after[key] / before[key]:.3f})")
+        groups = rep.get("groups", [])
+        removed, total = sum(g["removed"] for g in groups), sum(g["channels"] for g in groups)
+        lines.append(f"  removed {removed} of {total} channels in {sum(bool(g['removed']) for g in groups)} "
+                     f"of {len(groups)} groups")
+        verify = rep.get("verify")
+        lines.append("  not verified" if not verify or "skipped" in verify else
+                     f"  verified: max abs error {verify.get('max_abs_error', float('nan')):.2g}")
+        return "\n".join(lines)
+
+    __str__ = __repr__
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the pruned model atomically; refuses to overwrite the input model or its

@@ -122,3 +122,9 @@ def test_global_ranking_respects_the_cap():
     assert len(removed) == 2 and max(removed) <= 32 * 0.25, removed
     uncapped = spa.prune(model, ratio=0.5, criterion="l1", round_to=1, global_rank=True, max_ratio=0.9)
     assert max(row["removed"] for row in uncapped.report["groups"]) > 8   # the cap is what binds
+
+
+def test_a_result_prints_as_a_summary_not_protobufs():
+    text = str(spa.prune(two_convs(), ratio=0.5, criterion="l1", round_to=1))
+    assert "params" in text and "removed 16 of 32 channels" in text and "verified" in text
+    assert "initializer" not in text and len(text.splitlines()) < 10
