@@ -123,8 +123,12 @@ def cmd_sweep(args) -> int:
         for key, bound in keeps:
             i = best_under(sweep, key, bound)
             if i is None:
+                noisy = sum(1 for r in sweep.rows if r.get("latency_noisy") and key == "latency"
+                            and r["latency_ratio"] <= bound)
                 raise SpaError(f"--keep best:{key}<={bound:g}: no cell of {config.model} has {key} at most "
-                               f"{bound:g} of the original; add larger ratios or smaller --targets")
+                               f"{bound:g} of the original; " + (
+                                   f"{noisy} cell(s) would, but their latency is noisy: give more --runs or a "
+                                   "quieter machine" if noisy else "add larger ratios or smaller --targets"))
             row = sweep.rows[i]
             keep_models[f"--keep best:{key}<={bound:g}"] = rerun(config, Cell(row["criterion"], row["kind"],
                                                                               row["value"]))

@@ -79,6 +79,15 @@ def test_an_implausible_cell_is_measured_again_then_flagged(monkeypatch):
     assert row["macs_ratio"] > 0.1
 
 
+def test_keep_says_when_only_noisy_cells_fit(monkeypatch, tmp_path, capsys):
+    _fake_timings(monkeypatch, lambda n: [[1e-3, 5e-5]] * 3)
+    out = tmp_path / "s"
+    assert main(["sweep", DEMO, "--ratios", "0.5", "--criteria", "l1", "--backend", "serial", "-o", str(out),
+                 "--samples", "4", "--keep", "best:latency<=0.9", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1 cell(s) would, but their latency is noisy" in err[0] and not out.exists()
+
+
 def test_a_second_measurement_that_agrees_is_kept(monkeypatch):
     worker = _Worker(SweepConfig(DEMO, runs=4, samples=4))
     calls = _fake_timings(monkeypatch, lambda n: [[1e-3, 5e-5], [1e-3, 9e-4]] if n == 1 else [[1e-3, 4e-4]] * 6)
