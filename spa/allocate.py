@@ -26,6 +26,7 @@ from .graph.dependency import Dependency
 from .graph.groups import Group
 from .metrics import WEIGHT_TYPES, mac_terms
 from .planner import round_unit
+from .progress import steps as counted, track
 
 __all__ = ["ResourceModel", "MaskedRunner", "Allocation", "allocate", "allocate_uniform", "keep_steps", "removed_positions"]
 
@@ -232,27 +233,30 @@ def allocate(groups: list[Group], runner: MaskedRunner, resource: ResourceModel,
             heapq.heappush(heap, (max(after - base, 0.0) / saved, -saved, gi, nxt[0],
                                   max(after - base, 0.0), version, after))
 
-    for gi in range(len(groups)):
+    for gi in track(range(len(groups)), unit="groups measured"):
         offer(gi)
     # A candidate measured a few cuts ago is still taken as measured: on wide models this
     # halves the forward passes (ResNet-50: 50 groups, tolerance 5) at little cost.
     tolerance = sum(free) // 10
     taken = 0
-    while heap and resource.value(keeps) > goal + 1e-9:
-        rate, _, gi, keep, more, seen, after = heapq.heappop(heap)
-        if version - seen > tolerance:  # measured before too many other cuts: measure again
+    first = resource.value(keeps)
+    with counted(100) as step:   # percent of the way to the goal
+        while heap and resource.value(keeps) > goal + 1e-9:
+            rate, _, gi, keep, more, seen, after = heapq.heappop(heap)
+            if version - seen > tolerance:  # measured before too many other cuts: measure again
+                offer(gi)
+                continue
+            keeps[gi] = keep
+            marginal[gi] += more
+            # the measured trial is the model as now cut, unless other cuts came in between
+            base = after if seen == version else runner.change(keeps)
+            version += 1
+            taken += 1
+            path.append((resource.value(keeps), keeps.copy(), marginal.copy(), base))
             offer(gi)
-            continue
-        keeps[gi] = keep
-        marginal[gi] += more
-        # the measured trial is the model as now cut, unless other cuts came in between
-        base = after if seen == version else runner.change(keeps)
-        version += 1
-        taken += 1
-        path.append((resource.value(keeps), keeps.copy(), marginal.copy(), base))
-        offer(gi)
-        if progress is not None:
-            progress(taken, resource.value(keeps) / resource.full)
+            if progress is not None:
+                progress(taken, resource.value(keeps) / resource.full)
+            step(done=100 * (first - resource.value(keeps)) / max(first - goal, 1e-9))
     value = resource.value(keeps)
     return Allocation(keeps, marginal, base, value, resource.full, value <= goal + 1e-9, taken, runner.runs, path)
 

@@ -18,6 +18,7 @@ from .errors import SpaError
 from .importance.data import Calibration
 from .metrics import count_macs
 from .planner import PlanOptions
+from .progress import track
 from .rewrite import rewrite
 
 if TYPE_CHECKING:
@@ -106,7 +107,7 @@ def search_latency(a: Analysis, orders, spend, target: float, tries: int = 6):
     deep = spend(max(0.01, target * target))
     tried = []
     share = target
-    for _ in range(tries):
+    for _ in track(range(tries), unit="latency tries"):
         alloc = deep.at(share) if deep.path and share >= _share(deep) else spend(share)
         if tried and np.array_equal(alloc.keeps, tried[-1]["alloc"].keeps):
             break  # the caps allow nothing else: timing it again tells nothing new

@@ -15,6 +15,7 @@ import numpy as np
 
 from .importance.data import BatchLayout, Calibration
 from .importance.obspa import SEQUENTIAL_BUDGET, data_aware_plan
+from .progress import phase
 
 # (name, calibration data or synthetic, refit group after group)
 USES = (("refit", True, True), ("one pass", True, False), ("data-free", False, None))
@@ -46,7 +47,8 @@ def choose_use(a, removals: list, calibration: Calibration, damping: float,
     def error(name):
         _, with_data, refit = next(u for u in USES if u[0] == name)
         source = fit if with_data else calibration.without_data()
-        errors[name] = _held_out_error(a, removals, source, refit, damping, macs, held, want)
+        with phase(f"trying {name} on held-out samples"):
+            errors[name] = _held_out_error(a, removals, source, refit, damping, macs, held, want)
         return errors[name]
 
     best = default

@@ -106,6 +106,11 @@ def cmd_prune(args) -> int:
     rows = [("params", rep["before"]["params"], rep["after"]["params"]),
             ("MACs", rep["before"]["macs"], rep["after"]["macs"]),
             ("file size", rep["before"].get("file_bytes"), rep["after"].get("file_bytes"))] + extra
+    if _no_target(args):   # the default cut is large: say so rather than leave it to be guessed
+        where = "all channels, ranked together" if args.global_rank else "every group's channels"
+        print(f"spa: note: no --ratio or budget given: removed {rep['options']['ratio']:.0%} of {where} "
+              f"(--ratio {rep['options']['ratio']:g}); give --ratio, --macs, --params or --latency F",
+              file=sys.stderr)
     if rep.get("probe"):
         from .probe import describe
         print(f"spa: note: {_one_line(describe(rep['probe']))}", file=sys.stderr)
@@ -140,6 +145,13 @@ def cmd_prune(args) -> int:
         if len(rep["blocked_nodes"]) > 10:
             print(f"blocked: ... and {len(rep['blocked_nodes']) - 10} more nodes (see --report)")
     return 0
+
+
+def _no_target(args) -> bool:
+    """Neither a ratio, a structure ratio nor a budget: spa.prune's default ratio applies."""
+    given = (args.ratio, args.macs, args.params, args.heads, args.mlp, args.head_dims, args.hidden,
+             args.group_width, args.latency if args.latency is not True else None)
+    return all(v is None for v in given)
 
 
 NOUNS = {"channels": "channels", "heads": "attention heads", "head-dims": "head dims", "hidden": "hidden channels",

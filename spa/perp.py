@@ -21,6 +21,7 @@ import onnx
 
 from .importance.data import _session_with_outputs
 from .model import tensor_array
+from .progress import track
 
 # op -> (scale input, bias input); the channel axis is 1, or LayerNormalization's ``axis``
 NORMS = {"BatchNormalization": (1, 2), "InstanceNormalization": (1, 2), "LayerNormalization": (1, 2)}
@@ -37,7 +38,7 @@ def refit_normalizations(original: onnx.ModelProto, plan, batches: list[dict], r
         return plan, {"normalizations": 0}
     reference = _session_with_outputs(original, [n.output[0] for n in norms], optimize=False)
     total = {"before": 0.0, "after": 0.0, "energy": 0.0}
-    for node in norms:
+    for node in track(norms, unit="normalizations"):
         scale_name, bias_name = (node.input[k] for k in NORMS[node.op_type])
         pruned = rewrite(original, plan)
         if node.name not in {n.name for n in pruned.graph.node}:

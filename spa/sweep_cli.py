@@ -21,6 +21,7 @@ EXAMPLES = """examples:
 
 
 def add_parser(sub, common, positive, formatter):
+    from .options import DEFAULT_CRITERION
     sp = sub.add_parser("sweep", help="prune at many ratios/budgets and criteria; table, CSV, JSON, plot",
                         description="Prune a model (or several: the same cells, run together) at every ratio "
                                     "or budget with every criterion, measure each result (MACs, params, size, "
@@ -36,8 +37,9 @@ def add_parser(sub, common, positive, formatter):
                          "(default 0.1:0.7:0.1 when no --targets)")
     sp.add_argument("--targets", action="append", metavar="KIND=V1,V2",
                     help="budgets: share of the original's macs, params or latency to keep (repeatable)")
-    sp.add_argument("--criteria", default="l1", metavar="C1,C2",
-                    help="comma-separated criteria (see spa prune --help for what each costs; default l1)")
+    sp.add_argument("--criteria", default=DEFAULT_CRITERION, metavar="C1,C2",
+                    help="comma-separated criteria (see spa prune --help for what each costs; default "
+                         f"{DEFAULT_CRITERION}, as spa prune)")
     sp.add_argument("--calib", metavar="NPZ", help="calibration data: for data-aware criteria and for the "
                     "fidelity measurement (arrays named after the inputs)")
     sp.add_argument("--eval", metavar="NPZ", help="labelled sample (input arrays + 'label'): quality = accuracy")
@@ -114,8 +116,12 @@ def cmd_sweep(args) -> int:
         for key, bound in keeps:
             i = best_under(sweep, key, bound)
             if i is None:
+                noisy = sum(1 for r in sweep.rows if r.get("latency_noisy") and key == "latency"
+                            and r["latency_ratio"] <= bound)
                 raise SpaError(f"--keep best:{key}<={bound:g}: no cell of {config.model} has {key} at most "
-                               f"{bound:g} of the original; add larger ratios or smaller --targets")
+                               f"{bound:g} of the original; " + (
+                                   f"{noisy} cell(s) would, but their latency is noisy: give more --runs or a "
+                                   "quieter machine" if noisy else "add larger ratios or smaller --targets"))
             row = sweep.rows[i]
             keep_models[f"--keep best:{key}<={bound:g}"] = rerun(config, Cell(row["criterion"], row["kind"],
                                                                               row["value"]))

@@ -17,7 +17,7 @@ __all__ = ["format_sweep", "output_files", "check_output_dir", "write_all", "PLO
 PLOT_MISSING = "matplotlib is not installed: sweep.png skipped (pip install 'spa-prune[plot]')"
 
 CSV_COLUMNS = ["criterion", "kind", "value", "macs", "macs_ratio", "params", "params_ratio", "file_bytes",
-               "size_ratio", "latency_s", "original_latency_s", "latency_ratio", "accuracy", "agreement",
+               "size_ratio", "latency_s", "original_latency_s", "latency_ratio", "latency_noisy", "accuracy", "agreement",
                "cosine", "rel_error", "channels_removed", "channels", "budget_met", "verified", "pareto",
                "seconds", "error"]
 
@@ -65,7 +65,9 @@ def _fmt(v, kind: str) -> str:
 
 
 def format_sweep(sweep) -> str:
-    """One line per cell; '*' marks the Pareto front (least MACs for the quality)."""
+    """One line per cell; '*' marks the Pareto front (least MACs for the quality), '?' a
+    latency share that cannot be trusted."""
+    from .sweep import LATENCY_REPEATS
     q = sweep.quality
     head = (f"{'':2}{'criterion':<10}{'setting':<13}{'MACs':>8}{'/orig':>7}{'params':>8}{'/orig':>7}"
             f"{'size':>8}{'latency ms':>11}{'/orig':>7}{q:>10}")
@@ -82,12 +84,17 @@ def format_sweep(sweep) -> str:
                      f"{_fmt(r['macs'], 'count'):>8}{_fmt(r['macs_ratio'], 'share'):>7}"
                      f"{_fmt(r['params'], 'count'):>8}{_fmt(r['params_ratio'], 'share'):>7}"
                      f"{_fmt(r['file_bytes'], 'count') + 'B':>8}{_fmt(r['latency_s'], 'ms'):>11}"
-                     f"{_fmt(r['latency_ratio'], 'share'):>7}{_fmt(r.get(q), 'share'):>10}")
+                     f"{_fmt(r['latency_ratio'], 'share') + ('?' if r.get('latency_noisy') else ''):>7}"
+                     f"{_fmt(r.get(q), 'share'):>10}")
     what = {"accuracy": "accuracy on the --eval data",
             "agreement": "top-1 agreement with the original", "cosine": "mean cosine similarity to the original"}[q]
     where = "" if q == "accuracy" else f" on {o['fidelity_inputs']}"
     lines.append(f"* Pareto front (no other cell has fewer MACs and better {q}); {q} = {what}{where}; "
-                 f"/orig = after/before; latency interleaved with the original, median of the runs")
+                 f"/orig = after/before; latency interleaved with the original, the fastest of "
+                 f"{LATENCY_REPEATS} rounds' medians")
+    if any(r.get("latency_noisy") for r in sweep.rows):
+        lines.append("? latency noisy even when measured again (the rounds disagree, or it is under half the "
+                     "MACs share): not used by --keep best:latency<=; check with spa bench")
     return "\n".join(lines)
 
 
@@ -122,6 +129,8 @@ def plot(sweep, path, title: str | None = None):
         label = criterion if kind == "ratio" else f"{criterion} ({rows[0]['kind']} budget)"
         line, = ax_q.plot(x, [r[q] for r in rows], "o-", label=label)
         ax_l.plot(x, [r["latency_ratio"] for r in rows], "o-", color=line.get_color(), label=label)
+        noisy = [r for r in rows if r.get("latency_noisy")]
+        ax_l.plot([r["macs_ratio"] for r in noisy], [r["latency_ratio"] for r in noisy], "x", ms=11, color="red")
         front = [r for r in rows if r.get("pareto")]
         ax_q.plot([r["macs_ratio"] for r in front], [r[q] for r in front], "o", ms=11, mfc="none",
                   color="black")

@@ -232,7 +232,7 @@ def test_default_criterion_falls_back_to_l1_when_the_model_cannot_run(monkeypatc
         "fallback": "l1", "reason": "[ONNXRuntimeError] : 1 : FAIL : no kernel for this op"}
     _same_pruning(r, l1, rtol=0)
     onnx.save(mlp(), tmp_path / "m.onnx")
-    assert main(["prune", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "s.onnx"), "-q"]) == 0
+    assert main(["prune", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "s.onnx"), "--ratio", "0.5", "-q"]) == 0
     assert capsys.readouterr().err == ("spa: note: OBSPA could not run this model on synthetic inputs ([ONNXRuntimeError]"
                                        " : 1 : FAIL : no kernel for this op): channels chosen by l1\n")
     with pytest.raises(RuntimeError):                      # asked for by name: no silent substitute

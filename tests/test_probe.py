@@ -236,12 +236,13 @@ def test_several_passes_keep_the_probe():
 def test_cli_notes_the_probe(tmp_path, capsys):
     path = tmp_path / "dyn.onnx"
     onnx.save(image_cnn(), path)
-    assert main(["prune", str(path), "-o", str(tmp_path / "o.onnx"), "--round-to", "1"]) == 0
+    assert main(["prune", str(path), "-o", str(tmp_path / "o.onnx"), "--round-to", "1", "--ratio", "0.5"]) == 0
     err = capsys.readouterr().err
     notes = [line for line in err.splitlines() if line.startswith("spa: note:")]
     assert len(notes) == 1, err
     assert "H=224" in notes[0] and "W=224" in notes[0] and "320" in notes[0] and "--input-shape" in notes[0]
-    assert main(["prune", str(path), "-o", str(tmp_path / "p.onnx"), "--input-shape", "x=1,3,16,16"]) == 0
+    assert main(["prune", str(path), "-o", str(tmp_path / "p.onnx"), "--input-shape", "x=1,3,16,16",
+                 "--ratio", "0.5"]) == 0
     assert "spa: note:" not in capsys.readouterr().err
     path = tmp_path / "fixed.onnx"
     onnx.save(hard_coded_flatten(side=7, downsample=0, channels=4), path)

@@ -1,5 +1,5 @@
 """Trust, round two: each class of hostile input, generated here, against the promises of
-README's "Bad input": exit code, one line, no traceback, nothing written outside what the user
+docs/options.md's "Bad input": exit code, one line, no traceback, nothing written outside what the user
 named, inputs and bystanders byte-identical, no leftovers, bounded memory and time."""
 
 from __future__ import annotations

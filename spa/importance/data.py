@@ -19,6 +19,7 @@ from onnx import helper
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ..errors import SpaError
+from ..progress import steps
 from ..shapes import compared_values, graph_inputs, is_open
 from .selfgen import self_generated
 
@@ -478,42 +479,48 @@ def collect_stats(model: onnx.ModelProto, specs: dict[str, ConsumerSpec], batche
     cmax_of: dict[str, np.ndarray] = {}
     per_batch = max(1, -(-max_rows // max(1, len(batches))))
     wide_per_batch = max(1, -(-min(max_rows, WIDE_ROWS) // max(1, len(batches))))
-    for feeds in batches:
-        values = dict(zip(tensors, sess.run(tensors, feeds)))
-        ref_values = dict(zip(tensors, ref.run(tensors, feeds))) if ref is not None else None
-        mask = _token_mask(feeds)
-        for name, spec in specs.items():
-            x = values[spec.data]
-            axis = axis_of[name]
-            other = tuple(i for i in range(x.ndim) if i != axis)
-            cmax = np.abs(x).max(axis=other)
-            if spec.kind == "conv":
-                w_shape = list(inits[spec.weight].dims)
-                width = int(np.prod(w_shape[1:]))
-                limit = wide_per_batch if width >= WIDE and ref is None else per_batch
-                rows = _pick(rng, _conv_positions(x, spec.node, w_shape), limit)
-            else:
-                limit = wide_per_batch if x.shape[axis] >= WIDE and ref is None else per_batch
-                if mask is not None and x.ndim == 3 and axis == 2 and x.shape[:2] == mask.shape:
-                    real = np.flatnonzero(mask)    # padding's rows are no input the layer must serve
-                    rows = real[_pick(rng, len(real), limit)]
+    # one count over the batches' layer inputs and the products at the end: ResNet-50 spends
+    # minutes here with nothing else to show
+    with steps((len(batches) + 1) * len(specs), "layer statistics") as step:
+        for feeds in batches:
+            values = dict(zip(tensors, sess.run(tensors, feeds)))
+            ref_values = dict(zip(tensors, ref.run(tensors, feeds))) if ref is not None else None
+            mask = _token_mask(feeds)
+            for name, spec in specs.items():
+                x = values[spec.data]
+                axis = axis_of[name]
+                other = tuple(i for i in range(x.ndim) if i != axis)
+                cmax = np.abs(x).max(axis=other)
+                if spec.kind == "conv":
+                    w_shape = list(inits[spec.weight].dims)
+                    width = int(np.prod(w_shape[1:]))
+                    limit = wide_per_batch if width >= WIDE and ref is None else per_batch
+                    rows = _pick(rng, _conv_positions(x, spec.node, w_shape), limit)
                 else:
-                    rows = _pick(rng, x.size // x.shape[axis], limit)
-            # keep the (few thousand) sampled rows; one product per consumer at the end
-            rows_of.setdefault(name, []).append(_features(x, spec, axis, rows, inits))
-            if ref_values is not None:
-                ref_rows_of.setdefault(name, []).append(_features(ref_values[spec.data], spec, axis, rows, inits))
-            cmax_of[name] = np.maximum(cmax_of[name], cmax) if name in cmax_of else cmax
-    stats = {}
-    for name, parts in rows_of.items():
-        feats = np.concatenate(parts)
-        del parts[:]
-        if feats.shape[1] > WIDE and len(feats) < feats.shape[1] and name not in ref_rows_of:
-            stats[name] = InputStats(None, len(feats), cmax_of[name], rows=feats)
-            continue
-        st = stats[name] = InputStats((feats.T @ feats).astype(np.float64), len(feats), cmax_of[name])
-        if name in ref_rows_of:
-            st.cross = (np.concatenate(ref_rows_of.pop(name)).T @ feats).astype(np.float64)
+                    limit = wide_per_batch if x.shape[axis] >= WIDE and ref is None else per_batch
+                    if mask is not None and x.ndim == 3 and axis == 2 and x.shape[:2] == mask.shape:
+                        real = np.flatnonzero(mask)    # padding's rows are no input the layer must serve
+                        rows = real[_pick(rng, len(real), limit)]
+                    else:
+                        rows = _pick(rng, x.size // x.shape[axis], limit)
+                # keep the (few thousand) sampled rows; one product per consumer at the end
+                rows_of.setdefault(name, []).append(_features(x, spec, axis, rows, inits))
+                if ref_values is not None:
+                    ref_rows_of.setdefault(name, []).append(
+                        _features(ref_values[spec.data], spec, axis, rows, inits))
+                cmax_of[name] = np.maximum(cmax_of[name], cmax) if name in cmax_of else cmax
+                step()
+        stats = {}
+        for name, parts in rows_of.items():
+            feats = np.concatenate(parts)
+            del parts[:]
+            if feats.shape[1] > WIDE and len(feats) < feats.shape[1] and name not in ref_rows_of:
+                stats[name] = InputStats(None, len(feats), cmax_of[name], rows=feats)
+            else:
+                st = stats[name] = InputStats((feats.T @ feats).astype(np.float64), len(feats), cmax_of[name])
+                if name in ref_rows_of:
+                    st.cross = (np.concatenate(ref_rows_of.pop(name)).T @ feats).astype(np.float64)
+            step()
     return stats
 
 

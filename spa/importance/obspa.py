@@ -13,6 +13,7 @@ from onnx import numpy_helper
 from ..graph.dependency import Dependency
 from ..model import tensor_array, tensor_names, unique_name
 from ..graph.groups import Group
+from ..progress import track
 from .data import (BatchLayout, Calibration, ConsumerSpec, collect_stats, consumer_specs, from_weight_matrix,
                    weight_matrix)
 from .obs import Consumer, LowRankConsumer, damped_inverse, damping_of, greedy_obs
@@ -160,7 +161,7 @@ def _choose(plan: DataPlan, criterion, dep, groups, n_remove, chosen, used, axis
     readers = {name: sum((used[name].data, axis_of[name]) in sp for sp, k in zip(group_spaces, n_remove) if k)
                for name in used}
     dead_rates = {}
-    for gi, (g, k) in enumerate(zip(groups, n_remove)):
+    for gi, (g, k) in track(list(enumerate(zip(groups, n_remove))), unit="groups"):
         mine = [name for name in used if (used[name].data, axis_of[name]) in group_spaces[gi] and name in stats]
         if criterion == "dead":
             alive = np.zeros(g.size, dtype=bool)
@@ -235,7 +236,7 @@ def _removed_columns(plan, dep, groups, used, stats, axis_of) -> dict[str, np.nd
 def _refit(plan, removed_cols, used, stats, inits, damping):
     """With the removed set known, OBS's joint update equals the least-squares refit of the
     kept columns, W_K = W H[:, K] (H_KK)^-1: one solve of the kept size, no D x D inverse."""
-    for name, cols in removed_cols.items():
+    for name, cols in track(list(removed_cols.items()), unit="layers refit"):
         spec, st = used[name], stats[name]
         w = weight_matrix(spec, tensor_array(inits[spec.weight]).astype(np.float64))
         bias = np.zeros(w.shape[0]) if spec.bias is None else tensor_array(inits[spec.bias]).astype(np.float64)
@@ -308,7 +309,7 @@ def _obspa_sequential(model, dep, groups, n_remove, used, axis_of, batches, damp
         [first_use[name] for name in used if (used[name].data, axis_of[name]) in set(groups[i].spaces)]
         or [len(first_use)]))
     removals: list = [None] * len(groups)
-    for gi in order:
+    for gi in track(order, unit="groups"):   # their statistics' own counts stay quiet
         g, k = groups[gi], n_remove[gi]
         mine = [name for name in used if (used[name].data, axis_of[name]) in set(g.spaces)]
         if not mine:

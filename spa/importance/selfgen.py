@@ -14,6 +14,8 @@ import math
 import numpy as np
 import onnx
 
+from ..progress import track
+
 # S forward passes of the whole sequence generate it (no cache); above this many
 # weight x token x step multiply-adds the uniform ids stay
 GENERATION_BUDGET = 4e12
@@ -72,7 +74,7 @@ def _write(sess, first: dict, ids: str, logits: str, size: int, count: int, seq:
     rng = np.random.default_rng(seed)
     feeds = {k: (v[:1].repeat(count, axis=0) if np.ndim(v) and len(v) == n else v) for k, v in first.items()}
     tokens = rng.integers(0, size, (count, seq)).astype(first[ids].dtype)
-    for t in range(1, seq):
+    for t in track(range(1, seq), unit="tokens written"):   # a forward pass per token: minutes on a decoder
         feeds[ids] = tokens
         z = sess.run([logits], feeds)[0][:, t - 1, :].astype(np.float64)
         tokens[:, t] = np.argmax(z + rng.gumbel(size=z.shape), axis=1)    # a sample of softmax(z)
