@@ -1,8 +1,8 @@
 """spa: Structurally Prune Anything — channel pruning of ONNX models at the graph level."""
 
 from .api import DEFAULT_ROUND_TO, Analysis, PruneResult, analyze, prune
-from .errors import (InputShapeError, ModelLoadError, OutputPathError, SpaError, StrictModeError,
-                     UnsupportedModelError, VerificationError)
+from .errors import (InputShapeError, ModelLoadError, OutputPathError, PlanFileError, SpaError,
+                     StrictModeError, UnsupportedModelError, VerificationError)
 from .model import load, save
 
 __all__ = [
@@ -12,7 +12,7 @@ __all__ = [
     "load", "save",
     # errors
     "SpaError", "ModelLoadError", "InputShapeError", "UnsupportedModelError", "StrictModeError",
-    "VerificationError", "OutputPathError",
+    "VerificationError", "OutputPathError", "PlanFileError",
 ]
 
 __version__ = "0.1.0"
