@@ -149,7 +149,7 @@ def _check_tensor(name, entry, arrays: dict):
         _typed(entry["copy_of"], str, f"{where}, copy_of")
 
 
-def _array(arrays: dict, key, shape: list[int], where: str, kinds: str):
+def _array(arrays: dict, key, shape: list[int], where: str, kinds: str, expected: str = "the kept slice has"):
     """The array ``key`` of the plan's .npz: numbers of ``shape``, finite."""
     if not isinstance(key, str) or key not in arrays:
         raise PlanFileError(f"{where}: names array {shown(key)}, which the plan's .npz does not hold")
@@ -157,7 +157,7 @@ def _array(arrays: dict, key, shape: list[int], where: str, kinds: str):
     if not isinstance(a, np.ndarray) or a.dtype.kind not in kinds:
         raise PlanFileError(f"{where}: array {shown(key)} holds {getattr(a, 'dtype', type(a).__name__)}, not numbers")
     if list(a.shape) != shape:
-        raise PlanFileError(f"{where}: array {shown(key)} has shape {list(a.shape)}, the kept slice has {shape}")
+        raise PlanFileError(f"{where}: array {shown(key)} has shape {list(a.shape)}, {expected} {shape}")
     if a.dtype.kind == "f" and not np.isfinite(a).all():
         raise PlanFileError(f"{where}: array {shown(key)} holds NaN or infinite values")
 
@@ -166,7 +166,8 @@ def _check_added(name, entry, arrays: dict):
     where = f"added tensor {shown(name)}"
     _typed(name, str, f"{where}: name")
     _typed(entry, dict, where)
-    _array(arrays, entry.get("value"), _shape(entry.get("shape"), f"{where}, shape"), f"{where}, value", "fiu")
+    _array(arrays, entry.get("value"), _shape(entry.get("shape"), f"{where}, shape"), f"{where}, value", "fiu",
+           "its declared shape is")
     for reader in _typed(entry.get("readers"), list, f"{where}, readers"):
         if not (isinstance(reader, list) and len(reader) == 2 and isinstance(reader[0], str) and _is_int(reader[1])
                 and reader[1] >= 0):

@@ -36,7 +36,7 @@ from onnx import helper
 
 from .errors import PlanFileError, SpaError
 from .model import copied_from, tensor_array
-from .plan_check import Limits, check_document
+from .plan_check import Limits, check_document, shown
 
 __all__ = ["FORMAT", "VERSION", "fingerprint", "plan_document", "write_plan", "read_plan"]
 
@@ -242,8 +242,7 @@ def read_plan(plan, limits: Limits = Limits()) -> tuple[dict, dict[str, np.ndarr
         raise PlanFileError("not an spa plan file (format is not 'spa-plan')")
     version = doc.get("version")
     if type(version) is not int or version != VERSION:
-        raise PlanFileError(f"plan file version {version if type(version) is int else '?'} is not supported "
-                            f"(this spa reads {VERSION})")
+        raise PlanFileError(f"plan file version {shown(version)} is not supported (this spa reads {VERSION})")
     arrays = {}
     name = doc.get("arrays")
     if name is not None:
@@ -256,8 +255,12 @@ def read_plan(plan, limits: Limits = Limits()) -> tuple[dict, dict[str, np.ndarr
 
 def _read_json(path: Path, max_bytes: int | None) -> dict:
     try:
-        with open(path, "rb") as f:        # read at most one byte past the limit: /dev/zero ends too
-            text = f.read(-1 if max_bytes is None else max_bytes + 1)
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if max_bytes is not None and size > max_bytes:
+                raise PlanFileError(f"{path}: larger than a plan for this model can be ({max_bytes} bytes)")
+            # at most one byte past the limit: a device or pipe (no size) ends too
+            text = f.read(-1 if max_bytes is None else (min(size, max_bytes) if size else max_bytes) + 1)
     except OSError as e:
         raise PlanFileError(f"{path}: not a readable plan file ({e.strerror or e})") from None
     if max_bytes is not None and len(text) > max_bytes:
