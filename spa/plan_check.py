@@ -15,6 +15,7 @@ the tensor, node or field and what is wrong with it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +50,13 @@ def shown(value, limit: int = 60) -> str:
 
 def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_finite(v) -> bool:
+    try:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    except OverflowError:              # an integer past float's range
+        return False
 
 
 def _typed(value, kind, where: str):
@@ -140,9 +148,10 @@ def _check_tensor(name, entry, arrays: dict):
         sliced[axis] = len(kept)
     if "new_shape" in entry and _shape(entry["new_shape"], f"{where}, new_shape") != sliced:
         raise PlanFileError(f"{where}: new_shape {entry['new_shape']} is not the shape of its kept slice {sliced}")
+    # an infinite fingerprint would match any tensor of its shape
     fp = entry.get("fingerprint", [0, 0, 0])
-    if not (isinstance(fp, list) and len(fp) == 3 and all(isinstance(v, (int, float)) for v in fp)):
-        raise PlanFileError(f"{where}: fingerprint is not three numbers ({shown(fp)})")
+    if not (isinstance(fp, list) and len(fp) == 3 and all(_is_finite(v) for v in fp)):
+        raise PlanFileError(f"{where}: fingerprint is not three finite numbers ({shown(fp)})")
     if "delta" in entry:
         _array(arrays, entry["delta"], sliced, f"{where}, delta", "f")
     if "copy_of" in entry:

@@ -272,6 +272,8 @@ def _set(doc, path, value):
     (("tensors", "conv1.weight", "shape"), [16, 3, 3, -3], ["'conv1.weight', shape", "non-negative"]),
     (("tensors", "conv1.weight", "kept"), [[0, 1]], ["'conv1.weight', kept", "expected a dict"]),
     (("tensors", "conv1.weight", "fingerprint"), "x", ["'conv1.weight'", "fingerprint"]),
+    (("tensors", "conv1.weight", "fingerprint"), [float("inf"), 1.0, 2.0], ["'conv1.weight'", "fingerprint"]),
+    (("tensors", "conv1.weight", "fingerprint"), [10 ** 400, 1, 2], ["'conv1.weight'", "fingerprint"]),
     (("tensors", "conv2.weight", "delta"), 5, ["'conv2.weight', delta", "names array 5"]),
     (("tensors", "conv1.weight", "copy_of"), ["x"], ["'conv1.weight', copy_of"]),
     (("added",), None, ["the plan's added tensors"]),
