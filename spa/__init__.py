@@ -4,8 +4,8 @@ from .analysis import Analysis, analyze
 from .options import DEFAULT_ROUND_TO, PruneOptions
 from .pipeline import prune
 from .result import PruneResult
-from .errors import (InputShapeError, ModelLoadError, OutputPathError, SpaError, StrictModeError,
-                     UnsupportedModelError, VerificationError)
+from .errors import (InputShapeError, ModelLoadError, OutputPathError, PlanFileError, SpaError,
+                     StrictModeError, UnsupportedModelError, VerificationError)
 from .model import load, save
 
 __all__ = [
@@ -15,7 +15,7 @@ __all__ = [
     "load", "save",
     # errors
     "SpaError", "ModelLoadError", "InputShapeError", "UnsupportedModelError", "StrictModeError",
-    "VerificationError", "OutputPathError",
+    "VerificationError", "OutputPathError", "PlanFileError",
 ]
 
 __version__ = "0.1.0"

@@ -1,7 +1,7 @@
 """The exceptions spa raises. Every message names the file, node or tensor and what to do."""
 
 __all__ = ["SpaError", "ModelLoadError", "InputShapeError", "UnsupportedModelError",
-           "StrictModeError", "VerificationError", "OutputPathError"]
+           "StrictModeError", "VerificationError", "OutputPathError", "PlanFileError"]
 
 
 class SpaError(Exception):
@@ -30,3 +30,7 @@ class VerificationError(SpaError):
 
 class OutputPathError(SpaError):
     """The output path is the input path, or cannot be written."""
+
+
+class PlanFileError(SpaError):
+    """A plan file that is malformed or does not fit the module it is applied to."""

@@ -16,6 +16,9 @@ one change per initializer of the original:
 ``nodes``     node name -> ``op``, changed ``attributes`` (group counts, split sizes...) and
               ``weights`` (the initializers the node reads, to find it in a framework).
 ``groups``    per pass, what each group lost.
+``ties``      lists of ``[tensor, axis]`` that keep the same indices (a conv's filters, its
+              BatchNorm, the next layer's inputs): a reader refuses a plan where they differ.
+              Axes that agree by chance are tied too; that costs nothing, they agree.
 
 Versioned by ``format``/``version``; ``source`` names the model file(s) and their sha256.
 """
@@ -25,13 +28,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
 from onnx import helper
 
-from .errors import SpaError
+from .errors import PlanFileError, SpaError
 from .model import copied_from, tensor_array
+from .plan_check import Limits, check_document, shown
 
 __all__ = ["FORMAT", "VERSION", "fingerprint", "plan_document", "write_plan", "read_plan"]
 
@@ -127,6 +132,15 @@ def _fold_copies(tensors: dict, o_inits: dict, arrays: dict, shape_only: set[str
     return renamed
 
 
+def _ties(tensors: dict) -> list[list]:
+    """Axes of the same width whose kept indices are the same, each tie as ``[tensor, axis]``s."""
+    by_kept: dict = {}
+    for name, entry in tensors.items():
+        for axis, k in entry["kept"].items():
+            by_kept.setdefault((entry["shape"][int(axis)], tuple(k)), []).append([name, int(axis)])
+    return [members for members in by_kept.values() if len(members) > 1]
+
+
 def plan_document(result) -> tuple[dict, dict[str, np.ndarray]]:
     """The plan file of a ``PruneResult`` (a dict ready for JSON) and its arrays."""
     from . import __version__
@@ -190,7 +204,7 @@ def plan_document(result) -> tuple[dict, dict[str, np.ndarray]]:
         "source": _digest(result.files) if result.files else {"model": {"file": None, "sha256": hashlib.sha256(
             original.SerializeToString()).hexdigest()}},
         "arrays": None,
-        "tensors": tensors, "added": added, "nodes": nodes,
+        "tensors": tensors, "added": added, "nodes": nodes, "ties": _ties(tensors),
         "groups": [[{"group": c.group, "kind": c.kind, "channels": c.size, "removed": c.removed.tolist()}
                     for c in plan.choices] for plan in result.plans],
     }
@@ -217,31 +231,72 @@ def write_plan(result, path) -> list[Path]:
     return targets
 
 
-def read_plan(plan) -> tuple[dict, dict[str, np.ndarray]]:
-    """A plan file (path) or document (dict) and its arrays, checked for format and version."""
+def read_plan(plan, limits: Limits = Limits()) -> tuple[dict, dict[str, np.ndarray]]:
+    """A plan file (path) or document (dict) and its arrays, checked for format and version and
+    against itself (``spa.plan_check``), reading no more than ``limits`` allow."""
     if isinstance(plan, (str, os.PathLike)):
-        path = Path(plan)
-        try:
-            doc = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise SpaError(f"{path}: not a readable plan file ({e})") from None
-        base = path.parent
+        doc, base = _read_json(Path(plan), limits.json_bytes), Path(plan).parent
     elif isinstance(plan, dict):
         doc, base = plan, Path(".")
     else:
-        raise SpaError(f"expected a plan file path or dict, got {type(plan).__name__}")
+        raise PlanFileError(f"expected a plan file path or dict, got {type(plan).__name__}")
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise SpaError("not an spa plan file (format is not 'spa-plan')")
-    if doc.get("version") != VERSION:
-        raise SpaError(f"plan file version {doc.get('version')} is not supported (this spa reads {VERSION})")
+        raise PlanFileError("not an spa plan file (format is not 'spa-plan')")
+    version = doc.get("version")
+    if type(version) is not int or version != VERSION:
+        raise PlanFileError(f"plan file version {shown(version)} is not supported (this spa reads {VERSION})")
     arrays = {}
-    if doc.get("arrays"):
-        name = doc["arrays"]
-        if os.path.basename(name) != name:
-            raise SpaError(f"plan file names its arrays outside its folder: {name!r}")
-        try:
-            with np.load(base / name, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        except (OSError, ValueError) as e:
-            raise SpaError(f"{base / name}: cannot read the plan's arrays ({e})") from None
+    name = doc.get("arrays")
+    if name is not None:
+        if not isinstance(name, str) or not name or os.path.basename(name) != name:
+            raise PlanFileError("plan file names its arrays outside its folder (or not by a file name)")
+        arrays = _read_arrays(base / name, limits.array_bytes)
+    check_document(doc, arrays, limits)
     return doc, arrays
+
+
+def _read_json(path: Path, max_bytes: int | None) -> dict:
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if max_bytes is not None and size > max_bytes:
+                raise PlanFileError(f"{path}: larger than a plan for this model can be ({max_bytes} bytes)")
+            # at most one byte past the limit: a device or pipe (no size) ends too
+            text = f.read(-1 if max_bytes is None else (min(size, max_bytes) if size else max_bytes) + 1)
+    except OSError as e:
+        raise PlanFileError(f"{path}: not a readable plan file ({e.strerror or e})") from None
+    if max_bytes is not None and len(text) > max_bytes:
+        raise PlanFileError(f"{path}: larger than a plan for this model can be ({max_bytes} bytes)")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:     # RecursionError: nested deeper than the stack
+        raise PlanFileError(f"{path}: not a readable plan file ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else 'nested too deep'})") from None
+
+
+def _read_arrays(path: Path, max_bytes: int | None) -> dict[str, np.ndarray]:
+    """The .npz beside a plan, its arrays' sizes read from their headers before any is loaded."""
+    try:
+        if max_bytes is not None:
+            with zipfile.ZipFile(path) as z:
+                total = sum(_npy_bytes(z, member) for member in z.namelist())
+            if total > max_bytes:
+                raise PlanFileError(f"{path}: holds {total} bytes of arrays; a plan for this model holds at most "
+                                    f"{max_bytes}")
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except PlanFileError:
+        raise
+    except Exception as e:           # zipfile and numpy raise a dozen kinds on a damaged file
+        raise PlanFileError(f"{path}: cannot read the plan's arrays ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _npy_bytes(z: zipfile.ZipFile, member: str) -> int:
+    with z.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in read:
+            raise ValueError(f"{member}: .npy version {version} is not read here")
+        shape, _, dtype = read[version](f)
+        return int(np.prod(shape, dtype=object)) * dtype.itemsize

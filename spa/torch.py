@@ -11,6 +11,11 @@ BatchNormalization into the convolution before it, the convolution keeps its nam
 values, and the BatchNorm is not in the ONNX model at all: its channels follow the layer
 before it (slicing is exact), but value changes cannot be mapped back; export with
 ``torch.onnx.export(..., dynamo=True, optimize=False)`` to keep every tensor as it is.
+
+Nothing is assigned before the whole plan has been checked (``spa.plan_check``: types,
+indices, value changes, ties) and every new tensor and size computed and checked against the
+module: a plan that does not fit raises :class:`~spa.errors.PlanFileError` and leaves the
+module as it was. The plan's size is bounded by the module's (see :func:`_limits`).
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import SpaError
+from .errors import PlanFileError, SpaError
+from .plan_check import Limits, shown
 from .plan_file import fingerprint, read_plan
 
 __all__ = ["apply_plan", "Applied"]
@@ -50,7 +56,7 @@ class _Prints:
 
     def __getitem__(self, name):
         if name not in self._cache:
-            values = self._owned[name][2].detach().cpu().numpy()
+            values = _numpy(self._owned[name][2])
             self._cache[name] = (fingerprint(values), fingerprint(values.T)[2] if values.ndim == 2 else None)
         return self._cache[name]
 
@@ -64,6 +70,12 @@ def _stored_transposed(fp, prints) -> bool:
     """A matrix the exporter stored transposed: the index-weighted sum fits the transpose."""
     got, transposed = prints
     return transposed is not None and abs(transposed - fp[2]) < abs(got[2] - fp[2])
+
+
+def _numpy(t) -> np.ndarray:
+    import torch
+    t = t.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()      # numpy has no bfloat16
 
 
 def _tensors(module):
@@ -105,7 +117,8 @@ def _match(doc, owned, updates: bool) -> tuple[dict, Applied]:
                 "shape"]) and _close(fp, prints[n][0])]
         if len(hits) == 1:
             applied.by_value[name] = hits[0]
-            if _stored_transposed(fp, prints[hits[0]]):
+            # a reversed shape is a transposed matrix whatever the sums say
+            if list(owned[hits[0]][2].shape) != entry["shape"] or _stored_transposed(fp, prints[hits[0]]):
                 applied.transposed.add(name)
             taken.add(hits[0])
         else:
@@ -124,18 +137,66 @@ def _match(doc, owned, updates: bool) -> tuple[dict, Applied]:
             if not why:
                 why.append("constants the exporter made")
             raise SpaError(f"the plan changes values of {len(lost)} tensor(s) the module does not hold as "
-                           f"exported ({', '.join(lost[:3])}{'...' if len(lost) > 3 else ''}): {'; '.join(why)}; "
+                           f"exported ({', '.join(map(shown, lost[:3]))}{'...' if len(lost) > 3 else ''}): "
+                           f"{'; '.join(why)}; "
                            f"or pass updates=False to apply the slicing alone")
     return {**applied.by_name, **applied.by_value, **applied.folded}, applied
 
 
-def _set(owner, attr, array, like):
-    import torch
-    new = torch.as_tensor(np.ascontiguousarray(array), dtype=like.dtype, device=like.device)
-    if isinstance(like, torch.nn.Parameter):
-        setattr(owner, attr, torch.nn.Parameter(new, requires_grad=like.requires_grad))
-    else:
-        owner._buffers[attr] = new
+class _Staged:
+    """The new tensors and sizes of the module, computed in full before the first is assigned."""
+
+    def __init__(self):
+        self.tensors: dict = {}       # (id(owner), attribute) -> (owner, attribute, new tensor)
+        self.channels: dict = {}      # (id(owner), attribute) -> kept indices of its axis 0
+        self.attributes: list = []    # (module, attribute, new value)
+
+    def put(self, owner, attr, array, like, channels=None):
+        import torch
+        new = torch.as_tensor(np.ascontiguousarray(array), dtype=like.dtype, device=like.device)
+        if isinstance(like, torch.nn.Parameter):
+            new = torch.nn.Parameter(new, requires_grad=like.requires_grad)
+        self.tensors[(id(owner), attr)] = (owner, attr, new)
+        if channels is not None:
+            self.channels[(id(owner), attr)] = np.asarray(channels)
+
+    def shape(self, owner, attr) -> tuple | None:
+        """The shape ``owner.attr`` will have (None: it has no such tensor)."""
+        if (id(owner), attr) in self.tensors:
+            return tuple(self.tensors[(id(owner), attr)][2].shape)
+        t = getattr(owner, attr, None)
+        return tuple(t.shape) if hasattr(t, "shape") else None
+
+    def commit(self, module):
+        """Assign everything. Nothing here checks or raises by design; the snapshot only covers
+        an interrupt (or a module's own __setattr__) between two assignments."""
+        import torch
+        saved = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for m in module.modules()]
+        try:
+            for owner, attr, new in self.tensors.values():
+                if isinstance(new, torch.nn.Parameter):
+                    setattr(owner, attr, new)
+                else:
+                    owner._buffers[attr] = new
+            for m, attr, value in self.attributes:
+                setattr(m, attr, value)
+        except BaseException:
+            for m, attrs, params, buffers in saved:
+                m.__dict__.clear()
+                m.__dict__.update(attrs)
+                m._parameters, m._buffers = params, buffers
+            raise
+
+
+def _limits(owned) -> Limits:
+    """What a plan for this module can hold: indices (a kept list per axis of each tensor, a
+    removed list per group) in proportion to the module's axis widths, arrays (value changes
+    of kept slices, in the ONNX model's dtype: up to twice the module's bytes) to its bytes.
+    The floors leave room for what the exporter adds, and keep a refusal cheap."""
+    widths = sum(sum(t.shape) + 1 for _, _, t in owned.values())
+    nbytes = sum(t.numel() * t.element_size() for _, _, t in owned.values())
+    return Limits(json_bytes=(8 << 20) + 128 * widths, array_bytes=(1 << 20) + 4 * nbytes,
+                  indices=(1 << 16) + 8 * widths)
 
 
 def apply_plan(module, plan, *, updates: bool = True, strict: bool = True) -> Applied:
@@ -143,50 +204,62 @@ def apply_plan(module, plan, *, updates: bool = True, strict: bool = True) -> Ap
 
     ``updates=False`` applies the slicing only (not OBSPA's compensation). With ``strict``,
     a plan tensor the module has no counterpart of (other than one the exporter made by
-    folding a BatchNorm, whose channels are then followed) is an error naming it. On any
-    error the module is left as it was."""
-    doc, arrays = read_plan(plan)
-    saved = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for m in module.modules()]
-    try:
-        return _apply(module, doc, arrays, updates, strict)
-    except BaseException:
-        for m, attrs, params, buffers in saved:
-            m.__dict__.clear()
-            m.__dict__.update(attrs)
-            m._parameters, m._buffers = params, buffers
-        raise
-
-
-def _apply(module, doc, arrays, updates, strict) -> Applied:
+    folding a BatchNorm, whose channels are then followed) is an error naming it. A plan that
+    is malformed or does not fit the module raises :class:`~spa.errors.PlanFileError` (other
+    refusals :class:`~spa.errors.SpaError`) before anything of the module changes."""
     owned = _tensors(module)
+    doc, arrays = read_plan(plan, _limits(owned))
+    staged = _Staged()
+    applied = _stage(module, doc, arrays, owned, updates, strict, staged)
+    staged.commit(module)
+    return applied
+
+
+def _stage(module, doc, arrays, owned, updates, strict, staged) -> Applied:
     mapping, applied = _match(doc, owned, updates)
-    out_kept: dict = {}                    # module -> (its original out width, kept indices)
+    out_kept = _slice(doc, arrays, mapping, owned, applied, updates, staged)
+    _follow_previous_layer(module, mapping.values(), out_kept, owned, applied, staged)
+    if updates:
+        _add_biases(doc, arrays, mapping, owned, staged)
+    _check_channels_agree(module, staged)
+    _new_attributes(module, doc, mapping, applied, staged)     # refuses modules that cannot be fixed
+    unexplained = [n for n in applied.exporter_only if not _explained(doc["tensors"][n], applied, out_kept)
+                   and not _inert(doc["tensors"][n], updates)]
+    if strict and unexplained:
+        raise PlanFileError(f"{len(unexplained)} tensor(s) of the plan have no counterpart in the module: "
+                            f"{', '.join(_unmatched(n, doc, owned) for n in unexplained[:5])}"
+                            f"{'...' if len(unexplained) > 5 else ''}")
+    return applied
+
+
+def _unmatched(name, doc, owned) -> str:
+    """A plan tensor without counterpart, with both shapes where the module has its name."""
+    if name not in owned:
+        return shown(name)
+    return f"{shown(name)} (the plan's is {doc['tensors'][name]['shape']}, the module's {list(owned[name][2].shape)})"
+
+
+def _slice(doc, arrays, mapping, owned, applied, updates, staged) -> dict:
+    """Every matched tensor's new values: its kept slice, plus OBSPA's change. Returns
+    id(module) -> (its original out width, kept indices), for the layers that follow it."""
+    out_kept: dict = {}
     for plan_name, torch_name in mapping.items():
         entry = doc["tensors"][plan_name]
         owner, attr, t = owned[torch_name]
         flip = plan_name in applied.transposed
-        values = t.detach().cpu().numpy()
+        values = _numpy(t)
         values = values.T if flip else values
         for axis, kept in sorted(entry["kept"].items(), key=lambda kv: int(kv[0])):
             values = np.take(values, np.asarray(kept, dtype=np.int64), axis=int(axis))
         if updates and entry.get("delta") and plan_name not in applied.folded:
             values = values + arrays[entry["delta"]].astype(values.dtype)
-        _set(owner, attr, values.T if flip else values, t)
         kept_axes = {str(1 - int(a)) if flip else a: k for a, k in entry["kept"].items()}
+        staged.put(owner, attr, values.T if flip else values, t, kept_axes.get("0"))
         shape = entry["shape"][::-1] if flip else entry["shape"]
         out_axis = "1" if type(owner).__name__.startswith("ConvTranspose") and attr == "weight" else "0"
         if attr == "weight" and out_axis in kept_axes:
             out_kept[id(owner)] = (shape[int(out_axis)], np.asarray(kept_axes[out_axis]))
-    _follow_previous_layer(module, mapping.values(), out_kept, owned, applied)
-    if updates:
-        _add_biases(module, doc, arrays, mapping, owned)
-    _fix_attributes(module, doc, mapping, applied)     # refuses modules that cannot be fixed
-    unexplained = [n for n in applied.exporter_only if not _explained(doc["tensors"][n], applied, out_kept)
-                   and not _inert(doc["tensors"][n], updates)]
-    if strict and unexplained:
-        raise SpaError(f"{len(unexplained)} tensor(s) of the plan have no counterpart in the module: "
-                       f"{', '.join(unexplained[:5])}{'...' if len(unexplained) > 5 else ''}")
-    return applied
+    return out_kept
 
 
 def _inert(entry, updates: bool) -> bool:
@@ -206,7 +279,7 @@ _NORMS = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "Instanc
           "InstanceNorm3d")
 
 
-def _follow_previous_layer(module, matched, out_kept, owned, applied):
+def _follow_previous_layer(module, matched, out_kept, owned, applied, staged):
     """Tensors the exporter dropped follow the layer they belong to: a bias it removed
     because it was zero follows its layer's weight; a BatchNorm it folded away keeps the
     channels of the layer registered before it (torchvision's conv, bn pairs), when its
@@ -220,7 +293,7 @@ def _follow_previous_layer(module, matched, out_kept, owned, applied):
             width, kept = out_kept[id(m)]
             if bias in owned and bias not in matched and owned[bias][2].shape[0] == width:
                 owner, attr, t = owned[bias]
-                _set(owner, attr, np.take(t.detach().cpu().numpy(), kept, axis=0), t)
+                staged.put(owner, attr, np.take(_numpy(t), kept, axis=0), t, kept)
                 applied.inferred[bias] = mname
             continue
         if type(m).__name__ not in _NORMS or previous is None:
@@ -234,13 +307,13 @@ def _follow_previous_layer(module, matched, out_kept, owned, applied):
         for n in mine:
             owner, attr, t = owned[n]
             if t.dim() >= 1 and t.shape[0] == width:
-                _set(owner, attr, np.take(t.detach().cpu().numpy(), kept, axis=0), t)
+                staged.put(owner, attr, np.take(_numpy(t), kept, axis=0), t, kept)
                 applied.inferred[n] = previous[0]
 
 
-def _add_biases(module, doc, arrays, mapping, owned):
-    """A bias OBSPA added to a bias-free layer becomes that layer's bias."""
-    import torch
+def _add_biases(doc, arrays, mapping, owned, staged):
+    """A bias OBSPA added to a bias-free layer becomes that layer's bias (its width is
+    checked with the layer's sizes, in _new_attributes)."""
     node_weight = {name: (node.get("weights") or [None])[0] for name, node in doc["nodes"].items()}
     for name, entry in doc["added"].items():
         for node_name, k in entry["readers"]:
@@ -249,60 +322,115 @@ def _add_biases(module, doc, arrays, mapping, owned):
                 continue
             owner, attr, t = owned[mapping[w]]
             if attr == "weight" and getattr(owner, "bias", 0) is None:
-                owner.bias = torch.nn.Parameter(torch.as_tensor(arrays[entry["value"]], dtype=t.dtype,
-                                                                device=t.device))
+                value = arrays[entry["value"]]
+                if value.ndim != 1 or value.dtype.kind != "f" or (id(owner), "bias") in staged.tensors:
+                    raise PlanFileError(f"added tensor {shown(name)}: not one bias of node {shown(node_name)} "
+                                        f"(shape {list(value.shape)}, {value.dtype})")
+                staged.put(owner, "bias", value, t)
 
 
-def _fix_attributes(module, doc, mapping, applied):
+# tensors of one layer along its output channels: a conv's filters and bias, a norm's scale,
+# shift and statistics
+_CHANNEL_TENSORS = ("weight", "bias", "running_mean", "running_var")
+
+
+def _check_channels_agree(module, staged):
+    """The tensors of one layer that share its output channels keep the same ones."""
     import torch.nn as nn
+    layers = (nn.Linear, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.modules.conv._ConvNd)
+    for mname, m in module.named_modules():
+        if not isinstance(m, layers) or getattr(m, "transposed", False):    # a ConvTranspose's axis 0 is its input
+            continue
+        first = None
+        for attr in _CHANNEL_TENSORS:
+            kept = staged.channels.get((id(m), attr))
+            if kept is None:
+                continue
+            if first is None:
+                first = (attr, kept)
+            elif not np.array_equal(first[1], kept):
+                raise PlanFileError(f"{mname or 'the module'}: the plan keeps other output channels of its "
+                                    f"{first[0]} than of its {attr}")
+
+
+def _new_attributes(module, doc, mapping, applied, staged):
+    """The size attributes of every module from its new tensors' shapes, into ``staged``;
+    refuses a module whose new tensors do not fit together."""
     groups_of = {}
     for node in doc["nodes"].values():
         for key in ("group", "num_groups"):
             if key in node.get("attributes", {}) and node.get("weights"):
                 groups_of[node["weights"][0]] = node["attributes"][key]
-    torch_groups = {mapping[w]: g for w, g in groups_of.items() if w in mapping}
+    torch_groups = {mapping[w]: int(g) for w, g in groups_of.items() if w in mapping}
     head_dims = any(c["kind"] == "head-dims" and c["removed"] for p in doc.get("groups", []) for c in p)
     for mname, m in module.named_modules():
-        before = _sizes(m)
-        if isinstance(m, nn.modules.conv._ConvNd):
-            key = f"{mname}.weight" if mname else "weight"
-            m.groups = int(torch_groups.get(key, m.groups))
-            if m.transposed:
-                m.in_channels, m.out_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
-            else:
-                m.out_channels, m.in_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
-        elif isinstance(m, nn.Linear):
-            m.out_features, m.in_features = m.weight.shape
-        elif isinstance(m, nn.Embedding):
-            m.num_embeddings, m.embedding_dim = m.weight.shape
-        elif isinstance(m, nn.modules.batchnorm._NormBase):
-            ref = m.weight if m.weight is not None else m.running_mean
-            if ref is not None:
-                m.num_features = ref.shape[0]
-        elif isinstance(m, nn.LayerNorm) and m.weight is not None:
-            m.normalized_shape = tuple(m.weight.shape)
-        elif isinstance(m, nn.GroupNorm) and m.weight is not None:
-            key = f"{mname}.weight" if mname else "weight"
-            m.num_channels, m.num_groups = m.weight.shape[0], int(torch_groups.get(key, m.num_groups))
-        elif isinstance(m, nn.MultiheadAttention):
-            if m.in_proj_weight is not None and m.in_proj_weight.shape != (3 * m.embed_dim, m.embed_dim) or \
-                    m.out_proj.weight.shape != (m.embed_dim, m.embed_dim):
-                raise SpaError(f"{mname or 'the module'}: torch.nn.MultiheadAttention ties its heads to the "
-                               "model width, so heads cannot be removed from it; prune with --heads 0")
-        else:
-            _fix_attention(mname, m, head_dims)
-        if _sizes(m) != before:
+        groups = torch_groups.get(f"{mname}.weight" if mname else "weight")
+        sizes = _sizes_of(mname or "the module", m, groups, staged.shape, head_dims)
+        changed = [(m, a, v) for a, v in sizes.items() if getattr(m, a, None) != v]
+        staged.attributes += changed
+        if any(a in _SIZES for _, a, _ in changed):
             applied.modules.append(mname)
 
 
-def _sizes(m):
-    return tuple(getattr(m, a, None) for a in ("in_channels", "out_channels", "groups", "in_features",
-                                               "out_features", "num_features", "normalized_shape",
-                                               "embedding_dim", "num_heads", "num_attention_heads",
-                                               "num_key_value_heads", "head_dim", "attention_head_size"))
+_SIZES = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
+          "normalized_shape", "embedding_dim", "num_heads", "num_attention_heads", "num_key_value_heads",
+          "head_dim", "attention_head_size")
 
 
-def _fix_attention(name, m, head_dims: bool):
+def _sizes_of(name, m, groups, shape, head_dims: bool) -> dict:
+    """The size attributes ``m`` will have; ``shape(m, attr)`` gives a tensor's new shape."""
+    import torch.nn as nn
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return _conv_sizes(name, m, m.groups if groups is None else groups, shape)
+    if isinstance(m, nn.Linear):
+        out, inp = shape(m, "weight")
+        _fits(name, m, "bias", (out,), shape)
+        return {"out_features": out, "in_features": inp}
+    if isinstance(m, nn.Embedding):
+        n, dim = shape(m, "weight")
+        return {"num_embeddings": n, "embedding_dim": dim}
+    if isinstance(m, nn.modules.batchnorm._NormBase):
+        ref = shape(m, "weight") or shape(m, "running_mean")
+        for attr in _CHANNEL_TENSORS:
+            _fits(name, m, attr, ref, shape)
+        return {"num_features": ref[0]} if ref else {}
+    if isinstance(m, nn.LayerNorm) and shape(m, "weight") is not None:
+        _fits(name, m, "bias", shape(m, "weight"), shape)
+        return {"normalized_shape": shape(m, "weight")}
+    if isinstance(m, nn.GroupNorm) and shape(m, "weight") is not None:
+        channels, groups = shape(m, "weight")[0], m.num_groups if groups is None else groups
+        _fits(name, m, "bias", (channels,), shape)
+        if channels % groups:
+            raise PlanFileError(f"{name}: {channels} channels do not split into {groups} groups")
+        return {"num_channels": channels, "num_groups": groups}
+    if isinstance(m, nn.MultiheadAttention):
+        if m.in_proj_weight is not None and shape(m, "in_proj_weight") != (3 * m.embed_dim, m.embed_dim) or \
+                shape(m.out_proj, "weight") != (m.embed_dim, m.embed_dim):
+            raise SpaError(f"{name}: torch.nn.MultiheadAttention ties its heads to the "
+                           "model width, so heads cannot be removed from it; prune with --heads 0")
+        return {}
+    return _attention_sizes(name, m, head_dims, shape)
+
+
+def _fits(name, m, attr, want, shape):
+    got = shape(m, attr)
+    if got is not None and got != tuple(want):
+        raise PlanFileError(f"{name}: its {attr} would have shape {list(got)}, its layer needs {list(want)}")
+
+
+def _conv_sizes(name, m, groups: int, shape) -> dict:
+    w = shape(m, "weight")
+    # ConvTranspose's weight is (in, out / groups, ...), Conv's (out, in / groups, ...)
+    sizes = {"in_channels": w[0], "out_channels": w[1] * groups} if m.transposed else \
+        {"out_channels": w[0], "in_channels": w[1] * groups}
+    if w[0] % groups:
+        raise PlanFileError(f"{name}: {w[0]} {'input' if m.transposed else 'output'} channels do not split "
+                            f"into {groups} groups")
+    _fits(name, m, "bias", (sizes["out_channels"],), shape)
+    return {**sizes, "groups": groups}
+
+
+def _attention_sizes(name, m, head_dims: bool, shape) -> dict:
     """Hugging Face attention: head counts from the projections' widths (BERT's query/key/
     value, LLaMA's q/k/v_proj). Their forward infers the heads (view(..., -1, head_dim)),
     so the counts they keep are bookkeeping, except the query/key-value head ratio."""
@@ -311,26 +439,27 @@ def _fix_attention(name, m, head_dims: bool):
     head_attr = "head_dim" if hasattr(m, "head_dim") else "attention_head_size" if hasattr(
         m, "attention_head_size") else None
     if q is None or head_attr is None or not hasattr(q, "weight"):
-        return
+        return {}
+    out = {}
     d = getattr(m, head_attr)
     heads_attr = "num_attention_heads" if hasattr(m, "num_attention_heads") else "num_heads"
     heads = getattr(m, heads_attr, None) or (m.config.num_attention_heads if hasattr(m, "config") else None)
-    q_out = q.weight.shape[0]
+    q_out = shape(q, "weight")[0]
     if head_dims and heads:
         # fewer dims per head; the attention scale stays the original's, as in the ONNX model
-        d = q_out // heads
-        setattr(m, head_attr, d)
+        d = out[head_attr] = q_out // heads
+    if not d or q_out % d:
+        raise PlanFileError(f"{name}: {q_out} query features are not whole heads of {d}")
     heads = q_out // d
-    if q_out % d:
-        raise SpaError(f"{name}: {q_out} query features are not whole heads of {d}")
     if hasattr(m, heads_attr):
-        setattr(m, heads_attr, heads)
+        out[heads_attr] = heads
     if hasattr(m, "all_head_size"):
-        m.all_head_size = q_out
+        out["all_head_size"] = q_out
     if k is not None and hasattr(m, "num_key_value_groups"):
-        kv = k.weight.shape[0] // d
+        kv = shape(k, "weight")[0] // d
         if kv == 0 or heads % kv:
-            raise SpaError(f"{name}: {heads} query heads do not share {kv} key/value heads evenly")
-        m.num_key_value_groups = heads // kv
+            raise PlanFileError(f"{name}: {heads} query heads do not share {kv} key/value heads evenly")
+        out["num_key_value_groups"] = heads // kv
         if hasattr(m, "num_key_value_heads"):
-            m.num_key_value_heads = kv
+            out["num_key_value_heads"] = kv
+    return out
