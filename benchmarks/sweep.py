@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 from benchmarks._common import update_readme_section  # noqa: E402
 from spa.sweep import SweepConfig, cells_of, parse_ratios, run_sweep  # noqa: E402
 from spa.sweep_report import plot  # noqa: E402
+from spa.options import PruneOptions  # noqa: E402
 
 MODEL = ROOT / "models" / "fashion_resnet.onnx"
 PLOT = ROOT / "benchmarks" / "plots" / "sweep_fashion_resnet.png"
@@ -44,7 +45,7 @@ def main():
     args = p.parse_args()
 
     config = SweepConfig(str(MODEL), calib=str(ROOT / "models" / "fashion_calib.npz"),
-                         eval=str(ROOT / "models" / "fashion_eval.npz"), runs=args.runs, verify=False)
+                         eval=str(ROOT / "models" / "fashion_eval.npz"), runs=args.runs, options=PruneOptions(verify=False))
     cells = cells_of(args.criteria.split(","), parse_ratios(args.ratios), [])
     timings, sweeps, loads = {}, {}, {}
     # the backends take turns, --repeat times, so that load from other work hits each alike

@@ -6,6 +6,7 @@ import pytest
 
 from spa.errors import SpaError
 from spa.sweep import Cell, SweepConfig, run_sweep
+from spa.options import PruneOptions
 
 DEMO = Path(__file__).resolve().parent.parent / "models"
 
@@ -13,7 +14,7 @@ DEMO = Path(__file__).resolve().parent.parent / "models"
 def test_ray_backend_matches_serial():
     ray = pytest.importorskip("ray")
     config = SweepConfig(str(DEMO / "demo_cnn.onnx"), calib=str(DEMO / "demo_calib.npz"),
-                         eval=str(DEMO / "demo_sample.npz"), runs=1, samples=8, verify=False)
+                         eval=str(DEMO / "demo_sample.npz"), runs=1, samples=8, options=PruneOptions(verify=False))
     cells = [Cell("l1", "ratio", 0.25), Cell("l1", "ratio", 0.5)]
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -31,6 +32,6 @@ def test_ray_backend_matches_serial():
 def test_ray_missing_is_one_clear_error(monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, "ray", None)
-    config = SweepConfig(str(DEMO / "demo_cnn.onnx"), runs=1, samples=4, verify=False)
+    config = SweepConfig(str(DEMO / "demo_cnn.onnx"), runs=1, samples=4, options=PruneOptions(verify=False))
     with pytest.raises(SpaError, match=r"pip install 'spa-prune\[ray\]'"):
         run_sweep(config, [Cell("l1", "ratio", 0.5)], backend="ray")
