@@ -5,7 +5,7 @@ to the copy, runs the tests that should catch it against the copy, and prints on
 break: ``caught`` (the tests fail) or ``NOT CAUGHT``. The unbroken copy runs first and must
 pass, so a break is not "caught" by tests that fail anyway.
 
-    python benchmarks/mutations.py            # every break (about a minute on 2 cores)
+    python benchmarks/mutations.py            # every break (about 12 minutes on 2 cores)
     python benchmarks/mutations.py -k split   # the breaks whose name contains "split"
 
 The package is installed editable, so ``import spa`` would find /work/main whatever
@@ -42,7 +42,7 @@ class Break:
 
 BREAKS = [
     Break("oracle's numeric comparison replaced by pass (ok always True)", "verify.py",
-          "            if err <= tol:\n", "            if True:\n",
+          "    if err <= tol:\n", "    if True:\n",
           ["test_oracle.py"]),
     Break("oracle forgives any float error as rewrite noise (noise term huge)", "verify.py",
           "\nNOISE_FACTOR = 4.0\n", "\nNOISE_FACTOR = 1e6\n",

@@ -524,7 +524,7 @@ def test_qdq_one_element_across_a_rounding_boundary_passes():
     assert judge(pruned, masked, a).max_abs == 0               # the twin: exact
     result = judge(*_rounded_apart(a, pruned, masked, 1), a)
     assert result.max_abs == pytest.approx(OUT_SCALE, rel=1e-3), "no element crossed"
-    assert result.ok and 1 <= result.rounded <= 2 and result.twin < RTOL
+    assert result.ok and 1 <= result.rounded <= 2 and result.twin is not None and result.twin < RTOL
 
 
 def test_qdq_rounding_passes_where_onnxruntimes_kernels_flip_none(monkeypatch):
@@ -537,7 +537,8 @@ def test_qdq_rounding_passes_where_onnxruntimes_kernels_flip_none(monkeypatch):
     real = verify._lazy_runs
     monkeypatch.setattr(verify, "_lazy_runs", lambda m, optimize: (lambda feeds: None) if optimize else real(m, optimize))
     result = judge(*apart, a)
-    assert result.ok and result.twin < RTOL and result.rounded >= 26 > max(1, QDQ_SHARE * 256)
+    assert result.twin is not None and result.twin < RTOL
+    assert result.ok and result.rounded >= 26 > max(1, QDQ_SHARE * 256)
     _without_float_twin(monkeypatch)
     result = judge(*apart, a)
     assert not result.ok and result.rounded_noise == 0 and result.twin is None
@@ -555,7 +556,7 @@ def test_qdq_elements_moved_further_than_float_noise_fail():
     float rounding): the float twins differ, and the oracle says no."""
     a, pruned, masked = _qdq_pruning()
     result = judge(*_rounded_apart(a, pruned, masked, 26, steps_further=0.05), a)
-    assert result.twin > 10 * RTOL and not result.ok
+    assert result.twin is not None and result.twin > 10 * RTOL and not result.ok
 
 
 @pytest.mark.parametrize("twin", [True, False])
