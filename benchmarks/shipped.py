@@ -146,10 +146,10 @@ NOTES = {
     "silero_vad_16k_op15": "passes the oracle at the second probe (512) since the tolerance counts onnxruntime's "
                            "rewrite noise: pruned vs masked differ by 1.57e-4 relative with default "
                            "optimizations and by 0 with both unoptimized.",
-    "resnet18_qdq": "passes the oracle since the tolerance allows quantization steps: about 14 % of the 1000 "
-                    "logits land one output step (0.0425) off, as many as the masked original's own fused vs "
-                    "unoptimized runs flip (spa/verify.py, rounding_ok); a wrong pruning moves ~99 % by up to "
-                    "129 steps.",
+    "resnet18_qdq": "passes the oracle since its float twin (activation quantization taken out) matches the "
+                    "masked original's within 3e-7 and the graphs as written then differ by rounding only: about "
+                    "14 % of the 1000 logits land one output step (0.0425) off (spa/rounding.py, float_twin, "
+                    "rounding_ok); a wrong pruning moves ~99 % by up to 129 steps.",
     "bert_mha_nbits4": "no-op by design: MatMulNBits's default asymmetric 4-bit zero points pack two blocks per byte, "
                        "so every MatMulNBits block axis is fixed (spa/graph/rules/quantized.py, "
                        "\"packs the 4-bit zero points\"); the "

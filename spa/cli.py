@@ -21,6 +21,7 @@ from .files import Terminated, atomic_write, check_outputs, check_readable, term
 from .model import normalize, output_paths
 from .progress import StageProgress
 from .shapes import graph_inputs, parse_input_shapes
+from .verify import describe as describe_verify
 
 __all__ = ["main"]
 
@@ -131,13 +132,7 @@ def cmd_prune(args) -> int:
             print(f"inexact (hidden width): output error max abs {v['max_abs_error']:.3g}, relative "
                   f"{v['max_rel_error']:.3g}, mean cosine {v['mean_cosine']:.4f}")
         elif "verify" in rep:
-            v = rep["verify"]
-            extra = f", within onnxruntime's own rewrite noise {v['noise']:.2g}" if v.get("noise") is not None else ""
-            if v.get("rounded"):
-                extra += (f", {v['rounded']} quantized elements off by whole steps where onnxruntime's own "
-                          f"kernels flip {v.get('rounded_noise', 0)}")
-            print(f"verified: pruned == masked original (max abs error {v['max_abs_error']:.2g}, "
-                  f"relative {v['max_rel_error']:.2g}{extra})")
+            print(f"verified: pruned == masked original ({describe_verify(rep['verify'])})")
         if "budget" in rep:
             _print_budget(rep)
         for b in rep["blocked_nodes"][:10]:

@@ -2,8 +2,9 @@
 
 Normalization makes every exporter's graph look alike to the analysis: weights kept in
 Constant nodes become initializers, initializers listed as graph inputs stop being inputs,
-and an initializer used by several nodes is copied per use so that unrelated layers that
-happen to share a tensor (all-ones norm weights, say) are not tied together.
+an initializer used by several nodes is copied per use so that unrelated layers that
+happen to share a tensor (all-ones norm weights, say) are not tied together, and initializers
+named as onnxruntime names the ones its optimizer adds are renamed (``ORT_GENERATED``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,17 @@ __all__ = ["load", "read", "normalize", "save", "output_paths", "tensor_array", 
 
 # normalize names a further reader's copy of an initializer <name><COPY_MARK><n>
 COPY_MARK = "__use"
+
+# onnxruntime names the initializers its graph optimizer adds (MatMulAddFusion's Reshape shapes,
+# Squeeze axes, Split sizes) with Graph::GenerateNodeName: the base name, then base_token_<n>,
+# avoiding node names only. A file it optimized and saved keeps them (its transformer optimizer
+# at opt_level 1 saves one: BERT's MatMul + Add became Reshape -> Gemm -> Reshape with
+# "gemm_input_shape", "gemm_output_shape_token_3"...), and the next default session that fuses a
+# MatMul + Add there generates the same name again and fails ("AddInitializedOrtValue Attempt to
+# replace the existing tensor"). Renamed (<name><ORT_RENAMED>), the model and its pruned copies load.
+ORT_GENERATED = re.compile(r"(gemm_input_shape|gemm_output_shape|SqueezeAxesInitializer|ConstAsInitializer|"
+                           r"squeeze_axes|fused_Split)(_token_\d+)?")
+ORT_RENAMED = "__spa"
 
 log = logging.getLogger(__name__)
 
@@ -329,6 +341,8 @@ def normalize(model: onnx.ModelProto, copy: bool = True) -> onnx.ModelProto:
         g.input.extend(real_inputs)
         model.ir_version = max(model.ir_version, 4)
 
+    _rename_generated(model)
+
     # Rules, the report and the oracle refer to nodes by name: make names unique.
     taken_nodes = {n.name for n in g.node if n.name}
     seen: set[str] = set()
@@ -353,6 +367,32 @@ def normalize(model: onnx.ModelProto, copy: bool = True) -> onnx.ModelProto:
             g.initializer.append(copy)
             node.input[k] = copy.name
     return model
+
+
+def _rename_generated(model: onnx.ModelProto):
+    """Initializers named as onnxruntime's optimizer names its own (``ORT_GENERATED``) renamed,
+    with every reader (subgraphs too). In place."""
+    g = model.graph
+    fixed = {v.name for v in [*g.input, *g.output]}
+    olds = [t.name for t in g.initializer if ORT_GENERATED.fullmatch(t.name) and t.name not in fixed]
+    if not olds:
+        return
+    taken = tensor_names(model)
+    rename = {old: unique_name(old + ORT_RENAMED, taken) for old in olds}
+    for t in g.initializer:
+        t.name = rename.get(t.name, t.name)
+    for v in g.value_info:
+        v.name = rename.get(v.name, v.name)
+
+    def visit(graph: onnx.GraphProto):
+        for node in graph.node:
+            for k, name in enumerate(node.input):
+                if name in rename:
+                    node.input[k] = rename[name]
+            for a in node.attribute:
+                for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    visit(sub)
+    visit(g)
 
 
 def copied_from(name: str) -> str | None:

@@ -199,7 +199,11 @@ def _merge_passes(first: PruneResult, second: PruneResult) -> PruneResult:
             "ok": v1["ok"] and v2["ok"], "samples": v1["samples"],
             "noise": max((v["noise"] for v in (v1, v2) if v.get("noise") is not None), default=None),
             "rounded": v1.get("rounded", 0) + v2.get("rounded", 0),
-            "rounded_noise": v1.get("rounded_noise", 0) + v2.get("rounded_noise", 0)}
+            "rounded_noise": v1.get("rounded_noise", 0) + v2.get("rounded_noise", 0),
+            "twin_max_rel_error": max((v["twin_max_rel_error"] for v in (v1, v2)
+                                       if v.get("twin_max_rel_error") is not None), default=None),
+            "twin_ok": v2.get("twin_ok", v1.get("twin_ok")),
+            "judged_upstream": {**v1.get("judged_upstream", {}), **v2.get("judged_upstream", {})}}
     return PruneResult(second.model, first.original, rep, first.source, first.files, first.plans + second.plans)
 
 

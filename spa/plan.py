@@ -6,7 +6,7 @@ indices of every space that shrinks, the concrete edits of size constants and at
 (resolved from the rules' fix-up specs), weight updates (OBSPA compensation, bias
 correction) and the per-group choices — and :meth:`Plan.check` validates it against the
 model. Two interpreters read it: ``spa.rewrite.rewrite`` (the pruned model) and
-``spa.verify.masked_model`` (the original with removed channels zeroed, for the oracle);
+``spa.masked.masked_model`` (the original with removed channels zeroed, for the oracle);
 the report's groups come from it too, so model, oracle and report cannot disagree.
 """
 

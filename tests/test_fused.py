@@ -327,3 +327,50 @@ def test_optimizer_output_prunes_heads_and_mlp(zoo_dir, family, fused):
         h = spa.prune(path, ratio=0.0, hidden=0.25, round_to=1, verify=True, input_shapes=shapes)
         assert [g["removed"] for g in h.report["groups"] if g["kind"] == "hidden"] == [16]
         assert h.report["verify"]["exact"] is False and h.report["verify"]["finite"]
+
+
+def bert_opt_level_1(zoo_dir):
+    """Issue 26's recipe, smaller: a random BERT (transformers' BertModel, pooler included: two
+    outputs) exported by the dynamo exporter, then onnxruntime's transformer optimizer at
+    opt_level 1 (SkipLayerNormalization and Gelu fused, attention not), which first runs
+    onnxruntime's own basic optimizations and saves their result; cached in ``zoo_dir``."""
+    import torch
+    pytest.importorskip("transformers_zoo")   # torchvision's ops, which transformers needs
+    from onnxruntime.transformers.optimizer import optimize_model
+    from transformers import BertConfig, BertModel
+    out = zoo_dir / "bert-dynamo-ortopt1.onnx"
+    if out.exists():
+        return out
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512,
+                                 vocab_size=100, max_position_embeddings=64)).eval()
+    ids = torch.randint(3, 100, (1, 8))
+    src = zoo_dir / "bert-dynamo-pooler.onnx"
+    torch.onnx.export(model, (ids, torch.ones_like(ids)), str(src), input_names=["input_ids", "attention_mask"],
+                      dynamo=True, verbose=False)
+    opt = optimize_model(str(src), model_type="bert", num_heads=4, hidden_size=128, opt_level=1, use_gpu=False)
+    tmp = zoo_dir / "bert-dynamo-ortopt1.tmp.onnx"
+    opt.save_model_to_file(str(tmp))
+    tmp.rename(out)
+    return out
+
+
+def test_optimizer_at_opt_level_1_output_prunes_and_loads(zoo_dir, tmp_path):
+    """Refused before: onnxruntime's default session cannot load the optimizer's file (it
+    saved initializers under names onnxruntime generates again: spa.model.ORT_GENERATED), and
+    spa wrote no model that a default session cannot load. spa renames them: the pruned model
+    loads by default and passes the oracle on both outputs."""
+    path = bert_opt_level_1(zoo_dir)
+    from spa.model import ORT_GENERATED
+    model = onnx.load(path)
+    assert "SkipLayerNormalization" in {n.op_type for n in model.graph.node if n.domain == MS}
+    assert "Gelu" in {n.op_type for n in model.graph.node} and len(model.graph.output) == 2
+    generated = {t.name for t in model.graph.initializer if ORT_GENERATED.fullmatch(t.name)}
+    for ratio in (0.3, 0.5):
+        r = spa.prune(path, ratio=ratio)
+        rep = r.report
+        assert rep["verify"]["ok"], rep["verify"]
+        assert rep["after"]["macs"] < (0.85 if ratio == 0.3 else 0.65) * rep["before"]["macs"]
+        out = r.save(tmp_path / f"p{ratio}.onnx")
+        ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        assert not generated & {t.name for t in onnx.load(out).graph.initializer}

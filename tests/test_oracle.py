@@ -23,8 +23,8 @@ from spa.rewrite import rewrite
 from spa import verify
 from spa.runtime import session
 from spa.shapes import random_inputs
-from spa.verify import (NOISE_FACTOR, QDQ_NOISE_FACTOR, QDQ_SHARE, REWRITE_RTOL, RTOL, float_tolerance,
-                        masked_model, oracle, output_steps, rounding_ok)
+from spa.verify import (NOISE_FACTOR, QDQ_MAX_SHARE, QDQ_NOISE_FACTOR, QDQ_SHARE, REWRITE_RTOL, RTOL,
+                        float_tolerance, masked_model, oracle, output_steps, rounding_ok)
 
 C = 8
 
@@ -83,6 +83,31 @@ def test_one_channel_of_many_off_fails():
     a = spa.analyze(conv_relu_conv())
     pruned = rewrite(a.model, removal(a, [0, 2, 5]))
     assert rejected(pruned, masked_model(a.model, removal(a, [0, 2, 6]), a.shapes), a)
+
+
+def two_heads():
+    """x -> conv(3 -> C) -> Relu -> conv(C -> 4) -> first output, and conv(C -> 3) -> second."""
+    g = Graph(seed=0)
+    y = g.op("Relu", [g.conv(g.input([1, 3, 10, 10]), 3, C)])
+    g.output(g.conv(y, C, 4))
+    g.output(g.conv(y, C, 3))
+    return g.model()
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_second_output_is_judged_too(broken):
+    """Issue 21: the rewrite breaks only the branch of the second output (its conv reads the
+    kept channels in another order); an oracle that compared the first output alone would pass it."""
+    a = spa.analyze(two_heads())
+    removed = removal(a, [1, 4, 6])
+    pruned = rewrite(a.model, removed)
+    assert len(pruned.graph.output) == 2
+    if broken:
+        second = next(n for n in pruned.graph.node if n.output[0] == pruned.graph.output[1].name)
+        w = next(t for t in pruned.graph.initializer if t.name == second.input[1])
+        w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w)[:, ::-1].copy(), w.name))
+    result = judge(pruned, masked_model(a.model, removed, a.shapes), a)
+    assert result.ok != broken
 
 
 def split_concat(g, y):
@@ -212,8 +237,8 @@ def test_pruned_model_that_does_not_load_is_an_error():
 
 # --- noise that is not pruning's fault: measured, and no cover for a wrong pruning ---------
 
-def sigmoid_tail(seed=0):
-    """x -> conv+BN -> Relu -> conv -> BN (gain ~0.01, shift -10) -> Sigmoid: outputs ~5e-5,
+def sigmoid_tail(seed=0, shift=-10.0):
+    """x -> conv+BN -> Relu -> conv -> BN (gain ~0.01, ``shift``) -> Sigmoid: outputs ~5e-5,
     where onnxruntime's Sigmoid (p/q + 0.5) resolves only 6e-8, so a logit rounding 1e-6
     differently moves some outputs by a step of ~1e-3 of their scale (PP-OCRv5's detector).
     onnxruntime folds the BatchNormalizations when it optimizes: its own runs differ alike."""
@@ -225,12 +250,12 @@ def sigmoid_tail(seed=0):
                                            g.const((g.rng.standard_normal(c) * 0.1).astype(np.float32)),
                                            g.const(g.rng.uniform(0.5, 1.5, c).astype(np.float32))])
     y = g.op("Relu", [bn(g.conv(g.input([1, 3, 32, 32]), 3, 16), 16)])
-    g.output(g.op("Sigmoid", [bn(g.conv(y, 16, 4), 4, gain=0.01, shift=-10.0)]))
+    g.output(g.op("Sigmoid", [bn(g.conv(y, 16, 4), 4, gain=0.01, shift=shift)]))
     return g.model()
 
 
-def _tail(seed=0):
-    a = spa.analyze(sigmoid_tail(seed))
+def _tail(seed=0, shift=-10.0):
+    a = spa.analyze(sigmoid_tail(seed, shift))
     removed = removal(a, [1, 4, 6, 9, 12])
     return a, removed, rewrite(a.model, removed), masked_model(a.model, removed, a.shapes)
 
@@ -268,6 +293,51 @@ def test_wrong_weight_in_a_sigmoid_tail_fails(factor):
     t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * np.float32(factor), t.name))
     result = judge(pruned, masked, a)
     assert not result.ok and result.noise is not None and result.max_rel > 0.02
+
+
+# Far in saturation (logits ~ -17): every output is under 2e-7, a few of onnxruntime's Sigmoid
+# steps (3e-8), and a correct pruning leaves errors of 1.19e-7, 0.67 of the output's scale: the
+# refusal of issue 20 (PP-OCRv4's text detector pruned to half its MACs: 8.9e-8, 0.75).
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sigmoid_map_far_in_saturation_passes(seed):
+    """A correct pruning passes: the output is judged by the logits its Sigmoid (and the
+    BatchNormalization before it) reads, which keep their scale."""
+    a, _, pruned, masked = _tail(seed, shift=-17.0)
+    result = judge(pruned, masked, a)
+    out = a.model.graph.output[0].name
+    assert result.max_rel > 0.1 and result.max_abs < 2e-7, "the false positive is not reproduced any more"
+    assert result.ok and result.upstream == {out: verify.pre_activation(a.model, out)[0]}
+    assert next(n for n in a.model.graph.node if n.output[0] == result.upstream[out]).op_type == "Conv"
+
+
+@pytest.mark.parametrize("shift", [1, -1])
+def test_wrong_channel_in_a_saturated_map_fails(shift):
+    a = spa.analyze(sigmoid_tail(shift=-17.0))
+    planned = np.array([1, 4, 6, 9, 12])
+    pruned = rewrite(a.model, removal(a, planned))
+    result = judge(pruned, masked_model(a.model, removal(a, (planned + shift) % 16), a.shapes), a)
+    assert not result.ok and not result.upstream
+
+
+def test_wrong_tail_of_a_saturated_map_fails():
+    """The logits agree but the pruned model's Sigmoid reads them through another
+    BatchNormalization (bias -17 -> -16.5): its outputs are no rounding of the masked
+    original's, and the oracle says no."""
+    a, _, pruned, masked = _tail(shift=-17.0)
+    last_bn = next(n for n in reversed(pruned.graph.node) if n.op_type == "BatchNormalization")
+    t = next(t for t in pruned.graph.initializer if t.name == last_bn.input[2])
+    t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) + np.float32(0.5), t.name))
+    result = judge(pruned, masked, a)
+    assert not result.ok and not result.upstream
+
+
+def test_pre_activation_walks_elementwise_ops_with_constants_only():
+    model = sigmoid_tail()
+    out = model.graph.output[0].name
+    tensor, tail = verify.pre_activation(model, out)
+    assert [op for op, *_ in tail] == ["Sigmoid", "BatchNormalization"]
+    assert verify.pre_activation(conv_relu_conv(), conv_relu_conv().graph.output[0].name) is None
 
 
 class _Offset:
@@ -355,39 +425,49 @@ def qdq_model(seed=0):
     return g.model()
 
 
-def _nudged(pruned, masked, a, pick):
-    """The pruned model with a constant added before its output's QuantizeLinear: ``pick(u)``
-    (u: the masked original's values before rounding, in steps, for the oracle's first
-    sample) gives the addition in steps. Moves an element just across a rounding boundary as
-    a float difference of 1e-7 would, or further."""
+def _before_rounding(masked, a):
+    """The masked original's values just before its output's QuantizeLinear, in steps (as the
+    QuantizeLinear rounds them), on the oracle's first sample."""
     final_q = next(n for n in reversed(masked.graph.node) if n.op_type == "QuantizeLinear")
     probe = onnx.ModelProto()
     probe.CopyFrom(masked)
     probe.graph.output.append(onnx.helper.make_tensor_value_info(final_q.input[0], onnx.TensorProto.FLOAT, None))
-    feeds = random_inputs(pruned, a.shapes.input_shapes, np.random.default_rng(0))
-    u = session(probe, optimize=False).run(None, feeds)[-1] / OUT_SCALE + 128
-    add = (pick(u) * OUT_SCALE).astype(np.float32)
-    nudged = onnx.ModelProto()
-    nudged.CopyFrom(pruned)
-    q = next(n for n in reversed(nudged.graph.node) if n.op_type == "QuantizeLinear")
-    nudged.graph.initializer.append(numpy_helper.from_array(add, "spa_test_nudge"))
-    nudged.graph.node.insert(list(nudged.graph.node).index(q), onnx.helper.make_node(
+    feeds = random_inputs(masked, a.shapes.input_shapes, np.random.default_rng(0))
+    return session(probe, optimize=False).run(None, feeds)[-1] / OUT_SCALE + 128
+
+
+def _plus(model, steps):
+    """``model`` with ``steps`` (an array, in output steps) added before its output's QuantizeLinear."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    q = next(n for n in reversed(out.graph.node) if n.op_type == "QuantizeLinear")
+    out.graph.initializer.append(numpy_helper.from_array((steps * OUT_SCALE).astype(np.float32), "spa_test_nudge"))
+    out.graph.node.insert(list(out.graph.node).index(q), onnx.helper.make_node(
         "Add", [q.input[0], "spa_test_nudge"], ["spa_test_nudged"], name="spa_test_nudge"))
     q.input[0] = "spa_test_nudged"
-    return nudged
+    return out
 
 
-def _across(u, count, extra_steps=0.0):
-    """Moves the ``count`` unclipped elements nearest a rounding boundary just across it
-    (plus ``extra_steps``)."""
-    frac = u - np.floor(u) - 0.5                   # boundary at .5: negative below it
+def _nearest_boundaries(u, count):
+    """``count`` unclipped elements nearest a rounding boundary (at .5): a mask, and how far
+    (in steps) each element lies from its boundary, negative below it."""
+    frac = u - np.floor(u) - 0.5
     free = (u > 1) & (u < 254)
     order = np.argsort(np.where(free, np.abs(frac), np.inf), axis=None)[:count]
-    pick = np.zeros(u.shape)
-    flat = pick.reshape(-1)
-    f = frac.reshape(-1)[order]
-    flat[order] = -f + np.sign(-f) * (1e-3 + extra_steps)
-    return pick
+    chosen = np.zeros(u.shape, bool)
+    chosen.reshape(-1)[order] = True
+    return chosen, frac
+
+
+def _rounded_apart(a, pruned, masked, count, steps_further=0.0):
+    """The ``count`` elements nearest a rounding boundary put just below it in the masked original
+    and just above it in the pruned model (4e-4 of a step apart, 1e-4: a float difference of
+    1e-5 of the output's scale, what summation order may leave), ``steps_further`` moving the
+    pruned model's further: those elements end one step (plus ``steps_further``) apart.
+    Returns both models."""
+    chosen, frac = _nearest_boundaries(_before_rounding(masked, a), count)
+    to_boundary, near = np.where(chosen, -frac, 0.0), np.where(chosen, 2e-4, 0.0)
+    return _plus(pruned, to_boundary + near + np.where(chosen, steps_further, 0.0)), _plus(masked, to_boundary - near)
 
 
 def _qdq_pruning():
@@ -398,9 +478,43 @@ def _qdq_pruning():
     return a, pruned, masked_model(a.model, removed, a.shapes)
 
 
+def _without_float_twin(monkeypatch):
+    """As for a graph with no float twin (QOperator, activations quantized per axis)."""
+    monkeypatch.setattr(verify, "float_twin", lambda model: None)
+
+
 def test_output_steps():
     assert output_steps(qdq_model()) == {qdq_model().graph.output[0].name: OUT_SCALE}
     assert output_steps(conv_relu_conv()) == {}
+
+
+def test_float_twin_takes_out_activation_quantization_only():
+    """The twin computes in floats where the graph rounded activations: its QuantizeLinear ->
+    DequantizeLinear pairs go, the weights' DequantizeLinear (per-channel scales) stay; a
+    QuantizeLinear whose integers something else reads leaves no twin."""
+    model = qdq_model()
+    twin = verify.float_twin(model)
+    ops = [n.op_type for n in twin.graph.node]
+    assert "QuantizeLinear" not in ops and ops.count("DequantizeLinear") == 2 and ops[-1] == "Identity"
+    assert [o.name for o in twin.graph.output] == [o.name for o in model.graph.output]
+    feeds = random_inputs(model, {"x": [1, 3, 8, 8]}, np.random.default_rng(0))
+    exact, rounded = (session(m).run(None, feeds)[0] for m in (twin, model))
+    assert 0 < np.abs(exact - rounded).max() < 0.5 * np.abs(rounded).max()
+    q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
+    model.graph.output.append(onnx.helper.make_tensor_value_info(q.output[0], onnx.TensorProto.UINT8, None))
+    assert verify.float_twin(model) is None
+
+
+def test_float_twin_keeps_activations_quantized_per_axis():
+    """Scales along a channel axis are sliced by the pruning: the twin must keep them, so a
+    graph quantizing an activation per channel has no twin (its outputs fall back to
+    onnxruntime's own flips as the yardstick)."""
+    g = Graph(opset=13, seed=0)
+    y = g.op("Relu", [g.conv(g.input([1, 3, 8, 8]), 3, C)])
+    scale, zero = g.const(np.full(C, 0.05, np.float32)), g.const(np.full(C, 128, np.uint8))
+    q = g.op("QuantizeLinear", [y, scale, zero], axis=1)
+    g.output(g.conv(g.op("DequantizeLinear", [q, scale, zero], axis=1), C, 4))
+    assert verify.float_twin(g.model()) is None
 
 
 def test_qdq_one_element_across_a_rounding_boundary_passes():
@@ -408,28 +522,58 @@ def test_qdq_one_element_across_a_rounding_boundary_passes():
     other side of the output QuantizeLinear's rounding boundary is one step off; rounding."""
     a, pruned, masked = _qdq_pruning()
     assert judge(pruned, masked, a).max_abs == 0               # the twin: exact
-    result = judge(_nudged(pruned, masked, a, lambda u: _across(u, 1)), masked, a)
+    result = judge(*_rounded_apart(a, pruned, masked, 1), a)
     assert result.max_abs == pytest.approx(OUT_SCALE, rel=1e-3), "no element crossed"
-    assert result.ok and 1 <= result.rounded <= 2
+    assert result.ok and 1 <= result.rounded <= 2 and result.twin is not None and result.twin < RTOL
 
 
-def test_qdq_many_elements_one_step_off_fail():
-    """A step off in 10 % of the 256 outputs, where onnxruntime's own kernels flip none: more
-    than rounding (at most QDQ_SHARE of them)."""
+def test_qdq_rounding_passes_where_onnxruntimes_kernels_flip_none(monkeypatch):
+    """Issue 26: elsewhere onnxruntime's fused kernels flipped none of ResNet-18's logits while a
+    correct pruning left 279 a step off. Once the float twins agree, a step off in 10 % of the
+    outputs is rounding however few elements onnxruntime's own runs flip; without a twin that
+    count was the yardstick, and 10 % fails it."""
     a, pruned, masked = _qdq_pruning()
-    result = judge(_nudged(pruned, masked, a, lambda u: _across(u, 26)), masked, a)
-    assert result.rounded_noise == 0 and result.rounded >= 26 > max(1, QDQ_SHARE * 256)
-    assert result.max_abs == pytest.approx(OUT_SCALE, rel=1e-3) and not result.ok
+    apart = _rounded_apart(a, pruned, masked, 26)
+    real = verify._lazy_runs
+    monkeypatch.setattr(verify, "_lazy_runs", lambda m, optimize: (lambda feeds: None) if optimize else real(m, optimize))
+    result = judge(*apart, a)
+    assert result.twin is not None and result.twin < RTOL
+    assert result.ok and result.rounded >= 26 > max(1, QDQ_SHARE * 256)
+    _without_float_twin(monkeypatch)
+    result = judge(*apart, a)
+    assert not result.ok and result.rounded_noise == 0 and result.twin is None
 
 
-def test_qdq_one_element_two_steps_off_fails():
+def test_qdq_rounding_is_capped_with_a_float_twin():
+    """A step off in more than QDQ_MAX_SHARE of an output is no rounding, twin or not."""
     a, pruned, masked = _qdq_pruning()
-    result = judge(_nudged(pruned, masked, a, lambda u: _across(u, 1, extra_steps=1.0)), masked, a)
-    assert result.max_abs == pytest.approx(2 * OUT_SCALE, rel=1e-3) and not result.ok
+    result = judge(*_rounded_apart(a, pruned, masked, int(QDQ_MAX_SHARE * 256) + 4), a)
+    assert result.twin is not None and result.twin < RTOL and not result.ok
 
 
+def test_qdq_elements_moved_further_than_float_noise_fail():
+    """The same elements a step apart, but moved there by 0.05 of a step (a wrong weight, not
+    float rounding): the float twins differ, and the oracle says no."""
+    a, pruned, masked = _qdq_pruning()
+    result = judge(*_rounded_apart(a, pruned, masked, 26, steps_further=0.05), a)
+    assert result.twin is not None and result.twin > 10 * RTOL and not result.ok
+
+
+@pytest.mark.parametrize("twin", [True, False])
+def test_qdq_one_element_two_steps_off_fails(monkeypatch, twin):
+    a, pruned, masked = _qdq_pruning()
+    if not twin:
+        _without_float_twin(monkeypatch)
+    result = judge(*_rounded_apart(a, pruned, masked, 1, steps_further=1.0), a)
+    assert result.max_abs == pytest.approx((1 if twin else 2) * OUT_SCALE, rel=1e-2) and not result.ok
+    assert (result.twin is not None) == twin
+
+
+@pytest.mark.parametrize("twin", [True, False])
 @pytest.mark.parametrize("shift", [1, -1])
-def test_wrong_channel_in_a_qdq_model_fails(shift):
+def test_wrong_channel_in_a_qdq_model_fails(monkeypatch, shift, twin):
+    if not twin:
+        _without_float_twin(monkeypatch)
     a = spa.analyze(qdq_model())
     planned = np.array([1, 4, 6])
     pruned = rewrite(a.model, removal(a, planned))
@@ -438,16 +582,18 @@ def test_wrong_channel_in_a_qdq_model_fails(shift):
 
 
 def test_qdq_rounding_allowance_follows_onnxruntimes_own_flips(monkeypatch):
-    """Where onnxruntime's fused kernels flip some elements of the masked original by a step
-    (ResNet-18: ~15 % of its logits), the pruned model may flip up to QDQ_NOISE_FACTOR times as
-    many; a wrong pruning, moving most elements by many steps, still fails."""
+    """Without a float twin, where onnxruntime's fused kernels flip some elements of the masked
+    original by a step (ResNet-18: ~15 % of its logits), the pruned model may flip up to
+    QDQ_NOISE_FACTOR times as many; a wrong pruning, moving most elements by many steps, still
+    fails."""
+    _without_float_twin(monkeypatch)
     a, pruned, masked = _qdq_pruning()
-    many = _nudged(pruned, masked, a, lambda u: _across(u, 26))
+    many_pruned, many_masked = _rounded_apart(a, pruned, masked, 26)
     real = verify._lazy_runs
 
     def flipping(model, optimize):      # the masked original's fused run: 20 elements a step off
         run = real(model, optimize)
-        if model is not masked or not optimize:
+        if model is not many_masked or not optimize:
             return run
 
         def flipped(feeds):
@@ -456,7 +602,7 @@ def test_qdq_rounding_allowance_follows_onnxruntimes_own_flips(monkeypatch):
             return out
         return flipped
     monkeypatch.setattr(verify, "_lazy_runs", flipping)
-    result = judge(many, masked, a)
+    result = judge(many_pruned, many_masked, a)
     assert result.rounded_noise >= 20 and result.ok and 26 <= result.rounded <= QDQ_NOISE_FACTOR * 20
     planned = np.array([1, 4, 6])
     wrong = masked_model(a.model, removal(a, planned + 1), a.shapes)
