@@ -74,11 +74,11 @@ def interleaved_latency(original, pruned, shapes: dict, budget_s: float, least: 
     """Latency of original vs pruned, interleaved on one thread: one probe run of the original
     sizes the loop to about ``budget_s`` (between ``least`` and ``most`` runs). Errors are
     returned, not raised: a benchmark row records them."""
-    import spa.bench
+    import spa.verify.bench
     try:
-        probe = spa.bench.latency([original], shapes, runs=3, warmup=1, threads=1)[0]
+        probe = spa.verify.bench.latency([original], shapes, runs=3, warmup=1, threads=1)[0]
         runs = int(max(least, min(most, budget_s / max(probe * probe_factor, 1e-6))))
-        lo, lp = spa.bench.latency([original, pruned], shapes, runs=runs, threads=1)
+        lo, lp = spa.verify.bench.latency([original, pruned], shapes, runs=runs, threads=1)
         return {"original_s": lo, "pruned_s": lp, "ratio": lp / lo, "runs": runs}
     except BaseException as e:  # noqa: BLE001
         return {"error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"}

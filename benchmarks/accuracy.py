@@ -167,13 +167,13 @@ def memory_limit(gb: float):
 
 
 def macs_of(model) -> int:
-    from spa.metrics import count_macs
-    from spa.shapes import infer_shapes
+    from spa.verify.metrics import count_macs
+    from spa.loading.probe import infer_shapes
     return count_macs(model, infer_shapes(model, None, want_values=False))
 
 
 def params_of(model) -> int:
-    from spa.metrics import count_params
+    from spa.verify.metrics import count_params
     return count_params(model)
 
 

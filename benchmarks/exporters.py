@@ -17,7 +17,7 @@
 2. prunes each model in a child process: spa.prune(ratio=0.5, criterion="l1", verify=True),
    checks the pruned model (onnx.checker full check + an onnxruntime session), runs the CLI
    (`spa prune ... --no-verify -q`) on it too, measures latency of original vs pruned
-   interleaved on one thread (spa.bench.latency), and the top-1 accuracy before/after for the
+   interleaved on one thread (spa.verify.bench.latency), and the top-1 accuracy before/after for the
    models trained on real data (Keras CNN on Fashion-MNIST, sklearn MLP on digits). Models
    with symbolic spatial dims get --input-shape, and the pruned model is also run at another
    spatial size to check it stayed dynamic.
@@ -282,7 +282,7 @@ def child_measure(name: str, cache: str, out_json: str) -> int:
     import numpy as np
     import onnx
     import spa
-    import spa.bench
+    import spa.verify.bench
     import spa.runtime
 
     spa.runtime.THREADS = 1   # one thread, shared machine
@@ -374,7 +374,7 @@ def child_measure(name: str, cache: str, out_json: str) -> int:
 
 def run_cli(path: Path, extra: dict, tmp: Path) -> dict:
     spa_exe = shutil.which("spa")
-    cmd = ([spa_exe] if spa_exe else [sys.executable, "-m", "spa.cli"]) + [
+    cmd = ([spa_exe] if spa_exe else [sys.executable, "-m", "spa.cli.main"]) + [
         "prune", str(path), "-o", str(tmp / "cli.onnx"), "--ratio", str(RATIO), "--criterion", CRITERION,
         "--no-verify", "-q"]
     for k, v in (extra.get("input_shapes") or {}).items():
@@ -516,7 +516,7 @@ def render_markdown(results: list[dict], meta: dict) -> str:
              "over the logits, count as graph output since that axis is pinned anyway); **failed** = export "
              "failure, spa error, invalid output, oracle failure "
              "or skipped oracle (failing files copied to `/tmp/foreign_fail/`).")
-    L.append("- latency: onnxruntime CPU, 1 thread, original and pruned interleaved (`spa.bench.latency`), "
+    L.append("- latency: onnxruntime CPU, 1 thread, original and pruned interleaved (`spa.verify.bench.latency`), "
              "median; ratio = pruned / original. Oracle: pruned vs masked original on random inputs, "
              "max relative error in brackets. Accuracy: top-1 on the held-out test sample "
              "(Keras: first 2000 Fashion-MNIST test images; sklearn: 450 digits test samples), "

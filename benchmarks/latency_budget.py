@@ -41,7 +41,7 @@ def export(name: str) -> Path:
 
 def run(name: str, target: float) -> dict:
     import spa
-    from spa.bench import latency
+    from spa.verify.bench import latency
     path = export(name)
     t0 = time.time()
     res = spa.prune(str(path), latency=target, verify=False)

@@ -201,7 +201,7 @@ def run_one(path: str, use_tracemalloc: bool, channel_peak: bool = False) -> dic
         import tracemalloc
         from spa.graph.dependency import build_dependency
         from spa.graph.groups import find_groups
-        from spa.model import opset_of
+        from spa.loading.model import opset_of
         model, shapes = a.model, a.shapes
         del a
         tracemalloc.start()

@@ -1,6 +1,6 @@
 """How much do correct prunings differ from their masked originals? Sets the oracle's rtol.
 
-The oracle (``spa.verify.oracle``) compares the pruned model with the original whose removed
+The oracle (``spa.verify.oracle.oracle``) compares the pruned model with the original whose removed
 channels are zeroed where they are contracted; for a correct pruning the two compute the same
 function, so what is left is float rounding (different summation lengths, onnxruntime fusing
 the pruned graph differently from the masked one). A wrong rule leaves more. This script
@@ -159,7 +159,7 @@ def main():
         from_recorded()
     wrong = wrong_rules()
 
-    from spa.verify import ATOL, RTOL
+    from spa.verify.oracle import ATOL, RTOL
     print(f"\nrelative error of correct prunings (max |pruned - masked| / max |masked|), by source:")
     for source in dict.fromkeys(r["source"] for r in RECORD):
         rows = [r for r in RECORD if r["source"] == source]

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "models"))
 
 import spa  # noqa: E402
-from spa.bench import latency  # noqa: E402
+from spa.verify.bench import latency  # noqa: E402
 
 MODELS = ["mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "mnasnet1_0", "shufflenet_v2_x1_0",
           "regnet_x_400mf", "resnet50"]

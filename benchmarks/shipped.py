@@ -21,7 +21,7 @@
    probes symbolic dims itself; the report says how), and records per ratio: status
    (pruned / no-op / refused / crash / oracle-fail / invalid), the error's first line, the
    probe, MACs and params kept, the latency ratio pruned/original (onnxruntime CPU, one thread,
-   interleaved, ``spa.bench.latency`` at the probe shape), the oracle, the groups left whole
+   interleaved, ``spa.verify.bench.latency`` at the probe shape), the oracle, the groups left whole
    and why, and for each notable op family (fused transformer ops, MatMulNBits, QDQ,
    QOperator, dynamic int8, Einsum, LSTM/GRU, grouped convs, control flow) how many of its
    nodes the pruning changed (a weight sliced or an attribute rewritten).
@@ -135,20 +135,20 @@ FAMILIES = {
 # names the rule or check in spa/ it comes from. Re-check them when the results change.
 NOTES = {
     "silero_vad": "no-op: the probe now runs it (its unnamed `state[1]` tried at 1 as the batch, `sr` fed the "
-                  "16000 the graph compares it with; spa/probe.py, spa/shapes.py), but every weight lives inside "
+                  "16000 the graph compares it with; spa/loading/probe.py, spa/loading/shapes.py), but every weight lives inside "
                   "the top-level If's branches and their nested Ifs, and spa analyses the main graph only.",
     "silero_vad_op18_ifless": "no-op: the whole network is inside the top-level If's branches, and spa analyses "
                               "the main graph only; every tensor a subgraph reads from the outer scope is fixed "
                               "(\"used inside a subgraph of node\", spa/graph/dependency.py) and If has no rule.",
     "ppocrv5_det": "passes the oracle since the tolerance counts onnxruntime's own rewrite noise: its output is a "
                    "sigmoid map of maximum ~5e-5, where the masked original with and without graph optimizations "
-                   "differs by as much (3.6e-3 relative) as pruned vs masked (spa/verify.py, float_tolerance).",
+                   "differs by as much (3.6e-3 relative) as pruned vs masked (spa/verify/oracle.py, float_tolerance).",
     "silero_vad_16k_op15": "passes the oracle at the second probe (512) since the tolerance counts onnxruntime's "
                            "rewrite noise: pruned vs masked differ by 1.57e-4 relative with default "
                            "optimizations and by 0 with both unoptimized.",
     "resnet18_qdq": "passes the oracle since its float twin (activation quantization taken out) matches the "
                     "masked original's within 3e-7 and the graphs as written then differ by rounding only: about "
-                    "14 % of the 1000 logits land one output step (0.0425) off (spa/rounding.py, float_twin, "
+                    "14 % of the 1000 logits land one output step (0.0425) off (spa/verify/rounding.py, float_twin, "
                     "rounding_ok); a wrong pruning moves ~99 % by up to 129 steps.",
     "bert_mha_nbits4": "no-op by design: MatMulNBits's default asymmetric 4-bit zero points pack two blocks per byte, "
                        "so every MatMulNBits block axis is fixed (spa/graph/rules/quantized.py, "
@@ -156,7 +156,7 @@ NOTES = {
                        "MultiHeadAttention heads are read by those MatMulNBits too.",
     "bert_mha_nbits4_sym": "at 0.3 nothing is removed although 4 groups are free: the MLP groups count 4 units "
                            "(blocks of 32 neurons) and the default `round_to=8` rounds that unit count "
-                           "(spa/planner.py `round_unit`: Group.width counts the packed block axis as 1), so the "
+                           "(spa/plan/planner.py `round_unit`: Group.width counts the packed block axis as 1), so the "
                            "MLP of a MatMulNBits model never loses a block by default (with `round_to=1` one block "
                            "per layer goes at 0.3); the head groups count pairs of heads (a head is half a 32-row "
                            "block) and 0.3 of 2 rounds to 0. At 0.5 one pair of heads per layer goes.",
@@ -437,7 +437,7 @@ def _changed_nodes(original, pruned) -> dict:
 def measure_ratio(path: str, ratio: float) -> dict:
     import onnx
     import spa
-    import spa.bench
+    import spa.verify.bench
     from spa.errors import SpaError, VerificationError
     from spa.runtime import session
 
@@ -703,7 +703,7 @@ def render_markdown(results: list[dict], meta: dict) -> str:
              "exception or the child died; **oracle-fail** = pruned model differs from the masked original; "
              "failing files are copied to `/tmp/shipped_fail/`.")
     L.append("- MACs / params kept: after / before, spa's own count at the probe shape. Latency: pruned / "
-             "original, onnxruntime CPU, 1 thread, interleaved (`spa.bench.latency`), median, at the probe "
+             "original, onnxruntime CPU, 1 thread, interleaved (`spa.verify.bench.latency`), median, at the probe "
              "shape. Ops: notable op families, how many of their nodes the pruning changed (a weight sliced or "
              "an attribute rewritten) at either ratio. What blocked: the error, else the groups or nodes left "
              "whole by something other than the graph inputs/outputs (at the larger ratio).")

@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks._common import update_readme_section  # noqa: E402
 from spa.sweep import SweepConfig, cells_of, parse_ratios, run_sweep  # noqa: E402
-from spa.sweep_report import plot  # noqa: E402
+from spa.sweep.report import plot  # noqa: E402
 from spa.options import PruneOptions  # noqa: E402
 
 MODEL = ROOT / "models" / "fashion_resnet.onnx"

@@ -10,7 +10,7 @@ For each (model, exporter), sequentially, each step in its own child process
             RSS of the child, compared with the ONNX file size;
 3. measure  ``spa.prune(path, ratio=0.5, criterion="l1", verify=True)`` in-process:
             oracle result, MACs/params ratios, what blocked pruning; then
-            ``spa.bench.latency([original, pruned], threads=1)`` (interleaved, median).
+            ``spa.verify.bench.latency([original, pruned], threads=1)`` (interleaved, median).
 
 One JSON line per (model, exporter) is appended to
 ``benchmarks/results/torchvision_sweep.jsonl`` as soon as it is done; entries already
@@ -160,7 +160,7 @@ def worker_measure(path: str, out_json: str) -> int:
 
     import numpy as np  # noqa: F401
     import spa
-    import spa.bench
+    import spa.verify.bench
     import spa.runtime as R
 
     # The oracle uses ORT's default thread count; keep it to one thread here (politeness
@@ -441,7 +441,7 @@ def render_markdown(results: dict, meta: dict) -> str:
              "**partial** = pruned and oracle passes, but some groups/nodes are blocked by something else; "
              "**failed** = export failure, spa crash, invalid model or oracle failure.")
     L.append("- latency: onnxruntime CPU, 1 intra-op thread, original and pruned sessions interleaved in one "
-             "process (`spa.bench.latency`), median of 10–500 runs (about 40 s of measurement per pair); ratio = pruned / original.")
+             "process (`spa.verify.bench.latency`), median of 10–500 runs (about 40 s of measurement per pair); ratio = pruned / original.")
     L.append("- `spa prune` wall / peak RSS: the CLI as a child process with `--no-verify -q` "
              "(wall measured by the parent, includes interpreter start-up and imports; "
              "peak RSS from `/usr/bin/time -f %M`).")

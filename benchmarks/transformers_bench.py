@@ -55,7 +55,7 @@ SECTION = "transformers"
 SENTENCES = REPO / "tests" / "data" / "sentences.txt"
 
 import spa  # noqa: E402
-from spa.bench import latency  # noqa: E402
+from spa.verify.bench import latency  # noqa: E402
 
 STRUCTURES = {  # name -> (spa.prune kwargs, group kind it prunes)
     "mlp 0.5": ({"mlp": 0.5}, "channels"),
@@ -233,7 +233,7 @@ def measure_structure(path, family, exporter, name, kwargs, kind, runs) -> dict:
 def _output_is_zero(model, input_shapes) -> bool:
     """True if the original model outputs all zeros on random inputs (e.g. a zero-initialised
     classifier head): then neither the oracle nor a cosine can see any difference."""
-    from spa.shapes import random_inputs
+    from spa.loading.shapes import random_inputs
     from spa.runtime import session
 
     try:
@@ -276,7 +276,7 @@ def render_structures(sec: dict) -> list[str]:
          "Each tiny model of `models/transformers_zoo.py` (random init; hidden 64, 4 heads — LLaMA/Qwen2 "
          "GQA with 2 kv heads —, 2 layers, MLP 128, sequence 8; vision 32×32) pruned with one structure "
          "at a time: `spa.prune(path, ratio=0.0, <structure>, round_to=1, verify=True)`. "
-         f"Latency: onnxruntime CPU, 1 thread, original and pruned interleaved (`spa.bench.latency`, "
+         f"Latency: onnxruntime CPU, 1 thread, original and pruned interleaved (`spa.verify.bench.latency`, "
          f"median of {sec.get('runs', '?')} runs); ratio = pruned / original. Wall = `spa.prune` in-process "
          "(load + analyze + rewrite + oracle). Oracle: exact structures compare the pruned model with the "
          "masked original (`ok` + max relative error); hidden width is inexact, so its cell is the mean "

@@ -8,7 +8,7 @@
 2. prunes each at ratio 0.3 and 0.5 with the default criterion (data-free OBSPA) and with
    l1, at the default rounding, with the oracle on;
 3. measures onnxruntime latency of each original and its four pruned models interleaved in one
-   process (``spa.bench.latency``, CPU, one thread, median), and the relative error of the pruned
+   process (``spa.verify.bench.latency``, CPU, one thread, median), and the relative error of the pruned
    model's output (the predicted noise) against the original's on 8 random inputs: the
    weights are random, so this compares criteria only, it says nothing about image quality;
 4. writes benchmarks/results/unets.jsonl and the table between ``<!-- unets:start -->`` and
@@ -33,10 +33,10 @@ import numpy as np  # noqa: E402
 
 import diffusion_unets  # noqa: E402
 import spa  # noqa: E402
-import spa.bench  # noqa: E402
+import spa.verify.bench  # noqa: E402
 from benchmarks._common import blocking_op, update_readme_markers  # noqa: E402
 from spa.graph.groups import Group  # noqa: E402
-from spa.planner import round_unit, rounded_keep  # noqa: E402
+from spa.plan.planner import round_unit, rounded_keep  # noqa: E402
 from spa.runtime import session  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "unets.jsonl"
@@ -120,7 +120,7 @@ def measure(name: str, path: Path, exporter: str, runs: int) -> list[dict]:
             rows.append(row)
     # one interleaved measurement of the original and every pruned model: machine noise hits
     # all alike, and the two criteria's models of one ratio (same shapes) show how large it is
-    times = spa.bench.latency([original, *pruned], rep["input_shapes"], runs=runs, threads=1)
+    times = spa.verify.bench.latency([original, *pruned], rep["input_shapes"], runs=runs, threads=1)
     for row, t in zip(rows, times[1:]):
         row.update(latency_original_ms=times[0] * 1e3, latency_pruned_ms=t * 1e3, latency_ratio=t / times[0])
         print(json.dumps(row), flush=True)
@@ -136,7 +136,7 @@ def render(rows: list[dict], meta: dict) -> str:
          f"{meta['exporter']} exporter; GroupNorm(8) everywhere. Default rounding (a multiple of 8 "
          "filters; a GroupNorm group of C/8 filters counts as C/8), the oracle on. Latency: "
          "onnxruntime CPU, one thread, the original and a model's four pruned versions interleaved in "
-         f"one process (`spa.bench.latency`, median of {meta['runs']} runs) on a 2-core machine shared "
+         f"one process (`spa.verify.bench.latency`, median of {meta['runs']} runs) on a 2-core machine shared "
          "with other jobs; both criteria keep the same shapes at a ratio, so the gap between their "
          "latency ratios is measurement noise. "
          "Output error: ‖pruned − original‖ / ‖original‖ of the predicted noise on 8 random "

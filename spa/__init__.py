@@ -6,7 +6,7 @@ from .pipeline import prune
 from .result import PruneResult
 from .errors import (InputShapeError, ModelLoadError, OutputPathError, PlanFileError, SpaError,
                      StrictModeError, UnsupportedModelError, VerificationError)
-from .model import load, save
+from .loading.model import load, save
 
 __all__ = [
     # pipeline

@@ -10,12 +10,13 @@ from dataclasses import dataclass, field
 import onnx
 
 from .errors import SpaError
-from .fold import fold_normalized_weights
+from .loading.fold import fold_normalized_weights
 from .graph.dependency import Dependency, build_dependency
 from .graph.groups import Group, find_groups
 from .interop import from_graphsurgeon, is_graphsurgeon_graph
-from .model import normalize, opset_of, read
-from .shapes import Shapes, infer_shapes
+from .loading.model import normalize, opset_of, read
+from .loading.probe import infer_shapes
+from .loading.shapes import Shapes
 
 __all__ = ["Analysis", "Loaded", "analyze"]
 
@@ -100,7 +101,7 @@ class Analysis:
 @dataclass
 class Loaded:
     """A model spa read from ``path`` itself (so it may be normalized in place), and the
-    files it was read from (see ``spa.model.read``)."""
+    files it was read from (see ``spa.loading.model.read``)."""
 
     model: onnx.ModelProto
     path: str

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import SpaError
-from .importance import CRITERIA
-from .planner import PlanOptions
+from .score import CRITERIA
+from .plan.planner import PlanOptions
 
 __all__ = ["PruneOptions", "DEFAULT_CRITERION", "DEFAULT_ROUND_TO", "HIDDEN_AS_RATIO", "CRITERIA",
            "BUDGET_KINDS"]

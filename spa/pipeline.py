@@ -15,24 +15,24 @@ from typing import Callable
 import onnx
 
 from .analysis import Analysis, analyze
-from .budget import Budget
-from .budget import spend as spend_budget
-from .budget import step as split_step
-from .calibrated import choose_use
+from .plan.budget import Budget
+from .plan.budget import spend as spend_budget
+from .plan.budget import step as split_step
+from .score.calibrated import choose_use
 from .errors import SpaError, StrictModeError, UnsupportedModelError, VerificationError
-from .importance import score_groups
-from .importance.data import Calibration
-from .importance.obspa import DATA_CRITERIA, data_aware_plan
-from .metrics import count_macs, count_params
+from .score import score_groups
+from .score.data import Calibration
+from .score.obspa import DATA_CRITERIA, data_aware_plan
+from .verify.metrics import count_macs, count_params
 from .options import PruneOptions
-from .perp import refit_normalizations
-from .plan import Plan, make_plan
-from .planner import PlanOptions, plan_removals
-from .probe import second_probe
+from .rewrite.perp import refit_normalizations
+from .plan.plan import Plan, make_plan
+from .plan.planner import PlanOptions, plan_removals
+from .loading.probe import second_probe
 from .result import PruneResult, file_bytes
-from .rewrite import rewrite
-from .shapes import infer_shapes
-from .verify import check_shapes, check_signature, check_valid, masked_model, oracle, output_error
+from .rewrite.apply import rewrite
+from .loading.probe import infer_shapes
+from .verify.oracle import check_shapes, check_signature, check_valid, masked_model, oracle, output_error
 
 __all__ = ["prune", "Stages", "VERIFY_AUTO_MAX_PARAMS"]
 
@@ -77,7 +77,7 @@ def prune(model_or_path, ratio: float | None = None, criterion: str | None = Non
 
     A budget replaces the uniform ratio: ``macs``, ``params`` or ``latency`` keep that share
     of the original's MACs, weights or onnxruntime latency, cut where the outputs change least
-    (``spa.allocate``; ``allocation="uniform"`` finds one ratio for every group instead).
+    (``spa.plan.allocate``; ``allocation="uniform"`` finds one ratio for every group instead).
     ``steps`` > 1 prunes incrementally, re-analyzing, re-scoring and re-compensating between
     steps (default: 3 for a measured MACs/params budget, else 1).
 
@@ -236,7 +236,7 @@ def _prune_pass(a: Analysis, plan: PlanOptions, opts: PruneOptions, stages: Stag
     stages("plan")
     the_plan = make_plan(a, choice.removals, choice.scores, choice.notes, choice.updates, choice.new_biases)
     if opts.recalibrate and calibration is not None and the_plan.kept:
-        refit = {"skipped": "no --calib: fit to synthetic inputs it hurt (spa/perp.py)"}
+        refit = {"skipped": "no --calib: fit to synthetic inputs it hurt (spa/rewrite/perp.py)"}
         if calibration.data is not None:
             stages("recalibrate")
             the_plan, refit = refit_normalizations(a.model, the_plan,

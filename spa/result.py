@@ -9,7 +9,7 @@ from pathlib import Path
 import onnx
 
 from .interop import to_graphsurgeon
-from .model import save
+from .loading.model import save
 
 __all__ = ["PruneResult", "file_bytes"]
 
@@ -54,9 +54,9 @@ class PruneResult:
     def save_plan(self, path: str | os.PathLike) -> list[Path]:
         """Write the plan file (JSON, and an ``.npz`` beside it when values changed): what
         this pruning changed per tensor of the original, for ``spa.torch.apply_plan``. See
-        ``spa.plan_file``."""
-        from .files import check_outputs
-        from .plan_file import write_plan
+        ``spa.plan.plan_file``."""
+        from .loading.files import check_outputs
+        from .plan.plan_file import write_plan
         path = Path(path)
         check_outputs({"--plan": path, "--plan arrays": path.with_name(path.name + ".npz")},
                       {k: Path(v) for k, v in self.files.items()})

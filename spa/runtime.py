@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx
 
 from .errors import UnsupportedModelError, VerificationError
-from .model import materialized
+from .loading.model import materialized
 
 __all__ = ["session", "default_session", "any_session", "THREADS", "vector_channels"]
 

@@ -12,7 +12,7 @@ values, and the BatchNorm is not in the ONNX model at all: its channels follow t
 before it (slicing is exact), but value changes cannot be mapped back; export with
 ``torch.onnx.export(..., dynamo=True, optimize=False)`` to keep every tensor as it is.
 
-Nothing is assigned before the whole plan has been checked (``spa.plan_check``: types,
+Nothing is assigned before the whole plan has been checked (``spa.plan.plan_check``: types,
 indices, value changes, ties) and every new tensor and size computed and checked against the
 module: a plan that does not fit raises :class:`~spa.errors.PlanFileError` and leaves the
 module as it was. The plan's size is bounded by the module's (see :func:`_limits`).
@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import PlanFileError, SpaError
-from .plan_check import Limits, shown
-from .plan_file import fingerprint, read_plan
+from .plan.plan_check import Limits, shown
+from .plan.plan_file import fingerprint, read_plan
 
 __all__ = ["apply_plan", "Applied"]
 
@@ -127,7 +127,7 @@ def _match(doc, owned, updates: bool) -> tuple[dict, Applied]:
         lost = [n for n in applied.folded if doc["tensors"][n].get("delta")]
         lost += [n for n in applied.exporter_only if doc["tensors"][n].get("delta")]
         if lost:
-            from .model import copied_from
+            from .loading.model import copied_from
             why = []
             if any(n in applied.folded for n in lost):
                 why.append("BatchNorm folded into the convs by the exporter: export with dynamo=True, optimize=False")

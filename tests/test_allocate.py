@@ -8,12 +8,13 @@ import pytest
 
 import spa
 from graphs import Graph
-from spa.allocate import MaskedRunner, ResourceModel, allocate, keep_steps, removed_positions
-from spa.plan import make_plan
-from spa.cli import main
-from spa.metrics import count_macs, count_params
-from spa.shapes import infer_shapes, random_inputs
-from spa.rewrite import rewrite
+from spa.plan.allocate import MaskedRunner, ResourceModel, allocate, keep_steps, removed_positions
+from spa.plan.plan import make_plan
+from spa.cli.main import main
+from spa.verify.metrics import count_macs, count_params
+from spa.loading.probe import infer_shapes
+from spa.loading.shapes import random_inputs
+from spa.rewrite.apply import rewrite
 from spa.runtime import session
 
 
@@ -254,13 +255,13 @@ def test_cut_groups_report_their_output_change():
 def test_latency_search_reports_the_try_it_chose(monkeypatch):
     """With latency a known function of MACs, the search keeps the try within 5 % of the
     target that keeps the most MACs, and reports that try's latency."""
-    import spa.bench
-    from spa.metrics import count_macs
-    from spa.shapes import infer_shapes
+    import spa.verify.bench
+    from spa.verify.metrics import count_macs
+    from spa.loading.probe import infer_shapes
 
     def fake(models, input_shapes, runs=20, **k):
         return [float(count_macs(m, infer_shapes(m, input_shapes, want_values=False))) ** 1.3 for m in models]
-    monkeypatch.setattr(spa.bench, "latency", fake)
+    monkeypatch.setattr(spa.verify.bench, "latency", fake)
     for allocation in ("measured", "uniform"):
         b = spa.prune(branchy(), latency=0.6, round_to=1, verify=False, allocation=allocation).report["budget"]
         fits = [t for t in b["latency_search"] if t["latency"] <= 0.6 * 1.05]

@@ -7,7 +7,7 @@ import onnx
 import pytest
 
 from graphs import Graph
-from spa.cli import main
+from spa.cli.main import main
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 from graphs import Graph
-from spa.cli import main
+from spa.cli.main import main
 
 
 @pytest.fixture
@@ -224,7 +224,7 @@ def test_global_ranks_within_a_kind_whatever_the_ratios(heads_ratio):
     """Channels and heads never share a budget: two kinds with the same ratio are ranked as
     apart as two with different ones (they used to merge when the ratio values were equal)."""
     from spa.graph.groups import Group
-    from spa.planner import PlanOptions, plan_removals
+    from spa.plan.planner import PlanOptions, plan_removals
 
     def group(i, n, kind):
         return Group(i, np.arange(100 * i, 100 * i + n), [], kind=kind)
@@ -239,7 +239,7 @@ def test_global_ranks_within_a_kind_whatever_the_ratios(heads_ratio):
 def test_bench_counts_external_data(tmp_path, capsys, model_path):
     """The file size column counts every file a model is read from, small tensors read into
     memory included."""
-    from spa.cli import FORMATS
+    from spa.cli.main import FORMATS
     m = onnx.load(model_path)
     ext = tmp_path / "ext.onnx"
     onnx.save(m, ext, save_as_external_data=True, location="ext.bin", size_threshold=0)

@@ -6,7 +6,7 @@ import pytest
 
 import spa
 from graphs import Graph
-from spa.importance.data import Calibration, im2col
+from spa.score.data import Calibration, im2col
 from spa.runtime import session
 
 
@@ -54,7 +54,7 @@ def test_calibration_errors():
 def test_synthetic_images_are_dead_leaves():
     """Image-like synthetic inputs are opaque shapes with edges (mostly flat, some jumps), of
     unit variance per image; other inputs stay Gaussian."""
-    from spa.importance.data import _natural_noise
+    from spa.score.data import _natural_noise
     rng = np.random.default_rng(0)
     x = _natural_noise(rng, (4, 3, 32, 32))
     step = np.abs(np.diff(x, axis=3))
@@ -103,7 +103,7 @@ def test_decoder_language_models_write_their_own_calibration_text():
 
 def test_diverse_samples_cover_every_cluster():
     """PASER's point: a pool dominated by one kind of sample still gives one of each kind."""
-    from spa.importance.select import diverse_samples
+    from spa.score.select import diverse_samples
     rng = np.random.default_rng(0)
     sizes = [200, 10, 8, 5]
     centres = rng.standard_normal((4, 6)) * 20
@@ -125,7 +125,7 @@ def test_calibration_pool_larger_than_asked_is_sampled_for_diversity():
 def test_one_pruning_writes_its_text_once(monkeypatch):
     """Later steps (pruned models) and the data-free stand-in reuse the text the first model
     wrote: a forward pass per token is the price of writing it."""
-    import spa.importance.selfgen as selfgen
+    import spa.score.selfgen as selfgen
     writes = []
     real = selfgen._write
     monkeypatch.setattr(selfgen, "_write", lambda *a: writes.append(1) or real(*a))

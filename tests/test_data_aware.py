@@ -7,7 +7,7 @@ from onnx import numpy_helper
 
 import spa
 from graphs import Graph
-from spa.cli import main
+from spa.cli.main import main
 from spa.runtime import session
 
 
@@ -159,7 +159,7 @@ def test_data_free_obspa_on_images_keeps_l1_choice_and_compensates():
 
 
 def test_layers_too_wide_for_a_hessian_fall_back(monkeypatch):
-    import spa.importance.obspa as ob
+    import spa.score.obspa as ob
     monkeypatch.setattr(ob, "MAX_HESSIAN_DIM", 16)        # the second Gemm reads 32 features
     r = spa.prune(mlp(), ratio=0.5, criterion="obspa", round_to=1, verify=True, calib=calib())
     assert r.report["verify"]["ok"] and r.report["data"]["too_wide_for_a_hessian"]
@@ -178,7 +178,7 @@ def _same_pruning(a, b, rtol):
 def test_wide_layers_work_from_their_rows_with_the_same_result(monkeypatch):
     """A layer wider than its sampled rows keeps the rows, not their Gram matrix; OBS then
     chooses (tokens) or refits (images) through Woodbury: same channels, same weights."""
-    import spa.importance.data as data
+    import spa.score.data as data
     few = dict(calib_samples=12)                              # 12 rows < 33 features of the 2nd Gemm
     dense = spa.prune(mlp(), ratio=0.5, criterion="obspa", round_to=1, verify=False, **few)
     g = Graph(seed=6)
@@ -189,7 +189,7 @@ def test_wide_layers_work_from_their_rows_with_the_same_result(monkeypatch):
     cnn = g.model()
     dense_cnn = spa.prune(cnn, ratio=0.5, criterion="obspa", round_to=1, verify=False, calib_samples=2)
     monkeypatch.setattr(data, "WIDE", 8)
-    import spa.importance.obspa as ob
+    import spa.score.obspa as ob
     removals = []
 
     class Spy(ob.LowRankConsumer):
@@ -221,7 +221,7 @@ def test_default_criterion_is_data_free_obspa(tmp_path, capsys):
 
 
 def test_default_criterion_falls_back_to_l1_when_the_model_cannot_run(monkeypatch, tmp_path, capsys):
-    import spa.importance.obspa as ob
+    import spa.score.obspa as ob
 
     def cannot_run(*a, **k):
         raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : no kernel for this op\nmore")
@@ -241,7 +241,7 @@ def test_default_criterion_falls_back_to_l1_when_the_model_cannot_run(monkeypatc
 
 def _fake_errors(monkeypatch, table):
     """Held-out errors by use, instead of pruning and measuring; records the uses tried."""
-    import spa.calibrated as cal
+    import spa.score.calibrated as cal
     tried = []
 
     def fake(a, removals, source, refit, *rest):
@@ -282,7 +282,7 @@ def test_held_out_errors_are_measured():
 
 @pytest.mark.parametrize("batch_dim,held_shapes", [("N", [(4, 16)]), (2, [(2, 16), (2, 16)])])
 def test_split_holds_out_every_fourth_sample_or_batch(batch_dim, held_shapes):
-    from spa.importance.data import Calibration
+    from spa.score.data import Calibration
     g = Graph()
     x = g.input([batch_dim, 16])
     g.output(g.op("Gemm", [x, g.weight(4, 16)], transB=1))
@@ -297,7 +297,7 @@ def test_split_holds_out_every_fourth_sample_or_batch(batch_dim, held_shapes):
 
 def test_padding_is_left_out_of_the_statistics():
     """Rows at positions the attention mask marks as padding are no input the layer serves."""
-    from spa.importance.data import collect_stats, consumer_specs
+    from spa.score.data import collect_stats, consumer_specs
     g = Graph()
     x = g.input(["N", 4, 8])
     g.input(["N", 4], name="attention_mask", dtype=onnx.TensorProto.INT64)
@@ -355,7 +355,7 @@ def test_steered_batch_norm_gives_each_channel_its_running_scale_and_bias(rank):
     """In the statistics copy, a BatchNormalization's output has per channel the mean of its
     bias and the standard deviation of its scale over the batch, whatever its input's
     statistics; names stay, and the model itself is untouched."""
-    from spa.importance.steer import steer_batch_norms
+    from spa.score.steer import steer_batch_norms
     g = Graph(seed=3)
     shape = ["N", 6, 5, 4][:rank]
     x = g.input(shape)
@@ -370,7 +370,7 @@ def test_steered_batch_norm_gives_each_channel_its_running_scale_and_bias(rank):
     assert count == 1 and model.SerializeToString() == before
     assert steer_batch_norms(model, batch=1)[1] == (0 if rank == 2 else 1)   # one value per channel: noise
     xs = (np.random.default_rng(0).standard_normal([8, 6, 5, 4][:rank]) * 3 + 7).astype(np.float32)
-    from spa.importance.data import _session_with_outputs
+    from spa.score.data import _session_with_outputs
     got = _session_with_outputs(steered, [y]).run([y], {"x": xs})[0]
     axes = tuple(a for a in range(rank) if a != 1)
     assert np.allclose(got.mean(axis=axes), bias, atol=1e-4)
@@ -385,7 +385,7 @@ def test_data_free_obspa_steers_batch_norms_on_images_only(monkeypatch):
     r = spa.prune(_bn_cnn(), ratio=0.5, criterion="obspa", round_to=1, verify=True)
     assert r.report["verify"]["ok"] and r.report["data"]["batch_norms_steered"] == 2
     assert "chosen by l1" not in r.report["data"]["mode"]
-    import spa.importance.obspa as obspa
+    import spa.score.obspa as obspa
     monkeypatch.setattr(obspa, "steer_batch_norms", lambda m, batch=16: (m, 0))
     unsteered = spa.prune(_bn_cnn(), ratio=0.5, criterion="obspa", round_to=1)
     weights = lambda m: np.concatenate([numpy_helper.to_array(t).ravel() for t in m.graph.initializer])  # noqa: E731

@@ -8,7 +8,7 @@ import pytest
 
 import spa
 from graphs import Graph, assert_prunes
-from spa.fold import fold_normalized_weights
+from spa.loading.fold import fold_normalized_weights
 from spa.runtime import session
 
 

@@ -90,7 +90,7 @@ def test_oracle_compares_qdq_graphs_unfused(tmp_path, monkeypatch):
     integer kernels and the graph as written, and the oracle's masks prevent the fusion in the
     masked original only: both must be compared unfused (the pruned model still has to load
     with default options)."""
-    from spa import verify
+    from spa.verify import oracle as verify
     made = []
     real = verify.session
 
@@ -138,7 +138,7 @@ def test_resnet18_quantize_static_per_channel_prunes(zoo_dir, monkeypatch):
     flip 0"): the rewrite was right (its float twin, activation quantization taken out, agrees
     within 1e-6), the oracle's yardstick for rounding was not: how many elements onnxruntime's
     fused kernels flip varies by machine. Here they are made to flip none, as there."""
-    from spa import verify
+    from spa.verify import oracle as verify
     real = verify._lazy_runs
     monkeypatch.setattr(verify, "_lazy_runs",
                         lambda m, optimize: (lambda feeds: None) if optimize else real(m, optimize))
@@ -293,11 +293,11 @@ def test_onnxruntime_transformer_optimizer_graph(tmp_path, zoo_dir):
 def test_optimized_bert_that_onnxruntime_cannot_load_by_default(tmp_path, zoo_dir):
     """The legacy exporter's BERT after onnxruntime's optimizer: this onnxruntime's default
     session refuses it ("Attempt to replace the existing tensor": the optimizer saved
-    initializers under names onnxruntime generates again, spa.model.ORT_GENERATED). spa renames
+    initializers under names onnxruntime generates again, spa.loading.model.ORT_GENERATED). spa renames
     them, so the pruned model it writes loads by default, verified; it never calls a model
     verified that users' default sessions cannot load."""
     import onnxruntime as ort
-    from spa.model import ORT_GENERATED
+    from spa.loading.model import ORT_GENERATED
     tfzoo = pytest.importorskip("transformers_zoo")
     from onnxruntime.transformers import optimizer
     path = tfzoo.export("bert", "legacy", zoo_dir)

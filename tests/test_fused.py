@@ -357,11 +357,11 @@ def bert_opt_level_1(zoo_dir):
 
 def test_optimizer_at_opt_level_1_output_prunes_and_loads(zoo_dir, tmp_path):
     """Refused before: onnxruntime's default session cannot load the optimizer's file (it
-    saved initializers under names onnxruntime generates again: spa.model.ORT_GENERATED), and
+    saved initializers under names onnxruntime generates again: spa.loading.model.ORT_GENERATED), and
     spa wrote no model that a default session cannot load. spa renames them: the pruned model
     loads by default and passes the oracle on both outputs."""
     path = bert_opt_level_1(zoo_dir)
-    from spa.model import ORT_GENERATED
+    from spa.loading.model import ORT_GENERATED
     model = onnx.load(path)
     assert "SkipLayerNormalization" in {n.op_type for n in model.graph.node if n.domain == MS}
     assert "Gelu" in {n.op_type for n in model.graph.node} and len(model.graph.output) == 2

@@ -19,7 +19,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphs import Graph
-from spa.cli import main
+from spa.cli.main import main
 
 SECRET = b"root:x:0:0:SPA-SECRET-MARKER"
 
@@ -351,7 +351,7 @@ def test_bench_on_models_with_different_inputs(tmp_path, capsys):
 
 def test_unknown_criterion_from_python_lists_all():
     import spa
-    from spa.importance import CRITERIA
+    from spa.score import CRITERIA
     with pytest.raises(spa.SpaError) as e:
         spa.prune(small_model(), criterion="nope")
     for c in CRITERIA:
@@ -628,7 +628,7 @@ def test_report_is_the_inputs_data_file(tmp_path, capsys, ext_model):
 
 
 def test_report_write_failure_removes_the_model(tmp_path, capsys, monkeypatch):
-    from spa import cli
+    from spa.cli import main as cli
     path = tmp_path / "m.onnx"
     onnx.save(small_model(), path)
 

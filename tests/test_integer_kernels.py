@@ -1,11 +1,11 @@
-"""The oracle's uint8 reading of int8 integer-GEMM weights (spa/integer_kernels.py): the same
+"""The oracle's uint8 reading of int8 integer-GEMM weights (spa/verify/integer_kernels.py): the same
 function, summed without int16 saturation."""
 
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from spa.integer_kernels import unsaturated
+from spa.verify.integer_kernels import unsaturated
 from spa.runtime import session
 
 

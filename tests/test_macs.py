@@ -7,11 +7,11 @@ import pytest
 
 import spa
 from graphs import Graph
-from spa.allocate import ResourceModel, removed_positions
-from spa.metrics import count_macs, mac_terms, node_macs
-from spa.plan import make_plan
-from spa.rewrite import rewrite
-from spa.shapes import infer_shapes
+from spa.plan.allocate import ResourceModel, removed_positions
+from spa.verify.metrics import count_macs, mac_terms, node_macs
+from spa.plan.plan import make_plan
+from spa.rewrite.apply import rewrite
+from spa.loading.probe import infer_shapes
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 

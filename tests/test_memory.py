@@ -298,7 +298,8 @@ def test_long_1d_tensors_skip_onnx_data_propagation(monkeypatch):
     """A tiny file whose graph expands to a long 1-D vector: ONNX's data propagation would
     keep ~80 bytes per element of it; spa infers such models without it."""
     import onnx.shape_inference as si
-    from spa.shapes import DATA_PROP_MAX, infer_shapes
+    from spa.loading.probe import infer_shapes
+    from spa.loading.shapes import DATA_PROP_MAX
     seen = []
     real = si.infer_shapes
 

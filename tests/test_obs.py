@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from spa.importance.obs import Consumer, damped_inverse, greedy_obs
+from spa.score.obs import Consumer, damped_inverse, greedy_obs
 
 
 def least_squares(w, x, kept):
@@ -78,7 +78,7 @@ def _wide_layer(seed, n=120, channels=40, taps=8, out=6):
 
 def test_low_rank_consumer_matches_dense():
     """Woodbury on the rows gives the dense damped OBS's costs, choice and compensation."""
-    from spa.importance.obs import LowRankConsumer, damping_of
+    from spa.score.obs import LowRankConsumer, damping_of
     x, w, cols = _wide_layer(4)
     h = x.T.astype(np.float64) @ x
     lam = damping_of(np.diag(h), 0.01)
@@ -94,7 +94,7 @@ def test_low_rank_consumer_matches_dense():
 def test_low_rank_consumer_removes_twice_like_dense():
     """A consumer shared by two groups loses columns twice; the second removal starts from
     the first's kept columns (as the dense H^-1 downdate does)."""
-    from spa.importance.obs import LowRankConsumer, damping_of
+    from spa.score.obs import LowRankConsumer, damping_of
     x, w, cols = _wide_layer(5)
     h = x.T.astype(np.float64) @ x
     lam = damping_of(np.diag(h), 0.01)

@@ -12,11 +12,11 @@ import pytest
 import spa
 from graphs import Graph
 from spa import pipeline
-from spa.cli import main
+from spa.cli.main import main
 from spa.errors import SpaError
-from spa.metrics import count_macs
+from spa.verify.metrics import count_macs
 from spa.options import DEFAULT_RATIO, PruneOptions
-from spa.shapes import infer_shapes
+from spa.loading.probe import infer_shapes
 
 
 def two_convs(c=32) -> onnx.ModelProto:

@@ -2,7 +2,7 @@
 
 Each test builds a model that is wrong in one known way (a channel off by one, wrong Split
 sizes, a mixing op treated as per-channel, outputs off by a small relative amount) and
-expects ``ok == False`` from ``spa.verify.oracle`` or a ``VerificationError`` from
+expects ``ok == False`` from ``spa.verify.oracle.oracle`` or a ``VerificationError`` from
 ``spa.prune(..., verify=True)``; each has a correct twin that must pass, so a test cannot
 pass because the oracle rejects everything. The noise the oracle forgives (onnxruntime's
 own rewrites in a sigmoid's tail, rounding of quantized outputs) has its reproductions
@@ -18,12 +18,12 @@ import spa
 from graphs import Graph
 from spa.errors import VerificationError
 from spa.graph.rules.registry import RULES
-from spa.plan import make_plan
-from spa.rewrite import rewrite
-from spa import verify
+from spa.plan.plan import make_plan
+from spa.rewrite.apply import rewrite
+from spa.verify import oracle as verify
 from spa.runtime import session
-from spa.shapes import random_inputs
-from spa.verify import (NOISE_FACTOR, QDQ_MAX_SHARE, QDQ_NOISE_FACTOR, QDQ_SHARE, REWRITE_RTOL, RTOL,
+from spa.loading.shapes import random_inputs
+from spa.verify.oracle import (NOISE_FACTOR, QDQ_MAX_SHARE, QDQ_NOISE_FACTOR, QDQ_SHARE, REWRITE_RTOL, RTOL,
                         float_tolerance, masked_model, oracle, output_steps, rounding_ok)
 
 C = 8
@@ -613,7 +613,7 @@ def test_output_steps_of_an_undeclared_per_axis_output():
     """A per-axis DequantizeLinear output without a declared shape has no step to broadcast
     (it is compared as floats) rather than an error; declared, it gets one per channel."""
     from onnx import TensorProto, helper, numpy_helper
-    from spa.verify import output_steps
+    from spa.verify.oracle import output_steps
     x = helper.make_tensor_value_info("x", TensorProto.INT8, [1, 4, 2])
     steps = []
     for shape in (None, [1, 4, 2]):
@@ -630,7 +630,7 @@ def test_one_flipped_element_of_the_masked_original_excuses_no_wrong_pruning(mon
     """If one element of the masked original jumps by the output's scale between its
     optimized and unoptimized runs (a threshold flipping), a wrong channel still fails: the
     masked original's noise is credited up to MASKED_NOISE_RTOL of the scale only."""
-    from spa import verify
+    from spa.verify import oracle as verify
     a = spa.analyze(conv_relu_conv())
     planned = np.array([1, 4, 6])
     pruned = rewrite(a.model, removal(a, planned))
@@ -655,7 +655,7 @@ def test_one_flipped_element_of_the_masked_original_excuses_no_wrong_pruning(mon
 def test_rounding_allowance_is_capped():
     """However much onnxruntime's own runs disagree, at most QDQ_MAX_STEPS steps and
     QDQ_MAX_SHARE of an output pass as rounding."""
-    from spa.verify import QDQ_MAX_SHARE, QDQ_MAX_STEPS, rounding_ok
+    from spa.verify.oracle import QDQ_MAX_SHARE, QDQ_MAX_STEPS, rounding_ok
     want = np.zeros(100)
     assert not rounding_ok(want + 0.5 * (QDQ_MAX_STEPS + 1), want, 0.5, 1e-6, noise_count=100, noise_steps=50)[0]
     many = want.copy()

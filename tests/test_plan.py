@@ -10,9 +10,9 @@ from onnx import numpy_helper
 import spa
 from graphs import Graph, assert_prunes
 from spa.graph.fixups import DropAttr, SetAttr, SetInput, SliceBounds, Sizes, resolve
-from spa.plan import PlanError, make_plan
-from spa.rewrite import rewrite
-from spa.verify import masked_model, oracle
+from spa.plan.plan import PlanError, make_plan
+from spa.rewrite.apply import rewrite
+from spa.verify.oracle import masked_model, oracle
 
 
 def conv_split_concat():

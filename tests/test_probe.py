@@ -1,5 +1,5 @@
 """Symbolic input dims need no flag: spa chooses probe sizes, analyzes there, keeps the
-written model dynamic and verifies it at a second size (spa/probe.py)."""
+written model dynamic and verifies it at a second size (spa/loading/probe.py)."""
 
 import numpy as np
 import onnx
@@ -10,8 +10,8 @@ from onnx import TensorProto, helper
 
 import spa
 from graphs import Graph, assert_prunes
-from spa.cli import main
-from spa.probe import IMAGE_SIZES
+from spa.cli.main import main
+from spa.loading.probe import IMAGE_SIZES
 
 
 def dims(vi):
@@ -144,7 +144,7 @@ def test_computed_resize_sizes_stay_computed():
 def test_oracle_names_the_second_probe_sizes():
     """verify.oracle with two input shapes: a pruned model valid at one size only fails at the
     other, with the dim names and both sizes in one line."""
-    from spa.verify import oracle
+    from spa.verify.oracle import oracle
     original = image_cnn()
     fixed = image_cnn()  # same weights (seeded), but the last conv's output is cut to a fixed size
     g = fixed.graph
@@ -207,7 +207,7 @@ def test_shared_dim_names_share_a_size_and_input_shape_overrides():
 
 
 def test_memory_cap_skips_large_candidates():
-    """4096 channels at 224x224 is over spa.shapes.MAX_INPUT_VALUES: the first size under it runs."""
+    """4096 channels at 224x224 is over spa.loading.shapes.MAX_INPUT_VALUES: the first size under it runs."""
     g = Graph()
     x = g.input(["N", 4096, "H", "W"])
     g.output(g.conv(g.op("Relu", [g.conv(x, 4096, 8, k=1)]), 8, 4, k=1))
@@ -273,7 +273,7 @@ def test_channel_split_with_bounds_computed_from_the_shape():
 def test_batch_size_for_a_state_dim_is_only_a_fallback():
     """An unnamed first open dim of an input with a static leading dim (a state [layers, ?, ...])
     may be the batch, but is tried at 1 only after the candidates: here they run."""
-    from spa.shapes import infer_shapes
+    from spa.loading.probe import infer_shapes
     g = Graph(opset=18)
     x, y = g.input([None, None], "x"), g.input([3, None], "y")
     g.output(g.op("Add", [x, g.op("ReduceMean", [y, g.const(np.array([0], np.int64))], keepdims=1)]))

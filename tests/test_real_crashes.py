@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import spa
 from graphs import Graph, assert_prunes
-from spa.importance.data import BatchLayout, Calibration, consumer_specs
+from spa.score.data import BatchLayout, Calibration, consumer_specs
 
 PADDLE_SHAPE = (1, 3, 48, 192)
 
@@ -305,7 +305,7 @@ def test_shipped_vad_probes_itself(criterion):
     assert _subgraphs(r.model) == _subgraphs(model)
     batches = Calibration(samples=3).batches(model, {"input": (1, 256), "state": (2, 1, H), "sr": ()})
     assert all(b["sr"] == 16000 and b["state"].shape == (2, 1, H) for b in batches)
-    describe = spa.probe.describe(probe)
+    describe = spa.loading.probe.describe(probe)
     assert "state[1]=1 (batch)" in describe and "sr=16000" in describe
 
 
@@ -320,7 +320,7 @@ def test_shipped_vad_with_the_input_fixed():
 def test_compared_values_only_for_integer_scalars():
     """A scalar compared with a constant (an initializer or a Constant node, either side) takes
     that constant; token ids compared with a pad id keep random ids."""
-    from spa.shapes import compared_values, random_inputs
+    from spa.loading.shapes import compared_values, random_inputs
     g = Graph()
     ids = g.input(["N", "S"], "ids", TensorProto.INT64)
     mode = g.input([1], "mode", TensorProto.INT32)

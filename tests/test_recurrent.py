@@ -6,7 +6,7 @@ import pytest
 
 import spa
 from graphs import Graph, assert_prunes
-from spa.metrics import node_macs
+from spa.verify.metrics import node_macs
 
 torch = pytest.importorskip("torch")
 

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from spa.cli import main
+from spa.cli.main import main
 from spa.errors import SpaError
 from spa.options import PruneOptions
 from spa.sweep import Cell, Sweep, best_under, cells_of, fidelity, pareto, parse_keep, parse_ratios, parse_targets
@@ -109,8 +109,8 @@ def test_sweep_demo_writes_table_files_and_best_model(tmp_path, capsys):
 
 
 def test_sweep_without_labels_measures_agreement_serially(tmp_path, capsys, monkeypatch):
-    import spa.sweep_report
-    monkeypatch.setattr(spa.sweep_report, "have_matplotlib", lambda: False)
+    import spa.sweep.report
+    monkeypatch.setattr(spa.sweep.report, "have_matplotlib", lambda: False)
     out = tmp_path / "s"
     assert main(["sweep", DEMO, "--ratios", "0,0.5", "--backend", "serial", "-o", str(out), "--runs", "1",
                  "--samples", "8", "-q"]) == 0
@@ -152,12 +152,12 @@ def test_output_must_not_be_a_file_or_the_model(tmp_path, capsys):
 
 
 def test_a_failed_write_leaves_nothing(tmp_path, capsys, monkeypatch):
-    import spa.sweep_report
+    import spa.sweep.report
 
     def broken_plot(sweep, path, title=None):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(spa.sweep_report, "have_matplotlib", lambda: True)
-    monkeypatch.setattr(spa.sweep_report, "plot", broken_plot)
+    monkeypatch.setattr(spa.sweep.report, "have_matplotlib", lambda: True)
+    monkeypatch.setattr(spa.sweep.report, "plot", broken_plot)
     out = tmp_path / "s"
     assert main(["sweep", DEMO, "--ratios", "0.5", "--backend", "serial", "-o", str(out), "--runs", "1",
                  "--samples", "4", "-q"]) == 2
@@ -166,7 +166,7 @@ def test_a_failed_write_leaves_nothing(tmp_path, capsys, monkeypatch):
 
 def test_pool_workers_get_a_share_of_the_blas_threads(monkeypatch):
     import os
-    from spa.sweep import _blas_threads
+    from spa.sweep.run import _blas_threads
     monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
     monkeypatch.setenv("MKL_NUM_THREADS", "3")
     with _blas_threads(2):

@@ -102,7 +102,7 @@ def test_ray_workers_keep_no_copy_of_the_users_files(tmp_path, monkeypatch):
     """The task function itself, without Ray: Ray kills its workers without atexit, so the
     files must be gone as soon as the worker has read them."""
     from spa.sweep import Cell, SweepConfig
-    from spa.sweep_ray import _cell_task, _files_of
+    from spa.sweep.ray_backend import _cell_task, _files_of
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     folder = tmp_path / "m"
     folder.mkdir()
@@ -116,7 +116,7 @@ def test_ray_workers_keep_no_copy_of_the_users_files(tmp_path, monkeypatch):
 
 
 def test_a_ray_address_where_nothing_listens_fails_fast():
-    from spa.sweep_ray import _check_reachable
+    from spa.sweep.ray_backend import _check_reachable
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

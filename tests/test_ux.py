@@ -8,13 +8,13 @@ import numpy as np
 import onnx
 import pytest
 
-import spa.bench
+import spa.verify.bench
 import spa.progress
-from spa.bench import Timing
-from spa.cli import build_parser, main
+from spa.verify.bench import Timing
+from spa.cli.main import build_parser, main
 from spa.progress import StageProgress, phase, steps, track
-from spa.sweep import Cell, Sweep, SweepConfig, _Worker, best_under, latency_noisy
-from spa.sweep_report import format_sweep
+from spa.sweep import Cell, Sweep, SweepConfig, Worker, best_under, latency_noisy
+from spa.sweep.report import format_sweep
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 DEMO = str(MODELS / "demo_cnn.onnx")
@@ -40,9 +40,9 @@ def test_rounds_alternate_the_order_and_the_fastest_median_counts(monkeypatch):
     clock, log = [0.0], []
     model = onnx.load(DEMO)
     made = iter([_FakeSession(clock, 2.0, log, "a"), _FakeSession(clock, 1.0, log, "b", slow=(4, 6))])
-    monkeypatch.setattr(spa.bench, "session", lambda m, threads=1: next(made))
-    monkeypatch.setattr(spa.bench, "_clock", lambda: clock[0])
-    t = spa.bench.timings([model, model], {"image": (1, 1, 28, 28)}, runs=6, warmup=1, repeats=3)
+    monkeypatch.setattr(spa.verify.bench, "session", lambda m, threads=1: next(made))
+    monkeypatch.setattr(spa.verify.bench, "_clock", lambda: clock[0])
+    t = spa.verify.bench.timings([model, model], {"image": (1, 1, 28, 28)}, runs=6, warmup=1, repeats=3)
     timed = log[2:]                                  # after one warm-up run each
     assert timed[:4] == ["a", "b", "a", "b"] and timed[4:8] == ["b", "a", "b", "a"]
     assert len(t.rounds) == 3 and t.seconds == [2.0, 1.0]
@@ -66,12 +66,12 @@ def _fake_timings(monkeypatch, rounds_of_call):
     def fake(models, input_shapes, runs=30, warmup=3, threads=1, seed=0, provider="", repeats=3):
         calls.append((runs, repeats))
         return Timing(rounds_of_call(len(calls)))
-    monkeypatch.setattr(spa.bench, "timings", fake)
+    monkeypatch.setattr(spa.verify.bench, "timings", fake)
     return calls
 
 
 def test_an_implausible_cell_is_measured_again_then_flagged(monkeypatch):
-    worker = _Worker(SweepConfig(DEMO, runs=4, samples=4))
+    worker = Worker(SweepConfig(DEMO, runs=4, samples=4))
     calls = _fake_timings(monkeypatch, lambda n: [[1e-3, 5e-5]] * 3)     # 0.05 of the original
     row = worker.run(Cell("l1", "ratio", 0.5))
     assert calls == [(4, 3), (8, 6)]                  # once more, with twice the rounds
@@ -89,7 +89,7 @@ def test_keep_says_when_only_noisy_cells_fit(monkeypatch, tmp_path, capsys):
 
 
 def test_a_second_measurement_that_agrees_is_kept(monkeypatch):
-    worker = _Worker(SweepConfig(DEMO, runs=4, samples=4))
+    worker = Worker(SweepConfig(DEMO, runs=4, samples=4))
     calls = _fake_timings(monkeypatch, lambda n: [[1e-3, 5e-5], [1e-3, 9e-4]] if n == 1 else [[1e-3, 4e-4]] * 6)
     got = worker.latency(worker.model, 0.5)
     assert len(calls) == 2 and got["latency_noisy"] is False and got["latency_ratio"] == pytest.approx(0.4)

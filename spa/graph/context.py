@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..model import tensor_array
+from ..loading.model import tensor_array
 from .fixups import SliceBounds, Sizes, Space
 
 __all__ = ["Space", "NodeContext", "Couplings", "NOT_CHANNEL", "Reason"]

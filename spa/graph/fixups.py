@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..model import tensor_array
+from ..loading.model import tensor_array
 
 Space = tuple[str, int]   # one axis of one tensor (or a rule's virtual axis); see context.py
 

@@ -147,7 +147,7 @@ def _width(dep: Dependency, group: Group) -> int:
     initializer axes of rank >= 2 (conv kernels, matrices; not the 1-D biases and norm scales,
     which a per-group GroupNorm scale would make 1). 1 for a plain conv channel or neuron; C/G
     when GroupNorm ties the C/G filters of a group into one channel. Rounding to hardware
-    widths counts these weight channels (``spa.planner.round_unit``)."""
+    widths counts these weight channels (``spa.plan.planner.round_unit``)."""
     inits = dep.view.inits if dep.view is not None else {}
     width = None
     for space in group.spaces:

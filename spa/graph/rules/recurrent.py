@@ -31,7 +31,7 @@ stays whole. A state that is exactly 0 quantizes to the zero point, adds nothing
 integer products and leaves the range as removing it would, so the result is bit for bit
 the model without the unit, in exact integer arithmetic: onnxruntime's int8 weight kernel
 saturates pairs of products on x86 without VNNI, and the pairs move with the units, so the
-oracle reads both models' int8 weights as uint8 (``spa/integer_kernels.py``). The input size is masked in X (float) as for LSTM: a zeroed
+oracle reads both models' int8 weights as uint8 (``spa/verify/integer_kernels.py``). The input size is masked in X (float) as for LSTM: a zeroed
 feature leaves the range of X alone just the same.
 """
 

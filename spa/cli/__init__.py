@@ -1,0 +1,1 @@
+"""The ``spa`` command: prune, inspect, bench, sweep."""

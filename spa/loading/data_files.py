@@ -1,0 +1,113 @@
+"""The ``.npz`` files a user hands spa (``--calib``, ``--eval``) and what is measured on them.
+
+Only the arrays the model reads are decompressed: each is checked from its header (a number
+type, a size within bounds) before a byte of it is inflated, so a small file declaring a huge
+array, or holding arrays nobody asked for, costs nothing. Both the library and the command
+line read data here.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+
+import numpy as np
+import onnx
+
+from ..errors import SpaError
+from .files import check_readable, open_regular
+from .shapes import graph_inputs
+
+__all__ = ["read_npz", "calibration_data", "eval_data", "accuracy", "array_limit"]
+
+# Kinds of number onnxruntime takes as model inputs and labels: bool, ints, floats.
+_NUMBER_KINDS = "biuf"
+
+
+def array_limit(model: onnx.ModelProto) -> int:
+    """The most bytes one data array may decompress to: generous for any data set one
+    prunes with, and in proportion to the model, so a few kilobytes of file cannot ask for
+    gigabytes of memory."""
+    weights = sum(int(np.prod(t.dims)) * 4 for t in model.graph.initializer)
+    return max(2 << 30, 4 * weights)
+
+
+def read_npz(path, what: str, names: list[str], limit: int) -> dict[str, np.ndarray]:
+    """The arrays ``names`` of an ``.npz`` file (those present), each checked from its
+    header before it is read."""
+    check_readable(path, what, SpaError)
+    fd = open_regular(path, what, SpaError)
+    try:
+        with os.fdopen(fd, "rb") as f, np.load(f, allow_pickle=False) as z:
+            if not isinstance(z, np.lib.npyio.NpzFile):
+                raise SpaError(f"{path}: {what} is a single .npy array, not an .npz archive of named arrays")
+            return {k: _read_member(z, k, path, what, limit) for k in names if k in z.files}
+    except SpaError:
+        raise
+    except Exception as e:
+        raise SpaError(f"{path}: {what} cannot be read as .npz ({type(e).__name__})") from None
+
+
+def _read_member(z, name: str, path, what: str, limit: int) -> np.ndarray:
+    with z.zip.open(name + ".npy") as member:
+        version = np.lib.format.read_magic(member)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                       np.lib.format.read_array_header_2_0)   # 3.0 differs only in the text's encoding
+        shape, _, dtype = read_header(member)
+    where = f"{path}: {what}: array {name!r}"
+    if dtype.kind not in _NUMBER_KINDS or dtype.hasobject:
+        raise SpaError(f"{where} holds {dtype} values; spa reads numbers (bool, int, float)")
+    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if nbytes > limit:
+        raise SpaError(f"{where} declares shape {shape} ({nbytes / 2**30:.1f} GiB), more than the "
+                       f"{limit / 2**30:.1f} GiB spa reads for this model")
+    try:
+        return z[name]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise SpaError(f"{where} cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+            from None
+
+
+def calibration_data(path, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The ``--calib`` arrays: one per model input, named after it."""
+    names = [i.name for i in graph_inputs(model)]
+    data = read_npz(path, "--calib file", names, array_limit(model))
+    if len(data) != len(names):
+        have = _names_in(path)
+        raise SpaError(f"{path}: --calib file needs arrays named after the model's inputs {names}, "
+                       f"has {have}")
+    return data
+
+
+def eval_data(path, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The ``--eval`` arrays: one per model input and ``label``, the same number of samples each."""
+    names = [i.name for i in graph_inputs(model)] + ["label"]
+    data = read_npz(path, "--eval file", names, array_limit(model))
+    if len(data) != len(names):
+        raise SpaError(f"{path}: --eval file needs arrays {names}, has {_names_in(path)}")
+    flat = [n for n in names if data[n].ndim == 0]
+    if flat:
+        raise SpaError(f"{path}: --eval array {flat[0]!r} is a single value (0-d); give one per sample")
+    if any(len(data[n]) != len(data["label"]) for n in names) or not len(data["label"]):
+        raise SpaError(f"{path}: --eval arrays need the same number of samples as 'label' (at least one)")
+    return data
+
+
+def _names_in(path) -> list[str]:
+    fd = open_regular(path, "data file", SpaError)
+    with os.fdopen(fd, "rb") as f, zipfile.ZipFile(f) as z:
+        return sorted(n[:-4] if n.endswith(".npy") else n for n in z.namelist())
+
+
+def accuracy(model, data: dict) -> float:
+    """Top-1 accuracy of ``model``'s first output on ``data`` (inputs and ``label``)."""
+    from ..runtime import session
+    sess = session(model)
+    names = [i.name for i in sess.get_inputs()]
+    n = len(data["label"])
+    correct = 0
+    for start in range(0, n, 64):
+        feeds = {k: data[k][start:start + 64] for k in names}
+        logits = sess.run(None, feeds)[0]
+        correct += int((logits.argmax(axis=-1) == data["label"][start:start + 64]).sum())
+    return correct / n

@@ -1,0 +1,519 @@
+"""Load, normalize and save ONNX models (their shapes: ``spa.loading.shapes``).
+
+Normalization makes every exporter's graph look alike to the analysis: weights kept in
+Constant nodes become initializers, initializers listed as graph inputs stop being inputs,
+an initializer used by several nodes is copied per use so that unrelated layers that
+happen to share a tensor (all-ones norm weights, say) are not tied together, and initializers
+named as onnxruntime names the ones its optimizer adds are renamed (``ORT_GENERATED``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..errors import ModelLoadError, OutputPathError
+from .files import atomic_files, check_outputs, check_readable, check_side_file, open_regular, pread_into, read_all
+
+__all__ = ["load", "read", "normalize", "save", "output_paths", "tensor_array", "materialized",
+           "unique_name", "tensor_names"]
+
+# normalize names a further reader's copy of an initializer <name><COPY_MARK><n>
+COPY_MARK = "__use"
+
+# onnxruntime names the initializers its graph optimizer adds (MatMulAddFusion's Reshape shapes,
+# Squeeze axes, Split sizes) with Graph::GenerateNodeName: the base name, then base_token_<n>,
+# avoiding node names only. A file it optimized and saved keeps them (its transformer optimizer
+# at opt_level 1 saves one: BERT's MatMul + Add became Reshape -> Gemm -> Reshape with
+# "gemm_input_shape", "gemm_output_shape_token_3"...), and the next default session that fuses a
+# MatMul + Add there generates the same name again and fails ("AddInitializedOrtValue Attempt to
+# replace the existing tensor"). Renamed (<name><ORT_RENAMED>), the model and its pruned copies load.
+ORT_GENERATED = re.compile(r"(gemm_input_shape|gemm_output_shape|SqueezeAxesInitializer|ConstAsInitializer|"
+                           r"squeeze_axes|fused_Split)(_token_\d+)?")
+ORT_RENAMED = "__spa"
+
+log = logging.getLogger(__name__)
+
+
+def load(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read an ONNX file (with its external data); raise ModelLoadError on anything else."""
+    return read(path)[0]
+
+
+def read(path: str | os.PathLike) -> tuple[onnx.ModelProto, dict[str, Path]]:
+    """``load``, and the files the model was read from (what each is -> path).
+
+    External data must live inside the model's folder (after symlinks), in regular files,
+    within their size: a downloaded model must never make spa read, or copy into its
+    output, any other file."""
+    path = Path(path)
+    check_readable(path, "the model", ModelLoadError)
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"{path}: empty file, not an ONNX model")
+    data = read_all(path, "the model", ModelLoadError)
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as e:  # protobuf raises several unrelated types for garbage
+        raise ModelLoadError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
+    if not model.graph.node or not model.opset_import:
+        raise ModelLoadError(f"{path}: not an ONNX model (no graph nodes or opset)")
+    _check_old_ir(model, path)
+    others = list(_other_tensors(model))
+    _check_tensor_sizes(list(model.graph.initializer) + others, path)
+    data_files = _resolve_external_data(model, others, path)
+    try:
+        onnx.checker.check_model(_weightless(model))  # structure only: weight bytes cost time
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"{path}: invalid ONNX model ({first})") from None
+    files = {"the input model": path}
+    files.update((f"the input's external data file {f}", f) for f in data_files)
+    return model, files
+
+
+def _check_old_ir(model: onnx.ModelProto, path: Path):
+    """Below IR version 4 an initializer must also be a graph input (the checker sees the
+    weightless copy, where that rule cannot show)."""
+    if model.ir_version >= 4:
+        return
+    listed = {i.name for i in model.graph.input}
+    loose = [t.name for t in model.graph.initializer if t.name not in listed]
+    if loose:
+        raise ModelLoadError(f"{path}: invalid ONNX model (IR version {model.ir_version} needs every initializer "
+                             f"listed as a graph input; {_short(loose[0])!r} is not)")
+
+
+def _external_info(t: onnx.TensorProto) -> dict:
+    return {e.key: e.value for e in t.external_data}
+
+
+def _elements(t: onnx.TensorProto) -> int:
+    n = 1
+    for d in t.dims:
+        if d < 0:
+            return -1
+        n *= int(d)
+    return n
+
+
+_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+def _check_tensor_sizes(tensors: list[onnx.TensorProto], path: Path):
+    """Every stored tensor holds as many values as its dims declare: memory follows the
+    bytes in the file, never dims a file merely declares."""
+    for t in tensors:
+        n = _elements(t)
+        if n < 0:
+            raise ModelLoadError(f"{path}: tensor {t.name!r} has a negative dim {list(t.dims)}")
+        if t.data_location == onnx.TensorProto.EXTERNAL or t.data_type == onnx.TensorProto.STRING:
+            continue
+        if t.HasField("raw_data"):
+            try:
+                want = _nbytes(t)
+            except Exception:
+                raise ModelLoadError(f"{path}: tensor {t.name!r} has an unknown data type {t.data_type}") from None
+            if len(t.raw_data) != want:
+                raise ModelLoadError(f"{path}: tensor {t.name!r} declares dims {list(t.dims)} "
+                                     f"({want} bytes) but holds {len(t.raw_data)} bytes")
+            continue
+        have = sum(len(getattr(t, f)) for f in _TYPED_FIELDS)
+        if have and have < n:  # complex types store two values per element: more is fine
+            raise ModelLoadError(f"{path}: tensor {t.name!r} declares dims {list(t.dims)} "
+                                 f"({n} values) but holds {have}")
+        if not have and n:
+            raise ModelLoadError(f"{path}: tensor {t.name!r} declares dims {list(t.dims)} but holds no data")
+
+
+def _other_tensors(model: onnx.ModelProto):
+    """Every TensorProto of the model except the main graph's initializers: Constant and
+    other attribute values, subgraph initializers, sparse initializers, function bodies.
+    Their external data must be checked like the initializers', or onnx would read it
+    relative to the current directory."""
+    def in_nodes(nodes):
+        for node in nodes:
+            for a in node.attribute:
+                if a.HasField("t"):
+                    yield a.t
+                yield from a.tensors
+                for sp in ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(a.sparse_tensors):
+                    yield sp.values
+                    yield sp.indices
+                for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    yield from in_graph(g, True)
+
+    def in_graph(g, with_initializers):
+        if with_initializers:
+            yield from g.initializer
+        for sp in g.sparse_initializer:
+            yield sp.values
+            yield sp.indices
+        yield from in_nodes(g.node)
+    yield from in_graph(model.graph, False)
+    for f in model.functions:
+        yield from in_nodes(f.node)
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _resolve_external_data(model: onnx.ModelProto, others: list[onnx.TensorProto], path: Path) -> list[Path]:
+    """Leave external weights on disk (they are read one tensor at a time when needed), but
+    point them at resolved paths after checking that each stays inside the model's folder,
+    is a regular file and holds the tensor in full. External tensors among ``others`` (Constant
+    values, subgraphs: ``_other_tensors``) are checked the same way and read into memory."""
+    folder = Path(os.path.realpath(path.parent if str(path.parent) else "."))
+    sizes: dict[Path, int] = {}
+    others = [t for t in others if t.data_location == onnx.TensorProto.EXTERNAL]
+    for is_other, t in [(False, t) for t in model.graph.initializer] + [(True, t) for t in others]:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = _external_info(t)
+        location = info.get("location", "")
+        where = f"{path}: tensor {_short(t.name)!r}: external data location {_short(location, 200)!r}"
+        if not location or os.path.isabs(location) or location.startswith(("\\", "/")) or \
+                re.match(r"^[A-Za-z]:", location) or "\x00" in location:
+            raise ModelLoadError(f"{where} must be a relative path inside the model's folder")
+        try:
+            nbytes = _nbytes(t)
+        except Exception:
+            raise ModelLoadError(f"{where}: unknown data type {t.data_type}") from None
+        try:
+            resolved = Path(os.path.realpath(folder / location))
+            if resolved != folder and folder not in resolved.parents:
+                raise ModelLoadError(f"{where} leads outside the model's folder ({folder})")
+            if resolved not in sizes:
+                if not resolved.exists():
+                    raise ModelLoadError(f"{where}: file is missing")
+                sizes[resolved] = _open_data_file(resolved, where)
+        except OSError as e:
+            raise ModelLoadError(f"{where}: {e.strerror or e}") from None
+        try:
+            offset = int(info.get("offset", 0))
+            length = int(info["length"]) if "length" in info else nbytes
+        except ValueError:
+            raise ModelLoadError(f"{where}: offset/length are not integers") from None
+        if offset < 0 or length != nbytes:
+            raise ModelLoadError(f"{where}: offset {offset} / length {length} do not fit the tensor's "
+                                 f"{nbytes} bytes")
+        if offset + length > sizes[resolved]:
+            raise ModelLoadError(f"{where}: file is truncated (needs {offset + length} bytes, "
+                                 f"has {sizes[resolved]})")
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = str(resolved)
+        if length <= 4096 or is_other:  # small constants and non-initializers: in memory
+            t.CopyFrom(numpy_helper.from_array(tensor_array(t), t.name))
+    return sorted(sizes)
+
+
+# Sub-byte types are stored packed: this many values per byte.
+_PACKED = {getattr(onnx.TensorProto, n): per for n, per in
+           (("INT4", 2), ("UINT4", 2), ("FLOAT4E2M1", 2), ("INT2", 4), ("UINT2", 4)) if hasattr(onnx.TensorProto, n)}
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    n = max(_elements(t), 0)
+    if t.data_type in _PACKED:
+        return -(-n // _PACKED[t.data_type])
+    return n * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+
+
+# External data files by resolved path -> the descriptor opened and checked when the model
+# was read. Tensors are read from it, never by opening the path again: a file swapped for a
+# FIFO, a device or a link after the checks is not what spa reads. Reading the same path again
+# (a new load) replaces the entry.
+_DATA_FILES: dict[str, int] = {}
+
+
+def _open_data_file(resolved: Path, where: str) -> int:
+    """Open and check one external data file; its size."""
+    fd = open_regular(resolved, "external data", ModelLoadError)
+    old = _DATA_FILES.pop(str(resolved), None)
+    if old is not None:
+        os.close(old)
+    _DATA_FILES[str(resolved)] = fd
+    return os.fstat(fd).st_size
+
+
+def close_data_files(folder: str | os.PathLike):
+    """Close the external data files read from inside ``folder`` (a model whose weights are
+    now in memory, before its folder is removed)."""
+    root = os.path.realpath(folder) + os.sep
+    for path in [p for p in _DATA_FILES if p.startswith(root)]:
+        os.close(_DATA_FILES.pop(path))
+
+
+def tensor_array(t: onnx.TensorProto) -> np.ndarray:
+    """An initializer's value; external data is read from its file (only this tensor)."""
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(t)
+    info = _external_info(t)
+    dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+    location = info["location"]
+    fd = _DATA_FILES.get(location)
+    if fd is None:   # a model spa did not read itself: check the file as read() would
+        fd = _open_data_file(Path(location), f"tensor {t.name!r}")
+    where, offset = f"{location}: tensor {t.name!r}", int(info.get("offset", 0))
+    if t.data_type in _PACKED:   # several values a byte: let onnx unpack the raw bytes
+        raw = bytearray(_nbytes(t))
+        pread_into(fd, memoryview(raw), offset, where, ModelLoadError)
+        return numpy_helper.to_array(onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims,
+                                                      raw_data=bytes(raw)))
+    arr = np.empty(tuple(int(d) for d in t.dims), dtype=dtype)
+    pread_into(fd, memoryview(arr.reshape(-1).view(np.uint8)), offset, where, ModelLoadError)
+    return arr
+
+
+def has_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def materialized(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with every external tensor read into memory (what onnxruntime needs from bytes)."""
+    if not has_external_data(model):
+        return model
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for t in m.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            t.CopyFrom(numpy_helper.from_array(tensor_array(t), t.name))
+    return m
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return 1
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for a in node.attribute:
+        if a.name == "value":
+            return numpy_helper.to_array(a.t)
+        if a.name == "value_float":
+            return np.array(a.f, dtype=np.float32)
+        if a.name == "value_floats":
+            return np.array(list(a.floats), dtype=np.float32)
+        if a.name == "value_int":
+            return np.array(a.i, dtype=np.int64)
+        if a.name == "value_ints":
+            return np.array(list(a.ints), dtype=np.int64)
+    return None
+
+
+def normalize(model: onnx.ModelProto, copy: bool = True) -> onnx.ModelProto:
+    """Constant nodes as initializers, shared initializers split, unique node names.
+    Works on a copy unless ``copy=False`` (for a model spa loaded itself)."""
+    if copy:
+        original, model = model, onnx.ModelProto()
+        model.CopyFrom(original)
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+
+    kept_nodes = []
+    for node in g.node:
+        value = _constant_value(node) if node.op_type == "Constant" and node.domain in ("", "ai.onnx") else None
+        if value is not None and node.output[0] not in {o.name for o in g.output}:
+            t = numpy_helper.from_array(value, node.output[0])
+            g.initializer.append(t)
+            inits[t.name] = t
+        else:
+            kept_nodes.append(node)
+    if len(kept_nodes) != len(g.node):
+        del g.node[:]
+        g.node.extend(kept_nodes)
+
+    # Initializers listed as inputs are weights to the analysis. Below IR 4 every initializer
+    # must be an input; from IR 4 on such an input is a default a user may override, so the
+    # pruned model lists it again (pipeline._restore_default_inputs).
+    real_inputs = [i for i in g.input if i.name not in inits]
+    if len(real_inputs) != len(g.input):
+        del g.input[:]
+        g.input.extend(real_inputs)
+        model.ir_version = max(model.ir_version, 4)
+
+    _rename_generated(model)
+
+    # Rules, the report and the oracle refer to nodes by name: make names unique.
+    taken_nodes = {n.name for n in g.node if n.name}
+    seen: set[str] = set()
+    for i, node in enumerate(g.node):
+        if not node.name or node.name in seen:
+            node.name = unique_name(f"{node.name or node.op_type}__{i}", taken_nodes)
+        seen.add(node.name)
+
+    taken = tensor_names(model)
+    uses: dict[str, int] = {}
+    for node in g.node:
+        for k, name in enumerate(node.input):
+            if name not in inits:
+                continue
+            n = uses.get(name, 0)
+            uses[name] = n + 1
+            if n == 0:
+                continue
+            copy = onnx.TensorProto()
+            copy.CopyFrom(inits[name])
+            copy.name = unique_name(f"{name}{COPY_MARK}{n}", taken)
+            g.initializer.append(copy)
+            node.input[k] = copy.name
+    return model
+
+
+def _rename_generated(model: onnx.ModelProto):
+    """Initializers named as onnxruntime's optimizer names its own (``ORT_GENERATED``) renamed,
+    with every reader (subgraphs too). In place."""
+    g = model.graph
+    fixed = {v.name for v in [*g.input, *g.output]}
+    olds = [t.name for t in g.initializer if ORT_GENERATED.fullmatch(t.name) and t.name not in fixed]
+    if not olds:
+        return
+    taken = tensor_names(model)
+    rename = {old: unique_name(old + ORT_RENAMED, taken) for old in olds}
+    for t in g.initializer:
+        t.name = rename.get(t.name, t.name)
+    for v in g.value_info:
+        v.name = rename.get(v.name, v.name)
+
+    def visit(graph: onnx.GraphProto):
+        for node in graph.node:
+            for k, name in enumerate(node.input):
+                if name in rename:
+                    node.input[k] = rename[name]
+            for a in node.attribute:
+                for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    visit(sub)
+    visit(g)
+
+
+def copied_from(name: str) -> str | None:
+    """The initializer ``normalize`` copied to make ``name`` (a further reader's own copy),
+    if the name says so; the caller checks the values agree."""
+    base, mark, n = name.rpartition(COPY_MARK)
+    return base if mark and n.isdigit() else None
+
+
+def tensor_names(model: onnx.ModelProto) -> set[str]:
+    """Every name a tensor has anywhere in the model, subgraphs included."""
+    names: set[str] = set()
+
+    def visit(g: onnx.GraphProto):
+        names.update(t.name for t in g.initializer)
+        names.update(v.name for v in list(g.input) + list(g.output) + list(g.value_info))
+        for node in g.node:
+            names.update(node.input)
+            names.update(node.output)
+            for a in node.attribute:
+                for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    visit(sub)
+    visit(model.graph)
+    return names
+
+
+def unique_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_2``, ``base_3``...: the first not in ``taken`` (which it joins)."""
+    name, i = base, 1
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    taken.add(name)
+    return name
+
+
+def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its large initializers turned into typed graph inputs: shape
+    inference needs their shapes, not their bytes, and copying bytes is what costs."""
+    m = onnx.ModelProto()
+    for name in ("ir_version", "producer_name", "domain", "model_version"):
+        setattr(m, name, getattr(model, name))
+    m.opset_import.extend(model.opset_import)
+    m.functions.extend(model.functions)
+    g, src = m.graph, model.graph
+    g.name = src.name
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    listed = {i.name for i in src.input}   # below IR 4 every initializer is also an input
+    for t in src.initializer:
+        if int(np.prod(t.dims)) <= 64 and t.data_location != onnx.TensorProto.EXTERNAL:
+            g.initializer.append(t)
+        elif t.name not in listed:
+            g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    m.ir_version = max(m.ir_version, 4)
+    return m
+
+
+def output_paths(output_path: str | os.PathLike) -> dict[str, Path]:
+    """The files saving a model to ``output_path`` may write."""
+    out = Path(output_path)
+    if not out.name or str(output_path).endswith(os.sep):
+        raise OutputPathError(f"-o {str(output_path)!r}: names no file (give a path such as small.onnx)")
+    return {"-o": out, "-o's weight file": out.with_name(out.name + ".data")}
+
+
+def copy_fields(src, dst, skip: set[str]):
+    """Copy a protobuf message's set fields except ``skip`` (to rebuild a model without
+    copying the bytes of its weights)."""
+    for desc, value in src.ListFields():
+        if desc.name in skip:
+            continue
+        if isinstance(value, (list, tuple)) or type(value).__name__.startswith("Repeated"):
+            getattr(dst, desc.name).extend(value)
+        elif desc.message_type:
+            getattr(dst, desc.name).CopyFrom(value)
+        else:
+            setattr(dst, desc.name, value)
+
+
+# Above this many weight bytes a model is written with its weights in one external file.
+EXTERNAL_ABOVE = 1_800_000_000
+
+
+def save(model: onnx.ModelProto, path: str | os.PathLike, inputs: dict[str, Path] | None = None) -> list[Path]:
+    """Write atomically: temporary files in the same directory, then renames. Large models
+    (or ones whose weights still live in the input's external data file) get their weights
+    streamed, one tensor at a time, into ``<name>.data`` beside the model. ``inputs`` (what
+    each file is -> path) are never written over. Returns the files written."""
+    outputs = output_paths(path)
+    check_outputs(outputs, inputs or {})
+    out, data = outputs["-o"], outputs["-o's weight file"]
+    external = has_external_data(model) or sum(_nbytes(t) for t in model.graph.initializer) > EXTERNAL_ABOVE
+    if external:
+        check_side_file(data, out, "the weight file of -o", "-o")
+        with atomic_files(data, out) as (data_tmp, tmp):
+            onnx.save(_with_streamed_weights(model, data_tmp, data.name), tmp)
+        return [out, data]
+    with atomic_files(out) as (tmp,):
+        onnx.save(model, tmp)
+    return [out]
+
+
+def _with_streamed_weights(model: onnx.ModelProto, data_path: str, location: str) -> onnx.ModelProto:
+    """The model's structure, with every weight of 1 KB or more appended to ``data_path`` and
+    referenced there; never more than one tensor in memory."""
+    proto = onnx.ModelProto()
+    copy_fields(model, proto, skip={"graph"})
+    copy_fields(model.graph, proto.graph, skip={"initializer"})
+    with open(data_path, "wb") as f:
+        for t in model.graph.initializer:
+            if _nbytes(t) < 1024 and t.data_location != onnx.TensorProto.EXTERNAL:
+                proto.graph.initializer.append(t)
+                continue
+            data = np.ascontiguousarray(tensor_array(t)).tobytes()
+            ref = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
+            ref.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(f.tell())), ("length", str(len(data)))):
+                ref.external_data.add(key=key, value=value)
+            f.write(data)
+            proto.graph.initializer.append(ref)
+    return proto

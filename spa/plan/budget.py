@@ -1,0 +1,123 @@
+"""Budgets: keep a share of the original's MACs, weights or latency, spent where it hurts least.
+
+``spend`` turns a budget into per-group removals for one pruning pass (the allocation itself is
+``spa.plan.allocate``); ``search_latency`` finds the MACs share that meets a latency target by
+measuring; ``step`` splits a budget or ratio over incremental steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .allocate import MaskedRunner, ResourceModel, allocate, allocate_uniform, removed_positions
+from .plan import make_plan
+from ..errors import SpaError
+from ..score.data import Calibration
+from ..verify.metrics import count_macs
+from .planner import PlanOptions
+from ..progress import track
+from ..rewrite.apply import rewrite
+
+if TYPE_CHECKING:
+    from ..analysis import Analysis
+    from ..result import PruneResult
+
+__all__ = ["Budget", "spend", "step"]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Keep ``target`` of the original's ``kind`` (macs, params or latency)."""
+
+    kind: str
+    target: float
+    calib: object = None        # where the sensitivity inputs come from (else synthetic)
+    input_stats: dict = field(default_factory=dict)
+    seed: int = 0
+    samples: int | None = None  # default: 8, fewer for models over 250 MMACs a sample
+    how: str = "measured"       # or "uniform": one ratio for every group, just enough
+
+
+def step(plan: PlanOptions, budget: Budget | None, index: int, steps: int, done: PruneResult | None):
+    """The plan and budget of step ``index`` (from 1) of ``steps`` incremental steps, relative to the model as
+    pruned by the steps before (``done``)."""
+    if steps == 1:
+        return plan, budget
+    share = lambda r: 1 - (1 - r) ** (1 / steps)  # noqa: E731 - per-step share of a total ratio
+    step_plan = replace(plan, ratio=share(plan.ratio), ratios=tuple((k, share(r)) for k, r in plan.ratios),
+                        max_ratio=share(plan.max_ratio))  # N capped steps never remove more than the cap
+    if budget is None:
+        return step_plan, None
+    goal = 1 - (1 - budget.target) * index / steps          # share of the original after this step
+    key = "params" if budget.kind == "params" else "macs"
+    now = done.report["after"][key] / done.report["before"][key] if done is not None else 1.0
+    return step_plan, replace(budget, target=min(1.0, goal / now))
+
+
+def spend(a: Analysis, scores, removals, plan: PlanOptions, budget: Budget):
+    """Per-group removals that meet the budget where the outputs change least, the report's
+    ``budget`` entry, and per group the output change its cuts added."""
+    pinned = dict(plan.ratios)
+    free = [g.kind not in pinned for g in a.groups]
+    start = np.array([g.size - (len(r) if not f else 0) for g, r, f in zip(a.groups, removals, free)])
+    orders = [np.argsort(s, kind="stable") for s in scores]
+    # every run of the search costs a forward pass: bound it near 2 GMACs (ResNet-50: 1 sample)
+    samples = budget.samples or int(np.clip(2e9 // max(count_macs(a.model, a.shapes), 1), 1, 8))
+    feeds = [Calibration(budget.calib, budget.input_stats, samples=samples, batch=samples,
+                         seed=budget.seed).first_batch(a.model, a.shapes.input_shapes)]
+    runner = MaskedRunner(a.model, a.dep, a.shapes, a.groups, orders, feeds)
+    resource = ResourceModel(a.model, a.shapes, a.dep, a.groups, "params" if budget.kind == "params" else "macs")
+    if not resource.full:
+        raise SpaError(f"--{budget.kind}: the model has no {'weights' if budget.kind == 'params' else 'MACs'} spa "
+                       "can count (Conv, Gemm, MatMul, LSTM/GRU/RNN, Einsum with static shapes); use --ratio" +
+                       ("" if budget.kind == "params" else " or --params"))
+
+    def spend(target):
+        if budget.how == "uniform":
+            return allocate_uniform(a.groups, runner, resource, target, plan, free, start)
+        return allocate(a.groups, runner, resource, target, plan.round_to, plan.max_ratio, free, start)
+
+    report = {"kind": budget.kind, "target": budget.target, "allocation": budget.how, "measured_on": (
+        f"{samples} {'calibration samples' if budget.calib is not None else 'synthetic samples'}")}
+    if budget.kind == "latency":
+        alloc, report["achieved"], report["latency_search"] = search_latency(a, orders, spend, budget.target)
+        report["met"] = report["achieved"] <= budget.target * 1.05
+    else:
+        alloc = spend(budget.target)
+        report.update(achieved=_share(alloc), met=bool(alloc.met))
+    report.update(macs_share=_share(alloc) if budget.kind != "params" else None, output_change=alloc.change,
+                  cuts=alloc.steps, runs=runner.runs)
+    return removed_positions(a.groups, orders, alloc.keeps), report, [float(v) for v in alloc.marginal]
+
+
+def _share(alloc) -> float:
+    return alloc.value / alloc.full if alloc.full else 1.0
+
+
+def search_latency(a: Analysis, orders, spend, target: float, tries: int = 6):
+    """Latency is measured, not modelled: prune to a MACs share, time original and pruned
+    interleaved on onnxruntime (one thread), correct the MACs share by the miss, repeat. A
+    measured allocation's greedy path is computed once, down to ``target ** 2`` of the MACs,
+    and each try takes its prefix. Returns the allocation with the largest measured latency
+    share within 5 % of the target (else the fastest one), its latency share, and every try."""
+    from ..verify.bench import latency as measure
+    deep = spend(max(0.01, target * target))
+    tried = []
+    share = target
+    for _ in track(range(tries), unit="latency tries"):
+        alloc = deep.at(share) if deep.path and share >= _share(deep) else spend(share)
+        if tried and np.array_equal(alloc.keeps, tried[-1]["alloc"].keeps):
+            break  # the caps allow nothing else: timing it again tells nothing new
+        pruned = rewrite(a.model, make_plan(a, removed_positions(a.groups, orders, alloc.keeps)))
+        before, after = measure([a.model, pruned], a.shapes.input_shapes, runs=20)
+        ratio = after / before if before else 1.0
+        tried.append({"macs": _share(alloc), "latency": ratio, "alloc": alloc})
+        if abs(ratio - target) <= 0.05 * target or (ratio < target and not alloc.met):
+            break
+        share = float(np.clip(share * target / max(ratio, 1e-6), 0.01, 1.0))
+    fits = [t for t in tried if t["latency"] <= target * 1.05]
+    best = max(fits, key=lambda t: t["macs"]) if fits else min(tried, key=lambda t: t["latency"])
+    return best["alloc"], best["latency"], [{"macs": t["macs"], "latency": t["latency"]} for t in tried]

@@ -1,0 +1,1 @@
+"""The oracle (pruned == masked original) and its tolerance; MACs, params and latency."""
