@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from ..errors import SpaError
@@ -178,13 +179,14 @@ def _print_budget(rep):
 def _save_all(result, output, report_path, plan_path=None) -> list[Path]:
     """The model, then the plan and the report; if one cannot be written the others go too,
     so a failed run leaves nothing behind."""
-    from ..plan.plan_file import write_plan
+    from ..plan.plan_file import prepare_plan, write_prepared
+    plan = prepare_plan(result, plan_path) if plan_path else None   # refuses before anything is written
     written = []
     try:
         result.save(output)
         written = [Path(p) for p in result.report["after"]["files"]]
-        if plan_path:
-            written += write_plan(result, plan_path)
+        if plan is not None:
+            written += write_prepared(plan)
         if report_path:
             atomic_write(report_path, lambda tmp: _dump_json(tmp, result.report))
     except BaseException:
@@ -243,7 +245,16 @@ def cmd_bench(args) -> int:
                        "spa bench compares a model with its pruned copy")
     overrides = parse_input_shapes(args.input_shape)
     shapes = [infer_shapes(m, overrides, want_values=False) for m in models]
-    lat = latency(models, shapes[0].input_shapes, runs=args.runs, threads=args.threads, provider=args.provider)
+    if shapes[0].input_shapes != shapes[1].input_shapes:
+        raise SpaError(f"{args.model} and {args.pruned} take inputs of different shapes ({shapes[0].input_shapes} vs "
+                       f"{shapes[1].input_shapes}); spa bench compares a model with its pruned copy")
+    try:
+        lat = latency(models, shapes[0].input_shapes, runs=args.runs, threads=args.threads, provider=args.provider)
+    except SpaError:
+        raise
+    except Exception as e:  # noqa: BLE001 - onnxruntime's errors share no base class
+        raise SpaError(f"onnxruntime cannot run these models on the same inputs "
+                       f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
     sizes = [sum(os.path.getsize(f) for f in m.files.values()) for m in loaded]
     rows = [("params", count_params(models[0]), count_params(models[1])),
             ("MACs", count_macs(models[0], shapes[0]), count_macs(models[1], shapes[1])),
@@ -338,7 +349,7 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def _barelatency_arg(argv: list[str]) -> list[str]:
+def _bare_latency(argv: list[str]) -> list[str]:
     """A bare ``--latency`` (measure only) must not swallow the next word (the model path)."""
     out = list(argv)
     for i, a in enumerate(out):
@@ -352,13 +363,15 @@ def _barelatency_arg(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(_barelatency_arg(sys.argv[1:] if argv is None else argv))
+        args = build_parser().parse_args(_bare_latency(sys.argv[1:] if argv is None else argv))
     except SystemExit as e:  # usage errors (one line printed by _Parser.error) and --help
         return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        with termination_as_exception():
+        with termination_as_exception(), warnings.catch_warnings():
+            if not args.verbose:   # numpy's overflow notes on odd data: stderr keeps to spa's own lines
+                warnings.simplefilter("ignore", RuntimeWarning)
             return args.func(args)
     except SpaError as e:
         print(f"spa: error: {_one_line(str(e))}", file=sys.stderr)

@@ -80,6 +80,10 @@ def cmd_sweep(args) -> int:
     plot = have_matplotlib()
     models = [Path(m) for m in args.models]
     stems = [m.stem for m in models]
+    odd = [str(m) for m, s in zip(models, stems) if len(models) > 1 and s in ("", ".", "..")]
+    if odd:
+        raise SpaError(f"{odd[0]}: spa sweep of several models names a folder after each file, and this "
+                       "name makes none; rename the file")
     if len(set(stems)) != len(stems):
         raise SpaError("spa sweep of several models writes a folder per model, named after the file: "
                        f"give files with different names ({', '.join(sorted(s for s in stems if stems.count(s) > 1))})")

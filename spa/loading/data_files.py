@@ -81,7 +81,11 @@ def calibration_data(path, model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 def eval_data(path, model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """The ``--eval`` arrays: one per model input and ``label``, the same number of samples each."""
-    names = [i.name for i in graph_inputs(model)] + ["label"]
+    inputs = {i.name: i for i in graph_inputs(model)}
+    if "label" in inputs:
+        raise SpaError(f"{path}: the model has an input named 'label', the name --eval gives the labels; "
+                       "--eval cannot measure this model")
+    names = list(inputs) + ["label"]
     data = read_npz(path, "--eval file", names, array_limit(model))
     if len(data) != len(names):
         raise SpaError(f"{path}: --eval file needs arrays {names}, has {_names_in(path)}")
@@ -90,7 +94,27 @@ def eval_data(path, model: onnx.ModelProto) -> dict[str, np.ndarray]:
         raise SpaError(f"{path}: --eval array {flat[0]!r} is a single value (0-d); give one per sample")
     if any(len(data[n]) != len(data["label"]) for n in names) or not len(data["label"]):
         raise SpaError(f"{path}: --eval arrays need the same number of samples as 'label' (at least one)")
+    if data["label"].ndim != 1 or data["label"].dtype.kind not in "iub":
+        raise SpaError(f"{path}: --eval 'label' must hold one integer class per sample, has shape "
+                       f"{data['label'].shape} of {data['label'].dtype}")
+    for name, vi in inputs.items():
+        data[name] = _as_input(data[name], vi, f"{path}: --eval array {name!r}")
     return data
+
+
+def _as_input(arr: np.ndarray, vi: onnx.ValueInfoProto, where: str) -> np.ndarray:
+    """``arr`` (samples first) in the input's element type, its shape checked against the
+    input's fixed dims (the first, the samples, excepted)."""
+    tensor = vi.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+    if tensor.HasField("shape") and (arr.ndim != len(dims) or any(
+            d is not None and d != n for d, n in zip(dims[1:], arr.shape[1:]))):
+        want = "(" + ", ".join(["N"] + [str(d) if d is not None else "?" for d in dims[1:]]) + ")"
+        raise SpaError(f"{where} has shape {arr.shape}; the model takes {want}")
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)
+    if arr.dtype.kind == "f" and dtype.kind in "iub":
+        raise SpaError(f"{where} holds {arr.dtype}; the model takes {dtype}")
+    return arr.astype(dtype, copy=False)
 
 
 def _names_in(path) -> list[str]:
@@ -105,9 +129,22 @@ def accuracy(model, data: dict) -> float:
     sess = session(model)
     names = [i.name for i in sess.get_inputs()]
     n = len(data["label"])
+    first = sess.get_inputs()[0].shape if names else []
+    fixed = first[0] if first and isinstance(first[0], int) and first[0] > 0 else None   # a static batch size
+    batch, counted = fixed or 64, n - n % fixed if fixed else n
+    if not counted:
+        raise SpaError(f"--eval: the model takes batches of exactly {fixed} samples; --eval has {n}")
     correct = 0
-    for start in range(0, n, 64):
-        feeds = {k: data[k][start:start + 64] for k in names}
-        logits = sess.run(None, feeds)[0]
-        correct += int((logits.argmax(axis=-1) == data["label"][start:start + 64]).sum())
-    return correct / n
+    for start in range(0, counted, batch):
+        feeds = {k: data[k][start:start + batch] for k in names}
+        labels = data["label"][start:start + batch]
+        try:
+            logits = sess.run(None, feeds)[0]
+        except Exception as e:  # noqa: BLE001 - onnxruntime's errors share no base class
+            raise SpaError(f"--eval: onnxruntime cannot run the model on these arrays "
+                           f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+        if logits.ndim < 1 or logits.shape[:1] != labels.shape:
+            raise SpaError(f"--eval: the model's first output {logits.shape} is not one row of class scores "
+                           f"per sample ({len(labels)} labels)")
+        correct += int((logits.reshape(len(labels), -1).argmax(axis=-1) == labels).sum())
+    return correct / counted

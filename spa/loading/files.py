@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 from ..errors import OutputPathError
 
 __all__ = ["check_outputs", "check_readable", "check_inside", "check_side_file", "open_regular", "read_all",
-           "pread_into", "atomic_write", "Terminated", "termination_as_exception"]
+           "pread_into", "read_small", "atomic_write", "Terminated", "termination_as_exception"]
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -54,10 +54,23 @@ def check_outputs(outputs: dict[str, Path], inputs: dict[str, Path]):
                 raise OutputPathError(f"{out}: {role} and {other_role} are the same file")
         seen[role] = out
         parent = Path(os.path.realpath(out)).parent
+        _check_name_length(out, role, parent)
         if not parent.is_dir():
             raise OutputPathError(f"{out}: directory {parent} does not exist")
         if not os.access(parent, os.W_OK):
             raise OutputPathError(f"{out}: directory {parent} is not writable")
+
+
+def _check_name_length(out: Path, role: str, parent: Path):
+    """The name, and the temporary name beside it (``.NAME.XXXXXXXX.tmp``), fit the file
+    system: refused now, not after the work."""
+    try:
+        limit = os.pathconf(parent, "PC_NAME_MAX") if parent.is_dir() else 255
+    except (OSError, ValueError):
+        limit = 255
+    if len(os.fsencode(out.name)) + len(".") + 13 > limit:
+        raise OutputPathError(f"{str(out)[:80]}...: {role}'s name is too long for the file system "
+                              f"(at most {limit - 14} bytes)")
 
 
 def _kind(path: Path) -> str:
@@ -139,32 +152,29 @@ def check_inside(root: Path, path: Path, what: str):
         raise OutputPathError(f"{path}: {what} would be written outside {root}; rename the input file")
 
 
-def check_side_file(side: Path, main: Path, what: str, option: str):
-    """``side`` is written beside ``main`` though the user never named it: it may replace only a
-    file spa wrote there before (one ``main`` refers to by name), never a stranger's file."""
-    if not os.path.lexists(side) or _mentions(main, side.name):
+def check_side_file(side: Path, refers: Callable[[], bool], what: str, option: str):
+    """``side`` is written beside a file the user named though they never named it: it may
+    replace only a file that the named one, as it stands, refers to (``refers()``: an ONNX
+    file's external data, a plan's arrays), never a stranger's file."""
+    if not os.path.lexists(side) or refers():
         return
     raise OutputPathError(f"{side}: {what} would replace a file spa did not write; move it away or "
                           f"choose another {option}")
 
 
-def _mentions(path: Path, name: str) -> bool:
-    """Whether the file ``path`` holds ``name`` (how an ONNX file or a plan names its side
-    file), searched in chunks so a large file costs no memory."""
+def read_small(path, limit: int) -> bytes | None:
+    """The bytes of a regular file of at most ``limit`` bytes, else None (never blocks)."""
     try:
         fd = open_regular(path, "", OSError)
     except OSError:
-        return False
-    needle, tail = name.encode(), b""
+        return None
     try:
+        if os.fstat(fd).st_size > limit:
+            return None
         with os.fdopen(fd, "rb", closefd=False) as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                if needle in tail + chunk:
-                    return True
-                tail = chunk[-len(needle):]
+            return f.read(limit + 1)
     finally:
         os.close(fd)
-    return False
 
 
 def _plain_write_mode(path: Path) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import ModelLoadError, OutputPathError
-from .files import atomic_files, check_outputs, check_readable, check_side_file, open_regular, pread_into, read_all
+from .files import (atomic_files, check_outputs, check_readable, check_side_file, open_regular, pread_into, read_all,
+                    read_small)
 
 __all__ = ["load", "read", "normalize", "save", "output_paths", "tensor_array", "materialized",
            "unique_name", "tensor_names"]
@@ -72,9 +74,22 @@ def read(path: str | os.PathLike) -> tuple[onnx.ModelProto, dict[str, Path]]:
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"{path}: invalid ONNX model ({first})") from None
-    files = {"the input model": path}
+    files = ReadFiles({"the input model": path})
     files.update((f"the input's external data file {f}", f) for f in data_files)
+    # the descriptors live as long as something (a Loaded, an Analysis, a PruneResult) holds
+    # these files: then a later read of the same model reopens by path, with the same checks
+    weakref.finalize(files, _close_descriptors, [(str(f), _DATA_FILES.get(str(f))) for f in data_files])
     return model, files
+
+
+class ReadFiles(dict):
+    """What each file a model was read from is -> its path (a dict that can be weakly referenced)."""
+
+
+def _close_descriptors(opened: list[tuple[str, int | None]]):
+    for path, fd in opened:
+        if fd is not None and _DATA_FILES.get(path) == fd:
+            os.close(_DATA_FILES.pop(path))
 
 
 def _check_old_ir(model: onnx.ModelProto, path: Path):
@@ -181,6 +196,9 @@ def _resolve_external_data(model: onnx.ModelProto, others: list[onnx.TensorProto
         if not location or os.path.isabs(location) or location.startswith(("\\", "/")) or \
                 re.match(r"^[A-Za-z]:", location) or "\x00" in location:
             raise ModelLoadError(f"{where} must be a relative path inside the model's folder")
+        if t.data_type == onnx.TensorProto.STRING:
+            raise ModelLoadError(f"{where}: string tensors cannot be stored as external data (ONNX keeps them "
+                                 "in the model)")
         try:
             nbytes = _nbytes(t)
         except Exception:
@@ -256,11 +274,20 @@ def tensor_array(t: onnx.TensorProto) -> np.ndarray:
     if t.data_location != onnx.TensorProto.EXTERNAL:
         return numpy_helper.to_array(t)
     info = _external_info(t)
-    dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
     location = info["location"]
     fd = _DATA_FILES.get(location)
-    if fd is None:   # a model spa did not read itself: check the file as read() would
-        fd = _open_data_file(Path(location), f"tensor {t.name!r}")
+    if fd is not None:
+        return _read_tensor(t, fd, location, info)
+    # a model whose reader is gone (or that spa did not read): open, check and close again
+    fd = open_regular(location, "external data", ModelLoadError)
+    try:
+        return _read_tensor(t, fd, location, info)
+    finally:
+        os.close(fd)
+
+
+def _read_tensor(t: onnx.TensorProto, fd: int, location: str, info: dict) -> np.ndarray:
+    dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
     where, offset = f"{location}: tensor {t.name!r}", int(info.get("offset", 0))
     if t.data_type in _PACKED:   # several values a byte: let onnx unpack the raw bytes
         raw = bytearray(_nbytes(t))
@@ -443,6 +470,7 @@ def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
     g.input.extend(src.input)
     g.output.extend(src.output)
     g.value_info.extend(src.value_info)
+    g.sparse_initializer.extend(src.sparse_initializer)
     listed = {i.name for i in src.input}   # below IR 4 every initializer is also an input
     for t in src.initializer:
         if int(np.prod(t.dims)) <= 64 and t.data_location != onnx.TensorProto.EXTERNAL:
@@ -489,13 +517,25 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, inputs: dict[str, Path
     out, data = outputs["-o"], outputs["-o's weight file"]
     external = has_external_data(model) or sum(_nbytes(t) for t in model.graph.initializer) > EXTERNAL_ABOVE
     if external:
-        check_side_file(data, out, "the weight file of -o", "-o")
+        check_side_file(data, lambda: _keeps_weights_in(out, data.name), "the weight file of -o", "-o")
         with atomic_files(data, out) as (data_tmp, tmp):
             onnx.save(_with_streamed_weights(model, data_tmp, data.name), tmp)
         return [out, data]
     with atomic_files(out) as (tmp,):
         onnx.save(model, tmp)
     return [out]
+
+
+def _keeps_weights_in(path: Path, name: str) -> bool:
+    """Whether the ONNX file ``path`` (a structure without its weights: at most 256 MB)
+    reads external data from ``name``."""
+    data = read_small(path, 256 << 20)
+    try:
+        model = onnx.load_model_from_string(data) if data else None
+    except Exception:  # noqa: BLE001 - not an ONNX file: it refers to nothing
+        return False
+    return model is not None and any(e.key == "location" and e.value == name
+                                     for t in model.graph.initializer for e in t.external_data)
 
 
 def _with_streamed_weights(model: onnx.ModelProto, data_path: str, location: str) -> onnx.ModelProto:

@@ -213,14 +213,37 @@ def plan_document(result) -> tuple[dict, dict[str, np.ndarray]]:
 
 def write_plan(result, path) -> list[Path]:
     """Write ``path`` (JSON) and, when values changed, ``path`` + ``.npz`` beside it, atomically."""
-    from ..loading.files import atomic_files, check_side_file
+    return write_prepared(prepare_plan(result, path))
+
+
+def prepare_plan(result, path) -> tuple:
+    """The plan's document, arrays and files, checked (a foreign ``.npz`` beside ``path`` is
+    refused) before anything of a run is written."""
+    from ..loading.files import check_side_file
     doc, arrays = plan_document(result)
     path = Path(path)
     targets = [path]
     if arrays:
         doc["arrays"] = path.name + ".npz"
         targets.append(path.with_name(path.name + ".npz"))
-        check_side_file(targets[1], path, "the plan's arrays", "--plan")
+        check_side_file(targets[1], lambda: _keeps_arrays_in(path, targets[1].name), "the plan's arrays", "--plan")
+    return doc, arrays, targets
+
+
+def _keeps_arrays_in(path: Path, name: str) -> bool:
+    """Whether ``path`` is an spa plan whose arrays are ``name``."""
+    from ..loading.files import read_small
+    data = read_small(path, 64 << 20)
+    try:
+        doc = json.loads(data) if data else None
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(doc, dict) and doc.get("format") == FORMAT and doc.get("arrays") == name
+
+
+def write_prepared(prepared: tuple) -> list[Path]:
+    from ..loading.files import atomic_files
+    doc, arrays, targets = prepared
     with atomic_files(*targets) as tmps:
         with open(tmps[0], "w") as f:
             json.dump(doc, f, indent=1)

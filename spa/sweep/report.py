@@ -39,6 +39,8 @@ def keep_name(key: str, bound: float) -> str:
 def check_output_dir(out_dir: Path, files: dict[str, Path], inputs: dict[str, Path]):
     """Refuse before any work: -o must be a directory or a path whose parent is one we may
     write; its files must not be inputs."""
+    if os.path.lexists(out_dir) and not out_dir.exists():
+        raise OutputPathError(f"{out_dir}: -o of spa sweep is a broken symbolic link")
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputPathError(f"{out_dir}: -o of spa sweep is a directory, and this is a file")
     if out_dir.is_dir():
