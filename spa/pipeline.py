@@ -270,13 +270,10 @@ def _choose(a: Analysis, plan: PlanOptions, opts: PruneOptions, budget: Budget |
     spending the budget where the outputs change least."""
     stages("score")
     criterion = opts.criterion_used
-    try:
-        # data criteria choose which channels later; how many still comes from the plan (on l1)
-        scores, notes = score_groups(a.model, a.dep, a.groups, "l1" if criterion in DATA_CRITERIA else criterion,
-                                     opts.aggregate, opts.seed)
-        removals = plan_removals(a.groups, scores, plan)
-    except ValueError as e:
-        raise SpaError(str(e)) from None
+    # data criteria choose which channels later; how many still comes from the plan (on l1)
+    scores, notes = score_groups(a.model, a.dep, a.groups, "l1" if criterion in DATA_CRITERIA else criterion,
+                                 opts.aggregate, opts.seed)
+    removals = plan_removals(a.groups, scores, plan)
     choice = _Choice(removals, scores, notes)
     if budget is not None and a.groups:
         stages("allocate")

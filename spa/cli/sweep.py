@@ -63,22 +63,50 @@ def add_parser(sub, common, positive, formatter):
 
 
 def cmd_sweep(args) -> int:
-    from .args import pruning_options, read_checked
-    from ..loading.files import check_inside
-    from ..sweep import (Cell, Progress, SweepConfig, best_under, cells_of, parse_keep, parse_ratios,
-                        parse_targets, rerun, run_sweeps)
-    from ..sweep.report import (PLOT_MISSING, check_output_dir, format_sweep, have_matplotlib, keep_name,
-                               output_files, write_all)
+    from ..sweep import Progress, SweepConfig, run_sweeps
+    from ..sweep.report import PLOT_MISSING, have_matplotlib
+    from .args import pruning_options
 
     # every option is checked before the model is read or a worker started
     options = pruning_options(args)
+    cells, keeps = _cells_and_keeps(args)
+    plot = have_matplotlib()
+    models = [Path(m) for m in args.models]
+    dirs, files = _output_plan(args, models, keeps, plot)
+    if args.address and args.backend != "ray":
+        raise SpaError("--address joins a Ray cluster: give it with --backend ray")
+
+    configs = [SweepConfig(str(m), args.calib, args.eval, options, args.runs, args.samples) for m in models]
+    progress = Progress(len(cells) * len(models), quiet=args.quiet)
+    try:
+        sweeps = run_sweeps(configs, cells, args.backend, args.jobs, progress.cell_done, args.address)
+    finally:
+        progress.close()
+    results = [(sweep, d, f, *_kept(config, sweep, keeps))
+               for config, sweep, d, f in zip(configs, sweeps, dirs, files)]
+    _write(results, Path(args.output), several=len(models) > 1)
+    if not args.quiet:
+        _print(results, len(cells), several=len(models) > 1)
+    if not plot:
+        print(f"spa: note: {PLOT_MISSING}", file=sys.stderr)
+    return 0
+
+
+def _cells_and_keeps(args) -> tuple[list, list]:
+    from ..sweep import cells_of, parse_keep, parse_ratios, parse_targets
     targets = [t for spec in args.targets or [] for t in parse_targets(spec)]
     ratios = parse_ratios(args.ratios) if args.ratios else [] if targets else parse_ratios(DEFAULT_RATIOS)
     cells = cells_of([c.strip() for c in args.criteria.split(",") if c.strip()], ratios, targets)
-    keeps = [parse_keep(k) for k in args.keep]
+    return cells, [parse_keep(k) for k in args.keep]
+
+
+def _output_plan(args, models: list[Path], keeps: list, plot: bool) -> tuple[list, list]:
+    """Each model's folder and files, checked against every file the sweep reads (the models'
+    external data once they are read) and kept inside -o, before any work."""
+    from ..loading.files import check_inside
+    from ..sweep.report import check_output_dir, output_files
+    from .args import read_checked
     out_dir = Path(args.output)
-    plot = have_matplotlib()
-    models = [Path(m) for m in args.models]
     stems = [m.stem for m in models]
     odd = [str(m) for m, s in zip(models, stems) if len(models) > 1 and s in ("", ".", "..")]
     if odd:
@@ -104,34 +132,33 @@ def cmd_sweep(args) -> int:
     for d, f in zip(dirs, files):
         if d.is_dir():   # the models' external data is known only now
             check_output_dir(d, f, {**inputs, **{k: v for one in loaded for k, v in one.files.items()}})
-    if args.address and args.backend != "ray":
-        raise SpaError("--address joins a Ray cluster: give it with --backend ray")
+    return dirs, files
 
-    configs = [SweepConfig(str(m), args.calib, args.eval, options, args.runs, args.samples) for m in models]
-    progress = Progress(len(cells) * len(models), quiet=args.quiet)
-    try:
-        sweeps = run_sweeps(configs, cells, args.backend, args.jobs, progress.cell_done, args.address)
-    finally:
-        progress.close()
 
-    results = []
-    for config, sweep, d, f in zip(configs, sweeps, dirs, files):
-        keep_models, chosen = {}, []
-        for key, bound in keeps:
-            i = best_under(sweep, key, bound)
-            if i is None:
-                noisy = sum(1 for r in sweep.rows if r.get("latency_noisy") and key == "latency"
-                            and r["latency_ratio"] <= bound)
-                raise SpaError(f"--keep best:{key}<={bound:g}: no cell of {config.model} has {key} at most "
-                               f"{bound:g} of the original; " + (
-                                   f"{noisy} cell(s) would, but their latency is noisy: give more --runs or a "
-                                   "quieter machine" if noisy else "add larger ratios or smaller --targets"))
-            row = sweep.rows[i]
-            keep_models[f"--keep best:{key}<={bound:g}"] = rerun(config, Cell(row["criterion"], row["kind"],
-                                                                              row["value"]))
-            chosen.append((key, bound, row))
-        results.append((sweep, d, f, keep_models, chosen))
-    made = len(models) > 1 and not out_dir.exists()
+def _kept(config, sweep, keeps: list) -> tuple[dict, list]:
+    """The ``--keep`` models (pruned again) and the rows they were chosen from."""
+    from ..sweep import Cell, best_under, rerun
+    keep_models, chosen = {}, []
+    for key, bound in keeps:
+        i = best_under(sweep, key, bound)
+        if i is None:
+            noisy = sum(1 for r in sweep.rows if r.get("latency_noisy") and key == "latency"
+                        and r["latency_ratio"] <= bound)
+            raise SpaError(f"--keep best:{key}<={bound:g}: no cell of {config.model} has {key} at most "
+                           f"{bound:g} of the original; " + (
+                               f"{noisy} cell(s) would, but their latency is noisy: give more --runs or a "
+                               "quieter machine" if noisy else "add larger ratios or smaller --targets"))
+        row = sweep.rows[i]
+        keep_models[f"--keep best:{key}<={bound:g}"] = rerun(config, Cell(row["criterion"], row["kind"],
+                                                                          row["value"]))
+        chosen.append((key, bound, row))
+    return keep_models, chosen
+
+
+def _write(results: list, out_dir: Path, several: bool):
+    """Every model's files; when one fails, what the others wrote goes too."""
+    from ..sweep.report import write_all
+    made = several and not out_dir.exists()
     if made:
         out_dir.mkdir()
     written: list = []                              # (directory, files) of each model written
@@ -147,17 +174,17 @@ def cmd_sweep(args) -> int:
         if made and not any(out_dir.iterdir()):
             out_dir.rmdir()
         raise
-    if not args.quiet:
-        for sweep, d, f, _, chosen in results:
-            if len(models) > 1:
-                print(f"== {sweep.config['model']}")
-            print(format_sweep(sweep))
-            for key, bound, row in chosen:
-                print(f"kept: {d / keep_name(key, bound)} = {row['criterion']} {row['kind']}={row['value']:g} "
-                      f"({key} {row[key + '_ratio']:.3f}"
-                      f" of the original, {sweep.quality} {row[sweep.quality]:.4f})")
-            print(f"wrote {', '.join(str(p) for p in f.values() if p.suffix != '.onnx')} "
-                  f"({len(cells)} cells in {sweep.seconds:.1f}s, backend {sweep.backend}, {sweep.jobs} job(s))")
-    if not plot:
-        print(f"spa: note: {PLOT_MISSING}", file=sys.stderr)
-    return 0
+
+
+def _print(results: list, cells: int, several: bool):
+    from ..sweep.report import format_sweep, keep_name
+    for sweep, d, f, _, chosen in results:
+        if several:
+            print(f"== {sweep.config['model']}")
+        print(format_sweep(sweep))
+        for key, bound, row in chosen:
+            print(f"kept: {d / keep_name(key, bound)} = {row['criterion']} {row['kind']}={row['value']:g} "
+                  f"({key} {row[key + '_ratio']:.3f}"
+                  f" of the original, {sweep.quality} {row[sweep.quality]:.4f})")
+        print(f"wrote {', '.join(str(p) for p in f.values() if p.suffix != '.onnx')} "
+              f"({cells} cells in {sweep.seconds:.1f}s, backend {sweep.backend}, {sweep.jobs} job(s))")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import SpaError
 from ..graph.groups import Group
 
 __all__ = ["PlanOptions", "plan_removals", "uniform_keep", "rounded_keep", "round_unit"]
@@ -52,7 +53,7 @@ def plan_removals(groups: list[Group], scores: list[np.ndarray], opts: PlanOptio
     by_kind = dict(opts.ratios)
     for r in [opts.ratio, *by_kind.values()]:
         if not 0 <= r < 1:
-            raise ValueError(f"ratio must be in [0, 1), got {r}")
+            raise SpaError(f"a ratio is the fraction removed, in [0, 1); got {r}")
     ratio_of = [by_kind.get(g.kind, opts.ratio) for g in groups]
     if opts.global_rank:
         keeps = [0] * len(groups)

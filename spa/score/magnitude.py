@@ -12,6 +12,7 @@ import logging
 import numpy as np
 import onnx
 
+from ..errors import SpaError
 from ..graph.dependency import Dependency
 from ..loading.model import tensor_array
 from ..graph.groups import Group
@@ -60,7 +61,7 @@ def score_groups(model: onnx.ModelProto, dep: Dependency, groups: list[Group],
                  seed: int = 0) -> tuple[list[np.ndarray], dict[int, str]]:
     """Scores per group and, per group id, a note where the criterion fell back to another."""
     if criterion not in CRITERIA:
-        raise ValueError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
+        raise SpaError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
     reduce = AGGREGATES[aggregate]
     bn_scales, _ = _roles(model)
     rng = np.random.default_rng(seed)
