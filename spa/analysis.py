@@ -38,6 +38,18 @@ class Analysis:
         inits = self.dep.view.inits if self.dep.view is not None else {t.name for t in self.model.graph.initializer}
         return [f"{t}[{a}]" for t, a in group.spaces if t in inits]
 
+    def layer_names(self, group: Group) -> list[str]:
+        """The layers whose outputs are the group's channels, as a person knows them: the
+        node's name where the exporter kept the module path in it (``/layer1/layer1.0/conv1/Conv``),
+        else the weight's name (``features.3.fc1.weight``), without spa's ``__useN`` copies."""
+        producers = _producer_axes(self.model)
+        names = []
+        for t, axis in group.spaces:
+            node = producers.get((t, axis))
+            if node is not None:
+                names.append(_readable(node, t))
+        return list(dict.fromkeys(names))
+
     def span(self, group: Group) -> int:
         """How many indices of a heads or head-dim axis one channel of the group covers: a
         key/value head shared by N query heads spans N, a RoPE pair of head dims spans 2."""
@@ -156,4 +168,33 @@ def _constants(model: onnx.ModelProto) -> set[str]:
     known.discard("")
     return known
 
+
+# weight input and the axis of it that is an output channel, per op that makes channels
+_OUTPUT_AXIS = {"Conv": (1, 0), "ConvTranspose": (1, 1), "ConvInteger": (1, 0), "QLinearConv": (3, 0),
+                "MatMul": (1, -1), "MatMulInteger": (1, -1), "Gemm": (1, None)}
+
+
+def _producer_axes(model: onnx.ModelProto) -> dict:
+    """(weight, axis) -> the node whose output channels that axis of the weight makes."""
+    inits = {t.name: len(t.dims) for t in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        k, axis = _OUTPUT_AXIS.get(node.op_type, (None, None))
+        if node.op_type == "Gemm":
+            k, axis = 1, 0 if any(a.name == "transB" and a.i for a in node.attribute) else 1
+        if k is None or k >= len(node.input) or node.input[k] not in inits:
+            continue
+        out.setdefault((node.input[k], axis % max(inits[node.input[k]], 1)), node)
+    return out
+
+
+def _readable(node: onnx.NodeProto, weight: str) -> str:
+    from .loading.model import copied_from
+    base = copied_from(weight) or weight
+    generic = not node.name or node.name.startswith(("node_", f"{node.op_type}_")) or "__" in node.name
+    if not generic and "/" in node.name:
+        return node.name
+    if not base.startswith(("onnx::", "val_")) and not base.isdigit():
+        return base.removesuffix(".weight")
+    return node.name or base
 

@@ -316,7 +316,8 @@ def _pass_report(a: Analysis, plan: Plan, pruned: onnx.ModelProto, choice: _Choi
         **({"probe": a.shapes.probe} if a.shapes.probe else {}),  # the verify step adds "second"
         "before": {"params": count_params(a.model), "macs": count_macs(a.model, a.shapes)},
         "after": {"params": count_params(pruned), "macs": count_macs(pruned, after_shapes)},
-        "groups": plan.groups_report(lambda gid: a.member_names(a.groups[gid])),
+        "groups": plan.groups_report(lambda gid: a.member_names(a.groups[gid]),
+                                     lambda gid: a.layer_names(a.groups[gid])),
         **{k: v for k, v in a.summary().items() if k != "groups"},
     }
     if a.files:

@@ -128,3 +128,36 @@ def test_a_result_prints_as_a_summary_not_protobufs():
     text = str(spa.prune(two_convs(), ratio=0.5, criterion="l1", round_to=1))
     assert "params" in text and "removed 16 of 32 channels" in text and "verified" in text
     assert "initializer" not in text and len(text.splitlines()) < 10
+
+
+def test_groups_are_named_by_the_layers_a_person_knows(tmp_path, capsys):
+    """The demo model is a legacy export: its weights are onnx::Conv_78, its nodes keep the
+    module path. The budget lines name groups by those and say removed N of M."""
+    from pathlib import Path
+    demo = Path(__file__).resolve().parent.parent / "models" / "demo_cnn.onnx"
+    result = spa.prune(str(demo), macs=0.6, criterion="l1", steps=1)
+    layers = [g["layers"] for g in result.report["groups"]]
+    assert all(layers) and all(name.startswith("/") and name.endswith(("/Conv", "/Gemm"))
+                               for names in layers for name in names), layers
+    code = main(["prune", str(demo), "-o", str(tmp_path / "o.onnx"), "--macs", "0.6", "--criterion", "l1",
+                 "--steps", "1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    line = next(x for x in out.splitlines() if x.startswith("cut most"))
+    assert "/Conv" in line and "removed " in line and " of " in line and "onnx::" not in line
+
+
+def test_a_latency_budget_states_one_figure(tmp_path, capsys):
+    """The budget line and the table say the same latency share (the search timed it too,
+    with fewer runs; the table's measurement is the one reported)."""
+    from pathlib import Path
+    demo = Path(__file__).resolve().parent.parent / "models" / "demo_cnn.onnx"
+    code = main(["prune", str(demo), "-o", str(tmp_path / "o.onnx"), "--latency", "0.8", "--criterion", "l1",
+                 "--runs", "5"])
+    out = capsys.readouterr().out
+    assert code == 0
+    table = next(x for x in out.splitlines() if x.startswith("latency"))
+    budget = next(x for x in out.splitlines() if x.startswith("budget:"))
+    share = float(table.split()[-1])
+    achieved = float(budget.split("->")[1].split(";")[0].split()[0])
+    assert abs(share - achieved) < 1.5e-3, (table, budget)

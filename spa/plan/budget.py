@@ -80,8 +80,9 @@ def spend(a: Analysis, scores, removals, plan: PlanOptions, budget: Budget):
             return allocate_uniform(a.groups, runner, resource, target, plan, free, start)
         return allocate(a.groups, runner, resource, target, plan.round_to, plan.max_ratio, free, start)
 
-    report = {"kind": budget.kind, "target": budget.target, "allocation": budget.how, "measured_on": (
-        f"{samples} {'calibration samples' if budget.calib is not None else 'synthetic samples'}")}
+    kind = "calibration sample" if budget.calib is not None else "synthetic sample"
+    report = {"kind": budget.kind, "target": budget.target, "allocation": budget.how,
+              "measured_on": f"{samples} {kind}{'s' if samples != 1 else ''}"}
     if budget.kind == "latency":
         alloc, report["achieved"], report["latency_search"] = search_latency(a, orders, spend, budget.target)
         report["met"] = report["achieved"] <= budget.target * 1.05

@@ -131,9 +131,10 @@ class Plan:
                     raise PlanError(f"two fix-ups disagree on input {e.input} of node {e.node!r}")
                 seen[key] = e.value
 
-    def groups_report(self, member_names) -> list[dict]:
+    def groups_report(self, member_names, layer_names=lambda gid: []) -> list[dict]:
         return [{"id": c.group, "kind": c.kind, "channels": c.size, "removed": len(c.removed), "kept": c.kept,
                  "removed_channels": c.removed.tolist(), "members": member_names(c.group),
+                 "layers": layer_names(c.group),
                  **({"scores": [float(v) for v in c.scores]} if c.scores is not None else {}),
                  **({"note": c.note} if c.note else {})} for c in self.choices]
 
