@@ -9,6 +9,7 @@ import onnx
 
 from .shapes import random_inputs
 from .runtime import session
+from .stop import interruptible
 
 __all__ = ["latency", "provider_session"]
 
@@ -17,7 +18,7 @@ def latency(models: list[onnx.ModelProto], input_shapes: dict, runs: int = 30, w
             threads: int = 1, seed: int = 0, provider: str = "CPUExecutionProvider") -> list[float]:
     """Median seconds per run of each model on the same random inputs, interleaved so that
     machine noise hits every model alike, on onnxruntime's execution ``provider``."""
-    sessions = [session(m, threads=threads) if provider == "CPUExecutionProvider" else
+    sessions = [session(m, threads=threads, timed=True) if provider == "CPUExecutionProvider" else
                 provider_session(m, provider, threads) for m in models]
     feeds = random_inputs(models[0], input_shapes, np.random.default_rng(seed))
     for s in sessions:
@@ -45,4 +46,4 @@ def provider_session(model: onnx.ModelProto, provider: str, threads: int = 1):
     so.log_severity_level = 4
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    return ort.InferenceSession(materialized(model).SerializeToString(), so, providers=[provider])
+    return interruptible(ort.InferenceSession, materialized(model).SerializeToString(), so, providers=[provider])

@@ -15,10 +15,11 @@ from . import api
 from .errors import SpaError
 from .importance import CRITERIA
 from .api import Loaded
-from .files import Terminated, atomic_write, check_outputs, check_readable, termination_as_exception
+from .files import atomic_write, check_outputs, check_readable
 from .model import normalize, output_paths
 from .progress import StageProgress
 from .shapes import graph_inputs, parse_input_shapes
+from .stop import Terminated, stopping
 
 __all__ = ["main"]
 
@@ -483,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        with termination_as_exception():
+        with stopping():
             return args.func(args)
     except SpaError as e:
         print(f"spa: error: {_one_line(str(e))}", file=sys.stderr)
