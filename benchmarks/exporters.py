@@ -374,7 +374,7 @@ def child_measure(name: str, cache: str, out_json: str) -> int:
 
 def run_cli(path: Path, extra: dict, tmp: Path) -> dict:
     spa_exe = shutil.which("spa")
-    cmd = ([spa_exe] if spa_exe else [sys.executable, "-m", "spa.cli.main"]) + [
+    cmd = ([spa_exe] if spa_exe else [sys.executable, "-m", "spa.cli.commands"]) + [
         "prune", str(path), "-o", str(tmp / "cli.onnx"), "--ratio", str(RATIO), "--criterion", CRITERION,
         "--no-verify", "-q"]
     for k, v in (extra.get("input_shapes") or {}).items():

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import onnx
 
 from .errors import UnsupportedModelError, VerificationError
 from .loading.model import materialized
+from .stop import interruptible
 
 __all__ = ["session", "default_session", "any_session", "THREADS", "vector_channels"]
 
@@ -14,7 +17,9 @@ __all__ = ["session", "default_session", "any_session", "THREADS", "vector_chann
 THREADS = 0
 
 
-def session(model: onnx.ModelProto, threads: int = 0, optimize: bool = True):
+def session(model: onnx.ModelProto, threads: int = 0, optimize: bool = True, timed: bool = False):
+    """A CPU session; building it and (unless ``timed``: a worker's handoff would be timed
+    too) its runs can be stopped by a signal (spa.stop)."""
     import onnxruntime as ort
     threads = threads or THREADS
     model = materialized(model)
@@ -25,7 +30,21 @@ def session(model: onnx.ModelProto, threads: int = 0, optimize: bool = True):
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    kind = ort.InferenceSession if timed else _session_class()
+    return interruptible(kind, model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+@functools.cache
+def _session_class():
+    """onnxruntime's session, its runs interruptible (spa.stop): building one and running it
+    are the long C calls of a run."""
+    import onnxruntime as ort
+
+    class Session(ort.InferenceSession):
+        def run(self, *args, **kwargs):
+            return interruptible(super().run, *args, **kwargs)
+
+    return Session
 
 
 def _try_session(model, optimize: bool):

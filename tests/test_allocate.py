@@ -10,7 +10,7 @@ import spa
 from graphs import Graph
 from spa.plan.allocate import MaskedRunner, ResourceModel, allocate, keep_steps, removed_positions
 from spa.plan.plan import make_plan
-from spa.cli.main import main
+from spa.cli.commands import main
 from spa.verify.metrics import count_macs, count_params
 from spa.loading.probe import infer_shapes
 from spa.loading.shapes import random_inputs

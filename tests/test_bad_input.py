@@ -7,7 +7,7 @@ import onnx
 import pytest
 
 from graphs import Graph
-from spa.cli.main import main
+from spa.cli.commands import main
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 from graphs import Graph
-from spa.cli.main import main
+from spa.cli.commands import main
 
 
 @pytest.fixture
@@ -239,7 +239,7 @@ def test_global_ranks_within_a_kind_whatever_the_ratios(heads_ratio):
 def test_bench_counts_external_data(tmp_path, capsys, model_path):
     """The file size column counts every file a model is read from, small tensors read into
     memory included."""
-    from spa.cli.main import FORMATS
+    from spa.cli.commands import FORMATS
     m = onnx.load(model_path)
     ext = tmp_path / "ext.onnx"
     onnx.save(m, ext, save_as_external_data=True, location="ext.bin", size_threshold=0)

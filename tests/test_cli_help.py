@@ -12,7 +12,7 @@ import pytest
 import spa
 import spa.progress
 from graphs import Graph
-from spa.cli.main import build_parser, format_table, main, removal_summary
+from spa.cli.commands import build_parser, format_table, main, removal_summary
 from spa.progress import StageProgress
 
 

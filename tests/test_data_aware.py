@@ -7,7 +7,7 @@ from onnx import numpy_helper
 
 import spa
 from graphs import Graph
-from spa.cli.main import main
+from spa.cli.commands import main
 from spa.runtime import session
 
 

@@ -8,8 +8,12 @@ and every input and bystander file byte-identical afterwards (modes included).
 from __future__ import annotations
 
 import os
+import select
 import signal
 import stat
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +23,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphs import Graph
-from spa.cli.main import main
+from spa.cli.commands import main
 
 SECRET = b"root:x:0:0:SPA-SECRET-MARKER"
 
@@ -306,6 +310,100 @@ def test_signal_during_save_leaves_no_temporary_file(tmp_path, capsys, monkeypat
     code = main(["prune", str(path), "-o", str(tmp_path / "o.onnx"), "-q"])
     err = capsys.readouterr().err
     assert code == 128 + signum and "terminated" in err and "Traceback" not in err
+    assert listing(tmp_path) == before
+
+
+# A child ``spa`` that, once ``where`` is reached, says "busy" on stdout and stays there:
+# "analysis" in Python code, "session" and "run" inside onnxruntime's C++ (a Loop of 10^15
+# steps that never returns to Python), as a 100k-node graph keeps it for minutes.
+BUSY = """
+import sys
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+def say_busy():
+    print("busy", flush=True)
+
+body = helper.make_graph(
+    [helper.make_node("Identity", ["cond"], ["cond_out"]), helper.make_node("Add", ["v", "v"], ["v_out"])],
+    "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+             helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+             helper.make_tensor_value_info("v", TensorProto.FLOAT, [1])],
+    [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+     helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1])])
+graph = helper.make_graph(
+    [helper.make_node("Loop", ["n", "go", "v0"], ["v"], body=body)], "forever", [],
+    [helper.make_tensor_value_info("v", TensorProto.FLOAT, [1])],
+    [helper.make_tensor("n", TensorProto.INT64, [], [10 ** 15]), helper.make_tensor("go", TensorProto.BOOL, [], [True]),
+     helper.make_tensor("v0", TensorProto.FLOAT, [1], [0.0])])
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+forever = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+real_init, real_run = ort.InferenceSession.__init__, ort.InferenceSession.run
+
+def stuck():
+    say_busy()
+    real_run(forever, None, {})
+
+def init(self, *args, **kwargs):
+    stuck()
+    real_init(self, *args, **kwargs)
+
+def run(self, *args, **kwargs):
+    stuck()
+    return real_run(self, *args, **kwargs)
+
+where = sys.argv[1]
+if where == "session":
+    ort.InferenceSession.__init__ = init
+elif where == "run":
+    ort.InferenceSession.run = run
+import spa.analysis
+if where == "analysis":
+    def analyze_forever(*args, **kwargs):
+        say_busy()
+        while True:
+            sum(range(1000))
+    spa.analysis.build_dependency = analyze_forever
+from spa.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+# How long a stopped child may take to exit (it does in well under a second).
+STOP_S = 10
+
+
+def _busy_child(argv: list, where: str, folder: Path) -> subprocess.Popen:
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.Popen([sys.executable, "-c", BUSY, where, *map(str, argv)], cwd=folder, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ready, _, _ = select.select([child.stdout], [], [], 120)
+    if not ready or child.stdout.readline().strip() != "busy":
+        child.kill()
+        pytest.fail(f"the child never got busy: {child.communicate()[1]}")
+    return child
+
+
+@pytest.mark.parametrize("where", ["analysis", "session", "run"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_spa_at_once_even_inside_onnxruntime(tmp_path, where, signum):
+    path = tmp_path / "m.onnx"
+    onnx.save(small_model(), path)
+    before = listing(tmp_path)
+    child = _busy_child(["prune", path, "-o", tmp_path / "o.onnx", "--report", tmp_path / "r.json", "-q"],
+                        where, tmp_path)
+    time.sleep(0.3)                       # well inside the busy call
+    child.send_signal(signum)
+    start = time.monotonic()
+    try:
+        _, err = child.communicate(timeout=STOP_S)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.communicate()
+        pytest.fail(f"{signal.Signals(signum).name} did not stop spa within {STOP_S}s ({where})")
+    assert time.monotonic() - start < STOP_S
+    lines = err.strip().splitlines()
+    assert child.returncode == 128 + signum, err
+    assert len(lines) == 1 and lines[0].startswith("spa: ") and "Traceback" not in err, err
     assert listing(tmp_path) == before
 
 
@@ -628,7 +726,7 @@ def test_report_is_the_inputs_data_file(tmp_path, capsys, ext_model):
 
 
 def test_report_write_failure_removes_the_model(tmp_path, capsys, monkeypatch):
-    from spa.cli import main as cli
+    from spa.cli import commands as cli
     path = tmp_path / "m.onnx"
     onnx.save(small_model(), path)
 

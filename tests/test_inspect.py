@@ -9,7 +9,7 @@ import pytest
 
 from graphs import Graph
 from spa.analysis import analyze
-from spa.cli.main import main
+from spa.cli.commands import main
 
 
 def _conv_then(kind: str) -> onnx.ModelProto:

@@ -12,7 +12,7 @@ import pytest
 import spa
 from graphs import Graph
 from spa import pipeline
-from spa.cli.main import main
+from spa.cli.commands import main
 from spa.errors import SpaError
 from spa.verify.metrics import count_macs
 from spa.options import DEFAULT_RATIO, PruneOptions

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper
 
 import spa
 from graphs import Graph, assert_prunes
-from spa.cli.main import main
+from spa.cli.commands import main
 from spa.loading.probe import IMAGE_SIZES
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from spa.cli.main import main
+from spa.cli.commands import main
 from spa.errors import SpaError
 from spa.options import PruneOptions
 from spa.sweep import Cell, Sweep, best_under, cells_of, fidelity, pareto, parse_keep, parse_ratios, parse_targets

@@ -13,7 +13,7 @@ import torchvision  # noqa: E402  (after torchvision_zoo defined its ops)
 
 import spa  # noqa: E402
 import spa.torch  # noqa: E402
-from spa.cli.main import main  # noqa: E402
+from spa.cli.commands import main  # noqa: E402
 
 RTOL = 1e-5
 

@@ -83,7 +83,7 @@ def test_minilm_fidelity(zoo_dir):
 
 
 def test_inspect_shows_kv_groups_and_rope_pairs(tfzoo, zoo_dir, capsys):
-    from spa.cli.main import main
+    from spa.cli.commands import main
     path = tfzoo.export("llama", "dynamo", zoo_dir)
     assert main(["inspect", str(path)]) == 0
     assert "each = 2 query heads: grouped-query attention" in capsys.readouterr().out

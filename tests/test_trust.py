@@ -423,7 +423,7 @@ def test_calib_that_overflows_prints_one_line_at_most(tmp_path, capsys):
     np.savez(path, **{INPUT: np.full((8, 3, 8, 8), np.iinfo(np.uint64).max, np.uint64)})
     case = _obspa_case(tmp_path, "--calib", path)
     case.code, case.may_create = None, [tmp_path / "out.onnx"]
-    from spa.cli.main import main
+    from spa.cli.commands import main
     code = main([str(a) for a in case.argv])
     err = capsys.readouterr().err
     assert "Warning" not in err and len([x for x in err.splitlines() if x.strip()]) <= 1, err
@@ -444,7 +444,7 @@ def test_a_sparse_initializer_is_not_called_invalid(tmp_path, capsys):
     out = tmp_path / "out.onnx"
     code_case = Case(["prune", path, "-o", out, "--ratio", "0.5", "--criterion", "l1"], 0, (), tmp_path,
                      may_create=[out])
-    from spa.cli.main import main
+    from spa.cli.commands import main
     code = main([str(a) for a in code_case.argv])
     err = capsys.readouterr().err
     assert "invalid ONNX model" not in err and "Traceback" not in err

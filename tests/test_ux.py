@@ -11,7 +11,7 @@ import pytest
 import spa.verify.bench
 import spa.progress
 from spa.verify.bench import Timing
-from spa.cli.main import build_parser, main
+from spa.cli.commands import build_parser, main
 from spa.progress import StageProgress, phase, steps, track
 from spa.sweep import Cell, Sweep, SweepConfig, Worker, best_under, latency_noisy
 from spa.sweep.report import format_sweep

@@ -38,7 +38,7 @@ def test_dynamo_export_with_external_data_as_users_get_it(zoo, tmp_path, capsys)
     import onnxruntime as ort
     import torch
 
-    from spa.cli.main import main
+    from spa.cli.commands import main
     model, x = zoo.build("resnet18", IMAGE_SIZE)
     path = tmp_path / "model.onnx"
     with zoo._quiet():

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import stat
 import tempfile
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Callable, Iterator
 from ..errors import OutputPathError
 
 __all__ = ["check_outputs", "check_readable", "check_inside", "check_side_file", "open_regular", "read_all",
-           "pread_into", "read_small", "atomic_write", "Terminated", "termination_as_exception"]
+           "pread_into", "read_small", "atomic_write"]
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -228,29 +227,3 @@ def atomic_write(path, write: Callable[[str], None]) -> Path:
         write(tmp)
     return path
 
-
-class Terminated(BaseException):
-    """SIGTERM or SIGHUP arrived: unwinds like Ctrl-C so temporary files are removed."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def termination_as_exception():
-    """While active, SIGTERM and SIGHUP raise ``Terminated`` in the main thread."""
-    def handler(signum, frame):
-        raise Terminated(signum)
-    previous = {}
-    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if sig is not None:
-            try:
-                previous[sig] = signal.signal(sig, handler)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-    try:
-        yield
-    finally:
-        for sig, h in previous.items():
-            signal.signal(sig, h)

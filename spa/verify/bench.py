@@ -16,6 +16,7 @@ import onnx
 
 from ..loading.shapes import graph_inputs, random_inputs
 from ..runtime import session
+from ..stop import interruptible
 
 __all__ = ["Timing", "latency", "timings", "provider_session"]
 
@@ -53,7 +54,7 @@ def timings(models: list[onnx.ModelProto], input_shapes: dict, runs: int = 30, w
     """Time each model ``runs`` times in all, in ``repeats`` rounds, interleaved run by run so
     that machine noise hits every model alike, on onnxruntime's execution ``provider``; odd
     rounds run the models in reverse order (whoever runs first meets a colder cache)."""
-    sessions = [session(m, threads=threads) if provider == "CPUExecutionProvider" else
+    sessions = [session(m, threads=threads, timed=True) if provider == "CPUExecutionProvider" else
                 provider_session(m, provider, threads) for m in models]
     feeds = random_inputs(models[0], input_shapes, np.random.default_rng(seed))
     # the same values in each model's own input types (a float16 copy takes float16)
@@ -94,4 +95,4 @@ def provider_session(model: onnx.ModelProto, provider: str, threads: int = 1):
     so.log_severity_level = 4
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    return ort.InferenceSession(materialized(model).SerializeToString(), so, providers=[provider])
+    return interruptible(ort.InferenceSession, materialized(model).SerializeToString(), so, providers=[provider])

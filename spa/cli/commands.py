@@ -15,13 +15,14 @@ from ..score import CRITERIA
 from ..analysis import Loaded, analyze
 from ..pipeline import prune
 from ..loading.data_files import accuracy, calibration_data, eval_data as read_eval
-from ..loading.files import Terminated, atomic_write, termination_as_exception
+from ..loading.files import atomic_write
 from ..loading.model import normalize, output_paths
 from .args import (add_pruning_options, latency_arg, positive_arg, pruning_options, ratio_arg, read_checked,
                    share_arg)
 from ..progress import StageProgress
 from ..loading.shapes import graph_inputs, parse_input_shapes
 from ..verify.oracle import describe as describe_verify
+from ..stop import Terminated, stopping
 
 __all__ = ["main"]
 
@@ -383,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        with termination_as_exception(), warnings.catch_warnings():
+        with stopping(), warnings.catch_warnings():
             if not args.verbose:   # numpy's overflow notes on odd data: stderr keeps to spa's own lines
                 warnings.simplefilter("ignore", RuntimeWarning)
             return args.func(args)
