@@ -40,7 +40,7 @@ def test_rounds_alternate_the_order_and_the_fastest_median_counts(monkeypatch):
     clock, log = [0.0], []
     model = onnx.load(DEMO)
     made = iter([_FakeSession(clock, 2.0, log, "a"), _FakeSession(clock, 1.0, log, "b", slow=(4, 6))])
-    monkeypatch.setattr(spa.verify.bench, "session", lambda m, threads=1: next(made))
+    monkeypatch.setattr(spa.verify.bench, "session", lambda m, threads=1, timed=False: next(made))
     monkeypatch.setattr(spa.verify.bench, "_clock", lambda: clock[0])
     t = spa.verify.bench.timings([model, model], {"image": (1, 1, 28, 28)}, runs=6, warmup=1, repeats=3)
     timed = log[2:]                                  # after one warm-up run each
