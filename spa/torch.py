@@ -14,8 +14,9 @@ before it (slicing is exact), but value changes cannot be mapped back; export wi
 
 Nothing is assigned before the whole plan has been checked (``spa.plan.plan_check``: types,
 indices, value changes, ties) and every new tensor and size computed and checked against the
-module: a plan that does not fit raises :class:`~spa.errors.PlanFileError` and leaves the
-module as it was. The plan's size is bounded by the module's (see :func:`_limits`).
+module (values finite in its dtype, group counts, the widths of an ``nn.Sequential``'s
+consecutive layers): a plan that does not fit raises :class:`~spa.errors.PlanFileError` and
+leaves the module as it was. The plan's size is bounded by the module's (see :func:`_limits`).
 """
 
 from __future__ import annotations
@@ -223,6 +224,7 @@ def _stage(module, doc, arrays, owned, updates, strict, staged) -> Applied:
         _add_biases(doc, arrays, mapping, owned, staged)
     _check_channels_agree(module, staged)
     _new_attributes(module, doc, mapping, applied, staged)     # refuses modules that cannot be fixed
+    _check_chains(module, staged)
     unexplained = [n for n in applied.exporter_only if not _explained(doc["tensors"][n], applied, out_kept)
                    and not _inert(doc["tensors"][n], updates)]
     if strict and unexplained:
@@ -252,7 +254,7 @@ def _slice(doc, arrays, mapping, owned, applied, updates, staged) -> dict:
         for axis, kept in sorted(entry["kept"].items(), key=lambda kv: int(kv[0])):
             values = np.take(values, np.asarray(kept, dtype=np.int64), axis=int(axis))
         if updates and entry.get("delta") and plan_name not in applied.folded:
-            values = values + arrays[entry["delta"]].astype(values.dtype)
+            values = _plus(values, arrays[entry["delta"]], t, f"plan tensor {shown(plan_name)}")
         kept_axes = {str(1 - int(a)) if flip else a: k for a, k in entry["kept"].items()}
         staged.put(owner, attr, values.T if flip else values, t, kept_axes.get("0"))
         shape = entry["shape"][::-1] if flip else entry["shape"]
@@ -260,6 +262,34 @@ def _slice(doc, arrays, mapping, owned, applied, updates, staged) -> dict:
         if attr == "weight" and out_axis in kept_axes:
             out_kept[id(owner)] = (shape[int(out_axis)], np.asarray(kept_axes[out_axis]))
     return out_kept
+
+
+def _plus(values, delta, like, where: str) -> np.ndarray:
+    """``values + delta`` as the module will hold them. The plan's check finds a change finite
+    in the change's own dtype: 1e300 is finite as float64 and infinite as the module's
+    float32, so the sum is checked in the dtype it is applied in (no float64 copy of a
+    large tensor: an overflow there is an infinity or past the module's largest value)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = values + delta.astype(values.dtype)
+    _check_fits(out, like, where, np.isfinite(values), delta)     # a -inf mask value stays what it was
+    return out
+
+
+def _check_fits(values, like, where: str, judged=None, change=None):
+    """``values`` stay finite as ``like``'s dtype (where ``judged``): a change past its range
+    would make the module compute with infinities. ``change``: what to name as too large."""
+    import torch
+    if not like.is_floating_point():
+        raise PlanFileError(f"{where}: the plan changes the values of a {like.dtype} tensor of the module; "
+                            "spa changes floating-point values only")
+    top = torch.finfo(like.dtype).max
+    past = ~(np.abs(values) <= top)         # NaN and infinities too
+    if judged is not None:
+        past &= judged
+    if past.any():
+        size = float(np.abs(change if change is not None else values[past]).max())
+        raise PlanFileError(f"{where}: the plan's values (up to {size:.3g}) take it past what the module's "
+                            f"{like.dtype} holds ({top:.3g}): it would hold infinities")
 
 
 def _inert(entry, updates: bool) -> bool:
@@ -326,6 +356,7 @@ def _add_biases(doc, arrays, mapping, owned, staged):
                 if value.ndim != 1 or value.dtype.kind != "f" or (id(owner), "bias") in staged.tensors:
                     raise PlanFileError(f"added tensor {shown(name)}: not one bias of node {shown(node_name)} "
                                         f"(shape {list(value.shape)}, {value.dtype})")
+                _check_fits(value, t, f"added tensor {shown(name)}")
                 staged.put(owner, "bias", value, t)
 
 
@@ -351,6 +382,71 @@ def _check_channels_agree(module, staged):
             elif not np.array_equal(first[1], kept):
                 raise PlanFileError(f"{mname or 'the module'}: the plan keeps other output channels of its "
                                     f"{first[0]} than of its {attr}")
+
+
+# the axis a layer reads and gives its width on: channels (axis 1, convs and their norms) or
+# features (the last, Linear and LayerNorm); None: either (BatchNorm1d after a Linear reads
+# its (N, C) output), it gives what it read
+_CHANNELS, _FEATURES = "channels", "features"
+
+
+def _ends(m, size):
+    """(axis read, width read, axis given, width given) of a layer of a chain, its sizes read
+    by ``size(m, attribute)``; "pass" for a module that keeps every width (activations,
+    dropout), "pool" for one that keeps the channels only, None for one after which no width
+    is known (anything else: a reshape, a block with its own forward)."""
+    import torch.nn as nn
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return _CHANNELS, size(m, "in_channels"), _CHANNELS, size(m, "out_channels")
+    if isinstance(m, nn.Linear):
+        return _FEATURES, size(m, "in_features"), _FEATURES, size(m, "out_features")
+    if isinstance(m, nn.modules.batchnorm._NormBase):
+        n = size(m, "num_features")
+        return (None, n, None, n) if isinstance(m, nn.BatchNorm1d) else (_CHANNELS, n, _CHANNELS, n)
+    if isinstance(m, nn.GroupNorm):
+        return _CHANNELS, size(m, "num_channels"), _CHANNELS, size(m, "num_channels")
+    if isinstance(m, nn.LayerNorm) and len(size(m, "normalized_shape")):
+        return _FEATURES, size(m, "normalized_shape")[-1], _FEATURES, size(m, "normalized_shape")[-1]
+    if next(m.parameters(), None) is not None or next(m.buffers(), None) is not None:
+        return None
+    if isinstance(m, nn.Identity) or type(m).__module__ in ("torch.nn.modules.activation",
+                                                            "torch.nn.modules.dropout"):
+        return "pass"
+    return "pool" if type(m).__module__ == "torch.nn.modules.pooling" else None
+
+
+def _check_chains(module, staged):
+    """In an nn.Sequential each child reads what the one before it gives: there the module
+    tells which widths must agree, and a layer left reading its old width after the layers
+    before it lost channels (a plan lacking its entry) is refused before anything changes.
+    Only widths that agreed before the plan are compared: two that are equal by chance on
+    different axes (a Conv1d's channels, a Linear over its length) are not judged."""
+    import torch.nn as nn
+    new = {(id(m), a): v for m, a, v in staged.attributes}
+
+    def after(m, attr):
+        return new.get((id(m), attr), getattr(m, attr))
+    for name, seq in module.named_modules():
+        if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
+            continue
+        last = None       # (axis, width before, width after, child name) the children so far give
+        for child_name, child in seq.named_children():
+            before = _ends(child, getattr)
+            if before == "pass" or before == "pool" and last is not None and last[0] == _CHANNELS:
+                continue
+            if not isinstance(before, tuple):
+                last = None
+                continue
+            now = _ends(child, after)
+            if last is not None and before[0] in (None, last[0]) and before[1] == last[1] and now[1] != last[2]:
+                raise PlanFileError(f"{_qualified(name, child_name)}: it would read {now[1]} {last[0] or 'channels'}"
+                                    f", but {_qualified(name, last[3])} before it would give {last[2]}: the plan "
+                                    "does not cut the layers of this nn.Sequential together (an entry missing?)")
+            last = (before[2] or (last[0] if last else None), before[3], now[3], child_name)
+
+
+def _qualified(parent: str, child: str) -> str:
+    return f"{parent}.{child}" if parent else child
 
 
 def _new_attributes(module, doc, mapping, applied, staged):
@@ -402,6 +498,7 @@ def _sizes_of(name, m, groups, shape, head_dims: bool) -> dict:
         _fits(name, m, "bias", (channels,), shape)
         if channels % groups:
             raise PlanFileError(f"{name}: {channels} channels do not split into {groups} groups")
+        _groups_shrink(name, "", m.num_channels, m.num_groups, channels, groups)
         return {"num_channels": channels, "num_groups": groups}
     if isinstance(m, nn.MultiheadAttention):
         if m.in_proj_weight is not None and shape(m, "in_proj_weight") != (3 * m.embed_dim, m.embed_dim) or \
@@ -418,6 +515,16 @@ def _fits(name, m, attr, want, shape):
         raise PlanFileError(f"{name}: its {attr} would have shape {list(got)}, its layer needs {list(want)}")
 
 
+def _groups_shrink(name, what: str, width: int, groups: int, new_width: int, new_groups: int):
+    """Pruning removes whole groups or channels from each, never adds either: a plan that
+    raises a group count (group=2 on a conv of one group) would make the layer read another
+    width than the layer before it gives, though every count divides."""
+    if new_groups > groups or new_width * groups > width * new_groups:
+        raise PlanFileError(f"{name}: the plan gives it {new_groups} group(s) of {new_width // new_groups} "
+                            f"{what + ' ' if what else ''}channels; it has {groups} of {width // groups}, and "
+                            "pruning never adds groups or channels to a group")
+
+
 def _conv_sizes(name, m, groups: int, shape) -> dict:
     w = shape(m, "weight")
     # ConvTranspose's weight is (in, out / groups, ...), Conv's (out, in / groups, ...)
@@ -426,6 +533,7 @@ def _conv_sizes(name, m, groups: int, shape) -> dict:
     if w[0] % groups:
         raise PlanFileError(f"{name}: {w[0]} {'input' if m.transposed else 'output'} channels do not split "
                             f"into {groups} groups")
+    _groups_shrink(name, "input" if m.transposed else "output", m.weight.shape[0], m.groups, w[0], groups)
     _fits(name, m, "bias", (sizes["out_channels"],), shape)
     return {**sizes, "groups": groups}
 

@@ -8,9 +8,13 @@ so each refusal is the edit's doing.
 
 import copy
 import json
+import os
+import struct
+import threading
 import time
 import tracemalloc
 import zipfile
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -42,6 +46,15 @@ class Net(torch.nn.Module):
 def _net():
     torch.manual_seed(0)
     return Net().eval()
+
+
+def _sequential():
+    """Net's layers (the same tensors and names) as an nn.Sequential: the module itself says
+    that each layer reads the one before it."""
+    net = _net()
+    return torch.nn.Sequential(OrderedDict(
+        conv1=net.conv1, bn1=net.bn1, relu1=torch.nn.ReLU(), conv2=net.conv2, relu2=torch.nn.ReLU(),
+        pool=torch.nn.AdaptiveAvgPool2d(1), flat=torch.nn.Flatten(), fc=net.fc)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +135,8 @@ def test_the_plan_applies(tmp_path, plan):
     ("0,1,2", "expected a list"),
 ])
 def test_bad_kept_indices(tmp_path, plan, kept, what):
-    """With nothing else to give the edit away (no ties, a new_shape to match), as a plan of an
-    older spa or an edit made with care would be."""
+    """With nothing else to give the edit away (a new_shape to match; the ties, checked after
+    the tensors, deleted)."""
     doc, arrays = _edit(plan)
     del doc["ties"]
     doc["tensors"]["conv1.weight"]["kept"]["0"] = kept
@@ -146,22 +159,31 @@ def test_kept_lists_of_layers_cut_together_disagree(tmp_path, plan, tensor, axis
     refused(tmp_path, doc, arrays, f"'{tensor}' axis {int(axis)}", "cut together", "different indices")
 
 
-def test_a_layers_own_tensors_disagree_without_ties(tmp_path, plan):
-    """An older plan has no ties: the tensors of one layer must still keep the same channels."""
+def _retied(doc) -> dict:
+    """The ties written again to fit the edited kept lists, as a careful edit would: then
+    only the module can tell the plan does not fit it."""
+    by_kept: dict = {}
+    for name, entry in doc["tensors"].items():
+        for axis, kept in entry["kept"].items():
+            by_kept.setdefault((entry["shape"][int(axis)], tuple(kept)), []).append([name, int(axis)])
+    doc["ties"] = list(by_kept.values())
+    return doc
+
+
+def test_a_layers_own_tensors_disagree_without_ties_to_tell(tmp_path, plan):
+    """Ties rewritten to fit the edit: the tensors of one layer must still keep the same channels."""
     doc, arrays = _edit(plan)
-    del doc["ties"]
     kept = doc["tensors"]["bn1.running_var"]["kept"]["0"]
     doc["tensors"]["bn1.running_var"]["kept"]["0"] = sorted(set(range(16)) - set(kept))[:len(kept)]
-    refused(tmp_path, doc, arrays, "bn1:", "other output channels", "running_var")
+    refused(tmp_path, _retied(doc), arrays, "bn1:", "other output channels", "running_var")
 
 
 def test_a_layers_tensors_disagree_in_width(tmp_path, plan):
     doc, arrays = _edit(plan)
-    del doc["ties"]
     entry = doc["tensors"]["bn1.running_mean"]
     entry["kept"]["0"] = entry["kept"]["0"][:-1]
     entry["new_shape"] = [len(entry["kept"]["0"])]
-    refused(tmp_path, doc, arrays, "bn1:")
+    refused(tmp_path, _retied(doc), arrays, "bn1:")
 
 
 def test_new_shape_disagrees_with_kept(tmp_path, plan):
@@ -198,7 +220,9 @@ def _conv_node(doc, **attributes):
 @pytest.mark.parametrize("group,what", [(0, "not a positive integer"), (-2, "not a positive integer"),
                                         (2.0, "not a positive integer"), (True, "not a positive integer"),
                                         ("2", "not a positive integer"),
-                                        (5, "output channels do not split into 5 groups")])
+                                        (5, "output channels do not split into 5 groups"),
+                                        # divides conv2's new outputs, but not what conv1 now gives it
+                                        (2, "never adds groups")])
 def test_bad_group_count(tmp_path, plan, group, what):
     doc, arrays = _edit(plan)
     _conv_node(doc, group=group)
@@ -387,3 +411,129 @@ def test_damaged_npz(tmp_path, plan, content):
     _write(tmp_path, doc, arrays)
     (tmp_path / "plan.json.npz").write_bytes(content)
     refused(tmp_path, doc, None, "cannot read the plan's arrays")
+
+
+def _flip_inputs_of_conv2(doc):
+    """conv2 reads other channels than conv1 keeps (as many): the module runs, silently wrong."""
+    entry = doc["tensors"]["conv2.weight"]
+    entry["kept"]["1"] = sorted(set(range(16)) - set(entry["kept"]["1"]))[:len(entry["kept"]["1"])]
+    entry.pop("delta")
+
+
+def _drop_from_ties(doc, name, axis):
+    doc["ties"] = [[m for m in tie if m != [name, axis]] for tie in doc["ties"]]
+
+
+@pytest.mark.parametrize("edit,words", [
+    (lambda doc: doc.pop("ties"), ["has no ties", "write the plan again with this spa"]),
+    (lambda doc: doc.update(ties=[]), ["'bn1.weight' axis 0", "in none of the plan's ties"]),
+    (lambda doc: _drop_from_ties(doc, "conv2.weight", 1), ["'conv2.weight' axis 1", "in none of the plan's ties"]),
+])
+def test_ties_dropped_with_an_edit(tmp_path, plan, edit, words):
+    """The ties tell an edited kept list from a real one only if an edit cannot drop them:
+    every sliced axis is in one, and a plan without ties is refused."""
+    doc, arrays = _edit(plan)
+    _flip_inputs_of_conv2(doc)
+    edit(doc)
+    refused(tmp_path, doc, arrays, *words)
+
+
+def test_next_layers_slicing_dropped(tmp_path, plan):
+    """conv2 left reading all 16 channels conv1 no longer gives: its tie goes with it (the
+    plan's ties tell), or the ties are written again to fit (an nn.Sequential tells)."""
+    doc, arrays = _edit(plan)
+    entry = doc["tensors"]["conv2.weight"]
+    del entry["kept"]["1"], entry["delta"]
+    entry["new_shape"][1] = 16
+    whole = copy.deepcopy(doc)
+    whole["ties"] = [t for t in doc["ties"] if ["conv2.weight", 1] not in t]
+    refused(tmp_path, whole, arrays, "'bn1.weight' axis 0", "in none of the plan's ties")
+    refused(tmp_path, _retied(doc), arrays, "conv2: it would read 16 channels", "bn1 before it would give",
+            model=_sequential())
+
+
+def test_the_plan_applies_to_a_sequential(tmp_path, plan):
+    """The widths of a chain checked: a real plan still applies (fc after Flatten not judged)."""
+    model = _sequential()
+    spa.torch.apply_plan(model, _write(tmp_path, *plan))
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 8, 8)).shape == (1, 10)
+    assert model.conv1.out_channels == model.conv2.in_channels < 16
+
+
+@pytest.mark.parametrize("tensor,value", [
+    ("conv2.weight", lambda d: np.full(d.shape, 1e300)),                       # finite as float64 only
+    ("conv2.weight", lambda d: np.where(np.arange(d.size).reshape(d.shape) == 7, 3.5e38, d.astype(np.float64))),
+    ("conv1_bias", None),
+])
+def test_values_past_the_modules_dtype(tmp_path, plan, tensor, value):
+    """A change is finite in its own dtype, but is applied in the module's: there it must be
+    finite too, not inf."""
+    doc, arrays = _edit(plan)
+    if value is None:
+        _added_bias(doc, arrays, np.full(len(doc["tensors"]["conv1.weight"]["kept"]["0"]), 1e300))
+    else:
+        key = doc["tensors"][tensor]["delta"]
+        arrays[key] = value(arrays[key])
+    refused(tmp_path, doc, arrays, f"'{tensor}'", "past what the module's torch.float32 holds")
+
+
+def _refused_at_once(fn, fifo):
+    """fn() raises PlanFileError without blocking on ``fifo``; a blocked reader is let go by
+    opening the FIFO's other end, so a failing test still ends."""
+    box = {}
+
+    def call():
+        try:
+            fn()
+        except Exception as e:       # noqa: BLE001 (reported below)
+            box["error"] = e
+    t = threading.Thread(target=call, daemon=True)
+    t.start()
+    t.join(10)
+    if t.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY))       # the reader gets end of file
+        t.join(10)
+        pytest.fail(f"blocked on the FIFO {fifo}")
+    assert isinstance(box.get("error"), PlanFileError), box
+    return str(box["error"])
+
+
+@pytest.mark.parametrize("which", ["plan.json", "plan.json.npz"])
+def test_a_fifo_is_refused_without_blocking(tmp_path, plan, which):
+    path = _write(tmp_path, *_edit(plan))
+    os.unlink(tmp_path / which)
+    os.mkfifo(tmp_path / which)
+    model = _net()
+    before, shape = _state(model)
+    message = _refused_at_once(lambda: spa.torch.apply_plan(model, path), tmp_path / which)
+    assert "not a regular file (a FIFO)" in message and "\n" not in message
+    assert _state(model)[1] == shape
+
+
+def _header_bomb(path, declared=32 * MB):
+    """An .npz member whose (version 2) .npy header declares ``declared`` bytes, and holds
+    them: spaces, a few kilobytes deflated."""
+    with zipfile.ZipFile(path, "a", zipfile.ZIP_DEFLATED) as z, z.open("bomb.npy", "w", force_zip64=True) as f:
+        f.write(np.lib.format.MAGIC_PREFIX + bytes([2, 0]) + struct.pack("<I", declared))
+        for _ in range(declared // MB):
+            f.write(b" " * MB)
+
+
+def test_npy_header_too_long_is_refused_unread(tmp_path, plan):
+    """numpy reads a whole .npy header before its own size check: spa reads its length
+    first, for the plan's arrays and for --calib/--eval data alike."""
+    from spa.loading.data_files import read_npz
+    _write(tmp_path, *_edit(plan))
+    _header_bomb(tmp_path / "plan.json.npz")
+    seconds, peak, message = _peak(lambda: spa.torch.apply_plan(_net(), tmp_path / "plan.json"))
+    assert "'bomb.npy'" in message and "header declares" in message and peak < 8 * MB, (peak, message)
+    np.savez(tmp_path / "calib.npz", x=np.zeros(3, np.float32))
+    _header_bomb(tmp_path / "calib.npz")
+    tracemalloc.start()
+    try:
+        with pytest.raises(spa.SpaError, match="'bomb'.*header declares"):
+            read_npz(tmp_path / "calib.npz", "--calib file", ["x", "bomb"], 1 << 30)
+        assert tracemalloc.get_traced_memory()[1] < 8 * MB
+    finally:
+        tracemalloc.stop()

@@ -8,7 +8,9 @@ line read data here.
 
 from __future__ import annotations
 
+import io
 import os
+import struct
 import zipfile
 
 import numpy as np
@@ -18,10 +20,40 @@ from ..errors import SpaError
 from .files import check_readable, open_regular
 from .shapes import graph_inputs
 
-__all__ = ["read_npz", "calibration_data", "eval_data", "accuracy", "array_limit"]
+__all__ = ["read_npz", "npy_header", "calibration_data", "eval_data", "accuracy", "array_limit"]
 
 # Kinds of number onnxruntime takes as model inputs and labels: bool, ints, floats.
 _NUMBER_KINDS = "biuf"
+
+# The longest .npy header read: numpy writes a few hundred bytes (a 64-D shape fits in 2 KiB)
+MAX_NPY_HEADER = 64 << 10
+
+
+def npy_header(member, where: str, error=SpaError) -> tuple[tuple, bool, np.dtype]:
+    """(shape, Fortran order, dtype) of the ``.npy`` stream ``member``, left at its data.
+
+    numpy's ``read_array_header_*`` reads the whole header before its own size check, so a
+    member declaring a 300 MB header costs 300 MB: the magic and the length field are read
+    here first, and a header past :data:`MAX_NPY_HEADER` is refused unread."""
+    prefix = member.read(8)             # b"\x93NUMPY", then the major and minor version
+    if len(prefix) < 8 or prefix[:6] != np.lib.format.MAGIC_PREFIX:
+        raise error(f"{where}: not a .npy array")
+    version = (prefix[6], prefix[7])
+    if version not in ((1, 0), (2, 0), (3, 0)):
+        raise error(f"{where}: .npy version {version[0]}.{version[1]} is not read here")
+    field = member.read(2 if version == (1, 0) else 4)
+    if len(field) < (2 if version == (1, 0) else 4):
+        raise error(f"{where}: the .npy header ends early")
+    length = struct.unpack("<H" if version == (1, 0) else "<I", field)[0]
+    if length > MAX_NPY_HEADER:
+        raise error(f"{where}: its .npy header declares {length} bytes; spa reads at most {MAX_NPY_HEADER}")
+    text = member.read(length)
+    # numpy parses the bounded header; version 3.0 differs from 2.0 only in the text's encoding
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    try:
+        return read(io.BytesIO(field + text))
+    except ValueError as e:
+        raise error(f"{where}: bad .npy header ({str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
 
 
 def array_limit(model: onnx.ModelProto) -> int:
@@ -49,12 +81,9 @@ def read_npz(path, what: str, names: list[str], limit: int) -> dict[str, np.ndar
 
 
 def _read_member(z, name: str, path, what: str, limit: int) -> np.ndarray:
-    with z.zip.open(name + ".npy") as member:
-        version = np.lib.format.read_magic(member)
-        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
-                       np.lib.format.read_array_header_2_0)   # 3.0 differs only in the text's encoding
-        shape, _, dtype = read_header(member)
     where = f"{path}: {what}: array {name!r}"
+    with z.zip.open(name + ".npy") as member:
+        shape, _, dtype = npy_header(member, where)
     if dtype.kind not in _NUMBER_KINDS or dtype.hasobject:
         raise SpaError(f"{where} holds {dtype} values; spa reads numbers (bool, int, float)")
     nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize

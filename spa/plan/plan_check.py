@@ -3,9 +3,10 @@
 ``spa.plan.plan_file.read_plan`` calls :func:`check_document`: every field that
 ``spa.torch.apply_plan`` reads has its JSON type; every kept list indexes its own tensor's
 axis (integers, none negative, in range, strictly increasing, not empty); a value change
-has the shape of the kept slice and is finite; a group count is a positive integer; the axes
-the plan cuts together (``ties``) keep the same indices. Fields nothing reads are not looked
-at, so a later version may add some.
+has the shape of the kept slice and is finite; a group count is a positive integer; every
+sliced axis is in exactly one of the plan's ``ties`` (required: without them an edited kept
+list could no longer be told from a real one), and the axes of a tie keep the same indices.
+Fields nothing reads are not looked at, so a later version may add some.
 
 The work is bounded by :class:`Limits`, which the caller derives from the model the plan is
 for: lists are counted before any of their elements is read, and a list longer than its axis
@@ -81,7 +82,10 @@ def check_document(doc, arrays: dict, limits: Limits = Limits()) -> None:
     for name, node in nodes.items():
         _check_node(name, node)
     _check_groups(groups)
-    _check_ties(doc.get("ties", []), tensors)
+    if "ties" not in doc:
+        raise PlanFileError("the plan has no ties (the axes it cuts together), which this spa needs to check "
+                            "it: write the plan again with this spa")
+    _check_ties(doc["ties"], tensors)
 
 
 def _count_indices(tensors: dict, groups: list, limits: Limits):
@@ -212,8 +216,10 @@ def _check_groups(groups: list):
 
 def _check_ties(ties, tensors: dict):
     """Axes cut together (a conv's filters, its BatchNorm, the next layer's inputs) keep the
-    same indices: one of them edited alone makes a module whose layers no longer line up."""
-    seen = set()
+    same indices: one of them edited alone makes a module whose layers no longer line up.
+    Every sliced axis is in a tie (spa writes one alone where nothing agrees with it), so
+    dropping an axis from its tie, or emptying the ties, does not let an edit through."""
+    seen: set = set()
     for tie in _typed(ties, list, "the plan's ties"):
         first = None
         for member in _typed(tie, list, "a tie of the plan"):
@@ -231,3 +237,8 @@ def _check_ties(ties, tensors: dict):
             elif kept != first[2]:
                 raise PlanFileError(f"plan tensors {shown(first[0])} axis {first[1]} and {shown(name)} axis "
                                     f"{axis} are cut together but keep different indices")
+    for name, entry in tensors.items():
+        for key in entry["kept"]:
+            if (name, int(key)) not in seen:
+                raise PlanFileError(f"plan tensor {shown(name)} axis {key} is sliced but in none of the plan's "
+                                    "ties: the plan was edited (or written by an older spa: write it again)")

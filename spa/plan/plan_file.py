@@ -18,7 +18,10 @@ one change per initializer of the original:
 ``groups``    per pass, what each group lost.
 ``ties``      lists of ``[tensor, axis]`` that keep the same indices (a conv's filters, its
               BatchNorm, the next layer's inputs): a reader refuses a plan where they differ.
-              Axes that agree by chance are tied too; that costs nothing, they agree.
+              Every sliced axis is in exactly one tie (alone when no other keeps its indices),
+              so a reader also refuses a plan whose ties were dropped or emptied while its
+              kept lists were edited. Axes that agree by chance are tied too; that costs
+              nothing, they agree.
 
 Versioned by ``format``/``version``; ``source`` names the model file(s) and their sha256.
 """
@@ -133,12 +136,13 @@ def _fold_copies(tensors: dict, o_inits: dict, arrays: dict, shape_only: set[str
 
 
 def _ties(tensors: dict) -> list[list]:
-    """Axes of the same width whose kept indices are the same, each tie as ``[tensor, axis]``s."""
+    """Axes of the same width whose kept indices are the same, each tie as ``[tensor, axis]``s;
+    an axis no other agrees with is a tie of its own, so every sliced axis is in one."""
     by_kept: dict = {}
     for name, entry in tensors.items():
         for axis, k in entry["kept"].items():
             by_kept.setdefault((entry["shape"][int(axis)], tuple(k)), []).append([name, int(axis)])
-    return [members for members in by_kept.values() if len(members) > 1]
+    return list(by_kept.values())
 
 
 def plan_document(result) -> tuple[dict, dict[str, np.ndarray]]:
@@ -279,15 +283,17 @@ def read_plan(plan, limits: Limits = Limits()) -> tuple[dict, dict[str, np.ndarr
 
 
 def _read_json(path: Path, max_bytes: int | None) -> dict:
-    try:
-        with open(path, "rb") as f:
+    from ..loading.files import open_regular
+    # a FIFO or device named plan.json would block a plain open(), or never end
+    with os.fdopen(open_regular(path, "the plan file", PlanFileError), "rb") as f:
+        try:
             size = os.fstat(f.fileno()).st_size
             if max_bytes is not None and size > max_bytes:
                 raise PlanFileError(f"{path}: larger than a plan for this model can be ({max_bytes} bytes)")
-            # at most one byte past the limit: a device or pipe (no size) ends too
-            text = f.read(-1 if max_bytes is None else (min(size, max_bytes) if size else max_bytes) + 1)
-    except OSError as e:
-        raise PlanFileError(f"{path}: not a readable plan file ({e.strerror or e})") from None
+            # at most one byte past the limit: a file that grew since fstat is bounded too
+            text = f.read(-1 if max_bytes is None else min(size, max_bytes) + 1)
+        except OSError as e:
+            raise PlanFileError(f"{path}: not a readable plan file ({e.strerror or e})") from None
     if max_bytes is not None and len(text) > max_bytes:
         raise PlanFileError(f"{path}: larger than a plan for this model can be ({max_bytes} bytes)")
     try:
@@ -298,16 +304,23 @@ def _read_json(path: Path, max_bytes: int | None) -> dict:
 
 
 def _read_arrays(path: Path, max_bytes: int | None) -> dict[str, np.ndarray]:
-    """The .npz beside a plan, its arrays' sizes read from their headers before any is loaded."""
+    """The .npz beside a plan, its arrays' sizes read from their headers before any is loaded,
+    all through one descriptor of a regular file (a FIFO would block an open by path)."""
+    from ..loading.files import open_regular
+    fd = open_regular(path, "the plan's .npz", PlanFileError)
     try:
-        if max_bytes is not None:
-            with zipfile.ZipFile(path) as z:
-                total = sum(_npy_bytes(z, member) for member in z.namelist())
-            if total > max_bytes:
+        with os.fdopen(fd, "rb") as f, zipfile.ZipFile(f) as z:
+            # np.load's keys: a member's name without its .npy
+            members = {(n[:-4] if n.endswith(".npy") else n): n for n in z.namelist()}
+            total = sum(_npy_bytes(z, member, path) for member in members.values())
+            if max_bytes is not None and total > max_bytes:
                 raise PlanFileError(f"{path}: holds {total} bytes of arrays; a plan for this model holds at most "
                                     f"{max_bytes}")
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+            arrays = {}
+            for key, member in members.items():
+                with z.open(member) as m:
+                    arrays[key] = np.lib.format.read_array(m, allow_pickle=False)
+            return arrays
     except PlanFileError:
         raise
     except Exception as e:           # zipfile and numpy raise a dozen kinds on a damaged file
@@ -315,11 +328,8 @@ def _read_arrays(path: Path, max_bytes: int | None) -> dict[str, np.ndarray]:
                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def _npy_bytes(z: zipfile.ZipFile, member: str) -> int:
+def _npy_bytes(z: zipfile.ZipFile, member: str, path: Path) -> int:
+    from ..loading.data_files import npy_header
     with z.open(member) as f:
-        version = np.lib.format.read_magic(f)
-        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-        if version not in read:
-            raise ValueError(f"{member}: .npy version {version} is not read here")
-        shape, _, dtype = read[version](f)
+        shape, _, dtype = npy_header(f, f"{path}: array {shown(member)}", PlanFileError)
         return int(np.prod(shape, dtype=object)) * dtype.itemsize
