@@ -28,19 +28,8 @@ from spa.errors import PlanFileError  # noqa: E402
 MB = 1 << 20
 
 
-class Net(torch.nn.Module):
-    """conv1 -> bn1 -> conv2 -> fc: a conv whose channels its BatchNorm and the next conv share."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = torch.nn.Conv2d(3, 16, 3, padding=1, bias=False)
-        self.bn1 = torch.nn.BatchNorm2d(16)
-        self.conv2 = torch.nn.Conv2d(16, 24, 3, padding=1)
-        self.fc = torch.nn.Linear(24, 10)
-
-    def forward(self, x):
-        y = torch.relu(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
-        return self.fc(y.mean(dim=(2, 3)))
+# conv1 -> bn1 -> conv2 -> fc: a conv whose channels its BatchNorm and the next conv share
+from test_torch_plan import SmallNet as Net  # noqa: E402
 
 
 def _net():
