@@ -131,7 +131,7 @@ def test_a_ray_address_where_nothing_listens_fails_fast():
 def test_external_data_swapped_for_a_fifo_after_the_checks_does_not_block(tmp_path):
     folder = tmp_path / "m"
     folder.mkdir()
-    path = external(small_model(), folder)
+    path = external(wide_model(), folder)   # its 16 KB constant stays on disk, read when saving
     loaded = Loaded.read(path)
     (folder / "m.data").unlink()
     os.mkfifo(folder / "m.data")
