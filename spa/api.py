@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ from .perp import refit_normalizations
 from .plan import Plan, make_plan
 from .planner import PlanOptions, plan_removals
 from .probe import second_probe
+from .runtime import LARGE_GRAPH_NODES
 from .rewrite import rewrite
 from .verify import check_shapes, check_signature, check_valid, masked_model, oracle, output_error
 
@@ -44,8 +47,11 @@ DEFAULT_ROUND_TO = 8
 # on 7 of its 8 models (not the depthwise/SE mobile net, where both collapse); it falls back to
 # l1 where the model cannot run
 DEFAULT_CRITERION = "obspa"
-# The oracle runs by default below this many parameters (two onnxruntime sessions).
+# The oracle runs by default below this many parameters and graph nodes: it builds two
+# onnxruntime sessions with the users' default options, whose time grows much faster than the
+# node count (spa.runtime.LARGE_GRAPH_NODES: minutes for a 100k-node chain).
 VERIFY_AUTO_MAX_PARAMS = 50_000_000
+VERIFY_AUTO_MAX_NODES = LARGE_GRAPH_NODES
 
 
 @dataclass
@@ -164,13 +170,28 @@ def analyze(model_or_path, input_shapes: dict | None = None, exclude: list[str] 
     model, loaded = _as_model(model_or_path)
     inits = {t.name for t in model.graph.initializer}
     defaults = [vi for vi in model.graph.input if vi.name in inits] if model.ir_version >= 4 else []
-    model = normalize(model, copy=loaded is None)
-    fold_normalized_weights(model)
-    shapes = infer_shapes(model, input_shapes)
-    dep = build_dependency(model, shapes, opset_of(model), exclude, attention, allow_mixing, conv_groups)
-    groups, blocked = find_groups(dep, _constants(model))
+    with _cycle_collection_paused():
+        model = normalize(model, copy=loaded is None)
+        fold_normalized_weights(model)
+        shapes = infer_shapes(model, input_shapes)
+        dep = build_dependency(model, shapes, opset_of(model), exclude, attention, allow_mixing, conv_groups)
+        groups, blocked = find_groups(dep, _constants(model))
     return Analysis(model, shapes, dep, groups, blocked, loaded and loaded.path, defaults,
                     loaded.files if loaded else {})
+
+
+@contextlib.contextmanager
+def _cycle_collection_paused():
+    """The analysis makes millions of small tuples, lists and dicts (a few per tensor axis),
+    none of them cyclic garbage; Python's cycle collector would walk them again and again
+    (a 100k-node chain: a quarter of its analysis time)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _constants(model: onnx.ModelProto) -> set[str]:
@@ -544,7 +565,8 @@ def _verify(a: Analysis, plan: Plan, result: PruneResult, verify, on_stage):
     report, pruned = result.report, result.model
     asked = verify
     if verify is None:
-        verify = report["before"]["params"] <= VERIFY_AUTO_MAX_PARAMS
+        verify = (report["before"]["params"] <= VERIFY_AUTO_MAX_PARAMS
+                  and len(a.model.graph.node) <= VERIFY_AUTO_MAX_NODES)
     if not verify:
         return
     on_stage("verify")
