@@ -31,6 +31,7 @@ from .plan.planner import PlanOptions, plan_removals
 from .loading.probe import second_probe
 from .result import PruneResult, file_bytes
 from .rewrite.apply import rewrite
+from .runtime import LARGE_GRAPH_NODES
 from .loading.probe import infer_shapes
 from .verify.oracle import check_shapes, check_signature, check_valid, masked_model, oracle, output_error
 
@@ -38,8 +39,11 @@ __all__ = ["prune", "Stages", "VERIFY_AUTO_MAX_PARAMS"]
 
 log = logging.getLogger(__name__)
 
-# The oracle runs by default below this many parameters (two onnxruntime sessions).
+# The oracle runs by default below this many parameters and graph nodes: it builds two
+# onnxruntime sessions with the users' default options, whose time grows much faster than the
+# node count (spa.runtime.LARGE_GRAPH_NODES: minutes for a 100k-node chain).
 VERIFY_AUTO_MAX_PARAMS = 50_000_000
+VERIFY_AUTO_MAX_NODES = LARGE_GRAPH_NODES
 
 
 class Stages:
@@ -337,7 +341,8 @@ def _verify(a: Analysis, plan: Plan, result: PruneResult, verify: bool | None, s
     report, pruned = result.report, result.model
     asked = verify
     if verify is None:
-        verify = report["before"]["params"] <= VERIFY_AUTO_MAX_PARAMS
+        verify = (report["before"]["params"] <= VERIFY_AUTO_MAX_PARAMS
+                  and len(a.model.graph.node) <= VERIFY_AUTO_MAX_NODES)
     if not verify:
         return
     stages("verify")

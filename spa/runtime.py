@@ -10,16 +10,26 @@ from .errors import UnsupportedModelError, VerificationError
 from .loading.model import materialized
 from .stop import interruptible
 
-__all__ = ["session", "default_session", "any_session", "THREADS", "vector_channels"]
+__all__ = ["session", "default_session", "any_session", "THREADS", "LARGE_GRAPH_NODES", "vector_channels"]
 
 # Intra-op threads of every session spa makes when a caller gives none; 0: onnxruntime's
 # default (every core). Parallel callers (a sweep's workers, a shared benchmark machine) set it.
 THREADS = 0
 
 
-def session(model: onnx.ModelProto, threads: int = 0, optimize: bool = True, timed: bool = False):
-    """A CPU session; building it and (unless ``timed``: a worker's handoff would be timed
-    too) its runs can be stopped by a signal (spa.stop)."""
+# Above this many nodes an optimized session gets onnxruntime's basic optimizations (constant
+# folding, no fusions or layout changes) unless it must have the users' defaults: the full set
+# takes time growing much faster than the graph. One session of a Conv/Relu chain (CPU seconds,
+# benchmarks/chain.py): 10k nodes 2.5 full / 0.8 basic, 30k 11 / 2.1, 100k 163 / 13.
+LARGE_GRAPH_NODES = 20_000
+
+
+def session(model: onnx.ModelProto, threads: int = 0, optimize: bool = True, timed: bool = False,
+            defaults: bool = False):
+    """A CPU session: optimized (all of onnxruntime's graph optimizations, the basic ones above
+    ``LARGE_GRAPH_NODES`` nodes unless ``defaults``: a user's session, whatever the size) or not.
+    Building it and (unless ``timed``: a worker's handoff would be timed too) its runs can be
+    stopped by a signal (spa.stop)."""
     import onnxruntime as ort
     threads = threads or THREADS
     model = materialized(model)
@@ -27,6 +37,8 @@ def session(model: onnx.ModelProto, threads: int = 0, optimize: bool = True, tim
     so.log_severity_level = 4
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    elif not (defaults or timed) and len(model.graph.node) > LARGE_GRAPH_NODES:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
@@ -48,8 +60,9 @@ def _session_class():
 
 
 def _try_session(model, optimize: bool):
+    """A session as users make it (the checks and references below), or why there is none."""
     try:
-        return session(model, optimize=optimize), None
+        return session(model, optimize=optimize, defaults=True), None
     except Exception as e:
         return None, str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
 

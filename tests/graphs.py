@@ -78,3 +78,32 @@ def assert_prunes(model, ratio=0.5, criterion="random", seed=0, expect_removed=T
         assert rep["after"]["params"] < rep["before"]["params"]
     onnx.checker.check_model(result.model, full_check=True)
     return result
+
+
+def chain_model(nodes: int, kind: str = "conv", channels: int = 16, seed: int = 0,
+                batch: int | str = 1) -> onnx.ModelProto:
+    """A straight chain of ``nodes`` nodes on small tensors, built without shape inference
+    or the checker (both are slow at 100k nodes, and spa does its own).
+    ``conv``: Conv(1x1) -> Relu -> Conv -> ..., every Conv/Relu pair a prunable group;
+    ``elementwise``: Add/Relu/Mul with [1, channels] constants, nothing prunable.
+    ``batch`` may be a symbolic dim ("N"): spa then probes sizes for it."""
+    rng = np.random.default_rng(seed)
+    shape = [batch, channels, 2, 2] if kind == "conv" else [batch, channels]
+    made, inits, x = [], [], "x"
+    ops = ("Conv", "Relu") if kind == "conv" else ("Add", "Relu", "Mul")
+    for i in range(nodes):
+        op, out = ops[i % len(ops)], f"t{i}"
+        inputs = [x]
+        if op == "Conv":
+            w = (rng.standard_normal((channels, channels, 1, 1)) * 0.3).astype(np.float32)
+            inputs.append(f"w{i}")
+            inits.append(numpy_helper.from_array(w, f"w{i}"))
+        elif op in ("Add", "Mul"):
+            c = rng.uniform(0.5, 1.5, (1, channels)).astype(np.float32)
+            inputs.append(f"c{i}")
+            inits.append(numpy_helper.from_array(c, f"c{i}"))
+        made.append(helper.make_node(op, inputs, [out], name=f"n{i}"))
+        x = out
+    graph = helper.make_graph(made, f"{kind}_chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, shape)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)

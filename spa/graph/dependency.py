@@ -29,7 +29,6 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import networkx as nx
 import numpy as np
 import onnx
 
@@ -136,11 +135,21 @@ class _UnionFind:
         r = p[a]
         while True:
             rr = p[r]
-            if np.array_equal(rr, r):
+            if (rr == r).all():
                 break
             r = rr
         p[a] = r
         return r
+
+    def root_of(self, a: int) -> int:
+        """Atom ``a``'s root (plain integers: one atom costs no arrays)."""
+        p = self.parent
+        while p[a] != a:
+            a = int(p[a])
+        return a
+
+    def atom_fixed(self, a: int) -> bool:
+        return self.reason[self.root_of(a)] != NO_REASON
 
     def _blocks(self, start: int, size: int):
         for s in range(start, start + size, _CHUNK):
@@ -157,6 +166,8 @@ class _UnionFind:
         return any((self.reason[self.find(a)] != NO_REASON).any() for a in self._blocks(start, size))
 
     def block_all_fixed(self, start: int, size: int) -> bool:
+        if size and not self.atom_fixed(start):   # most blocks are free: their first atom says so
+            return False
         return all((self.reason[self.find(a)] != NO_REASON).all() for a in self._blocks(start, size))
 
     def block_reason(self, start: int, size: int) -> str | None:
@@ -284,22 +295,52 @@ def weight_values(model: onnx.ModelProto) -> int:
     return total
 
 
+def _components(n: int, a: list[int], b: list[int]) -> np.ndarray:
+    """Connected components of nodes 0..n-1 under edges (a[i], b[i]): each node's smallest
+    member (a union-find on numpy arrays: networkx takes seconds per 100k nodes)."""
+    uf = _UnionFind(n)
+    uf.union(np.array(a, dtype=np.int64), np.array(b, dtype=np.int64))
+    return uf.roots()
+
+
+def _same_classes(couplings: Couplings) -> tuple[list[list[Space]], dict[Space, int]]:
+    """The spaces tied by ``same`` couplings, as classes: each class's spaces sorted by their
+    text, the classes by their first space's text (a stable order for reports and tests)."""
+    index = {s: i for i, s in enumerate(couplings.sizes)}
+    for a, b, _ in couplings.same:
+        index.setdefault(a, len(index))
+        index.setdefault(b, len(index))
+    spaces = list(index)
+    root = _components(len(spaces), [index[a] for a, _, _ in couplings.same],
+                       [index[b] for _, b, _ in couplings.same])
+    texts = [str(sp) for sp in spaces]
+    by_text = np.array(sorted(range(len(spaces)), key=texts.__getitem__), dtype=np.int64)
+    order = by_text[np.argsort(root[by_text], kind="stable")]   # by class, each by text
+    first = np.flatnonzero(np.concatenate([[True], root[order[1:]] != root[order[:-1]]])) \
+        if len(order) else np.zeros(0, np.int64)
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[by_text] = np.arange(len(order))
+    bounds = np.append(first, len(order)).tolist()
+    ordered = [spaces[i] for i in order.tolist()]
+    class_spaces = [ordered[bounds[i]:bounds[i + 1]] for i in np.argsort(rank[order[first]]).tolist()]
+    space_class = {sp: c for c, members in enumerate(class_spaces) for sp in members}
+    return class_spaces, space_class
+
+
 def _weight_classes(couplings: Couplings, space_class: dict, n_classes: int,
                     init_classes: set[int]) -> np.ndarray:
     """Which same-classes are connected to an initializer class through offset/product
     couplings (the only links between atoms of different classes): bool per class."""
-    graph = nx.Graph()
-    graph.add_nodes_from(range(n_classes))
+    a, b = [], []
     for small, big, *_ in couplings.offset:
-        graph.add_edge(space_class[small], space_class[big])
+        a.append(space_class[small])
+        b.append(space_class[big])
     for whole, factors, _ in couplings.product:
         for f in factors:
-            graph.add_edge(space_class[whole], space_class[f])
-    keep = np.zeros(n_classes, dtype=bool)
-    for comp in nx.connected_components(graph):
-        if init_classes.intersection(comp):
-            keep[list(comp)] = True
-    return keep
+            a.append(space_class[whole])
+            b.append(space_class[f])
+    root = _components(n_classes, a, b)
+    return np.isin(root, root[sorted(init_classes)])
 
 
 def _refuse_if_too_wide(model, couplings, class_spaces, sizes, keep):
@@ -337,12 +378,7 @@ def build_dependency(model: onnx.ModelProto, shapes, opset: int, exclude: list[s
         raise ValueError(f"conv_groups must be one of {CONV_GROUP_MODES}, got {conv_groups!r}")
     couplings, blocked, view = collect_couplings(model, shapes, opset, exclude)
 
-    graph = nx.Graph()
-    graph.add_nodes_from(couplings.sizes)
-    graph.add_edges_from((a, b) for a, b, _ in couplings.same)
-    class_spaces = [sorted(c, key=str) for c in nx.connected_components(graph)]
-    class_spaces.sort(key=lambda c: str(c[0]))
-    space_class = {s: i for i, c in enumerate(class_spaces) for s in c}
+    class_spaces, space_class = _same_classes(couplings)
     widths = np.array([couplings.sizes[c[0]] for c in class_spaces], dtype=np.int64)
     init_names = {t.name for t in model.graph.initializer}
     init_classes = {c for s, c in space_class.items() if s[0] in init_names}
@@ -357,12 +393,8 @@ def build_dependency(model: onnx.ModelProto, shapes, opset: int, exclude: list[s
         c = space_class[space]
         return int(starts[c]), int(sizes[c])
 
-    for c in sorted(collapsed):   # never part of a group: one shared reason is enough
-        uf.fix_block(int(starts[c]), int(sizes[c]), Reason(f"{NOT_CHANNEL}any weight (tied to no initializer)",
-                                                           "no-weight"))
-    for space, reason in couplings.fixed + ([] if allow_mixing else couplings.mixing):
-        if space_class[space] not in collapsed:
-            uf.fix_block(*block(space), reason)
+    _first_fixes(uf, starts, sizes, collapsed, space_class,
+                 couplings.fixed + ([] if allow_mixing else couplings.mixing))
     pairs_a, pairs_b, pending = [], [], 0
     for small, big, start, step, _ in couplings.offset:
         if space_class[small] in collapsed:
@@ -384,6 +416,7 @@ def build_dependency(model: onnx.ModelProto, shapes, opset: int, exclude: list[s
     _fix_factors_of_fixed(uf, block, couplings, space_class, collapsed)
     batch_classes = _head_classes(couplings, space_class)
     heads, head_dims, group_width = set(), set(), set()
+    pending = _PendingUnions(uf)
     for whole, factors, node in couplings.product:
         preferred = None
         in_batch = [f for f in factors if space_class[f] in batch_classes and couplings.sizes[f] > 1]
@@ -396,7 +429,9 @@ def build_dependency(model: onnx.ModelProto, shapes, opset: int, exclude: list[s
             preferred = couplings.per_group.intersection(factors)
             group_width.update(space_class[f] for f in preferred)
         if space_class[whole] not in collapsed:
-            _unite_product(uf, block, couplings.sizes, whole, factors, node, view.nodes.get(node), preferred)
+            _unite_product(pending, block, couplings.sizes, whole, factors, node, view.nodes.get(node), preferred)
+    pending.flush()
+    del pending
 
     root = uf.roots()
     reason_ids = uf.reason       # atom -> reason of its root, in place: a root's own entry
@@ -411,6 +446,71 @@ def build_dependency(model: onnx.ModelProto, shapes, opset: int, exclude: list[s
     return Dependency(couplings, space_class, class_spaces, starts, sizes, root,
                       FixedReasons(root, reason_ids, uf.texts), blocked, init_classes, inexact,
                       heads, head_dims, attention, group_width, collapsed, reason_ids, uf.texts, view)
+
+
+def _first_fixes(uf: _UnionFind, starts, sizes, collapsed: set, space_class: dict, fixed: list):
+    """What ``fix_block`` would do for the collapsed classes, then for every fixed space in
+    order, before any union (every atom its own root): each block keeps the reason of the
+    first fix that reaches it, and reason ids follow the order the reasons are stated in."""
+    first: dict[int, int] = {}
+    for c in sorted(collapsed):   # never part of a group: one shared reason is enough
+        first[c] = uf.reason_id(Reason(f"{NOT_CHANNEL}any weight (tied to no initializer)", "no-weight"))
+    for space, reason in fixed:
+        c = space_class[space]
+        if c not in collapsed:
+            rid = uf.reason_id(reason)
+            first.setdefault(c, rid)
+    if not first:
+        return
+    classes = np.fromiter(first, dtype=np.int64, count=len(first))
+    rids = np.fromiter(first.values(), dtype=np.int32, count=len(first))
+    n = sizes[classes]
+    atoms = np.repeat(starts[classes] - np.concatenate([[0], np.cumsum(n)[:-1]]), n) + np.arange(int(n.sum()))
+    uf.reason[atoms] = np.repeat(rids, n)
+
+
+class _PendingUnions:
+    """The product stage's unions, applied together (one numpy pass per ``_CHUNK`` atoms,
+    not a few per product). Applying them changes the parent and reason of no atom but the
+    roots their atoms have now (``touched``), so a block none of whose roots is touched reads
+    as it would with the unions applied; ``settle`` applies them before a block that is
+    touched is read or fixed. Stating a union needs no settled roots."""
+
+    def __init__(self, uf: _UnionFind):
+        self.uf, self.a, self.b, self.count = uf, [], [], 0
+        self.touched = np.zeros(len(uf.parent), dtype=bool)
+        self.marked: list[np.ndarray] = []
+
+    def add(self, a: np.ndarray, b: np.ndarray):
+        for x in (a, b):
+            r = self.uf.find(x)
+            self.touched[r] = True
+            self.marked.append(r)
+        self.a.append(a)
+        self.b.append(b)
+        self.count += len(a)
+        if self.count >= _CHUNK:
+            self.flush()
+
+    def atom_free(self, a: int) -> bool:
+        """Whether atom ``a``'s root is free, the pending unions applied."""
+        r = self.uf.root_of(a)
+        if self.count and self.touched[r]:
+            self.flush()
+            r = self.uf.root_of(a)
+        return self.uf.reason[r] == NO_REASON
+
+    def settle(self, blocks):
+        if self.count and any(self.touched[self.uf.find(a)].any() for start, size in blocks
+                              for a in self.uf._blocks(start, size)):
+            self.flush()
+
+    def flush(self):
+        if self.count:
+            self.uf.union(np.concatenate(self.a), np.concatenate(self.b))
+            for r in self.marked:
+                self.touched[r] = False
+            self.a, self.b, self.marked, self.count = [], [], [], 0
 
 
 def _head_classes(couplings: Couplings, space_class: dict) -> set[int]:
@@ -450,10 +550,22 @@ def _fix_factors_of_fixed(uf: _UnionFind, block, couplings: Couplings, space_cla
                     changed = True
 
 
-def _unite_product(uf: _UnionFind, block, sizes, whole, factors, node, proto=None, preferred=None):
+def _unite_product(pending: _PendingUnions, block, sizes, whole, factors, node, proto=None, preferred=None):
+    uf = pending.uf
     factors = [f for f in factors if sizes[f] != 1]
     w0, wn = block(whole)
+    if len(factors) == 1 and sizes[factors[0]] == sizes[whole] and wn:
+        # the common case (a conv's channels = 1 group x its width): the factor carries if it
+        # is not all fixed, which its first atom tells when that one is free
+        f0, fn = block(factors[0])
+        if fn and pending.atom_free(f0):
+            for s in range(0, wn, _CHUNK):
+                i = np.arange(s, min(s + _CHUNK, wn), dtype=np.int64)
+                pending.add(w0 + i, f0 + i % fn)
+            return
+    pending.settle([block(f) for f in factors])
     if math.prod(sizes[f] for f in factors) != sizes[whole]:
+        pending.settle([(w0, wn)])
         reason = Reason(f"{node!r}: axis sizes do not factor", "rule", node, proto and proto.op_type)
         uf.fix_block(w0, wn, reason)
         for f in factors:
@@ -468,9 +580,10 @@ def _unite_product(uf: _UnionFind, block, sizes, whole, factors, node, proto=Non
     # factor neither carrying nor fixed would lose channels the whole does not follow.
     open_ = [f for f in factors if not uf.block_all_fixed(*block(f))]
     if not open_:
+        pending.settle([(w0, wn)])
         uf.fix_block(w0, wn, uf.block_reason(*block(factors[0])))
         return
-    free = [f for f in open_ if not uf.block_fixed(*block(f))] or open_
+    free = [f for f in open_ if len(open_) == 1 or not uf.block_fixed(*block(f))] or open_
     candidates = [f for f in free if f in preferred] if preferred else []
     carrier = max(candidates or free, key=lambda f: sizes[f])
     for f in open_:
@@ -482,4 +595,4 @@ def _unite_product(uf: _UnionFind, block, sizes, whole, factors, node, proto=Non
     c0, n = block(carrier)
     for s in range(0, wn, _CHUNK):
         i = np.arange(s, min(s + _CHUNK, wn), dtype=np.int64)
-        uf.union(w0 + i, c0 + (i // inner) % n)
+        pending.add(w0 + i, c0 + (i // inner) % n)

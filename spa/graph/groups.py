@@ -47,14 +47,10 @@ class Group:
         return self._members[c]
 
 
-def _own_roots(root: np.ndarray, start: int, stop: int, multi: np.ndarray) -> np.ndarray:
-    """Atoms in [start, stop) that are roots and not in ``multi``."""
-    ids = np.arange(start, stop)
-    mine = ids[root[start:stop] == ids]
-    if len(multi) and len(mine):
-        at = np.searchsorted(multi, mine).clip(0, len(multi) - 1)
-        mine = mine[multi[at] != mine]
-    return mine
+def _atom_classes(starts: np.ndarray, atoms: np.ndarray) -> np.ndarray:
+    """The class of each atom (blocks are contiguous, in class order; an empty class shares
+    its start with the next one, which owns the atom)."""
+    return np.searchsorted(starts, atoms, side="right") - 1
 
 
 def _class_sets(dep: Dependency):
@@ -62,22 +58,24 @@ def _class_sets(dep: Dependency):
     (the class sets, the sorted representatives of each set).
 
     Most representatives have no other atom in another class (a conv's channels, a wide MLP
-    hidden layer): their set is their own class, read off class by class. Only atoms that are
-    not their own root (offset/product unions) make (root, class) pairs, grouped exactly."""
+    hidden layer): their set is their own class. Only atoms that are not their own root
+    (offset/product unions) make (root, class) pairs, grouped exactly. Atoms are read in
+    chunks of ``_CHUNK`` across classes, never a numpy call per class."""
     n_classes = len(dep.class_spaces)
     starts, sizes, root = dep.block_start, dep.block_size, dep.root
-    live = [c for c in range(n_classes) if sizes[c] > 0 and c not in dep.collapsed]
+    live = sizes > 0
+    live[sorted(dep.collapsed)] = False
+    n_atoms = len(root)
 
     # (root, class) of atoms that are not their own root, in another class than the root's
     keys = []
-    for c in live:
-        s, n = int(starts[c]), int(sizes[c])
-        for s0 in range(s, s + n, _CHUNK):
-            r = root[s0:min(s0 + _CHUNK, s + n)]
-            moved = r[r != np.arange(s0, s0 + len(r))]
-            moved = moved[(moved < s) | (moved >= s + n)]
-            if len(moved):
-                keys.append(sorted_unique(moved) * n_classes + c)
+    for s0 in range(0, n_atoms, _CHUNK):
+        a = np.arange(s0, min(s0 + _CHUNK, n_atoms))
+        r, c = root[a], _atom_classes(starts, a)
+        moved = (r != a) & live[c]
+        moved[moved] = _atom_classes(starts, r[moved]) != c[moved]
+        if moved.any():
+            keys.append(sorted_unique(r[moved] * n_classes + c[moved]))
     keys = sorted_unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
     multi_roots = keys // n_classes
     multi = sorted_unique(multi_roots)
@@ -96,18 +94,23 @@ def _class_sets(dep: Dependency):
         for key, rs in by_set.items():
             sets.setdefault(key, []).append(np.array(rs, dtype=np.int64))
     # every other root lives in its own class only
-    for c in live:
-        s, n = int(starts[c]), int(sizes[c])
-        count = sum(len(_own_roots(root, s0, min(s0 + _CHUNK, s + n), multi))
-                    for s0 in range(s, s + n, _CHUNK))
-        if not count:
-            continue
-        mine, k = np.empty(count, dtype=np.int64), 0    # filled in place: no list + concatenate
-        for s0 in range(s, s + n, _CHUNK):
-            part = _own_roots(root, s0, min(s0 + _CHUNK, s + n), multi)
-            mine[k:k + len(part)] = part
-            k += len(part)
-        sets.setdefault((c,), []).append(mine)
+    own_roots, own_classes = [], []
+    for s0 in range(0, n_atoms, _CHUNK):
+        a = np.arange(s0, min(s0 + _CHUNK, n_atoms))
+        c = _atom_classes(starts, a)
+        mine = (root[a] == a) & live[c]
+        if len(multi):
+            at = np.searchsorted(multi, a).clip(0, len(multi) - 1)
+            mine &= multi[at] != a
+        own_roots.append(a[mine])
+        own_classes.append(c[mine])
+    if own_roots:
+        atoms, classes = np.concatenate(own_roots), np.concatenate(own_classes)
+        del own_roots, own_classes
+        cut = np.flatnonzero(classes[1:] != classes[:-1]) + 1
+        for c, mine in zip(classes[np.concatenate([[0], cut])].tolist() if len(atoms) else [],
+                           np.split(atoms, cut)):
+            sets.setdefault((c,), []).append(mine)
     keys = list(sets)
     return keys, [v[0] if len(v) == 1 else np.sort(np.concatenate(v)) for v in sets.values()]
 
@@ -154,6 +157,11 @@ def _width(dep: Dependency, group: Group) -> int:
         init = inits.get(space[0])
         if init is None or len(init.dims) < 2:
             continue
+        c = dep.space_class[space]
+        if dep.block_size[c] == group.size and c not in dep.collapsed:   # its own class: one atom each
+            atoms = dep.root[dep.block_start[c]:dep.block_start[c] + group.size]
+            if (atoms == group.channels).all():
+                return 1
         idx, which = group.member(dep, space)
         if len(idx):
             w = len(idx) // len(sorted_unique(which))
@@ -161,6 +169,21 @@ def _width(dep: Dependency, group: Group) -> int:
             if width == 1:
                 break
     return width or 1
+
+
+def _free(channels: np.ndarray, reason_ids: np.ndarray, free_id: int, texts) -> tuple[np.ndarray | None, list]:
+    """Which channels are free (None: every one, the common case, read in one step) and the
+    sorted reasons that fix the others."""
+    if len(channels) <= _CHUNK and (reason_ids[channels] == free_id).all():
+        return None, []
+    is_free = np.empty(len(channels), dtype=bool)
+    seen: set[int] = set()
+    for s in range(0, len(channels), _CHUNK):      # chunked: no full-width temporaries
+        ids = reason_ids[channels[s:s + _CHUNK]]
+        is_free[s:s + _CHUNK] = ids == free_id
+        seen.update(sorted_unique(ids).tolist())
+    seen.discard(free_id)
+    return is_free, sorted({texts[i] for i in seen})
 
 
 def find_groups(dep: Dependency, constants: set[str] | None = None) -> tuple[list[Group], list[Group]]:
@@ -185,23 +208,12 @@ def find_groups(dep: Dependency, constants: set[str] | None = None) -> tuple[lis
         texts, free_id = dep.reasons, NO_REASON
     ranks: dict[str, int] = {}
     unmapped: dict = {}
-    if constants is not None:
-        unmapped = _fixed_by_space(dep)
-        for tensor, axis in dep.couplings.sizes:
-            ranks[tensor] = max(ranks.get(tensor, 0), axis + 1)
 
     prunable, blocked = [], []
     for key, channels in found:
         channels = channels.astype(np.int64, copy=False)
-        is_free = np.empty(len(channels), dtype=bool)
-        seen: set[int] = set()
-        for s in range(0, len(channels), _CHUNK):      # chunked: no full-width temporaries
-            ids = reason_ids[channels[s:s + _CHUNK]]
-            is_free[s:s + _CHUNK] = ids == free_id
-            seen.update(sorted_unique(ids).tolist())
-        seen.discard(free_id)
-        fixed_reasons = sorted({texts[i] for i in seen})
-        n_free = int(is_free.sum())
+        is_free, fixed_reasons = _free(channels, reason_ids, free_id, texts)
+        n_free = len(channels) if is_free is None else int(is_free.sum())
         free = channels if n_free == len(channels) else channels[is_free]
         if len(free) > 1:
             kind = ("hidden" if len(inexact) and np.isin(free, inexact).any() else
@@ -216,6 +228,10 @@ def find_groups(dep: Dependency, constants: set[str] | None = None) -> tuple[lis
         not_channel = any(r.startswith(NOT_CHANNEL) for r in fixed_reasons)
         fixed_reasons = [r for r in fixed_reasons if not r.startswith(NOT_CHANNEL)]
         if not_channel and constants is not None and len(channels) > 1:
+            if not ranks:   # read once, when a group first needs them
+                unmapped = _fixed_by_space(dep)
+                for tensor, axis in dep.couplings.sizes:
+                    ranks[tensor] = max(ranks.get(tensor, 0), axis + 1)
             fixed_reasons += _not_channel_reasons(dep, key, unmapped, constants, ranks)
         if fixed_reasons and len(channels) > 1:
             spaces = [s for c in key for s in dep.class_spaces[c]]

@@ -5,6 +5,7 @@ the model, or probed: see ``spa.loading.probe``); and random inputs at those siz
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -151,7 +152,7 @@ def compared_values(model: onnx.ModelProto) -> dict[str, int]:
     nodes = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant" and n.output}
     out: dict[str, int] = {}
     for name, other in pairs:
-        if other in consts and np.prod(consts[other].dims) == 1:
+        if other in consts and math.prod(consts[other].dims) == 1:
             value = tensor_array(consts[other])
         elif other in nodes:
             value = _constant_value(nodes[other])
@@ -163,10 +164,14 @@ def compared_values(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def _tensor_shape(vi) -> tuple[int, ...] | None:
-    if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+    typed = vi.type
+    if not typed.HasField("tensor_type"):
+        return None
+    typed = typed.tensor_type
+    if not typed.HasField("shape"):
         return None
     dims = []
-    for d in vi.type.tensor_type.shape.dim:
+    for d in typed.shape.dim:
         if not d.HasField("dim_value") or d.dim_value < 0:  # paddle2onnx writes "any size" as -1
             return None
         dims.append(d.dim_value)
@@ -205,7 +210,7 @@ def _infer_at(model: onnx.ModelProto, input_shapes: dict, want_values: bool) -> 
         out.shape[name] = s
 
     for t in g.initializer:
-        if t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and np.prod(t.dims) <= 64:
+        if t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and math.prod(t.dims) <= 64:
             out.value[t.name] = tensor_array(t)
 
     produced = [o for n in g.node for o in n.output if o]

@@ -8,6 +8,7 @@ budget's ``ResourceModel`` reads the same terms as functions of the groups' keep
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -27,7 +28,7 @@ WEIGHT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorPro
 
 def count_params(model: onnx.ModelProto) -> int:
     """Elements of float and 8-bit (quantized) initializers; integer size vectors don't count."""
-    return int(sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type in WEIGHT_TYPES))
+    return int(sum(math.prod(t.dims) for t in model.graph.initializer if t.data_type in WEIGHT_TYPES))
 
 
 def count_macs(model: onnx.ModelProto, shapes) -> int:
@@ -75,16 +76,16 @@ def _dense(node: onnx.NodeProto, shapes) -> list[Term]:
         return []
     over = lambda name, shape: [(name, a) for a in range(len(shape))]  # noqa: E731 - every axis
     if op in ("Conv", "FusedConv"):
-        return [(int(np.prod(ys)) * int(np.prod(ws[1:])), over(y, ys) + [(w, 1)])]
+        return [(math.prod(ys) * math.prod(ws[1:]), over(y, ys) + [(w, 1)])]
     if op == "ConvTranspose":
-        return [(int(np.prod(xs)) * int(np.prod(ws[1:])), over(x, xs) + [(w, 1)])]
+        return [(math.prod(xs) * math.prod(ws[1:]), over(x, xs) + [(w, 1)])]
     if op in ("Gemm", "FusedGemm"):
         k = 1 if _attr(node, "transB") else 0
-        return [(int(np.prod(ys)) * int(ws[k]), over(y, ys) + [(w, k)])]
+        return [(math.prod(ys) * int(ws[k]), over(y, ys) + [(w, k)])]
     if op == "MatMul":
-        return [(int(np.prod(ys)) * int(xs[-1]), over(y, ys) + [(x, len(xs) - 1)])]
+        return [(math.prod(ys) * int(xs[-1]), over(y, ys) + [(x, len(xs) - 1)])]
     if node.domain == "com.microsoft" and len(ws) == 2:   # Attention: its projection only,
-        return [(int(np.prod(xs)) * int(ws[1]), over(x, xs) + [(w, 1)])]   # not the score products
+        return [(math.prod(xs) * int(ws[1]), over(x, xs) + [(w, 1)])]   # not the score products
     return []
 
 

@@ -241,7 +241,7 @@ def _lazy_runs(model: onnx.ModelProto, optimize: bool):
     def run(feeds):
         if not made:
             try:
-                made.append(session(model, optimize=optimize))
+                made.append(session(model, optimize=optimize, defaults=True))
             except Exception:
                 made.append(None)
         if made[0] is None:
