@@ -395,43 +395,10 @@ def build_dependency(model: onnx.ModelProto, shapes, opset: int, exclude: list[s
 
     _first_fixes(uf, starts, sizes, collapsed, space_class,
                  couplings.fixed + ([] if allow_mixing else couplings.mixing))
-    pairs_a, pairs_b, pending = [], [], 0
-    for small, big, start, step, _ in couplings.offset:
-        if space_class[small] in collapsed:
-            continue
-        (s0, ns), (b0, nb) = block(small), block(big)
-        for i0 in range(0, ns, _CHUNK):
-            i = np.arange(i0, min(i0 + _CHUNK, ns), dtype=np.int64)
-            j = start + i * step
-            ok = (j >= 0) & (j < nb)
-            pairs_a.append(s0 + i[ok])
-            pairs_b.append(b0 + j[ok])
-            pending += int(ok.sum())
-            if pending >= _CHUNK:
-                uf.union(np.concatenate(pairs_a), np.concatenate(pairs_b))
-                pairs_a, pairs_b, pending = [], [], 0
-    if pairs_a:
-        uf.union(np.concatenate(pairs_a), np.concatenate(pairs_b))
-    del pairs_a, pairs_b
+    _unite_offsets(uf, couplings, space_class, collapsed, block)
     _fix_factors_of_fixed(uf, block, couplings, space_class, collapsed)
-    batch_classes = _head_classes(couplings, space_class)
-    heads, head_dims, group_width = set(), set(), set()
-    pending = _PendingUnions(uf)
-    for whole, factors, node in couplings.product:
-        preferred = None
-        in_batch = [f for f in factors if space_class[f] in batch_classes and couplings.sizes[f] > 1]
-        if in_batch and len(in_batch) < len([f for f in factors if couplings.sizes[f] > 1]):
-            heads.update(space_class[f] for f in in_batch)
-            others = [f for f in factors if f not in in_batch and couplings.sizes[f] > 1]
-            head_dims.update(space_class[f] for f in others)
-            preferred = set(in_batch) if attention == "heads" else set(others)
-        elif conv_groups == "width" and couplings.per_group.intersection(factors):
-            preferred = couplings.per_group.intersection(factors)
-            group_width.update(space_class[f] for f in preferred)
-        if space_class[whole] not in collapsed:
-            _unite_product(pending, block, couplings.sizes, whole, factors, node, view.nodes.get(node), preferred)
-    pending.flush()
-    del pending
+    heads, head_dims, group_width = _unite_products(uf, couplings, space_class, collapsed, block, view,
+                                                    attention, conv_groups)
 
     root = uf.roots()
     reason_ids = uf.reason       # atom -> reason of its root, in place: a root's own entry
@@ -596,3 +563,49 @@ def _unite_product(pending: _PendingUnions, block, sizes, whole, factors, node, 
     for s in range(0, wn, _CHUNK):
         i = np.arange(s, min(s + _CHUNK, wn), dtype=np.int64)
         pending.add(w0 + i, c0 + (i // inner) % n)
+
+def _unite_offsets(uf: "_UnionFind", couplings, space_class: dict, collapsed: set, block):
+    """Tie each channel of a part (a Concat input, a Split output, a Slice) to its place in
+    the whole, in chunks of pairs."""
+    pairs_a, pairs_b, pending = [], [], 0
+    for small, big, start, step, _ in couplings.offset:
+        if space_class[small] in collapsed:
+            continue
+        (s0, ns), (b0, nb) = block(small), block(big)
+        for i0 in range(0, ns, _CHUNK):
+            i = np.arange(i0, min(i0 + _CHUNK, ns), dtype=np.int64)
+            j = start + i * step
+            ok = (j >= 0) & (j < nb)
+            pairs_a.append(s0 + i[ok])
+            pairs_b.append(b0 + j[ok])
+            pending += int(ok.sum())
+            if pending >= _CHUNK:
+                uf.union(np.concatenate(pairs_a), np.concatenate(pairs_b))
+                pairs_a, pairs_b, pending = [], [], 0
+    if pairs_a:
+        uf.union(np.concatenate(pairs_a), np.concatenate(pairs_b))
+
+
+def _unite_products(uf: "_UnionFind", couplings, space_class: dict, collapsed: set, block, view,
+                    attention: str, conv_groups: str) -> tuple[set, set, set]:
+    """Tie each factorised axis (heads x head_dim, groups x width) to its factors, carrying
+    the factor ``attention``/``conv_groups`` prefer; the classes of heads, head dims and
+    per-group widths found on the way."""
+    batch_classes = _head_classes(couplings, space_class)
+    heads, head_dims, group_width = set(), set(), set()
+    pending = _PendingUnions(uf)
+    for whole, factors, node in couplings.product:
+        preferred = None
+        in_batch = [f for f in factors if space_class[f] in batch_classes and couplings.sizes[f] > 1]
+        if in_batch and len(in_batch) < len([f for f in factors if couplings.sizes[f] > 1]):
+            heads.update(space_class[f] for f in in_batch)
+            others = [f for f in factors if f not in in_batch and couplings.sizes[f] > 1]
+            head_dims.update(space_class[f] for f in others)
+            preferred = set(in_batch) if attention == "heads" else set(others)
+        elif conv_groups == "width" and couplings.per_group.intersection(factors):
+            preferred = couplings.per_group.intersection(factors)
+            group_width.update(space_class[f] for f in preferred)
+        if space_class[whole] not in collapsed:
+            _unite_product(pending, block, couplings.sizes, whole, factors, node, view.nodes.get(node), preferred)
+    pending.flush()
+    return heads, head_dims, group_width
