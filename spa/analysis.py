@@ -35,6 +35,7 @@ class Analysis:
     source: str | None = None
     default_inputs: list = field(default_factory=list)  # IR >= 4 inputs with a default initializer
     files: dict = field(default_factory=dict)           # the files read: what each is -> path
+    _producers: dict | None = field(default=None, repr=False, compare=False)
 
     def member_names(self, group: Group) -> list[str]:
         inits = self.dep.view.inits if self.dep.view is not None else {t.name for t in self.model.graph.initializer}
@@ -44,7 +45,9 @@ class Analysis:
         """The layers whose outputs are the group's channels, as a person knows them: the
         node's name where the exporter kept the module path in it (``/layer1/layer1.0/conv1/Conv``),
         else the weight's name (``features.3.fc1.weight``), without spa's ``__useN`` copies."""
-        producers = _producer_axes(self.model)
+        if self._producers is None:   # once: a report names every group
+            self._producers = _producer_axes(self.model)
+        producers = self._producers
         names = []
         for t, axis in group.spaces:
             node = producers.get((t, axis))
