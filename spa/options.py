@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -210,7 +211,6 @@ class PruneOptions:
         return out
 
     def _calib_name(self) -> str | None:
-        import os
         if isinstance(self.calib, (str, os.PathLike)):
             return str(self.calib)
         return "given" if self.calib is not None else None

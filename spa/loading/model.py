@@ -262,14 +262,6 @@ def _open_data_file(resolved: Path, where: str) -> int:
     return os.fstat(fd).st_size
 
 
-def close_data_files(folder: str | os.PathLike):
-    """Close the external data files read from inside ``folder`` (a model whose weights are
-    now in memory, before its folder is removed)."""
-    root = os.path.realpath(folder) + os.sep
-    for path in [p for p in _DATA_FILES if p.startswith(root)]:
-        os.close(_DATA_FILES.pop(path))
-
-
 def tensor_array(t: onnx.TensorProto) -> np.ndarray:
     """An initializer's value; external data is read from its file (only this tensor)."""
     if t.data_location != onnx.TensorProto.EXTERNAL:
@@ -411,16 +403,18 @@ def _rename_generated(model: onnx.ModelProto):
         t.name = rename.get(t.name, t.name)
     for v in g.value_info:
         v.name = rename.get(v.name, v.name)
+    rename_inputs(g, rename)
 
-    def visit(graph: onnx.GraphProto):
-        for node in graph.node:
-            for k, name in enumerate(node.input):
-                if name in rename:
-                    node.input[k] = rename[name]
-            for a in node.attribute:
-                for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                    visit(sub)
-    visit(g)
+
+def rename_inputs(g: onnx.GraphProto, rename: dict):
+    """Every node input (in subgraphs too, which read the outer scope) renamed. In place."""
+    for node in g.node:
+        for k, name in enumerate(node.input):
+            if name in rename:
+                node.input[k] = rename[name]
+        for a in node.attribute:
+            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                rename_inputs(sub, rename)
 
 
 def copied_from(name: str) -> str | None:

@@ -70,10 +70,9 @@ def _worker_from(blobs: dict, config: SweepConfig) -> Worker:
                  if getattr(config, k)}
         from .. import runtime
         runtime.THREADS = 1          # the task asked Ray for one CPU: its sessions use one
-        from ..loading.model import close_data_files, materialized
+        from ..loading.model import materialized
         worker = Worker(replace(config, **local))
         worker.model = materialized(worker.model)   # its external data must not need the folder
-        close_data_files(folder)
         return worker
     finally:
         shutil.rmtree(folder, ignore_errors=True)

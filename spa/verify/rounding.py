@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..loading.model import tensor_array
+from ..loading.model import rename_inputs, tensor_array
 
 __all__ = ["QDQ_SHARE", "QDQ_NOISE_FACTOR", "QDQ_MAX_STEPS", "QDQ_MAX_SHARE", "rounding_ok", "steps_apart",
            "output_steps", "has_qdq", "float_twin"]
@@ -149,7 +149,7 @@ def float_twin(model: onnx.ModelProto) -> onnx.ModelProto | None:
     nodes += [helper.make_node("Identity", [rename[o]], [o], name=f"{o}__spa_twin") for o in outputs if o in rename]
     del twin.graph.node[:]
     twin.graph.node.extend(nodes)
-    _rename_inputs(twin.graph, rename)
+    rename_inputs(twin.graph, rename)
     kept = [v for v in twin.graph.value_info if v.name not in rename]
     del twin.graph.value_info[:]
     twin.graph.value_info.extend(kept)
@@ -165,14 +165,3 @@ def _same_quantization(q: onnx.NodeProto, dq: onnx.NodeProto, values: dict) -> b
                                                                           tensor_array(values[b]))):
             return False
     return tensor_array(values[q.input[1]]).size == 1
-
-
-def _rename_inputs(g: onnx.GraphProto, rename: dict):
-    """Every node input (in subgraphs too, which read the outer scope) renamed. In place."""
-    for node in g.node:
-        for k, name in enumerate(node.input):
-            if name in rename:
-                node.input[k] = rename[name]
-        for a in node.attribute:
-            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                _rename_inputs(sub, rename)
