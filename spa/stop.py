@@ -65,12 +65,24 @@ def stopping():
             except ValueError:      # not the main thread: leave signals alone
                 pass
     _armed, _exit_code = bool(previous), None
+    if _armed:
+        _one_heap()
     try:
         yield
     finally:
         _armed = False
         for sig, h in previous.items():
             signal.signal(sig, h)
+
+
+def _one_heap():
+    """glibc gives a new thread a heap (arena) of its own and keeps what is freed there; the
+    workers that run onnxruntime would hold their own copies of activations apart from the main
+    heap (benchmarks/big_model.py, 0.44 GiB model: peak RSS 1.90 -> 2.17 GB). One heap for every
+    thread of the CLI's process; elsewhere (not glibc) nothing changes."""
+    with contextlib.suppress(Exception):
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(-8, 1)   # M_ARENA_MAX = 1
 
 
 def interruptible(fn: Callable[..., T], *args, **kwargs) -> T:
