@@ -424,6 +424,38 @@ def copied_from(name: str) -> str | None:
     return base if mark and n.isdigit() else None
 
 
+def copies_of_equal(model: onnx.ModelProto) -> dict[str, str]:
+    """{copy: original} for the readers' copies ``normalize`` made that still hold their
+    original's values: a tied embedding that no pruning changed is one tensor again."""
+    inits = {t.name: t for t in model.graph.initializer}
+    same = {}
+    for t in model.graph.initializer:
+        base = inits.get(copied_from(t.name))
+        if base is not None and _equal_tensors(t, base):
+            same[t.name] = base.name
+    return same
+
+
+def rejoin_copies(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The readers of every unchanged copy read its original again; the copy is dropped. In place."""
+    same = copies_of_equal(model)
+    if same:
+        g = model.graph
+        rename_inputs(g, same)
+        kept = [t for t in g.initializer if t.name not in same]
+        del g.initializer[:]
+        g.initializer.extend(kept)
+    return model
+
+
+def _equal_tensors(a: onnx.TensorProto, b: onnx.TensorProto) -> bool:
+    if a.data_type != b.data_type or list(a.dims) != list(b.dims):
+        return False
+    if a.HasField("raw_data") and b.HasField("raw_data"):
+        return a.raw_data == b.raw_data
+    return bool(np.array_equal(tensor_array(a), tensor_array(b)))
+
+
 def tensor_names(model: onnx.ModelProto) -> set[str]:
     """Every name a tensor has anywhere in the model, subgraphs included."""
     names: set[str] = set()

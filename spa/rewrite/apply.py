@@ -12,7 +12,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..graph.fixups import DropAttr, SetAttr, SetInput
-from ..loading.model import copy_fields, tensor_array, tensor_names, unique_name
+from ..loading.model import copy_fields, rejoin_copies, tensor_array, tensor_names, unique_name
 from ..plan.plan import Plan
 
 __all__ = ["rewrite", "apply_updates", "apply_edits"]
@@ -37,7 +37,7 @@ def rewrite(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
         pruned.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w), t.name))
     _add_biases(pruned, plan, sliced=True)
     apply_edits(pruned, plan.edits)
-    return pruned
+    return rejoin_copies(pruned)
 
 
 def apply_updates(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 
 from ..graph.rules.einsum import parse_equation
+from ..loading.model import copies_of_equal
 
 __all__ = ["count_params", "count_macs", "node_macs", "mac_terms", "WEIGHT_TYPES"]
 
@@ -27,8 +28,11 @@ WEIGHT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorPro
 
 
 def count_params(model: onnx.ModelProto) -> int:
-    """Elements of float and 8-bit (quantized) initializers; integer size vectors don't count."""
-    return int(sum(math.prod(t.dims) for t in model.graph.initializer if t.data_type in WEIGHT_TYPES))
+    """Elements of float and 8-bit (quantized) initializers; integer size vectors don't count,
+    nor a reader's copy of a tensor that still equals it (a tied embedding counts once)."""
+    copies = copies_of_equal(model)
+    return int(sum(math.prod(t.dims) for t in model.graph.initializer
+                   if t.data_type in WEIGHT_TYPES and t.name not in copies))
 
 
 def count_macs(model: onnx.ModelProto, shapes) -> int:
