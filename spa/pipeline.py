@@ -295,13 +295,13 @@ def _calibrate(a: Analysis, choice: _Choice, opts: PruneOptions, calibration: Ca
     criterion, damping = opts.criterion_used, opts.damping
     macs = count_macs(a.model, a.shapes)
     if criterion == "obspa" and calibration.data is not None and any(len(r) for r in choice.removals):
-        use, held_out = choose_use(a, choice.removals, calibration, damping, macs)
+        use, held_out = choose_use(a, choice.removals, calibration, damping, macs, opts.compensation)
         if use == "data-free":
             calibration = calibration.without_data()
         refit = {"refit": True, "one pass": False}.get(use)
     dplan = data_aware_plan(a.model, a.dep, a.groups, [len(r) for r in choice.removals], criterion,
                             calibration, a.shapes.input_shapes, opts.recalibrate, damping, chosen=choice.removals,
-                            macs=macs, refit=refit)
+                            macs=macs, refit=refit, compensation=opts.compensation)
     if held_out is not None:
         dplan.info["held_out"] = held_out
     choice.removals = [r if r is not None else old for r, old in zip(dplan.removals, choice.removals)]
