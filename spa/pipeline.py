@@ -90,7 +90,10 @@ def prune(model_or_path, ratio: float | None = None, criterion: str | None = Non
     iterable of feed dicts; with ``calib_samples``, at most that many of its samples) or,
     without it, of synthetic inputs drawn with ``input_stats``. ``criterion`` defaults to
     OBSPA, data-free without ``calib``; where the model cannot run on synthetic inputs that
-    default falls back to l1 and the report's ``data`` says why.
+    default falls back to l1 and the report's ``data`` says why. Without ``calib``,
+    ``compensation`` picks how removals are compensated: "obs" (default), or from the weights
+    alone, "merge" / "lsq" (spa/score/merge.py: for models whose BatchNorms were folded away;
+    measured weaker than OBS on the folded Fashion CNNs, benchmarks/README.md).
 
     >>> result = prune("model.onnx", ratio=0.5, criterion="l1")   # doctest: +SKIP
     >>> result.save("model.pruned.onnx"); result.report["after"]["macs"]  # doctest: +SKIP
