@@ -30,6 +30,17 @@ criterion="l1", macs-measured = the default criterion with round_to=1 and
 allocation="measured" (per-group sensitivity instead of one uniform ratio, and no rounding to
 8 channels, which on 16..48-channel groups overshoots the budget); rendered as lines under
 Targets, not as table columns.
+BatchNorm folded (fashion_resnet_folded, fashion_vgg_folded, fashion_mobile_folded: the same
+trained weights exported as most shipped files are, `python models/fashion_cnns.py
+--export-folded`): no BatchNormalization to steer synthetic inputs by, so data-free OBSPA has
+unsteered noise only. At MACs budgets FOLDED_BUDGETS, `spa.prune(path, macs=K, **kw)`:
+folded-default (kw = {}: OBS on synthetic inputs), folded-merge (compensation="merge": neuron
+merging from the weights), folded-lsq (compensation="lsq"), folded-calib (calib = the first
+256 calibration images), folded-l1 (criterion="l1"); rendered as one table per model.
+
+    python benchmarks/accuracy.py --models fashion_resnet_folded fashion_vgg_folded \
+        fashion_mobile_folded --criteria folded-default folded-merge folded-lsq folded-calib folded-l1
+
 One JSON line per (model, criterion, ratio, seed) is appended to
 benchmarks/results/accuracy.jsonl; existing lines are skipped (resume-able), --force redoes.
 Every spa.prune call runs under an address-space limit (--mem-gb) so that a run that would
@@ -66,12 +77,18 @@ PLOTS = HERE / "plots"
 START, END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
 
 RATIOS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
-MODELS = ["fashion_resnet", "fashion_vgg", "fashion_mobile", "digits_mlp", "crepe_tiny", "crepe_full", "minilm"]
+MODELS = ["fashion_resnet", "fashion_vgg", "fashion_mobile", "digits_mlp", "crepe_tiny", "crepe_full", "minilm",
+          "fashion_resnet_folded", "fashion_vgg_folded", "fashion_mobile_folded"]
 SPA_CRITERIA = ["random", "l1", "l2", "bn-scale", "activation", "obspa-free", "obspa-calib", "l1+recal"]
 TP_CRITERIA = ["tp-l1", "tp-taylor"]
 BUDGET_KWARGS = {"macs-default": {}, "macs-l1": {"criterion": "l1"},
                  "macs-measured": {"round_to": 1, "allocation": "measured"}}
 BUDGET_CRITERIA = list(BUDGET_KWARGS)
+FOLDED_MODELS = ["fashion_resnet_folded", "fashion_vgg_folded", "fashion_mobile_folded"]
+FOLDED_BUDGETS = (0.75, 0.5, 0.3)
+FOLDED_KWARGS = {"folded-default": {}, "folded-merge": {"compensation": "merge"},
+                 "folded-lsq": {"compensation": "lsq"}, "folded-calib": {"calib": 256}, "folded-l1": {"criterion": "l1"}}
+FOLDED_CRITERIA = list(FOLDED_KWARGS)
 MACS_BUDGETS = {"fashion_mobile": (0.75, 0.05)}   # model: (share of MACs kept, allowed accuracy drop)
 TORCH_MODELS = {"fashion_resnet": "resnet", "fashion_vgg": "vgg", "fashion_mobile": "mobile"}
 RANDOM_SEEDS = [0, 1, 2]
@@ -81,7 +98,11 @@ LABELS = {"random": "random (3 seeds)", "l1": "l1", "l2": "l2", "bn-scale": "bn-
           "obspa-calib": "OBSPA calibrated", "l1+recal": "l1 + recalibrate (calib)",
           "tp-l1": "Torch-Pruning L1", "tp-taylor": "Torch-Pruning Taylor",
           "macs-default": "default criterion (OBSPA data-free)", "macs-l1": "l1",
-          "macs-measured": "OBSPA data-free, measured allocation, round_to=1"}
+          "macs-measured": "OBSPA data-free, measured allocation, round_to=1",
+          "folded-default": "default (OBSPA data-free, OBS on synthetic inputs)",
+          "folded-merge": "OBSPA data-free, compensation=\"merge\"",
+          "folded-lsq": "OBSPA data-free, compensation=\"lsq\"",
+          "folded-calib": "OBSPA calibrated (256 images)", "folded-l1": "l1"}
 
 
 def spa_kwargs(criterion: str, calib) -> dict:
@@ -218,6 +239,28 @@ def run_budget(bench: Bench, criterion: str, keep: float, mem_gb: float) -> dict
             "prune_s": round(t1 - t0, 2), "eval_s": round(time.time() - t1, 2)}
 
 
+def run_folded(bench: Bench, criterion: str, keep: float, mem_gb: float) -> dict:
+    """spa.prune(path, macs=keep, **FOLDED_KWARGS[criterion]) (calib: that many calibration images)."""
+    import spa
+    kw = dict(FOLDED_KWARGS[criterion])
+    if "calib" in kw:
+        kw["calib"] = {k: v[:kw["calib"]] for k, v in bench.calib.items()}
+    t0 = time.time()
+    with memory_limit(mem_gb):
+        res = spa.prune(str(bench.path), macs=keep, **kw)
+    t1 = time.time()
+    rep = res.report
+    out = {"accuracy": bench.evaluate(res.model), "macs_budget": keep,
+           "macs_before": rep["before"]["macs"], "macs_after": rep["after"]["macs"],
+           "params_before": rep["before"]["params"], "params_after": rep["after"]["params"],
+           "prune_s": round(t1 - t0, 2), "eval_s": round(time.time() - t1, 2)}
+    data = rep.get("data") or {}
+    for k in ("mode", "merged", "batch_norms_steered"):
+        if k in data:
+            out.setdefault("data", {})[k] = data[k]
+    return out
+
+
 def run_tp(bench: Bench, criterion: str, ratio: float) -> dict:
     import numpy as np
     import onnx
@@ -343,6 +386,11 @@ def bench_model(name: str, args, done: set):
                 "params_before": params_of(m), "params_after": params_of(m)}
 
     record("unpruned", 0.0, 0, baseline)
+    if name in FOLDED_MODELS:
+        for criterion in [c for c in args.criteria if c in FOLDED_CRITERIA]:
+            for keep in FOLDED_BUDGETS:
+                record(criterion, keep, 0, lambda: run_folded(bench, criterion, keep, args.mem_gb))
+        return
     ratios = list(args.ratios)
     if name == "fashion_resnet" and not args.no_target:
         tr = next((e["ratio"] for e in load_results() if e["model"] == name and e.get("target")), None)
@@ -359,7 +407,7 @@ def bench_model(name: str, args, done: set):
             record(criterion, keep, 0, lambda: run_budget(bench, criterion, keep, args.mem_gb))
     for ratio in ratios:
         for criterion in args.criteria:
-            if criterion in BUDGET_CRITERIA:
+            if criterion in BUDGET_CRITERIA or criterion in FOLDED_CRITERIA:
                 continue
             if criterion in TP_CRITERIA:
                 if name not in TORCH_MODELS:
@@ -431,6 +479,10 @@ def render(entries: list[dict]):
     for model in [m for m in MODELS if m in table] + sorted(set(table) - set(MODELS)):
         rows = table[model]
         base = rows.get("unpruned", {}).get(0.0, {}).get("acc")
+        if model in FOLDED_MODELS:
+            L += _folded_table(model, rows, base, metrics.get(model, ""))
+            targets += _folded_target(model, rows, base)
+            continue
         ratios = sorted({r for c, rs in rows.items() if c != "unpruned" and c not in BUDGET_CRITERIA for r in rs})
         L += [f"### {model}", "", f"Metric: {metrics.get(model, '')}; unpruned: "
               + (f"**{base:.4f}**." if base is not None else "not measured."), ""]
@@ -523,6 +575,38 @@ def render(entries: list[dict]):
     update_readme(text)
 
 
+def _folded_table(model: str, rows: dict, base, metric: str) -> list[str]:
+    """A BN-folded model: accuracy per criterion at each MACs budget."""
+    L = [f"### {model}", "", f"BatchNorm folded into the convs (no BatchNormalization node). Metric: {metric}; "
+         "unpruned: " + (f"**{base:.4f}**." if base is not None else "not measured."),
+         "`spa.prune(path, macs=K, **kw)`, every other option at its default.", "",
+         "| MACs kept | " + " | ".join(f"{k:g}" for k in FOLDED_BUDGETS) + " |",
+         "|---" + "|---:" * len(FOLDED_BUDGETS) + "|"]
+    for c in FOLDED_CRITERIA:
+        if c not in rows:
+            continue
+        cells = []
+        for k in FOLDED_BUDGETS:
+            cell = rows[c].get(k)
+            cells.append("" if not cell else "err" if "acc" not in cell else
+                         f"{cell['acc']:.4f} (−{100 * cell['macs']:.0f}%)")
+        L.append(f"| {LABELS[c]} | " + " | ".join(cells) + " |")
+    return L + [""]
+
+
+def _folded_target(model: str, rows: dict, base) -> list[str]:
+    """Issue 22: at half the MACs without data, 90 % of unpruned or within 5 points of calibrated."""
+    free, calib = rows.get("folded-default", {}).get(0.5, {}), rows.get("folded-calib", {}).get(0.5, {})
+    if base is None or "acc" not in free:
+        return []
+    best = max((rows[c][0.5]["acc"], c) for c in ("folded-default", "folded-merge", "folded-lsq")
+               if "acc" in rows.get(c, {}).get(0.5, {}))
+    ok = best[0] >= 0.9 * base or ("acc" in calib and best[0] >= calib["acc"] - 0.05)
+    return [f"- {model}: data-free at half the MACs ≥ 90 % of unpruned or within 5 points of calibrated: "
+            f"{'met' if ok else '**not met**'} (best data-free {best[0]:.4f} by {LABELS[best[1]]}, default "
+            f"{free['acc']:.4f}; unpruned {base:.4f}, calibrated {calib.get('acc', float('nan')):.4f})"]
+
+
 def observations(model: str, entries: list[dict]) -> list[str]:
     """Notes derived from what spa reported (latest entry per key of this model)."""
     latest = {}
@@ -553,7 +637,11 @@ def _fmt(cell):
 
 
 def plot(model: str, rows: dict, base, metric: str):
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:       # the tables are still written; only the figures need it
+        print(f"  no matplotlib: plots/accuracy_{model}.png not redrawn", flush=True)
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     PLOTS.mkdir(parents=True, exist_ok=True)
@@ -599,7 +687,7 @@ def update_readme(text: str):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="*", default=MODELS)
-    p.add_argument("--criteria", nargs="*", default=SPA_CRITERIA + TP_CRITERIA + BUDGET_CRITERIA)
+    p.add_argument("--criteria", nargs="*", default=SPA_CRITERIA + TP_CRITERIA + BUDGET_CRITERIA + FOLDED_CRITERIA)
     p.add_argument("--ratios", nargs="*", type=float, default=RATIOS)
     p.add_argument("--cache", default="/tmp/spa_models", help="where crepe and MiniLM ONNX files are exported")
     p.add_argument("--mem-gb", type=float, default=10.0, help="address-space budget of one spa.prune call")

@@ -3,11 +3,16 @@ benchmark (benchmarks/accuracy.py): a ResNet-style network, a VGG-style network 
 MobileNetV3-small-style network (depthwise convs, squeeze-and-excitation, hardswish).
 
     python models/fashion_cnns.py [--only resnet|vgg|mobile] [--epochs N]
+    python models/fashion_cnns.py --export-folded [--only ...]   # from the committed .pt files
 
 Writes, next to this script (all small):
   fashion_<name>.onnx         opset 17, input "image" (N x 1 x 28 x 28, normalized), output
                               "logits" (N x 10), dynamic batch; BatchNorm kept as
                               BatchNormalization ops (not folded into the convs)
+  fashion_<name>_folded.onnx  the same trained weights exported as most shipped files are
+                              (legacy exporter, eval mode, constant folding): every BatchNorm
+                              folded into the conv before it, no BatchNormalization node left
+                              (``--export-folded`` writes only these, from the .pt files)
   fashion_<name>.pt           the trained torch state_dict (for build_<name>(), Torch-Pruning)
   fashion_calib.npz           512 *training* images ("image", "label"), calibration data
   fashion_eval.npz            the first 2000 *test* images ("image", "label"), evaluation data
@@ -293,15 +298,48 @@ def export(model, path: Path):
     return n_bn, err
 
 
+def export_folded(model, path: Path):
+    """Legacy exporter in eval mode with constant folding (``TrainingMode.EVAL``), the way
+    most shipped CNN files were written: BatchNorm folded into the preceding conv's weight and
+    bias, no BatchNormalization node left (checked), onnxruntime matching torch."""
+    torch = _torch()
+    import onnx
+    dummy = torch.zeros(2, 1, 28, 28)
+    torch.onnx.export(model.eval(), (dummy,), str(path), dynamo=False, opset_version=17,
+                      training=torch.onnx.TrainingMode.EVAL, do_constant_folding=True,
+                      input_names=[INPUT], output_names=[OUTPUT],
+                      dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+    m = onnx.load(str(path))
+    onnx.checker.check_model(m, full_check=True)
+    n_bn = sum(n.op_type == "BatchNormalization" for n in m.graph.node)
+    assert n_bn == 0, f"{path.name}: {n_bn} BatchNormalization nodes left, expected them folded"
+    from spa.runtime import session
+    x = samples("eval")[INPUT][:64]
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    err = float(np.abs(session(m).run(None, {INPUT: x})[0] - ref).max())
+    assert err < 1e-3, f"onnxruntime differs from torch by {err}"
+    return err
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", choices=NAMES)
     p.add_argument("--epochs", type=int, help="default: EPOCHS (3 for resnet and vgg, 2 for mobile)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on the shared 2-core machine two threads were 7x slower)")
+    p.add_argument("--export-folded", action="store_true",
+                   help="only write fashion_<name>_folded.onnx (BatchNorm folded) from the saved .pt files")
     args = p.parse_args()
     torch = _torch()
     torch.set_num_threads(args.threads)
+    if args.export_folded:
+        ev = samples("eval")
+        for name in ([args.only] if args.only else NAMES):
+            path = OUT_DIR / f"fashion_{name}_folded.onnx"
+            err = export_folded(load_trained(name), path)
+            print(f"{path.name}: ORT-vs-torch {err:.1e}, eval accuracy {accuracy(path, ev):.4f} (2000)", flush=True)
+        return
     for which in ("calib", "eval"):
         path = OUT_DIR / f"fashion_{which}.npz"
         if not path.exists():
@@ -314,6 +352,7 @@ def main():
         torch.save(model.state_dict(), OUT_DIR / f"fashion_{name}.pt")
         onnx_path = OUT_DIR / f"fashion_{name}.onnx"
         n_bn, err = export(model, onnx_path)
+        export_folded(model, OUT_DIR / f"fashion_{name}_folded.onnx")
         x, y = load_split("t10k")
         full = accuracy(onnx_path, {INPUT: x, "label": y})
         acc = accuracy(onnx_path, ev)

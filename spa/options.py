@@ -16,6 +16,7 @@ from typing import Any
 
 from .errors import SpaError
 from .score import CRITERIA
+from .score.obspa import COMPENSATIONS
 from .plan.planner import PlanOptions
 
 __all__ = ["PruneOptions", "DEFAULT_CRITERION", "DEFAULT_ROUND_TO", "HIDDEN_AS_RATIO", "CRITERIA",
@@ -70,6 +71,7 @@ class PruneOptions:
     calib_samples: int | None = None
     recalibrate: bool = False
     damping: float = 0.01
+    compensation: str = "obs"
     input_shapes: dict = field(default_factory=dict)
     verify: bool | None = None
     strict: bool = False
@@ -115,6 +117,8 @@ class PruneOptions:
                 raise SpaError(f"--{name.replace('_', '-')} must be at least 1, got {value!r}")
         if self.steps and self.steps > 1 and self.latency is not None:
             raise SpaError("--steps with --latency is not supported: use --macs, or one step")
+        if self.compensation not in COMPENSATIONS:
+            raise SpaError(f"compensation must be one of {', '.join(COMPENSATIONS)}, got {self.compensation!r}")
         if not _number(self.damping) or self.damping <= 0:
             raise SpaError(f"damping must be a positive number, got {self.damping!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
@@ -204,7 +208,8 @@ class PruneOptions:
                "hidden": self.hidden_ratio, "group_width": self.group_width, "criterion": self.criterion_used,
                "global": self.global_rank, "max_ratio": self.max_ratio, "round_to": self.round_unit,
                "exclude": list(self.exclude), "aggregate": self.aggregate, "seed": self.seed,
-               "calib": self._calib_name(), "recalibrate": self.recalibrate}
+               "calib": self._calib_name(), "recalibrate": self.recalibrate,
+               "compensation": self.compensation}
         if self.budget is not None:
             kind, target = self.budget
             out["budget"] = {kind: target, "allocation": self.allocation_used}

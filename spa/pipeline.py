@@ -90,7 +90,10 @@ def prune(model_or_path, ratio: float | None = None, criterion: str | None = Non
     iterable of feed dicts; with ``calib_samples``, at most that many of its samples) or,
     without it, of synthetic inputs drawn with ``input_stats``. ``criterion`` defaults to
     OBSPA, data-free without ``calib``; where the model cannot run on synthetic inputs that
-    default falls back to l1 and the report's ``data`` says why.
+    default falls back to l1 and the report's ``data`` says why. Without ``calib``,
+    ``compensation`` picks how removals are compensated: "obs" (default), or from the weights
+    alone, "merge" / "lsq" (spa/score/merge.py: for models whose BatchNorms were folded away;
+    measured weaker than OBS on the folded Fashion CNNs, benchmarks/README.md).
 
     >>> result = prune("model.onnx", ratio=0.5, criterion="l1")   # doctest: +SKIP
     >>> result.save("model.pruned.onnx"); result.report["after"]["macs"]  # doctest: +SKIP
@@ -295,13 +298,13 @@ def _calibrate(a: Analysis, choice: _Choice, opts: PruneOptions, calibration: Ca
     criterion, damping = opts.criterion_used, opts.damping
     macs = count_macs(a.model, a.shapes)
     if criterion == "obspa" and calibration.data is not None and any(len(r) for r in choice.removals):
-        use, held_out = choose_use(a, choice.removals, calibration, damping, macs)
+        use, held_out = choose_use(a, choice.removals, calibration, damping, macs, opts.compensation)
         if use == "data-free":
             calibration = calibration.without_data()
         refit = {"refit": True, "one pass": False}.get(use)
     dplan = data_aware_plan(a.model, a.dep, a.groups, [len(r) for r in choice.removals], criterion,
                             calibration, a.shapes.input_shapes, opts.recalibrate, damping, chosen=choice.removals,
-                            macs=macs, refit=refit)
+                            macs=macs, refit=refit, compensation=opts.compensation)
     if held_out is not None:
         dplan.info["held_out"] = held_out
     choice.removals = [r if r is not None else old for r, old in zip(dplan.removals, choice.removals)]

@@ -115,6 +115,11 @@ def add_pruning_options(sp):
                     help="after pruning, refit normalization scales and biases (BatchNorm, InstanceNorm, LayerNorm) "
                          "to the original's outputs, and with magnitude criteria correct consumer biases from "
                          "activation means; closed form, on --calib or synthetic inputs")
+    sp.add_argument("--compensation", choices=("obs", "merge", "lsq"), default="obs",
+                    help="without --calib, how OBSPA compensates removed channels: obs (default, OBS on synthetic "
+                         "inputs), merge (into the most similar kept channel, from the weights alone) or lsq "
+                         "(least squares over the kept channels, from the weights alone); the weight-only ones "
+                         "apply where they are exact for proportional filters (ReLU-type chains), OBS elsewhere")
     sp.add_argument("--strict", action="store_true", help="fail if any node blocks pruning")
 
 
@@ -126,6 +131,7 @@ def pruning_options(args, **values) -> PruneOptions:
                   max_ratio=args.max_ratio, round_to=args.round_to, allocation=args.allocate, steps=args.steps,
                   exclude=args.exclude, seed=args.seed, input_stats=_input_stats(args.input_stats),
                   calib_samples=args.calib_samples, recalibrate=args.recalibrate, verify=args.verify,
+                  compensation=args.compensation,
                   strict=args.strict, input_shapes=parse_input_shapes(args.input_shape) or {})
     for name in ("ratio", "criterion", "macs", "params"):
         if hasattr(args, name):
