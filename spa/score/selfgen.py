@@ -41,8 +41,11 @@ def self_generated(model: onnx.ModelProto, batches: list[dict], vocab: dict[str,
     size = vocab[ids]
     params = sum(math.prod(t.dims) for t in model.graph.initializer)
     rows = min(sum(len(b[ids]) for b in batches) * seq, ROWS)
-    count = max(1, -(-rows // seq)) if free_batch else n
-    if seq < 2 or params * count * seq * seq > GENERATION_BUDGET:
+    affordable = int(GENERATION_BUDGET // max(1, params * seq * seq))   # sequences
+    count = min(max(1, -(-rows // seq)), affordable)
+    if not free_batch:
+        count = count // n * n           # whole batches of the size the model fixes
+    if seq < 2 or count < 1:
         return None
     sess = session(model)
     outputs = [o.name for o in sess.get_outputs()]
@@ -60,23 +63,32 @@ def self_generated(model: onnx.ModelProto, batches: list[dict], vocab: dict[str,
         return None                                   # a later token changed earlier logits
     shape = (ids, seed, count, seq)
     if written is not None and shape in written:
-        return [dict(written[shape])]
+        return [dict(f) for f in written[shape]]
     key = (hashlib.sha1(model.SerializeToString()).hexdigest(), *shape)
     if key not in _WRITTEN:      # pruning one model at several ratios writes the same text
         _WRITTEN.clear()
-        _WRITTEN[key] = _write(sess, first, ids, outputs[logits], size, count, seq, n, seed)
+        _WRITTEN[key] = _write(sess, first, ids, outputs[logits], size, count, seq, n,
+                               seed, count if free_batch else n)
     if written is not None:
         written[shape] = _WRITTEN[key]
-    return [dict(_WRITTEN[key])]
+    return [dict(f) for f in _WRITTEN[key]]
 
 
-def _write(sess, first: dict, ids: str, logits: str, size: int, count: int, seq: int, n: int, seed: int) -> dict:
+def _write(sess, first: dict, ids: str, logits: str, size: int, count: int, seq: int, n: int, seed: int,
+           batch: int) -> list[dict]:
+    """``count`` sequences, written ``batch`` at a time (the model may fix its batch size):
+    one feed per batch."""
     rng = np.random.default_rng(seed)
-    feeds = {k: (v[:1].repeat(count, axis=0) if np.ndim(v) and len(v) == n else v) for k, v in first.items()}
+    feeds = {k: (v[:1].repeat(batch, axis=0) if np.ndim(v) and len(v) == n else v) for k, v in first.items()}
     tokens = rng.integers(0, size, (count, seq)).astype(first[ids].dtype)
-    for t in track(range(1, seq), unit="tokens written"):   # a forward pass per token: minutes on a decoder
-        feeds[ids] = tokens
-        z = sess.run([logits], feeds)[0][:, t - 1, :].astype(np.float64)
-        tokens[:, t] = np.argmax(z + rng.gumbel(size=z.shape), axis=1)    # a sample of softmax(z)
-    feeds[ids] = tokens
-    return feeds
+    out = []
+    # a forward pass per token and batch: minutes on a decoder
+    for step in track(range((seq - 1) * (count // batch)), unit="tokens written"):
+        b, t = divmod(step, seq - 1)
+        part = tokens[b * batch:(b + 1) * batch]
+        feeds[ids] = part
+        z = sess.run([logits], feeds)[0][:, t, :].astype(np.float64)
+        part[:, t + 1] = np.argmax(z + rng.gumbel(size=z.shape), axis=1)    # a sample of softmax(z)
+        if t == seq - 2:
+            out.append({**feeds, ids: part.copy()})
+    return out
