@@ -281,13 +281,54 @@ def describe(removed: dict, g: Geometry) -> dict:
             "heads_per_layer": heads, "neurons_per_layer": neurons}
 
 
+SPA_METHODS = {   # spa.prune keyword arguments of each spa row (params= is the target's)
+    "spa-free": {},                                         # the default: OBSPA, data-free
+    "spa-calib": {"calib": "calib"},                        # OBSPA on the calibration windows
+    "spa-l1": {"criterion": "l1"},
+    "spa-free-measured": {"allocation": "measured"},        # OBSPA data-free, measured allocation
+}
+
+
 def spa_rows(args, ctx: dict) -> list[dict]:
-    """Hook for spa's rows (pruning the ONNX export with spa.prune at the same targets). ``ctx``:
-    total (parameters, counted once), base (unpruned perplexity on the eval windows), held / calib
-    (token windows), targets. Return rows with at least method, target, removed (share of
-    ``total``), ppl (same eval windows, per token over tokens 1..127) and ppl32; ``run`` fills in
-    the ratio to the original and appends them. Not implemented here: no rows."""
-    return []
+    """spa.prune on the ONNX export (args.onnx) at each target, as ``--params 1-target``, every
+    other option at its default; the pruned model run by onnxruntime on the same eval windows.
+    Removed share: spa's report (parameters before - after, a tied embedding counted once)."""
+    import onnxruntime as ort
+    import spa
+    rows = []
+    for target in ctx["targets"]:
+        for method in args.spa:
+            kw = dict(SPA_METHODS[method])
+            if kw.get("calib") == "calib":
+                kw["calib"] = {"input_ids": ctx["calib"]}
+            t = time.time()
+            r = spa.prune(args.onnx, params=1 - target, verify=False, **kw)
+            seconds = time.time() - t
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = 1
+            sess = ort.InferenceSession(r.model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            got = np.array([_onnx_nll(sess, w) for w in ctx["held"]])
+            before, after = r.report["before"]["params"], r.report["after"]["params"]
+            groups = r.report["groups"]
+            heads = sum(gr["removed"] for gr in groups if gr.get("kind") == "heads")
+            rows.append({"method": method, "target": target, "removed": (before - after) / before,
+                         "params_removed": before - after, "ppl": ppl(got, ctx["held"].shape[1]),
+                         "ppl32": ppl(got[:32], ctx["held"].shape[1]), "kv_heads_removed": heads,
+                         "heads_removed": 3 * heads,
+                         "neurons_removed": sum(gr["removed"] for gr in groups if gr.get("kind") != "heads"),
+                         "budget": r.report.get("budget"), "data": r.report.get("data"),
+                         "seconds": round(seconds, 1)})
+            print(f"{method} {target}: removed {rows[-1]['removed']:.3f}, ppl {rows[-1]['ppl']:.2f} "
+                  f"({seconds:.0f} s)", flush=True)
+    return rows
+
+
+def _onnx_nll(sess, window: np.ndarray) -> float:
+    """Summed negative log-likelihood of tokens 1.. of one window."""
+    z = sess.run(None, {"input_ids": window[None]})[0][0, :-1].astype(np.float64)
+    m = z.max(axis=1)
+    lse = np.log(np.exp(z - m[:, None]).sum(axis=1)) + m
+    return float((lse - z[np.arange(len(z)), window[1:]]).sum())
 
 
 # ---------------------------------------------------------------------------- run
@@ -387,7 +428,9 @@ def main(argv=None) -> int:
     ap.add_argument("--text", default=str(TEXT))
     ap.add_argument("--eval", type=int, default=64, help="eval windows used (of 64)")
     ap.add_argument("--targets", type=float, nargs="+", default=list(TARGETS))
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS + EXTRA_METHODS))
+    ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS + EXTRA_METHODS))
+    ap.add_argument("--spa", nargs="*", default=["spa-free", "spa-calib", "spa-l1"], choices=list(SPA_METHODS))
+    ap.add_argument("--onnx", default=str(REPO / "models" / "smollm2" / "dynamo.onnx"))
     run(ap.parse_args(argv))
     return 0
 
