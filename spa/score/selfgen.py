@@ -16,9 +16,12 @@ import onnx
 
 from ..progress import track
 
-# S forward passes of the whole sequence generate it (no cache); above this many
-# weight x token x step multiply-adds the uniform ids stay
-GENERATION_BUDGET = 4e12
+# S forward passes of the whole sequence generate it (no cache): at most this many weight x
+# token x step multiply-adds are spent writing sequences (fewer sequences, down to one, on a
+# larger model; none above it). SmolLM2-135M, 20 % of its MLP removed (benchmarks/lm_smollm2.py):
+# perplexity 28.9 -> 175 with the one 128-token sequence the old 4e12 allowed, 89 with two
+# (real text: 47 with two windows, 35 with sixteen); this budget writes eight (~4 min on 2 cores).
+GENERATION_BUDGET = 2.5e13
 ROWS = 2048          # as many token positions as the statistics sample (data.collect_stats)
 _WRITTEN: dict = {}  # the last text written: (model digest, seed, sequences, length) -> feeds
 
