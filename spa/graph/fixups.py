@@ -218,7 +218,7 @@ def _vector_pieces(view, name, old, new, edits, depth, freeze=frozenset()) -> bo
                     _add(edits, SetInput(producer.name, k, i, new.astype(value.dtype)))
                     carries = True
                 continue          # another constant (the -1 compared with): no size in it
-            if _size_free(view, i):
+            if _size_free(view, i, old):
                 continue          # -1 x ones of the vector's length: no size in it either
             if not _vector_pieces(view, i, old, new, edits, depth + 1):
                 return False      # an operand computed in a way not understood
@@ -248,12 +248,13 @@ def _add(edits: list, edit: SetInput):
         edits.append(edit)
 
 
-def _size_free(view, name, depth=0) -> bool:
-    """Whether ``name`` holds no size: a constant, a ConstantOfShape of a shape or a constant
-    (a fill whose length, a vector's length that is never pruned, is all it takes from
-    sizes), or elementwise ops over such values (-1 x ones)."""
+def _size_free(view, name, old, depth=0) -> bool:
+    """Whether ``name`` holds no size: a constant other than the vector ``old`` itself, a
+    ConstantOfShape of a shape or a constant (a fill whose length, a vector's length that is
+    never pruned, is all it takes from sizes), or elementwise ops over such values (-1 x ones)."""
     if name in view.inits:
-        return True
+        value = tensor_array(view.inits[name])
+        return not (value.shape == old.shape and np.array_equal(value, old))
     node = view.producers.get(name)
     if node is None or depth > 4:
         return False
@@ -261,7 +262,7 @@ def _size_free(view, name, depth=0) -> bool:
         src = view.producers.get(node.input[0])
         return node.input[0] in view.inits or (
             src is not None and src.op_type == "Shape" and _is_size_vector(view, src.input[0]))
-    return node.op_type in _VECTOR_OPS and all(_size_free(view, i, depth + 1) for i in node.input if i)
+    return node.op_type in _VECTOR_OPS and all(_size_free(view, i, old, depth + 1) for i in node.input if i)
 
 
 def _is_size_vector(view, name) -> bool:
