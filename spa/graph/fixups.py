@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import onnx
 
 from ..loading.model import tensor_array
 
@@ -189,27 +190,40 @@ _VECTOR_OPS = {"Where", "Equal", "Mul", "Add", "Sub", "Max", "Min", "Cast", "Ide
 def _vector_pieces(view, name, old, new, edits, depth, freeze=frozenset()) -> bool:
     """Edits for the constant parts of a computed size vector, and for the pieces in
     ``freeze`` (positions of pieces of their own, made constants); False where its structure
-    is not one of the understood ones (a Concat of pieces, elementwise ops over them)."""
-    if depth > 4:
+    is not one of the understood ones (a Concat of pieces, elementwise ops over them), so
+    that the caller writes the whole vector as a constant instead.
+
+    The legacy exporter writes ``expand(b, kv, n_rep, s, d)`` with sizes read from shapes
+    as Where(Equal(v, -1 x ConstantOfShape(Shape(v))), ConstantOfShape(...), v) with
+    v = Reshape(Concat(pieces), [-1]): every operand that carries sizes must be understood
+    (n_rep is a constant piece of the Concat), not just one of them."""
+    if depth > 6:
         return False
     producer = view.producers.get(name)
     if producer is None:
         return False
+    if producer.op_type == "Reshape" and _is_size_vector(view, name):
+        # a size vector flattened: the same entries in the same order
+        return _vector_pieces(view, producer.input[0], old, new, edits, depth + 1, freeze)
     if freeze and producer.op_type != "Concat":
         return False
     if producer.op_type in _SHAPE_OPS:  # read from tensors: follows their pruned sizes
         return True
     if producer.op_type in _VECTOR_OPS:
-        found = False
+        carries = False
         for k, i in enumerate(producer.input):
             if i in view.inits:
                 value = tensor_array(view.inits[i])
                 if value.shape == old.shape and np.array_equal(value, old):
-                    edits.append(SetInput(producer.name, k, i, new.astype(value.dtype)))
-                found = True
-            elif _vector_pieces(view, i, old, new, edits, depth + 1):
-                found = True
-        return found
+                    _add(edits, SetInput(producer.name, k, i, new.astype(value.dtype)))
+                    carries = True
+                continue          # another constant (the -1 compared with): no size in it
+            if _size_free(view, i, old):
+                continue          # -1 x ones of the vector's length: no size in it either
+            if not _vector_pieces(view, i, old, new, edits, depth + 1):
+                return False      # an operand computed in a way not understood
+            carries = True
+        return carries
     if producer.op_type != "Concat":
         return False
     start = 0
@@ -219,12 +233,42 @@ def _vector_pieces(view, name, old, new, edits, depth, freeze=frozenset()) -> bo
         if value is None and freeze.intersection(range(start, start + size)):
             if size != 1:
                 return False
-            edits.append(SetInput(producer.name, k, piece, new[start:start + 1].astype(np.int64)))
+            _add(edits, SetInput(producer.name, k, piece, new[start:start + 1].astype(np.int64)))
         elif value is not None and not np.array_equal(value.ravel(), new[start:start + size]):
-            edits.append(SetInput(reader.name, at, reader.input[at],
-                                  new[start:start + size].reshape(value.shape).astype(value.dtype)))
+            _add(edits, SetInput(reader.name, at, reader.input[at],
+                                 new[start:start + size].reshape(value.shape).astype(value.dtype)))
         start += size
     return True
+
+
+def _add(edits: list, edit: SetInput):
+    """Append ``edit`` unless the same input is already set (a vector reached twice, as
+    Where's value and inside its condition)."""
+    if not any(isinstance(e, SetInput) and (e.node, e.input) == (edit.node, edit.input) for e in edits):
+        edits.append(edit)
+
+
+def _size_free(view, name, old, depth=0) -> bool:
+    """Whether ``name`` holds no size: a constant other than the vector ``old`` itself, a
+    ConstantOfShape of a shape or a constant (a fill whose length, a vector's length that is
+    never pruned, is all it takes from sizes), or elementwise ops over such values (-1 x ones)."""
+    if name in view.inits:
+        value = tensor_array(view.inits[name])
+        return not (value.shape == old.shape and np.array_equal(value, old))
+    node = view.producers.get(name)
+    if node is None or depth > 4:
+        return False
+    if node.op_type == "ConstantOfShape":
+        src = view.producers.get(node.input[0])
+        return node.input[0] in view.inits or (
+            src is not None and src.op_type == "Shape" and _is_size_vector(view, src.input[0]))
+    return node.op_type in _VECTOR_OPS and all(_size_free(view, i, old, depth + 1) for i in node.input if i)
+
+
+def _is_size_vector(view, name) -> bool:
+    """An integer vector (its Shape is its length, which pruning never changes)."""
+    return len(view.shapes.shape.get(name) or (0, 0)) == 1 and view.shapes.dtype.get(name) in (
+        onnx.TensorProto.INT64, onnx.TensorProto.INT32)
 
 
 def _constant_piece(view, concat, k):

@@ -146,8 +146,8 @@ def numeric_reads(ctx: NodeContext) -> dict[int, onnx.NodeProto]:
             return
         seen.add(name)
         for node, k in ctx.consumers.get(name, []):
-            if (node.op_type, k) in SIZE_SLOTS:
-                continue
+            if (node.op_type, k) in SIZE_SLOTS or node.op_type in ("Shape", "Size"):
+                continue        # a Shape of a size vector reads its length, never its entries
             if node.op_type == "Gather" and k == 0 and ctx.const_of(node.input[1]) is not None:
                 idx = np.ravel(ctx.const_of(node.input[1]))
                 walk(node.output[0], [axes[int(i) % len(axes)] for i in idx if len(axes)])
@@ -161,6 +161,10 @@ def numeric_reads(ctx: NodeContext) -> dict[int, onnx.NodeProto]:
             elif node.op_type in SIZE_ARITHMETIC:
                 for out in node.output:
                     walk(out, axes)
+            elif node.op_type == "Reshape" and k == 0 and len(ctx.shape(node.output[0]) or (0, 0)) == 1:
+                # a size vector flattened, entries in order (the legacy exporter's expand():
+                # Reshape(Concat(sizes), [-1]) before Where(Equal(v, -1), 1, v))
+                walk(node.output[0], axes)
             else:
                 for a in axes:
                     found.setdefault(a, node)
