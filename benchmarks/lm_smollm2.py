@@ -68,7 +68,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO / "models"))
 sys.path.insert(0, str(REPO))
 
-from _common import append_row  # noqa: E402
+from _common import append_row, load_rows, update_readme_section  # noqa: E402
 
 RESULTS = HERE / "results" / "lm_perplexity_smollm2.jsonl"
 CACHE = HERE / "results" / "cache" / "smollm2_state.pt"
@@ -423,6 +423,21 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def render() -> str:
+    """The README section from the newest row of every (method, target) in the jsonl."""
+    newest = {}
+    for row in load_rows(RESULTS):
+        newest[(row["method"], row["target"])] = row
+    text = ("## SmolLM2-135M: perplexity vs parameters removed, no fine-tuning\n\n"
+            "`python benchmarks/lm_smollm2.py` (FLAP, Wanda-sp in torch), `--methods --spa spa-free spa-calib "
+            "spa-l1` (spa on the dynamo export), `--render` (this section). spa's removed share is its report's "
+            "(a tied embedding counted once); spa cuts where its default options say (`--params 1-target`).\n\n"
+            + table(list(newest.values())))
+    print(text)
+    update_readme_section(text)
+    return text
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--text", default=str(TEXT))
@@ -431,7 +446,12 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS + EXTRA_METHODS))
     ap.add_argument("--spa", nargs="*", default=["spa-free", "spa-calib", "spa-l1"], choices=list(SPA_METHODS))
     ap.add_argument("--onnx", default=str(REPO / "models" / "smollm2" / "dynamo.onnx"))
-    run(ap.parse_args(argv))
+    ap.add_argument("--render", action="store_true", help="only the README section from the jsonl")
+    args = ap.parse_args(argv)
+    if args.render:
+        render()
+        return 0
+    run(args)
     return 0
 
 

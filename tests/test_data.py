@@ -158,3 +158,25 @@ def test_one_pruning_writes_its_text_once(monkeypatch):
                   verify=False)
     assert r.report["data"]["hessian_source"] == "text the model wrote itself (data-free)"
     assert len(writes) == 2                  # 3 steps, 3 different models, one text
+
+
+def test_a_tied_embedding_stays_one_tensor_and_counts_once(tmp_path):
+    """Embedding [V, D] read by Gather (ids -> vectors) and by the logits MatMul (transposed),
+    its D fixed by the Softmaxes (as a real LM's norms fix it): spa gives the second reader its
+    own copy to analyse, and must not keep or count both."""
+    g = Graph()
+    ids = g.input(["N", 8], name="ids", dtype=onnx.TensorProto.INT64)
+    table = g.const(np.random.default_rng(0).standard_normal((50, 16)).astype(np.float32), name="embed")
+    x = g.op("Softmax", [g.op("Gather", [table, ids])], axis=-1)
+    h = g.op("Relu", [g.op("MatMul", [x, g.weight(16, 32)])])
+    y = g.op("Softmax", [g.op("MatMul", [h, g.weight(32, 16)])], axis=-1)
+    g.output(g.op("MatMul", [y, g.op("Transpose", [table], perm=[1, 0])]))
+    model = g.model()
+    r = spa.prune(model, ratio=0.5, criterion="l1", round_to=1, input_shapes={"ids": [2, 8]})
+    assert r.report["verify"]["ok"]
+    assert r.report["before"]["params"] == 50 * 16 + 16 * 32 + 32 * 16
+    assert r.report["after"]["params"] == 50 * 16 + 16 * 16 + 16 * 16      # the 32 hidden: half
+    names = [t.name for t in r.model.graph.initializer]
+    assert sum(n.startswith("embed") for n in names) == 1
+    r.save(tmp_path / "p.onnx")
+    assert (tmp_path / "p.onnx").stat().st_size < 4 * (50 * 16 + 16 * 32 + 32 * 16)
