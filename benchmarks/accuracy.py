@@ -41,6 +41,18 @@ merging from the weights), folded-lsq (compensation="lsq"), folded-calib (calib 
     python benchmarks/accuracy.py --models fashion_resnet_folded fashion_vgg_folded \
         fashion_mobile_folded --criteria folded-default folded-merge folded-lsq folded-calib folded-l1
 
+Allocation without data (issue 22; ALLOC_MODELS: the three Fashion CNNs, BatchNorm kept and
+folded), at the same FOLDED_BUDGETS, `spa.prune(path, macs=K, **kw)`: alloc-default (kw = {}),
+alloc-measured (allocation="measured", which implies 3 steps), alloc-measured-1 (the same in one
+step), alloc-measured-r1 (measured, round_to=1), alloc-measured-r1-1 (the same in one step),
+alloc-uniform-r1 (the default allocation with round_to=1, to tell the allocation from the
+rounding apart); prune_s records the time; one table per model, each cell the mean over the
+seeds run (--alloc-seeds, default 0: the synthetic inputs change with the seed).
+
+    python benchmarks/accuracy.py --models fashion_resnet fashion_vgg fashion_mobile \
+        fashion_resnet_folded fashion_vgg_folded fashion_mobile_folded --criteria alloc-default \
+        alloc-measured alloc-measured-1 alloc-measured-r1 alloc-measured-r1-1 alloc-uniform-r1
+
 One JSON line per (model, criterion, ratio, seed) is appended to
 benchmarks/results/accuracy.jsonl; existing lines are skipped (resume-able), --force redoes.
 Every spa.prune call runs under an address-space limit (--mem-gb) so that a run that would
@@ -89,6 +101,14 @@ FOLDED_BUDGETS = (0.75, 0.5, 0.3)
 FOLDED_KWARGS = {"folded-default": {}, "folded-merge": {"compensation": "merge"},
                  "folded-lsq": {"compensation": "lsq"}, "folded-calib": {"calib": 256}, "folded-l1": {"criterion": "l1"}}
 FOLDED_CRITERIA = list(FOLDED_KWARGS)
+# issue 22: where to cut without data, on the folded CNNs and the same ones with BatchNorm kept
+ALLOC_MODELS = ["fashion_resnet", "fashion_vgg", "fashion_mobile"] + FOLDED_MODELS
+ALLOC_KWARGS = {"alloc-default": {}, "alloc-measured": {"allocation": "measured"},
+                "alloc-measured-1": {"allocation": "measured", "steps": 1},
+                "alloc-measured-r1": {"allocation": "measured", "round_to": 1},
+                "alloc-measured-r1-1": {"allocation": "measured", "round_to": 1, "steps": 1},
+                "alloc-uniform-r1": {"round_to": 1}}
+ALLOC_CRITERIA = list(ALLOC_KWARGS)
 MACS_BUDGETS = {"fashion_mobile": (0.75, 0.05)}   # model: (share of MACs kept, allowed accuracy drop)
 TORCH_MODELS = {"fashion_resnet": "resnet", "fashion_vgg": "vgg", "fashion_mobile": "mobile"}
 RANDOM_SEEDS = [0, 1, 2]
@@ -102,7 +122,13 @@ LABELS = {"random": "random (3 seeds)", "l1": "l1", "l2": "l2", "bn-scale": "bn-
           "folded-default": "default (OBSPA data-free, OBS on synthetic inputs)",
           "folded-merge": "OBSPA data-free, compensation=\"merge\"",
           "folded-lsq": "OBSPA data-free, compensation=\"lsq\"",
-          "folded-calib": "OBSPA calibrated (256 images)", "folded-l1": "l1"}
+          "folded-calib": "OBSPA calibrated (256 images)", "folded-l1": "l1",
+          "alloc-default": "default (OBSPA data-free, allocation as `auto` picks)",
+          "alloc-measured": "OBSPA data-free, allocation=\"measured\" (3 steps implied)",
+          "alloc-measured-1": "OBSPA data-free, allocation=\"measured\", steps=1",
+          "alloc-measured-r1": "OBSPA data-free, allocation=\"measured\", round_to=1 (3 steps)",
+          "alloc-measured-r1-1": "OBSPA data-free, allocation=\"measured\", round_to=1, steps=1",
+          "alloc-uniform-r1": "OBSPA data-free, uniform, round_to=1"}
 
 
 def spa_kwargs(criterion: str, calib) -> dict:
@@ -239,10 +265,11 @@ def run_budget(bench: Bench, criterion: str, keep: float, mem_gb: float) -> dict
             "prune_s": round(t1 - t0, 2), "eval_s": round(time.time() - t1, 2)}
 
 
-def run_folded(bench: Bench, criterion: str, keep: float, mem_gb: float) -> dict:
-    """spa.prune(path, macs=keep, **FOLDED_KWARGS[criterion]) (calib: that many calibration images)."""
+def run_folded(bench: Bench, criterion: str, keep: float, mem_gb: float, seed: int = 0) -> dict:
+    """spa.prune(path, macs=keep, **FOLDED_KWARGS[criterion]) (or ALLOC_KWARGS; calib: that many
+    calibration images; seed: of the synthetic inputs)."""
     import spa
-    kw = dict(FOLDED_KWARGS[criterion])
+    kw = dict(FOLDED_KWARGS.get(criterion, ALLOC_KWARGS.get(criterion)), seed=seed)
     if "calib" in kw:
         kw["calib"] = {k: v[:kw["calib"]] for k, v in bench.calib.items()}
     t0 = time.time()
@@ -258,6 +285,9 @@ def run_folded(bench: Bench, criterion: str, keep: float, mem_gb: float) -> dict
     for k in ("mode", "merged", "batch_norms_steered"):
         if k in data:
             out.setdefault("data", {})[k] = data[k]
+    opts = rep.get("options", {})
+    out["allocation"] = (opts.get("budget") or {}).get("allocation")
+    out["steps"] = (rep.get("budget") or {}).get("steps", 1)
     return out
 
 
@@ -386,6 +416,11 @@ def bench_model(name: str, args, done: set):
                 "params_before": params_of(m), "params_after": params_of(m)}
 
     record("unpruned", 0.0, 0, baseline)
+    if name in ALLOC_MODELS:
+        for criterion in [c for c in args.criteria if c in ALLOC_CRITERIA]:
+            for keep in FOLDED_BUDGETS:
+                for seed in args.alloc_seeds:
+                    record(criterion, keep, seed, lambda: run_folded(bench, criterion, keep, args.mem_gb, seed))
     if name in FOLDED_MODELS:
         for criterion in [c for c in args.criteria if c in FOLDED_CRITERIA]:
             for keep in FOLDED_BUDGETS:
@@ -407,7 +442,7 @@ def bench_model(name: str, args, done: set):
             record(criterion, keep, 0, lambda: run_budget(bench, criterion, keep, args.mem_gb))
     for ratio in ratios:
         for criterion in args.criteria:
-            if criterion in BUDGET_CRITERIA or criterion in FOLDED_CRITERIA:
+            if criterion in BUDGET_CRITERIA or criterion in FOLDED_CRITERIA or criterion in ALLOC_CRITERIA:
                 continue
             if criterion in TP_CRITERIA:
                 if name not in TORCH_MODELS:
@@ -444,7 +479,8 @@ def aggregate(entries: list[dict]) -> dict:
             accs = np.array([e["accuracy"] for e in ok])
             cell.update(acc=float(accs.mean()), std=float(accs.std()),
                         macs=float(np.mean([e.get("macs_reduction", 0.0) for e in ok])),
-                        params=float(np.mean([1 - e["params_after"] / e["params_before"] for e in ok])))
+                        params=float(np.mean([1 - e["params_after"] / e["params_before"] for e in ok])),
+                        prune_s=float(np.mean([e.get("prune_s") or 0.0 for e in ok])))
         table.setdefault(m, {}).setdefault(c, {})[r] = cell
     return table
 
@@ -480,10 +516,12 @@ def render(entries: list[dict]):
         rows = table[model]
         base = rows.get("unpruned", {}).get(0.0, {}).get("acc")
         if model in FOLDED_MODELS:
-            L += _folded_table(model, rows, base, metrics.get(model, ""))
+            L += _folded_table(model, rows, base, metrics.get(model, "")) + _alloc_table(model, rows, base)
             targets += _folded_target(model, rows, base)
             continue
-        ratios = sorted({r for c, rs in rows.items() if c != "unpruned" and c not in BUDGET_CRITERIA for r in rs})
+        allocs = _alloc_table(model, rows, base)
+        ratios = sorted({r for c, rs in rows.items()
+                         if c != "unpruned" and c not in BUDGET_CRITERIA and c not in ALLOC_CRITERIA for r in rs})
         L += [f"### {model}", "", f"Metric: {metrics.get(model, '')}; unpruned: "
               + (f"**{base:.4f}**." if base is not None else "not measured."), ""]
         head = ["criterion"] + [f"{r:g}" + (" ★" if any(rows[c].get(r, {}).get("target") for c in rows) else "")
@@ -537,6 +575,7 @@ def render(entries: list[dict]):
         L += [f"- {n}" for n in observations(model, entries)] + [""] if observations(model, entries) else []
         L.append(f"![accuracy vs MACs reduction: {model}](plots/accuracy_{model}.png)")
         L.append("")
+        L += allocs
         # target 1: OBSPA data-free above l1 at every ratio >= 0.3
         if "obspa-free" in rows and "l1" in rows:
             rs = [r for r in RATIOS if r >= 0.3 and r in rows["l1"] and r in rows["obspa-free"]]
@@ -569,7 +608,8 @@ def render(entries: list[dict]):
                                f"{100 * (1 - keep):g}% fewer MACs (`spa.prune(path, macs={keep:g}{call})`): "
                                f"{verdict} ({cell['acc']:.4f} vs {base:.4f}, {100 * drop:+.2f} points drop, "
                                f"MACs −{100 * cell['macs']:.1f}%, params −{100 * cell['params']:.1f}%)")
-        plot(model, {c: v for c, v in rows.items() if c not in BUDGET_CRITERIA}, base, metrics.get(model, ""))
+        plot(model, {c: v for c, v in rows.items() if c not in BUDGET_CRITERIA and c not in ALLOC_CRITERIA}, base,
+             metrics.get(model, ""))
     n_head = L.index("### MODELS")
     text = "\n".join(L[:n_head] + ["### Targets", ""] + (targets or ["- (no results yet)"]) + [""] + L[n_head + 1:])
     update_readme(text)
@@ -590,6 +630,27 @@ def _folded_table(model: str, rows: dict, base, metric: str) -> list[str]:
             cell = rows[c].get(k)
             cells.append("" if not cell else "err" if "acc" not in cell else
                          f"{cell['acc']:.4f} (−{100 * cell['macs']:.0f}%)")
+        L.append(f"| {LABELS[c]} | " + " | ".join(cells) + " |")
+    return L + [""]
+
+
+def _alloc_table(model: str, rows: dict, base) -> list[str]:
+    """Issue 22: data-free allocation at each MACs budget, with the pruning time."""
+    if not any(c in rows for c in ALLOC_CRITERIA):
+        return []
+    L = [f"Where to cut without data (`spa.prune(path, macs=K, **kw)`; unpruned {base:.4f}): top-1 "
+         "(MACs removed, seconds to prune on 2 shared cores)." if base is not None else "", "",
+         "| MACs kept | " + " | ".join(f"{k:g}" for k in FOLDED_BUDGETS) + " |",
+         "|---" + "|---:" * len(FOLDED_BUDGETS) + "|"]
+    for c in ALLOC_CRITERIA:
+        if c not in rows:
+            continue
+        cells = []
+        for k in FOLDED_BUDGETS:
+            cell = rows[c].get(k)
+            spread = f" ± {cell['std']:.3f}, {cell['n']} seeds" if cell and cell.get("n", 0) > 1 else ""
+            cells.append("" if not cell else "err" if "acc" not in cell else
+                         f"{cell['acc']:.4f}{spread} (−{100 * cell['macs']:.0f}%, {cell['prune_s']:.1f} s)")
         L.append(f"| {LABELS[c]} | " + " | ".join(cells) + " |")
     return L + [""]
 
@@ -687,8 +748,11 @@ def update_readme(text: str):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="*", default=MODELS)
-    p.add_argument("--criteria", nargs="*", default=SPA_CRITERIA + TP_CRITERIA + BUDGET_CRITERIA + FOLDED_CRITERIA)
+    p.add_argument("--criteria", nargs="*",
+                   default=SPA_CRITERIA + TP_CRITERIA + BUDGET_CRITERIA + FOLDED_CRITERIA + ALLOC_CRITERIA)
     p.add_argument("--ratios", nargs="*", type=float, default=RATIOS)
+    p.add_argument("--alloc-seeds", nargs="*", type=int, default=[0],
+                   help="seeds of the synthetic inputs for the alloc-* criteria (the table shows their mean)")
     p.add_argument("--cache", default="/tmp/spa_models", help="where crepe and MiniLM ONNX files are exported")
     p.add_argument("--mem-gb", type=float, default=10.0, help="address-space budget of one spa.prune call")
     p.add_argument("--no-target", action="store_true", help="skip the extra ~25%%-MACs ratio on fashion_resnet")
