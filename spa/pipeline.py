@@ -18,6 +18,7 @@ from .analysis import Analysis, analyze
 from .plan.budget import Budget
 from .plan.budget import spend as spend_budget
 from .plan.budget import step as split_step
+from .plan.landing import TOLERANCE as LANDING_TOLERANCE, explain
 from .score.calibrated import choose_use
 from .errors import SpaError, StrictModeError, UnsupportedModelError, VerificationError
 from .score import score_groups
@@ -149,11 +150,11 @@ def _channel_passes(first: Analysis, opts: PruneOptions, stages: Stages,
         one = _prune_pass(a, step_plan, opts, stages, step_budget, calibration)
         result = one if result is None else _merge_passes(result, one)
     if steps > 1 and budget is not None:
-        _budget_over_steps(result.report, budget, steps)
+        _budget_over_steps(result.report, budget, steps, plan.max_ratio)
     return result
 
 
-def _budget_over_steps(report: dict, budget: Budget, steps: int):
+def _budget_over_steps(report: dict, budget: Budget, steps: int, max_ratio: float):
     """The budget entry of the whole run (each step's entry speaks of its own share)."""
     key = "params" if budget.kind == "params" else "macs"
     entry = report.setdefault("budget", {"kind": budget.kind})
@@ -161,6 +162,28 @@ def _budget_over_steps(report: dict, budget: Budget, steps: int):
     entry["met"] = entry["achieved"] <= budget.target + 1e-9
     if entry.get("macs_share") is not None:   # the last step's share is not the run's
         entry["macs_share"] = report["after"]["macs"] / report["before"]["macs"]
+    _landing_over_steps(entry, budget, max_ratio)
+
+
+def _landing_over_steps(entry: dict, budget: Budget, max_ratio: float):
+    """``landed`` and the reason of a miss for the whole run: the last step's speak of its own
+    share of the model it was given (``achieved`` is already the run's)."""
+    entry["landed"] = abs(entry["achieved"] - budget.target) <= LANDING_TOLERANCE * budget.target + 1e-9
+    cause = entry.pop("cause", None)
+    nearest, above = entry.pop("nearest", None), entry.pop("nearest_above", None)
+    if cause is not None or entry["landed"]:
+        entry.pop("reason", None)
+    if entry["landed"] or cause is None:
+        return
+    miss = {"nearest": entry["achieved"], "target": budget.target, "kind": budget.kind, "cause": cause,
+            "steps": entry["steps"]}
+    if cause == "caps":
+        miss["max_ratio"] = max_ratio
+    elif above is not None and nearest:
+        miss["nearest_above"] = above * entry["achieved"] / nearest   # the step's shares times what it was given
+    entry.update(nearest=miss["nearest"], cause=cause, reason=explain(miss, LANDING_TOLERANCE))
+    if miss.get("nearest_above") is not None:
+        entry["nearest_above"] = miss["nearest_above"]
 
 
 def _finish(result: PruneResult, first: Analysis, opts: PruneOptions) -> PruneResult:
