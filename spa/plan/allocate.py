@@ -95,6 +95,11 @@ class ResourceModel:
         share = self.offset + self.coef @ (np.asarray(keeps, dtype=np.float64) / np.maximum(self.sizes, 1))
         return float(self.base @ np.prod(share[self.term_rows], axis=1))
 
+    def values(self, keeps: np.ndarray) -> np.ndarray:
+        """``value`` of every row of ``keeps`` (points x groups)."""
+        share = self.offset + (np.asarray(keeps, dtype=np.float64) / np.maximum(self.sizes, 1)) @ self.coef.T
+        return np.prod(share[:, self.term_rows], axis=2) @ self.base
+
 
 def _output_change(outputs, reference) -> float:
     """Mean cosine distance of each sample's float outputs to the reference's: blind to a

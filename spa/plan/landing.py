@@ -125,8 +125,23 @@ def _swaps(resource, keeps, allowed, goal, value):
     return moves
 
 
+def _enumerated(resource, keeps, allowed, goal, close, score, limit, count=1):
+    """Where the points on the level's units are few (at most ``limit``), the ``count`` landing
+    ones that ``score`` (points x groups -> cost) likes best, best first, from all of them; an
+    empty list if there is none or they are too many."""
+    options = [np.array([k]) if a is None else a for k, a in zip(keeps, allowed)]
+    if math.prod(len(o) for o in options) > limit:
+        return []
+    points = np.stack(np.meshgrid(*options, indexing="ij"), axis=-1).reshape(-1, len(options))
+    values = resource.values(points)
+    fit = (values <= goal + 1e-9) & (values >= close)
+    points, values = points[fit], values[fit]
+    return list(points[np.lexsort((-values, score(points)))[:count]])
+
+
 def land(groups: list[Group], resource, keeps, goal: float, round_to: int, max_ratio: float,
-         free: list[bool], measure=None, even=None, tolerance: float = TOLERANCE, candidates: int = 8) -> np.ndarray:
+         free: list[bool], measure=None, even=None, tolerance: float = TOLERANCE, candidates: int = 8,
+         limit: int = 20000) -> np.ndarray:
     """Move channels, the resource staying at most ``goal`` (in the resource's unit), until it
     is within ``tolerance * goal`` of it or no move brings it closer.
 
@@ -138,6 +153,11 @@ def land(groups: list[Group], resource, keeps, goal: float, round_to: int, max_r
     output change, if given) picks the least harmful of the ``candidates`` closest. One level
     finer only while the budget is still missed. Keeps over the goal are returned as they are.
 
+    Where the moves do not land and the level has at most ``limit`` points (a small model,
+    whose steps are the widest), every point is tried: of those that land, the one that moves
+    the fewest channels from ``keeps`` (of the ``candidates`` that move fewest, the one
+    ``measure`` likes best; with ``even``, the most even one).
+
     ``even(keeps)``, if given, replaces both choices for an allocation that should stay even
     (one ratio for every group): give-backs go one step at a time, and every move, give-back
     or exchange, is the one that leaves ``even`` least."""
@@ -146,6 +166,15 @@ def land(groups: list[Group], resource, keeps, goal: float, round_to: int, max_r
     if value > goal + 1e-9:
         return keeps
     close = (1 - tolerance) * goal
+    sizes = np.array([g.size for g in groups], dtype=np.float64)
+    start = keeps.copy()
+
+    def score(points):
+        """How far points stray from the keeps given (shares of each group moved), or with
+        ``even``, how uneven they are."""
+        if even is not None:
+            return np.array([even(p) for p in points])
+        return (np.abs(points - start) / sizes).sum(axis=1)
 
     def trial(move):
         t = keeps.copy()
@@ -182,6 +211,14 @@ def land(groups: list[Group], resource, keeps, goal: float, round_to: int, max_r
                     best = landing[0] if landing else max(swaps, key=lambda m: m[0])
             keeps = trial(best)
             value = best[0]
+        if value < close:   # the moves did not land: is there a point on these units that does?
+            found = _enumerated(resource, keeps, allowed, goal, close, score, limit,
+                                candidates if measure is not None and even is None else 1)
+            if len(found) > 1:
+                changes = [measure(p) for p in found]
+                return found[int(np.argmin([c if np.isfinite(c) else np.inf for c in changes]))]
+            if found:
+                return found[0]
     return keeps
 
 
