@@ -82,7 +82,9 @@ def prune(model_or_path, ratio: float | None = None, criterion: str | None = Non
 
     A budget replaces the uniform ratio: ``macs``, ``params`` or ``latency`` keep that share
     of the original's MACs, weights or onnxruntime latency, cut where the outputs change least
-    (``spa.plan.allocate``; ``allocation="uniform"`` finds one ratio for every group instead).
+    (``spa.plan.allocate``; ``allocation="uniform"`` finds one ratio for every group instead),
+    and a MACs or params budget lands within 3 % under its target where a reachable point is
+    that close (``spa.plan.landing``; the report's ``budget`` says ``landed``, and why not).
     ``steps`` > 1 prunes incrementally, re-analyzing, re-scoring and re-compensating between
     steps (default: 3 for a measured MACs/params budget, else 1).
 
