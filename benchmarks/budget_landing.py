@@ -120,7 +120,7 @@ def run(path: Path, root: Path, criterion: str, timeout: float) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     try:
         p = subprocess.run([sys.executable, "-c", CHILD, str(path), criterion, ",".join(KINDS),
-                            ",".join(map(str, TARGETS))], capture_output=True, text=True, env=env, timeout=timeout)
+                            ",".join(map(str, TARGETS))], capture_output=True, text=True, env=env, timeout=timeout, cwd=str(root))
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         return [json.loads(x) for x in out.splitlines() if x.startswith("{")] + [{"error": f"timed out after {timeout:.0f} s"}]

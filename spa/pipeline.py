@@ -142,7 +142,8 @@ def _channel_passes(first: Analysis, opts: PruneOptions, stages: Stages,
     budget = None
     if opts.budget is not None:
         kind, target = opts.budget
-        budget = Budget(kind, target, opts.calib, opts.input_stats, opts.seed, how=opts.allocation_used)
+        budget = Budget(kind, target, opts.calib, opts.input_stats, opts.seed, how=opts.allocation_used,
+                        adds_biases=opts.criterion_used == "obspa")
     steps, plan = opts.steps_used, opts.plan_options()
     result = None
     for index in range(1, steps + 1):
@@ -354,10 +355,25 @@ def _pass_report(a: Analysis, plan: Plan, pruned: onnx.ModelProto, choice: _Choi
     if choice.data_info is not None:
         report["data"] = choice.data_info
     if choice.budget_report is not None:
-        report["budget"] = choice.budget_report
+        report["budget"] = _as_written(choice.budget_report, report)
     for row, change in zip(report["groups"], choice.changes or []):
         row["output_change"] = change
     return report
+
+
+def _as_written(budget: dict, report: dict) -> dict:
+    """A MACs or params budget's share as the written model has it (the allocation's model of
+    it leaves out what the compensation adds: biases where a layer had none)."""
+    kind = budget.get("kind")
+    if kind not in ("macs", "params") or "achieved" not in budget or not report["before"][kind]:
+        return budget
+    actual = report["after"][kind] / report["before"][kind]
+    if abs(actual - budget["achieved"]) > 1e-12:
+        budget.update(allocated=budget["achieved"], achieved=actual, met=actual <= budget["target"] + 1e-9,
+                      landed=abs(actual - budget["target"]) <= LANDING_TOLERANCE * budget["target"] + 1e-9)
+        if budget.get("macs_share") is not None and kind == "macs":
+            budget["macs_share"] = actual
+    return budget
 
 
 def _verify(a: Analysis, plan: Plan, result: PruneResult, verify: bool | None, stages: Stages):

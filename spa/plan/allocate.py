@@ -44,9 +44,14 @@ class ResourceModel:
     conv, two for an LSTM), is ``base * prod(kept share of its axes)``, where an axis listed
     twice counts twice (a recurrence's H x H); the kept share of an axis is
     ``(fixed + sum_g count[g, axis] * keep_g / size_g) / size``, exact for every group whose
-    channels are removed evenly from its members."""
+    channels are removed evenly from its members.
 
-    def __init__(self, model: onnx.ModelProto, shapes, dep: Dependency, groups: list[Group], kind: str):
+    ``bias_slots``: params also count a bias for every Conv and Gemm without one, as wide as
+    its kept outputs, where OBSPA's compensation may add one (``full`` stays the original's
+    count): an upper bound, so that a params budget holds after compensation too."""
+
+    def __init__(self, model: onnx.ModelProto, shapes, dep: Dependency, groups: list[Group], kind: str,
+                 bias_slots: bool = False):
         if kind not in ("macs", "params"):
             raise ValueError(f"resource must be macs or params, got {kind!r}")
         self.sizes = np.array([g.size for g in groups], dtype=np.float64)
@@ -58,6 +63,9 @@ class ResourceModel:
             for t in model.graph.initializer:
                 if t.data_type in WEIGHT_TYPES:
                     terms.append((float(np.prod(t.dims)), [(t.name, a) for a in range(len(t.dims))]))
+        real = len(terms)
+        if kind == "params" and bias_slots:
+            terms += _bias_slots(model)
         # an axis' space -> row of the linear map from keep fractions to its kept share
         rows: dict = {}
         for _, spaces in terms:
@@ -89,16 +97,35 @@ class ResourceModel:
                 if s in rows:
                     self.term_rows[ti, j] = rows[s]
         self.base = np.array([b for b, _ in terms], dtype=np.float64)
-        self.full = self.value(self.sizes)
+        self.full = float(self.base[:real] @ np.prod(self._shares(self.sizes)[self.term_rows[:real]], axis=1))
+
+    def _shares(self, keeps) -> np.ndarray:
+        return self.offset + self.coef @ (np.asarray(keeps, dtype=np.float64) / np.maximum(self.sizes, 1))
 
     def value(self, keeps: np.ndarray) -> float:
-        share = self.offset + self.coef @ (np.asarray(keeps, dtype=np.float64) / np.maximum(self.sizes, 1))
-        return float(self.base @ np.prod(share[self.term_rows], axis=1))
+        return float(self.base @ np.prod(self._shares(keeps)[self.term_rows], axis=1))
 
     def values(self, keeps: np.ndarray) -> np.ndarray:
         """``value`` of every row of ``keeps`` (points x groups)."""
         share = self.offset + (np.asarray(keeps, dtype=np.float64) / np.maximum(self.sizes, 1)) @ self.coef.T
         return np.prod(share[:, self.term_rows], axis=2) @ self.base
+
+
+def _bias_slots(model: onnx.ModelProto) -> list[tuple[float, list]]:
+    """A term per Conv and Gemm without a bias whose weight is an initializer: its output
+    channels, on its weight's output axis (where ``spa.score.obspa`` may add a bias)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    out = []
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm") or (len(node.input) > 2 and node.input[2]):
+            continue
+        w = inits.get(node.input[1]) if len(node.input) > 1 else None
+        if w is None or len(w.dims) < 2:
+            continue
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        axis = 1 if node.op_type == "Gemm" and not trans_b else 0
+        out.append((float(w.dims[axis]), [(w.name, axis)]))
+    return out
 
 
 def _output_change(outputs, reference) -> float:

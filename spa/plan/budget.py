@@ -40,6 +40,7 @@ class Budget:
     seed: int = 0
     samples: int | None = None  # default: 8, fewer for models over 250 MMACs a sample
     how: str = "measured"       # or "uniform": one ratio for every group, just enough
+    adds_biases: bool = False   # OBSPA's compensation may give a bias to a Conv/Gemm without one
 
 
 def step(plan: PlanOptions, budget: Budget | None, index: int, steps: int, done: PruneResult | None):
@@ -73,7 +74,8 @@ def spend(a: Analysis, scores, removals, plan: PlanOptions, budget: Budget):
     feeds = [Calibration(budget.calib, budget.input_stats, samples=samples, batch=samples,
                          seed=budget.seed).first_batch(a.model, a.shapes.input_shapes)]
     runner = MaskedRunner(a.model, a.dep, a.shapes, a.groups, orders, feeds)
-    resource = ResourceModel(a.model, a.shapes, a.dep, a.groups, "params" if budget.kind == "params" else "macs")
+    resource = ResourceModel(a.model, a.shapes, a.dep, a.groups, "params" if budget.kind == "params" else "macs",
+                             bias_slots=budget.adds_biases)
     if not resource.full:
         raise SpaError(f"--{budget.kind}: the model has no {'weights' if budget.kind == 'params' else 'MACs'} spa "
                        "can count (Conv, Gemm, MatMul, LSTM/GRU/RNN, Einsum with static shapes); use --ratio" +

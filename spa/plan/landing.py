@@ -141,7 +141,7 @@ def _enumerated(resource, keeps, allowed, goal, close, score, limit, count=1):
 
 def land(groups: list[Group], resource, keeps, goal: float, round_to: int, max_ratio: float,
          free: list[bool], measure=None, even=None, tolerance: float = TOLERANCE, candidates: int = 8,
-         limit: int = 20000) -> np.ndarray:
+         limit: int = 20000, max_exchanges: int = 8) -> np.ndarray:
     """Move channels, the resource staying at most ``goal`` (in the resource's unit), until it
     is within ``tolerance * goal`` of it or no move brings it closer.
 
@@ -149,8 +149,9 @@ def land(groups: list[Group], resource, keeps, goal: float, round_to: int, max_r
     level's units: give back (fill: the largest fitting give-back of one group; one that lands
     goes to the smallest group that can make it, where an odd width costs least), and where
     nothing more fits, exchange (one group a step back, another cut by as little as brings
-    the resource under the goal again). Among exchanges that land, ``measure(keeps)`` (the
-    output change, if given) picks the least harmful of the ``candidates`` closest. One level
+    the resource under the goal again; at most ``max_exchanges`` a level, each tries every
+    pair of groups). Among exchanges that land, ``measure(keeps)`` (the output change, if
+    given) picks the least harmful of the ``candidates`` closest. One level
     finer only while the budget is still missed. Keeps over the goal are returned as they are.
 
     Where the moves do not land and the level has at most ``limit`` points (a small model,
@@ -185,6 +186,7 @@ def land(groups: list[Group], resource, keeps, goal: float, round_to: int, max_r
     for units in unit_ladder(groups, round_to):
         allowed = [np.array(sorted(steps_at(g, u, max_ratio))) if f else None
                    for g, u, f in zip(groups, units, free)]
+        exchanges = 0
         for _ in range(sum(len(a) for a in allowed if a is not None) + 4):  # each move raises the resource
             if value >= close:
                 return keeps
@@ -197,9 +199,10 @@ def land(groups: list[Group], resource, keeps, goal: float, round_to: int, max_r
                     best = (min(landing, key=lambda m: (groups[m[1][0]].size, -m[0])) if landing
                             else max(fills, key=lambda m: (m[0], -groups[m[1][0]].size)))
             else:
-                swaps = _swaps(resource, keeps, allowed, goal, value)
+                swaps = _swaps(resource, keeps, allowed, goal, value) if exchanges < max_exchanges else []
                 if not swaps:
                     break
+                exchanges += 1
                 landing = sorted((m for m in swaps if m[0] >= close), key=lambda m: -m[0])
                 if landing and even is not None:
                     best = min(landing, key=lambda m: (even(trial(m)), -m[0]))
