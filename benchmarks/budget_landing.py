@@ -6,6 +6,7 @@ reason when not; optionally the same at an older revision, to see what landing c
     python benchmarks/budget_landing.py                       # default criterion (data-free OBSPA)
     python benchmarks/budget_landing.py --criterion l1        # the measured allocation, 3 steps
     python benchmarks/budget_landing.py --baseline 2308b00    # also prune with spa as of that commit
+    python benchmarks/budget_landing.py --models tiny_llama --kinds params --timeout 1800
     python benchmarks/budget_landing.py --render              # README section from the results file only
 
 Models: models/*.onnx (demo_cnn, fashion_*, digits_mlp, tiny_llama), every .onnx in
@@ -116,10 +117,10 @@ def models(foreign: Path, tmp: Path) -> dict[str, Path]:
     return found
 
 
-def run(path: Path, root: Path, criterion: str, timeout: float) -> list[dict]:
+def run(path: Path, root: Path, criterion: str, timeout: float, kinds=KINDS) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     try:
-        p = subprocess.run([sys.executable, "-c", CHILD, str(path), criterion, ",".join(KINDS),
+        p = subprocess.run([sys.executable, "-c", CHILD, str(path), criterion, ",".join(kinds),
                             ",".join(map(str, TARGETS))], capture_output=True, text=True, env=env, timeout=timeout, cwd=str(root))
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
@@ -178,6 +179,7 @@ def main():
     p.add_argument("--models", default="", help="comma-separated names (file stems); default: all found")
     p.add_argument("--foreign", default="/tmp/foreign", help="where benchmarks/exporters.py built the foreign models")
     p.add_argument("--baseline", default="", help="a git revision to prune with as well (its spa/ only)")
+    p.add_argument("--kinds", default=",".join(KINDS), help="budgets to try: macs, params")
     p.add_argument("--timeout", type=float, default=900, help="seconds per model and revision")
     p.add_argument("--render", action="store_true")
     args = p.parse_args()
@@ -199,7 +201,7 @@ def main():
                     print(f"skipped {name}: not found", file=sys.stderr)
                     continue
                 for role, root, rev in roots:
-                    for row in run(found[name], root, args.criterion, args.timeout):
+                    for row in run(found[name], root, args.criterion, args.timeout, args.kinds.split(",")):
                         row.update(model=name, revision=rev, revision_role=role, criterion_asked=args.criterion)
                         RESULTS.parent.mkdir(exist_ok=True)
                         with RESULTS.open("a") as f:

@@ -365,7 +365,9 @@ def allocate_uniform(groups: list[Group], runner: MaskedRunner, resource: Resour
         lo, hi = (lo, mid) if resource.value(keeps_at(mid, rounding)) <= goal else (mid, hi)
     keeps = _top_up(groups, free, keeps_at(hi, rounding), hi, rounding, resource, goal)
     sizes, cut = np.array([g.size for g in groups], dtype=np.float64), np.array(free, dtype=bool)
-    spread = lambda k: float(np.var(1 - k[cut] / sizes[cut])) if cut.any() else 0.0  # noqa: E731 - how uneven
+    def spread(k):
+        """How uneven the removed shares are (of one point, or of each row of many)."""
+        return np.var(1 - k[..., cut] / sizes[cut], axis=-1) if cut.any() else np.zeros(np.shape(k)[:-1])
     keeps = land(groups, resource, keeps, goal, opts.round_to, opts.max_ratio, free, even=spread)
     value = resource.value(keeps)
     return Allocation(keeps, np.zeros(len(groups)), runner.change(keeps), value, resource.full,

@@ -159,7 +159,8 @@ def land(groups: list[Group], resource, keeps, goal: float, round_to: int, max_r
     the fewest channels from ``keeps`` (of the ``candidates`` that move fewest, the one
     ``measure`` likes best; with ``even``, the most even one).
 
-    ``even(keeps)``, if given, replaces both choices for an allocation that should stay even
+    ``even(keeps)``, if given (of one point, or of each row of many), replaces both choices for
+    an allocation that should stay even
     (one ratio for every group): give-backs go one step at a time, and every move, give-back
     or exchange, is the one that leaves ``even`` least."""
     keeps = np.array(keeps, dtype=np.int64)
@@ -174,7 +175,7 @@ def land(groups: list[Group], resource, keeps, goal: float, round_to: int, max_r
         """How far points stray from the keeps given (shares of each group moved), or with
         ``even``, how uneven they are."""
         if even is not None:
-            return np.array([even(p) for p in points])
+            return np.asarray(even(points))
         return (np.abs(points - start) / sizes).sum(axis=1)
 
     def trial(move):
