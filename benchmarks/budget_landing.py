@@ -140,10 +140,14 @@ def render(rows: list[dict]) -> str:
     lines = ["`python benchmarks/budget_landing.py [--criterion l1] [--baseline REV]`: `spa.prune(path, macs=t)` and "
              "`spa.prune(path, params=t)` with the defaults (`--round-to 8`, the default allocation and steps), "
              "`verify=False`; achieved = after/before of the report's MACs or params. Within 3 %: "
-             "|achieved - target| <= 0.03 target. *before*: the same call at the baseline revision.", ""]
+             "|achieved - target| <= 0.03 target. *before*: the same call at the baseline revision; (over): "
+             "more than the target kept. *off --round-to*: groups the landing took to a finer multiple "
+             "(of the last step, where there are several).", ""]
     for crit in criteria:
         cells = [r for r in rows if r["criterion_asked"] == crit]
-        now = [r for r in cells if r["revision_role"] == "now"]
+        now = sorted((r for r in cells if r["revision_role"] == "now"),
+                     key=lambda r: (r["model"], KINDS.index(r["kind"]) if r.get("kind") in KINDS else 9,
+                                    -r.get("target", 0)))
         before = {(r["model"], r.get("kind"), r.get("target")): r for r in cells if r["revision_role"] == "baseline"}
         revs = sorted({r["revision"] for r in now})
         base_revs = sorted({r["revision"] for r in before.values()})
@@ -157,7 +161,8 @@ def render(rows: list[dict]) -> str:
         landed = 0
         for r in now:
             b = before.get((r["model"], r.get("kind"), r.get("target")))
-            old = "–" if b is None or "achieved" not in b else f"{b['achieved']:.3f}"
+            old = "–" if b is None or "achieved" not in b else \
+                f"{b['achieved']:.3f}" + (" (over)" if b["achieved"] > b["target"] + 1e-9 else "")
             if "achieved" not in r:
                 lines.append(f"| {r['model']} | {r.get('kind', '?')} | {r.get('target', '?')} | – | error | | {old} | "
                              f"{r.get('error', '?')} | |")
@@ -167,9 +172,12 @@ def render(rows: list[dict]) -> str:
             lines.append(f"| {r['model']} | {r['kind']} | {r['target']} | {r['achieved']:.3f} | {'yes' if ok else '**no**'} | "
                          f"{r['off_round']} | {old} | {'' if ok else (r.get('reason') or '').replace('|', '/')} | "
                          f"{r['wall_s']:.1f} |")
-        old_ok = sum(abs(b["achieved"] - b["target"]) <= TOLERANCE * b["target"] + 1e-9
-                     for b in before.values() if "achieved" in b)
-        lines += ["", f"Within 3 %: {landed} of {len(now)}" + (f" (before: {old_ok} of {len(before)})" if before else ""), ""]
+        done = [b for b in before.values() if "achieved" in b]
+        old_ok = sum(abs(b["achieved"] - b["target"]) <= TOLERANCE * b["target"] + 1e-9 for b in done)
+        old_over = sum(b["achieved"] > b["target"] + 1e-9 for b in done)
+        over = sum(r.get("achieved", 0) > r.get("target", 1) + 1e-9 for r in now)
+        lines += ["", f"Within 3 %: {landed} of {len(now)}, over the target: {over}"
+                  + (f" (before: {old_ok} of {len(before)}, over the target: {old_over})" if before else ""), ""]
     return "\n".join(lines)
 
 

@@ -99,3 +99,13 @@ def test_a_multi_step_miss_speaks_of_the_whole_run():
     assert b["steps"] == 2 and b["met"] and not b["landed"]
     assert b["nearest"] == b["achieved"] and b["nearest_above"] > 0.6
     assert "0.6:" in b["reason"]
+
+
+def test_cli_says_why_a_budget_did_not_land(tmp_path, capsys):
+    from spa.cli.commands import main
+    path = tmp_path / "m.onnx"
+    onnx.save(one_wide_step(), path)
+    assert main(["prune", str(path), "-o", str(tmp_path / "o.onnx"), "--macs", "0.6", "--round-to", "1",
+                 "--criterion", "l1", "--steps", "1", "--no-verify"]) == 0
+    out = capsys.readouterr().out
+    assert "budget: macs 0.6 of the original -> 0.5 (not within 3%: no reachable point within 3% of 0.6" in out

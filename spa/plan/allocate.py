@@ -285,10 +285,11 @@ def allocate(groups: list[Group], runner: MaskedRunner, resource: ResourceModel,
     taken = 0
     first = resource.value(keeps)
     with counted(100) as step:   # percent of the way to the goal
-        for level in (0, None):
-            if level is None:   # the rounded steps ran out over the goal: finer ones, if they land
-                floors = [floor_value(groups, resource, keeps, free, units, max_ratio) for units in ladder]
-                level = finer_level(floors, goal) if resource.value(keeps) > goal + 1e-9 else None
+        for level in (0, "finer"):
+            if level == "finer":   # the rounded steps ran out over the goal: finer ones, if they reach it
+                over = resource.value(keeps) > goal + 1e-9
+                level = finer_level([floor_value(groups, resource, keeps, free, units, max_ratio)
+                                     for units in ladder], goal) if over else None
                 if level is None:
                     break
             steps = ([keep_steps(g, round_to, max_ratio) for g in groups] if level == 0 else
@@ -341,8 +342,8 @@ def allocate_uniform(groups: list[Group], runner: MaskedRunner, resource: Resour
     resource is at most ``target`` (bisection; capped at ``opts.max_ratio``), then the
     rounding's overshoot given back group by group (``_top_up``) and landed on the target
     (``landing.land``, each move the one that leaves the groups' removed shares most even),
-    so the keep counts may differ from what the ratio alone gives. Where
-    even the cap misses the target on the rounding unit, the units halve until it fits."""
+    so the keep counts may differ from what the ratio alone gives. Where even the cap misses
+    the target on the rounding unit, the coarsest halved unit that reaches it is used."""
     from .planner import uniform_keep
     free = free if free is not None else [True] * len(groups)
     base = np.array(start if start is not None else [g.size for g in groups], dtype=np.int64)
