@@ -18,6 +18,7 @@ from .analysis import Analysis, analyze
 from .plan.budget import Budget
 from .plan.budget import spend as spend_budget
 from .plan.budget import step as split_step
+from .plan.landing import TOLERANCE as LANDING_TOLERANCE, explain
 from .score.calibrated import choose_use
 from .errors import SpaError, StrictModeError, UnsupportedModelError, VerificationError
 from .score import score_groups
@@ -81,7 +82,9 @@ def prune(model_or_path, ratio: float | None = None, criterion: str | None = Non
 
     A budget replaces the uniform ratio: ``macs``, ``params`` or ``latency`` keep that share
     of the original's MACs, weights or onnxruntime latency, cut where the outputs change least
-    (``spa.plan.allocate``; ``allocation="uniform"`` finds one ratio for every group instead).
+    (``spa.plan.allocate``; ``allocation="uniform"`` finds one ratio for every group instead),
+    and a MACs or params budget lands within 3 % under its target where a reachable point is
+    that close (``spa.plan.landing``; the report's ``budget`` says ``landed``, and why not).
     ``steps`` > 1 prunes incrementally, re-analyzing, re-scoring and re-compensating between
     steps (default: 3 for a measured MACs/params budget, else 1).
 
@@ -142,7 +145,8 @@ def _channel_passes(first: Analysis, opts: PruneOptions, stages: Stages,
     budget = None
     if opts.budget is not None:
         kind, target = opts.budget
-        budget = Budget(kind, target, opts.calib, opts.input_stats, opts.seed, how=opts.allocation_used)
+        budget = Budget(kind, target, opts.calib, opts.input_stats, opts.seed, how=opts.allocation_used,
+                        adds_biases=opts.criterion_used == "obspa")
     steps, plan = opts.steps_used, opts.plan_options()
     result = None
     for index in range(1, steps + 1):
@@ -152,11 +156,11 @@ def _channel_passes(first: Analysis, opts: PruneOptions, stages: Stages,
         one = _prune_pass(a, step_plan, opts, stages, step_budget, calibration)
         result = one if result is None else _merge_passes(result, one)
     if steps > 1 and budget is not None:
-        _budget_over_steps(result.report, budget, steps)
+        _budget_over_steps(result.report, budget, steps, plan.max_ratio)
     return result
 
 
-def _budget_over_steps(report: dict, budget: Budget, steps: int):
+def _budget_over_steps(report: dict, budget: Budget, steps: int, max_ratio: float):
     """The budget entry of the whole run (each step's entry speaks of its own share)."""
     key = "params" if budget.kind == "params" else "macs"
     entry = report.setdefault("budget", {"kind": budget.kind})
@@ -164,6 +168,28 @@ def _budget_over_steps(report: dict, budget: Budget, steps: int):
     entry["met"] = entry["achieved"] <= budget.target + 1e-9
     if entry.get("macs_share") is not None:   # the last step's share is not the run's
         entry["macs_share"] = report["after"]["macs"] / report["before"]["macs"]
+    _landing_over_steps(entry, budget, max_ratio)
+
+
+def _landing_over_steps(entry: dict, budget: Budget, max_ratio: float):
+    """``landed`` and the reason of a miss for the whole run: the last step's speak of its own
+    share of the model it was given (``achieved`` is already the run's)."""
+    entry["landed"] = abs(entry["achieved"] - budget.target) <= LANDING_TOLERANCE * budget.target + 1e-9
+    cause = entry.pop("cause", None)
+    nearest, above = entry.pop("nearest", None), entry.pop("nearest_above", None)
+    if cause is not None or entry["landed"]:
+        entry.pop("reason", None)
+    if entry["landed"] or cause is None:
+        return
+    miss = {"nearest": entry["achieved"], "target": budget.target, "kind": budget.kind, "cause": cause,
+            "steps": entry["steps"]}
+    if cause == "caps":
+        miss["max_ratio"] = max_ratio
+    elif above is not None and nearest:
+        miss["nearest_above"] = above * entry["achieved"] / nearest   # the step's shares times what it was given
+    entry.update(nearest=miss["nearest"], cause=cause, reason=explain(miss, LANDING_TOLERANCE))
+    if miss.get("nearest_above") is not None:
+        entry["nearest_above"] = miss["nearest_above"]
 
 
 def _finish(result: PruneResult, first: Analysis, opts: PruneOptions) -> PruneResult:
@@ -332,10 +358,25 @@ def _pass_report(a: Analysis, plan: Plan, pruned: onnx.ModelProto, choice: _Choi
     if choice.data_info is not None:
         report["data"] = choice.data_info
     if choice.budget_report is not None:
-        report["budget"] = choice.budget_report
+        report["budget"] = _as_written(choice.budget_report, report)
     for row, change in zip(report["groups"], choice.changes or []):
         row["output_change"] = change
     return report
+
+
+def _as_written(budget: dict, report: dict) -> dict:
+    """A MACs or params budget's share as the written model has it (the allocation's model of
+    it leaves out what the compensation adds: biases where a layer had none)."""
+    kind = budget.get("kind")
+    if kind not in ("macs", "params") or "achieved" not in budget or not report["before"][kind]:
+        return budget
+    actual = report["after"][kind] / report["before"][kind]
+    if abs(actual - budget["achieved"]) > 1e-12:
+        budget.update(allocated=budget["achieved"], achieved=actual, met=actual <= budget["target"] + 1e-9,
+                      landed=abs(actual - budget["target"]) <= LANDING_TOLERANCE * budget["target"] + 1e-9)
+        if budget.get("macs_share") is not None and kind == "macs":
+            budget["macs_share"] = actual
+    return budget
 
 
 def _verify(a: Analysis, plan: Plan, result: PruneResult, verify: bool | None, stages: Stages):

@@ -249,7 +249,8 @@ def test_steps_do_not_overshoot_or_bypass_the_cap():
 def test_cut_groups_report_their_output_change():
     r = spa.prune(branchy(), macs=0.6, criterion="l1", round_to=1, verify=False).report
     cut = [g for g in r["groups"] if g["removed"]]
-    assert cut and all(g["output_change"] > 0 for g in cut)
+    # a cut that lowered the measured change (it can, on top of others) is credited 0, not less
+    assert cut and all(g["output_change"] >= 0 for g in cut) and any(g["output_change"] > 0 for g in cut)
 
 
 def test_latency_search_reports_the_try_it_chose(monkeypatch):

@@ -14,6 +14,7 @@ from ..errors import SpaError
 from ..score import CRITERIA
 from ..analysis import Loaded, analyze
 from ..pipeline import prune
+from ..plan.landing import TOLERANCE as LANDING_TOLERANCE
 from ..loading.data_files import accuracy, calibration_data, eval_data as read_eval
 from ..loading.files import atomic_write
 from ..loading.model import normalize, output_paths
@@ -172,8 +173,11 @@ def removal_summary(rep: dict, ratio: float | None = None) -> list[str]:
 
 def _print_budget(rep):
     b = rep["budget"]
-    print(f"budget: {b['kind']} {b['target']:.3g} of the original -> {b['achieved']:.3g}"
-          f"{'' if b['met'] else ' (not met: ' + b.get('reason', 'the caps and pinned kinds allow no more') + ')'}"
+    missed = "" if b["met"] else " (not met: " + b.get("reason", "the caps and pinned kinds allow no more") + ")"
+    if b["met"] and b.get("landed") is False:
+        missed = f" (not within {LANDING_TOLERANCE:.0%}: {b.get('reason', 'no reachable point is closer')})"
+    off = f"; {len(b['off_round'])} group(s) off --round-to to land" if b.get("off_round") else ""
+    print(f"budget: {b['kind']} {b['target']:.3g} of the original -> {b['achieved']:.3g}{missed}{off}"
           + (f"; the cuts moved the outputs by {b['output_change']:.3g} (mean cosine distance before any "
              f"compensation, on {b['measured_on']}; where to cut is decided on these)" if "output_change" in b
              else ""))

@@ -10,6 +10,9 @@ model's outputs as little as possible.
 - **Allocation** is greedy, one step (a rounding unit, or 1/16 of a wide group) at a time:
   always the cut with the least output change per MAC (or param) saved, measured on top of
   every cut already made (lazily: a candidate is re-measured when it reaches the top).
+- **Landing** (``spa.plan.landing``): a step can be wide on a small model, so where the
+  greedy (or one ratio) stops far under the target, channels are given back until the
+  resource is within 3 % of it, on the rounding unit where that suffices, else on finer ones.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from __future__ import annotations
 import heapq
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -25,6 +29,7 @@ import onnx
 from ..graph.dependency import Dependency
 from ..graph.groups import Group
 from ..verify.metrics import WEIGHT_TYPES, mac_terms
+from .landing import finer_level, floor_value, land, steps_at, unit_ladder
 from .planner import round_unit
 from ..progress import steps as counted, track
 
@@ -39,9 +44,14 @@ class ResourceModel:
     conv, two for an LSTM), is ``base * prod(kept share of its axes)``, where an axis listed
     twice counts twice (a recurrence's H x H); the kept share of an axis is
     ``(fixed + sum_g count[g, axis] * keep_g / size_g) / size``, exact for every group whose
-    channels are removed evenly from its members."""
+    channels are removed evenly from its members.
 
-    def __init__(self, model: onnx.ModelProto, shapes, dep: Dependency, groups: list[Group], kind: str):
+    ``bias_slots``: params also count a bias for every Conv and Gemm without one, as wide as
+    its kept outputs, where OBSPA's compensation may add one (``full`` stays the original's
+    count): an upper bound, so that a params budget holds after compensation too."""
+
+    def __init__(self, model: onnx.ModelProto, shapes, dep: Dependency, groups: list[Group], kind: str,
+                 bias_slots: bool = False):
         if kind not in ("macs", "params"):
             raise ValueError(f"resource must be macs or params, got {kind!r}")
         self.sizes = np.array([g.size for g in groups], dtype=np.float64)
@@ -53,6 +63,9 @@ class ResourceModel:
             for t in model.graph.initializer:
                 if t.data_type in WEIGHT_TYPES:
                     terms.append((float(np.prod(t.dims)), [(t.name, a) for a in range(len(t.dims))]))
+        real = len(terms)
+        if kind == "params" and bias_slots:
+            terms += _bias_slots(model)
         # an axis' space -> row of the linear map from keep fractions to its kept share
         rows: dict = {}
         for _, spaces in terms:
@@ -84,11 +97,35 @@ class ResourceModel:
                 if s in rows:
                     self.term_rows[ti, j] = rows[s]
         self.base = np.array([b for b, _ in terms], dtype=np.float64)
-        self.full = self.value(self.sizes)
+        self.full = float(self.base[:real] @ np.prod(self._shares(self.sizes)[self.term_rows[:real]], axis=1))
+
+    def _shares(self, keeps) -> np.ndarray:
+        return self.offset + self.coef @ (np.asarray(keeps, dtype=np.float64) / np.maximum(self.sizes, 1))
 
     def value(self, keeps: np.ndarray) -> float:
-        share = self.offset + self.coef @ (np.asarray(keeps, dtype=np.float64) / np.maximum(self.sizes, 1))
-        return float(self.base @ np.prod(share[self.term_rows], axis=1))
+        return float(self.base @ np.prod(self._shares(keeps)[self.term_rows], axis=1))
+
+    def values(self, keeps: np.ndarray) -> np.ndarray:
+        """``value`` of every row of ``keeps`` (points x groups)."""
+        share = self.offset + (np.asarray(keeps, dtype=np.float64) / np.maximum(self.sizes, 1)) @ self.coef.T
+        return np.prod(share[:, self.term_rows], axis=2) @ self.base
+
+
+def _bias_slots(model: onnx.ModelProto) -> list[tuple[float, list]]:
+    """A term per Conv and Gemm without a bias whose weight is an initializer: its output
+    channels, on its weight's output axis (where ``spa.score.obspa`` may add a bias)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    out = []
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm") or (len(node.input) > 2 and node.input[2]):
+            continue
+        w = inits.get(node.input[1]) if len(node.input) > 1 else None
+        if w is None or len(w.dims) < 2:
+            continue
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        axis = 1 if node.op_type == "Gemm" and not trans_b else 0
+        out.append((float(w.dims[axis]), [(w.name, axis)]))
+    return out
 
 
 def _output_change(outputs, reference) -> float:
@@ -168,14 +205,19 @@ class Allocation:
     steps: int
     runs: int
     path: list = field(default_factory=list)  # after each cut: (resource, keeps, marginal, change)
+    lander: Callable | None = None            # (keeps, marginal, change, goal) -> the same and the resource, landed
 
     def at(self, target: float) -> "Allocation":
         """The allocation the same greedy path gives for a looser ``target`` (its first point
-        at or under it): the cuts do not depend on where the path stops."""
+        at or under it, landed as ``allocate`` lands): the cuts do not depend on where the
+        path stops."""
         goal = target * self.full
         for value, keeps, marginal, change in self.path:
             if value <= goal + 1e-9:
-                return Allocation(keeps, marginal, change, value, self.full, True, self.steps, self.runs, self.path)
+                if self.lander is not None:
+                    keeps, marginal, change, value = self.lander(keeps, marginal, change, goal)
+                return Allocation(keeps, marginal, change, value, self.full, True, self.steps, self.runs,
+                                  self.path, self.lander)
         return self
 
 
@@ -201,16 +243,20 @@ def allocate(groups: list[Group], runner: MaskedRunner, resource: ResourceModel,
              round_to: int = 8, max_ratio: float = 0.9, free: list[bool] | None = None,
              start: np.ndarray | None = None, progress=None) -> Allocation:
     """Cut until the resource is at most ``target`` (a share of the original), one step at a
-    time, always the step with the least measured output change per unit of resource saved.
+    time, always the step with the least measured output change per unit of resource saved;
+    then land on the target (``spa.plan.landing``).
 
     Lazy greedy: every group's next step waits in a heap with the cost measured when it was
     last looked at; the cheapest is re-measured on the model as cut so far and taken only if
     it is still the cheapest, else it goes back with its new cost. ``start`` gives pinned (not
-    ``free``) groups their keep counts."""
+    ``free``) groups their keep counts. Where the rounded steps run out above the goal, the
+    greedy goes on with the coarsest finer ones that reach it (``landing.finer_level``). Where
+    it stopped far under the goal (its last step was wide), channels are given back until it
+    lands."""
     sizes = np.array([g.size for g in groups])
     keeps = np.array(start if start is not None else sizes, dtype=np.int64)
     free = free if free is not None else [True] * len(groups)
-    steps = [keep_steps(g, round_to, max_ratio) for g in groups]
+    ladder = unit_ladder(groups, round_to)
     marginal = np.zeros(len(groups))
     goal = target * resource.full
     base = runner.change(keeps)
@@ -233,56 +279,97 @@ def allocate(groups: list[Group], runner: MaskedRunner, resource: ResourceModel,
             heapq.heappush(heap, (max(after - base, 0.0) / saved, -saved, gi, nxt[0],
                                   max(after - base, 0.0), version, after))
 
-    for gi in track(range(len(groups)), unit="groups measured"):
-        offer(gi)
     # A candidate measured a few cuts ago is still taken as measured: on wide models this
     # halves the forward passes (ResNet-50: 50 groups, tolerance 5) at little cost.
     tolerance = sum(free) // 10
     taken = 0
     first = resource.value(keeps)
     with counted(100) as step:   # percent of the way to the goal
-        while heap and resource.value(keeps) > goal + 1e-9:
-            rate, _, gi, keep, more, seen, after = heapq.heappop(heap)
-            if version - seen > tolerance:  # measured before too many other cuts: measure again
-                offer(gi)
-                continue
-            keeps[gi] = keep
-            marginal[gi] += more
-            # the measured trial is the model as now cut, unless other cuts came in between
-            base = after if seen == version else runner.change(keeps)
+        for level in (0, "finer"):
+            if level == "finer":   # the rounded steps ran out over the goal: finer ones, if they reach it
+                over = resource.value(keeps) > goal + 1e-9
+                level = finer_level([floor_value(groups, resource, keeps, free, units, max_ratio)
+                                     for units in ladder], goal) if over else None
+                if level is None:
+                    break
+            steps = ([keep_steps(g, round_to, max_ratio) for g in groups] if level == 0 else
+                     [steps_at(g, u, max_ratio, most=16) for g, u in zip(groups, ladder[level])])
+            heap.clear()
             version += 1
-            taken += 1
-            path.append((resource.value(keeps), keeps.copy(), marginal.copy(), base))
-            offer(gi)
-            if progress is not None:
-                progress(taken, resource.value(keeps) / resource.full)
-            step(done=100 * (first - resource.value(keeps)) / max(first - goal, 1e-9))
-    value = resource.value(keeps)
-    return Allocation(keeps, marginal, base, value, resource.full, value <= goal + 1e-9, taken, runner.runs, path)
+            for gi in (track(range(len(groups)), unit="groups measured") if level == 0 else range(len(groups))):
+                offer(gi)
+            while heap and resource.value(keeps) > goal + 1e-9:
+                rate, _, gi, keep, more, seen, after = heapq.heappop(heap)
+                if version - seen > tolerance:  # measured before too many other cuts: measure again
+                    offer(gi)
+                    continue
+                keeps[gi] = keep
+                marginal[gi] += more
+                # the measured trial is the model as now cut, unless other cuts came in between
+                base = after if seen == version else runner.change(keeps)
+                version += 1
+                taken += 1
+                path.append((resource.value(keeps), keeps.copy(), marginal.copy(), base))
+                offer(gi)
+                if progress is not None:
+                    progress(taken, resource.value(keeps) / resource.full)
+                step(done=100 * (first - resource.value(keeps)) / max(first - goal, 1e-9))
+
+    def lander(cut: np.ndarray, cut_marginal: np.ndarray, cut_change: float, at: float):
+        """The greedy's keeps given back up to ``at`` (in the resource's unit): keeps, the
+        marginal of each group scaled by the share of its cuts it still makes, the output
+        change and the resource."""
+        landed = land(groups, resource, cut, at, round_to, max_ratio, free, runner.change)
+        if np.array_equal(landed, cut):
+            return cut, cut_marginal, cut_change, resource.value(cut)
+        given = landed >= cut   # groups given back keep the share of their measured change they still cut
+        scaled = np.where(given, cut_marginal * (sizes - landed) / np.maximum(sizes - cut, 1), cut_marginal)
+        change = runner.change(landed)
+        for gi in np.flatnonzero(~given):   # cut further by an exchange: what undoing that would save
+            undone = landed.copy()
+            undone[gi] = cut[gi]
+            scaled[gi] += max(change - runner.change(undone), 0.0)
+        return landed, scaled, change, resource.value(landed)
+
+    keeps, marginal, base, value = lander(keeps, marginal, base, goal)
+    return Allocation(keeps, marginal, base, value, resource.full, value <= goal + 1e-9, taken, runner.runs, path,
+                      lander)
 
 
 def allocate_uniform(groups: list[Group], runner: MaskedRunner, resource: ResourceModel, target: float,
                      opts, free: list[bool] | None = None, start: np.ndarray | None = None) -> Allocation:
     """The smallest single ratio, applied to every free group as ``--ratio`` would, whose
     resource is at most ``target`` (bisection; capped at ``opts.max_ratio``), then the
-    rounding's overshoot given back group by group (``_top_up``), so the keep counts may
-    differ by a rounding step from what the ratio alone gives."""
+    rounding's overshoot given back group by group (``_top_up``) and landed on the target
+    (``landing.land``, each move the one that leaves the groups' removed shares most even),
+    so the keep counts may differ from what the ratio alone gives. Where even the cap misses
+    the target on the rounding unit, the coarsest halved unit that reaches it is used."""
     from .planner import uniform_keep
     free = free if free is not None else [True] * len(groups)
     base = np.array(start if start is not None else [g.size for g in groups], dtype=np.int64)
-
-    def keeps_at(ratio):
-        return np.array([uniform_keep(g, ratio, opts) if f else k for g, f, k in zip(groups, free, base)])
     goal = target * resource.full
+
+    def keeps_at(ratio, rounding):
+        return np.array([uniform_keep(g, ratio, rounding) if f else k for g, f, k in zip(groups, free, base)])
+    roundings = [opts]
+    while roundings[-1].round_to > 1:
+        roundings.append(replace(roundings[-1], round_to=roundings[-1].round_to // 2))
+    floors = [resource.value(keeps_at(opts.max_ratio, r)) for r in roundings]
+    rounding = roundings[finer_level(floors, goal) or 0] if floors[0] > goal else opts
     lo, hi = 0.0, float(opts.max_ratio)
-    if resource.value(keeps_at(hi)) > goal:
+    if resource.value(keeps_at(hi, rounding)) > goal:
         lo = hi
     for _ in range(40):
         if hi - lo < 1e-6:
             break
         mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if resource.value(keeps_at(mid)) <= goal else (mid, hi)
-    keeps = _top_up(groups, free, keeps_at(hi), hi, opts, resource, goal)
+        lo, hi = (lo, mid) if resource.value(keeps_at(mid, rounding)) <= goal else (mid, hi)
+    keeps = _top_up(groups, free, keeps_at(hi, rounding), hi, rounding, resource, goal)
+    sizes, cut = np.array([g.size for g in groups], dtype=np.float64), np.array(free, dtype=bool)
+    def spread(k):
+        """How uneven the removed shares are (of one point, or of each row of many)."""
+        return np.var(1 - k[..., cut] / sizes[cut], axis=-1) if cut.any() else np.zeros(np.shape(k)[:-1])
+    keeps = land(groups, resource, keeps, goal, opts.round_to, opts.max_ratio, free, even=spread)
     value = resource.value(keeps)
     return Allocation(keeps, np.zeros(len(groups)), runner.change(keeps), value, resource.full,
                       value <= goal + 1e-9, 0, runner.runs)

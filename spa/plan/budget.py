@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .allocate import MaskedRunner, ResourceModel, allocate, allocate_uniform, removed_positions
+from .landing import TOLERANCE, off_round, why_not_landed
 from .plan import make_plan
 from ..errors import SpaError
 from ..score.data import Calibration
@@ -39,6 +40,7 @@ class Budget:
     seed: int = 0
     samples: int | None = None  # default: 8, fewer for models over 250 MMACs a sample
     how: str = "measured"       # or "uniform": one ratio for every group, just enough
+    adds_biases: bool = False   # OBSPA's compensation may give a bias to a Conv/Gemm without one
 
 
 def step(plan: PlanOptions, budget: Budget | None, index: int, steps: int, done: PruneResult | None):
@@ -59,7 +61,10 @@ def step(plan: PlanOptions, budget: Budget | None, index: int, steps: int, done:
 
 def spend(a: Analysis, scores, removals, plan: PlanOptions, budget: Budget):
     """Per-group removals that meet the budget where the outputs change least, the report's
-    ``budget`` entry, and per group the output change its cuts added."""
+    ``budget`` entry, and per group the output change its cuts added. The entry says whether
+    the share kept landed within 3 % of the target (``landed``), which groups left the
+    rounding unit for it (``off_round``), and where it did not, the ``nearest`` reachable
+    share and the ``reason``."""
     pinned = dict(plan.ratios)
     free = [g.kind not in pinned for g in a.groups]
     start = np.array([g.size - (len(r) if not f else 0) for g, r, f in zip(a.groups, removals, free)])
@@ -69,7 +74,8 @@ def spend(a: Analysis, scores, removals, plan: PlanOptions, budget: Budget):
     feeds = [Calibration(budget.calib, budget.input_stats, samples=samples, batch=samples,
                          seed=budget.seed).first_batch(a.model, a.shapes.input_shapes)]
     runner = MaskedRunner(a.model, a.dep, a.shapes, a.groups, orders, feeds)
-    resource = ResourceModel(a.model, a.shapes, a.dep, a.groups, "params" if budget.kind == "params" else "macs")
+    resource = ResourceModel(a.model, a.shapes, a.dep, a.groups, "params" if budget.kind == "params" else "macs",
+                             bias_slots=budget.adds_biases)
     if not resource.full:
         raise SpaError(f"--{budget.kind}: the model has no {'weights' if budget.kind == 'params' else 'MACs'} spa "
                        "can count (Conv, Gemm, MatMul, LSTM/GRU/RNN, Einsum with static shapes); use --ratio" +
@@ -89,9 +95,19 @@ def spend(a: Analysis, scores, removals, plan: PlanOptions, budget: Budget):
     else:
         alloc = spend(budget.target)
         report.update(achieved=_share(alloc), met=bool(alloc.met))
+        report.update(_landing(a.groups, resource, alloc, budget, plan, free))
     report.update(macs_share=_share(alloc) if budget.kind != "params" else None, output_change=alloc.change,
                   cuts=alloc.steps, runs=runner.runs)
     return removed_positions(a.groups, orders, alloc.keeps), report, [float(v) for v in alloc.marginal]
+
+
+def _landing(groups, resource, alloc, budget: Budget, plan: PlanOptions, free) -> dict:
+    """Whether the allocation landed within ``TOLERANCE`` of the target, the groups it took off
+    the rounding unit to get there, and where it did not land, the nearest reachable point and why."""
+    goal = budget.target * resource.full
+    out = {"landed": bool(abs(alloc.value - goal) <= TOLERANCE * goal + 1e-9),
+           "off_round": off_round(groups, alloc.keeps, plan.round_to)}
+    return {**out, **why_not_landed(groups, resource, alloc.keeps, goal, plan.max_ratio, free, budget.kind)}
 
 
 def _share(alloc) -> float:
