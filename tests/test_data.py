@@ -92,7 +92,7 @@ def test_decoder_language_models_write_their_own_calibration_text():
     (long,) = Calibration(samples=512).batches(_token_model(mix=False), {"ids": [1, 8]})
     assert long["ids"].shape == (256, 8)                      # 2048 positions: what the statistics sample
     assert (ids[:, 1:] == (ids[:, :-1] + 1) % 10).mean() > 0.99
-    assert len(set(ids[:, 0].tolist())) == 10                 # the first token is random
+    assert len(set(ids[:, 0].tolist())) > 3      # first tokens drawn from the model's average prediction
     mixed = Calibration(samples=64)
     batches = mixed.batches(_token_model(mix=True), {"ids": [1, 8]})
     assert not mixed.generated and sum(len(b["ids"]) for b in batches) == 64
@@ -112,9 +112,21 @@ def test_a_fixed_batch_language_model_writes_many_sequences():
     assert cal.generated and len(batches) == 64 and all(b["ids"].shape == (1, 8) for b in batches)
     ids = np.concatenate([b["ids"] for b in batches])
     assert (ids[:, 1:] == (ids[:, :-1] + 1) % 10).mean() > 0.99
-    assert len(set(ids[:, 0].tolist())) == 10                 # each sequence its own first token
+    assert len(set(ids[:, 0].tolist())) > 3                  # each sequence its own first token
     r = spa.prune(model, ratio=0.5, round_to=1)
     assert r.report["data"]["samples"] == 64 and r.report["verify"]["ok"]
+
+
+def test_written_text_starts_where_the_model_would():
+    """A model that always predicts token 7 starts its sequences with 7 too: the first token is
+    drawn from the model's average prediction, not uniformly (a rare subword, on a real LM)."""
+    model = _token_model(mix=False)
+    b = next(t for t in model.graph.initializer if list(t.dims) == [32, 10])
+    w = np.zeros((32, 10), np.float32)
+    w[:10, 7] = 4.0
+    b.CopyFrom(onnx.numpy_helper.from_array(w, b.name))
+    (feeds,) = Calibration(samples=64).batches(model, {"ids": [1, 8]})
+    assert (feeds["ids"] == 7).mean() > 0.95
 
 
 def test_diverse_samples_cover_every_cluster():

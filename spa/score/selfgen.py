@@ -71,19 +71,32 @@ def self_generated(model: onnx.ModelProto, batches: list[dict], vocab: dict[str,
     if key not in _WRITTEN:      # pruning one model at several ratios writes the same text
         _WRITTEN.clear()
         _WRITTEN[key] = _write(sess, first, ids, outputs[logits], size, count, seq, n,
-                               seed, count if free_batch else n)
+                               seed, count if free_batch else n, _marginal(got[logits]))
     if written is not None:
         written[shape] = _WRITTEN[key]
     return [dict(f) for f in _WRITTEN[key]]
 
 
+def _marginal(logits: np.ndarray) -> np.ndarray:
+    """The model's next-token distribution averaged over every position of a pass."""
+    z = logits.reshape(-1, logits.shape[-1]).astype(np.float64)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p = (p / p.sum(axis=1, keepdims=True)).mean(axis=0)
+    return p / p.sum()
+
+
 def _write(sess, first: dict, ids: str, logits: str, size: int, count: int, seq: int, n: int, seed: int,
-           batch: int) -> list[dict]:
+           batch: int, first_tokens: np.ndarray) -> list[dict]:
     """``count`` sequences, written ``batch`` at a time (the model may fix its batch size):
-    one feed per batch."""
+    one feed per batch. Each starts with a token drawn from ``first_tokens`` (the model's
+    average next-token distribution): a uniform first token is mostly a rare subword, and the
+    text that follows it is unlike any the model was trained on (SmolLM2-135M, 20 % of its MLP
+    removed with two written sequences: perplexity 89 after a uniform first token, 72 after one
+    drawn so; 47 with two windows of real text)."""
     rng = np.random.default_rng(seed)
     feeds = {k: (v[:1].repeat(batch, axis=0) if np.ndim(v) and len(v) == n else v) for k, v in first.items()}
     tokens = rng.integers(0, size, (count, seq)).astype(first[ids].dtype)
+    tokens[:, 0] = rng.choice(size, size=count, p=first_tokens)
     out = []
     # a forward pass per token and batch: minutes on a decoder
     for step in track(range((seq - 1) * (count // batch)), unit="tokens written"):
