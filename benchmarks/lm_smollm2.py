@@ -292,7 +292,8 @@ SPA_METHODS = {   # spa.prune keyword arguments of each spa row (params= is the 
 def spa_rows(args, ctx: dict) -> list[dict]:
     """spa.prune on the ONNX export (args.onnx) at each target, as ``--params 1-target``, every
     other option at its default; the pruned model run by onnxruntime on the same eval windows.
-    Removed share: spa's report (parameters before - after, a tied embedding counted once)."""
+    Removed share: spa's report (parameters before - after, a tied embedding counted once).
+    Each row is emitted (``ctx["emit"]``: printed, appended to the jsonl) as soon as it is measured."""
     import onnxruntime as ort
     import spa
     rows = []
@@ -318,8 +319,7 @@ def spa_rows(args, ctx: dict) -> list[dict]:
                          "neurons_removed": sum(gr["removed"] for gr in groups if gr.get("kind") != "heads"),
                          "budget": r.report.get("budget"), "data": r.report.get("data"),
                          "seconds": round(seconds, 1)})
-            print(f"{method} {target}: removed {rows[-1]['removed']:.3f}, ppl {rows[-1]['ppl']:.2f} "
-                  f"({seconds:.0f} s)", flush=True)
+            ctx["emit"](rows[-1])
     return rows
 
 
@@ -388,9 +388,8 @@ def run(args) -> list[dict]:
                   "ppl": p, "ppl32": ppl(got[:32], held.shape[1]), "x": p / base,
                   "allocation": "uniform" if method.endswith("-uniform") else "global",
                   "compensation": compensate, **describe(removed, g), "seconds": round(time.time() - t, 1)})
-    for row in spa_rows(args, {"total": total, "base": base, "held": held, "calib": calib,
-                               "targets": args.targets}):
-        emit({**row, "x": row["ppl"] / base})
+    spa_rows(args, {"total": total, "base": base, "held": held, "calib": calib, "targets": args.targets,
+                    "emit": lambda row: emit({**row, "x": row["ppl"] / base})})
     print(table(rows))
     print(f"total {time.time() - t0:.0f} s", flush=True)
     return rows
