@@ -46,6 +46,10 @@ class Applied:
     inferred: dict = field(default_factory=dict)     # module tensor -> the layer its channels follow
     exporter_only: list = field(default_factory=list)  # plan tensors the module has no counterpart of
     modules: list = field(default_factory=list)      # modules whose attributes were fixed
+    # Hugging Face configs: module name -> {field: new value} written into its config
+    config: dict = field(default_factory=dict)
+    # why a Hugging Face config was left as it was (pruning it cannot express); also warned
+    config_notes: list = field(default_factory=list)
 
 
 class _Prints:
@@ -207,12 +211,20 @@ def apply_plan(module, plan, *, updates: bool = True, strict: bool = True) -> Ap
     a plan tensor the module has no counterpart of (other than one the exporter made by
     folding a BatchNorm, whose channels are then followed) is an error naming it. A plan that
     is malformed or does not fit the module raises :class:`~spa.errors.PlanFileError` (other
-    refusals :class:`~spa.errors.SpaError`) before anything of the module changes."""
+    refusals :class:`~spa.errors.SpaError`) before anything of the module changes.
+
+    A Hugging Face model's ``config`` gets the new sizes (``intermediate_size``,
+    ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``) where every layer has the
+    same, so ``save_pretrained`` / ``from_pretrained`` round-trip; where layers differ, or the
+    model class cannot build the pruned shapes from its config, the config stays as it was
+    and a warning (also ``Applied.config_notes``) says which fields differ."""
     owned = _tensors(module)
     doc, arrays = read_plan(plan, _limits(owned))
     staged = _Staged()
     applied = _stage(module, doc, arrays, owned, updates, strict, staged)
+    proposals = _config_proposals(module, staged)
     staged.commit(module)
+    _write_configs(proposals, applied)
     return applied
 
 
@@ -571,3 +583,144 @@ def _attention_sizes(name, m, head_dims: bool, shape) -> dict:
         if hasattr(m, "num_key_value_heads"):
             out["num_key_value_heads"] = kv
     return out
+
+
+# ---- Hugging Face configs --------------------------------------------------------------------
+
+@dataclass
+class _ConfigProposal:
+    """The new values of one Hugging Face model's config, or why there are none."""
+
+    name: str                      # the model's module name
+    model: object                  # the transformers PreTrainedModel
+    values: dict                   # config field -> new value (only where it changes)
+    differ: dict                   # config field -> {layer module name: its value}: not uniform
+
+
+def _hf_models(module):
+    """The outermost transformers models in ``module``: (name, model). Each config is one
+    object shared by the model's submodules, so writing it once is enough."""
+    import sys
+    transformers = sys.modules.get("transformers")      # a module of it exists only once it is imported
+    if transformers is None:
+        return []
+    base = transformers.PreTrainedModel
+    out, seen = [], set()
+    for mname, m in module.named_modules():
+        if isinstance(m, base) and id(getattr(m, "config", None)) not in seen:
+            seen.add(id(m.config))
+            out.append((mname, m))
+    return out
+
+
+def _config_proposals(module, staged) -> list:
+    """Per Hugging Face model, the config values its pruned layers give (from ``staged``,
+    before anything is assigned): each field's value per layer, written where uniform."""
+    import torch.nn as nn
+    new = {(id(m), a): v for m, a, v in staged.attributes}
+
+    def after(m, attr):
+        return new.get((id(m), attr), getattr(m, attr, None))
+    proposals = []
+    for name, model in _hf_models(module):
+        cfg = model.config
+        per_layer: dict = {}      # field -> {layer: value}
+        attention = set()
+        for mname, m in model.named_modules():
+            sizes = _attention_heads(m, after, staged.shape)
+            if sizes is None:
+                continue
+            attention.update(id(c) for c in m.modules())
+            for key, value in sizes.items():
+                if hasattr(cfg, key):
+                    per_layer.setdefault(key, {})[_qualified(name, mname)] = value
+        inter = getattr(cfg, "intermediate_size", None)
+        hidden = getattr(cfg, "hidden_size", None)
+        if isinstance(inter, int) and inter != hidden:      # equal widths: which Linear is which is unknown
+            for mname, m in model.named_modules():
+                if not isinstance(m, nn.Linear) or id(m) in attention:
+                    continue
+                out, inp = staged.shape(m, "weight")
+                mname = mname.rpartition(".")[0]     # one entry per MLP, not per projection
+                if m.out_features == inter and m.in_features == hidden:      # up (and gate) projections
+                    per_layer.setdefault("intermediate_size", {})[_qualified(name, mname)] = out
+                elif m.in_features == inter and m.out_features == hidden:    # the down projection
+                    per_layer.setdefault("intermediate_size", {})[_qualified(name, mname)] = inp
+        values, differ = {}, {}
+        for key, layers in per_layer.items():
+            distinct = set(layers.values())
+            if len(distinct) > 1:
+                differ[key] = layers
+            elif distinct and (value := distinct.pop()) != getattr(cfg, key):
+                values[key] = value
+        if "num_attention_heads" in values and "head_dim" in per_layer and "head_dim" not in differ:
+            values["head_dim"] = next(iter(per_layer["head_dim"].values()))   # explicit: not hidden / heads
+        if values or differ:
+            proposals.append(_ConfigProposal(name or "the module", model, values, differ))
+    return proposals
+
+
+def _attention_heads(m, after, shape) -> dict | None:
+    """A Hugging Face attention's head counts after pruning (None: not one): query heads,
+    key/value heads and head size, from its projections' widths and its new head size."""
+    q = getattr(m, "q_proj", None) or getattr(m, "query", None)
+    k = getattr(m, "k_proj", None) or getattr(m, "key", None)
+    head_attr = "head_dim" if hasattr(m, "head_dim") else "attention_head_size" if hasattr(
+        m, "attention_head_size") else None
+    if q is None or head_attr is None or not hasattr(q, "weight") or not after(m, head_attr):
+        return None
+    d = after(m, head_attr)
+    out = {"num_attention_heads": shape(q, "weight")[0] // d, "head_dim": d}
+    if k is not None and hasattr(k, "weight") and hasattr(m, "num_key_value_groups"):
+        out["num_key_value_heads"] = shape(k, "weight")[0] // d
+    return out
+
+
+def _write_configs(proposals, applied):
+    """Write each uniform proposal into its config once a model built from that config has
+    the pruned model's shapes (built on the meta device: no memory, no weights); otherwise
+    leave the config as it was and say why in ``applied.config_notes`` and a warning."""
+    import warnings
+    for p in proposals:
+        if p.differ:
+            fields = "; ".join(f"{key}: " + ", ".join(f"{layer} {value}" for layer, value in layers.items())
+                               for key, layers in p.differ.items())
+            note = (f"{p.name}: its config was left as it was: the layers differ in {', '.join(p.differ)}, "
+                    f"which one config value cannot express ({fields}); save the module's state_dict "
+                    "(torch.save) instead of save_pretrained, or prune every layer alike "
+                    "(--mlp / --heads with --round-to 1 rather than a budget)")
+        else:
+            note = _check_config(p)
+            if note is None:
+                for key, value in p.values.items():
+                    setattr(p.model.config, key, value)
+                applied.config[p.name] = dict(p.values)
+                continue
+        applied.config_notes.append(note)
+        warnings.warn(note, stacklevel=3)
+
+
+def _check_config(p) -> str | None:
+    """None where ``type(p.model)(config with p.values)`` has every tensor of the pruned model
+    in its shape; else what differs."""
+    import copy
+    import torch
+    cfg = copy.deepcopy(p.model.config)
+    for key, value in p.values.items():
+        setattr(cfg, key, value)
+    try:
+        with torch.device("meta"):
+            fresh = type(p.model)(cfg)
+    except Exception as e:          # the config class refuses the values (a check of its own)
+        return (f"{p.name}: its config was left as it was: {type(p.model).__name__} cannot be built with "
+                f"{p.values} ({type(e).__name__}: {e})")
+    want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    wrong = [(k, want[k], tuple(v.shape)) for k, v in p.model.state_dict().items()
+             if k in want and want[k] != tuple(v.shape)]
+    if not wrong:
+        return None
+    shown_wrong = ", ".join(f"{k} {list(got)} (config gives {list(w)})" for k, w, got in wrong[:3])
+    return (f"{p.name}: its config was left as it was: {type(p.model).__name__} built from {p.values} "
+            f"would not have the pruned shapes of {len(wrong)} tensor(s): {shown_wrong}"
+            f"{'...' if len(wrong) > 3 else ''}; the model class does not read these sizes from its "
+            "config (save the state_dict instead of save_pretrained)")
