@@ -192,3 +192,5 @@ def test_a_tied_embedding_stays_one_tensor_and_counts_once(tmp_path):
     assert sum(n.startswith("embed") for n in names) == 1
     r.save(tmp_path / "p.onnx")
     assert (tmp_path / "p.onnx").stat().st_size < 4 * (50 * 16 + 16 * 32 + 32 * 16)
+    budget = spa.prune(model, params=0.8, criterion="l1", round_to=1, input_shapes={"ids": [2, 8]})
+    assert abs(budget.report["budget"]["achieved"] - 0.8) <= 0.03 * 0.8     # the budget counts it once too
