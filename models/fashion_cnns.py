@@ -270,56 +270,34 @@ def fit(model, epochs: int, batch: int = 256, lr: float = 4e-3, *, params=None, 
     return model.eval()
 
 
-def export(model, path: Path):
-    """Legacy exporter, opset 17, TrainingMode.PRESERVE on an eval-mode model: the eval-mode
-    peephole that folds BatchNorm into Conv is skipped, BN stays a BatchNormalization op
-    (with running statistics, training_mode=0)."""
+def export(model, path: Path, folded: bool = False):
+    """Legacy exporter, opset 17, constant folding, onnxruntime checked against torch.
+    ``folded=False``: TrainingMode.PRESERVE on an eval-mode model, so the eval-mode peephole
+    that folds BatchNorm into Conv is skipped and BN stays a BatchNormalization op (running
+    statistics, training_mode=0). ``folded=True``: TrainingMode.EVAL, the way most shipped CNN
+    files were written, BatchNorm folded into the preceding conv, none left (checked).
+    Returns (BatchNormalization nodes, max |onnxruntime - torch|)."""
     torch = _torch()
     import onnx
     dummy = torch.zeros(2, 1, 28, 28)
+    mode = torch.onnx.TrainingMode.EVAL if folded else torch.onnx.TrainingMode.PRESERVE
     torch.onnx.export(model.eval(), (dummy,), str(path), dynamo=False, opset_version=17,
-                      training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=True,
+                      training=mode, do_constant_folding=True,
                       input_names=[INPUT], output_names=[OUTPUT],
                       dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
     m = onnx.load(str(path))
     onnx.checker.check_model(m, full_check=True)
     n_bn = sum(n.op_type == "BatchNormalization" for n in m.graph.node)
-    n_bn_torch = sum(isinstance(mod, torch.nn.BatchNorm2d) for mod in model.modules())
-    assert n_bn == n_bn_torch, f"{path.name}: {n_bn} BatchNormalization nodes, torch has {n_bn_torch}"
+    want = 0 if folded else sum(isinstance(mod, torch.nn.BatchNorm2d) for mod in model.modules())
+    assert n_bn == want, f"{path.name}: {n_bn} BatchNormalization nodes, expected {want}"
     assert all(len(n.output) == 1 for n in m.graph.node if n.op_type == "BatchNormalization"), "training-mode BN"
-    # ORT matches torch
-    from spa.runtime import session
-    x = samples("eval")[INPUT][:64]
-    with torch.no_grad():
-        ref = model(torch.from_numpy(x)).numpy()
-    got = session(m).run(None, {INPUT: x})[0]
-    err = float(np.abs(got - ref).max())
-    assert err < 1e-3, f"onnxruntime differs from torch by {err}"
-    return n_bn, err
-
-
-def export_folded(model, path: Path):
-    """Legacy exporter in eval mode with constant folding (``TrainingMode.EVAL``), the way
-    most shipped CNN files were written: BatchNorm folded into the preceding conv's weight and
-    bias, no BatchNormalization node left (checked), onnxruntime matching torch."""
-    torch = _torch()
-    import onnx
-    dummy = torch.zeros(2, 1, 28, 28)
-    torch.onnx.export(model.eval(), (dummy,), str(path), dynamo=False, opset_version=17,
-                      training=torch.onnx.TrainingMode.EVAL, do_constant_folding=True,
-                      input_names=[INPUT], output_names=[OUTPUT],
-                      dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
-    m = onnx.load(str(path))
-    onnx.checker.check_model(m, full_check=True)
-    n_bn = sum(n.op_type == "BatchNormalization" for n in m.graph.node)
-    assert n_bn == 0, f"{path.name}: {n_bn} BatchNormalization nodes left, expected them folded"
     from spa.runtime import session
     x = samples("eval")[INPUT][:64]
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
     err = float(np.abs(session(m).run(None, {INPUT: x})[0] - ref).max())
     assert err < 1e-3, f"onnxruntime differs from torch by {err}"
-    return err
+    return n_bn, err
 
 
 def main():
@@ -337,7 +315,7 @@ def main():
         ev = samples("eval")
         for name in ([args.only] if args.only else NAMES):
             path = OUT_DIR / f"fashion_{name}_folded.onnx"
-            err = export_folded(load_trained(name), path)
+            _, err = export(load_trained(name), path, folded=True)
             print(f"{path.name}: ORT-vs-torch {err:.1e}, eval accuracy {accuracy(path, ev):.4f} (2000)", flush=True)
         return
     for which in ("calib", "eval"):
@@ -352,7 +330,7 @@ def main():
         torch.save(model.state_dict(), OUT_DIR / f"fashion_{name}.pt")
         onnx_path = OUT_DIR / f"fashion_{name}.onnx"
         n_bn, err = export(model, onnx_path)
-        export_folded(model, OUT_DIR / f"fashion_{name}_folded.onnx")
+        export(model, OUT_DIR / f"fashion_{name}_folded.onnx", folded=True)
         x, y = load_split("t10k")
         full = accuracy(onnx_path, {INPUT: x, "label": y})
         acc = accuracy(onnx_path, ev)
