@@ -622,16 +622,15 @@ def _folded_table(model: str, rows: dict, base, metric: str) -> list[str]:
          "`spa.prune(path, macs=K, **kw)`, every other option at its default.", "",
          "| MACs kept | " + " | ".join(f"{k:g}" for k in FOLDED_BUDGETS) + " |",
          "|---" + "|---:" * len(FOLDED_BUDGETS) + "|"]
-    for c in FOLDED_CRITERIA:
-        if c not in rows:
-            continue
-        cells = []
-        for k in FOLDED_BUDGETS:
-            cell = rows[c].get(k)
-            cells.append("" if not cell else "err" if "acc" not in cell else
-                         f"{cell['acc']:.4f} (−{100 * cell['macs']:.0f}%)")
-        L.append(f"| {LABELS[c]} | " + " | ".join(cells) + " |")
-    return L + [""]
+    return L + _budget_rows(rows, FOLDED_CRITERIA, lambda cell: f"{cell['acc']:.4f} (−{100 * cell['macs']:.0f}%)")
+
+
+def _budget_rows(rows: dict, criteria, text) -> list[str]:
+    """A table row per criterion measured: ``text(cell)`` at each of FOLDED_BUDGETS."""
+    def shown(cell):
+        return "" if not cell else "err" if "acc" not in cell else text(cell)
+    return [f"| {LABELS[c]} | " + " | ".join(shown(rows[c].get(k)) for k in FOLDED_BUDGETS) + " |"
+            for c in criteria if c in rows] + [""]
 
 
 def _alloc_table(model: str, rows: dict, base) -> list[str]:
@@ -642,17 +641,10 @@ def _alloc_table(model: str, rows: dict, base) -> list[str]:
          "(MACs removed, seconds to prune on 2 shared cores)." if base is not None else "", "",
          "| MACs kept | " + " | ".join(f"{k:g}" for k in FOLDED_BUDGETS) + " |",
          "|---" + "|---:" * len(FOLDED_BUDGETS) + "|"]
-    for c in ALLOC_CRITERIA:
-        if c not in rows:
-            continue
-        cells = []
-        for k in FOLDED_BUDGETS:
-            cell = rows[c].get(k)
-            spread = f" ± {cell['std']:.3f}, {cell['n']} seeds" if cell and cell.get("n", 0) > 1 else ""
-            cells.append("" if not cell else "err" if "acc" not in cell else
-                         f"{cell['acc']:.4f}{spread} (−{100 * cell['macs']:.0f}%, {cell['prune_s']:.1f} s)")
-        L.append(f"| {LABELS[c]} | " + " | ".join(cells) + " |")
-    return L + [""]
+    def text(cell):
+        spread = f" ± {cell['std']:.3f}, {cell['n']} seeds" if cell.get("n", 0) > 1 else ""
+        return f"{cell['acc']:.4f}{spread} (−{100 * cell['macs']:.0f}%, {cell['prune_s']:.1f} s)"
+    return L + _budget_rows(rows, ALLOC_CRITERIA, text)
 
 
 def _folded_target(model: str, rows: dict, base) -> list[str]:
