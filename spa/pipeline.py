@@ -29,6 +29,7 @@ from .options import PruneOptions
 from .rewrite.perp import refit_normalizations
 from .plan.plan import Plan, make_plan
 from .plan.planner import PlanOptions, plan_removals
+from .loading.model import release_mapped
 from .loading.probe import second_probe
 from .result import PruneResult, file_bytes
 from .rewrite.apply import rewrite
@@ -55,6 +56,7 @@ class Stages:
         self.on_stage = on_stage or (lambda name: None)
 
     def __call__(self, name: str):
+        release_mapped()
         self.run.append(name)
         self.on_stage(name)
 

@@ -7,7 +7,7 @@ import functools
 import onnx
 
 from .errors import UnsupportedModelError, VerificationError
-from .loading.model import materialized
+from .loading.model import materialized, tensor_bytes, weight_view
 from .stop import interruptible
 
 __all__ = ["session", "default_session", "any_session", "THREADS", "LARGE_GRAPH_NODES", "vector_channels"]
@@ -24,15 +24,33 @@ THREADS = 0
 LARGE_GRAPH_NODES = 20_000
 
 
+# Above this many bytes of weights a session is given them as inputs fed from where they lie
+# (external data memory-mapped, or spa's own arrays) instead of inside the serialized model.
+# onnxruntime copies every initializer of a model it is given as bytes, and prepacks MatMul
+# weights into another copy: a 623 MB LLaMA-shaped decoder peaked at 4.2x its size in the
+# statistics session alone. Fed, its weights are never copied (benchmarks/big_model.py); what
+# changes is that onnxruntime no longer sees them as constants (no prepacking, no fusion that
+# needs a constant weight), which is why smaller models keep the session users make.
+FED_ABOVE = 64 << 20
+# ... and these initializers are fed: floats of at least this many bytes (shapes, axes and
+# quantized weights stay constants, which some kernels require).
+_FED_MIN_BYTES = 4096
+_FED_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
+
+
 def session(model: onnx.ModelProto, threads: int = 0, optimize: bool = True, timed: bool = False,
-            defaults: bool = False):
+            defaults: bool = False, outputs: tuple[str, ...] = ()):
     """A CPU session: optimized (all of onnxruntime's graph optimizations, the basic ones above
     ``LARGE_GRAPH_NODES`` nodes unless ``defaults``: a user's session, whatever the size) or not.
-    Building it and (unless ``timed``: a worker's handoff would be timed too) its runs can be
-    stopped by a signal (spa.stop)."""
+    With ``outputs``, it returns those tensors instead of the model's outputs and runs only the
+    nodes they need (onnxruntime runs every node whatever a run fetches: a decoder's statistics
+    would pay for the LM head). Building it and (unless ``timed``: a worker's handoff would be
+    timed too) its runs can be stopped by a signal (spa.stop). A model with more than
+    ``FED_ABOVE`` bytes of weights gets them fed as inputs unless ``timed``."""
     import onnxruntime as ort
     threads = threads or THREADS
-    model = materialized(model)
+    fed = {} if timed else _fed_weights(model)
+    model = _structure(model, fed, outputs) if fed or outputs else materialized(model)
     so = ort.SessionOptions()
     so.log_severity_level = 4
     if not optimize:
@@ -42,21 +60,84 @@ def session(model: onnx.ModelProto, threads: int = 0, optimize: bool = True, tim
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
-    kind = ort.InferenceSession if timed else _session_class()
-    return interruptible(kind, model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    if timed:
+        return interruptible(ort.InferenceSession, model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    if fed:
+        so.add_session_config_entry("session.disable_prepacking", "1")   # a packed copy of each fed weight
+    made = interruptible(_session_class(), model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    made.fed = fed
+    return made
 
 
 @functools.cache
 def _session_class():
     """onnxruntime's session, its runs interruptible (spa.stop): building one and running it
-    are the long C calls of a run."""
+    are the long C calls of a run. Fed weights (``fed``: name -> array) join every run's feed
+    and are not among its inputs."""
     import onnxruntime as ort
 
     class Session(ort.InferenceSession):
-        def run(self, *args, **kwargs):
-            return interruptible(super().run, *args, **kwargs)
+        fed: dict = {}
+
+        def run(self, output_names, input_feed, *args, **kwargs):
+            return interruptible(super().run, output_names, {**input_feed, **self.fed}, *args, **kwargs)
+
+        def get_inputs(self):
+            return [i for i in super().get_inputs() if i.name not in self.fed]
 
     return Session
+
+
+def _fed_weights(model: onnx.ModelProto) -> dict:
+    """The initializers a session of ``model`` is fed (name -> array), or none below ``FED_ABOVE``."""
+    big = [t for t in model.graph.initializer if t.data_type in _FED_TYPES and tensor_bytes(t) >= _FED_MIN_BYTES]
+    if sum(tensor_bytes(t) for t in big) <= FED_ABOVE:
+        return {}
+    listed = {i.name for i in model.graph.input}   # below IR 4 an initializer is also an input
+    return {t.name: weight_view(t) for t in big if t.name not in listed}
+
+
+def _structure(model: onnx.ModelProto, fed: dict, outputs) -> onnx.ModelProto:
+    """``model`` without the bytes of ``fed`` (typed graph inputs instead); with ``outputs``,
+    returning just those, through the nodes they need."""
+    from .loading.model import add_typed_input, copy_fields
+    m = onnx.ModelProto()
+    copy_fields(model, m, skip={"graph"})
+    copy_fields(model.graph, m.graph, skip={"initializer"} | ({"node", "output"} if outputs else set()))
+    if outputs:
+        m.graph.node.extend(_needed(model.graph, outputs))
+        m.graph.output.extend(onnx.ValueInfoProto(name=t) for t in dict.fromkeys(outputs))
+    for t in model.graph.initializer:
+        if t.name not in fed:
+            m.graph.initializer.append(t)
+            continue
+        add_typed_input(m.graph, t)
+    m.ir_version = max(m.ir_version, 4)
+    return materialized(m)
+
+
+def _needed(graph: onnx.GraphProto, outputs) -> list[onnx.NodeProto]:
+    """The nodes ``outputs`` depend on, in the graph's order."""
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    keep, stack = set(), [t for t in outputs if t in producer]
+    while stack:
+        i = producer[stack.pop()]
+        if i in keep:
+            continue
+        keep.add(i)
+        stack.extend(t for t in _reads(graph.node[i]) if t in producer)
+    return [n for i, n in enumerate(graph.node) if i in keep]
+
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """Every name a node reads, its subgraphs' too (their own names among them: harmless here)."""
+    names = set(node.input)
+    for a in node.attribute:
+        for body in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            for n in body.node:
+                names |= _reads(n)
+            names.update(o.name for o in body.output)
+    return names
 
 
 def _try_session(model, optimize: bool):

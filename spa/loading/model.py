@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import mmap
 import os
 import re
 import weakref
@@ -24,8 +25,8 @@ from ..errors import ModelLoadError, OutputPathError
 from .files import (atomic_files, check_outputs, check_readable, check_side_file, open_regular, pread_into, read_all,
                     read_small)
 
-__all__ = ["load", "read", "normalize", "save", "output_paths", "tensor_array", "materialized",
-           "unique_name", "tensor_names"]
+__all__ = ["load", "read", "normalize", "save", "output_paths", "tensor_array", "weight_view", "tensor_bytes",
+           "materialized", "unique_name", "tensor_names", "add_typed_input", "release_mapped"]
 
 # normalize names a further reader's copy of an initializer <name><COPY_MARK><n>
 COPY_MARK = "__use"
@@ -90,6 +91,7 @@ class ReadFiles(dict):
 def _close_descriptors(opened: list[tuple[str, int | None]]):
     for path, fd in opened:
         if fd is not None and _DATA_FILES.get(path) == fd:
+            _MAPS.pop(path, None)
             os.close(_DATA_FILES.pop(path))
 
 
@@ -132,7 +134,7 @@ def _check_tensor_sizes(tensors: list[onnx.TensorProto], path: Path):
             continue
         if t.HasField("raw_data"):
             try:
-                want = _nbytes(t)
+                want = tensor_bytes(t)
             except Exception:
                 raise ModelLoadError(f"{path}: tensor {t.name!r} has an unknown data type {t.data_type}") from None
             if len(t.raw_data) != want:
@@ -201,7 +203,7 @@ def _resolve_external_data(model: onnx.ModelProto, others: list[onnx.TensorProto
             raise ModelLoadError(f"{where}: string tensors cannot be stored as external data (ONNX keeps them "
                                  "in the model)")
         try:
-            nbytes = _nbytes(t)
+            nbytes = tensor_bytes(t)
         except Exception:
             raise ModelLoadError(f"{where}: unknown data type {t.data_type}") from None
         try:
@@ -238,7 +240,7 @@ _PACKED = {getattr(onnx.TensorProto, n): per for n, per in
            (("INT4", 2), ("UINT4", 2), ("FLOAT4E2M1", 2), ("INT2", 4), ("UINT2", 4)) if hasattr(onnx.TensorProto, n)}
 
 
-def _nbytes(t: onnx.TensorProto) -> int:
+def tensor_bytes(t: onnx.TensorProto) -> int:
     n = max(_elements(t), 0)
     if t.data_type in _PACKED:
         return -(-n // _PACKED[t.data_type])
@@ -256,6 +258,7 @@ def _open_data_file(resolved: Path, where: str) -> int:
     """Open and check one external data file; its size."""
     fd = open_regular(resolved, "external data", ModelLoadError)
     old = _DATA_FILES.pop(str(resolved), None)
+    _MAPS.pop(str(resolved), None)
     if old is not None:
         os.close(old)
     _DATA_FILES[str(resolved)] = fd
@@ -279,11 +282,54 @@ def tensor_array(t: onnx.TensorProto) -> np.ndarray:
         os.close(fd)
 
 
+def weight_view(t: onnx.TensorProto) -> np.ndarray:
+    """An initializer's value, read-only; external data is memory-mapped where it lies rather
+    than read (a session fed it holds no copy: ``spa.runtime``)."""
+    if t.data_location != onnx.TensorProto.EXTERNAL or t.data_type in _PACKED:
+        return tensor_array(t)
+    info = _external_info(t)
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
+    offset = int(info.get("offset", 0))
+    mapped = _mapping(info["location"])
+    if mapped is None or offset % dtype.itemsize:
+        return tensor_array(t)
+    count = _elements(t)
+    return np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(tuple(int(d) for d in t.dims))
+
+
+# Read-only maps of the external data files spa read (path -> mmap); arrays viewing one keep it alive.
+_MAPS: dict[str, mmap.mmap] = {}
+
+
+def _mapping(location: str) -> mmap.mmap | None:
+    fd = _DATA_FILES.get(location)
+    if fd is None:
+        return None
+    mapped = _MAPS.get(location)
+    if mapped is None:
+        try:
+            mapped = _MAPS[location] = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):   # an empty file, or one that cannot be mapped: read instead
+            return None
+    return mapped
+
+
+def release_mapped():
+    """Drop the pages of the mapped external data from this process's memory (arrays viewing
+    them read them again from the page cache, or the file): a stage that read every weight
+    does not leave them counted against the next one."""
+    for mapped in _MAPS.values():
+        try:
+            mapped.madvise(mmap.MADV_DONTNEED)
+        except (AttributeError, OSError, ValueError):   # no madvise here, or a closed map
+            pass
+
+
 def _read_tensor(t: onnx.TensorProto, fd: int, location: str, info: dict) -> np.ndarray:
     dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
     where, offset = f"{location}: tensor {t.name!r}", int(info.get("offset", 0))
     if t.data_type in _PACKED:   # several values a byte: let onnx unpack the raw bytes
-        raw = bytearray(_nbytes(t))
+        raw = bytearray(tensor_bytes(t))
         pread_into(fd, memoryview(raw), offset, where, ModelLoadError)
         return numpy_helper.to_array(onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims,
                                                       raw_data=bytes(raw)))
@@ -502,16 +548,22 @@ def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
     for t in src.initializer:
         if math.prod(t.dims) <= 64 and t.data_location != onnx.TensorProto.EXTERNAL:
             g.initializer.append(t)
-        elif t.name not in listed:   # what helper.make_tensor_value_info makes, without its checks (100k weights: seconds)
-            vi = g.input.add()
-            vi.name = t.name
-            typed = vi.type.tensor_type
-            typed.elem_type = t.data_type
-            typed.shape.SetInParent()
-            for d in t.dims:
-                typed.shape.dim.add().dim_value = d
+        elif t.name not in listed:
+            add_typed_input(g, t)
     m.ir_version = max(m.ir_version, 4)
     return m
+
+
+def add_typed_input(g: onnx.GraphProto, t: onnx.TensorProto):
+    """A graph input of ``t``'s type and shape: what helper.make_tensor_value_info makes,
+    without its checks (100k weights: seconds)."""
+    vi = g.input.add()
+    vi.name = t.name
+    typed = vi.type.tensor_type
+    typed.elem_type = t.data_type
+    typed.shape.SetInParent()
+    for d in t.dims:
+        typed.shape.dim.add().dim_value = d
 
 
 def output_paths(output_path: str | os.PathLike) -> dict[str, Path]:
@@ -548,7 +600,7 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, inputs: dict[str, Path
     outputs = output_paths(path)
     check_outputs(outputs, inputs or {})
     out, data = outputs["-o"], outputs["-o's weight file"]
-    external = has_external_data(model) or sum(_nbytes(t) for t in model.graph.initializer) > EXTERNAL_ABOVE
+    external = has_external_data(model) or sum(tensor_bytes(t) for t in model.graph.initializer) > EXTERNAL_ABOVE
     if external:
         check_side_file(data, lambda: _keeps_weights_in(out, data.name), "the weight file of -o", "-o")
         with atomic_files(data, out) as (data_tmp, tmp):
@@ -579,14 +631,17 @@ def _with_streamed_weights(model: onnx.ModelProto, data_path: str, location: str
     copy_fields(model.graph, proto.graph, skip={"initializer"})
     with open(data_path, "wb") as f:
         for t in model.graph.initializer:
-            if _nbytes(t) < 1024 and t.data_location != onnx.TensorProto.EXTERNAL:
+            if tensor_bytes(t) < 1024 and t.data_location != onnx.TensorProto.EXTERNAL:
                 proto.graph.initializer.append(t)
                 continue
-            data = np.ascontiguousarray(tensor_array(t)).tobytes()
+            # the bytes as stored (one copy at most: a mapped file's pages, or protobuf's bytes)
+            data = t.raw_data if t.HasField("raw_data") else memoryview(np.ascontiguousarray(weight_view(t))).cast("B")
             ref = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
             ref.data_location = onnx.TensorProto.EXTERNAL
             for key, value in (("location", location), ("offset", str(f.tell())), ("length", str(len(data)))):
                 ref.external_data.add(key=key, value=value)
             f.write(data)
+            del data
+            release_mapped()
             proto.graph.initializer.append(ref)
     return proto

@@ -247,16 +247,10 @@ def infer_skeleton(skeleton: onnx.ModelProto, strict: bool = False) -> onnx.Mode
 def _fill_from_onnxruntime(model, out: Shapes, names):
     from ..runtime import session
 
-    m = onnx.ModelProto()
-    m.CopyFrom(materialized(model))
-    existing = {o.name for o in m.graph.output}
-    for name in names:
-        if name not in existing:
-            m.graph.output.append(onnx.ValueInfoProto(name=name))
     try:
-        sess = session(m, optimize=False)
+        sess = session(model, optimize=False, outputs=tuple(names))
         feeds = random_inputs(model, out.input_shapes, np.random.default_rng(0))
-        fetch = [o.name for o in sess.get_outputs() if o.name in set(names)]
+        fetch = [o.name for o in sess.get_outputs()]
         results = sess.run(fetch, feeds)
     except Exception as e:
         log.info("onnxruntime could not run the model for shapes (%s); unknown shapes block their nodes",

@@ -9,6 +9,7 @@ input holds a group's channels. Its input rows are what the layer multiplies wit
 from __future__ import annotations
 
 import logging
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -453,11 +454,7 @@ def _session_with_outputs(model: onnx.ModelProto, tensors: list[str], optimize: 
     """A session that also returns ``tensors``; ``optimize=False`` where onnxruntime would fuse
     a producer away (a BatchNormalization folded into its Conv has no output left to return)."""
     from ..runtime import session
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    m.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in have)
-    return session(m, optimize=optimize)
+    return session(model, optimize=optimize, outputs=tuple(tensors))
 
 
 def collect_stats(model: onnx.ModelProto, specs: dict[str, ConsumerSpec], batches: list[dict],
@@ -473,7 +470,9 @@ def collect_stats(model: onnx.ModelProto, specs: dict[str, ConsumerSpec], batche
     sess = _session_with_outputs(model, tensors)
     ref = _session_with_outputs(reference, tensors) if reference is not None else None
     inits = {t.name: t for t in model.graph.initializer}
-    rng = np.random.default_rng(seed)
+    # one stream a consumer: its rows do not depend on which others are collected with it
+    # (OBSPA collects a large model's consumers in parts)
+    rngs = {name: np.random.default_rng([seed, zlib.crc32(name.encode())]) for name in specs}
     rows_of: dict[str, list] = {}
     ref_rows_of: dict[str, list] = {}
     cmax_of: dict[str, np.ndarray] = {}
@@ -495,14 +494,14 @@ def collect_stats(model: onnx.ModelProto, specs: dict[str, ConsumerSpec], batche
                     w_shape = list(inits[spec.weight].dims)
                     width = int(np.prod(w_shape[1:]))
                     limit = wide_per_batch if width >= WIDE and ref is None else per_batch
-                    rows = _pick(rng, _conv_positions(x, spec.node, w_shape), limit)
+                    rows = _pick(rngs[name], _conv_positions(x, spec.node, w_shape), limit)
                 else:
                     limit = wide_per_batch if x.shape[axis] >= WIDE and ref is None else per_batch
                     if mask is not None and x.ndim == 3 and axis == 2 and x.shape[:2] == mask.shape:
                         real = np.flatnonzero(mask)    # padding's rows are no input the layer must serve
-                        rows = real[_pick(rng, len(real), limit)]
+                        rows = real[_pick(rngs[name], len(real), limit)]
                     else:
-                        rows = _pick(rng, x.size // x.shape[axis], limit)
+                        rows = _pick(rngs[name], x.size // x.shape[axis], limit)
                 # keep the (few thousand) sampled rows; one product per consumer at the end
                 rows_of.setdefault(name, []).append(_features(x, spec, axis, rows, inits))
                 if ref_values is not None:

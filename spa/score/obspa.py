@@ -11,7 +11,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..graph.dependency import Dependency
-from ..loading.model import tensor_array, tensor_names, unique_name
+from ..loading.model import release_mapped, tensor_array, tensor_names, unique_name
 from ..graph.groups import Group
 from ..progress import track
 from .data import (BatchLayout, Calibration, ConsumerSpec, collect_stats, consumer_specs, from_weight_matrix,
@@ -117,22 +117,93 @@ def data_aware_plan(model: onnx.ModelProto, dep: Dependency, groups: list[Group]
         info["mode"] = "data-free: channels chosen by l1, removal compensated by OBS"
     elif criterion == "obspa":
         info["mode"] = "one pass (statistics of the unpruned model)"
-    stats = collect_stats(source, used, batches, axis_of, seed=calibration.seed)
-    plan = DataPlan([], [], info=info)
-    consumers = _choose(plan, criterion, dep, groups, n_remove, chosen, used, axis_of, stats, inits, damping,
-                        keep_choice)
+    plan = DataPlan([None] * len(groups), [None] * len(groups), info=info)
+    removed_by_merge: set[str] = set()
     if criterion == "obspa" and keep_choice:
-        removed_cols = _removed_columns(plan, dep, groups, used, stats, axis_of)
+        plan.removals = [np.asarray(c, dtype=np.int64) for c in chosen]
         if compensation in WEIGHT_ONLY:
-            for name in _merge(plan, model, dep, groups, used, axis_of, inits, compensation):
+            removed_by_merge = set(_merge(plan, model, dep, groups, used, axis_of, inits, compensation))
+    parts = _parts(groups, used, axis_of, inits)
+    if len(parts) > 1:
+        info["statistics_parts"] = len(parts)
+    for part in parts:
+        # one part's statistics and float64 weights at a time: a 1.1B decoder's would be 0.4x its size
+        part_used = {name: used[name] for name in part.consumers}
+        stats = collect_stats(source, part_used, batches, axis_of, seed=calibration.seed)
+        release_mapped()
+        if criterion == "obspa" and keep_choice:
+            removed_cols = _removed_columns(plan, dep, groups, part_used, stats, axis_of)
+            for name in removed_by_merge:
                 removed_cols.pop(name, None)
-        _refit(plan, removed_cols, used, stats, inits, damping)
-    elif criterion == "obspa":
-        for name, c in consumers.items():
-            _write_back(plan, used[name], c.weight, inits)
-    elif recalibrate:
-        _bias_correction(plan, _removed_columns(plan, dep, groups, used, stats, axis_of), used, stats, inits)
+            _refit(plan, removed_cols, part_used, stats, inits, damping)
+            continue
+        _choose(plan, criterion, dep, groups, n_remove, chosen, part_used, axis_of, stats, inits, damping,
+                part.groups)
+        if recalibrate and criterion != "obspa":
+            _bias_correction(plan, _removed_columns(plan, dep, groups, part_used, stats, axis_of), part_used,
+                             stats, inits)
     return plan
+
+
+@dataclass
+class Part:
+    """Groups (indices) whose statistics are collected and used together, and the consumers
+    that read them: no consumer reads a group of another part."""
+
+    groups: list[int]
+    consumers: list[str]
+
+
+# One part's statistics take at most this share of the model's weight bytes (and at least
+# PART_MIN_BYTES): a model where that is less than all of them is run once per part, so memory
+# stays proportional to its weights (the 2048 sampled rows of a 1.1B decoder's 44 consumers
+# are 1.4 GB, a third of its size). Each part costs a pass over the calibration samples.
+PART_SHARE = 1 / 4
+PART_MIN_BYTES = 128 << 20
+
+
+def _parts(groups: list[Group], used: dict[str, ConsumerSpec], axis_of: dict, inits: dict) -> list[Part]:
+    """The groups in parts that fit the memory bound, closed under shared consumers, in order."""
+    from ..loading.model import tensor_bytes
+    spaces = [set(g.spaces) for g in groups]
+    readers = {name: [gi for gi, sp in enumerate(spaces) if (spec.data, axis_of[name]) in sp]
+               for name, spec in used.items()}
+    root = list(range(len(groups)))
+
+    def find(i):
+        while root[i] != i:
+            root[i] = root[root[i]]
+            i = root[i]
+        return i
+
+    for gis in readers.values():
+        for gi in gis[1:]:
+            root[find(gi)] = find(gis[0])
+    components: dict[int, Part] = {}
+    for gi in range(len(groups)):
+        components.setdefault(find(gi), Part([], [])).groups.append(gi)
+    for name, gis in readers.items():
+        if gis:
+            components[find(gis[0])].consumers.append(name)
+    limit = max(PART_MIN_BYTES, int(PART_SHARE * sum(tensor_bytes(t) for t in inits.values())))
+    parts: list[Part] = []
+    size = 0
+    for c in components.values():
+        cost = sum(_statistics_bytes(used[name], inits) for name in c.consumers)
+        if not parts or size + cost > limit:
+            parts.append(Part([], []))
+            size = 0
+        parts[-1].groups.extend(c.groups)
+        parts[-1].consumers.extend(c.consumers)
+        size += cost
+    return parts
+
+
+def _statistics_bytes(spec: ConsumerSpec, inits: dict) -> int:
+    """What a consumer's statistics hold: the Gram matrix (float64), or the 2048 sampled rows
+    (float32) where those are smaller."""
+    d = weight_matrix(spec, np.empty(tuple(inits[spec.weight].dims), np.int8)).shape[1] + 1
+    return min(8 * d * d, 4 * 2048 * d)
 
 
 def _consumers_of(model, dep: Dependency, groups: list[Group], inits: dict):
@@ -155,9 +226,10 @@ def _consumers_of(model, dep: Dependency, groups: list[Group], inits: dict):
 
 
 def _choose(plan: DataPlan, criterion, dep, groups, n_remove, chosen, used, axis_of, stats, inits, damping,
-            keep_choice: bool) -> dict[str, Consumer]:
-    """Append each group's removals and scores to the plan; returns the consumers whose
-    weights OBS updated while choosing."""
+            part: list[int]):
+    """Set the removals and scores of the groups in ``part`` (indices). A consumer's weights
+    OBS updated are written into the plan once the last group reading it is done, and its
+    statistics and float64 state are dropped then: one layer's at a time for a decoder."""
     consumers: dict[str, Consumer] = {}
 
     def consumer(name: str) -> Consumer:
@@ -178,45 +250,53 @@ def _choose(plan: DataPlan, criterion, dep, groups, n_remove, chosen, used, axis
     group_spaces = [set(g.spaces) for g in groups]
     readers = {name: sum((used[name].data, axis_of[name]) in sp for sp, k in zip(group_spaces, n_remove) if k)
                for name in used}
+    mine_of = {gi: [name for name in used if (used[name].data, axis_of[name]) in group_spaces[gi] and name in stats]
+               for gi in part}
+    left = {name: sum(name in mine for mine in mine_of.values()) for name in used}
     dead_rates = {}
-    for gi, (g, k) in track(list(enumerate(zip(groups, n_remove))), unit="groups"):
-        mine = [name for name in used if (used[name].data, axis_of[name]) in group_spaces[gi] and name in stats]
-        if criterion == "dead":
-            alive = np.zeros(g.size, dtype=bool)
-            for name in mine:
-                idx, ch = g.member(dep, (used[name].data, axis_of[name]))
-                np.logical_or.at(alive, ch, stats[name].channel_max[idx] > 0)
-            dead = np.nonzero(~alive)[0] if mine else np.array([], np.int64)
-            if len(dead) >= g.size:
-                dead = dead[1:]                      # keep one channel
-            plan.removals.append(dead)
-            plan.scores.append(alive.astype(float))
-            dead_rates[g.id] = float(len(dead) / g.size)
-            continue
-        if criterion == "activation":
-            score = np.zeros(g.size)
-            for name in mine:
-                c = consumer(name)
-                cols = _columns(g, dep, used[name], axis_of[name])
-                norms = np.sqrt(np.maximum(stats[name].diag[:-1], 0) / max(stats[name].n, 1))
-                contrib = np.abs(c.weight[:, :len(norms)]).sum(axis=0) * norms
-                score += [contrib[col].sum() for col in cols]
-            plan.scores.append(score)
-            plan.removals.append(np.sort(np.argsort(score, kind="stable")[:k]))
-            continue
-        if criterion != "obspa":
-            plan.removals.append(chosen[gi])
-            plan.scores.append(None)
-            continue
-        if not mine:
-            plan.notes[g.id] = "no layer with weights reads this group: chosen by l1"
-            plan.removals.append(None)
-            plan.scores.append(None)
-            continue
-        if keep_choice:
-            plan.removals.append(np.asarray(chosen[gi], dtype=np.int64))
-            plan.scores.append(None)
-            continue
+    for gi in track(part, unit="groups"):
+        _choose_group(plan, criterion, dep, groups[gi], gi, n_remove[gi], chosen, used, axis_of, stats, mine_of[gi],
+                      consumer, readers, dead_rates)
+        for name in mine_of[gi]:
+            left[name] -= 1
+            if left[name] == 0:
+                c = consumers.pop(name, None)
+                if criterion == "obspa":    # (other criteria's bias correction reads the statistics after)
+                    stats.pop(name, None)
+                    if c is not None:
+                        _write_back(plan, used[name], c.weight, inits)
+    if dead_rates:
+        plan.info.setdefault("dead_rate", {}).update(dead_rates)
+
+
+def _choose_group(plan: DataPlan, criterion, dep, g: Group, gi: int, k: int, chosen, used, axis_of, stats,
+                  mine: list[str], consumer, readers: dict, dead_rates: dict):
+    """One group's removals and scores, from the consumers reading it (``mine``)."""
+    if criterion == "dead":
+        alive = np.zeros(g.size, dtype=bool)
+        for name in mine:
+            idx, ch = g.member(dep, (used[name].data, axis_of[name]))
+            np.logical_or.at(alive, ch, stats[name].channel_max[idx] > 0)
+        dead = np.nonzero(~alive)[0] if mine else np.array([], np.int64)
+        if len(dead) >= g.size:
+            dead = dead[1:]                      # keep one channel
+        plan.removals[gi], plan.scores[gi] = dead, alive.astype(float)
+        dead_rates[g.id] = float(len(dead) / g.size)
+    elif criterion == "activation":
+        score = np.zeros(g.size)
+        for name in mine:
+            c = consumer(name)
+            cols = _columns(g, dep, used[name], axis_of[name])
+            norms = np.sqrt(np.maximum(stats[name].diag[:-1], 0) / max(stats[name].n, 1))
+            contrib = np.abs(c.weight[:, :len(norms)]).sum(axis=0) * norms
+            score += [contrib[col].sum() for col in cols]
+        plan.removals[gi], plan.scores[gi] = np.sort(np.argsort(score, kind="stable")[:k]), score
+    elif criterion != "obspa":
+        plan.removals[gi] = chosen[gi]
+    elif not mine:
+        plan.notes[g.id] = "no layer with weights reads this group: chosen by l1"
+        plan.removals[gi] = None
+    else:
         group_consumers = []
         for name in mine:
             c = consumer(name)
@@ -225,11 +305,7 @@ def _choose(plan: DataPlan, criterion, dep, groups, n_remove, chosen, used, axis
             group_consumers.append(c)
         removed, cost = greedy_obs(group_consumers, g.size, k) if k else (np.array([], np.int64),
                                                                            np.zeros(g.size))
-        plan.removals.append(removed)
-        plan.scores.append(-cost)
-    if dead_rates:
-        plan.info["dead_rate"] = dead_rates
-    return consumers
+        plan.removals[gi], plan.scores[gi] = removed, -cost
 
 
 def _merge(plan: DataPlan, model, dep, groups, used, axis_of, inits, how: str) -> list[str]:
