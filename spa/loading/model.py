@@ -3,8 +3,11 @@
 Normalization makes every exporter's graph look alike to the analysis: weights kept in
 Constant nodes become initializers, initializers listed as graph inputs stop being inputs,
 an initializer used by several nodes is copied per use so that unrelated layers that
-happen to share a tensor (all-ones norm weights, say) are not tied together, and initializers
-named as onnxruntime names the ones its optimizer adds are renamed (``ORT_GENERATED``).
+happen to share a tensor (all-ones norm weights, say) are not tied together (but not for
+Slice/Split readers, which cut one weight into pieces), and initializers named as
+onnxruntime names the ones its optimizer adds are renamed (``ORT_GENERATED``). If/Loop/Scan
+bodies get names unique in the whole model and give their weights to the main graph
+(``spa.loading.scopes``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import ModelLoadError, OutputPathError
+from .scopes import all_nodes, body_graphs, hoist_bodies, walk
 from .files import (atomic_files, check_outputs, check_readable, check_side_file, open_regular, pread_into, read_all,
                     read_small)
 
@@ -40,6 +44,9 @@ COPY_MARK = "__use"
 ORT_GENERATED = re.compile(r"(gemm_input_shape|gemm_output_shape|SqueezeAxesInitializer|ConstAsInitializer|"
                            r"squeeze_axes|fused_Split)(_token_\d+)?")
 ORT_RENAMED = "__spa"
+
+# ops that read a part of an initializer: normalize gives them no copy of their own
+_VIEWS = {"Slice", "Split"}
 
 log = logging.getLogger(__name__)
 
@@ -361,21 +368,30 @@ def normalize(model: onnx.ModelProto, copy: bool = True) -> onnx.ModelProto:
         g.input.extend(real_inputs)
         model.ir_version = max(model.ir_version, 4)
 
+    # If/Loop/Scan bodies: names unique in the whole model, weights in the main graph
+    # (``spa.loading.scopes``), so that their nodes are analyzed like the main graph's.
+    if hoist_bodies(model):
+        inits = {t.name: t for t in g.initializer}
+
     _rename_generated(model)
 
-    # Rules, the report and the oracle refer to nodes by name: make names unique.
-    taken_nodes = {n.name for n in g.node if n.name}
+    # Rules, the report and the oracle refer to nodes by name: make names unique (in the
+    # whole model: a body's nodes are analyzed and edited by name too).
+    taken_nodes = {n.name for n in all_nodes(g) if n.name}
     seen: set[str] = set()
-    for i, node in enumerate(g.node):
-        if not node.name or node.name in seen:
-            node.name = unique_name(f"{node.name or node.op_type}__{i}", taken_nodes)
-        seen.add(node.name)
+    for nodes in [g.node, *(b.node for b in body_graphs(g))]:
+        for i, node in enumerate(nodes):
+            if not node.name or node.name in seen:
+                node.name = unique_name(f"{node.name or node.op_type}__{i}", taken_nodes)
+            seen.add(node.name)
 
+    # Slices and Splits of one weight are views of it (an LSTM cell's gates cut from one
+    # matrix, once per code path): they keep reading it, so that its pieces stay one tensor.
     taken = tensor_names(model)
     uses: dict[str, int] = {}
-    for node in g.node:
+    for _, node in walk(g):
         for k, name in enumerate(node.input):
-            if name not in inits:
+            if name not in inits or (k == 0 and node.op_type in _VIEWS and node.domain in ("", "ai.onnx")):
                 continue
             n = uses.get(name, 0)
             uses[name] = n + 1

@@ -14,6 +14,7 @@ from onnx import helper
 
 from ..errors import InputShapeError, UnsupportedModelError
 from .model import _constant_value, _weightless, materialized, tensor_array
+from .scopes import all_nodes, bodies, outer_reads
 
 __all__ = ["Shapes", "infer_skeleton", "parse_input_shapes", "random_inputs", "graph_inputs",
            "is_open", "too_large", "compared_values", "SIZE_INPUTS", "MAX_INPUT_VALUES", "DATA_PROP_MAX"]
@@ -221,6 +222,10 @@ def _infer_at(model: onnx.ModelProto, input_shapes: dict, want_values: bool) -> 
             for k in SIZE_INPUTS.get(node.op_type, ()):
                 if k < len(node.input) and node.input[k] and node.input[k] not in out.value:
                     wanted.append(node.input[k])
+    # what bodies read from this graph: their standalone runs need its sizes and values
+    produced_here = set(produced)
+    wanted.extend(sorted({name for node in g.node for _, body in bodies(node) for name in outer_reads(body)
+                          if name in produced_here and name not in out.value}))
     fetch = sorted((set(missing) | set(wanted)) - set(out.input_shapes))  # inputs are data, not sizes
     if fetch:
         _fill_from_onnxruntime(model, out, fetch)
