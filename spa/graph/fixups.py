@@ -113,14 +113,15 @@ class GraphView:
     producers: dict
     inits: dict
     shapes: object
-    nodes: dict
+    nodes: dict                 # every node by name, those of If/Loop/Scan bodies too
+    main_nodes: tuple = ()      # the names of the main graph's nodes
 
     @classmethod
     def of(cls, model, shapes) -> "GraphView":
         g = model.graph
         nodes = list(all_nodes(g))   # bodies' nodes too: names are unique in the whole model
         return cls({o: n for n in nodes for o in n.output}, {t.name: t for t in g.initializer},
-                   shapes, {n.name: n for n in nodes})
+                   shapes, {n.name: n for n in nodes}, tuple(n.name for n in g.node))
 
 
 def resolve(spec: Fixup, view: GraphView, kept: Callable[[Space], np.ndarray | None],

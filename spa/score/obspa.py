@@ -154,6 +154,19 @@ def _consumers_of(model, dep: Dependency, groups: list[Group], inits: dict):
     return {name: spec for name, spec in used.items() if name not in too_wide}, axis_of, too_wide
 
 
+def _without_consumers(dep: Dependency, group: Group) -> str:
+    """Why a group has no layer statistics, as its note: none of its layers reads it with a
+    weight, or they all sit inside If/Loop/Scan bodies (onnxruntime fetches no tensor there)."""
+    main = set(dep.view.main_nodes) if dep.view is not None else set()
+    spaces = set(group.spaces)
+    inside = dep.view is not None and any(
+        name not in main and name in dep.view.nodes and k < len(dep.view.nodes[name].input)
+        and (dep.view.nodes[name].input[k], axis) in spaces for name, k, axis in dep.couplings.contractions)
+    if inside:
+        return "its layers are inside an If/Loop/Scan body, where no statistics are collected: chosen by l1"
+    return "no layer with weights reads this group: chosen by l1"
+
+
 def _choose(plan: DataPlan, criterion, dep, groups, n_remove, chosen, used, axis_of, stats, inits, damping,
             keep_choice: bool) -> dict[str, Consumer]:
     """Append each group's removals and scores to the plan; returns the consumers whose
@@ -193,6 +206,11 @@ def _choose(plan: DataPlan, criterion, dep, groups, n_remove, chosen, used, axis
             plan.scores.append(alive.astype(float))
             dead_rates[g.id] = float(len(dead) / g.size)
             continue
+        if criterion in ("activation", "obspa") and not mine:
+            plan.notes[g.id] = _without_consumers(dep, g)
+            plan.removals.append(None)
+            plan.scores.append(None)
+            continue
         if criterion == "activation":
             score = np.zeros(g.size)
             for name in mine:
@@ -206,11 +224,6 @@ def _choose(plan: DataPlan, criterion, dep, groups, n_remove, chosen, used, axis
             continue
         if criterion != "obspa":
             plan.removals.append(chosen[gi])
-            plan.scores.append(None)
-            continue
-        if not mine:
-            plan.notes[g.id] = "no layer with weights reads this group: chosen by l1"
-            plan.removals.append(None)
             plan.scores.append(None)
             continue
         if keep_choice:
@@ -359,7 +372,7 @@ def _obspa_sequential(model, dep, groups, n_remove, used, axis_of, batches, damp
         g, k = groups[gi], n_remove[gi]
         mine = [name for name in used if (used[name].data, axis_of[name]) in set(g.spaces)]
         if not mine:
-            plan.notes[g.id] = "no layer with weights reads this group: chosen by l1"
+            plan.notes[g.id] = _without_consumers(dep, g)
             continue
         if not k:
             removals[gi] = np.array([], np.int64)

@@ -16,6 +16,7 @@ import onnx
 
 from ..graph.rules.einsum import parse_equation
 from ..loading.model import copies_of_equal
+from ..loading.scopes import all_nodes
 
 __all__ = ["count_params", "count_macs", "node_macs", "mac_terms", "WEIGHT_TYPES"]
 
@@ -38,8 +39,9 @@ def count_params(model: onnx.ModelProto) -> int:
 def count_macs(model: onnx.ModelProto, shapes) -> int:
     """MACs of Conv, ConvTranspose, Gemm and MatMul (their integer and quantized forms, and the
     packed QKV projection of onnxruntime's fused Attention), LSTM (and DynamicQuantizeLSTM), GRU,
-    RNN and Einsum, from static shapes. Elementwise work (bias adds, activations, gates, peepholes) is not counted."""
-    return sum(node_macs(node, shapes) for node in model.graph.node)
+    RNN and Einsum, from static shapes. Elementwise work (bias adds, activations, gates, peepholes) is not counted.
+    The nodes of If/Loop/Scan bodies count once each: both branches of an If, one iteration of a loop."""
+    return sum(node_macs(node, shapes) for node in all_nodes(model.graph))
 
 
 def node_macs(node: onnx.NodeProto, shapes) -> int:

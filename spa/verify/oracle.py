@@ -23,7 +23,7 @@ from .masked import mask_contractions, masked_model
 from .rounding import (QDQ_MAX_SHARE, QDQ_MAX_STEPS, QDQ_NOISE_FACTOR, QDQ_SHARE, float_twin, has_qdq,
                        output_steps, rounding_ok, steps_apart)
 from ..runtime import any_session, default_session, session
-from ..loading.shapes import infer_skeleton, random_inputs
+from ..loading.shapes import branch_values, compared_values, infer_skeleton, random_inputs
 
 __all__ = ["masked_model", "mask_contractions", "check_signature", "check_valid", "check_shapes", "oracle",
            "output_error", "OracleResult", "describe", "float_tolerance", "rounding_ok", "output_steps",
@@ -50,12 +50,16 @@ class OracleResult:
     twin: float | None = None
     twin_ok: bool | None = None
     upstream: dict = field(default_factory=dict)
+    branches: dict = field(default_factory=dict)   # input -> the further values it was fed (each If side)
+    branches_skipped: dict = field(default_factory=dict)   # input -> {value: why the masked original failed}
 
     def as_dict(self):
         return {"max_abs_error": self.max_abs, "max_rel_error": self.max_rel, "ok": self.ok,
                 "samples": self.samples, "noise": self.noise, "rounded": self.rounded,
                 "rounded_noise": self.rounded_noise, "twin_max_rel_error": self.twin, "twin_ok": self.twin_ok,
-                "judged_upstream": dict(self.upstream)}
+                "judged_upstream": dict(self.upstream),
+                **({"branch_values": dict(self.branches)} if self.branches else {}),
+                **({"branch_values_skipped": dict(self.branches_skipped)} if self.branches_skipped else {})}
 
     def describe(self) -> str:
         """The numbers for a failure message."""
@@ -79,6 +83,13 @@ def describe(verify: dict) -> str:
         text += f", {v['rounded']} quantized elements off by whole steps"
         if v.get("twin_max_rel_error") is None:
             text += f" where onnxruntime's own kernels flip {v.get('rounded_noise', 0)}"
+    if v.get("branch_values"):
+        text += "; also fed " + ", ".join(f"{name}={'/'.join(str(x) for x in values)}"
+                                          for name, values in v["branch_values"].items())
+        text += " (the other side of the comparisons that choose If branches)"
+    if v.get("branch_values_skipped"):
+        text += "; not run by the original at " + ", ".join(
+            f"{name}={value}" for name, values in v["branch_values_skipped"].items() for value in values)
     return text
 
 
@@ -530,7 +541,40 @@ def _compare(pair: _Pair, runs: list[dict], samples: int, seed: int, rtol: float
         if i and not result.ok:
             raise VerificationError(f"pruned model differs from the masked original{where} "
                                     f"({result.describe()}): a size fixed for the first probe")
+    if result.ok:
+        _other_branches(pair, runs[0], rng, variants, rtol, atol, result)
     return result
+
+
+def _other_branches(pair: _Pair, shapes: dict, rng, variants, rtol: float, atol: float, result: OracleResult):
+    """One more sample per further value of each integer scalar input the graph compares with
+    constants (``branch_values``: for ``If(sr == 16000)``, sr=16001 runs the else branch),
+    one input at a time. A value the masked original does not run at is skipped and said."""
+    defaults = compared_values(pair.masked)
+    for name, values in branch_values(pair.masked).items():
+        for value in values:
+            if value == defaults.get(name):
+                continue
+            feeds = random_inputs(pair.pruned, shapes, rng)
+            feeds[name] = np.full(feeds[name].shape, value, feeds[name].dtype)
+            try:
+                want = pair.run_masked(None, feeds)
+            except Exception as e:   # the model itself does not take this value at these sizes
+                result.branches_skipped.setdefault(name, {})[value] = str(e).splitlines()[0][-200:]
+                continue
+            try:
+                got = pair.run_pruned(None, feeds)
+            except Exception as e:
+                raise VerificationError(f"onnxruntime fails on the pruned model with {name}={value}, where the "
+                                        f"masked original runs: {str(e).splitlines()[0][:300]}") from None
+            sample = _Sample(feeds, variants)
+            for j, (g, w) in enumerate(zip(got, want)):
+                if g.shape != w.shape:
+                    raise VerificationError(f"pruned output shape {g.shape} differs from {w.shape} with {name}={value}")
+                result.ok &= _judge(pair, sample, j, g, w, rtol, atol, result)
+            result.branches.setdefault(name, []).append(value)
+            if not result.ok:
+                return
 
 
 def _non_finite_message(model: onnx.ModelProto) -> str:
