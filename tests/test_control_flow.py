@@ -229,6 +229,33 @@ def test_bodies_share_one_name_space():
     assert sorted((g["channels"], g["removed"]) for g in r.report["groups"]) == [(6, 3), (10, 5), (12, 6), (16, 8)]
 
 
+def test_tail_inside_if_branches_is_judged_by_what_it_reads():
+    """An output made by an If whose branches end in a Sigmoid: the oracle fetches what each
+    branch's Sigmoid reads through a new output of the If (a saturated sigmoid resolves only
+    to 3e-8, so its own scale says nothing of how precisely it was computed)."""
+    from spa.verify.tails import fetched_name, pre_activation, with_outputs
+    rng = np.random.default_rng(0)
+    n = helper.make_node
+    branch = {b: helper.make_graph([n("MatMul", ["x", f"w_{b}"], [f"{b}_mm"]), n("Sigmoid", [f"{b}_mm"], [f"{b}_y"])],
+                                   b, [], [_vi(f"{b}_y")]) for b in ("t", "e")}
+    graph = helper.make_graph(
+        [n("Equal", ["mode", "one"], ["c"]), n("If", ["c"], ["y"], name="if", then_branch=branch["t"],
+                                                 else_branch=branch["e"])],
+        "tail", [_vi("x", shape=[1, 4]), _vi("mode", TensorProto.INT64, [])], [_vi("y", shape=[1, 3])],
+        [_w(rng, "w_t", 4, 3), _w(rng, "w_e", 4, 3), numpy_helper.from_array(np.array(1, np.int64), "one")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    pre, tail = pre_activation(model, "y")
+    assert pre == ("If", "if", 0, "t_mm", "e_mm") and tail[1][0][0] == "Sigmoid"
+    fetch = with_outputs(model, [pre])
+    x = rng.standard_normal((1, 4)).astype(np.float32)
+    session = ort.InferenceSession(fetch.SerializeToString())
+    names = [o.name for o in session.get_outputs()]
+    for mode, w in ((1, "w_t"), (0, "w_e")):
+        got = dict(zip(names, session.run(None, {"x": x, "mode": np.array(mode, np.int64)})))
+        want = x @ numpy_helper.to_array(next(t for t in graph.initializer if t.name == w))
+        np.testing.assert_allclose(got[fetched_name(pre)], want, rtol=1e-5)
+
+
 # ---- Silero VAD as shipped (silero-vad on PyPI): its network lives in nested If branches ----
 
 def _silero_file(name: str) -> Path | None:
@@ -239,10 +266,25 @@ def _silero_file(name: str) -> Path | None:
     return path if path.exists() else None
 
 
-def test_silero_vad_prunes_both_sample_rates(tmp_path):
-    path = _silero_file("silero_vad.onnx")
+def _silero(name: str) -> Path:
+    path = _silero_file(name)
     if path is None:
         pytest.skip("silero-vad is not installed (pip install silero-vad==6.2.1 --no-deps)")
+    return path
+
+
+@pytest.mark.parametrize("name,groups", [("silero_vad_op18_ifless.onnx", 10), ("silero_vad_half.onnx", 5),
+                                         ("silero_vad_16k_op15.onnx", 5)])
+def test_silero_vad_variants_prune(name, groups):
+    """The package's other files: the 16 and 8 kHz networks in the two branches of one If
+    (op18), or a 16 kHz network whose LSTM state handling sits in nested Ifs (half, op15)."""
+    r = spa.prune(str(_silero(name)), ratio=0.3, verify=True)
+    assert r.report["verify"]["ok"] and len(r.report["groups"]) == groups
+    assert r.report["after"]["params"] < 0.75 * r.report["before"]["params"]
+
+
+def test_silero_vad_prunes_both_sample_rates():
+    path = _silero("silero_vad.onnx")
     r = spa.prune(str(path), ratio=0.3, verify=True)
     rep = r.report
     assert rep["verify"]["ok"] and rep["verify"]["branch_values"] == {"sr": [16001]}

@@ -13,13 +13,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from ..errors import UnsupportedModelError, VerificationError
 from .integer_kernels import unsaturated
-from ..graph.rules.elementwise import UNARY
 from ..loading.model import _weightless, tensor_array
 from .masked import mask_contractions, masked_model
+from .tails import fetched_name, pre_activation, readable, with_outputs
 from .rounding import (QDQ_MAX_SHARE, QDQ_MAX_STEPS, QDQ_NOISE_FACTOR, QDQ_SHARE, float_twin, has_qdq,
                        output_steps, rounding_ok, steps_apart)
 from ..runtime import any_session, default_session, session
@@ -265,45 +264,6 @@ def _lazy_runs(model: onnx.ModelProto, optimize: bool):
     return run
 
 
-# Ops an output's elementwise tail may hold (see ``pre_activation``): applied to each element
-# alone, with constants for every other input.
-_TAIL = (set(UNARY) - {"Cast", "CastLike", "Dropout", "IsInf", "IsNaN", "Not", "BitwiseNot"}) | {
-    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "PRelu", "BatchNormalization",
-    "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze"}
-
-
-def pre_activation(model: onnx.ModelProto, output: str) -> tuple[str, tuple] | None:
-    """The tensor that ``output``'s elementwise tail reads (a Sigmoid, a per-channel affine, a
-    Reshape... each with constant other inputs), and the tail as a comparable value (ops,
-    attributes, constants); None where the output has no such tail.
-
-    A tail is where an output's scale stops saying how precisely it was computed: onnxruntime's
-    Sigmoid resolves its outputs to 3e-8 however small they are, so a sigmoid map far in
-    saturation (a text detector pruned by half: every value under 2e-7) differs by whole such
-    steps for a logit rounded 1e-6 differently. The logits it reads keep their scale."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-    values = {t.name: t for t in model.graph.initializer}
-    name, tail = output, []
-    while (node := producer.get(name)) is not None and node.op_type in _TAIL and node.domain in ("", "ai.onnx"):
-        data = [i for i in node.input if i and i not in values]
-        if len(data) != 1 or len(node.output) != 1:
-            break
-        tail.append((node.op_type, tuple(sorted(a.SerializeToString() for a in node.attribute)),
-                     tuple(tensor_array(values[i]).tobytes() + str(values[i].dims).encode() if i in values
-                           else b"" for i in node.input)))
-        name = data[0]
-    return (name, tuple(tail)) if tail else None
-
-
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` that also outputs the tensors ``names``."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    present = {o.name for o in out.graph.output}
-    out.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names if n not in present)
-    return out
-
-
 @dataclass
 class _Pair:
     """The two models the oracle compares and how it runs them. ``steps``: for quantized graphs,
@@ -340,15 +300,15 @@ class _Pair:
 
         def run(feeds):
             if not made:
-                made["names"] = sorted(set(self.upstream().values()))
-                both = [_with_outputs(m, made["names"]) for m in (self.pruned, self.masked)]
+                made["names"] = sorted(set(self.upstream().values()), key=str)
+                both = [with_outputs(m, made["names"]) for m in (self.pruned, self.masked)]
                 made["order"] = [o.name for o in both[0].graph.output]
                 made["runs"] = [_lazy_runs(m, optimize=True) for m in both] if made["names"] else []
             outs = [run(feeds) for run in made["runs"]]
             if not outs or any(o is None for o in outs):
                 return None
             got, want = (dict(zip(made["order"], o)) for o in outs)
-            return {n: (got[n], want[n]) for n in made["names"]}
+            return {n: (got[fetched_name(n)], want[fetched_name(n)]) for n in made["names"]}
 
         return run
 
@@ -415,7 +375,7 @@ def _upstream_agrees(pair: _Pair, sample: _Sample, j: int, rtol: float, atol: fl
         return False
     agrees = _gap(g, w) <= atol + rtol * (float(np.max(np.abs(w))) if w.size else 0.0)
     if agrees:
-        result.upstream[pair.names[j]] = pre
+        result.upstream[pair.names[j]] = readable(pre)
     return agrees
 
 
