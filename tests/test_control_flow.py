@@ -128,6 +128,14 @@ def test_groups_cross_every_boundary():
         (16, ["b_h", "w_a", "w_e", "w_g", "w_h", "w_scan"])]
 
 
+def test_macs_count_body_nodes_as_often_as_they_run():
+    """Main graph 128 + 24 + 64; the If the mean of its branches ((192 + 120) + 160) / 2, the
+    nested If's branches 120 each; the Loop's body 3 trips x (100 + 60); the Scan's 5 steps x 128."""
+    from spa.verify.metrics import count_macs
+    a = analyze(control_flow_model(), SHAPES)
+    assert count_macs(a.model, a.shapes) == 128 + 24 + 64 + (192 + 120 + 160) // 2 + 3 * 160 + 5 * 128
+
+
 def test_branch_values_put_each_comparison_on_both_sides():
     assert branch_values(control_flow_model()) == {"mode": [1, 2], "flag": [4, 5]}
 

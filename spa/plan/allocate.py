@@ -30,7 +30,7 @@ from ..graph.dependency import Dependency
 from ..graph.groups import Group
 from ..loading.model import copies_of_equal
 from ..loading.scopes import all_nodes
-from ..verify.metrics import WEIGHT_TYPES, mac_terms
+from ..verify.metrics import WEIGHT_TYPES, mac_terms, weighted_nodes
 from .landing import finer_level, floor_value, land, steps_at, unit_ladder
 from .planner import round_unit
 from ..progress import steps as counted, track
@@ -59,8 +59,8 @@ class ResourceModel:
         self.sizes = np.array([g.size for g in groups], dtype=np.float64)
         terms: list[tuple[float, list]] = []
         if kind == "macs":
-            for node in all_nodes(model.graph):   # a node may be several terms (an LSTM's W and R)
-                terms += [(float(base), spaces) for base, spaces in mac_terms(node, shapes)]
+            for node, runs in weighted_nodes(model, shapes):   # a node may be several terms (an LSTM's W and R)
+                terms += [(float(base) * runs, spaces) for base, spaces in mac_terms(node, shapes)]
         else:
             # a reader's copy that no group cuts stays its original's tensor (rewrite rejoins
             # it): a tied embedding counts once, as in the report (SmolLM2 at params 0.8 kept

@@ -87,8 +87,9 @@ def describe(verify: dict) -> str:
                                           for name, values in v["branch_values"].items())
         text += " (the other side of the comparisons that choose If branches)"
     if v.get("branch_values_skipped"):
-        text += "; not run by the original at " + ", ".join(
-            f"{name}={value}" for name, values in v["branch_values_skipped"].items() for value in values)
+        text += "; the original itself fails with " + ", ".join(
+            f"{name}={value} {why.split(':')[0]}" for name, values in v["branch_values_skipped"].items()
+            for value, why in values.items())
     return text
 
 
@@ -501,15 +502,17 @@ def _compare(pair: _Pair, runs: list[dict], samples: int, seed: int, rtol: float
         if i and not result.ok:
             raise VerificationError(f"pruned model differs from the masked original{where} "
                                     f"({result.describe()}): a size fixed for the first probe")
-    if result.ok:
-        _other_branches(pair, runs[0], rng, variants, rtol, atol, result)
+    for shapes in runs:
+        if result.ok:
+            _other_branches(pair, shapes, rng, variants, rtol, atol, result)
     return result
 
 
 def _other_branches(pair: _Pair, shapes: dict, rng, variants, rtol: float, atol: float, result: OracleResult):
     """One more sample per further value of each integer scalar input the graph compares with
     constants (``branch_values``: for ``If(sr == 16000)``, sr=16001 runs the else branch),
-    one input at a time. A value the masked original does not run at is skipped and said."""
+    one input at a time, at ``shapes``. A value the masked original does not run at (Silero
+    VAD's 8 kHz network at the 16 kHz chunk size) is skipped there and said."""
     defaults = compared_values(pair.masked)
     for name, values in branch_values(pair.masked).items():
         for value in values:
@@ -520,7 +523,8 @@ def _other_branches(pair: _Pair, shapes: dict, rng, variants, rtol: float, atol:
             try:
                 want = pair.run_masked(None, feeds)
             except Exception as e:   # the model itself does not take this value at these sizes
-                result.branches_skipped.setdefault(name, {})[value] = str(e).splitlines()[0][-200:]
+                at = ", ".join(f"{k}={list(v)}" for k, v in shapes.items() if len(v))
+                result.branches_skipped.setdefault(name, {})[value] = f"at {at}: {str(e).splitlines()[0][-160:]}"
                 continue
             try:
                 got = pair.run_pruned(None, feeds)
@@ -532,7 +536,8 @@ def _other_branches(pair: _Pair, shapes: dict, rng, variants, rtol: float, atol:
                 if g.shape != w.shape:
                     raise VerificationError(f"pruned output shape {g.shape} differs from {w.shape} with {name}={value}")
                 result.ok &= _judge(pair, sample, j, g, w, rtol, atol, result)
-            result.branches.setdefault(name, []).append(value)
+            if value not in result.branches.setdefault(name, []):
+                result.branches[name].append(value)
             if not result.ok:
                 return
 
