@@ -718,6 +718,9 @@ def render_markdown(results: list[dict], meta: dict) -> str:
              f"machine: {meta.get('machine', '?')}")
     if meta.get("versions"):
         L.append(f"- {meta['versions']}")
+    for r in meta.get("reruns", []):
+        L.append(f"- rerun since: {', '.join(r['models'])} at spa `{r['spa_rev']}`; run {r['started']}; "
+                 f"machine: {r['machine']}")
     L.append("- status (per ratio where they differ; counted as the worst failure, else pruned if any ratio "
              "pruned): **pruned** = channels removed, oracle passes, valid output; **no-op** = ran, removed "
              "nothing; **refused** = spa declined with an error; **crash** = any other "
@@ -841,9 +844,10 @@ def main(argv: list[str] | None = None) -> int:
     results = [old[n] for n in all_models() if n in old]
     if not args.models:
         meta["wall_min"] = round((time.perf_counter() - t_start) / 60, 1)
-    elif meta_path.exists():
-        meta["wall_min"] = json.loads(meta_path.read_text()).get("wall_min", "?")
-        meta["command"] = json.loads(meta_path.read_text()).get("command", meta["command"])
+    elif meta_path.exists():   # a subset: the full run's header stays, the subset is listed under it
+        full = json.loads(meta_path.read_text())
+        rerun = {"models": names, **{k: meta[k] for k in ("spa_rev", "started", "machine")}}
+        meta = {**full, "reruns": [r for r in full.get("reruns", []) if set(r["models"]) - set(names)] + [rerun]}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text("".join(json.dumps(e, default=str) + "\n" for e in results))
     meta_path.write_text(json.dumps(meta, indent=1))

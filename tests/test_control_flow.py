@@ -264,7 +264,8 @@ def test_tail_inside_if_branches_is_judged_by_what_it_reads():
         np.testing.assert_allclose(got[fetched_name(pre)], want, rtol=1e-5)
 
 
-# ---- Silero VAD as shipped (silero-vad on PyPI): its network lives in nested If branches ----
+# ---- Silero VAD as shipped (silero-vad on PyPI, 6.2.1 and 6.2.3 ship the same files): its network lives
+# in nested If branches
 
 def _silero_file(name: str) -> Path | None:
     spec = importlib.util.find_spec("silero_vad")   # found, not imported: it imports torch
@@ -277,7 +278,7 @@ def _silero_file(name: str) -> Path | None:
 def _silero(name: str) -> Path:
     path = _silero_file(name)
     if path is None:
-        pytest.skip("silero-vad is not installed (pip install silero-vad==6.2.1 --no-deps)")
+        pytest.skip("silero-vad is not installed (pip install silero-vad==6.2.3 --no-deps)")
     return path
 
 
