@@ -74,7 +74,8 @@ def control_flow_model(seed: int = 0) -> onnx.ModelProto:
          n("MatMul", ["s_out", "w_z"], ["z_mm"], name="loop_z_mm"),
          n("Relu", ["z_mm"], ["z"]),
          n("Identity", ["cond_in"], ["cond_out"])],
-        "loop_body", [_vi("it", TensorProto.INT64, []), _vi("cond_in", TensorProto.BOOL, []), _vi("s_in", shape=[1, 10])],
+        "loop_body",
+        [_vi("it", TensorProto.INT64, []), _vi("cond_in", TensorProto.BOOL, []), _vi("s_in", shape=[1, 10])],
         [_vi("cond_out", TensorProto.BOOL, []), _vi("s_out", shape=[1, 10]), _vi("z", shape=[1, 6])])
     # Scan over seq [5, 1, 8]: state c [1, 16] starts at h; the body's weight reads each step
     scan_body = helper.make_graph(

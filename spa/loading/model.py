@@ -24,7 +24,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import ModelLoadError, OutputPathError
-from .scopes import all_nodes, body_graphs, hoist_bodies, walk
+from .scopes import all_nodes, body_graphs, hoist_bodies, rename_inputs, tensor_names, walk  # noqa: F401
 from .files import (atomic_files, check_outputs, check_readable, check_side_file, open_regular, pread_into, read_all,
                     read_small)
 
@@ -422,17 +422,6 @@ def _rename_generated(model: onnx.ModelProto):
     rename_inputs(g, rename)
 
 
-def rename_inputs(g: onnx.GraphProto, rename: dict):
-    """Every node input (in subgraphs too, which read the outer scope) renamed. In place."""
-    for node in g.node:
-        for k, name in enumerate(node.input):
-            if name in rename:
-                node.input[k] = rename[name]
-        for a in node.attribute:
-            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                rename_inputs(sub, rename)
-
-
 def copied_from(name: str) -> str | None:
     """The initializer ``normalize`` copied to make ``name`` (a further reader's own copy),
     if the name says so; the caller checks the values agree."""
@@ -470,23 +459,6 @@ def _equal_tensors(a: onnx.TensorProto, b: onnx.TensorProto) -> bool:
     if a.HasField("raw_data") and b.HasField("raw_data"):
         return a.raw_data == b.raw_data
     return bool(np.array_equal(tensor_array(a), tensor_array(b)))
-
-
-def tensor_names(model: onnx.ModelProto) -> set[str]:
-    """Every name a tensor has anywhere in the model, subgraphs included."""
-    names: set[str] = set()
-
-    def visit(g: onnx.GraphProto):
-        names.update(t.name for t in g.initializer)
-        names.update(v.name for v in list(g.input) + list(g.output) + list(g.value_info))
-        for node in g.node:
-            names.update(node.input)
-            names.update(node.output)
-            for a in node.attribute:
-                for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                    visit(sub)
-    visit(model.graph)
-    return names
 
 
 def unique_name(base: str, taken: set[str]) -> str:

@@ -20,7 +20,7 @@ import onnx
 from onnx import numpy_helper
 
 __all__ = ["bodies", "walk", "all_nodes", "body_graphs", "outer_reads", "local_names", "hoist_bodies",
-           "value_infos"]
+           "value_infos", "rename_inputs", "tensor_names"]
 
 
 def bodies(node: onnx.NodeProto) -> list[tuple[str, onnx.GraphProto]]:
@@ -66,6 +66,32 @@ def outer_reads(graph: onnx.GraphProto) -> set[str]:
         for _, body in bodies(node):
             used |= outer_reads(body)
     return used - local
+
+
+def rename_inputs(g: onnx.GraphProto, rename: dict):
+    """Every node input (in subgraphs too, which read the outer scope) renamed. In place."""
+    for node in g.node:
+        for k, name in enumerate(node.input):
+            if name in rename:
+                node.input[k] = rename[name]
+        for _, sub in bodies(node):
+            rename_inputs(sub, rename)
+
+
+def tensor_names(model: onnx.ModelProto) -> set[str]:
+    """Every name a tensor has anywhere in the model, subgraphs included."""
+    names: set[str] = set()
+
+    def visit(g: onnx.GraphProto):
+        names.update(t.name for t in g.initializer)
+        names.update(v.name for v in list(g.input) + list(g.output) + list(g.value_info))
+        for node in g.node:
+            names.update(node.input)
+            names.update(node.output)
+            for _, sub in bodies(node):
+                visit(sub)
+    visit(model.graph)
+    return names
 
 
 def value_infos(graph: onnx.GraphProto) -> Iterator[onnx.ValueInfoProto]:

@@ -17,7 +17,8 @@ from .model import _constant_value, _weightless, materialized, tensor_array
 from .scopes import all_nodes, bodies, outer_reads
 
 __all__ = ["Shapes", "infer_skeleton", "parse_input_shapes", "random_inputs", "graph_inputs",
-           "is_open", "too_large", "compared_values", "branch_values", "SIZE_INPUTS", "MAX_INPUT_VALUES", "DATA_PROP_MAX"]
+           "is_open", "too_large", "compared_values", "branch_values", "SIZE_INPUTS", "MAX_INPUT_VALUES",
+           "DATA_PROP_MAX"]
 
 log = logging.getLogger(__name__)
 
