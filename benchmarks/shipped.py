@@ -134,12 +134,14 @@ FAMILIES = {
 # hand-written diagnoses of the runs that did not prune cleanly (rendered under the table); each
 # names the rule or check in spa/ it comes from. Re-check them when the results change.
 NOTES = {
-    "silero_vad": "no-op: the probe now runs it (its unnamed `state[1]` tried at 1 as the batch, `sr` fed the "
-                  "16000 the graph compares it with; spa/loading/probe.py, spa/loading/shapes.py), but every weight lives inside "
-                  "the top-level If's branches and their nested Ifs, and spa analyses the main graph only.",
-    "silero_vad_op18_ifless": "no-op: the whole network is inside the top-level If's branches, and spa analyses "
-                              "the main graph only; every tensor a subgraph reads from the outer scope is fixed "
-                              "(\"used inside a subgraph of node\", spa/graph/dependency.py) and If has no rule.",
+    "silero_vad": "pruned inside control flow: the 16 and 8 kHz networks sit in the two branches of the top If, "
+                  "the LSTM's state handling in nested Ifs chosen by sizes; every body is analyzed with the main "
+                  "graph (spa/graph/rules/control.py, spa/loading/scopes.py) and the oracle also feeds sr=16001, "
+                  "the other side of `sr == 16000` (the 8 kHz branch, which the original runs at 256 samples "
+                  "only); the LSTM's hidden size stays whole (the state is a graph input).",
+    "silero_vad_op18_ifless": "pruned inside the top If's two branches (both sample rates); its probability output "
+                              "is a sigmoid mean inside the branches, so the oracle judges it by the logits the "
+                              "branches' tails read, fetched through an output added to the If (spa/verify/tails.py).",
     "ppocrv5_det": "passes the oracle since the tolerance counts onnxruntime's own rewrite noise: its output is a "
                    "sigmoid map of maximum ~5e-5, where the masked original with and without graph optimizations "
                    "differs by as much (3.6e-3 relative) as pruned vs masked (spa/verify/oracle.py, float_tolerance).",
@@ -411,26 +413,45 @@ def _probe_text(rep: dict) -> str | None:
 
 def _changed_nodes(original, pruned) -> dict:
     """Per op family: {nodes, changed}, a node changed where one of its weights (an
-    initializer input) changed shape or one of its attributes changed."""
+    initializer input, or one computed from initializers only: an LSTM's W cut and
+    concatenated from a torch weight) changed shape or one of its attributes changed; an
+    If/Loop/Scan where a node inside its bodies changed."""
     import onnx
     shapes_o = {t.name: tuple(t.dims) for t in original.graph.initializer}
     shapes_p = {t.name: tuple(t.dims) for t in pruned.graph.initializer}
     nodes_p = {n.name: n for n in _walk(pruned.graph) if n.name}
+    producer = {o: n for n in _walk(original.graph) for o in n.output if o}
+
+    def weights(name, depth=0) -> set:
+        if name in shapes_o:
+            return {name}
+        node = producer.get(name)
+        if node is None or depth > 8 or not node.input:
+            return set()
+        found = [weights(i, depth + 1) for i in node.input if i]
+        return set().union(*found) if all(found) else set()   # computed from initializers only
+
+    def changed(n) -> bool:
+        if any(shapes_o[w] != shapes_p.get(w, shapes_o[w]) for x in n.input for w in weights(x)):
+            return True
+        m = nodes_p.get(n.name)
+        attrs = lambda node: {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute  # noqa: E731
+                              if a.type not in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)}
+        if m is not None and attrs(n) != attrs(m):
+            return True
+        inner = [b for a in n.attribute for b in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs))]
+        return any(changed(x) for b in inner for x in _walk(b))
+
     out: dict = {}
     for n in _walk(original.graph):
         fams = _family_of(n)
         if not fams:
             continue
-        changed = any(x in shapes_o and x in shapes_p and shapes_o[x] != shapes_p[x] for x in n.input)
-        m = nodes_p.get(n.name)
-        if m is not None and not changed:
-            attrs = lambda node: {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute  # noqa: E731
-                                  if a.type != onnx.AttributeProto.GRAPH}
-            changed = attrs(n) != attrs(m)
+        was = changed(n)
         for f in fams:
             row = out.setdefault(f, {"nodes": 0, "changed": 0})
             row["nodes"] += 1
-            row["changed"] += int(changed)
+            row["changed"] += int(was)
     return out
 
 
@@ -697,6 +718,9 @@ def render_markdown(results: list[dict], meta: dict) -> str:
              f"machine: {meta.get('machine', '?')}")
     if meta.get("versions"):
         L.append(f"- {meta['versions']}")
+    for r in meta.get("reruns", []):
+        L.append(f"- rerun since: {', '.join(r['models'])} at spa `{r['spa_rev']}`; run {r['started']}; "
+                 f"machine: {r['machine']}")
     L.append("- status (per ratio where they differ; counted as the worst failure, else pruned if any ratio "
              "pruned): **pruned** = channels removed, oracle passes, valid output; **no-op** = ran, removed "
              "nothing; **refused** = spa declined with an error; **crash** = any other "
@@ -820,9 +844,10 @@ def main(argv: list[str] | None = None) -> int:
     results = [old[n] for n in all_models() if n in old]
     if not args.models:
         meta["wall_min"] = round((time.perf_counter() - t_start) / 60, 1)
-    elif meta_path.exists():
-        meta["wall_min"] = json.loads(meta_path.read_text()).get("wall_min", "?")
-        meta["command"] = json.loads(meta_path.read_text()).get("command", meta["command"])
+    elif meta_path.exists():   # a subset: the full run's header stays, the subset is listed under it
+        full = json.loads(meta_path.read_text())
+        rerun = {"models": names, **{k: meta[k] for k in ("spa_rev", "started", "machine")}}
+        meta = {**full, "reruns": [r for r in full.get("reruns", []) if set(r["models"]) - set(names)] + [rerun]}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text("".join(json.dumps(e, default=str) + "\n" for e in results))
     meta_path.write_text(json.dumps(meta, indent=1))

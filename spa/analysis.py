@@ -18,6 +18,7 @@ from .graph.groups import Group, find_groups
 from .interop import from_graphsurgeon, is_graphsurgeon_graph
 from .loading.model import normalize, opset_of, read
 from .loading.probe import infer_shapes
+from .loading.scopes import all_nodes
 from .loading.shapes import Shapes
 
 __all__ = ["Analysis", "Loaded", "analyze"]
@@ -96,7 +97,7 @@ class Analysis:
         for whole, factors, node in dep.couplings.product:
             for f in factors:
                 graph.add_edge(sid(whole), sid(f), coupling="product", node=node)
-        nodes = {n.name or f"{n.op_type}_{i}": n for i, n in enumerate(self.model.graph.node)}
+        nodes = {n.name or f"{n.op_type}_{i}": n for i, n in enumerate(all_nodes(self.model.graph))}
         for name, k, axis in dep.couplings.contractions:   # input k of the node is summed over
             node = nodes.get(name)
             space = (node.input[k], axis) if node is not None and k < len(node.input) else None
@@ -182,7 +183,7 @@ def _constants(model: onnx.ModelProto) -> set[str]:
     """Tensors known before running: initializers and outputs of nodes that read only them
     (a dequantized or transposed weight)."""
     known = {t.name for t in model.graph.initializer} | {""}
-    for node in model.graph.node:      # topologically sorted
+    for node in all_nodes(model.graph):      # topologically sorted, bodies after their node
         if node.op_type == "Constant" or all(i in known for i in node.input) and node.input:
             known.update(node.output)
     known.discard("")
@@ -198,7 +199,7 @@ def _producer_axes(model: onnx.ModelProto) -> dict:
     """(weight, axis) -> the node whose output channels that axis of the weight makes."""
     inits = {t.name: len(t.dims) for t in model.graph.initializer}
     out = {}
-    for node in model.graph.node:
+    for node in all_nodes(model.graph):
         k, axis = _OUTPUT_AXIS.get(node.op_type, (None, None))
         if node.op_type == "Gemm":
             k, axis = 1, 0 if any(a.name == "transB" and a.i for a in node.attribute) else 1

@@ -264,11 +264,11 @@ def test_fixed_reason_is_a_mapping_of_roots():
 def test_numpy_union_find_matches_a_plain_one(seed, monkeypatch):
     """Batched unions (chains, stars, repeats, small chunks) give the same classes and the
     same fixed atoms as one-at-a-time union-find."""
-    import spa.graph.dependency as dependency
-    monkeypatch.setattr(dependency, "_CHUNK", 7)
+    import spa.graph.unionfind as unionfind
+    monkeypatch.setattr(unionfind, "_CHUNK", 7)
     rng = np.random.default_rng(seed)
     n = 300
-    uf = dependency._UnionFind(n)
+    uf = unionfind._UnionFind(n)
     parent = list(range(n))
 
     def find(a):
@@ -291,7 +291,7 @@ def test_numpy_union_find_matches_a_plain_one(seed, monkeypatch):
     root = uf.roots()
     assert root.tolist() == [find(a) for a in range(n)]
     fixed_roots = {find(a) for a in fixed}
-    assert [bool(uf.reason[r] != dependency.NO_REASON) for r in root] == [find(a) in fixed_roots for a in range(n)]
+    assert [bool(uf.reason[r] != unionfind.NO_REASON) for r in root] == [find(a) in fixed_roots for a in range(n)]
 
 
 def test_long_1d_tensors_skip_onnx_data_propagation(monkeypatch):

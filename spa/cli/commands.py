@@ -18,6 +18,7 @@ from ..plan.landing import TOLERANCE as LANDING_TOLERANCE
 from ..loading.data_files import accuracy, calibration_data, eval_data as read_eval
 from ..loading.files import atomic_write
 from ..loading.model import normalize, output_paths
+from ..loading.scopes import all_nodes
 from .args import (add_pruning_options, latency_arg, positive_arg, pruning_options, ratio_arg, read_checked,
                    share_arg)
 from ..progress import StageProgress
@@ -235,7 +236,9 @@ def cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps(summary, indent=1))
         return 0
-    print(f"{args.model}: {len(a.model.graph.node)} nodes, {len(a.groups)} prunable groups, "
+    inside = sum(1 for _ in all_nodes(a.model.graph)) - len(a.model.graph.node)
+    print(f"{args.model}: {len(a.model.graph.node)} nodes"
+          f"{f' (and {inside} inside If/Loop/Scan bodies)' if inside else ''}, {len(a.groups)} prunable groups, "
           f"{len(a.blocked)} blocked groups, {len(a.dep.blocked_nodes)} blocked nodes")
     for g in summary["groups"]:
         members = ", ".join(g["members"][:6]) + (", ..." if len(g["members"]) > 6 else "")

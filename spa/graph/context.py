@@ -14,6 +14,7 @@ import onnx
 from onnx import helper
 
 from ..loading.model import tensor_array
+from ..loading.scopes import bodies
 from .fixups import SliceBounds, Sizes, Space
 
 __all__ = ["Space", "NodeContext", "Couplings", "NOT_CHANNEL", "Reason"]
@@ -303,10 +304,11 @@ class NodeContext:
                                            tuple(int(v) for v in ends), tuple(entries), as_attrs))
 
     def fix_all(self, reason: str):
-        for k, name in enumerate(self.node.input):
-            for axis in range(len(self.shape(name) or ())):
-                self.fix(self.space(name, axis), reason)
-        for name in self.node.output:
+        """Every axis the node touches, its bodies' inputs and outputs included (what an If,
+        Loop or Scan would have tied to its own: left free, a body output would shrink
+        while the node's output keeps its size)."""
+        boundary = [vi.name for _, body in bodies(self.node) for vi in list(body.input) + list(body.output)]
+        for name in list(self.node.input) + list(self.node.output) + boundary:
             for axis in range(len(self.shape(name) or ())):
                 self.fix(self.space(name, axis), reason)
 

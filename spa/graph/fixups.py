@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 
 from ..loading.model import tensor_array
+from ..loading.scopes import all_nodes
 
 Space = tuple[str, int]   # one axis of one tensor (or a rule's virtual axis); see context.py
 
@@ -112,13 +113,15 @@ class GraphView:
     producers: dict
     inits: dict
     shapes: object
-    nodes: dict
+    nodes: dict                 # every node by name, those of If/Loop/Scan bodies too
+    main_nodes: tuple = ()      # the names of the main graph's nodes
 
     @classmethod
     def of(cls, model, shapes) -> "GraphView":
         g = model.graph
-        return cls({o: n for n in g.node for o in n.output}, {t.name: t for t in g.initializer},
-                   shapes, {n.name: n for n in g.node})
+        nodes = list(all_nodes(g))   # bodies' nodes too: names are unique in the whole model
+        return cls({o: n for n in nodes for o in n.output}, {t.name: t for t in g.initializer},
+                   shapes, {n.name: n for n in nodes}, tuple(n.name for n in g.node))
 
 
 def resolve(spec: Fixup, view: GraphView, kept: Callable[[Space], np.ndarray | None],

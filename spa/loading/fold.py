@@ -197,6 +197,6 @@ def _drop_unused(model: onnx.ModelProto, chains: list, sources: set[str]):
 
 def _read_names(g: onnx.GraphProto) -> set[str]:
     """Tensors something reads: a node, a graph output, or a subgraph from the outer scope."""
-    from ..graph.dependency import _outer_scope_references
+    from .scopes import bodies, outer_reads
     return ({i for n in g.node for i in n.input} | {o.name for o in g.output}
-            | {name for name, _ in _outer_scope_references(g)})
+            | {name for n in g.node for _, body in bodies(n) for name in outer_reads(body)})

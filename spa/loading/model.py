@@ -3,8 +3,11 @@
 Normalization makes every exporter's graph look alike to the analysis: weights kept in
 Constant nodes become initializers, initializers listed as graph inputs stop being inputs,
 an initializer used by several nodes is copied per use so that unrelated layers that
-happen to share a tensor (all-ones norm weights, say) are not tied together, and initializers
-named as onnxruntime names the ones its optimizer adds are renamed (``ORT_GENERATED``).
+happen to share a tensor (all-ones norm weights, say) are not tied together (but not for
+Slice/Split readers, which cut one weight into pieces), and initializers named as
+onnxruntime names the ones its optimizer adds are renamed (``ORT_GENERATED``). If/Loop/Scan
+bodies get names unique in the whole model and give their weights to the main graph
+(``spa.loading.scopes``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import ModelLoadError, OutputPathError
+from .scopes import all_nodes, body_graphs, hoist_bodies, rename_inputs, tensor_names, walk  # noqa: F401
 from .files import (atomic_files, check_outputs, check_readable, check_side_file, open_regular, pread_into, read_all,
                     read_small)
 
@@ -41,6 +45,9 @@ COPY_MARK = "__use"
 ORT_GENERATED = re.compile(r"(gemm_input_shape|gemm_output_shape|SqueezeAxesInitializer|ConstAsInitializer|"
                            r"squeeze_axes|fused_Split)(_token_\d+)?")
 ORT_RENAMED = "__spa"
+
+# ops that read a part of an initializer: normalize gives them no copy of their own
+_VIEWS = {"Slice", "Split"}
 
 log = logging.getLogger(__name__)
 
@@ -407,21 +414,30 @@ def normalize(model: onnx.ModelProto, copy: bool = True) -> onnx.ModelProto:
         g.input.extend(real_inputs)
         model.ir_version = max(model.ir_version, 4)
 
+    # If/Loop/Scan bodies: names unique in the whole model, weights in the main graph
+    # (``spa.loading.scopes``), so that their nodes are analyzed like the main graph's.
+    if hoist_bodies(model):
+        inits = {t.name: t for t in g.initializer}
+
     _rename_generated(model)
 
-    # Rules, the report and the oracle refer to nodes by name: make names unique.
-    taken_nodes = {n.name for n in g.node if n.name}
+    # Rules, the report and the oracle refer to nodes by name: make names unique (in the
+    # whole model: a body's nodes are analyzed and edited by name too).
+    taken_nodes = {n.name for n in all_nodes(g) if n.name}
     seen: set[str] = set()
-    for i, node in enumerate(g.node):
-        if not node.name or node.name in seen:
-            node.name = unique_name(f"{node.name or node.op_type}__{i}", taken_nodes)
-        seen.add(node.name)
+    for nodes in [g.node, *(b.node for b in body_graphs(g))]:
+        for i, node in enumerate(nodes):
+            if not node.name or node.name in seen:
+                node.name = unique_name(f"{node.name or node.op_type}__{i}", taken_nodes)
+            seen.add(node.name)
 
+    # Slices and Splits of one weight are views of it (an LSTM cell's gates cut from one
+    # matrix, once per code path): they keep reading it, so that its pieces stay one tensor.
     taken = tensor_names(model)
     uses: dict[str, int] = {}
-    for node in g.node:
+    for _, node in walk(g):
         for k, name in enumerate(node.input):
-            if name not in inits:
+            if name not in inits or (k == 0 and node.op_type in _VIEWS and node.domain in ("", "ai.onnx")):
                 continue
             n = uses.get(name, 0)
             uses[name] = n + 1
@@ -450,17 +466,6 @@ def _rename_generated(model: onnx.ModelProto):
     for v in g.value_info:
         v.name = rename.get(v.name, v.name)
     rename_inputs(g, rename)
-
-
-def rename_inputs(g: onnx.GraphProto, rename: dict):
-    """Every node input (in subgraphs too, which read the outer scope) renamed. In place."""
-    for node in g.node:
-        for k, name in enumerate(node.input):
-            if name in rename:
-                node.input[k] = rename[name]
-        for a in node.attribute:
-            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                rename_inputs(sub, rename)
 
 
 def copied_from(name: str) -> str | None:
@@ -500,23 +505,6 @@ def _equal_tensors(a: onnx.TensorProto, b: onnx.TensorProto) -> bool:
     if a.HasField("raw_data") and b.HasField("raw_data"):
         return a.raw_data == b.raw_data
     return bool(np.array_equal(tensor_array(a), tensor_array(b)))
-
-
-def tensor_names(model: onnx.ModelProto) -> set[str]:
-    """Every name a tensor has anywhere in the model, subgraphs included."""
-    names: set[str] = set()
-
-    def visit(g: onnx.GraphProto):
-        names.update(t.name for t in g.initializer)
-        names.update(v.name for v in list(g.input) + list(g.output) + list(g.value_info))
-        for node in g.node:
-            names.update(node.input)
-            names.update(node.output)
-            for a in node.attribute:
-                for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                    visit(sub)
-    visit(model.graph)
-    return names
 
 
 def unique_name(base: str, taken: set[str]) -> str:

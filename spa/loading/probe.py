@@ -25,6 +25,8 @@ import numpy as np
 import onnx
 
 from ..errors import InputShapeError
+from .body_shapes import fill_body_shapes
+from .model import opset_of
 from .shapes import (MAX_INPUT_VALUES, Shapes, _check_input_size, _fixed_input_shapes, _infer_at, compared_values,
                      graph_inputs, is_open, random_inputs, too_large)
 
@@ -358,5 +360,8 @@ def infer_shapes(model: onnx.ModelProto, overrides: dict | None = None,
     """Static shapes for every tensor, from ONNX shape inference, completed by one
     onnxruntime run (random inputs) for whatever inference left symbolic or unknown. Input
     dims ``overrides`` leave symbolic get probe sizes (``spa.loading.probe``; ``Shapes.probe`` says which)."""
-    return choose_probe(model, _fixed_input_shapes(model, overrides or {}),
-                        lambda input_shapes: _infer_at(model, input_shapes, want_values))
+    shapes = choose_probe(model, _fixed_input_shapes(model, overrides or {}),
+                          lambda input_shapes: _infer_at(model, input_shapes, want_values))
+    fill_body_shapes(model, shapes, lambda sub, input_shapes: _infer_at(sub, input_shapes, want_values)[0],
+                     opset_of(model))
+    return shapes

@@ -14,9 +14,11 @@ from onnx import helper
 
 from ..errors import InputShapeError, UnsupportedModelError
 from .model import _constant_value, _weightless, materialized, tensor_array
+from .scopes import all_nodes, bodies, outer_reads
 
 __all__ = ["Shapes", "infer_skeleton", "parse_input_shapes", "random_inputs", "graph_inputs",
-           "is_open", "too_large", "compared_values", "SIZE_INPUTS", "MAX_INPUT_VALUES", "DATA_PROP_MAX"]
+           "is_open", "too_large", "compared_values", "branch_values", "SIZE_INPUTS", "MAX_INPUT_VALUES",
+           "DATA_PROP_MAX"]
 
 log = logging.getLogger(__name__)
 
@@ -132,34 +134,87 @@ def random_inputs(model: onnx.ModelProto, input_shapes: dict, rng: np.random.Gen
 
 
 _COMPARISONS = {"Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual"}
+_SAME_VALUE = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Gather", "Expand"}  # of a scalar
 _INT_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
               onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64}
 
 
-def compared_values(model: onnx.ModelProto) -> dict[str, int]:
-    """Integer scalar inputs that the main graph compares with a constant, and the first such
-    constant: a sample rate read as ``If(sr == 16000)`` is fed 16000, which selects a branch
-    the model was built for, where a small random integer selects the other one (or none that
-    runs). Only scalars: comparing token ids with a pad id must not make every id the pad."""
+def _comparisons(model: onnx.ModelProto) -> list[tuple[str, str, int, bool]]:
+    """(input, op, constant, input on the left) for every comparison of an integer scalar
+    graph input with a constant, in the main graph or any If/Loop/Scan body."""
     scalars = {vi.name for vi in graph_inputs(model)
                if vi.type.tensor_type.elem_type in _INT_TYPES and vi.type.tensor_type.HasField("shape")
                and all(d.HasField("dim_value") and d.dim_value == 1 for d in vi.type.tensor_type.shape.dim)}
-    pairs = [(n.input[i], n.input[1 - i]) for n in model.graph.node if n.op_type in _COMPARISONS
-             and len(n.input) == 2 for i in (0, 1) if n.input[i] in scalars] if scalars else []
+    if not scalars:
+        return []
+    nodes = list(all_nodes(model.graph))
+    producers = {o: n for n in nodes for o in n.output if o}
+
+    def source(name: str) -> str:
+        """The input a value is read from through ops that keep its value (sr reshaped to [1]
+        and gathered back to a scalar, as the dynamo exporter writes ``sr == 16000``)."""
+        for _ in range(8):
+            node = producers.get(name)
+            if node is None or node.op_type not in _SAME_VALUE or not node.input:
+                break
+            name = node.input[0]
+        return name
+
+    pairs = [(n.op_type, source(n.input[i]), n.input[1 - i], i == 0) for n in nodes if n.op_type in _COMPARISONS
+             and len(n.input) == 2 for i in (0, 1) if source(n.input[i]) in scalars]
     if not pairs:
-        return {}
-    consts = {t.name: t for t in model.graph.initializer if t.name in {c for _, c in pairs}}
-    nodes = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant" and n.output}
-    out: dict[str, int] = {}
-    for name, other in pairs:
+        return []
+    consts = {t.name: t for t in model.graph.initializer if t.name in {c for _, _, c, _ in pairs}}
+    constant_nodes = {n.output[0]: n for n in nodes if n.op_type == "Constant" and n.output}
+    out = []
+    for op, name, other, left in pairs:
         if other in consts and math.prod(consts[other].dims) == 1:
             value = tensor_array(consts[other])
-        elif other in nodes:
-            value = _constant_value(nodes[other])
+        elif other in constant_nodes:
+            value = _constant_value(constant_nodes[other])
         else:
             continue
         if value is not None and np.size(value) == 1 and np.asarray(value).dtype.kind in "iu":
-            out.setdefault(name, int(np.asarray(value).reshape(())))
+            out.append((name, op, int(np.asarray(value).reshape(())), left))
+    return out
+
+
+def compared_values(model: onnx.ModelProto) -> dict[str, int]:
+    """Integer scalar inputs that the graph (or a body in it) compares with a constant, and
+    the first such constant: a sample rate read as ``If(sr == 16000)`` is fed 16000, which
+    selects a branch the model was built for, where a small random integer selects the other
+    one (or none that runs). Only scalars: comparing token ids with a pad id must not make
+    every id the pad."""
+    out: dict[str, int] = {}
+    for name, _, value, _ in _comparisons(model):
+        out.setdefault(name, value)
+    return out
+
+
+# op -> (value making ``x op c`` true, value making it false), as offsets from c (x on the left)
+_SIDES = {"Equal": (0, 1), "Greater": (1, 0), "GreaterOrEqual": (0, -1), "Less": (-1, 0), "LessOrEqual": (0, 1)}
+
+
+def branch_values(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """For each integer scalar input the graph compares with constants (``compared_values``),
+    values that put it on both sides of every such comparison, the one ``random_inputs``
+    feeds first: for ``sr == 16000``, 16000 and 16001. Fed one input at a time, they make
+    every If whose condition is such a comparison run each of its branches (the oracle
+    checks them all). An Equal's other side is the next value no Equal compares with."""
+    comparisons = _comparisons(model)
+    equal = {(n, c) for n, op, c, _ in comparisons if op == "Equal"}
+    dtypes = {vi.name: helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type) for vi in graph_inputs(model)}
+    out: dict[str, list[int]] = {}
+    for name, op, c, left in comparisons:
+        values = out.setdefault(name, [])
+        sides = _SIDES[op] if left or op == "Equal" else tuple(-d for d in _SIDES[op])
+        for d in sides:
+            v = c + d
+            while op == "Equal" and d and (name, v) in equal:
+                v += 1
+            info = np.iinfo(dtypes[name])
+            if info.min <= v <= info.max and v not in values:
+                values.append(v)
     return out
 
 
@@ -221,6 +276,10 @@ def _infer_at(model: onnx.ModelProto, input_shapes: dict, want_values: bool) -> 
             for k in SIZE_INPUTS.get(node.op_type, ()):
                 if k < len(node.input) and node.input[k] and node.input[k] not in out.value:
                     wanted.append(node.input[k])
+    # what bodies read from this graph: their standalone runs need its sizes and values
+    produced_here = set(produced)
+    wanted.extend(sorted({name for node in g.node for _, body in bodies(node) for name in outer_reads(body)
+                          if name in produced_here and name not in out.value}))
     fetch = sorted((set(missing) | set(wanted)) - set(out.input_shapes))  # inputs are data, not sizes
     if fetch:
         _fill_from_onnxruntime(model, out, fetch)

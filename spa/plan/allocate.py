@@ -29,7 +29,8 @@ import onnx
 from ..graph.dependency import Dependency
 from ..graph.groups import Group
 from ..loading.model import copies_of_equal
-from ..verify.metrics import WEIGHT_TYPES, mac_terms
+from ..loading.scopes import all_nodes
+from ..verify.metrics import WEIGHT_TYPES, mac_terms, weighted_nodes
 from .landing import finer_level, floor_value, land, steps_at, unit_ladder
 from .planner import round_unit
 from ..progress import steps as counted, track
@@ -58,8 +59,8 @@ class ResourceModel:
         self.sizes = np.array([g.size for g in groups], dtype=np.float64)
         terms: list[tuple[float, list]] = []
         if kind == "macs":
-            for node in model.graph.node:   # a node may be several terms (an LSTM's W and R)
-                terms += [(float(base), spaces) for base, spaces in mac_terms(node, shapes)]
+            for node, runs in weighted_nodes(model, shapes):   # a node may be several terms (an LSTM's W and R)
+                terms += [(float(base) * runs, spaces) for base, spaces in mac_terms(node, shapes)]
         else:
             # a reader's copy that no group cuts stays its original's tensor (rewrite rejoins
             # it): a tied embedding counts once, as in the report (SmolLM2 at params 0.8 kept
@@ -123,7 +124,7 @@ def _bias_slots(model: onnx.ModelProto) -> list[tuple[float, list]]:
     channels, on its weight's output axis (where ``spa.score.obspa`` may add a bias)."""
     inits = {t.name: t for t in model.graph.initializer}
     out = []
-    for node in model.graph.node:
+    for node in all_nodes(model.graph):
         if node.op_type not in ("Conv", "Gemm") or (len(node.input) > 2 and node.input[2]):
             continue
         w = inits.get(node.input[1]) if len(node.input) > 1 else None

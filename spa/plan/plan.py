@@ -23,6 +23,7 @@ from ..graph.dependency import Dependency
 from ..graph.fixups import Edit, GraphView, SetInput, Space, resolve
 from ..graph.groups import Group
 from ..loading.model import tensor_names, unique_name
+from ..loading.scopes import all_nodes
 
 __all__ = ["Choice", "NewBias", "Plan", "PlanError", "make_plan", "removed_atoms"]
 
@@ -114,7 +115,7 @@ class Plan:
         for name, value in self.updates.items():
             if name not in inits or tuple(inits[name].dims) != value.shape:
                 raise PlanError(f"plan updates {name!r}, which is not an initializer of that shape")
-        nodes = {n.name: n for n in model.graph.node}
+        nodes = {n.name: n for n in all_nodes(model.graph)}
         for b in self.new_biases:
             if b.node not in nodes or b.value.shape != (self.sizes.get(b.space, len(b.value)),):
                 raise PlanError(f"plan adds a bias to {b.node!r} that does not fit it")
@@ -201,7 +202,7 @@ def _new_biases(model: onnx.ModelProto, new_biases: dict, kept: dict, sizes: dic
     join ``kept`` and ``sizes``."""
     out = []
     taken = tensor_names(model) if new_biases else set()
-    nodes = {n.name: n for n in model.graph.node}
+    nodes = {n.name: n for n in all_nodes(model.graph)}
     for node, value in new_biases.items():
         space = (nodes[node].output[0], 1)
         out.append(NewBias(node, unique_name(f"{node}__spa_bias", taken), np.asarray(value), space))

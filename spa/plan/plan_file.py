@@ -35,10 +35,12 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 from onnx import helper
 
 from ..errors import PlanFileError, SpaError
 from ..loading.model import copied_from, tensor_array
+from ..loading.scopes import all_nodes
 from .plan_check import Limits, check_document, shown
 
 __all__ = ["FORMAT", "VERSION", "fingerprint", "plan_document", "write_plan", "read_plan"]
@@ -82,7 +84,9 @@ def _composed_kept(plans, names: set[str]) -> dict:
 
 
 def _attrs(node) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    """A node's attributes but its bodies (an If's branches: their nodes are listed on their own)."""
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute
+            if a.type not in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)}
 
 
 def _jsonable(v):
@@ -99,7 +103,7 @@ def _shape_only(model) -> set[str]:
     """Initializers every reader of which reads only the shape or type (Shape, Size, the
     second input of CastLike): nothing of their values reaches the outputs."""
     real = set()
-    for n in model.graph.node:
+    for n in all_nodes(model.graph):
         for k, i in enumerate(n.input):
             if not (n.op_type in ("Shape", "Size") or (n.op_type == "CastLike" and k == 1)):
                 real.add(i)
@@ -181,7 +185,7 @@ def plan_document(result) -> tuple[dict, dict[str, np.ndarray]]:
         tensors[name] = entry
     source_name = _fold_copies(tensors, o_inits, arrays, shape_only)
     readers: dict = {}
-    for n in pruned.graph.node:
+    for n in all_nodes(pruned.graph):
         for k, i in enumerate(n.input):
             readers.setdefault(i, []).append([n.name, k])
     added = {}
@@ -189,9 +193,9 @@ def plan_document(result) -> tuple[dict, dict[str, np.ndarray]]:
         if name not in o_inits:
             arrays[f"added/{name}"] = tensor_array(p)
             added[name] = {"shape": list(p.dims), "value": f"added/{name}", "readers": readers.get(name, [])}
-    o_nodes = {n.name: n for n in original.graph.node}
+    o_nodes = {n.name: n for n in all_nodes(original.graph)}
     nodes = {}
-    for n in pruned.graph.node:
+    for n in all_nodes(pruned.graph):
         o = o_nodes.get(n.name)
         if o is None:
             continue

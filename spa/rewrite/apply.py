@@ -13,6 +13,7 @@ from onnx import helper, numpy_helper
 
 from ..graph.fixups import DropAttr, SetAttr, SetInput
 from ..loading.model import copy_fields, rejoin_copies, tensor_array, tensor_names, unique_name
+from ..loading.scopes import all_nodes, body_graphs, value_infos
 from ..plan.plan import Plan
 
 __all__ = ["rewrite", "apply_updates", "apply_edits"]
@@ -37,7 +38,24 @@ def rewrite(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
         pruned.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w), t.name))
     _add_biases(pruned, plan, sliced=True)
     apply_edits(pruned, plan.edits)
+    _resize_bodies(pruned, plan)
     return rejoin_copies(pruned)
+
+
+def _resize_bodies(model: onnx.ModelProto, plan: Plan):
+    """The shapes If/Loop/Scan bodies declare for their inputs, outputs and values, at the
+    pruned sizes (the main graph's value_info is dropped instead; its inputs and outputs
+    never shrink). In place."""
+    if not plan.kept:
+        return
+    for body in body_graphs(model.graph):
+        for vi in value_infos(body):
+            if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+                continue
+            for axis, d in enumerate(vi.type.tensor_type.shape.dim):
+                kept = plan.kept.get((vi.name, axis))
+                if kept is not None and d.HasField("dim_value"):
+                    d.dim_value = len(kept)
 
 
 def apply_updates(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
@@ -55,7 +73,7 @@ def apply_updates(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
 
 
 def _add_biases(model: onnx.ModelProto, plan: Plan, sliced: bool):
-    nodes = {n.name: n for n in model.graph.node}
+    nodes = {n.name: n for n in all_nodes(model.graph)}
     for b in plan.new_biases:
         value = b.value
         kept = plan.kept_of(b.space)
@@ -70,10 +88,10 @@ def _add_biases(model: onnx.ModelProto, plan: Plan, sliced: bool):
 
 def apply_edits(model: onnx.ModelProto, edits):
     """Set attributes and constant inputs as the edits say (in place)."""
-    nodes = {n.name: n for n in model.graph.node}
+    nodes = {n.name: n for n in all_nodes(model.graph)}
     inits = {t.name: t for t in model.graph.initializer}
     readers: dict[str, int] = {}
-    for n in model.graph.node:
+    for n in all_nodes(model.graph):
         for i in n.input:
             readers[i] = readers.get(i, 0) + 1
     taken = None

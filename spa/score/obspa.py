@@ -121,6 +121,9 @@ def data_aware_plan(model: onnx.ModelProto, dep: Dependency, groups: list[Group]
     removed_by_merge: set[str] = set()
     if criterion == "obspa" and keep_choice:
         plan.removals = [np.asarray(c, dtype=np.int64) for c in chosen]
+        for g in groups:
+            if not any((spec.data, axis_of[name]) in set(g.spaces) for name, spec in used.items()):
+                plan.notes[g.id] = _without_consumers(dep, g)
         if compensation in WEIGHT_ONLY:
             removed_by_merge = set(_merge(plan, model, dep, groups, used, axis_of, inits, compensation))
     parts = _parts(groups, used, axis_of, inits)
@@ -225,6 +228,19 @@ def _consumers_of(model, dep: Dependency, groups: list[Group], inits: dict):
     return {name: spec for name, spec in used.items() if name not in too_wide}, axis_of, too_wide
 
 
+def _without_consumers(dep: Dependency, group: Group) -> str:
+    """Why a group has no layer statistics, as its note: none of its layers reads it with a
+    weight, or they all sit inside If/Loop/Scan bodies (onnxruntime fetches no tensor there)."""
+    main = set(dep.view.main_nodes) if dep.view is not None else set()
+    spaces = set(group.spaces)
+    inside = dep.view is not None and any(
+        name not in main and name in dep.view.nodes and k < len(dep.view.nodes[name].input)
+        and (dep.view.nodes[name].input[k], axis) in spaces for name, k, axis in dep.couplings.contractions)
+    if inside:
+        return "its layers are inside an If/Loop/Scan body, where no statistics are collected: chosen by l1"
+    return "no layer with weights reads this group: chosen by l1"
+
+
 def _choose(plan: DataPlan, criterion, dep, groups, n_remove, chosen, used, axis_of, stats, inits, damping,
             part: list[int]):
     """Set the removals and scores of the groups in ``part`` (indices). A consumer's weights
@@ -282,6 +298,9 @@ def _choose_group(plan: DataPlan, criterion, dep, g: Group, gi: int, k: int, cho
             dead = dead[1:]                      # keep one channel
         plan.removals[gi], plan.scores[gi] = dead, alive.astype(float)
         dead_rates[g.id] = float(len(dead) / g.size)
+    elif criterion in ("activation", "obspa") and not mine:
+        plan.notes[g.id] = _without_consumers(dep, g)
+        plan.removals[gi] = None
     elif criterion == "activation":
         score = np.zeros(g.size)
         for name in mine:
@@ -293,9 +312,6 @@ def _choose_group(plan: DataPlan, criterion, dep, g: Group, gi: int, k: int, cho
         plan.removals[gi], plan.scores[gi] = np.sort(np.argsort(score, kind="stable")[:k]), score
     elif criterion != "obspa":
         plan.removals[gi] = chosen[gi]
-    elif not mine:
-        plan.notes[g.id] = "no layer with weights reads this group: chosen by l1"
-        plan.removals[gi] = None
     else:
         group_consumers = []
         for name in mine:
@@ -435,7 +451,7 @@ def _obspa_sequential(model, dep, groups, n_remove, used, axis_of, batches, damp
         g, k = groups[gi], n_remove[gi]
         mine = [name for name in used if (used[name].data, axis_of[name]) in set(g.spaces)]
         if not mine:
-            plan.notes[g.id] = "no layer with weights reads this group: chosen by l1"
+            plan.notes[g.id] = _without_consumers(dep, g)
             continue
         if not k:
             removals[gi] = np.array([], np.int64)

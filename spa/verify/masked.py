@@ -13,6 +13,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..loading.model import tensor_names, unique_name
+from ..loading.scopes import body_graphs
 from ..plan.plan import Plan
 from ..rewrite.apply import apply_updates
 
@@ -25,17 +26,22 @@ def _insert_before(model: onnx.ModelProto, at: dict, insert):
     the result) computing a replacement for that input, placed just before the node, which
     then reads it instead. In place."""
     taken = tensor_names(model)
-    new_nodes = []
-    for node in model.graph.node:
-        for entry in at.get(node.name, ()):
-            made = insert(node, entry, taken)
-            if made is not None:
-                made = made if isinstance(made, list) else [made]
-                new_nodes.extend(made)
-                node.input[entry[0]] = made[-1].output[0]
-        new_nodes.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(new_nodes)
+    # a body's nodes in their body, inner bodies first: rebuilding a graph's node list copies
+    # its nodes, so a body read before its enclosing graph was rebuilt would be a stale copy
+    for graph in reversed([model.graph, *body_graphs(model.graph)]):
+        if not any(node.name in at for node in graph.node):
+            continue
+        new_nodes = []
+        for node in graph.node:
+            for entry in at.get(node.name, ()):
+                made = insert(node, entry, taken)
+                if made is not None:
+                    made = made if isinstance(made, list) else [made]
+                    new_nodes.extend(made)
+                    node.input[entry[0]] = made[-1].output[0]
+            new_nodes.append(node)
+        del graph.node[:]
+        graph.node.extend(new_nodes)
 
 
 def _by_node(contractions) -> dict:

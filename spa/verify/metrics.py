@@ -15,9 +15,10 @@ import numpy as np
 import onnx
 
 from ..graph.rules.einsum import parse_equation
-from ..loading.model import copies_of_equal
+from ..loading.model import copies_of_equal, tensor_array
+from ..loading.scopes import bodies
 
-__all__ = ["count_params", "count_macs", "node_macs", "mac_terms", "WEIGHT_TYPES"]
+__all__ = ["count_params", "count_macs", "node_macs", "mac_terms", "weighted_nodes", "WEIGHT_TYPES"]
 
 Space = tuple[str, int]
 Term = tuple[int, list[Space]]   # MACs, and the spaces whose kept shares they scale with
@@ -38,8 +39,52 @@ def count_params(model: onnx.ModelProto) -> int:
 def count_macs(model: onnx.ModelProto, shapes) -> int:
     """MACs of Conv, ConvTranspose, Gemm and MatMul (their integer and quantized forms, and the
     packed QKV projection of onnxruntime's fused Attention), LSTM (and DynamicQuantizeLSTM), GRU,
-    RNN and Einsum, from static shapes. Elementwise work (bias adds, activations, gates, peepholes) is not counted."""
-    return sum(node_macs(node, shapes) for node in model.graph.node)
+    RNN and Einsum, from static shapes. Elementwise work (bias adds, activations, gates, peepholes) is not counted.
+    Nodes inside If/Loop/Scan bodies count as ``weighted_nodes`` says."""
+    return int(round(sum(w * node_macs(node, shapes) for node, w in weighted_nodes(model, shapes))))
+
+
+def weighted_nodes(model: onnx.ModelProto, shapes):
+    """Every node with how many times it runs per run of the model, as far as shapes tell: 1
+    in the main graph; an If's branches share their node's count (the mean of the branches:
+    Silero VAD's 16 and 8 kHz networks, or two writings of one LSTM chosen by a size, count
+    as one); a Scan body runs once per step of its scanned axis, a Loop body its trip count
+    where that is a constant (else once)."""
+    def visit(graph, weight):
+        for node in graph.node:
+            yield node, weight
+            inner = bodies(node)
+            if not inner:
+                continue
+            if node.op_type == "If":
+                each = weight / len(inner)
+            elif node.op_type == "Scan":
+                each = weight * _scan_steps(node, shapes)
+            elif node.op_type == "Loop":
+                each = weight * _trips(node, shapes, inits)
+            else:
+                each = weight
+            for _, body in inner:
+                yield from visit(body, each)
+    inits = {t.name: t for t in model.graph.initializer}
+    yield from visit(model.graph, 1.0)
+
+
+def _scan_steps(node: onnx.NodeProto, shapes) -> int:
+    m = next((a.i for a in node.attribute if a.name == "num_scan_inputs"), 0)
+    axes = next((list(a.ints) for a in node.attribute if a.name == "scan_input_axes"), [0] * m)
+    if not m:
+        return 1
+    first = node.input[len(node.input) - m]
+    shape = shapes.shape.get(first)
+    return int(shape[axes[0] % len(shape)]) if shape else 1
+
+
+def _trips(node: onnx.NodeProto, shapes, inits: dict) -> int:
+    name = node.input[0] if node.input else ""
+    value = shapes.value.get(name) if name in shapes.value else (
+        tensor_array(inits[name]) if name in inits else None)
+    return max(int(np.ravel(value)[0]), 0) if value is not None and np.size(value) == 1 else 1
 
 
 def node_macs(node: onnx.NodeProto, shapes) -> int:

@@ -13,17 +13,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from ..errors import UnsupportedModelError, VerificationError
 from .integer_kernels import unsaturated
-from ..graph.rules.elementwise import UNARY
 from ..loading.model import _weightless, tensor_array
 from .masked import mask_contractions, masked_model
+from .tails import fetched_name, pre_activation, readable, with_outputs
 from .rounding import (QDQ_MAX_SHARE, QDQ_MAX_STEPS, QDQ_NOISE_FACTOR, QDQ_SHARE, float_twin, has_qdq,
                        output_steps, rounding_ok, steps_apart)
 from ..runtime import any_session, default_session, session
-from ..loading.shapes import infer_skeleton, random_inputs
+from ..loading.shapes import branch_values, compared_values, infer_skeleton, random_inputs
 
 __all__ = ["masked_model", "mask_contractions", "check_signature", "check_valid", "check_shapes", "oracle",
            "output_error", "OracleResult", "describe", "float_tolerance", "rounding_ok", "output_steps",
@@ -50,12 +49,16 @@ class OracleResult:
     twin: float | None = None
     twin_ok: bool | None = None
     upstream: dict = field(default_factory=dict)
+    branches: dict = field(default_factory=dict)   # input -> the further values it was fed (each If side)
+    branches_skipped: dict = field(default_factory=dict)   # input -> {value: why the masked original failed}
 
     def as_dict(self):
         return {"max_abs_error": self.max_abs, "max_rel_error": self.max_rel, "ok": self.ok,
                 "samples": self.samples, "noise": self.noise, "rounded": self.rounded,
                 "rounded_noise": self.rounded_noise, "twin_max_rel_error": self.twin, "twin_ok": self.twin_ok,
-                "judged_upstream": dict(self.upstream)}
+                "judged_upstream": dict(self.upstream),
+                **({"branch_values": dict(self.branches)} if self.branches else {}),
+                **({"branch_values_skipped": dict(self.branches_skipped)} if self.branches_skipped else {})}
 
     def describe(self) -> str:
         """The numbers for a failure message."""
@@ -79,6 +82,14 @@ def describe(verify: dict) -> str:
         text += f", {v['rounded']} quantized elements off by whole steps"
         if v.get("twin_max_rel_error") is None:
             text += f" where onnxruntime's own kernels flip {v.get('rounded_noise', 0)}"
+    if v.get("branch_values"):
+        text += "; also fed " + ", ".join(f"{name}={'/'.join(str(x) for x in values)}"
+                                          for name, values in v["branch_values"].items())
+        text += " (the other side of the comparisons that choose If branches)"
+    if v.get("branch_values_skipped"):
+        text += "; the original itself fails with " + ", ".join(
+            f"{name}={value} {why.split(':')[0]}" for name, values in v["branch_values_skipped"].items()
+            for value, why in values.items())
     return text
 
 
@@ -254,45 +265,6 @@ def _lazy_runs(model: onnx.ModelProto, optimize: bool):
     return run
 
 
-# Ops an output's elementwise tail may hold (see ``pre_activation``): applied to each element
-# alone, with constants for every other input.
-_TAIL = (set(UNARY) - {"Cast", "CastLike", "Dropout", "IsInf", "IsNaN", "Not", "BitwiseNot"}) | {
-    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "PRelu", "BatchNormalization",
-    "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze"}
-
-
-def pre_activation(model: onnx.ModelProto, output: str) -> tuple[str, tuple] | None:
-    """The tensor that ``output``'s elementwise tail reads (a Sigmoid, a per-channel affine, a
-    Reshape... each with constant other inputs), and the tail as a comparable value (ops,
-    attributes, constants); None where the output has no such tail.
-
-    A tail is where an output's scale stops saying how precisely it was computed: onnxruntime's
-    Sigmoid resolves its outputs to 3e-8 however small they are, so a sigmoid map far in
-    saturation (a text detector pruned by half: every value under 2e-7) differs by whole such
-    steps for a logit rounded 1e-6 differently. The logits it reads keep their scale."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-    values = {t.name: t for t in model.graph.initializer}
-    name, tail = output, []
-    while (node := producer.get(name)) is not None and node.op_type in _TAIL and node.domain in ("", "ai.onnx"):
-        data = [i for i in node.input if i and i not in values]
-        if len(data) != 1 or len(node.output) != 1:
-            break
-        tail.append((node.op_type, tuple(sorted(a.SerializeToString() for a in node.attribute)),
-                     tuple(tensor_array(values[i]).tobytes() + str(values[i].dims).encode() if i in values
-                           else b"" for i in node.input)))
-        name = data[0]
-    return (name, tuple(tail)) if tail else None
-
-
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` that also outputs the tensors ``names``."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    present = {o.name for o in out.graph.output}
-    out.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names if n not in present)
-    return out
-
-
 @dataclass
 class _Pair:
     """The two models the oracle compares and how it runs them. ``steps``: for quantized graphs,
@@ -329,15 +301,15 @@ class _Pair:
 
         def run(feeds):
             if not made:
-                made["names"] = sorted(set(self.upstream().values()))
-                both = [_with_outputs(m, made["names"]) for m in (self.pruned, self.masked)]
+                made["names"] = sorted(set(self.upstream().values()), key=str)
+                both = [with_outputs(m, made["names"]) for m in (self.pruned, self.masked)]
                 made["order"] = [o.name for o in both[0].graph.output]
                 made["runs"] = [_lazy_runs(m, optimize=True) for m in both] if made["names"] else []
             outs = [run(feeds) for run in made["runs"]]
             if not outs or any(o is None for o in outs):
                 return None
             got, want = (dict(zip(made["order"], o)) for o in outs)
-            return {n: (got[n], want[n]) for n in made["names"]}
+            return {n: (got[fetched_name(n)], want[fetched_name(n)]) for n in made["names"]}
 
         return run
 
@@ -404,7 +376,7 @@ def _upstream_agrees(pair: _Pair, sample: _Sample, j: int, rtol: float, atol: fl
         return False
     agrees = _gap(g, w) <= atol + rtol * (float(np.max(np.abs(w))) if w.size else 0.0)
     if agrees:
-        result.upstream[pair.names[j]] = pre
+        result.upstream[pair.names[j]] = readable(pre)
     return agrees
 
 
@@ -530,7 +502,44 @@ def _compare(pair: _Pair, runs: list[dict], samples: int, seed: int, rtol: float
         if i and not result.ok:
             raise VerificationError(f"pruned model differs from the masked original{where} "
                                     f"({result.describe()}): a size fixed for the first probe")
+    for shapes in runs:
+        if result.ok:
+            _other_branches(pair, shapes, rng, variants, rtol, atol, result)
     return result
+
+
+def _other_branches(pair: _Pair, shapes: dict, rng, variants, rtol: float, atol: float, result: OracleResult):
+    """One more sample per further value of each integer scalar input the graph compares with
+    constants (``branch_values``: for ``If(sr == 16000)``, sr=16001 runs the else branch),
+    one input at a time, at ``shapes``. A value the masked original does not run at (Silero
+    VAD's 8 kHz network at the 16 kHz chunk size) is skipped there and said."""
+    defaults = compared_values(pair.masked)
+    for name, values in branch_values(pair.masked).items():
+        for value in values:
+            if value == defaults.get(name):
+                continue
+            feeds = random_inputs(pair.pruned, shapes, rng)
+            feeds[name] = np.full(feeds[name].shape, value, feeds[name].dtype)
+            try:
+                want = pair.run_masked(None, feeds)
+            except Exception as e:   # the model itself does not take this value at these sizes
+                at = ", ".join(f"{k}={list(v)}" for k, v in shapes.items() if len(v))
+                result.branches_skipped.setdefault(name, {})[value] = f"at {at}: {str(e).splitlines()[0][-160:]}"
+                continue
+            try:
+                got = pair.run_pruned(None, feeds)
+            except Exception as e:
+                raise VerificationError(f"onnxruntime fails on the pruned model with {name}={value}, where the "
+                                        f"masked original runs: {str(e).splitlines()[0][:300]}") from None
+            sample = _Sample(feeds, variants)
+            for j, (g, w) in enumerate(zip(got, want)):
+                if g.shape != w.shape:
+                    raise VerificationError(f"pruned output shape {g.shape} differs from {w.shape} with {name}={value}")
+                result.ok &= _judge(pair, sample, j, g, w, rtol, atol, result)
+            if value not in result.branches.setdefault(name, []):
+                result.branches[name].append(value)
+            if not result.ok:
+                return
 
 
 def _non_finite_message(model: onnx.ModelProto) -> str:
