@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import mmap
 import os
 import re
 import weakref
@@ -22,12 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from ..errors import ModelLoadError, OutputPathError
 from .scopes import all_nodes, body_graphs, hoist_bodies, rename_inputs, tensor_names, walk  # noqa: F401
-from .files import (atomic_files, check_outputs, check_readable, check_side_file, open_regular, pread_into, read_all,
-                    read_small)
+from .files import atomic_files, check_outputs, check_readable, check_side_file, read_all, read_small
+from .tensors import (_DATA_FILES, _MAPS, _elements, _external_info, _open_data_file, has_external_data,  # noqa: F401
+                      materialized, release_mapped, tensor_array, tensor_bytes, weight_view)
 
 __all__ = ["load", "read", "normalize", "save", "output_paths", "tensor_array", "weight_view", "tensor_bytes",
            "materialized", "unique_name", "tensor_names", "add_typed_input", "release_mapped"]
@@ -112,19 +112,6 @@ def _check_old_ir(model: onnx.ModelProto, path: Path):
     if loose:
         raise ModelLoadError(f"{path}: invalid ONNX model (IR version {model.ir_version} needs every initializer "
                              f"listed as a graph input; {_short(loose[0])!r} is not)")
-
-
-def _external_info(t: onnx.TensorProto) -> dict:
-    return {e.key: e.value for e in t.external_data}
-
-
-def _elements(t: onnx.TensorProto) -> int:
-    n = 1
-    for d in t.dims:
-        if d < 0:
-            return -1
-        n *= int(d)
-    return n
 
 
 _TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
@@ -240,125 +227,6 @@ def _resolve_external_data(model: onnx.ModelProto, others: list[onnx.TensorProto
         if length <= 4096 or is_other:  # small constants and non-initializers: in memory
             t.CopyFrom(numpy_helper.from_array(tensor_array(t), t.name))
     return sorted(sizes)
-
-
-# Sub-byte types are stored packed: this many values per byte.
-_PACKED = {getattr(onnx.TensorProto, n): per for n, per in
-           (("INT4", 2), ("UINT4", 2), ("FLOAT4E2M1", 2), ("INT2", 4), ("UINT2", 4)) if hasattr(onnx.TensorProto, n)}
-
-
-def tensor_bytes(t: onnx.TensorProto) -> int:
-    n = max(_elements(t), 0)
-    if t.data_type in _PACKED:
-        return -(-n // _PACKED[t.data_type])
-    return n * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-
-
-# External data files by resolved path -> the descriptor opened and checked when the model
-# was read. Tensors are read from it, never by opening the path again: a file swapped for a
-# FIFO, a device or a link after the checks is not what spa reads. Reading the same path again
-# (a new load) replaces the entry.
-_DATA_FILES: dict[str, int] = {}
-
-
-def _open_data_file(resolved: Path, where: str) -> int:
-    """Open and check one external data file; its size."""
-    fd = open_regular(resolved, "external data", ModelLoadError)
-    old = _DATA_FILES.pop(str(resolved), None)
-    _MAPS.pop(str(resolved), None)
-    if old is not None:
-        os.close(old)
-    _DATA_FILES[str(resolved)] = fd
-    return os.fstat(fd).st_size
-
-
-def tensor_array(t: onnx.TensorProto) -> np.ndarray:
-    """An initializer's value; external data is read from its file (only this tensor)."""
-    if t.data_location != onnx.TensorProto.EXTERNAL:
-        return numpy_helper.to_array(t)
-    info = _external_info(t)
-    location = info["location"]
-    fd = _DATA_FILES.get(location)
-    if fd is not None:
-        return _read_tensor(t, fd, location, info)
-    # a model whose reader is gone (or that spa did not read): open, check and close again
-    fd = open_regular(location, "external data", ModelLoadError)
-    try:
-        return _read_tensor(t, fd, location, info)
-    finally:
-        os.close(fd)
-
-
-def weight_view(t: onnx.TensorProto) -> np.ndarray:
-    """An initializer's value, read-only; external data is memory-mapped where it lies rather
-    than read (a session fed it holds no copy: ``spa.runtime``)."""
-    if t.data_location != onnx.TensorProto.EXTERNAL or t.data_type in _PACKED:
-        return tensor_array(t)
-    info = _external_info(t)
-    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
-    offset = int(info.get("offset", 0))
-    mapped = _mapping(info["location"])
-    if mapped is None or offset % dtype.itemsize:
-        return tensor_array(t)
-    count = _elements(t)
-    return np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(tuple(int(d) for d in t.dims))
-
-
-# Read-only maps of the external data files spa read (path -> mmap); arrays viewing one keep it alive.
-_MAPS: dict[str, mmap.mmap] = {}
-
-
-def _mapping(location: str) -> mmap.mmap | None:
-    fd = _DATA_FILES.get(location)
-    if fd is None:
-        return None
-    mapped = _MAPS.get(location)
-    if mapped is None:
-        try:
-            mapped = _MAPS[location] = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-        except (OSError, ValueError):   # an empty file, or one that cannot be mapped: read instead
-            return None
-    return mapped
-
-
-def release_mapped():
-    """Drop the pages of the mapped external data from this process's memory (arrays viewing
-    them read them again from the page cache, or the file): a stage that read every weight
-    does not leave them counted against the next one."""
-    for mapped in _MAPS.values():
-        try:
-            mapped.madvise(mmap.MADV_DONTNEED)
-        except (AttributeError, OSError, ValueError):   # no madvise here, or a closed map
-            pass
-
-
-def _read_tensor(t: onnx.TensorProto, fd: int, location: str, info: dict) -> np.ndarray:
-    dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
-    where, offset = f"{location}: tensor {t.name!r}", int(info.get("offset", 0))
-    if t.data_type in _PACKED:   # several values a byte: let onnx unpack the raw bytes
-        raw = bytearray(tensor_bytes(t))
-        pread_into(fd, memoryview(raw), offset, where, ModelLoadError)
-        return numpy_helper.to_array(onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims,
-                                                      raw_data=bytes(raw)))
-    arr = np.empty(tuple(int(d) for d in t.dims), dtype=dtype)
-    pread_into(fd, memoryview(arr.reshape(-1).view(np.uint8)), offset, where, ModelLoadError)
-    return arr
-
-
-def has_external_data(model: onnx.ModelProto) -> bool:
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-
-
-def materialized(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy with every external tensor read into memory (what onnxruntime needs from bytes)."""
-    if not has_external_data(model):
-        return model
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for t in m.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            t.CopyFrom(numpy_helper.from_array(tensor_array(t), t.name))
-    return m
 
 
 def opset_of(model: onnx.ModelProto) -> int:

@@ -13,7 +13,7 @@ import onnx
 from onnx import helper
 
 from ..errors import InputShapeError, UnsupportedModelError
-from .model import _constant_value, _weightless, materialized, tensor_array
+from .model import _constant_value, _weightless, tensor_array
 from .scopes import all_nodes, bodies, outer_reads
 
 __all__ = ["Shapes", "infer_skeleton", "parse_input_shapes", "random_inputs", "graph_inputs",
