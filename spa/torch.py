@@ -162,11 +162,19 @@ def _match(module, doc, owned, updates: bool) -> tuple[dict, Applied, object]:
     return {**applied.by_name, **applied.by_value, **applied.by_reader, **applied.folded}, applied, folds
 
 
+def _readers(doc) -> dict:
+    """Plan tensor -> [node, input index] of the nodes that read it in the pruned model: a node
+    spa gave a bias of its own (an added tensor) reads its old one no more."""
+    replaced = {node for e in doc["added"].values() for node, k in e["readers"] if k == 2}
+    return {plan: [r for r in e.get("readers", []) if not (r[1] == 2 and r[0] in replaced)]
+            for plan, e in doc["tensors"].items()}
+
+
 def _biases_by_reader(doc, owned, applied, prints):
-    """A plan tensor one node reads as its bias (input 2) is the bias of the layer whose weight
-    that node reads (input 1), where that bias holds its values: the legacy exporter merges
-    equal tensors (the zero biases of fresh layers), spa gives each reader its copy, and OBSPA
-    changes each copy for its own layer."""
+    """A plan tensor one node of the original reads as its bias (input 2) is the bias of the layer
+    whose weight that node reads (input 1), where that bias holds its values: the legacy exporter
+    merges equal tensors (the zero biases of fresh layers), spa gives each reader its copy, and
+    OBSPA changes each copy for its own layer."""
     tensors = doc["tensors"]
     weight_of = {node: plan for plan, e in tensors.items() for node, k in e.get("readers", ()) if k == 1}
     found = {**applied.by_name, **applied.by_value}

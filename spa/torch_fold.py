@@ -30,7 +30,7 @@ import numpy as np
 from .errors import PlanFileError, SpaError
 from .plan.plan_check import shown
 from .plan.plan_file import fingerprint
-from .torch import _MATCH_RTOL, _numpy, _plus
+from .torch import _MATCH_RTOL, _numpy, _plus, _readers
 
 __all__ = ["Fold", "Folds", "NORMS", "norms_after_layers", "find_folds", "plan_axis", "weight_change",
            "shift_bias", "set_bias"]
@@ -185,18 +185,16 @@ def plan_axis(fold: Fold, plan: str, applied) -> int:
 
 
 def _find_biases(doc, applied, folds: Folds):
-    """A folded weight's bias: the plan tensor its one reader reads as input 2."""
-    tensors = doc["tensors"]
-    by_reader = {}
-    for plan, entry in tensors.items():
-        for node, k in entry.get("readers", ()):
-            by_reader[(node, k)] = plan
+    """A folded weight's bias: the plan tensor its one reader reads as input 2 (and no other
+    node: the legacy exporter's Identity of an equal tensor)."""
+    tensors, readers_of = doc["tensors"], _readers(doc)
+    by_reader = {(node, k): plan for plan, readers in readers_of.items() for node, k in readers}
     for plan, fold in folds.weights.items():
-        readers = tensors[plan].get("readers", [])
+        readers = readers_of[plan]
         if len(readers) != 1 or readers[0][1] != 1:
             continue
         bias = by_reader.get((readers[0][0], 2))
-        if bias is None or len(tensors[bias].get("readers", [])) != 1:
+        if bias is None or len(readers_of[bias]) != 1:
             continue
         width = tensors[plan]["shape"][plan_axis(fold, plan, applied)]
         if tensors[bias]["shape"] != [width] or \
