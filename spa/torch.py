@@ -134,9 +134,10 @@ def _match(module, doc, owned, updates: bool) -> tuple[dict, Applied, object]:
             taken.add(hits[0])
         else:
             applied.exporter_only.append(name)
+    from .torch_fold import find_folded_biases, find_folded_weights
+    folds = find_folded_weights(module, doc, applied, prints)
     _biases_by_reader(doc, owned, applied, prints)
-    from .torch_fold import find_folds
-    folds = find_folds(module, doc, applied, prints)
+    find_folded_biases(doc, applied, folds)
     if updates:
         lost = [n for n in applied.folded if doc["tensors"][n].get("delta") and n not in folds.weights]
         lost += [n for n in applied.exporter_only if doc["tensors"][n].get("delta")]
@@ -171,29 +172,41 @@ def _readers(doc) -> dict:
 
 
 def _biases_by_reader(doc, owned, applied, prints):
-    """A plan tensor one node of the original reads as its bias (input 2) is the bias of the layer
-    whose weight that node reads (input 1), where that bias holds its values: the legacy exporter
-    merges equal tensors (the zero biases of fresh layers), spa gives each reader its copy, and
-    OBSPA changes each copy for its own layer."""
+    """A plan tensor that nodes of the original read as their bias (input 2) belongs to the layers
+    whose weights those nodes read (input 1). The legacy exporter merges equal tensors (the zero
+    biases of fresh layers) under the name of one of them, so the readers tell: a tensor one
+    node reads is that layer's bias where it holds its values (spa gave each reader its copy,
+    OBSPA changed each for its layer); one found by name or value whose readers' layers are all
+    known and none of them holds it is let go (that bias follows its own layer)."""
     tensors = doc["tensors"]
     weight_of = {node: plan for plan, e in tensors.items() for node, k in e.get("readers", ()) if k == 1}
     found = {**applied.by_name, **applied.by_value}
-    moves = {}
+
+    def layer_bias(node):
+        weight = found.get(weight_of.get(node), "")
+        return weight[:-len("weight")] + "bias" if weight.endswith("weight") else None
+    moves, strays = {}, []
     for plan, entry in tensors.items():
         readers, fp = entry.get("readers", []), entry.get("fingerprint")
-        if len(readers) != 1 or readers[0][1] != 2 or fp is None:
+        if not readers or fp is None or any(k != 2 for _, k in readers):
             continue
-        weight = found.get(weight_of.get(readers[0][0]), "")
-        bias = weight[:-len("weight")] + "bias" if weight.endswith("weight") else None
+        biases = {layer_bias(node) for node, _ in readers}
+        if plan in found and None not in biases and found[plan] not in biases:
+            strays.append(plan)
+        bias = biases.pop() if len(readers) == 1 else None
         if bias in owned and found.get(plan) != bias and list(owned[bias][2].shape) == entry["shape"] and \
                 _close(fp, prints[bias][0]):
             moves[plan] = bias
-    held = {t: p for p, t in found.items() if p not in moves}
+    held = {t for p, t in found.items() if p not in moves and p not in strays}
     targets = list(moves.values())
+    for plan in strays:
+        applied.by_name.pop(plan, None)
+        applied.by_value.pop(plan, None)
+        applied.exporter_only.append(plan)
     for plan, bias in moves.items():
         if bias not in held and targets.count(bias) == 1:      # else: left as it was found
-            for where in (applied.by_name, applied.by_value):
-                where.pop(plan, None)
+            applied.by_name.pop(plan, None)
+            applied.by_value.pop(plan, None)
             if plan in applied.exporter_only:
                 applied.exporter_only.remove(plan)
             applied.by_reader[plan] = bias

@@ -32,7 +32,7 @@ from .plan.plan_check import shown
 from .plan.plan_file import fingerprint
 from .torch import _MATCH_RTOL, _numpy, _plus, _readers
 
-__all__ = ["Fold", "Folds", "NORMS", "norms_after_layers", "find_folds", "plan_axis", "weight_change",
+__all__ = ["Fold", "Folds", "NORMS", "norms_after_layers", "find_folded_weights", "find_folded_biases", "plan_axis", "weight_change",
            "shift_bias", "set_bias"]
 
 NORMS = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "InstanceNorm1d", "InstanceNorm2d",
@@ -126,11 +126,10 @@ def _weight_name(layer_name: str) -> str:
     return f"{layer_name}.weight" if layer_name else "weight"
 
 
-def find_folds(module, doc, applied, prints) -> Folds:
-    """The plan's tensors that are a layer's weight or bias with its BatchNorm folded in. Moves
-    them in ``applied``: a folded weight stays matched to the layer's weight (found by name, or by
-    its folded values), a folded bias leaves the matches (no module tensor holds it); both go to
-    ``applied.through_bn``."""
+def find_folded_weights(module, doc, applied, prints) -> Folds:
+    """The plan's tensors that are a layer's weight with its BatchNorm folded in: matched to the
+    layer's weight (found by name, or by their folded values, in ``applied.by_value``) and in
+    ``applied.through_bn``. Their biases: :func:`find_folded_biases`."""
     import torch.nn as nn
     tensors = doc["tensors"]
     matched = {**applied.by_name, **applied.by_value, **applied.by_reader, **applied.folded}
@@ -171,11 +170,8 @@ def find_folds(module, doc, applied, prints) -> Folds:
             applied.by_value[plan] = hits[0]
             held.add(hits[0])
             folds.weights[plan] = candidates[hits[0]]
-    _find_biases(doc, applied, folds)
     for plan, fold in folds.weights.items():
         applied.through_bn[plan] = fold.bn
-    for plan, weight in folds.biases.items():
-        applied.through_bn[plan] = folds.weights[weight].bn
     return folds
 
 
@@ -184,9 +180,10 @@ def plan_axis(fold: Fold, plan: str, applied) -> int:
     return 1 - fold.axis if plan in applied.transposed else fold.axis
 
 
-def _find_biases(doc, applied, folds: Folds):
+def find_folded_biases(doc, applied, folds: Folds):
     """A folded weight's bias: the plan tensor its one reader reads as input 2 (and no other
-    node: the legacy exporter's Identity of an equal tensor)."""
+    node: the legacy exporter's Identity of an equal tensor). It leaves the matches (no module
+    tensor holds it) for ``folds.biases`` and ``applied.through_bn``."""
     tensors, readers_of = doc["tensors"], _readers(doc)
     by_reader = {(node, k): plan for plan, readers in readers_of.items() for node, k in readers}
     for plan, fold in folds.weights.items():
@@ -196,9 +193,11 @@ def _find_biases(doc, applied, folds: Folds):
         bias = by_reader.get((readers[0][0], 2))
         if bias is None or len(readers_of[bias]) != 1:
             continue
-        width = tensors[plan]["shape"][plan_axis(fold, plan, applied)]
-        if tensors[bias]["shape"] != [width] or \
-                tensors[bias]["kept"].get("0") != tensors[plan]["kept"].get(str(plan_axis(fold, plan, applied))):
+        width, entry = tensors[plan]["shape"][plan_axis(fold, plan, applied)], tensors[bias]
+        # a zero tensor that several layers read (spa merged their unchanged copies back) keeps
+        # the channels of one of them: zeros, whichever
+        if entry["shape"] != [width] or entry["kept"].get("0") != tensors[plan]["kept"].get(
+                str(plan_axis(fold, plan, applied))) and ("delta" in entry or entry.get("fingerprint", [1])[1] != 0):
             raise PlanFileError(f"plan tensor {shown(bias)}: the bias of {shown(plan)}, which spa found folded with "
                                 f"BatchNorm {fold.bn}, but not of its shape or kept channels")
         for found in (applied.by_name, applied.by_value, applied.by_reader, applied.folded):
@@ -207,6 +206,7 @@ def _find_biases(doc, applied, folds: Folds):
             applied.exporter_only.remove(bias)
         applied.transposed.discard(bias)
         folds.biases[bias] = plan
+        applied.through_bn[bias] = fold.bn
 
 
 def _kept(fold: Fold, entry: dict, axis: int):
