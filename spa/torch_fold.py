@@ -32,8 +32,8 @@ from .plan.plan_check import shown
 from .plan.plan_file import fingerprint
 from .torch import _MATCH_RTOL, _numpy, _plus, _readers
 
-__all__ = ["Fold", "Folds", "NORMS", "norms_after_layers", "find_folded_weights", "find_folded_biases", "plan_axis", "weight_change",
-           "shift_bias", "set_bias"]
+__all__ = ["Fold", "Folds", "NORMS", "norms_after_layers", "find_folded_weights", "find_folded_biases", "plan_axis",
+           "weight_change", "shift_bias", "set_bias"]
 
 NORMS = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "InstanceNorm1d", "InstanceNorm2d",
          "InstanceNorm3d")
