@@ -177,7 +177,8 @@ def _biases_by_reader(doc, owned, applied, prints):
     biases of fresh layers) under the name of one of them, so the readers tell: a tensor one
     node reads is that layer's bias where it holds its values (spa gave each reader its copy,
     OBSPA changed each for its layer); one found by name or value whose readers' layers are all
-    known and none of them holds it is let go (that bias follows its own layer)."""
+    known, and are several or do not hold it, is let go (each bias follows its own layer; a
+    change of it has no one module tensor to go to and is refused)."""
     tensors = doc["tensors"]
     weight_of = {node: plan for plan, e in tensors.items() for node, k in e.get("readers", ()) if k == 1}
     found = {**applied.by_name, **applied.by_value}
@@ -191,7 +192,7 @@ def _biases_by_reader(doc, owned, applied, prints):
         if not readers or fp is None or any(k != 2 for _, k in readers):
             continue
         biases = {layer_bias(node) for node, _ in readers}
-        if plan in found and None not in biases and found[plan] not in biases:
+        if plan in found and None not in biases and (found[plan] not in biases or len(biases) > 1):
             strays.append(plan)
         bias = biases.pop() if len(readers) == 1 else None
         if bias in owned and found.get(plan) != bias and list(owned[bias][2].shape) == entry["shape"] and \
