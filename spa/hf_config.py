@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-from .torch import _qualified
+from .torch_sizes import qualified
 
 __all__ = ["config_proposals", "write_configs"]
 
@@ -59,7 +59,7 @@ def config_proposals(module, staged) -> list:
             attention.update(id(c) for c in m.modules())
             for key, value in sizes.items():
                 if hasattr(cfg, key):
-                    per_layer.setdefault(key, {})[_qualified(name, mname)] = value
+                    per_layer.setdefault(key, {})[qualified(name, mname)] = value
         inter = getattr(cfg, "intermediate_size", None)
         hidden = getattr(cfg, "hidden_size", None)
         if isinstance(inter, int) and inter != hidden:      # equal widths: which Linear is which is unknown
@@ -69,9 +69,9 @@ def config_proposals(module, staged) -> list:
                 out, inp = staged.shape(m, "weight")
                 mname = mname.rpartition(".")[0]     # one entry per MLP, not per projection
                 if m.out_features == inter and m.in_features == hidden:      # up (and gate) projections
-                    per_layer.setdefault("intermediate_size", {})[_qualified(name, mname)] = out
+                    per_layer.setdefault("intermediate_size", {})[qualified(name, mname)] = out
                 elif m.in_features == inter and m.out_features == hidden:    # the down projection
-                    per_layer.setdefault("intermediate_size", {})[_qualified(name, mname)] = inp
+                    per_layer.setdefault("intermediate_size", {})[qualified(name, mname)] = inp
         values, differ = {}, {}
         for key, layers in per_layer.items():
             distinct = set(layers.values())

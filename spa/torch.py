@@ -9,8 +9,8 @@ Tensors are found by name (the dynamo exporter keeps ``state_dict`` names), else
 original values (the legacy exporter's ``onnx::Conv_12``). Where the exporter folded a
 BatchNormalization into the convolution before it, the convolution keeps its name but not its
 values, and the BatchNorm is not in the ONNX model at all: its channels follow the layer
-before it (slicing is exact), but value changes cannot be mapped back; export with
-``torch.onnx.export(..., dynamo=True, optimize=False)`` to keep every tensor as it is.
+before it, and value changes of the folded weight and bias are mapped back through it
+exactly (``spa.torch_fold``; ``Applied.through_bn`` names the BatchNorm of each).
 
 Nothing is assigned before the whole plan has been checked (``spa.plan.plan_check``: types,
 indices, value changes, ties) and every new tensor and size computed and checked against the
@@ -28,6 +28,7 @@ import numpy as np
 from .errors import PlanFileError, SpaError
 from .plan.plan_check import Limits, shown
 from .plan.plan_file import fingerprint, read_plan
+from .torch_sizes import check_chains, check_channels_agree, new_attributes
 
 __all__ = ["apply_plan", "Applied"]
 
@@ -41,8 +42,13 @@ class Applied:
 
     by_name: dict = field(default_factory=dict)
     by_value: dict = field(default_factory=dict)
+    # a node's bias -> the bias of the layer whose weight the node reads (the legacy exporter
+    # merges equal tensors, such as the zero biases of several layers, into one)
+    by_reader: dict = field(default_factory=dict)
     transposed: set = field(default_factory=set)     # plan tensors the exporter stored transposed
     folded: dict = field(default_factory=dict)       # name matched, values changed by the exporter
+    # plan tensors with a BatchNorm folded in (weights, biases, added biases) -> that BatchNorm
+    through_bn: dict = field(default_factory=dict)
     inferred: dict = field(default_factory=dict)     # module tensor -> the layer its channels follow
     exporter_only: list = field(default_factory=list)  # plan tensors the module has no counterpart of
     modules: list = field(default_factory=list)      # modules whose attributes were fixed
@@ -93,8 +99,8 @@ def _tensors(module):
     return out
 
 
-def _match(doc, owned, updates: bool) -> tuple[dict, Applied]:
-    """Plan tensor name -> module tensor name."""
+def _match(module, doc, owned, updates: bool) -> tuple[dict, Applied, object]:
+    """Plan tensor name -> module tensor name, and the plan's tensors with a BatchNorm folded in."""
     applied = Applied()
     prints = _Prints(owned)
     taken: set[str] = set()
@@ -128,14 +134,23 @@ def _match(doc, owned, updates: bool) -> tuple[dict, Applied]:
             taken.add(hits[0])
         else:
             applied.exporter_only.append(name)
+    from .torch_fold import find_folded_biases, find_folded_weights
+    folds = find_folded_weights(module, doc, applied, prints)
+    _biases_by_reader(doc, owned, applied, prints)
+    find_folded_biases(doc, applied, folds)
     if updates:
-        lost = [n for n in applied.folded if doc["tensors"][n].get("delta")]
+        lost = [n for n in applied.folded if doc["tensors"][n].get("delta") and n not in folds.weights]
         lost += [n for n in applied.exporter_only if doc["tensors"][n].get("delta")]
         if lost:
             from .loading.model import copied_from
             why = []
             if any(n in applied.folded for n in lost):
-                why.append("BatchNorm folded into the convs by the exporter: export with dynamo=True, optimize=False")
+                why.append("BatchNorm folded into the convs by the exporter, whose BatchNorm spa did not find right "
+                           "after the conv in the module with the values folded in: export with dynamo=True, "
+                           "optimize=False")
+            if not any("readers" in e for e in doc["tensors"].values()):
+                why.append("a plan from an older spa, which does not say which node reads which tensor (how a "
+                           "folded BatchNorm's bias is found): write it again")
             if any(copied_from(n) for n in lost):
                 why.append("one module tensor read by several layers, which OBSPA changed differently for each "
                            "(no single value to write back)")
@@ -145,7 +160,57 @@ def _match(doc, owned, updates: bool) -> tuple[dict, Applied]:
                            f"exported ({', '.join(map(shown, lost[:3]))}{'...' if len(lost) > 3 else ''}): "
                            f"{'; '.join(why)}; "
                            f"or pass updates=False to apply the slicing alone")
-    return {**applied.by_name, **applied.by_value, **applied.folded}, applied
+    return {**applied.by_name, **applied.by_value, **applied.by_reader, **applied.folded}, applied, folds
+
+
+def _readers(doc) -> dict:
+    """Plan tensor -> [node, input index] of the nodes that read it in the pruned model: a node
+    spa gave a bias of its own (an added tensor) reads its old one no more."""
+    replaced = {node for e in doc["added"].values() for node, k in e["readers"] if k == 2}
+    return {plan: [r for r in e.get("readers", []) if not (r[1] == 2 and r[0] in replaced)]
+            for plan, e in doc["tensors"].items()}
+
+
+def _biases_by_reader(doc, owned, applied, prints):
+    """A plan tensor that nodes of the original read as their bias (input 2) belongs to the layers
+    whose weights those nodes read (input 1). The legacy exporter merges equal tensors (the zero
+    biases of fresh layers) under the name of one of them, so the readers tell: a tensor one
+    node reads is that layer's bias where it holds its values (spa gave each reader its copy,
+    OBSPA changed each for its layer); one found by name or value whose readers' layers are all
+    known, and are several or do not hold it, is let go (each bias follows its own layer; a
+    change of it has no one module tensor to go to and is refused)."""
+    tensors = doc["tensors"]
+    weight_of = {node: plan for plan, e in tensors.items() for node, k in e.get("readers", ()) if k == 1}
+    found = {**applied.by_name, **applied.by_value}
+
+    def layer_bias(node):
+        weight = found.get(weight_of.get(node), "")
+        return weight[:-len("weight")] + "bias" if weight.endswith("weight") else None
+    moves, strays = {}, []
+    for plan, entry in tensors.items():
+        readers, fp = entry.get("readers", []), entry.get("fingerprint")
+        if not readers or fp is None or any(k != 2 for _, k in readers):
+            continue
+        biases = {layer_bias(node) for node, _ in readers}
+        if plan in found and None not in biases and (found[plan] not in biases or len(biases) > 1):
+            strays.append(plan)
+        bias = biases.pop() if len(readers) == 1 else None
+        if bias in owned and found.get(plan) != bias and list(owned[bias][2].shape) == entry["shape"] and \
+                _close(fp, prints[bias][0]):
+            moves[plan] = bias
+    held = {t for p, t in found.items() if p not in moves and p not in strays}
+    targets = list(moves.values())
+    for plan in strays:
+        applied.by_name.pop(plan, None)
+        applied.by_value.pop(plan, None)
+        applied.exporter_only.append(plan)
+    for plan, bias in moves.items():
+        if bias not in held and targets.count(bias) == 1:      # else: left as it was found
+            applied.by_name.pop(plan, None)
+            applied.by_value.pop(plan, None)
+            if plan in applied.exporter_only:
+                applied.exporter_only.remove(plan)
+            applied.by_reader[plan] = bias
 
 
 class _Staged:
@@ -213,6 +278,12 @@ def apply_plan(module, plan, *, updates: bool = True, strict: bool = True) -> Ap
     is malformed or does not fit the module raises :class:`~spa.errors.PlanFileError` (other
     refusals :class:`~spa.errors.SpaError`) before anything of the module changes.
 
+    A BatchNorm the exporter folded into the conv before it (both exporters' defaults in eval
+    mode) takes that conv's channels, and OBSPA's changes of the folded weight and bias are
+    mapped back through it exactly (``spa.torch_fold``); ``Applied.through_bn`` names the
+    BatchNorm of each such plan tensor. A change that cannot be (a filter whose BatchNorm
+    scale γ is 0; a module whose BatchNorm is not the one folded in) is refused.
+
     A Hugging Face model's ``config`` gets the new sizes (``intermediate_size``,
     ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``) where every layer has the
     same, so ``save_pretrained`` / ``from_pretrained`` round-trip; where layers differ, or the
@@ -230,15 +301,16 @@ def apply_plan(module, plan, *, updates: bool = True, strict: bool = True) -> Ap
 
 
 def _stage(module, doc, arrays, owned, updates, strict, staged) -> Applied:
-    mapping, applied = _match(doc, owned, updates)
-    out_kept = _slice(doc, arrays, mapping, owned, applied, updates, staged)
+    mapping, applied, folds = _match(module, doc, owned, updates)
+    out_kept = _slice(doc, arrays, mapping, owned, applied, updates, staged, folds)
     _follow_previous_layer(module, mapping.values(), out_kept, owned, applied, staged)
     if updates:
-        _add_biases(doc, arrays, mapping, owned, staged)
-    _check_channels_agree(module, staged)
-    _new_attributes(module, doc, mapping, applied, staged)     # refuses modules that cannot be fixed
-    _check_chains(module, staged)
-    unexplained = [n for n in applied.exporter_only if not _explained(doc["tensors"][n], applied, out_kept)
+        _shift_folded_biases(doc, arrays, applied, folds, staged)
+        _add_biases(doc, arrays, mapping, owned, applied, folds, staged)
+    check_channels_agree(module, staged)
+    new_attributes(module, doc, mapping, applied, staged)     # refuses modules that cannot be fixed
+    check_chains(module, staged)
+    unexplained = [n for n in applied.exporter_only if not _explained(doc["tensors"][n], out_kept, updates)
                    and not _inert(doc["tensors"][n], updates)]
     if strict and unexplained:
         raise PlanFileError(f"{len(unexplained)} tensor(s) of the plan have no counterpart in the module: "
@@ -254,9 +326,10 @@ def _unmatched(name, doc, owned) -> str:
     return f"{shown(name)} (the plan's is {doc['tensors'][name]['shape']}, the module's {list(owned[name][2].shape)})"
 
 
-def _slice(doc, arrays, mapping, owned, applied, updates, staged) -> dict:
-    """Every matched tensor's new values: its kept slice, plus OBSPA's change. Returns
-    id(module) -> (its original out width, kept indices), for the layers that follow it."""
+def _slice(doc, arrays, mapping, owned, applied, updates, staged, folds) -> dict:
+    """Every matched tensor's new values: its kept slice, plus OBSPA's change (through the
+    BatchNorm folded into it). Returns id(module) -> (its original out width, kept indices),
+    for the layers that follow it."""
     out_kept: dict = {}
     for plan_name, torch_name in mapping.items():
         entry = doc["tensors"][plan_name]
@@ -266,8 +339,13 @@ def _slice(doc, arrays, mapping, owned, applied, updates, staged) -> dict:
         values = values.T if flip else values
         for axis, kept in sorted(entry["kept"].items(), key=lambda kv: int(kv[0])):
             values = np.take(values, np.asarray(kept, dtype=np.int64), axis=int(axis))
-        if updates and entry.get("delta") and plan_name not in applied.folded:
-            values = _plus(values, arrays[entry["delta"]], t, f"plan tensor {shown(plan_name)}")
+        delta = arrays[entry["delta"]] if updates and entry.get("delta") else None
+        if delta is not None and plan_name in folds.weights:
+            from .torch_fold import plan_axis, weight_change
+            fold = folds.weights[plan_name]
+            delta = weight_change(fold, plan_name, entry, delta, plan_axis(fold, plan_name, applied))
+        if delta is not None and (plan_name not in applied.folded or plan_name in folds.weights):
+            values = _plus(values, delta, t, f"plan tensor {shown(plan_name)}")
         kept_axes = {str(1 - int(a)) if flip else a: k for a, k in entry["kept"].items()}
         staged.put(owner, attr, values.T if flip else values, t, kept_axes.get("0"))
         shape = entry["shape"][::-1] if flip else entry["shape"]
@@ -311,276 +389,85 @@ def _inert(entry, updates: bool) -> bool:
     return not entry["kept"] and not (updates and entry.get("delta"))
 
 
-def _explained(entry, applied, out_kept) -> bool:
-    """A 1-D tensor sliced like a layer's output (a BatchNorm folded into the bias)."""
+def _explained(entry, out_kept, updates: bool) -> bool:
+    """A 1-D tensor sliced like a layer's output (a BatchNorm folded into the bias), unchanged
+    or with its change not applied."""
     kept = entry["kept"].get("0")
-    return len(entry["shape"]) == 1 and kept is not None and "delta" not in entry and any(
+    return len(entry["shape"]) == 1 and kept is not None and not (updates and "delta" in entry) and any(
         n == entry["shape"][0] and np.array_equal(k, kept) for n, k in out_kept.values())
-
-
-_NORMS = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "InstanceNorm1d", "InstanceNorm2d",
-          "InstanceNorm3d")
 
 
 def _follow_previous_layer(module, matched, out_kept, owned, applied, staged):
     """Tensors the exporter dropped follow the layer they belong to: a bias it removed
     because it was zero follows its layer's weight; a BatchNorm it folded away keeps the
     channels of the layer registered before it (torchvision's conv, bn pairs), when its
-    width is that layer's."""
+    width is that layer's and no other layer is registered between them."""
+    import torch.nn as nn
+    from .torch_fold import norms_after_layers
     matched = set(matched)
-    previous = None
     for mname, m in module.named_modules():
         if id(m) in out_kept:
-            previous = (mname, m)
             bias = f"{mname}.bias" if mname else "bias"
             width, kept = out_kept[id(m)]
             if bias in owned and bias not in matched and owned[bias][2].shape[0] == width:
                 owner, attr, t = owned[bias]
                 staged.put(owner, attr, np.take(_numpy(t), kept, axis=0), t, kept)
                 applied.inferred[bias] = mname
-            continue
-        if type(m).__name__ not in _NORMS or previous is None:
-            continue
+    layers = (nn.modules.conv._ConvNd, nn.Linear)
+    for mname, m, previous, layer in norms_after_layers(
+            module, lambda m: id(m) in out_kept or isinstance(m, layers)):
         mine = [n for n in owned if n.rsplit(".", 1)[0] == mname and owned[n][0] is m]
-        if any(n in matched for n in mine):
+        if id(layer) not in out_kept or any(n in matched for n in mine):
             continue
-        width, kept = out_kept[id(previous[1])]
+        width, kept = out_kept[id(layer)]
         if getattr(m, "num_features", None) != width:
             continue
         for n in mine:
             owner, attr, t = owned[n]
             if t.dim() >= 1 and t.shape[0] == width:
                 staged.put(owner, attr, np.take(_numpy(t), kept, axis=0), t, kept)
-                applied.inferred[n] = previous[0]
+                applied.inferred[n] = previous
 
 
-def _add_biases(doc, arrays, mapping, owned, staged):
-    """A bias OBSPA added to a bias-free layer becomes that layer's bias (its width is
-    checked with the layer's sizes, in _new_attributes)."""
+def _shift_folded_biases(doc, arrays, applied, folds, staged):
+    """The changes of folded biases go to their BatchNorms' shifts (sliced by now)."""
+    from .torch_fold import plan_axis, shift_bias
+    for bias, weight in folds.biases.items():
+        entry = doc["tensors"][bias]
+        if entry.get("delta"):
+            fold = folds.weights[weight]
+            shift_bias(fold, arrays[entry["delta"]], doc["tensors"][weight], plan_axis(fold, weight, applied),
+                       staged, f"plan tensor {shown(bias)}")
+
+
+def _add_biases(doc, arrays, mapping, owned, applied, folds, staged):
+    """A bias OBSPA gave a node that had none as an initializer is the node's whole new bias. Its
+    layer's bias becomes it (its width is checked with the layer's sizes, in _new_attributes):
+    where the layer has none, has one the exporter dropped (zero), or has the one the node read
+    otherwise (through an Identity); with a BatchNorm folded in, the BatchNorm's shift moves so
+    that the folded bias is it."""
+    from .torch_fold import plan_axis, set_bias
     node_weight = {name: (node.get("weights") or [None])[0] for name, node in doc["nodes"].items()}
+    done = set()
     for name, entry in doc["added"].items():
         for node_name, k in entry["readers"]:
             w = node_weight.get(node_name)
             if k != 2 or w not in mapping:
                 continue
             owner, attr, t = owned[mapping[w]]
-            if attr == "weight" and getattr(owner, "bias", 0) is None:
-                value = arrays[entry["value"]]
-                if value.ndim != 1 or value.dtype.kind != "f" or (id(owner), "bias") in staged.tensors:
-                    raise PlanFileError(f"added tensor {shown(name)}: not one bias of node {shown(node_name)} "
-                                        f"(shape {list(value.shape)}, {value.dtype})")
-                _check_fits(value, t, f"added tensor {shown(name)}")
-                staged.put(owner, "bias", value, t)
-
-
-# tensors of one layer along its output channels: a conv's filters and bias, a norm's scale,
-# shift and statistics
-_CHANNEL_TENSORS = ("weight", "bias", "running_mean", "running_var")
-
-
-def _check_channels_agree(module, staged):
-    """The tensors of one layer that share its output channels keep the same ones."""
-    import torch.nn as nn
-    layers = (nn.Linear, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.modules.conv._ConvNd)
-    for mname, m in module.named_modules():
-        if not isinstance(m, layers) or getattr(m, "transposed", False):    # a ConvTranspose's axis 0 is its input
-            continue
-        first = None
-        for attr in _CHANNEL_TENSORS:
-            kept = staged.channels.get((id(m), attr))
-            if kept is None:
+            if attr != "weight" or not (getattr(owner, "bias", 0) is None or hasattr(owner.bias, "shape")):
                 continue
-            if first is None:
-                first = (attr, kept)
-            elif not np.array_equal(first[1], kept):
-                raise PlanFileError(f"{mname or 'the module'}: the plan keeps other output channels of its "
-                                    f"{first[0]} than of its {attr}")
-
-
-# the axis a layer reads and gives its width on: channels (axis 1, convs and their norms) or
-# features (the last, Linear and LayerNorm); None: either (BatchNorm1d after a Linear reads
-# its (N, C) output), it gives what it read
-_CHANNELS, _FEATURES = "channels", "features"
-
-
-def _ends(m, size):
-    """(axis read, width read, axis given, width given) of a layer of a chain, its sizes read
-    by ``size(m, attribute)``; "pass" for a module that keeps every width (activations,
-    dropout), "pool" for one that keeps the channels only, None for one after which no width
-    is known (anything else: a reshape, a block with its own forward)."""
-    import torch.nn as nn
-    if isinstance(m, nn.modules.conv._ConvNd):
-        return _CHANNELS, size(m, "in_channels"), _CHANNELS, size(m, "out_channels")
-    if isinstance(m, nn.Linear):
-        return _FEATURES, size(m, "in_features"), _FEATURES, size(m, "out_features")
-    if isinstance(m, nn.modules.batchnorm._NormBase):
-        n = size(m, "num_features")
-        return (None, n, None, n) if isinstance(m, nn.BatchNorm1d) else (_CHANNELS, n, _CHANNELS, n)
-    if isinstance(m, nn.GroupNorm):
-        return _CHANNELS, size(m, "num_channels"), _CHANNELS, size(m, "num_channels")
-    if isinstance(m, nn.LayerNorm) and len(size(m, "normalized_shape")):
-        return _FEATURES, size(m, "normalized_shape")[-1], _FEATURES, size(m, "normalized_shape")[-1]
-    if next(m.parameters(), None) is not None or next(m.buffers(), None) is not None:
-        return None
-    if isinstance(m, nn.Identity) or type(m).__module__ in ("torch.nn.modules.activation",
-                                                            "torch.nn.modules.dropout"):
-        return "pass"
-    return "pool" if type(m).__module__ == "torch.nn.modules.pooling" else None
-
-
-def _check_chains(module, staged):
-    """In an nn.Sequential each child reads what the one before it gives: there the module
-    tells which widths must agree, and a layer left reading its old width after the layers
-    before it lost channels (a plan lacking its entry) is refused before anything changes.
-    Only widths that agreed before the plan are compared: two that are equal by chance on
-    different axes (a Conv1d's channels, a Linear over its length) are not judged."""
-    import torch.nn as nn
-    new = {(id(m), a): v for m, a, v in staged.attributes}
-
-    def after(m, attr):
-        return new.get((id(m), attr), getattr(m, attr))
-    for name, seq in module.named_modules():
-        if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
-            continue
-        last = None       # (axis, width before, width after, child name) the children so far give
-        for child_name, child in seq.named_children():
-            before = _ends(child, getattr)
-            if before == "pass" or before == "pool" and last is not None and last[0] == _CHANNELS:
+            value, where = arrays[entry["value"]], f"added tensor {shown(name)}"
+            was = [p for p, n in mapping.items() if n == mapping[w][:-len("weight")] + "bias"]
+            if value.ndim != 1 or value.dtype.kind != "f" or id(owner) in done or any(
+                    doc["tensors"][p].get("readers") != [[node_name, 2]] for p in was):
+                raise PlanFileError(f"{where}: not one bias of node {shown(node_name)} "
+                                    f"(shape {list(value.shape)}, {value.dtype})")
+            done.add(id(owner))
+            if w in folds.weights:
+                fold = folds.weights[w]
+                set_bias(fold, value, doc["tensors"][w], plan_axis(fold, w, applied), staged, where)
+                applied.through_bn[name] = fold.bn
                 continue
-            if not isinstance(before, tuple):
-                last = None
-                continue
-            now = _ends(child, after)
-            if last is not None and before[0] in (None, last[0]) and before[1] == last[1] and now[1] != last[2]:
-                raise PlanFileError(f"{_qualified(name, child_name)}: it would read {now[1]} {last[0] or 'channels'}"
-                                    f", but {_qualified(name, last[3])} before it would give {last[2]}: the plan "
-                                    "does not cut the layers of this nn.Sequential together (an entry missing?)")
-            last = (before[2] or (last[0] if last else None), before[3], now[3], child_name)
-
-
-def _qualified(parent: str, child: str) -> str:
-    return f"{parent}.{child}" if parent else child
-
-
-def _new_attributes(module, doc, mapping, applied, staged):
-    """The size attributes of every module from its new tensors' shapes, into ``staged``;
-    refuses a module whose new tensors do not fit together."""
-    groups_of = {}
-    for node in doc["nodes"].values():
-        for key in ("group", "num_groups"):
-            if key in node.get("attributes", {}) and node.get("weights"):
-                groups_of[node["weights"][0]] = node["attributes"][key]
-    torch_groups = {mapping[w]: int(g) for w, g in groups_of.items() if w in mapping}
-    head_dims = any(c["kind"] == "head-dims" and c["removed"] for p in doc.get("groups", []) for c in p)
-    for mname, m in module.named_modules():
-        groups = torch_groups.get(f"{mname}.weight" if mname else "weight")
-        sizes = _sizes_of(mname or "the module", m, groups, staged.shape, head_dims)
-        changed = [(m, a, v) for a, v in sizes.items() if getattr(m, a, None) != v]
-        staged.attributes += changed
-        if any(a in _SIZES for _, a, _ in changed):
-            applied.modules.append(mname)
-
-
-_SIZES = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
-          "normalized_shape", "embedding_dim", "num_heads", "num_attention_heads", "num_key_value_heads",
-          "head_dim", "attention_head_size")
-
-
-def _sizes_of(name, m, groups, shape, head_dims: bool) -> dict:
-    """The size attributes ``m`` will have; ``shape(m, attr)`` gives a tensor's new shape."""
-    import torch.nn as nn
-    if isinstance(m, nn.modules.conv._ConvNd):
-        return _conv_sizes(name, m, m.groups if groups is None else groups, shape)
-    if isinstance(m, nn.Linear):
-        out, inp = shape(m, "weight")
-        _fits(name, m, "bias", (out,), shape)
-        return {"out_features": out, "in_features": inp}
-    if isinstance(m, nn.Embedding):
-        n, dim = shape(m, "weight")
-        return {"num_embeddings": n, "embedding_dim": dim}
-    if isinstance(m, nn.modules.batchnorm._NormBase):
-        ref = shape(m, "weight") or shape(m, "running_mean")
-        for attr in _CHANNEL_TENSORS:
-            _fits(name, m, attr, ref, shape)
-        return {"num_features": ref[0]} if ref else {}
-    if isinstance(m, nn.LayerNorm) and shape(m, "weight") is not None:
-        _fits(name, m, "bias", shape(m, "weight"), shape)
-        return {"normalized_shape": shape(m, "weight")}
-    if isinstance(m, nn.GroupNorm) and shape(m, "weight") is not None:
-        channels, groups = shape(m, "weight")[0], m.num_groups if groups is None else groups
-        _fits(name, m, "bias", (channels,), shape)
-        if channels % groups:
-            raise PlanFileError(f"{name}: {channels} channels do not split into {groups} groups")
-        _groups_shrink(name, "", m.num_channels, m.num_groups, channels, groups)
-        return {"num_channels": channels, "num_groups": groups}
-    if isinstance(m, nn.MultiheadAttention):
-        if m.in_proj_weight is not None and shape(m, "in_proj_weight") != (3 * m.embed_dim, m.embed_dim) or \
-                shape(m.out_proj, "weight") != (m.embed_dim, m.embed_dim):
-            raise SpaError(f"{name}: torch.nn.MultiheadAttention ties its heads to the "
-                           "model width, so heads cannot be removed from it; prune with --heads 0")
-        return {}
-    return _attention_sizes(name, m, head_dims, shape)
-
-
-def _fits(name, m, attr, want, shape):
-    got = shape(m, attr)
-    if got is not None and got != tuple(want):
-        raise PlanFileError(f"{name}: its {attr} would have shape {list(got)}, its layer needs {list(want)}")
-
-
-def _groups_shrink(name, what: str, width: int, groups: int, new_width: int, new_groups: int):
-    """Pruning removes whole groups or channels from each, never adds either: a plan that
-    raises a group count (group=2 on a conv of one group) would make the layer read another
-    width than the layer before it gives, though every count divides."""
-    if new_groups > groups or new_width * groups > width * new_groups:
-        raise PlanFileError(f"{name}: the plan gives it {new_groups} group(s) of {new_width // new_groups} "
-                            f"{what + ' ' if what else ''}channels; it has {groups} of {width // groups}, and "
-                            "pruning never adds groups or channels to a group")
-
-
-def _conv_sizes(name, m, groups: int, shape) -> dict:
-    w = shape(m, "weight")
-    # ConvTranspose's weight is (in, out / groups, ...), Conv's (out, in / groups, ...)
-    sizes = {"in_channels": w[0], "out_channels": w[1] * groups} if m.transposed else \
-        {"out_channels": w[0], "in_channels": w[1] * groups}
-    if w[0] % groups:
-        raise PlanFileError(f"{name}: {w[0]} {'input' if m.transposed else 'output'} channels do not split "
-                            f"into {groups} groups")
-    _groups_shrink(name, "input" if m.transposed else "output", m.weight.shape[0], m.groups, w[0], groups)
-    _fits(name, m, "bias", (sizes["out_channels"],), shape)
-    return {**sizes, "groups": groups}
-
-
-def _attention_sizes(name, m, head_dims: bool, shape) -> dict:
-    """Hugging Face attention: head counts from the projections' widths (BERT's query/key/
-    value, LLaMA's q/k/v_proj). Their forward infers the heads (view(..., -1, head_dim)),
-    so the counts they keep are bookkeeping, except the query/key-value head ratio."""
-    q = getattr(m, "q_proj", None) or getattr(m, "query", None)
-    k = getattr(m, "k_proj", None) or getattr(m, "key", None)
-    head_attr = "head_dim" if hasattr(m, "head_dim") else "attention_head_size" if hasattr(
-        m, "attention_head_size") else None
-    if q is None or head_attr is None or not hasattr(q, "weight"):
-        return {}
-    out = {}
-    d = getattr(m, head_attr)
-    heads_attr = "num_attention_heads" if hasattr(m, "num_attention_heads") else "num_heads"
-    heads = getattr(m, heads_attr, None) or (m.config.num_attention_heads if hasattr(m, "config") else None)
-    q_out = shape(q, "weight")[0]
-    if head_dims and heads:
-        # fewer dims per head; the attention scale stays the original's, as in the ONNX model
-        d = out[head_attr] = q_out // heads
-    if not d or q_out % d:
-        raise PlanFileError(f"{name}: {q_out} query features are not whole heads of {d}")
-    heads = q_out // d
-    if hasattr(m, heads_attr):
-        out[heads_attr] = heads
-    if hasattr(m, "all_head_size"):
-        out["all_head_size"] = q_out
-    if k is not None and hasattr(m, "num_key_value_groups"):
-        kv = shape(k, "weight")[0] // d
-        if kv == 0 or heads % kv:
-            raise PlanFileError(f"{name}: {heads} query heads do not share {kv} key/value heads evenly")
-        out["num_key_value_groups"] = heads // kv
-        if hasattr(m, "num_key_value_heads"):
-            out["num_key_value_heads"] = kv
-    return out
+            _check_fits(value, t, where)
+            staged.put(owner, "bias", value, t, staged.channels.get((id(owner), "bias")))

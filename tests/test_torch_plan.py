@@ -139,24 +139,24 @@ def test_multihead_attention_heads_are_refused_by_name(tmp_path):
     assert all(m.in_features == m.weight.shape[1] for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
-def test_folded_values_cannot_take_value_changes(tmp_path):
-    """BatchNorm folded into the convs (trained statistics): slicing maps back, OBSPA's value
-    changes do not; apply_plan refuses them with the way out, and applies the slicing alone."""
+def test_folded_batchnorm_takes_value_changes(tmp_path):
+    """BatchNorm folded into the convs (trained statistics; the exporter's defaults) and OBSPA's
+    value changes (the default criterion): each change goes back through its BatchNorm
+    (tests/test_torch_plan_folded.py has the cases one by one)."""
     torch.manual_seed(0)
     model = torchvision.models.resnet18().eval()
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):       # statistics a trained model would have
             m.running_var.uniform_(0.5, 2.0)
+            m.running_mean.uniform_(-0.5, 0.5)
             m.weight.data.uniform_(0.5, 1.5)
-    inputs = {"x": torch.randn(1, 3, 64, 64)}
-    src = _export(model, inputs, tmp_path / "model.onnx")
-    spa.prune(src, ratio=0.3, criterion="obspa", calib_samples=8).save_plan(tmp_path / "plan.json")
-    with pytest.raises(spa.SpaError, match="optimize=False"):
-        spa.torch.apply_plan(model, tmp_path / "plan.json")
-    applied = spa.torch.apply_plan(model, tmp_path / "plan.json", updates=False)
-    assert applied.folded and applied.inferred
-    with torch.no_grad():
-        model(*inputs.values())       # consistent shapes
+            m.bias.data.uniform_(-0.5, 0.5)
+    result, applied = round_trip(model, {"x": torch.randn(1, 3, 64, 64)}, tmp_path, ratio=0.3, calib_samples=8)
+    assert applied.folded and applied.inferred and len(applied.through_bn) == 40     # 20 convs, weight and bias
+    assert {"layer1.0.conv1.weight", "layer1.0.conv1.weight_bias"} <= set(applied.through_bn)
+    assert applied.through_bn["layer1.0.conv1.weight_bias"] == "layer1.0.bn1"
+    applied = spa.torch.apply_plan(torchvision.models.resnet18().eval(), tmp_path / "plan.json", updates=False)
+    assert applied.folded and applied.inferred     # the slicing alone: the values of another module do not matter
 
 
 def test_cli_writes_the_plan_and_a_wrong_module_is_refused(tmp_path, capsys):

@@ -289,6 +289,8 @@ def _set(doc, path, value):
     (("tensors", "conv1.weight", "fingerprint"), [10 ** 400, 1, 2], ["'conv1.weight'", "fingerprint"]),
     (("tensors", "conv2.weight", "delta"), 5, ["'conv2.weight', delta", "names array 5"]),
     (("tensors", "conv1.weight", "copy_of"), ["x"], ["'conv1.weight', copy_of"]),
+    (("tensors", "conv1.weight", "readers"), "n", ["'conv1.weight', readers", "expected a list"]),
+    (("tensors", "conv1.weight", "readers"), [["n", -1]], ["'conv1.weight'", "not a [node, input index] pair"]),
     (("added",), None, ["the plan's added tensors"]),
     (("nodes",), 3, ["the plan's nodes"]),
     (("nodes", "n"), {"op": "Conv", "attributes": []}, ["plan node 'n', attributes"]),

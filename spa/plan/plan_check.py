@@ -160,6 +160,8 @@ def _check_tensor(name, entry, arrays: dict):
         _array(arrays, entry["delta"], sliced, f"{where}, delta", "f")
     if "copy_of" in entry:
         _typed(entry["copy_of"], str, f"{where}, copy_of")
+    if "readers" in entry:
+        _check_readers(entry["readers"], where)
 
 
 def _array(arrays: dict, key, shape: list[int], where: str, kinds: str, expected: str = "the kept slice has"):
@@ -181,7 +183,11 @@ def _check_added(name, entry, arrays: dict):
     _typed(entry, dict, where)
     _array(arrays, entry.get("value"), _shape(entry.get("shape"), f"{where}, shape"), f"{where}, value", "fiu",
            "its declared shape is")
-    for reader in _typed(entry.get("readers"), list, f"{where}, readers"):
+    _check_readers(entry.get("readers"), where)
+
+
+def _check_readers(readers, where: str):
+    for reader in _typed(readers, list, f"{where}, readers"):
         if not (isinstance(reader, list) and len(reader) == 2 and isinstance(reader[0], str) and _is_int(reader[1])
                 and reader[1] >= 0):
             raise PlanFileError(f"{where}: reader {shown(reader)} is not a [node, input index] pair")

@@ -9,7 +9,9 @@ one change per initializer of the original:
               values, for matching), ``copy_of`` (a copy spa made for a second reader of a
               tensor, changed unlike the tensor), and ``delta``: the key of an array in the side
               ``.npz`` holding ``new - original[kept]`` where OBSPA or bias correction changed
-              values (absent when only sliced); integer size constants give their ``value``.
+              values (absent when only sliced); integer size constants give their ``value``;
+              ``readers``: the nodes of the original that read it (node, input index), so a
+              framework can tell a folded layer's bias from its weight (``spa.torch_fold``).
 ``added``     tensors the pruned model has and the original had not (a bias OBSPA added to a
               bias-free layer, a size constant spa had to make): ``shape``, ``value`` (npz key),
               ``readers`` (node, input index).
@@ -139,6 +141,24 @@ def _fold_copies(tensors: dict, o_inits: dict, arrays: dict, shape_only: set[str
     return renamed
 
 
+def _readers(graph) -> list[tuple[str, list]]:
+    """(tensor, [node, input index]) for every input of every node, seen through Identity nodes
+    (the legacy exporter writes a tensor equal to another as an Identity of it): their readers
+    read the tensor."""
+    direct: dict = {}
+    for n in graph.node:
+        for k, i in enumerate(n.input):
+            direct.setdefault(i, []).append((n, k))
+
+    def through(name, seen):
+        for n, k in direct.get(name, []):
+            if n.op_type == "Identity" and n.output[0] not in seen:
+                yield from through(n.output[0], seen | {n.output[0]})
+            else:
+                yield [n.name, k]
+    return [(name, reader) for name in direct for reader in through(name, {name})]
+
+
 def _ties(tensors: dict) -> list[list]:
     """Axes of the same width whose kept indices are the same, each tie as ``[tensor, axis]``s;
     an axis no other agrees with is a tie of its own, so every sliced axis is in one."""
@@ -184,6 +204,10 @@ def plan_document(result) -> tuple[dict, dict[str, np.ndarray]]:
             entry["delta"] = key
         tensors[name] = entry
     source_name = _fold_copies(tensors, o_inits, arrays, shape_only)
+    for name, reader in _readers(original.graph):
+        entry = tensors.get(source_name.get(name, name))
+        if entry is not None:
+            entry.setdefault("readers", []).append(reader)
     readers: dict = {}
     for n in all_nodes(pruned.graph):
         for k, i in enumerate(n.input):
