@@ -10,7 +10,8 @@ from .errors import UnsupportedModelError, VerificationError
 from .loading.model import materialized, tensor_bytes, weight_view
 from .stop import interruptible
 
-__all__ = ["session", "default_session", "any_session", "THREADS", "LARGE_GRAPH_NODES", "vector_channels"]
+__all__ = ["session", "default_session", "any_session", "node_reads", "THREADS", "LARGE_GRAPH_NODES",
+           "vector_channels"]
 
 # Intra-op threads of every session spa makes when a caller gives none; 0: onnxruntime's
 # default (every core). Parallel callers (a sweep's workers, a shared benchmark machine) set it.
@@ -125,17 +126,17 @@ def _needed(graph: onnx.GraphProto, outputs) -> list[onnx.NodeProto]:
         if i in keep:
             continue
         keep.add(i)
-        stack.extend(t for t in _reads(graph.node[i]) if t in producer)
+        stack.extend(t for t in node_reads(graph.node[i]) if t in producer)
     return [n for i, n in enumerate(graph.node) if i in keep]
 
 
-def _reads(node: onnx.NodeProto) -> set[str]:
+def node_reads(node: onnx.NodeProto) -> set[str]:
     """Every name a node reads, its subgraphs' too (their own names among them: harmless here)."""
     names = set(node.input)
     for a in node.attribute:
         for body in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
             for n in body.node:
-                names |= _reads(n)
+                names |= node_reads(n)
             names.update(o.name for o in body.output)
     return names
 

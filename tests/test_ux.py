@@ -165,7 +165,8 @@ def test_pruning_counts_its_groups_and_statistics(monkeypatch):
     monkeypatch.setattr(StageProgress, "step", lambda self, done, total, unit="": seen.append((done, total, unit)))
     with StageProgress(io.StringIO(), enabled=False) as p:
         spa.prune(DEMO, ratio=0.5, criterion="obspa", verify=False, on_stage=p)
-    for unit in ("groups", "layer statistics"):
+    # data-free on images l1 chooses (no OBS choice to count per group) and OBS refits each layer
+    for unit in ("layers refit", "layer statistics"):
         counts = [(done, total) for done, total, u in seen if u == unit]
         assert counts[0][0] == 0 and counts[-1][0] == counts[-1][1] > 0, unit
 

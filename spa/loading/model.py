@@ -479,6 +479,9 @@ def _keeps_weights_in(path: Path, name: str) -> bool:
                                      for t in model.graph.initializer for e in t.external_data)
 
 
+_WRITE_SLICE = 16 << 20
+
+
 def _with_streamed_weights(model: onnx.ModelProto, data_path: str, location: str) -> onnx.ModelProto:
     """The model's structure, with every weight of 1 KB or more appended to ``data_path`` and
     referenced there; never more than one tensor in memory."""
@@ -490,14 +493,16 @@ def _with_streamed_weights(model: onnx.ModelProto, data_path: str, location: str
             if tensor_bytes(t) < 1024 and t.data_location != onnx.TensorProto.EXTERNAL:
                 proto.graph.initializer.append(t)
                 continue
-            # the bytes as stored (one copy at most: a mapped file's pages, or protobuf's bytes)
+            # the bytes as stored (one copy at most: protobuf's bytes), a mapped file's pages
+            # written and dropped a slice at a time
             data = t.raw_data if t.HasField("raw_data") else memoryview(np.ascontiguousarray(weight_view(t))).cast("B")
             ref = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
             ref.data_location = onnx.TensorProto.EXTERNAL
             for key, value in (("location", location), ("offset", str(f.tell())), ("length", str(len(data)))):
                 ref.external_data.add(key=key, value=value)
-            f.write(data)
+            for start in range(0, len(data), _WRITE_SLICE):
+                f.write(data[start:start + _WRITE_SLICE])
+                release_mapped()
             del data
-            release_mapped()
             proto.graph.initializer.append(ref)
     return proto

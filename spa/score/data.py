@@ -459,15 +459,17 @@ def _session_with_outputs(model: onnx.ModelProto, tensors: list[str], optimize: 
 
 def collect_stats(model: onnx.ModelProto, specs: dict[str, ConsumerSpec], batches: list[dict],
                   axis_of: dict[str, int], max_rows: int = 2048, seed: int = 0,
-                  reference: onnx.ModelProto | None = None) -> dict[str, InputStats]:
-    """Run the model once over the batches; per consumer, accumulate its input statistics
-    from at most ``max_rows`` rows (positions x samples) in all. With a ``reference`` model
-    (the unpruned original), also the cross moments of its inputs with the model's, on the
-    same rows: what lets a layer be refit to reproduce the reference's output."""
+                  reference: onnx.ModelProto | None = None, run=None) -> dict[str, InputStats]:
+    """Run the model once over the batches (or ``run(batch index, feeds)``, which gives the
+    layers' input tensors by name: a part of a model run block by block); per consumer,
+    accumulate its input statistics from at most ``max_rows`` rows (positions x samples) in
+    all. With a ``reference`` model (the unpruned original), also the cross moments of its
+    inputs with the model's, on the same rows: what lets a layer be refit to reproduce the
+    reference's output."""
     if not specs:
         return {}
     tensors = sorted({s.data for s in specs.values()})
-    sess = _session_with_outputs(model, tensors)
+    sess = None if run is not None else _session_with_outputs(model, tensors)
     ref = _session_with_outputs(reference, tensors) if reference is not None else None
     inits = {t.name: t for t in model.graph.initializer}
     # one stream a consumer: its rows do not depend on which others are collected with it
@@ -481,8 +483,8 @@ def collect_stats(model: onnx.ModelProto, specs: dict[str, ConsumerSpec], batche
     # one count over the batches' layer inputs and the products at the end: ResNet-50 spends
     # minutes here with nothing else to show
     with steps((len(batches) + 1) * len(specs), "layer statistics") as step:
-        for feeds in batches:
-            values = dict(zip(tensors, sess.run(tensors, feeds)))
+        for index, feeds in enumerate(batches):
+            values = run(index, feeds) if run is not None else dict(zip(tensors, sess.run(tensors, feeds)))
             ref_values = dict(zip(tensors, ref.run(tensors, feeds))) if ref is not None else None
             mask = _token_mask(feeds)
             for name, spec in specs.items():

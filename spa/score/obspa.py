@@ -17,6 +17,7 @@ from ..progress import track
 from .data import (BatchLayout, Calibration, ConsumerSpec, collect_stats, consumer_specs, from_weight_matrix,
                    weight_matrix)
 from .obs import Consumer, LowRankConsumer, damped_inverse, damping_of, greedy_obs
+from .blocks import BlockRunner
 from .steer import steer_batch_norms
 
 __all__ = ["COMPENSATIONS", "DATA_CRITERIA", "DataPlan", "data_aware_plan"]
@@ -81,6 +82,7 @@ def data_aware_plan(model: onnx.ModelProto, dep: Dependency, groups: list[Group]
     inits = {t.name: t for t in model.graph.initializer}
     used, axis_of, too_wide = _consumers_of(model, dep, groups, inits)
     batches = calibration.batches(model, input_shapes)
+    release_mapped()      # writing text ran the whole model
     layout = BatchLayout.of(model, input_shapes)
     samples = int(sum(layout.count(b) for b in batches))
     info = {"hessian_source": calibration.source, "samples": samples, "consumers": len(used)}
@@ -129,10 +131,15 @@ def data_aware_plan(model: onnx.ModelProto, dep: Dependency, groups: list[Group]
     parts = _parts(groups, used, axis_of, inits)
     if len(parts) > 1:
         info["statistics_parts"] = len(parts)
-    for part in parts:
+    blocks = BlockRunner(source, [[used[name].data for name in part.consumers] for part in parts]) \
+        if len(parts) > 1 else None
+    for k, part in enumerate(parts):
         # one part's statistics and float64 weights at a time: a 1.1B decoder's would be 0.4x its size
         part_used = {name: used[name] for name in part.consumers}
-        stats = collect_stats(source, part_used, batches, axis_of, seed=calibration.seed)
+        if blocks is not None:
+            blocks.start(k)
+        stats = collect_stats(source, part_used, batches, axis_of, seed=calibration.seed,
+                              run=None if blocks is None else (lambda b, feeds, k=k: blocks.run(k, b, feeds)))
         release_mapped()
         if criterion == "obspa" and keep_choice:
             removed_cols = _removed_columns(plan, dep, groups, part_used, stats, axis_of)
