@@ -33,10 +33,10 @@ def exported(tmp_path_factory):
     return get
 
 
-def _apply(exported, family, tmp_path, **kw):
+def _apply(exported, family, tmp_path, criterion="l1", **kw):
     """A fresh model of ``family`` (seed 0, the exported weights) with spa's plan applied."""
     model, inputs = tz.build(family)
-    spa.prune(exported(family), criterion="l1", **kw).save_plan(tmp_path / "plan.json")
+    spa.prune(exported(family), criterion=criterion, **kw).save_plan(tmp_path / "plan.json")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         applied = spa.torch.apply_plan(model, tmp_path / "plan.json")
@@ -57,8 +57,9 @@ def _reloaded_matches(model, inputs, tmp_path):
     assert float((got - want).abs().max()) <= ATOL
 
 
-def test_llama_pruned_alike_round_trips(exported, tmp_path):
-    model, inputs, applied, notes = _apply(exported, "llama", tmp_path, mlp=0.5, heads=0.5, round_to=1)
+@pytest.mark.parametrize("criterion", ["l1", "obspa"])   # obspa: the default, which changes kept weights
+def test_llama_pruned_alike_round_trips(exported, tmp_path, criterion):
+    model, inputs, applied, notes = _apply(exported, "llama", tmp_path, criterion, mlp=0.5, heads=0.5, round_to=1)
     cfg = model.model.config
     assert not notes and not applied.config_notes
     # 4 query heads of 16 sharing 2 key/value heads -> 2 sharing 1; head_dim kept, written out
