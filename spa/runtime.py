@@ -7,7 +7,7 @@ import functools
 import onnx
 
 from .errors import UnsupportedModelError, VerificationError
-from .loading.model import materialized, tensor_bytes, weight_view
+from .loading.tensors import check_mapped, materialized, tensor_bytes, weight_view
 from .stop import interruptible
 
 __all__ = ["session", "default_session", "any_session", "node_reads", "THREADS", "LARGE_GRAPH_NODES",
@@ -31,7 +31,9 @@ LARGE_GRAPH_NODES = 20_000
 # weights into another copy: a 623 MB LLaMA-shaped decoder peaked at 4.2x its size in the
 # statistics session alone. Fed, its weights are never copied (benchmarks/big_model.py); what
 # changes is that onnxruntime no longer sees them as constants (no prepacking, no fusion that
-# needs a constant weight), which is why smaller models keep the session users make.
+# needs a constant weight), which is why smaller models keep the session users make. Above it
+# the oracle's check that the pruned model loads with the users' default options runs fed too,
+# so an optimizer failure that needs constant weights would not show there.
 FED_ABOVE = 64 << 20
 # ... and these initializers are fed: floats of at least this many bytes (shapes, axes and
 # quantized weights stay constants, which some kernels require).
@@ -81,6 +83,8 @@ def _session_class():
         fed: dict = {}
 
         def run(self, output_names, input_feed, *args, **kwargs):
+            if self.fed:
+                check_mapped()
             return interruptible(super().run, output_names, {**input_feed, **self.fed}, *args, **kwargs)
 
         def get_inputs(self):

@@ -152,3 +152,74 @@ def test_a_decoder_prunes_within_one_and_a_half_times_its_size(tmp_path):
     baseline = _peak_rss_mb("import spa, onnxruntime, numpy")
     assert (tmp_path / "out.onnx.data").stat().st_size < 0.85 * size_mb * 2**20
     assert pruned - baseline <= 1.5 * size_mb, (pruned, baseline, size_mb)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float8_e4m3fn", "int4"])
+def test_saving_streams_each_weight_as_stored(tmp_path, dtype):
+    """Weights in an external file are written as ONNX stores them (sub-byte types packed),
+    whatever numpy can expose of them."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    values = (np.arange(16384, dtype=np.float32).reshape(128, 128) % 7 - 3)   # 8 KB at least: stays external
+    arr = values.astype(np.float16 if dtype == "float16" else getattr(ml_dtypes, dtype))
+    w = numpy_helper.from_array(arr, "w")
+    node = helper.make_node("Identity", ["w"], ["y"], name="id")
+    g = helper.make_graph([node], "one", [], [helper.make_tensor_value_info("y", w.data_type, [128, 128])], [w])
+    src = _external(tmp_path, helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10))
+    loaded, files = model_io.read(src)
+    model_io.save(loaded, tmp_path / "out.onnx", inputs=files)
+    stored = onnx.load(tmp_path / "out.onnx", load_external_data=False).graph.initializer[0]
+    assert stored.data_location == TensorProto.EXTERNAL
+    back = onnx.load(tmp_path / "out.onnx")
+    np.testing.assert_array_equal(numpy_helper.to_array(back.graph.initializer[0]).astype(np.float32),
+                                  arr.astype(np.float32))
+
+
+def test_a_mapped_file_that_shrinks_is_an_error_not_a_crash(tmp_path):
+    """A weight file truncated while a fed session reads it from a memory map: one clear error
+    (reading the map past the file's end would kill the process)."""
+    model, _ = _chain()
+    src = _external(tmp_path, model)
+    code = f"""
+import os, numpy as np
+from spa import runtime
+from spa.errors import ModelLoadError
+from spa.loading import model as mio
+runtime.FED_ABOVE = 0
+m, _ = mio.read({str(src)!r})
+s = runtime.session(m)
+x = {{"x": np.ones((2, 64), np.float32)}}
+s.run(None, x)
+os.truncate({str(src) + ".data"!r}, 0)
+mio.release_mapped()
+try:
+    s.run(None, x)
+except ModelLoadError as e:
+    print("refused:", e)
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert "refused:" in done.stdout and "shrank" in done.stdout
+
+
+def test_parts_hand_on_only_plain_tensors():
+    """A sequence crossing from one part to the next cannot be a typed input: the runner says
+    so (OBSPA then runs the remaining parts from the model's inputs)."""
+    from spa.score.blocks import BlockRunner, NotBlockable
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"], name="mm"),
+             helper.make_node("SplitToSequence", ["a"], ["seq"], name="split", axis=0, keepdims=1),
+             helper.make_node("SequenceAt", ["seq", "zero"], ["p0"], name="at0"),
+             helper.make_node("SequenceAt", ["seq", "one"], ["p1"], name="at1"),
+             helper.make_node("Add", ["p0", "p1"], ["y"], name="add")]
+    g = helper.make_graph(nodes, "seq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+                          [w, numpy_helper.from_array(np.array(0, np.int64), "zero"),
+                           numpy_helper.from_array(np.array(1, np.int64), "one")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    runner = BlockRunner(model, [["p0"], ["p1"]])
+    feeds = {"x": rng.standard_normal((2, 8)).astype(np.float32)}
+    runner.start(0)
+    np.testing.assert_allclose(runner.run(0, 0, feeds)["p0"], (feeds["x"] @ numpy_helper.to_array(w))[:1], rtol=1e-5)
+    with pytest.raises(NotBlockable):
+        runner.start(1)

@@ -27,7 +27,7 @@ from ..errors import ModelLoadError, OutputPathError
 from .scopes import all_nodes, body_graphs, hoist_bodies, rename_inputs, tensor_names, walk  # noqa: F401
 from .files import atomic_files, check_outputs, check_readable, check_side_file, read_all, read_small
 from .tensors import (_DATA_FILES, _MAPS, _elements, _external_info, _open_data_file, has_external_data,  # noqa: F401
-                      materialized, release_mapped, tensor_array, tensor_bytes, weight_view)
+                      materialized, release_mapped, stored_bytes, tensor_array, tensor_bytes, weight_view)
 
 __all__ = ["load", "read", "normalize", "save", "output_paths", "tensor_array", "weight_view", "tensor_bytes",
            "materialized", "unique_name", "tensor_names", "add_typed_input", "release_mapped"]
@@ -495,14 +495,15 @@ def _with_streamed_weights(model: onnx.ModelProto, data_path: str, location: str
                 continue
             # the bytes as stored (one copy at most: protobuf's bytes), a mapped file's pages
             # written and dropped a slice at a time
-            data = t.raw_data if t.HasField("raw_data") else memoryview(np.ascontiguousarray(weight_view(t))).cast("B")
+            data = stored_bytes(t)
             ref = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
             ref.data_location = onnx.TensorProto.EXTERNAL
             for key, value in (("location", location), ("offset", str(f.tell())), ("length", str(len(data)))):
                 ref.external_data.add(key=key, value=value)
             for start in range(0, len(data), _WRITE_SLICE):
                 f.write(data[start:start + _WRITE_SLICE])
-                release_mapped()
+                release_mapped(trim=False)
             del data
+            release_mapped()
             proto.graph.initializer.append(ref)
     return proto

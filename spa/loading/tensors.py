@@ -15,7 +15,8 @@ from onnx import helper, numpy_helper
 from ..errors import ModelLoadError
 from .files import open_regular, pread_into
 
-__all__ = ["tensor_array", "weight_view", "tensor_bytes", "release_mapped", "has_external_data", "materialized"]
+__all__ = ["tensor_array", "weight_view", "stored_bytes", "tensor_bytes", "release_mapped", "check_mapped",
+           "has_external_data", "materialized"]
 
 def _external_info(t: onnx.TensorProto) -> dict:
     return {e.key: e.value for e in t.external_data}
@@ -92,8 +93,33 @@ def weight_view(t: onnx.TensorProto) -> np.ndarray:
     return np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(tuple(int(d) for d in t.dims))
 
 
+def stored_bytes(t: onnx.TensorProto):
+    """A tensor's bytes as ONNX stores them (sub-byte types packed): its raw data, a view of
+    the mapped file, or, for values kept in typed fields, the raw data they make."""
+    if t.HasField("raw_data"):
+        return t.raw_data
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        info = _external_info(t)
+        offset, mapped = int(info.get("offset", 0)), _mapping(info["location"])
+        if mapped is not None:
+            check_mapped()
+            return memoryview(mapped)[offset:offset + tensor_bytes(t)]
+    return numpy_helper.from_array(tensor_array(t), t.name).raw_data
+
+
 # Read-only maps of the external data files spa read (path -> mmap); arrays viewing one keep it alive.
 _MAPS: dict[str, mmap.mmap] = {}
+
+
+def check_mapped():
+    """Raise if a mapped external data file shrank since it was mapped: reading past its end
+    would kill the process (SIGBUS) where a read gives a clear error. Done before each run
+    of a session fed from the maps; a file changed in place is not caught."""
+    for location, mapped in list(_MAPS.items()):
+        fd = _DATA_FILES.get(location)
+        if fd is not None and os.fstat(fd).st_size < len(mapped):
+            raise ModelLoadError(f"{location}: external data file shrank while spa read it (changed by "
+                                 "another program?)")
 
 
 def _mapping(location: str) -> mmap.mmap | None:
@@ -109,7 +135,7 @@ def _mapping(location: str) -> mmap.mmap | None:
     return mapped
 
 
-def release_mapped():
+def release_mapped(trim: bool = True):
     """Drop the pages of the mapped external data from this process's memory (arrays viewing
     them read them again from the page cache, or the file), and give freed heap memory back
     to the system: a stage that read every weight does not leave them counted against the
@@ -119,7 +145,8 @@ def release_mapped():
             mapped.madvise(mmap.MADV_DONTNEED)
         except (AttributeError, OSError, ValueError):   # no madvise here, or a closed map
             pass
-    _trim_heap()
+    if trim:
+        _trim_heap()
 
 
 def _trim_heap():

@@ -13,7 +13,11 @@ import onnx
 from ..loading.model import copy_fields
 from ..runtime import node_reads, session
 
-__all__ = ["BlockRunner"]
+__all__ = ["BlockRunner", "NotBlockable"]
+
+
+class NotBlockable(Exception):
+    """A value that is no plain tensor (a sequence, strings) would cross from one part to the next."""
 
 
 class BlockRunner:
@@ -87,6 +91,8 @@ class BlockRunner:
         m.graph.initializer.extend(t for t in g.initializer if t.name in read)
         for t in sorted(self.inputs[k]):
             example = next(v for (_, name), v in self.kept.items() if name == t)
+            if not isinstance(example, np.ndarray) or example.dtype.kind in "OSU":
+                raise NotBlockable(t)
             vi = m.graph.input.add()
             vi.name = t
             vi.type.tensor_type.elem_type = onnx.helper.np_dtype_to_tensor_dtype(example.dtype)

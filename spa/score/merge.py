@@ -33,7 +33,6 @@ import logging
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from ..graph.dependency import Dependency
 from ..graph.groups import Group

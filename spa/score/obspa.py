@@ -17,7 +17,7 @@ from ..progress import track
 from .data import (BatchLayout, Calibration, ConsumerSpec, collect_stats, consumer_specs, from_weight_matrix,
                    weight_matrix)
 from .obs import Consumer, LowRankConsumer, damped_inverse, damping_of, greedy_obs
-from .blocks import BlockRunner
+from .blocks import BlockRunner, NotBlockable
 from .steer import steer_batch_norms
 
 __all__ = ["COMPENSATIONS", "DATA_CRITERIA", "DataPlan", "data_aware_plan"]
@@ -137,7 +137,10 @@ def data_aware_plan(model: onnx.ModelProto, dep: Dependency, groups: list[Group]
         # one part's statistics and float64 weights at a time: a 1.1B decoder's would be 0.4x its size
         part_used = {name: used[name] for name in part.consumers}
         if blocks is not None:
-            blocks.start(k)
+            try:
+                blocks.start(k)
+            except NotBlockable:    # the rest run from the model's inputs, each to its own tensors
+                blocks = None
         stats = collect_stats(source, part_used, batches, axis_of, seed=calibration.seed,
                               run=None if blocks is None else (lambda b, feeds, k=k: blocks.run(k, b, feeds)))
         release_mapped()
