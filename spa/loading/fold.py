@@ -189,10 +189,8 @@ def _drop_unused(model: onnx.ModelProto, chains: list, sources: set[str]):
         del g.node[:]
         g.node.extend(keep)
     read = _read_names(g)
-    keep_inits = [t for t in g.initializer if t.name in read or t.name not in sources]
-    if len(keep_inits) != len(g.initializer):
-        del g.initializer[:]
-        g.initializer.extend(keep_inits)
+    from .model import remove_initializers
+    remove_initializers(g, {t.name for t in g.initializer if t.name not in read and t.name in sources})
 
 
 def _read_names(g: onnx.GraphProto) -> set[str]:

@@ -30,7 +30,7 @@ from .tensors import (_DATA_FILES, _MAPS, _elements, _external_info, _open_data_
                       materialized, release_mapped, stored_bytes, tensor_array, tensor_bytes, weight_view)
 
 __all__ = ["load", "read", "normalize", "save", "output_paths", "tensor_array", "weight_view", "tensor_bytes",
-           "materialized", "unique_name", "tensor_names", "add_typed_input", "release_mapped"]
+           "materialized", "unique_name", "tensor_names", "add_typed_input", "release_mapped", "remove_initializers"]
 
 # normalize names a further reader's copy of an initializer <name><COPY_MARK><n>
 COPY_MARK = "__use"
@@ -361,10 +361,17 @@ def rejoin_copies(model: onnx.ModelProto) -> onnx.ModelProto:
     if same:
         g = model.graph
         rename_inputs(g, same)
-        kept = [t for t in g.initializer if t.name not in same]
-        del g.initializer[:]
-        g.initializer.extend(kept)
+        remove_initializers(g, set(same))
     return model
+
+
+def remove_initializers(g: onnx.GraphProto, names: set[str]):
+    """Drop these initializers, in place. Rebuilding the list instead copies every kept tensor
+    into the model again, and protobuf frees the old copies only with the whole model: a 1.1B
+    decoder's pruned weights were held twice (2.8 GB)."""
+    for i in reversed(range(len(g.initializer))):
+        if g.initializer[i].name in names:
+            del g.initializer[i]
 
 
 def _equal_tensors(a: onnx.TensorProto, b: onnx.TensorProto) -> bool:
