@@ -223,3 +223,28 @@ def test_parts_hand_on_only_plain_tensors():
     np.testing.assert_allclose(runner.run(0, 0, feeds)["p0"], (feeds["x"] @ numpy_helper.to_array(w))[:1], rtol=1e-5)
     with pytest.raises(NotBlockable):
         runner.start(1)
+
+
+def _anon_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon")) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_rejoining_copies_keeps_every_other_tensor_once():
+    """Dropping the unchanged reader copies edits the list in place: rebuilding it copied
+    every tensor into the model again (protobuf frees the old ones only with the model)."""
+    rng = np.random.default_rng(0)
+    big = [numpy_helper.from_array(rng.standard_normal(4 << 20).astype(np.float32), f"w{i}") for i in range(4)]
+    shape = numpy_helper.from_array(np.array([1, -1], np.int64), "shape")
+    copy = numpy_helper.from_array(np.array([1, -1], np.int64), "shape" + model_io.COPY_MARK + "1")
+    nodes = [helper.make_node("Reshape", [f"w{i}", "shape" if i % 2 else copy.name], [f"y{i}"], name=f"r{i}")
+             for i in range(4)]
+    g = helper.make_graph(nodes, "m", [], [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None)
+                                           for i in range(4)], [*big, shape, copy])
+    model = helper.make_model(g)
+    del big
+    before = _anon_mb()
+    model_io.rejoin_copies(model)
+    assert [t.name for t in model.graph.initializer] == ["w0", "w1", "w2", "w3", "shape"]
+    assert _anon_mb() - before < 32, "the 64 MB of weights were copied"
