@@ -107,7 +107,8 @@ ALLOC_KWARGS = {"alloc-default": {}, "alloc-measured": {"allocation": "measured"
                 "alloc-measured-1": {"allocation": "measured", "steps": 1},
                 "alloc-measured-r1": {"allocation": "measured", "round_to": 1},
                 "alloc-measured-r1-1": {"allocation": "measured", "round_to": 1, "steps": 1},
-                "alloc-uniform-r1": {"round_to": 1}}
+                "alloc-uniform-r1": {"round_to": 1},
+                "alloc-obs": {"allocation": "obs"}, "alloc-obs-r1": {"allocation": "obs", "round_to": 1}}
 ALLOC_CRITERIA = list(ALLOC_KWARGS)
 MACS_BUDGETS = {"fashion_mobile": (0.75, 0.05)}   # model: (share of MACs kept, allowed accuracy drop)
 TORCH_MODELS = {"fashion_resnet": "resnet", "fashion_vgg": "vgg", "fashion_mobile": "mobile"}
@@ -128,6 +129,8 @@ LABELS = {"random": "random (3 seeds)", "l1": "l1", "l2": "l2", "bn-scale": "bn-
           "alloc-measured-1": "OBSPA data-free, allocation=\"measured\", steps=1",
           "alloc-measured-r1": "OBSPA data-free, allocation=\"measured\", round_to=1 (3 steps)",
           "alloc-measured-r1-1": "OBSPA data-free, allocation=\"measured\", round_to=1, steps=1",
+          "alloc-obs": "OBSPA data-free, allocation=\"obs\" (OBS cost curves)",
+          "alloc-obs-r1": "OBSPA data-free, allocation=\"obs\", round_to=1",
           "alloc-uniform-r1": "OBSPA data-free, uniform, round_to=1"}
 
 

@@ -286,6 +286,8 @@ SPA_METHODS = {   # spa.prune keyword arguments of each spa row (params= is the 
     "spa-calib": {"calib": "calib"},                        # OBSPA on the calibration windows
     "spa-l1": {"criterion": "l1"},
     "spa-free-measured": {"allocation": "measured"},        # OBSPA data-free, measured allocation
+    "spa-free-obs": {"allocation": "obs"},                  # OBSPA data-free, allocated by OBS costs
+    "spa-calib-obs": {"calib": "calib", "allocation": "obs"},
 }
 
 
@@ -317,6 +319,7 @@ def spa_rows(args, ctx: dict) -> list[dict]:
                          "ppl32": ppl(got[:32], ctx["held"].shape[1]), "kv_heads_removed": heads,
                          "heads_removed": 3 * heads,
                          "neurons_removed": sum(gr["removed"] for gr in groups if gr.get("kind") != "heads"),
+                         "removed_per_group": [[gr.get("kind"), gr["removed"]] for gr in groups],
                          "budget": r.report.get("budget"), "data": r.report.get("data"),
                          "seconds": round(seconds, 1)})
             ctx["emit"](rows[-1])

@@ -34,7 +34,7 @@ HIDDEN_AS_RATIO = -1.0
 DEFAULT_RATIO = 0.5
 BUDGET_KINDS = ("macs", "params", "latency")
 AGGREGATES = ("sum", "mean", "max")
-ALLOCATIONS = ("auto", "measured", "uniform")
+ALLOCATIONS = ("auto", "measured", "uniform", "obs")
 # the fractions removed, each in [0, 1), and the CLI's name of each
 _RATIOS = {"ratio": "ratio", "heads": "heads", "mlp": "mlp", "head_dims": "head-dims", "hidden": "hidden",
            "group_width": "group-width", "max_ratio": "max-ratio"}
@@ -108,7 +108,10 @@ class PruneOptions:
         if self.aggregate not in AGGREGATES:
             raise SpaError(f"--aggregate must be one of {', '.join(AGGREGATES)}, got {self.aggregate!r}")
         if self.allocation not in ALLOCATIONS:
-            raise SpaError(f"allocation must be auto, measured or uniform, got {self.allocation!r}")
+            raise SpaError(f"allocation must be auto, measured, uniform or obs, got {self.allocation!r}")
+        if self.allocation == "obs" and self.criterion_used != "obspa":
+            raise SpaError(f"--allocate obs prices cuts by OBSPA's compensation: it needs --criterion obspa, "
+                           f"not {self.criterion_used}")
         if self.round_to != "auto" and not _count(self.round_to):
             raise SpaError(f"--round-to must be at least 1 or 'auto', got {self.round_to!r}")
         for name in ("steps", "calib_samples"):

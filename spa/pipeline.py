@@ -23,6 +23,7 @@ from .score.calibrated import choose_use
 from .errors import SpaError, StrictModeError, UnsupportedModelError, VerificationError
 from .score import score_groups
 from .score.data import Calibration
+from .score.obs_costs import CostCurves, obs_cost_curves
 from .score.obspa import DATA_CRITERIA, data_aware_plan
 from .verify.metrics import count_macs, count_params
 from .options import PruneOptions
@@ -264,7 +265,7 @@ def _prune_pass(a: Analysis, plan: PlanOptions, opts: PruneOptions, stages: Stag
     if opts.strict and a.dep.blocked_nodes:
         name, op, reason = a.dep.blocked_nodes[0]
         raise StrictModeError(f"--strict: {reason} ({len(a.dep.blocked_nodes)} node(s) blocked)")
-    choice = _choose(a, plan, opts, budget, stages)
+    choice = _choose(a, plan, opts, budget, stages, calibration)
     if calibration is not None and a.groups:
         stages("calibrate")
         _calibrate_or_fall_back(a, choice, opts, calibration)
@@ -300,7 +301,8 @@ def _calibrate_or_fall_back(a: Analysis, choice: "_Choice", opts: PruneOptions, 
         choice.data_info = {"fallback": "l1", "reason": reason}
 
 
-def _choose(a: Analysis, plan: PlanOptions, opts: PruneOptions, budget: Budget | None, stages: Stages) -> _Choice:
+def _choose(a: Analysis, plan: PlanOptions, opts: PruneOptions, budget: Budget | None, stages: Stages,
+            calibration: Calibration | None = None) -> _Choice:
     """Score every group and choose its removed positions: by the plan's ratios, or by
     spending the budget where the outputs change least."""
     stages("score")
@@ -312,11 +314,25 @@ def _choose(a: Analysis, plan: PlanOptions, opts: PruneOptions, budget: Budget |
     choice = _Choice(removals, scores, notes)
     if budget is not None and a.groups:
         stages("allocate")
-        choice.removals, choice.budget_report, choice.changes = spend_budget(a, scores, removals, plan, budget)
+        choice.removals, choice.budget_report, choice.changes = spend_budget(
+            a, scores, removals, plan, budget, lambda *how: _cost_curves(a, opts, calibration, *how))
     elif budget is not None:
         choice.budget_report = {"kind": budget.kind, "target": budget.target, "achieved": 1.0,
                                 "met": budget.target >= 1.0, "reason": "no prunable groups"}
     return choice
+
+
+def _cost_curves(a: Analysis, opts: PruneOptions, calibration: Calibration, depth, orders, probe) -> CostCurves:
+    """Every group's OBS cost curve for the allocation; none (so the budget is spent
+    uniformly) where the model does not run on the inputs OBSPA would use."""
+    try:
+        return obs_cost_curves(a.model, a.dep, a.groups, calibration, a.shapes.input_shapes, opts.damping, depth,
+                               orders, probe, count_macs(a.model, a.shapes), opts.compensation)
+    except Exception as e:  # noqa: BLE001  (as _calibrate_or_fall_back: OBSPA itself will say more)
+        if not opts.may_fall_back or (isinstance(e, SpaError) and calibration.data is not None):
+            raise
+        log.info("no OBS costs for the allocation (%s): spent uniformly", str(e).splitlines()[0] if str(e) else e)
+        return CostCurves([None] * len(a.groups), [None] * len(a.groups))
 
 
 def _calibrate(a: Analysis, choice: _Choice, opts: PruneOptions, calibration: Calibration):
@@ -332,7 +348,8 @@ def _calibrate(a: Analysis, choice: _Choice, opts: PruneOptions, calibration: Ca
         refit = {"refit": True, "one pass": False}.get(use)
     dplan = data_aware_plan(a.model, a.dep, a.groups, [len(r) for r in choice.removals], criterion,
                             calibration, a.shapes.input_shapes, opts.recalibrate, damping, chosen=choice.removals,
-                            macs=macs, refit=refit, compensation=opts.compensation)
+                            macs=macs, refit=refit, compensation=opts.compensation,
+                            chosen_by_obs=(choice.budget_report or {}).get("allocation") == "obs")
     if held_out is not None:
         dplan.info["held_out"] = held_out
     choice.removals = [r if r is not None else old for r, old in zip(dplan.removals, choice.removals)]

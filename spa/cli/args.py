@@ -77,9 +77,10 @@ def round_to_arg(text: str):
 def add_pruning_options(sp):
     """The options of how to prune that ``spa prune`` and ``spa sweep`` share (a sweep's cells
     set the criterion and the amount)."""
-    sp.add_argument("--allocate", choices=["auto", "measured", "uniform"], default="auto",
+    sp.add_argument("--allocate", choices=["auto", "measured", "uniform", "obs"], default="auto",
                     help="how a budget is spent: where the measured output change per MAC saved is least, "
-                         "or one ratio for every group; auto (default): measured, uniform for obspa")
+                         "one ratio for every group, or where OBSPA's compensated error per MAC saved is least "
+                         "(obs); auto (default): measured, uniform for obspa")
     sp.add_argument("--steps", type=positive_arg, default=None,
                     help="prune in N steps, re-scoring and re-compensating in between (default: 3 for a measured "
                          "--macs/--params budget, else 1)")

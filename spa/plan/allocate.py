@@ -35,7 +35,7 @@ from .landing import finer_level, floor_value, land, steps_at, unit_ladder
 from .planner import round_unit
 from ..progress import steps as counted, track
 
-__all__ = ["ResourceModel", "MaskedRunner", "Allocation", "allocate", "allocate_uniform", "keep_steps", "removed_positions"]
+__all__ = ["ResourceModel", "MaskedRunner", "CostRunner", "Allocation", "allocate", "allocate_uniform", "keep_steps", "removed_positions"]
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +200,27 @@ class MaskedRunner:
         self.runs += 1
         return float(np.mean([_output_change(self.session.run(None, {**f, **masks}), r)
                               for f, r in zip(self.feeds, self.reference)]))
+
+
+class CostRunner:
+    """``MaskedRunner``'s question answered from each group's cost curve
+    (``spa.score.obs_costs``) instead of the model: the change when group g keeps ``keeps[g]``
+    is the sum of the curves at each group's removed count (infinite past a curve's end)."""
+
+    def __init__(self, groups: list[Group], costs: list[np.ndarray]):
+        self.sizes = [g.size for g in groups]
+        self.costs = costs
+        self.runs = 0
+
+    def change(self, keeps) -> float:
+        self.runs += 1
+        total = 0.0
+        for size, curve, keep in zip(self.sizes, self.costs, keeps):
+            cut = size - int(keep)
+            if cut >= len(curve):
+                return math.inf
+            total += float(curve[cut])
+        return total
 
 
 @dataclass

@@ -7,12 +7,13 @@ measuring; ``step`` splits a budget or ratio over incremental steps.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .allocate import MaskedRunner, ResourceModel, allocate, allocate_uniform, removed_positions
+from .allocate import CostRunner, MaskedRunner, ResourceModel, allocate, allocate_uniform, removed_positions
 from .landing import TOLERANCE, off_round, why_not_landed
 from .plan import make_plan
 from ..errors import SpaError
@@ -39,7 +40,7 @@ class Budget:
     input_stats: dict = field(default_factory=dict)
     seed: int = 0
     samples: int | None = None  # default: 8, fewer for models over 250 MMACs a sample
-    how: str = "measured"       # or "uniform": one ratio for every group, just enough
+    how: str = "measured"       # or "uniform": one ratio for every group, just enough; or "obs": OBS cost curves
     adds_biases: bool = False   # OBSPA's compensation may give a bias to a Conv/Gemm without one
 
 
@@ -59,21 +60,29 @@ def step(plan: PlanOptions, budget: Budget | None, index: int, steps: int, done:
     return step_plan, replace(budget, target=min(1.0, goal / now))
 
 
-def spend(a: Analysis, scores, removals, plan: PlanOptions, budget: Budget):
+def spend(a: Analysis, scores, removals, plan: PlanOptions, budget: Budget, curves=None):
     """Per-group removals that meet the budget where the outputs change least, the report's
     ``budget`` entry, and per group the output change its cuts added. The entry says whether
     the share kept landed within 3 % of the target (``landed``), which groups left the
     rounding unit for it (``off_round``), and where it did not, the ``nearest`` reachable
-    share and the ``reason``."""
+    share and the ``reason``. With ``budget.how == "obs"``, ``curves(depth, orders)`` gives
+    every group's OBS cost curve (``spa.score.obs_costs``) down to ``depth`` removals: the
+    change is their sum and the channels go in their order."""
     pinned = dict(plan.ratios)
     free = [g.kind not in pinned for g in a.groups]
     start = np.array([g.size - (len(r) if not f else 0) for g, r, f in zip(a.groups, removals, free)])
     orders = [np.argsort(s, kind="stable") for s in scores]
-    # every run of the search costs a forward pass: bound it near 2 GMACs (ResNet-50: 1 sample)
-    samples = budget.samples or int(np.clip(2e9 // max(count_macs(a.model, a.shapes), 1), 1, 8))
-    feeds = [Calibration(budget.calib, budget.input_stats, samples=samples, batch=samples,
-                         seed=budget.seed).first_batch(a.model, a.shapes.input_shapes)]
-    runner = MaskedRunner(a.model, a.dep, a.shapes, a.groups, orders, feeds)
+    how, why_not_obs = budget.how, None
+    if how == "obs":
+        runner, orders, why_not_obs = _cost_runner(a.groups, free, plan, orders, curves, budget.target)
+        how = "obs" if why_not_obs is None else "uniform"
+        samples = None
+    if how != "obs":
+        # every run of the search costs a forward pass: bound it near 2 GMACs (ResNet-50: 1 sample)
+        samples = budget.samples or int(np.clip(2e9 // max(count_macs(a.model, a.shapes), 1), 1, 8))
+        feeds = [Calibration(budget.calib, budget.input_stats, samples=samples, batch=samples,
+                             seed=budget.seed).first_batch(a.model, a.shapes.input_shapes)]
+        runner = MaskedRunner(a.model, a.dep, a.shapes, a.groups, orders, feeds)
     resource = ResourceModel(a.model, a.shapes, a.dep, a.groups, "params" if budget.kind == "params" else "macs",
                              bias_slots=budget.adds_biases)
     if not resource.full:
@@ -82,13 +91,16 @@ def spend(a: Analysis, scores, removals, plan: PlanOptions, budget: Budget):
                        ("" if budget.kind == "params" else " or --params"))
 
     def spend(target):
-        if budget.how == "uniform":
+        if how == "uniform":
             return allocate_uniform(a.groups, runner, resource, target, plan, free, start)
         return allocate(a.groups, runner, resource, target, plan.round_to, plan.max_ratio, free, start)
 
     kind = "calibration sample" if budget.calib is not None else "synthetic sample"
-    report = {"kind": budget.kind, "target": budget.target, "allocation": budget.how,
-              "measured_on": f"{samples} {kind}{'s' if samples != 1 else ''}"}
+    report = {"kind": budget.kind, "target": budget.target, "allocation": how,
+              "measured_on": "OBS costs of each group's layers" if how == "obs" else
+              f"{samples} {kind}{'s' if samples != 1 else ''}"}
+    if why_not_obs is not None:
+        report["obs_allocation_skipped"] = why_not_obs
     if budget.kind == "latency":
         alloc, report["achieved"], report["latency_search"] = search_latency(a, orders, spend, budget.target)
         report["met"] = report["achieved"] <= budget.target * 1.05
@@ -99,6 +111,22 @@ def spend(a: Analysis, scores, removals, plan: PlanOptions, budget: Budget):
     report.update(macs_share=_share(alloc) if budget.kind != "params" else None, output_change=alloc.change,
                   cuts=alloc.steps, runs=runner.runs)
     return removed_positions(a.groups, orders, alloc.keeps), report, [float(v) for v in alloc.marginal]
+
+
+def _cost_runner(groups, free, plan: PlanOptions, orders, curves, target: float):
+    """(runner, orders, None) from the groups' OBS cost curves, each measured at the share of
+    its channels the budget would take from every group alike (``1 - target``), or
+    (None, orders, why not) where a free group has none (no layer with statistics reads it)."""
+    depth = [g.size - max(1, g.size - int(math.floor(g.size * plan.max_ratio + 1e-9))) for g in groups]
+    probe = [int(round(g.size * min(1 - target, plan.max_ratio))) for g in groups]
+    found = curves(depth, orders, probe)
+    missing = [g.id for g, f, c in zip(groups, free, found.costs) if f and c is None]
+    if missing:
+        return None, orders, f"{len(missing)} group(s) have no layer OBS can price (e.g. {missing[0]}): uniform"
+    # a pinned group's cut is fixed: a flat curve leaves it out of every comparison
+    costs = [c if f else np.zeros(g.size + 1) for g, f, c in zip(groups, free, found.costs)]
+    orders = [o if o is not None else old for o, old in zip(found.orders, orders)]
+    return CostRunner(groups, costs), orders, None
 
 
 def _landing(groups, resource, alloc, budget: Budget, plan: PlanOptions, free) -> dict:

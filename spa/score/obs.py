@@ -145,9 +145,13 @@ def _costs(channels: list, columns, weight, blocks_of, block_size) -> np.ndarray
 
 
 def greedy_obs(consumers: list[Consumer], n_channels: int, n_remove: int, steps: int = 32,
-               max_dim: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+               max_dim: int = 2048, ordered: bool = False,
+               order: np.ndarray | None = None, after_step=None) -> tuple[np.ndarray, np.ndarray]:
     """Remove ``n_remove`` of ``n_channels`` channels; return (removed, cost per channel at
     the time it was removed, or at the end for the kept ones). Updates consumers in place.
+    ``removed`` is sorted, or in the order of removal when ``ordered``. ``order`` removes the
+    channels in that order instead of cheapest first (what each costs is still measured).
+    ``after_step(removed so far)`` is called after each step, the consumers updated.
 
     Downdating H^-1 costs D^2 per removed column; when a consumer is wider than ``max_dim``
     the channels are chosen on their first costs and removed in one joint, exact update."""
@@ -160,13 +164,19 @@ def greedy_obs(consumers: list[Consumer], n_channels: int, n_remove: int, steps:
     while len(removed) < n_remove:
         cost = sum((c.costs(alive) for c in consumers), np.zeros(len(alive)))
         take = min(per_step, n_remove - len(removed))
-        order = np.argsort(cost, kind="stable")[:take]
-        chosen = [alive[i] for i in order]
-        for i in order:
+        if order is None:
+            picked = np.argsort(cost, kind="stable")[:take]
+        else:
+            where = {j: i for i, j in enumerate(alive)}
+            picked = np.array([where[j] for j in order[len(removed):len(removed) + take]], dtype=np.int64)
+        chosen = [alive[i] for i in picked]
+        for i in picked:
             final_cost[alive[i]] = cost[i]
         last = len(removed) + len(chosen) == n_remove
         for c in consumers:
             c.remove(chosen, last=last and not c.shared)
         removed.extend(chosen)
         alive = [j for j in alive if j not in set(chosen)]
-    return np.array(sorted(removed), dtype=np.int64), final_cost
+        if after_step is not None:
+            after_step(len(removed))
+    return np.array(removed if ordered else sorted(removed), dtype=np.int64), final_cost

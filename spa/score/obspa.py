@@ -63,7 +63,7 @@ def data_aware_plan(model: onnx.ModelProto, dep: Dependency, groups: list[Group]
                     criterion: str, calibration: Calibration, input_shapes: dict,
                     recalibrate: bool = False, damping: float = 0.01,
                     chosen: list[np.ndarray] | None = None, macs: int = 0, refit: bool | None = None,
-                    compensation: str = "obs") -> DataPlan:
+                    compensation: str = "obs", chosen_by_obs: bool = False) -> DataPlan:
     """Choose the channels to remove with a data criterion (DATA_CRITERIA), or take them as
     ``chosen`` by another criterion, and compute the weight updates: OBS compensation for
     ``obspa``, bias correction when ``recalibrate``.
@@ -78,7 +78,10 @@ def data_aware_plan(model: onnx.ModelProto, dep: Dependency, groups: list[Group]
     (OBS on the statistics of synthetic inputs), or from the weights alone (merge.py), on the
     channels l1 chose, wherever that is exact to apply (OBS elsewhere): "merge" (each removed
     channel into its most similar kept one) or "lsq" (into all kept ones, least squares under
-    Gaussian inputs). With calibration data it is ignored."""
+    Gaussian inputs). With calibration data it is ignored.
+
+    ``chosen_by_obs``: ``chosen`` is what the OBS cost allocation (obs_costs.py) chose, on the
+    same statistics: only the compensation is left to compute."""
     inits = {t.name: t for t in model.graph.initializer}
     used, axis_of, too_wide = _consumers_of(model, dep, groups, inits)
     batches = calibration.batches(model, input_shapes)
@@ -95,28 +98,12 @@ def data_aware_plan(model: onnx.ModelProto, dep: Dependency, groups: list[Group]
     if criterion == "obspa" and calibration.data is not None and refit:
         info["mode"] = "sequential (each group refit on the inputs of the already pruned model)"
         return _obspa_sequential(model, dep, groups, n_remove, used, axis_of, batches, damping, inits, info)
-    source, steered = model, 0
-    images = calibration.data is None and _image_inputs(model)
-    if images:
-        # Synthetic images, their statistics steered by the BatchNormalizations' running ones
-        # (steer.py), top-1 at ratio 0.2 / 0.3 / 0.5 with OBS choosing (l1 choosing): Fashion
-        # ResNet 0.916 / 0.893 / 0.709 (0.916 / 0.838 / 0.498), VGG 0.908 / 0.899 / 0.803
-        # (0.897 / 0.887 / 0.786), mobile net 0.814 / 0.387 / 0.181 (0.791 / 0.344 / 0.197).
-        # Not on 1-D signals: the pitch CNN at ratio 0.3 / 0.5 keeps 0.744 / 0.504 plain and
-        # 0.688 / 0.226 steered, its variance matching being what hurts (mean only: 0.812 / 0.438).
-        source, steered = steer_batch_norms(model, min(layout.count(b) for b in batches))
-        if steered:
-            info["batch_norms_steered"] = steered
+    source, steered, images = statistics_source(model, calibration, layout, batches, info)
     keep_choice = False
-    if criterion == "obspa" and calibration.data is None and (images and not steered or compensation in WEIGHT_ONLY):
-        # Unsteered synthetic images compensate well but choose badly (Fashion-MNIST VGG at
-        # ratio 0.3 on 1/f noise: OBS choice 0.64, l1 choice 0.81, l1 choice + OBS compensation
-        # 0.88; on dead-leaves images, ratio 0.2 / 0.3 / 0.5, Fashion ResNet OBS choice 0.84 /
-        # 0.69 / 0.27, l1 choice 0.89 / 0.69 / 0.34): there the magnitude criterion picks the
-        # channels and OBS repairs the consumers. On token inputs OBS both chooses and
-        # compensates (MiniLM MLP 30%: OBS choice keeps cosine 0.86, l1 choice + compensation 0.51).
+    if criterion == "obspa" and (chosen_by_obs or chooses_by_magnitude(calibration, images, steered, compensation)):
         keep_choice = True
-        info["mode"] = "data-free: channels chosen by l1, removal compensated by OBS"
+        info["mode"] = ("channels chosen by their OBS costs across groups (the allocation), removal compensated by "
+                        "OBS" if chosen_by_obs else "data-free: channels chosen by l1, removal compensated by OBS")
     elif criterion == "obspa":
         info["mode"] = "one pass (statistics of the unpruned model)"
     plan = DataPlan([None] * len(groups), [None] * len(groups), info=info)
@@ -128,22 +115,8 @@ def data_aware_plan(model: onnx.ModelProto, dep: Dependency, groups: list[Group]
                 plan.notes[g.id] = _without_consumers(dep, g)
         if compensation in WEIGHT_ONLY:
             removed_by_merge = set(_merge(plan, model, dep, groups, used, axis_of, inits, compensation))
-    parts = _parts(groups, used, axis_of, inits)
-    if len(parts) > 1:
-        info["statistics_parts"] = len(parts)
-    blocks = BlockRunner(source, [[used[name].data for name in part.consumers] for part in parts]) \
-        if len(parts) > 1 else None
-    for k, part in enumerate(parts):
-        # one part's statistics and float64 weights at a time: a 1.1B decoder's would be 0.4x its size
-        part_used = {name: used[name] for name in part.consumers}
-        if blocks is not None:
-            try:
-                blocks.start(k)
-            except NotBlockable:    # the rest run from the model's inputs, each to its own tensors
-                blocks = None
-        stats = collect_stats(source, part_used, batches, axis_of, seed=calibration.seed,
-                              run=None if blocks is None else (lambda b, feeds, k=k: blocks.run(k, b, feeds)))
-        release_mapped()
+    for part, part_used, stats in statistics_by_part(source, groups, used, axis_of, inits, batches,
+                                                     calibration.seed, info):
         if criterion == "obspa" and keep_choice:
             removed_cols = _removed_columns(plan, dep, groups, part_used, stats, axis_of)
             for name in removed_by_merge:
@@ -251,6 +224,74 @@ def _without_consumers(dep: Dependency, group: Group) -> str:
     return "no layer with weights reads this group: chosen by l1"
 
 
+def statistics_source(model: onnx.ModelProto, calibration: Calibration, layout: BatchLayout, batches: list[dict],
+                      info: dict) -> tuple[onnx.ModelProto, int, bool]:
+    """The model whose layer inputs the statistics are taken from, how many BatchNormalizations
+    steered it, and whether its inputs are synthetic images."""
+    images = calibration.data is None and _image_inputs(model)
+    if not images:
+        return model, 0, False
+    # Synthetic images, their statistics steered by the BatchNormalizations' running ones
+    # (steer.py), top-1 at ratio 0.2 / 0.3 / 0.5 with OBS choosing (l1 choosing): Fashion
+    # ResNet 0.916 / 0.893 / 0.709 (0.916 / 0.838 / 0.498), VGG 0.908 / 0.899 / 0.803
+    # (0.897 / 0.887 / 0.786), mobile net 0.814 / 0.387 / 0.181 (0.791 / 0.344 / 0.197).
+    # Not on 1-D signals: the pitch CNN at ratio 0.3 / 0.5 keeps 0.744 / 0.504 plain and
+    # 0.688 / 0.226 steered, its variance matching being what hurts (mean only: 0.812 / 0.438).
+    source, steered = steer_batch_norms(model, min(layout.count(b) for b in batches))
+    if steered:
+        info["batch_norms_steered"] = steered
+    return source, steered, True
+
+
+def chooses_by_magnitude(calibration: Calibration, images: bool, steered: int, compensation: str) -> bool:
+    """Whether OBSPA takes the channels l1 chose and only compensates their removal."""
+    # Unsteered synthetic images compensate well but choose badly (Fashion-MNIST VGG at
+    # ratio 0.3 on 1/f noise: OBS choice 0.64, l1 choice 0.81, l1 choice + OBS compensation
+    # 0.88; on dead-leaves images, ratio 0.2 / 0.3 / 0.5, Fashion ResNet OBS choice 0.84 /
+    # 0.69 / 0.27, l1 choice 0.89 / 0.69 / 0.34): there the magnitude criterion picks the
+    # channels and OBS repairs the consumers. On token inputs OBS both chooses and
+    # compensates (MiniLM MLP 30%: OBS choice keeps cosine 0.86, l1 choice + compensation 0.51).
+    return calibration.data is None and (images and not steered or compensation in WEIGHT_ONLY)
+
+
+def obs_consumer(spec: ConsumerSpec, st, inits: dict, damping: float) -> Consumer | LowRankConsumer:
+    """One layer's OBS state: its weights (with the bias column where it has or may get a
+    bias) in float64 and its damped inverse Hessian, or its sampled rows where those are
+    fewer than its inputs."""
+    w = weight_matrix(spec, tensor_array(inits[spec.weight]).astype(np.float64))
+    bias = np.zeros(w.shape[0]) if spec.bias is None else tensor_array(inits[spec.bias]).astype(np.float64)
+    can_bias = spec.bias is not None or spec.kind in ("conv", "gemm")
+    m = np.hstack([w, bias[:, None]]) if can_bias else w.copy()
+    if st.rows is not None:
+        rows = st.rows if can_bias else st.rows[:, :-1]
+        return LowRankConsumer(m, rows, damping_of(st.diag[:rows.shape[1]], damping), [])
+    h = st.h if can_bias else st.h[:-1, :-1]
+    return Consumer(m, damped_inverse(h, damping), [])
+
+
+def statistics_by_part(source: onnx.ModelProto, groups: list[Group], used: dict, axis_of: dict, inits: dict,
+                       batches: list[dict], seed: int, info: dict):
+    """Yield (part, its consumers, their statistics) one part at a time (``_parts``), the parts
+    run block by block where the model allows (``BlockRunner``)."""
+    parts = _parts(groups, used, axis_of, inits)
+    if len(parts) > 1:
+        info["statistics_parts"] = len(parts)
+    blocks = BlockRunner(source, [[used[name].data for name in part.consumers] for part in parts]) \
+        if len(parts) > 1 else None
+    for k, part in enumerate(parts):
+        # one part's statistics and float64 weights at a time: a 1.1B decoder's would be 0.4x its size
+        part_used = {name: used[name] for name in part.consumers}
+        if blocks is not None:
+            try:
+                blocks.start(k)
+            except NotBlockable:    # the rest run from the model's inputs, each to its own tensors
+                blocks = None
+        stats = collect_stats(source, part_used, batches, axis_of, seed=seed,
+                              run=None if blocks is None else (lambda b, feeds, k=k: blocks.run(k, b, feeds)))
+        release_mapped()
+        yield part, part_used, stats
+
+
 def _choose(plan: DataPlan, criterion, dep, groups, n_remove, chosen, used, axis_of, stats, inits, damping,
             part: list[int]):
     """Set the removals and scores of the groups in ``part`` (indices). A consumer's weights
@@ -260,17 +301,7 @@ def _choose(plan: DataPlan, criterion, dep, groups, n_remove, chosen, used, axis
 
     def consumer(name: str) -> Consumer:
         if name not in consumers:
-            spec, st = used[name], stats[name]
-            w = weight_matrix(spec, tensor_array(inits[spec.weight]).astype(np.float64))
-            bias = np.zeros(w.shape[0]) if spec.bias is None else tensor_array(inits[spec.bias]).astype(np.float64)
-            can_bias = spec.bias is not None or spec.kind in ("conv", "gemm")
-            m = np.hstack([w, bias[:, None]]) if can_bias else w.copy()
-            if st.rows is not None:
-                rows = st.rows if can_bias else st.rows[:, :-1]
-                consumers[name] = LowRankConsumer(m, rows, damping_of(st.diag[:rows.shape[1]], damping), [])
-            else:
-                h = st.h if can_bias else st.h[:-1, :-1]
-                consumers[name] = Consumer(m, damped_inverse(h, damping), [])
+            consumers[name] = obs_consumer(used[name], stats[name], inits, damping)
         return consumers[name]
 
     group_spaces = [set(g.spaces) for g in groups]

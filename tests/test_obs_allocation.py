@@ -1,0 +1,131 @@
+"""Budgets spent by OBS cost curves (``--allocate obs``): each group's cut priced by the error
+OBSPA's compensation leaves, summed across groups."""
+
+import numpy as np
+import onnx
+import pytest
+
+import spa
+from graphs import Graph
+from spa.plan.allocate import CostRunner
+from spa.runtime import session
+from spa.score.obs import Consumer, damped_inverse, greedy_obs
+from test_control_flow import SHAPES, control_flow_model
+
+
+def redundant_and_dense(seed: int = 0) -> onnx.ModelProto:
+    """Two MLP branches of the same size added together. Branch ``a``'s 16 hidden neurons are
+    8 pairs of identical ones (OBS removes one of each pair at no cost: its twin's outgoing
+    weights take over); branch ``b``'s are all different."""
+    g = Graph(seed=seed)
+    x = g.input([32, 12])
+    outs = []
+    for name in ("a", "b"):
+        w1 = g.rng.standard_normal((12, 16)).astype(np.float32)
+        if name == "a":
+            w1[:, 8:] = w1[:, :8]
+        h = g.op("Relu", [g.op("MatMul", [x, g.const(w1, f"up_{name}")])])
+        outs.append(g.op("MatMul", [h, g.const(g.rng.standard_normal((16, 10)).astype(np.float32), f"down_{name}")]))
+    g.output(g.op("Add", outs))
+    return g.model()
+
+
+def removed_by_branch(r) -> dict:
+    return {name: g["removed"] for g in r.report["groups"] for name in ("a", "b")
+            if any(m.startswith(f"up_{name}[") for m in g["members"])}
+
+
+def relative_error(original, pruned, seed=1) -> float:
+    x = np.random.default_rng(seed).standard_normal((32, 12)).astype(np.float32)
+    y0 = session(original).run(None, {"x": x})[0]
+    y1 = session(pruned).run(None, {"x": x})[0]
+    return float(np.linalg.norm(y1 - y0) / np.linalg.norm(y0))
+
+
+def test_obs_allocation_cuts_where_compensation_is_exact():
+    """The twins go, the dense branch stays, and the output is what it was; an even cut
+    (uniform) takes neurons from both and changes it."""
+    model = redundant_and_dense()
+    r = spa.prune(model, params=0.8, allocation="obs", round_to=1, verify=True)
+    assert r.report["budget"]["allocation"] == "obs" and r.report["verify"]["ok"]
+    assert r.report["budget"]["landed"]
+    removed = removed_by_branch(r)
+    assert removed["b"] == 0 and 0 < removed["a"] <= 8, removed
+    assert relative_error(model, r.model) < 0.02      # not 0: OBS refits with a damped Hessian
+    even = spa.prune(model, params=0.8, allocation="uniform", round_to=1, verify=True)
+    assert removed_by_branch(even)["b"] > 0
+    assert relative_error(model, even.model) > 5 * relative_error(model, r.model)
+
+
+def loud_and_quiet(seed: int = 0) -> onnx.ModelProto:
+    """Two MLP branches alike in every weight, added together after branch ``a``'s output is
+    scaled by 30: their layers' own errors look the same, the model's outputs hear ``a``'s."""
+    g = Graph(seed=seed)
+    x = g.input([32, 12])
+    w1 = g.rng.standard_normal((12, 16)).astype(np.float32)
+    w2 = g.rng.standard_normal((16, 10)).astype(np.float32)
+    outs = []
+    for name in ("a", "b"):
+        h = g.op("Relu", [g.op("MatMul", [x, g.const(w1.copy(), f"up_{name}")])])
+        outs.append(g.op("MatMul", [h, g.const(w2.copy(), f"down_{name}")]))
+    loud = g.op("Mul", [outs[0], g.const(np.array(30.0, np.float32), "loudness")])
+    g.output(g.op("Add", [loud, outs[1]]))
+    return g.model()
+
+
+def test_obs_allocation_measures_what_reaches_the_outputs():
+    """The curves' scale is measured on the model: the quiet branch is cut first."""
+    r = spa.prune(loud_and_quiet(), params=0.8, allocation="obs", round_to=1, verify=True)
+    removed = removed_by_branch(r)
+    assert removed["a"] == 0 and removed["b"] > 0, removed
+    assert r.report["verify"]["ok"]
+
+
+def test_obs_allocation_needs_obspa():
+    with pytest.raises(spa.SpaError, match="obspa"):
+        spa.prune(redundant_and_dense(), params=0.8, allocation="obs", criterion="l1")
+
+
+def test_groups_no_layer_prices_are_spent_uniformly():
+    """Groups inside If/Loop bodies have no statistics, so no curve: the budget is spent as
+    with ``uniform``, and the report says why."""
+    r = spa.prune(control_flow_model(), params=0.7, allocation="obs", input_shapes=SHAPES, verify=True)
+    budget = r.report["budget"]
+    assert budget["allocation"] == "uniform" and "no layer OBS can price" in budget["obs_allocation_skipped"]
+    assert r.report["verify"]["ok"]
+
+
+def test_cost_runner_sums_the_curves_and_refuses_past_their_end():
+    class G:
+        def __init__(self, size):
+            self.size = size
+    runner = CostRunner([G(3), G(2)], [np.array([0.0, 1.0, 3.0]), np.array([0.0, 0.5, 2.0])])
+    assert runner.change([3, 2]) == 0.0
+    assert runner.change([2, 1]) == 1.5
+    assert runner.change([1, 0]) == 5.0
+    assert runner.change([0, 2]) == np.inf          # the curve of group 0 stops at 2 removed
+    assert runner.runs == 4
+
+
+def test_greedy_costs_add_up_to_the_error_left():
+    """Removing one channel a step, the costs greedy_obs reports sum to the damped output
+    error ``(W' - W) H (W' - W)^T`` of the compensated layer: what a curve is made of."""
+    rng = np.random.default_rng(0)
+    d, out, channels = 12, 5, 6
+    x = rng.standard_normal((200, d))
+    h = x.T @ x
+    w = rng.standard_normal((out, d))
+    hinv = damped_inverse(h, 0.01)
+    damped = np.linalg.inv(hinv)
+    cols = [np.array([2 * j, 2 * j + 1]) for j in range(channels)]
+    c = Consumer(w.copy(), hinv.copy(), cols)
+    order, cost = greedy_obs([c], channels, 4, steps=4, ordered=True)
+    assert len(order) == 4 and len(set(order.tolist())) == 4
+    diff = c.weight - w
+    assert np.trace(diff @ damped @ diff.T) == pytest.approx(cost[order].sum(), rel=1e-6)
+    # the same channels in another order cost the same in all, not channel by channel
+    c2 = Consumer(w.copy(), hinv.copy(), cols)
+    order2, cost2 = greedy_obs([c2], channels, 4, steps=4, ordered=True, order=order[::-1])
+    assert list(order2) == list(order[::-1])
+    assert cost2[order2].sum() == pytest.approx(cost[order].sum(), rel=1e-6)
+    assert np.allclose(c2.weight, c.weight)
