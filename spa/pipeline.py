@@ -149,6 +149,7 @@ def _channel_passes(first: Analysis, opts: PruneOptions, stages: Stages,
     if opts.budget is not None:
         kind, target = opts.budget
         budget = Budget(kind, target, opts.calib, opts.input_stats, opts.seed, how=opts.allocation_used,
+                        chosen=opts.allocation != "auto",
                         adds_biases=opts.criterion_used == "obspa")
     steps, plan = opts.steps_used, opts.plan_options()
     result = None
@@ -322,12 +323,13 @@ def _choose(a: Analysis, plan: PlanOptions, opts: PruneOptions, budget: Budget |
     return choice
 
 
-def _cost_curves(a: Analysis, opts: PruneOptions, calibration: Calibration, depth, orders, probe) -> CostCurves:
+def _cost_curves(a: Analysis, opts: PruneOptions, calibration: Calibration, depth, orders, probe,
+                 anchored_only: bool) -> CostCurves:
     """Every group's OBS cost curve for the allocation; none (so the budget is spent
     uniformly) where the model does not run on the inputs OBSPA would use."""
     try:
         return obs_cost_curves(a.model, a.dep, a.groups, calibration, a.shapes.input_shapes, opts.damping, depth,
-                               orders, probe, count_macs(a.model, a.shapes), opts.compensation)
+                               orders, probe, count_macs(a.model, a.shapes), opts.compensation, anchored_only)
     except Exception as e:  # noqa: BLE001  (as _calibrate_or_fall_back: OBSPA itself will say more)
         if not opts.may_fall_back or (isinstance(e, SpaError) and calibration.data is not None):
             raise

@@ -217,11 +217,12 @@ def test_greedy_path_prefix_is_the_looser_allocation():
         assert list(deep.at(target).keeps) == list(allocate(a.groups, runner, resource, target, round_to=1).keeps)
 
 
-def test_auto_allocation_measures_for_magnitude_and_goes_uniform_for_obspa():
+def test_auto_allocation_measures_for_magnitude_and_goes_uniform_for_unanchored_obspa():
     r = spa.prune(branchy(), macs=0.6, criterion="l1", round_to=1, verify=False)
     assert r.report["budget"]["allocation"] == "measured"
     r = spa.prune(branchy(), macs=0.6, round_to=1, verify=True)     # the default criterion is OBSPA
     assert r.report["budget"]["allocation"] == "uniform" and r.report["verify"]["ok"]
+    assert "no calibration data" in r.report["budget"]["obs_allocation_skipped"]    # (tests/test_obs_allocation.py)
 
 
 def test_keep_steps_respect_the_cap():

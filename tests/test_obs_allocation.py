@@ -81,6 +81,36 @@ def test_obs_allocation_measures_what_reaches_the_outputs():
     assert r.report["verify"]["ok"]
 
 
+def with_batch_norms(seed: int = 0) -> onnx.ModelProto:
+    """Conv -> BatchNormalization -> Relu, twice, and a 1x1 conv head: synthetic images steered."""
+    g = Graph(seed=seed)
+    h = g.input([1, 3, 8, 8])
+    for c_in, c_out in ((3, 16), (16, 16)):
+        h = g.conv(h, c_in, c_out)
+        stats = [g.const(v.astype(np.float32)) for v in (1 + 0.3 * g.rng.standard_normal(c_out),
+                                                         0.2 * g.rng.standard_normal(c_out),
+                                                         0.5 * g.rng.standard_normal(c_out),
+                                                         1 + g.rng.random(c_out))]
+        h = g.op("Relu", [g.op("BatchNormalization", [h, *stats])])
+    g.output(g.conv(h, 16, 4, k=1))
+    return g.model()
+
+
+def test_auto_takes_the_curves_where_statistics_are_anchored():
+    """``auto`` spends along OBS curves on calibration data or BatchNorm-steered images, and
+    one ratio on unsteered synthetic inputs (where the curves misplace cuts), saying why."""
+    steered = spa.prune(with_batch_norms(), macs=0.6, round_to=1, verify=True)
+    assert steered.report["budget"]["allocation"] == "obs" and steered.report["verify"]["ok"]
+    model = redundant_and_dense()
+    free = spa.prune(model, params=0.8, round_to=1, verify=True)
+    assert free.report["budget"]["allocation"] == "uniform"
+    assert "no calibration data" in free.report["budget"]["obs_allocation_skipped"]
+    calib = {"x": np.random.default_rng(3).standard_normal((64, 12)).astype(np.float32)}
+    given = spa.prune(model, params=0.8, round_to=1, calib=calib, verify=True)
+    assert given.report["budget"]["allocation"] == "obs" and given.report["verify"]["ok"]
+    assert removed_by_branch(given)["b"] == 0
+
+
 def test_obs_allocation_needs_obspa():
     with pytest.raises(spa.SpaError, match="obspa"):
         spa.prune(redundant_and_dense(), params=0.8, allocation="obs", criterion="l1")

@@ -53,7 +53,7 @@ def test_defaults_are_worked_out_not_stored():
     measured = PruneOptions(macs=0.5, criterion="l1")
     assert (measured.allocation_used, measured.steps_used) == ("measured", 3)
     # a variant works its defaults out anew: no stale allocation or steps carried over
-    assert measured.replace(criterion="obspa").allocation_used == "uniform"
+    assert measured.replace(criterion="obspa").allocation_used == "obs"
     assert measured.replace(criterion="obspa").steps_used == 1
     assert PruneOptions(hidden=-1.0, ratio=0.3).hidden_ratio == 0.3
     with pytest.raises(dataclasses.FrozenInstanceError):

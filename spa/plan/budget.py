@@ -42,6 +42,7 @@ class Budget:
     samples: int | None = None  # default: 8, fewer for models over 250 MMACs a sample
     how: str = "measured"       # or "uniform": one ratio for every group, just enough; or "obs": OBS cost curves
     adds_biases: bool = False   # OBSPA's compensation may give a bias to a Conv/Gemm without one
+    chosen: bool = True         # the allocation was asked for (not ``auto``'s pick): "obs" even unanchored
 
 
 def step(plan: PlanOptions, budget: Budget | None, index: int, steps: int, done: PruneResult | None):
@@ -74,7 +75,7 @@ def spend(a: Analysis, scores, removals, plan: PlanOptions, budget: Budget, curv
     orders = [np.argsort(s, kind="stable") for s in scores]
     how, why_not_obs = budget.how, None
     if how == "obs":
-        runner, orders, why_not_obs = _cost_runner(a.groups, free, plan, orders, curves, budget.target)
+        runner, orders, why_not_obs = _cost_runner(a.groups, free, plan, orders, curves, budget)
         how = "obs" if why_not_obs is None else "uniform"
         samples = None
     if how != "obs":
@@ -113,13 +114,16 @@ def spend(a: Analysis, scores, removals, plan: PlanOptions, budget: Budget, curv
     return removed_positions(a.groups, orders, alloc.keeps), report, [float(v) for v in alloc.marginal]
 
 
-def _cost_runner(groups, free, plan: PlanOptions, orders, curves, target: float):
+def _cost_runner(groups, free, plan: PlanOptions, orders, curves, budget: Budget):
     """(runner, orders, None) from the groups' OBS cost curves, each measured at the share of
     its channels the budget would take from every group alike (``1 - target``), or
-    (None, orders, why not) where a free group has none (no layer with statistics reads it)."""
+    (None, orders, why not) where a free group has none (no layer with statistics reads it),
+    or where ``auto`` picked them and the statistics are not anchored in real inputs."""
     depth = [g.size - max(1, g.size - int(math.floor(g.size * plan.max_ratio + 1e-9))) for g in groups]
-    probe = [int(round(g.size * min(1 - target, plan.max_ratio))) for g in groups]
-    found = curves(depth, orders, probe)
+    probe = [int(round(g.size * min(1 - budget.target, plan.max_ratio))) for g in groups]
+    found = curves(depth, orders, probe, not budget.chosen)
+    if found.info.get("unanchored"):
+        return None, orders, found.info["unanchored"] + ": uniform"
     missing = [g.id for g, f, c in zip(groups, free, found.costs) if f and c is None]
     if missing:
         return None, orders, f"{len(missing)} group(s) have no layer OBS can price (e.g. {missing[0]}): uniform"
