@@ -99,7 +99,8 @@ BUDGET_CRITERIA = list(BUDGET_KWARGS)
 FOLDED_MODELS = ["fashion_resnet_folded", "fashion_vgg_folded", "fashion_mobile_folded"]
 FOLDED_BUDGETS = (0.75, 0.5, 0.3)
 FOLDED_KWARGS = {"folded-default": {}, "folded-merge": {"compensation": "merge"},
-                 "folded-lsq": {"compensation": "lsq"}, "folded-calib": {"calib": 256}, "folded-l1": {"criterion": "l1"}}
+                 "folded-lsq": {"compensation": "lsq"}, "folded-calib": {"calib": 256}, "folded-l1": {"criterion": "l1"},
+                 "folded-calib-uniform": {"calib": 256, "allocation": "uniform"}}
 FOLDED_CRITERIA = list(FOLDED_KWARGS)
 # issue 22: where to cut without data, on the folded CNNs and the same ones with BatchNorm kept
 ALLOC_MODELS = ["fashion_resnet", "fashion_vgg", "fashion_mobile"] + FOLDED_MODELS
@@ -124,6 +125,7 @@ LABELS = {"random": "random (3 seeds)", "l1": "l1", "l2": "l2", "bn-scale": "bn-
           "folded-merge": "OBSPA data-free, compensation=\"merge\"",
           "folded-lsq": "OBSPA data-free, compensation=\"lsq\"",
           "folded-calib": "OBSPA calibrated (256 images)", "folded-l1": "l1",
+          "folded-calib-uniform": "OBSPA calibrated (256 images), allocation=\"uniform\"",
           "alloc-default": "default (OBSPA data-free, allocation as `auto` picks)",
           "alloc-measured": "OBSPA data-free, allocation=\"measured\" (3 steps implied)",
           "alloc-measured-1": "OBSPA data-free, allocation=\"measured\", steps=1",

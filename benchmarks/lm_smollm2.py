@@ -284,6 +284,7 @@ def describe(removed: dict, g: Geometry) -> dict:
 SPA_METHODS = {   # spa.prune keyword arguments of each spa row (params= is the target's)
     "spa-free": {},                                         # the default: OBSPA, data-free
     "spa-calib": {"calib": "calib"},                        # OBSPA on the calibration windows
+    "spa-calib-uniform": {"calib": "calib", "allocation": "uniform"},   # ... one ratio for every group
     "spa-l1": {"criterion": "l1"},
     "spa-free-measured": {"allocation": "measured"},        # OBSPA data-free, measured allocation
     "spa-free-obs": {"allocation": "obs"},                  # OBSPA data-free, allocated by OBS costs
