@@ -109,6 +109,7 @@ ALLOC_KWARGS = {"alloc-default": {}, "alloc-measured": {"allocation": "measured"
                 "alloc-measured-r1": {"allocation": "measured", "round_to": 1},
                 "alloc-measured-r1-1": {"allocation": "measured", "round_to": 1, "steps": 1},
                 "alloc-uniform-r1": {"round_to": 1},
+                "alloc-uniform": {"allocation": "uniform"},
                 "alloc-obs": {"allocation": "obs"}, "alloc-obs-r1": {"allocation": "obs", "round_to": 1}}
 ALLOC_CRITERIA = list(ALLOC_KWARGS)
 MACS_BUDGETS = {"fashion_mobile": (0.75, 0.05)}   # model: (share of MACs kept, allowed accuracy drop)
@@ -131,6 +132,7 @@ LABELS = {"random": "random (3 seeds)", "l1": "l1", "l2": "l2", "bn-scale": "bn-
           "alloc-measured-1": "OBSPA data-free, allocation=\"measured\", steps=1",
           "alloc-measured-r1": "OBSPA data-free, allocation=\"measured\", round_to=1 (3 steps)",
           "alloc-measured-r1-1": "OBSPA data-free, allocation=\"measured\", round_to=1, steps=1",
+          "alloc-uniform": "OBSPA data-free, allocation=\"uniform\"",
           "alloc-obs": "OBSPA data-free, allocation=\"obs\" (OBS cost curves)",
           "alloc-obs-r1": "OBSPA data-free, allocation=\"obs\", round_to=1",
           "alloc-uniform-r1": "OBSPA data-free, uniform, round_to=1"}

@@ -333,8 +333,9 @@ def _cost_curves(a: Analysis, opts: PruneOptions, calibration: Calibration, dept
     except Exception as e:  # noqa: BLE001  (as _calibrate_or_fall_back: OBSPA itself will say more)
         if not opts.may_fall_back or (isinstance(e, SpaError) and calibration.data is not None):
             raise
-        log.info("no OBS costs for the allocation (%s): spent uniformly", str(e).splitlines()[0] if str(e) else e)
-        return CostCurves([None] * len(a.groups), [None] * len(a.groups))
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        log.info("no OBS costs for the allocation (%s): spent uniformly", reason)
+        return CostCurves([None] * len(a.groups), [None] * len(a.groups), {"unpriced": f"OBS failed ({reason})"})
 
 
 def _calibrate(a: Analysis, choice: _Choice, opts: PruneOptions, calibration: Calibration):
@@ -343,15 +344,16 @@ def _calibrate(a: Analysis, choice: _Choice, opts: PruneOptions, calibration: Ca
     refit, held_out = None, None
     criterion, damping = opts.criterion_used, opts.damping
     macs = count_macs(a.model, a.shapes)
+    by_obs = (choice.budget_report or {}).get("allocation") == "obs"
     if criterion == "obspa" and calibration.data is not None and any(len(r) for r in choice.removals):
-        use, held_out = choose_use(a, choice.removals, calibration, damping, macs, opts.compensation)
+        use, held_out = choose_use(a, choice.removals, calibration, damping, macs, opts.compensation, by_obs)
         if use == "data-free":
             calibration = calibration.without_data()
         refit = {"refit": True, "one pass": False}.get(use)
     dplan = data_aware_plan(a.model, a.dep, a.groups, [len(r) for r in choice.removals], criterion,
                             calibration, a.shapes.input_shapes, opts.recalibrate, damping, chosen=choice.removals,
                             macs=macs, refit=refit, compensation=opts.compensation,
-                            chosen_by_obs=(choice.budget_report or {}).get("allocation") == "obs")
+                            chosen_by_obs=by_obs)
     if held_out is not None:
         dplan.info["held_out"] = held_out
     choice.removals = [r if r is not None else old for r, old in zip(dplan.removals, choice.removals)]

@@ -42,21 +42,17 @@ _FED_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto
 
 
 def session(model: onnx.ModelProto, threads: int = 0, optimize: bool = True, timed: bool = False,
-            defaults: bool = False, outputs: tuple[str, ...] = (), feed: tuple[str, ...] = ()):
+            defaults: bool = False, outputs: tuple[str, ...] = ()):
     """A CPU session: optimized (all of onnxruntime's graph optimizations, the basic ones above
     ``LARGE_GRAPH_NODES`` nodes unless ``defaults``: a user's session, whatever the size) or not.
     With ``outputs``, it returns those tensors instead of the model's outputs and runs only the
     nodes they need (onnxruntime runs every node whatever a run fetches: a decoder's statistics
     would pay for the LM head). Building it and (unless ``timed``: a worker's handoff would be
     timed too) its runs can be stopped by a signal (spa.stop). A model with more than
-    ``FED_ABOVE`` bytes of weights gets them fed as inputs unless ``timed``; the initializers
-    named in ``feed`` are fed whatever the size, and a run may feed other values for them."""
+    ``FED_ABOVE`` bytes of weights gets them fed as inputs unless ``timed``."""
     import onnxruntime as ort
     threads = threads or THREADS
     fed = {} if timed else _fed_weights(model)
-    if feed:
-        wanted = set(feed) - set(fed) - {i.name for i in model.graph.input}   # (inputs already: fed as they are)
-        fed.update({t.name: weight_view(t) for t in model.graph.initializer if t.name in wanted})
     model = _structure(model, fed, outputs) if fed or outputs else materialized(model)
     so = ort.SessionOptions()
     so.log_severity_level = 4
@@ -89,7 +85,7 @@ def _session_class():
         def run(self, output_names, input_feed, *args, **kwargs):
             if self.fed:
                 check_mapped()
-            return interruptible(super().run, output_names, {**self.fed, **input_feed}, *args, **kwargs)
+            return interruptible(super().run, output_names, {**input_feed, **self.fed}, *args, **kwargs)
 
         def get_inputs(self):
             return [i for i in super().get_inputs() if i.name not in self.fed]

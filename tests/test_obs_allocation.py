@@ -159,3 +159,68 @@ def test_greedy_costs_add_up_to_the_error_left():
     assert list(order2) == list(order[::-1])
     assert cost2[order2].sum() == pytest.approx(cost[order].sum(), rel=1e-6)
     assert np.allclose(c2.weight, c.weight)
+
+
+def one_mlp(seed: int = 0) -> onnx.ModelProto:
+    g = Graph(seed=seed)
+    x = g.input([32, 12])
+    h = g.op("Relu", [g.op("MatMul", [x, g.const(g.rng.standard_normal((12, 16)).astype(np.float32), "up")])])
+    g.output(g.op("MatMul", [h, g.const(g.rng.standard_normal((16, 10)).astype(np.float32), "down")]))
+    return g.model()
+
+
+def test_a_curve_is_the_error_left_after_each_cut_and_its_probe_sits_where_asked():
+    """On calibration data (every row sampled), a group's curve at k removals is, up to the one
+    scale, the damped output error of its layer refit without the first k channels of its order;
+    the probe is taken at the count asked for."""
+    from spa.score.data import Calibration, collect_stats
+    from spa.score.obs_costs import obs_cost_curves
+    from spa.score.obspa import _consumers_of
+    a = spa.analyze(one_mlp())
+    (g,) = a.groups
+    data = {"x": np.random.default_rng(5).standard_normal((64, 12)).astype(np.float32)}
+    calib = Calibration(data)
+    curves = obs_cost_curves(a.model, a.dep, a.groups, calib, a.shapes.input_shapes, 0.01, [12], [np.arange(16)],
+                             [5], macs=1)
+    assert curves.info["probes"] == [(g.id, 5, 5)]
+    order, curve = curves.orders[0], curves.costs[0]
+    inits = {t.name: t for t in a.model.graph.initializer}
+    used, axis_of, _ = _consumers_of(a.model, a.dep, a.groups, inits)
+    (name, spec), = used.items()
+    st = collect_stats(a.model, used, calib.batches(a.model, a.shapes.input_shapes), axis_of)[name]
+    h = st.h[:-1, :-1] + 0.01 * np.mean(np.diag(st.h[:-1, :-1])) * np.eye(16)     # a MatMul: no bias column
+    w = onnx.numpy_helper.to_array(inits[spec.weight]).T.astype(np.float64)       # (out, in)
+
+    def error(k):
+        kept = np.setdiff1d(np.arange(16), order[:k])
+        new = np.zeros_like(w)
+        new[:, kept] = np.linalg.solve(h[np.ix_(kept, kept)], (w @ h[:, kept]).T).T
+        return np.trace((new - w) @ h @ (new - w).T)
+    for k in (3, 7, 12):
+        assert curve[k] / curve[1] == pytest.approx(error(k) / error(1), rel=1e-4)
+
+
+def test_a_group_the_cap_keeps_whole_leaves_the_others_priced():
+    r = spa.prune(redundant_and_dense(), params=0.8, allocation="obs", round_to=1, max_ratio=0.05, verify=True)
+    assert r.report["budget"]["allocation"] == "obs" and "obs_allocation_skipped" not in r.report["budget"]
+    assert sum(g["removed"] for g in r.report["groups"]) == 0
+
+
+def test_the_probe_feeds_the_bias_obs_gives_a_layer_without_one():
+    """A Conv without a bias is probed with one (OBS refits through a constant-1 input)."""
+    from spa.score.data import consumer_specs
+    from spa.score.obs_costs import _ProbeRunner
+    from spa.score.obspa import weight_matrix
+    g = Graph(seed=2)
+    h = g.op("Relu", [g.conv(g.input([2, 3, 6, 6]), 3, 8)])
+    g.output(g.conv(h, 8, 4, bias=False))
+    model = g.model()
+    a = spa.analyze(model)
+    used = {n: s for n, s in consumer_specs(a.model, a.dep.couplings.contractions).items() if s.bias is None}
+    (name, spec), = used.items()
+    inits = {t.name: t for t in a.model.graph.initializer}
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, 6, 6)).astype(np.float32)}
+    runner = _ProbeRunner(a.model, used, inits, feeds)
+    w = weight_matrix(spec, onnx.numpy_helper.to_array(inits[spec.weight]).astype(np.float64))
+    assert runner.change({name: np.hstack([w, np.zeros((4, 1))])}) == pytest.approx(0.0, abs=1e-7)
+    assert runner.change({name: np.hstack([w, np.full((4, 1), 3.0)])}) > 1e-3

@@ -80,7 +80,7 @@ def add_pruning_options(sp):
     sp.add_argument("--allocate", choices=["auto", "measured", "uniform", "obs"], default="auto",
                     help="how a budget is spent: where the measured output change per MAC saved is least, "
                          "one ratio for every group, or where OBSPA's compensated error per MAC saved is least "
-                         "(obs); auto (default): measured, uniform for obspa")
+                         "(obs); auto (default): measured; for obspa obs with --calib or BatchNorm-steered images, else uniform")
     sp.add_argument("--steps", type=positive_arg, default=None,
                     help="prune in N steps, re-scoring and re-compensating in between (default: 3 for a measured "
                          "--macs/--params budget, else 1)")

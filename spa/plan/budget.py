@@ -73,9 +73,11 @@ def spend(a: Analysis, scores, removals, plan: PlanOptions, budget: Budget, curv
     free = [g.kind not in pinned for g in a.groups]
     start = np.array([g.size - (len(r) if not f else 0) for g, r, f in zip(a.groups, removals, free)])
     orders = [np.argsort(s, kind="stable") for s in scores]
+    resource = ResourceModel(a.model, a.shapes, a.dep, a.groups, "params" if budget.kind == "params" else "macs",
+                             bias_slots=budget.adds_biases)
     how, why_not_obs = budget.how, None
-    if how == "obs":
-        runner, orders, why_not_obs = _cost_runner(a.groups, free, plan, orders, curves, budget)
+    if how == "obs" and resource.full:
+        runner, orders, why_not_obs = _cost_runner(a.groups, free, start, plan, orders, curves, budget, resource)
         how = "obs" if why_not_obs is None else "uniform"
         samples = None
     if how != "obs":
@@ -84,8 +86,6 @@ def spend(a: Analysis, scores, removals, plan: PlanOptions, budget: Budget, curv
         feeds = [Calibration(budget.calib, budget.input_stats, samples=samples, batch=samples,
                              seed=budget.seed).first_batch(a.model, a.shapes.input_shapes)]
         runner = MaskedRunner(a.model, a.dep, a.shapes, a.groups, orders, feeds)
-    resource = ResourceModel(a.model, a.shapes, a.dep, a.groups, "params" if budget.kind == "params" else "macs",
-                             bias_slots=budget.adds_biases)
     if not resource.full:
         raise SpaError(f"--{budget.kind}: the model has no {'weights' if budget.kind == 'params' else 'MACs'} spa "
                        "can count (Conv, Gemm, MatMul, LSTM/GRU/RNN, Einsum with static shapes); use --ratio" +
@@ -114,16 +114,18 @@ def spend(a: Analysis, scores, removals, plan: PlanOptions, budget: Budget, curv
     return removed_positions(a.groups, orders, alloc.keeps), report, [float(v) for v in alloc.marginal]
 
 
-def _cost_runner(groups, free, plan: PlanOptions, orders, curves, budget: Budget):
-    """(runner, orders, None) from the groups' OBS cost curves, each measured at the share of
-    its channels the budget would take from every group alike (``1 - target``), or
-    (None, orders, why not) where a free group has none (no layer with statistics reads it),
-    or where ``auto`` picked them and the statistics are not anchored in real inputs."""
+def _cost_runner(groups, free, start, plan: PlanOptions, orders, curves, budget: Budget, resource: ResourceModel):
+    """(runner, orders, None) from the groups' OBS cost curves, each measured where one ratio
+    for every free group would meet the budget (``_even_share``), or (None, orders, why not)
+    where a free group has none (no layer with statistics reads it), OBS failed, or ``auto``
+    picked them and the statistics are not anchored in real inputs."""
     depth = [g.size - max(1, g.size - int(math.floor(g.size * plan.max_ratio + 1e-9))) for g in groups]
-    probe = [int(round(g.size * min(1 - budget.target, plan.max_ratio))) for g in groups]
+    share = _even_share(groups, free, start, resource, budget.target, plan.max_ratio)
+    probe = [int(round(g.size * share)) for g in groups]
     found = curves(depth, orders, probe, not budget.chosen)
-    if found.info.get("unanchored"):
-        return None, orders, found.info["unanchored"] + ": uniform"
+    for key in ("unanchored", "unpriced"):
+        if found.info.get(key):
+            return None, orders, found.info[key] + ": uniform"
     missing = [g.id for g, f, c in zip(groups, free, found.costs) if f and c is None]
     if missing:
         return None, orders, f"{len(missing)} group(s) have no layer OBS can price (e.g. {missing[0]}): uniform"
@@ -131,6 +133,24 @@ def _cost_runner(groups, free, plan: PlanOptions, orders, curves, budget: Budget
     costs = [c if f else np.zeros(g.size + 1) for g, f, c in zip(groups, free, found.costs)]
     orders = [o if o is not None else old for o, old in zip(found.orders, orders)]
     return CostRunner(groups, costs), orders, None
+
+
+def _even_share(groups, free, start, resource: ResourceModel, target: float, max_ratio: float) -> float:
+    """The share of channels that, taken from every free group alike, meets ``target``
+    (bisection on the exact resource; a conv's MACs fall with the square of its channels)."""
+    goal = target * resource.full
+    sizes = np.array([g.size for g in groups], dtype=np.float64)
+    cut = np.array(free, dtype=bool)
+
+    def value(r):
+        return resource.value(np.where(cut, np.maximum(1, np.round(sizes * (1 - r))), start))
+    lo, hi = 0.0, float(max_ratio)
+    if value(hi) > goal:
+        return hi
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if value(mid) <= goal else (mid, hi)
+    return hi
 
 
 def _landing(groups, resource, alloc, budget: Budget, plan: PlanOptions, free) -> dict:

@@ -22,7 +22,7 @@ USES = (("refit", True, True), ("one pass", True, False), ("data-free", False, N
 
 
 def choose_use(a, removals: list, calibration: Calibration, damping: float,
-               macs: int, compensation: str = "obs") -> tuple[str | None, dict]:
+               macs: int, compensation: str = "obs", chosen_by_obs: bool = False) -> tuple[str | None, dict]:
     """How to use the calibration data (a name of ``USES``), with the held-out error of each
     use tried; None when the data is too small to hold samples out.
 
@@ -48,7 +48,8 @@ def choose_use(a, removals: list, calibration: Calibration, damping: float,
         _, with_data, refit = next(u for u in USES if u[0] == name)
         source = fit if with_data else calibration.without_data()
         with phase(f"trying {name} on held-out samples"):
-            errors[name] = _held_out_error(a, removals, source, refit, damping, macs, held, want, compensation)
+            errors[name] = _held_out_error(a, removals, source, refit, damping, macs, held, want, compensation,
+                                           chosen_by_obs)
         return errors[name]
 
     best = default
@@ -60,14 +61,14 @@ def choose_use(a, removals: list, calibration: Calibration, damping: float,
 
 
 def _held_out_error(a, removals, source: Calibration, refit, damping, macs, held, want,
-                    compensation: str = "obs") -> float:
+                    compensation: str = "obs", chosen_by_obs: bool = False) -> float:
     """Prune with OBSPA on ``source`` and measure the pruned model on the held-out feeds."""
     from ..plan.plan import make_plan
     from ..rewrite.apply import rewrite
     from ..runtime import any_session
     dplan = data_aware_plan(a.model, a.dep, a.groups, [len(r) for r in removals], "obspa", source,
                             a.shapes.input_shapes, damping=damping, chosen=removals, macs=macs, refit=refit,
-                            compensation=compensation)
+                            compensation=compensation, chosen_by_obs=chosen_by_obs)
     chosen = [r if r is not None else old for r, old in zip(dplan.removals, removals)]
     pruned = rewrite(a.model, make_plan(a, chosen, updates=dplan.weights, new_biases=dplan.new_biases))
     return _relative_error(any_session(pruned), held, want)

@@ -22,7 +22,7 @@ parameters as a few hundred neurons, goes only where it is that cheap.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -32,7 +32,7 @@ from ..graph.groups import Group
 from ..loading.model import release_mapped
 from ..progress import track
 from .data import BatchLayout, Calibration
-from .obs import greedy_obs
+from .obs import LowRankConsumer, greedy_obs
 from .obspa import (DataPlan, _columns, _consumers_of, _write_back, chooses_by_magnitude, obs_consumer,
                     statistics_by_part, statistics_source)
 
@@ -91,7 +91,10 @@ def obs_cost_curves(model: onnx.ModelProto, dep: Dependency, groups: list[Group]
             g = groups[gi]
             mine = [name for name in part_used if (used[name].data, axis_of[name]) in spaces[gi] and name in stats]
             k = int(depth[gi])
-            if not mine or not k:
+            if not mine:
+                continue
+            if not k:           # (the cap allows no cut of this group)
+                curves.orders[gi], curves.costs[gi] = np.asarray(magnitude_orders[gi], np.int64), np.zeros(1)
                 continue
             consumers = []
             for name in mine:
@@ -106,7 +109,12 @@ def obs_cost_curves(model: onnx.ModelProto, dep: Dependency, groups: list[Group]
                     probed["count"] = count
                     probed["change"] = runner.change({name: c.weight for name, c in zip(mine, consumers)})
             order = np.asarray(magnitude_orders[gi][:k]) if by_magnitude else None
-            removed, cost = greedy_obs(consumers, g.size, k, ordered=True, order=order, after_step=after_step)
+            # in steps even on wide layers (greedy_obs would take all in one): a curve needs the
+            # joint cost at each point and the probe its own; rows-only layers in fewer steps
+            steps = 8 if any(isinstance(c, LowRankConsumer) for c in consumers) else 32
+            removed, cost = greedy_obs(consumers, g.size, k, steps=steps, max_dim=np.inf, ordered=True, order=order,
+                                       after_step=after_step)
+            info.setdefault("probes", []).append((g.id, at, probed["count"]))
             rest = np.setdiff1d(np.asarray(magnitude_orders[gi]), removed, assume_unique=True)
             curves.orders[gi] = np.concatenate([removed, rest]).astype(np.int64)
             curve = np.concatenate([[0.0], np.cumsum(np.maximum(cost[removed], 0.0))])
@@ -134,18 +142,41 @@ def _probe_feeds(layout: BatchLayout, feeds: dict, macs: int) -> dict:
 
 
 class _ProbeRunner:
-    """The model with every OBS layer's weight and bias fed: ``change(updated)`` runs it with
-    some layers' (out, D [+1]) matrices replaced and returns the relative change of its outputs.
-    A bias OBS would add to a layer that has none is left out."""
+    """The model with every OBS layer's weight and bias as an input (a Conv or Gemm without a
+    bias gets one: OBS refits it with one): ``change(updated)`` runs it with some layers'
+    (out, D [+1]) matrices replaced and returns the relative change of its outputs."""
 
     def __init__(self, model: onnx.ModelProto, used: dict, inits: dict, feeds: dict):
+        from ..loading.model import tensor_names, unique_name
+        from ..loading.tensors import weight_view
         from ..plan.allocate import _output_change
-        from ..runtime import session
-        self.used, self.inits, self.feeds = used, inits, feeds
-        names = tuple(n for spec in used.values() for n in (spec.weight, spec.bias) if n is not None)
-        self.session = session(model, feed=names)
-        self.reference = self.session.run(None, feeds)
-        self._change = _output_change
+        from ..runtime import _structure, session
+        self.used, self.feeds, self._change = dict(used), feeds, _output_change
+        weights = {n for spec in used.values() for n in (spec.weight, spec.bias) if n is not None}
+        listed = {i.name for i in model.graph.input}
+        self.weights = {t.name: weight_view(t) for t in model.graph.initializer if t.name in weights}
+        probe = _structure(model, {n: None for n in self.weights if n not in listed}, ())
+        self.inits = dict(inits)
+        taken = tensor_names(model)
+        nodes = {n.name: n for n in probe.graph.node}
+        for name, spec in used.items():
+            node = nodes.get(spec.node.name)
+            if spec.bias is not None or spec.kind not in ("conv", "gemm") or node is None:
+                continue
+            w = inits[spec.weight]
+            out = int(w.dims[1] if spec.kind == "gemm" and _attr(spec.node, "transB", 0) == 0 else w.dims[0])
+            zero = onnx.numpy_helper.from_array(np.zeros(out, onnx.helper.tensor_dtype_to_np_dtype(w.data_type)),
+                                                unique_name(f"{node.name}__probe_bias", taken))
+            taken.add(zero.name)
+            probe.graph.input.append(onnx.helper.make_tensor_value_info(zero.name, w.data_type, [out]))
+            while len(node.input) < 3:
+                node.input.append("")
+            node.input[2] = zero.name
+            self.weights[zero.name] = onnx.numpy_helper.to_array(zero)
+            self.inits[zero.name] = zero
+            self.used[name] = replace(spec, bias=zero.name)
+        self.session = session(probe)
+        self.reference = self.session.run(None, {**feeds, **self.weights})
         self.runs = 0
 
     def change(self, updated: dict[str, np.ndarray]) -> float:
@@ -153,5 +184,9 @@ class _ProbeRunner:
         for name, m in updated.items():
             _write_back(plan, self.used[name], m, self.inits)
         self.runs += 1
-        got = self.session.run(None, {**self.feeds, **plan.weights})
+        got = self.session.run(None, {**self.feeds, **self.weights, **plan.weights})
         return float(self._change([np.asarray(y) for y in got], self.reference))
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)

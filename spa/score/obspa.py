@@ -97,7 +97,8 @@ def data_aware_plan(model: onnx.ModelProto, dep: Dependency, groups: list[Group]
         refit = sum(1 for k in n_remove if k) * samples * macs <= SEQUENTIAL_BUDGET
     if criterion == "obspa" and calibration.data is not None and refit:
         info["mode"] = "sequential (each group refit on the inputs of the already pruned model)"
-        return _obspa_sequential(model, dep, groups, n_remove, used, axis_of, batches, damping, inits, info)
+        return _obspa_sequential(model, dep, groups, n_remove, used, axis_of, batches, damping, inits, info,
+                                 chosen if chosen_by_obs else None)
     source, steered, images = statistics_source(model, calibration, layout, batches, info)
     keep_choice = False
     if criterion == "obspa" and (chosen_by_obs or chooses_by_magnitude(calibration, images, steered, compensation)):
@@ -466,11 +467,13 @@ def _write_back(plan: DataPlan, spec: ConsumerSpec, m: np.ndarray, inits, weight
         plan.new_biases[spec.node.name] = bias.astype(dtype if dtype.kind == "f" else np.float32)  # float16 conv: float16 bias
 
 
-def _obspa_sequential(model, dep, groups, n_remove, used, axis_of, batches, damping, inits, info) -> DataPlan:
+def _obspa_sequential(model, dep, groups, n_remove, used, axis_of, batches, damping, inits, info,
+                      chosen: list | None = None) -> DataPlan:
     """OBSPA group after group, upstream first. Each group's consumers are first refit so that,
     on the inputs the already-pruned model now gives them, they reproduce the original layer's
     output (least squares with the cross moments of original and current inputs); then OBS
-    removes the group's channels with compensation. Errors no longer compound layer by layer."""
+    removes the group's channels with compensation (the ``chosen`` ones where given: what the
+    OBS allocation chose). Errors no longer compound layer by layer."""
     plan = DataPlan([], [], info=info)
     working = onnx.ModelProto()
     working.CopyFrom(model)
@@ -508,8 +511,8 @@ def _obspa_sequential(model, dep, groups, n_remove, used, axis_of, batches, damp
             fit = np.zeros_like(m0)
             fit[:, idx] = m0 @ st.cross[:, idx] @ hinv[np.ix_(idx, idx)]
             consumers.append(Consumer(fit, hinv, _columns(g, dep, used[name], axis_of[name])))
-        removed, cost = greedy_obs(consumers, g.size, k)
-        removals[gi] = removed
+        removed, cost = greedy_obs(consumers, g.size, k, order=None if chosen is None else np.asarray(chosen[gi]))
+        removals[gi] = np.sort(removed)
         plan.scores.append(None)
         for name, c in zip(mine, consumers):
             m0, _, alive = state[name]
