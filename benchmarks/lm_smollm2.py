@@ -433,8 +433,11 @@ def render() -> str:
         newest[(row["method"], row["target"])] = row
     text = ("## SmolLM2-135M: perplexity vs parameters removed, no fine-tuning\n\n"
             "`python benchmarks/lm_smollm2.py` (FLAP, Wanda-sp in torch), `--methods --spa spa-free spa-calib "
-            "spa-l1` (spa on the dynamo export), `--render` (this section). spa's removed share is its report's "
-            "(a tied embedding counted once); spa cuts where its default options say (`--params 1-target`).\n\n"
+            "spa-l1` (spa on the dynamo export; `spa-calib-uniform`, `spa-free-obs`, `spa-calib-obs` name the "
+            "allocation), `--render` (this section). spa's removed share is its report's (a tied embedding counted "
+            "once); spa cuts where its default options say (`--params 1-target`): with calibration windows `auto` "
+            "spends the budget along OBS cost curves (`obs`), without data (self-written text) one ratio for every "
+            "group (`uniform`).\n\n"
             + table(list(newest.values())))
     print(text)
     update_readme_section(text)
