@@ -151,7 +151,7 @@ def render(rows: list[dict]) -> str:
         before = {(r["model"], r.get("kind"), r.get("target")): r for r in cells if r["revision_role"] == "baseline"}
         revs = sorted({r["revision"] for r in now})
         base_revs = sorted({r["revision"] for r in before.values()})
-        name = "default criterion (data-free OBSPA: one ratio for every group, 1 step)" if crit == "default" else \
+        name = "default criterion (data-free OBSPA, 1 step: OBS cost curves where BatchNorm steers the synthetic inputs, else one ratio for every group)" if crit == "default" else \
             f"`criterion=\"{crit}\"` (measured allocation, 3 steps)"
         lines += [f"### {name}", "",
                   f"spa revision(s): {', '.join(f'`{r}`' for r in revs)}"
