@@ -109,3 +109,21 @@ def test_cli_says_why_a_budget_did_not_land(tmp_path, capsys):
                  "--criterion", "l1", "--steps", "1", "--no-verify"]) == 0
     out = capsys.readouterr().out
     assert "budget: macs 0.6 of the original -> 0.5 (not within 3%: no reachable point within 3% of 0.6" in out
+
+
+def test_a_bias_slot_counts_only_once_its_layer_loses_inputs():
+    """OBS refits, and may give a bias to, only a layer whose input channels go: a params
+    budget reserves that bias only then (an uncut layer's slot left budgets 3-4 % short)."""
+    from graphs import Graph
+    from spa.plan.allocate import ResourceModel
+    g = Graph(seed=1)
+    h = g.op("Relu", [g.conv(g.input([1, 3, 8, 8]), 3, 8)])
+    g.output(g.conv(h, 8, 4, bias=False))
+    a = spa.analyze(g.model())
+    slots = ResourceModel(a.model, a.shapes, a.dep, a.groups, "params", bias_slots=True)
+    plain = ResourceModel(a.model, a.shapes, a.dep, a.groups, "params")
+    whole = [gr.size for gr in a.groups]
+    assert slots.value(whole) == plain.value(whole) == plain.full
+    cut = [s - 2 for s in whole]
+    assert slots.value(cut) == plain.value(cut) + 4        # the last conv's 4 outputs may get a bias
+    assert np.allclose(slots.values(np.array([whole, cut])), [plain.full, plain.value(cut) + 4])

@@ -72,8 +72,8 @@ class ResourceModel:
                 if t.data_type in WEIGHT_TYPES and not (t.name in copies and cut.isdisjoint(spaces)):
                     terms.append((float(np.prod(t.dims)), spaces))
         real = len(terms)
-        if kind == "params" and bias_slots:
-            terms += _bias_slots(model)
+        slots = _bias_slots(model) if kind == "params" and bias_slots else []
+        terms += [(base, spaces) for base, spaces, _ in slots]
         # an axis' space -> row of the linear map from keep fractions to its kept share
         rows: dict = {}
         for _, spaces in terms:
@@ -105,23 +105,32 @@ class ResourceModel:
                 if s in rows:
                     self.term_rows[ti, j] = rows[s]
         self.base = np.array([b for b, _ in terms], dtype=np.float64)
+        # a bias slot counts only while the layer's input is cut: OBS refits (and may give a
+        # bias to) just the layers that lose input channels
+        self.gated = np.arange(real, len(terms))
+        self.gate_rows = np.array([rows.get(read, -1) for _, _, read in slots], dtype=np.int64)
         self.full = float(self.base[:real] @ np.prod(self._shares(self.sizes)[self.term_rows[:real]], axis=1))
 
     def _shares(self, keeps) -> np.ndarray:
         return self.offset + self.coef @ (np.asarray(keeps, dtype=np.float64) / np.maximum(self.sizes, 1))
 
     def value(self, keeps: np.ndarray) -> float:
-        return float(self.base @ np.prod(self._shares(keeps)[self.term_rows], axis=1))
+        return float(self.values(np.asarray(keeps)[None])[0])
 
     def values(self, keeps: np.ndarray) -> np.ndarray:
         """``value`` of every row of ``keeps`` (points x groups)."""
         share = self.offset + (np.asarray(keeps, dtype=np.float64) / np.maximum(self.sizes, 1)) @ self.coef.T
-        return np.prod(share[:, self.term_rows], axis=2) @ self.base
+        terms = np.prod(share[:, self.term_rows], axis=2) * self.base
+        if len(self.gated):
+            cut = (share[:, np.maximum(self.gate_rows, 0)] < 1 - 1e-9) & (self.gate_rows >= 0)
+            terms[:, self.gated] *= cut
+        return terms.sum(axis=1)
 
 
-def _bias_slots(model: onnx.ModelProto) -> list[tuple[float, list]]:
+def _bias_slots(model: onnx.ModelProto) -> list[tuple[float, list, tuple]]:
     """A term per Conv and Gemm without a bias whose weight is an initializer: its output
-    channels, on its weight's output axis (where ``spa.score.obspa`` may add a bias)."""
+    channels, on its weight's output axis (where ``spa.score.obspa`` may add a bias), and the
+    space of its weight's input axis (the bias comes only with a cut there)."""
     inits = {t.name: t for t in model.graph.initializer}
     out = []
     for node in all_nodes(model.graph):
@@ -132,7 +141,7 @@ def _bias_slots(model: onnx.ModelProto) -> list[tuple[float, list]]:
             continue
         trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
         axis = 1 if node.op_type == "Gemm" and not trans_b else 0
-        out.append((float(w.dims[axis]), [(w.name, axis)]))
+        out.append((float(w.dims[axis]), [(w.name, axis)], (w.name, 1 - axis if node.op_type == "Gemm" else 1)))
     return out
 
 
