@@ -30,11 +30,11 @@ from .options import PruneOptions
 from .rewrite.perp import refit_normalizations
 from .plan.plan import Plan, make_plan
 from .plan.planner import PlanOptions, plan_removals
-from .loading.model import release_mapped
+from .loading.model import has_external_data, in_memory_bytes, release_mapped, spilled
 from .loading.probe import second_probe
 from .result import PruneResult, file_bytes
 from .rewrite.apply import rewrite
-from .runtime import LARGE_GRAPH_NODES
+from .runtime import FED_ABOVE, LARGE_GRAPH_NODES
 from .loading.probe import infer_shapes
 from .verify.oracle import check_shapes, check_signature, check_valid, masked_model, oracle, output_error
 
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 # The oracle runs by default below this many parameters and graph nodes: it builds two
 # onnxruntime sessions with the users' default options, whose time grows much faster than the
 # node count (spa.runtime.LARGE_GRAPH_NODES: minutes for a 100k-node chain).
-VERIFY_AUTO_MAX_PARAMS = 50_000_000
+VERIFY_AUTO_MAX_PARAMS = 2_000_000_000
 VERIFY_AUTO_MAX_NODES = LARGE_GRAPH_NODES
 
 
@@ -281,6 +281,8 @@ def _prune_pass(a: Analysis, plan: PlanOptions, opts: PruneOptions, stages: Stag
         choice.data_info = {**(choice.data_info or {}), "normalizations_refit": refit}
     stages("rewrite")
     pruned = rewrite(a.model, the_plan)
+    if has_external_data(a.model) and in_memory_bytes(pruned) > FED_ABOVE:
+        pruned = spilled(pruned)   # a session of it would be fed a copy of each weight: see spilled
     check_signature(a.model, pruned)
     check_shapes(a.model, pruned, a.shapes.input_shapes)
     stages("report")

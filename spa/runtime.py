@@ -11,7 +11,7 @@ from .loading.tensors import check_mapped, materialized, tensor_bytes, weight_vi
 from .stop import interruptible
 
 __all__ = ["session", "default_session", "any_session", "node_reads", "THREADS", "LARGE_GRAPH_NODES",
-           "vector_channels"]
+           "vector_channels", "weight_bytes"]
 
 # Intra-op threads of every session spa makes when a caller gives none; 0: onnxruntime's
 # default (every core). Parallel callers (a sweep's workers, a shared benchmark machine) set it.
@@ -93,13 +93,19 @@ def _session_class():
     return Session
 
 
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the float weights a session of ``model`` would be fed (``FED_ABOVE``)."""
+    return sum(tensor_bytes(t) for t in model.graph.initializer
+               if t.data_type in _FED_TYPES and tensor_bytes(t) >= _FED_MIN_BYTES)
+
+
 def _fed_weights(model: onnx.ModelProto) -> dict:
     """The initializers a session of ``model`` is fed (name -> array), or none below ``FED_ABOVE``."""
-    big = [t for t in model.graph.initializer if t.data_type in _FED_TYPES and tensor_bytes(t) >= _FED_MIN_BYTES]
-    if sum(tensor_bytes(t) for t in big) <= FED_ABOVE:
+    if weight_bytes(model) <= FED_ABOVE:
         return {}
     listed = {i.name for i in model.graph.input}   # below IR 4 an initializer is also an input
-    return {t.name: weight_view(t) for t in big if t.name not in listed}
+    return {t.name: weight_view(t) for t in model.graph.initializer
+            if t.data_type in _FED_TYPES and tensor_bytes(t) >= _FED_MIN_BYTES and t.name not in listed}
 
 
 def _structure(model: onnx.ModelProto, fed: dict, outputs) -> onnx.ModelProto:

@@ -30,7 +30,8 @@ from .tensors import (_DATA_FILES, _MAPS, _elements, _external_info, _open_data_
                       materialized, release_mapped, stored_bytes, tensor_array, tensor_bytes, weight_view)
 
 __all__ = ["load", "read", "normalize", "save", "output_paths", "tensor_array", "weight_view", "tensor_bytes",
-           "materialized", "unique_name", "tensor_names", "add_typed_input", "release_mapped", "remove_initializers"]
+           "materialized", "unique_name", "tensor_names", "add_typed_input", "release_mapped", "remove_initializers",
+           "in_memory_bytes", "spilled"]
 
 # normalize names a further reader's copy of an initializer <name><COPY_MARK><n>
 COPY_MARK = "__use"
@@ -489,15 +490,18 @@ def _keeps_weights_in(path: Path, name: str) -> bool:
 _WRITE_SLICE = 16 << 20
 
 
-def _with_streamed_weights(model: onnx.ModelProto, data_path: str, location: str) -> onnx.ModelProto:
+def _with_streamed_weights(model: onnx.ModelProto, data_path: str, location: str,
+                           keep_external: bool = False) -> onnx.ModelProto:
     """The model's structure, with every weight of 1 KB or more appended to ``data_path`` and
-    referenced there; never more than one tensor in memory."""
+    referenced there (``keep_external``: only those it holds in memory); never more than one
+    tensor in memory."""
     proto = onnx.ModelProto()
     copy_fields(model, proto, skip={"graph"})
     copy_fields(model.graph, proto.graph, skip={"initializer"})
     with open(data_path, "wb") as f:
         for t in model.graph.initializer:
-            if tensor_bytes(t) < 1024 and t.data_location != onnx.TensorProto.EXTERNAL:
+            external = t.data_location == onnx.TensorProto.EXTERNAL
+            if (tensor_bytes(t) < 1024 and not external) or (keep_external and external):
                 proto.graph.initializer.append(t)
                 continue
             # the bytes as stored (one copy at most: protobuf's bytes), a mapped file's pages
@@ -513,4 +517,34 @@ def _with_streamed_weights(model: onnx.ModelProto, data_path: str, location: str
             del data
             release_mapped()
             proto.graph.initializer.append(ref)
+    return proto
+
+
+def in_memory_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the weights ``model`` holds in its own protobuf (not in external data)."""
+    return sum(tensor_bytes(t) for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL)
+
+
+def spilled(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with the weights it holds in memory moved to a scratch file, read from there
+    as external data is (memory-mapped, a slice at a time when saved). A protobuf message
+    hands out a copy of its bytes on every read, so each session of a pruned decoder held in
+    memory was fed another copy of its weights, and the bytes are freed only with the whole
+    model: so the caller drops ``model``. The file is unlinked at once (its descriptor keeps it
+    until the process ends); where it cannot be written, ``model`` is returned as it is."""
+    import tempfile
+    try:
+        fd, path = tempfile.mkstemp(prefix="spa-weights-", suffix=".data")
+        os.close(fd)
+    except OSError as e:
+        log.info("weights stay in memory (%s)", e)
+        return model
+    try:
+        proto = _with_streamed_weights(model, path, path, keep_external=True)
+        _open_data_file(Path(path), "spilled weights")
+    except OSError as e:    # a full or read-only temporary folder: stay in memory
+        log.info("weights stay in memory (%s)", e)
+        return model
+    finally:
+        os.unlink(path)
     return proto

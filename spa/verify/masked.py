@@ -51,15 +51,19 @@ def _by_node(contractions) -> dict:
     return at
 
 
-def mask_contractions(model: onnx.ModelProto, contractions, shapes, mask_of, as_inputs: bool = False):
-    """A copy of ``model`` with a mask multiplied in wherever an axis is contracted
+def mask_contractions(model: onnx.ModelProto, contractions, shapes, mask_of, as_inputs: bool = False,
+                      in_place: bool = False):
+    """A copy of ``model`` (``model`` itself with ``in_place``) with a mask multiplied in wherever an axis is contracted
     (``contractions``: (node name, input index, axis), as the rules record them) and
     ``mask_of((tensor, axis))`` gives one (a 1-D array; None leaves the axis alone). The masks
     are initializers, or graph inputs with ``as_inputs`` (fed at run time, the given array
     being their neutral value). Returns the model and, per masked space, its masks as
     ``(name, broadcast shape, dtype)``."""
-    masked = onnx.ModelProto()
-    masked.CopyFrom(model)
+    if in_place:
+        masked = model
+    else:
+        masked = onnx.ModelProto()
+        masked.CopyFrom(model)
     masks: dict = {}
 
     def insert(node, entry, taken):
@@ -98,7 +102,8 @@ def masked_model(model: onnx.ModelProto, plan: Plan, shapes) -> onnx.ModelProto:
         mask = np.zeros(plan.sizes[space])
         mask[kept] = 1
         return mask
-    masked = mask_contractions(apply_updates(model, plan), plan.contractions, shapes, mask_of)[0]
+    updated = apply_updates(model, plan)   # a copy where the plan changes weights: masked in place, not copied again
+    masked = mask_contractions(updated, plan.contractions, shapes, mask_of, in_place=updated is not model)[0]
 
     def to_zero_point(node, entry, taken):   # Where(kept, x, zero point)
         k, axis, zp, zp_axes = entry

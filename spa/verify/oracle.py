@@ -22,6 +22,7 @@ from .tails import fetched_name, pre_activation, readable, with_outputs
 from .rounding import (QDQ_MAX_SHARE, QDQ_MAX_STEPS, QDQ_NOISE_FACTOR, QDQ_SHARE, float_twin, has_qdq,
                        output_steps, rounding_ok, steps_apart)
 from ..runtime import any_session, default_session, session
+from ..score.blocks import PartwiseSession, in_parts
 from ..loading.shapes import branch_values, compared_values, infer_skeleton, random_inputs
 
 __all__ = ["masked_model", "mask_contractions", "check_signature", "check_valid", "check_shapes", "oracle",
@@ -438,8 +439,8 @@ def oracle(pruned: onnx.ModelProto, masked: onnx.ModelProto, input_shapes: dict 
         rtol, atol = max(rtol, RTOL_16BIT), max(atol, ATOL_16BIT)
     if has_qdq(pruned):
         return _quantized_oracle(pruned, masked, runs, original, samples, seed, rtol, atol)
-    s_masked = any_session(masked)
-    pair = _Pair(pruned, masked, s_pruned.run, s_masked.run, [o.name for o in s_masked.get_outputs()], original)
+    s_masked = PartwiseSession(masked) if in_parts(masked) else any_session(masked)
+    pair = _Pair(pruned, masked, s_pruned.run, s_masked.run, [o.name for o in masked.graph.output], original)
     return _compare(pair, runs, samples, seed, rtol, atol)
 
 
