@@ -534,11 +534,12 @@ def spilled(model: onnx.ModelProto) -> onnx.ModelProto:
     until the process ends); where it cannot be written, ``model`` is returned as it is."""
     import tempfile
     try:
-        fd, path = tempfile.mkstemp(prefix="spa-weights-", suffix=".data")
+        fd, name = tempfile.mkstemp(prefix="spa-weights-", suffix=".data")
         os.close(fd)
     except OSError as e:
         log.info("weights stay in memory (%s)", e)
         return model
+    path = str(Path(name))     # the location its tensors name, and the key its descriptor is kept under
     try:
         proto = _with_streamed_weights(model, path, path, keep_external=True)
         _open_data_file(Path(path), "spilled weights")
@@ -546,5 +547,16 @@ def spilled(model: onnx.ModelProto) -> onnx.ModelProto:
         log.info("weights stay in memory (%s)", e)
         return model
     finally:
-        os.unlink(path)
+        try:
+            os.unlink(path)
+        except OSError:     # where an open file cannot be removed: at exit, if it can be then
+            import atexit
+            atexit.register(_remove_quietly, path)
     return proto
+
+
+def _remove_quietly(path: str):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
