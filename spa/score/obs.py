@@ -89,16 +89,20 @@ class LowRankConsumer:
     def __post_init__(self):
         self.rows = np.asarray(self.rows, dtype=np.float64)
         self.alive = np.ones(self.weight.shape[1], dtype=bool)
+        self._gram = None
 
-    def _solve(self, x: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """(lam I + x x^T)^-1 b, an n x n system."""
-        g = x @ x.T
-        g[np.diag_indices_from(g)] += self.lam
-        return np.linalg.solve(g, b)
+    def gram(self) -> np.ndarray:
+        """lam I + X_A X_A^T over the alive columns A (n x n), made once and downdated as
+        columns go: forming it costs n^2 D, a downdate n^2 per removed column."""
+        if self._gram is None:
+            x = self.rows if self.alive.all() else self.rows[:, self.alive]
+            self._gram = x @ x.T
+            self._gram[np.diag_indices_from(self._gram)] += self.lam
+        return self._gram
 
     def costs(self, channels) -> np.ndarray:
         x = self.rows if self.alive.all() else np.where(self.alive, self.rows, 0.0)  # removed read nothing
-        z = self._solve(x, x)                                                  # (n, D): M X
+        z = np.linalg.solve(self.gram(), x)                                    # (n, D): M X
 
         def blocks(cols):
             # (H^-1)_cc = (I - X_c^T M X_c) / lam, one b x b block per channel
@@ -111,17 +115,19 @@ class LowRankConsumer:
         cols = np.concatenate([self.columns[j] for j in channels]) if channels else np.array([], int)
         if len(cols) == 0:
             return
-        a = np.nonzero(self.alive)[0]
+        # W_K += W_R H_RK (H_KK)^-1, H_RK = X_R^T X_K, which Woodbury turns into
+        # W_R X_R^T (lam I + X_K X_K^T)^-1 X_K: the removed columns' share of the output, refit
+        # by the kept ones (no difference of nearly equal terms, and nothing D-sized but X_K)
+        xr = self.rows[:, cols]
+        carried = self.weight[:, cols] @ xr.T                                   # (out, n)
+        gram = self.gram()
+        gram -= xr @ xr.T
         self.alive[cols] = False
         k = np.nonzero(self.alive)[0]
-        xk = self.rows[:, k]
-        # W_K = W_A H_AK (H_KK)^-1 with H_AK = X_A^T X_K + lam I_AK and Woodbury for H_KK^-1
-        p = ((self.weight[:, a] @ self.rows[:, a].T) @ xk) + self.lam * self.weight[:, k]
-        new = (p - self._solve(xk, xk @ p.T).T @ xk) / self.lam
-        self.weight[:, :] = 0.0
-        self.weight[:, k] = new
+        self.weight[:, k] += np.linalg.solve(gram, carried.T).T @ self.rows[:, k]
+        self.weight[:, cols] = 0.0
         if last:
-            self.rows = None          # nobody reads this layer again: free its rows early
+            self.rows = self._gram = None   # nobody reads this layer again: free its rows early
 
 
 def _costs(channels: list, columns, weight, blocks_of, block_size) -> np.ndarray:
