@@ -64,6 +64,10 @@ class BlockRunner:
         if self._fetch:
             self._session = session(self._part_model(k), outputs=tuple(self._fetch), optimize=self.optimize)
 
+    def finish(self):
+        """Let the running part's session go."""
+        self._session = None
+
     def run(self, k: int, b: int, feeds: dict) -> dict[str, np.ndarray]:
         values = {t: self.kept[(b, t)] for t in self.inputs[k]}
         if self._session is not None:
@@ -100,12 +104,11 @@ class BlockRunner:
         return m
 
 
-
 # A model with more than PARTWISE_ABOVE bytes of weights is run part by part where the whole
 # of it need not be one session (the oracle's masked original, the probe's original), in parts
-# of about PART_BYTES. One session reads every weight: the oracle's run of the masked original
-# beside the pruned model took a 0.15B decoder's pruning from 1.2x to 1.9x its size
-# (benchmarks/big_model.py).
+# of about PART_BYTES. One session reads every weight: with the oracle's masked original in one
+# session, pruning the 0.15B decoder of benchmarks/big_model.py peaked at 1.9x its size; in
+# parts (and its pruned weights spilled, spa.loading.model.spilled), at 1.24x.
 PARTWISE_ABOVE = 256 << 20
 PART_BYTES = 128 << 20
 
@@ -180,9 +183,9 @@ class PartwiseSession:
                 self.blocks.start(k)
                 for b, feeds in enumerate(feeds_list):
                     got[b].update((t, v) for t, v in self.blocks.run(k, b, feeds).items() if t in names)
-                self.blocks._session = None
+                self.blocks.finish()
                 release_mapped()
         finally:
             self.blocks.kept.clear()
-            self.blocks._session = None
+            self.blocks.finish()
         return [[values[t] for t in names] for values in got]
