@@ -30,7 +30,7 @@ from .options import PruneOptions
 from .rewrite.perp import refit_normalizations
 from .plan.plan import Plan, make_plan
 from .plan.planner import PlanOptions, plan_removals
-from .loading.model import has_external_data, in_memory_bytes, release_mapped, spilled
+from .loading.model import has_external_data, in_memory_bytes, materialized, release_mapped, spilled
 from .loading.probe import second_probe
 from .result import PruneResult, file_bytes
 from .rewrite.apply import rewrite
@@ -281,14 +281,19 @@ def _prune_pass(a: Analysis, plan: PlanOptions, opts: PruneOptions, stages: Stag
         choice.data_info = {**(choice.data_info or {}), "normalizations_refit": refit}
     stages("rewrite")
     pruned = rewrite(a.model, the_plan)
-    if has_external_data(a.model) and in_memory_bytes(pruned) > FED_ABOVE:
-        pruned = spilled(pruned)   # a session of it would be fed a copy of each weight: see spilled
     check_signature(a.model, pruned)
     check_shapes(a.model, pruned, a.shapes.input_shapes)
     stages("report")
     report = _pass_report(a, the_plan, pruned, choice)
-    result = PruneResult(pruned, a.model, report, a.source, a.files, [the_plan])
+    # a session of a model held in memory is fed a copy of each weight (see spilled): the
+    # weights go to a scratch file where the input's lay in one too, or for the oracle's runs
+    in_file = not has_external_data(a.model)
+    spill = in_memory_bytes(pruned) > FED_ABOVE and (not in_file or _verifies(a, report, opts.verify))
+    result = PruneResult(spilled(pruned) if spill else pruned, a.model, report, a.source, a.files, [the_plan])
+    del pruned
     _verify(a, the_plan, result, opts.verify, stages)
+    if spill and in_file:    # the user's model holds its weights in its file: so does the result
+        result.model = materialized(result.model)
     return result
 
 
@@ -404,15 +409,20 @@ def _as_written(budget: dict, report: dict) -> dict:
     return budget
 
 
+def _verifies(a: Analysis, report: dict, verify: bool | None) -> bool:
+    """Whether a pass is verified: as asked, or by default below VERIFY_AUTO_MAX_PARAMS and
+    VERIFY_AUTO_MAX_NODES."""
+    if verify is not None:
+        return verify
+    return report["before"]["params"] <= VERIFY_AUTO_MAX_PARAMS and len(a.model.graph.node) <= VERIFY_AUTO_MAX_NODES
+
+
 def _verify(a: Analysis, plan: Plan, result: PruneResult, verify: bool | None, stages: Stages):
     """The oracle (exact pruning) or the output error (hidden width) into the report; by
     default only below VERIFY_AUTO_MAX_PARAMS. Raises when the pruned model is wrong."""
     report, pruned = result.report, result.model
     asked = verify
-    if verify is None:
-        verify = (report["before"]["params"] <= VERIFY_AUTO_MAX_PARAMS
-                  and len(a.model.graph.node) <= VERIFY_AUTO_MAX_NODES)
-    if not verify:
+    if not _verifies(a, report, verify):
         return
     stages("verify")
     check_valid(pruned, a.model)

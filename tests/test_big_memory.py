@@ -349,3 +349,24 @@ def test_a_pruned_model_of_external_data_is_spilled_and_verified(tmp_path, monke
     feeds = {"x": np.ones((2, 64), np.float32)}
     written = runtime.session(onnx.load(tmp_path / "out.onnx")).run(None, feeds)[0]
     np.testing.assert_array_equal(written, runtime.session(plain.model).run(None, feeds)[0])
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_model_holding_its_weights_is_verified_spilled_and_handed_back_whole(tmp_path, monkeypatch, verify):
+    """A model with its weights in the .onnx file: its pruned weights are spilled only for the
+    oracle's runs, and the result holds them again, written as one file."""
+    model, _ = _chain(layers=3)
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    spills = []
+    monkeypatch.setattr(spa.pipeline, "FED_ABOVE", 0)
+    monkeypatch.setattr(spa.pipeline, "spilled", lambda m, f=model_io.spilled: spills.append(1) or f(m))
+    result = spa.prune(str(src), 0.25, criterion="l1", verify=verify)
+    assert len(spills) == int(verify)
+    assert ("verify" in result.report) == verify
+    assert not model_io.has_external_data(result.model)
+    result.save(tmp_path / "out.onnx")
+    assert sorted(p.name for p in tmp_path.glob("out.onnx*")) == ["out.onnx"]
+    feeds = {"x": np.ones((2, 64), np.float32)}
+    want = runtime.session(spa.prune(str(src), 0.25, criterion="l1", verify=False).model).run(None, feeds)[0]
+    np.testing.assert_array_equal(runtime.session(onnx.load(tmp_path / "out.onnx")).run(None, feeds)[0], want)
