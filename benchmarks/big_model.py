@@ -115,11 +115,28 @@ def timed(cmd: list[str]) -> tuple[float, float, int]:
     return wall, int(err.strip().splitlines()[-1]) / 1024, proc.returncode
 
 
-def measure(src: Path, out: Path, criterion: str) -> dict:
+# run -> (the options it adds to `spa prune --params 0.8`, whether the model holds its weights
+# in its .onnx file instead of external data: onnx.save's default under 2 GB)
+RUNS = {"default": ([], False), "l1": (["--criterion", "l1"], False),
+        "one-file": ([], True), "one-file-unverified": (["--no-verify"], True)}
+
+
+def label(run: str) -> str:
+    extra, one_file = RUNS[run]
+    return "`spa prune --params 0.8`" + "".join(f" `{a}`" for a in [" ".join(extra)] if a) + \
+        (" (weights in the .onnx file)" if one_file else "")
+
+
+def measure(src: Path, out: Path, run: str) -> dict:
     """One `spa prune --params 0.8` process: wall, peak RSS and what its report says."""
     for f in out.glob("pruned.onnx*"):
         f.unlink()
-    extra = [] if criterion == "default" else ["--criterion", criterion]
+    extra, one_file = RUNS[run]
+    if one_file:
+        one = out / "one_file.onnx"
+        if not one.exists():
+            onnx.save(onnx.load(src), one)
+        src = one
     cmd = ["spa", "prune", str(src), "-o", str(out / "pruned.onnx"), "--params", "0.8", *extra, "-q",
            "--report", str(out / "report.json")]
     wall, rss, _ = timed(cmd)
@@ -137,7 +154,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dir", default="/tmp/spa-big")
     p.add_argument("--sizes", nargs="*", default=list(SIZES))
-    p.add_argument("--criteria", nargs="*", default=["default", "l1"])
+    p.add_argument("--criteria", nargs="*", default=["default", "l1"], choices=list(RUNS),
+                   help="runs (one-file: the model saved with its weights in the .onnx file, under 2 GB)")
     p.add_argument("--keep", action="store_true", help="keep the generated models")
     args = p.parse_args()
     # every run measured so far (size -> run -> row), so a size or criterion can be rerun alone
@@ -178,11 +196,11 @@ def render(results: dict) -> str:
             b = runs["load+save"]
             rows.append(f"| {size} | | {b['size_mb']:.0f} | `onnx.load` + `onnx.save` | {b['wall']:.1f} | 1.00 | "
                         f"{b['rss']:.0f} | {b['rss'] / b['size_mb']:.2f} | |")
-        for criterion in ("default", "l1"):
+        for criterion in RUNS:
             if criterion not in runs:
                 continue
             r = runs[criterion]
-            run = "`spa prune --params 0.8`" + ("" if criterion == "default" else f" `--criterion {criterion}`")
+            run = label(criterion)
             rows.append(f"| {size} | {r['before'] / 1e6:.0f}M -> x{r['params']:.3f} | {r['size_mb']:.0f} | {run} | "
                         f"{r['wall']:.1f} | {r['wall'] / r['base_wall']:.2f} | {r['rss']:.0f} | "
                         f"{r['rss'] / r['size_mb']:.2f} | {r['verified']} |")
@@ -192,8 +210,8 @@ def render(results: dict) -> str:
         f"`python benchmarks/big_model.py [--sizes ...] [--criteria ...]` — LLaMA-shaped decoders (random weights, "
         f"external data, symbolic sequence, grouped-query attention; shapes in the script), {os.cpu_count()} cores. "
         "Each run is a whole process; peak RSS is its maximum resident set size. Rows are kept in "
-        "`results/big_model.json` and each size's rows come from one run of the script (load+save measured in the "
-        "same run).", "",
+        "`results/big_model.json`; each row's x load+save is against load+save measured in the same run of the script "
+        "(the load+save row shows the latest).", "",
         *rows, "",
         "Targets (issue 23): peak RSS <= 1.5x the model's size, wall <= 3x load+save."
         + (f" Not measured yet: {', '.join(missing)}." if missing else ""),
