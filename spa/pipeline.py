@@ -30,7 +30,7 @@ from .options import PruneOptions
 from .rewrite.perp import refit_normalizations
 from .plan.plan import Plan, make_plan
 from .plan.planner import PlanOptions, plan_removals
-from .loading.model import has_external_data, in_memory_bytes, materialized, release_mapped, spilled
+from .loading.model import forget_files, has_external_data, in_memory_bytes, materialized, release_mapped, spilled
 from .loading.probe import second_probe
 from .result import PruneResult, file_bytes
 from .rewrite.apply import rewrite
@@ -293,7 +293,9 @@ def _prune_pass(a: Analysis, plan: PlanOptions, opts: PruneOptions, stages: Stag
     del pruned
     _verify(a, the_plan, result, opts.verify, stages)
     if spill and in_file:    # the user's model holds its weights in its file: so does the result
-        result.model = materialized(result.model)
+        scratch = result.model
+        result.model = materialized(scratch)
+        forget_files(scratch)
     return result
 
 
@@ -434,6 +436,7 @@ def _verify(a: Analysis, plan: Plan, result: PruneResult, verify: bool | None, s
     shapes = a.shapes.input_shapes
     if a.shapes.probe:  # sizes spa chose: check a second size too, so none holds for one shape only
         second, report["probe"]["second"] = second_probe(a.model, a.shapes)
+        release_mapped()    # it read every weight of the original
         shapes = [shapes, second] if second else shapes
     try:
         checked = oracle(pruned, masked_model(a.model, plan, a.shapes), shapes, a.model)

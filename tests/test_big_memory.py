@@ -4,6 +4,7 @@ nodes they need, and OBSPA's statistics come in parts. Each mechanism is switche
 models here (its thresholds lowered) and must give what the plain path gives."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -351,6 +352,17 @@ def test_a_pruned_model_of_external_data_is_spilled_and_verified(tmp_path, monke
     np.testing.assert_array_equal(written, runtime.session(plain.model).run(None, feeds)[0])
 
 
+def _scratch_files_open() -> int:
+    """Descriptors this process holds of spilled weights (Linux; 0 elsewhere)."""
+    count = 0
+    for f in Path("/proc/self/fd").glob("*") if Path("/proc/self/fd").is_dir() else []:
+        try:
+            count += "spa-weights-" in os.readlink(f)
+        except OSError:     # the listing's own descriptor, gone by now
+            pass
+    return count
+
+
 @pytest.mark.parametrize("verify", [True, False])
 def test_a_model_holding_its_weights_is_verified_spilled_and_handed_back_whole(tmp_path, monkeypatch, verify):
     """A model with its weights in the .onnx file: its pruned weights are spilled only for the
@@ -361,8 +373,10 @@ def test_a_model_holding_its_weights_is_verified_spilled_and_handed_back_whole(t
     spills = []
     monkeypatch.setattr(spa.pipeline, "FED_ABOVE", 0)
     monkeypatch.setattr(spa.pipeline, "spilled", lambda m, f=model_io.spilled: spills.append(1) or f(m))
+    open_before = _scratch_files_open()
     result = spa.prune(str(src), 0.25, criterion="l1", verify=verify)
     assert len(spills) == int(verify)
+    assert _scratch_files_open() == open_before     # the scratch file's space is back at once
     assert ("verify" in result.report) == verify
     assert not model_io.has_external_data(result.model)
     result.save(tmp_path / "out.onnx")
@@ -370,3 +384,18 @@ def test_a_model_holding_its_weights_is_verified_spilled_and_handed_back_whole(t
     feeds = {"x": np.ones((2, 64), np.float32)}
     want = runtime.session(spa.prune(str(src), 0.25, criterion="l1", verify=False).model).run(None, feeds)[0]
     np.testing.assert_array_equal(runtime.session(onnx.load(tmp_path / "out.onnx")).run(None, feeds)[0], want)
+
+
+def test_strings_stay_in_a_spilled_model(tmp_path):
+    """A string tensor has no raw bytes to move: it stays in the model, whole (it was written
+    as an empty reference)."""
+    model, _ = _chain(layers=1)
+    labels = numpy_helper.from_array(np.array([f"label {i}" for i in range(300)], dtype=object), "labels")
+    model.graph.initializer.append(labels)
+    model.graph.node.append(helper.make_node("Identity", ["labels"], ["names"], name="names"))
+    model.graph.output.append(helper.make_tensor_value_info("names", TensorProto.STRING, [300]))
+    moved = model_io.spilled(model)
+    got = runtime.session(moved).run(None, {"x": np.ones((2, 64), np.float32)})[1]
+    assert list(got) == [f"label {i}" for i in range(300)]
+    model_io.save(moved, tmp_path / "out.onnx")
+    assert list(onnx.load(tmp_path / "out.onnx").graph.initializer[-1].string_data)[-1] == b"label 299"

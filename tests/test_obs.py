@@ -106,3 +106,17 @@ def test_low_rank_consumer_removes_twice_like_dense():
         alive = [j for j in range(40) if j not in (3, 9, 20, 0, 31)]
         np.testing.assert_allclose(low.costs(alive), dense.costs(alive), rtol=1e-6)
     np.testing.assert_allclose(low.weight, dense.weight, rtol=1e-6, atol=1e-8)
+
+
+def test_low_rank_consumer_removing_a_gone_column_again_changes_nothing():
+    """A column already removed is not taken out of the Gram twice."""
+    from spa.score.obs import LowRankConsumer, damping_of
+    x, w, cols = _wide_layer(6)
+    lam = damping_of(np.diag(x.T.astype(np.float64) @ x), 0.01)
+    once, twice = (LowRankConsumer(w.copy(), x, lam, cols) for _ in range(2))
+    once.remove([3, 9])
+    twice.remove([3, 9])
+    twice.remove([9])
+    alive = [j for j in range(40) if j not in (3, 9)]
+    np.testing.assert_allclose(twice.costs(alive), once.costs(alive), rtol=1e-9)
+    np.testing.assert_allclose(twice.weight, once.weight, rtol=1e-9, atol=1e-12)

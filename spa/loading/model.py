@@ -31,7 +31,7 @@ from .tensors import (_DATA_FILES, _MAPS, _elements, _external_info, _open_data_
 
 __all__ = ["load", "read", "normalize", "save", "output_paths", "tensor_array", "weight_view", "tensor_bytes",
            "materialized", "unique_name", "tensor_names", "add_typed_input", "release_mapped", "remove_initializers",
-           "in_memory_bytes", "spilled"]
+           "in_memory_bytes", "spilled", "forget_files"]
 
 # normalize names a further reader's copy of an initializer <name><COPY_MARK><n>
 COPY_MARK = "__use"
@@ -501,7 +501,8 @@ def _with_streamed_weights(model: onnx.ModelProto, data_path: str, location: str
     with open(data_path, "wb") as f:
         for t in model.graph.initializer:
             external = t.data_location == onnx.TensorProto.EXTERNAL
-            if (tensor_bytes(t) < 1024 and not external) or (keep_external and external):
+            if (tensor_bytes(t) < 1024 and not external) or (keep_external and external) or \
+                    t.data_type == onnx.TensorProto.STRING:   # no raw bytes: strings stay in the model
                 proto.graph.initializer.append(t)
                 continue
             # the bytes as stored (one copy at most: protobuf's bytes), a mapped file's pages
@@ -560,3 +561,14 @@ def _remove_quietly(path: str):
         os.unlink(path)
     except OSError:
         pass
+
+
+def forget_files(model: onnx.ModelProto):
+    """Close the external data files spa holds open for ``model`` alone (a spilled model once
+    nothing reads it: its scratch file's space goes back then, not at exit)."""
+    for location in {_external_info(t)["location"] for t in model.graph.initializer
+                     if t.data_location == onnx.TensorProto.EXTERNAL}:
+        _MAPS.pop(location, None)       # arrays still viewing the map keep it until they go
+        fd = _DATA_FILES.pop(location, None)
+        if fd is not None:
+            os.close(fd)

@@ -207,10 +207,9 @@ class _Runner:
 
     def __init__(self, model: onnx.ModelProto):
         from ..runtime import session
-        from ..score.blocks import PartwiseSession, in_parts
         self.model, self.error = model, None
         try:
-            self.session = PartwiseSession(model, optimize=False) if in_parts(model) else session(model, optimize=False)
+            self.session = session(model, optimize=False)
         except Exception as e:
             self.session, self.error = None, _first_line(e)
 

@@ -7,11 +7,15 @@ up to the last part's."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx
 
 from ..loading.model import copy_fields, release_mapped, tensor_bytes
 from ..runtime import any_session, node_reads, session, weight_bytes
+
+log = logging.getLogger(__name__)
 
 __all__ = ["BlockRunner", "NotBlockable", "PartwiseSession", "PART_BYTES", "PARTWISE_ABOVE", "in_parts"]
 
@@ -105,7 +109,7 @@ class BlockRunner:
 
 
 # A model with more than PARTWISE_ABOVE bytes of weights is run part by part where the whole
-# of it need not be one session (the oracle's masked original, the probe's original), in parts
+# of it need not be one session (the oracle's masked original), in parts
 # of about PART_BYTES. One session reads every weight: with the oracle's masked original in one
 # session, pruning the 0.15B decoder of benchmarks/big_model.py peaked at 1.9x its size; in
 # parts (and its pruned weights spilled, spa.loading.model.spilled), at 1.24x.
@@ -165,8 +169,9 @@ class PartwiseSession:
         if self.blocks is not None:
             try:
                 return self._by_parts(feeds_list, names)
-            except Exception:   # noqa: BLE001 - the whole model's session says what is wrong, if anything
-                pass
+            except Exception as e:   # noqa: BLE001 - the whole model's session says what is wrong, if anything
+                log.info("running the model whole: a part failed (%s)", str(e).strip().splitlines()[0][:200]
+                         if str(e).strip() else type(e).__name__)
         whole = any_session(self.model) if self.optimize else session(self.model, optimize=False)
         try:
             outputs = [whole.run(names, feeds) for feeds in feeds_list]

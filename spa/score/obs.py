@@ -118,6 +118,7 @@ class LowRankConsumer:
         # W_K += W_R H_RK (H_KK)^-1, H_RK = X_R^T X_K, which Woodbury turns into
         # W_R X_R^T (lam I + X_K X_K^T)^-1 X_K: the removed columns' share of the output, refit
         # by the kept ones (no difference of nearly equal terms, and nothing D-sized but X_K)
+        cols = cols[self.alive[cols]]     # a column already gone has left the Gram
         xr = self.rows[:, cols]
         carried = self.weight[:, cols] @ xr.T                                   # (out, n)
         gram = self.gram()
