@@ -281,16 +281,18 @@ def _prune_pass(a: Analysis, plan: PlanOptions, opts: PruneOptions, stages: Stag
         choice.data_info = {**(choice.data_info or {}), "normalizations_refit": refit}
     stages("rewrite")
     pruned = rewrite(a.model, the_plan)
+    # a session of a model held in memory is fed a copy of each weight (see spilled): the
+    # weights go to a scratch file where the input's lay in one too, or for the oracle's runs
+    # (at once: what reads the model on the way keeps the old message alive)
+    in_file = not has_external_data(a.model)
+    spill = in_memory_bytes(pruned) > FED_ABOVE and (not in_file or _verifies(a, count_params(a.model), opts.verify))
+    if spill:
+        pruned = spilled(pruned)
     check_signature(a.model, pruned)
     check_shapes(a.model, pruned, a.shapes.input_shapes)
     stages("report")
     report = _pass_report(a, the_plan, pruned, choice)
-    # a session of a model held in memory is fed a copy of each weight (see spilled): the
-    # weights go to a scratch file where the input's lay in one too, or for the oracle's runs
-    in_file = not has_external_data(a.model)
-    spill = in_memory_bytes(pruned) > FED_ABOVE and (not in_file or _verifies(a, report, opts.verify))
-    result = PruneResult(spilled(pruned) if spill else pruned, a.model, report, a.source, a.files, [the_plan])
-    del pruned
+    result = PruneResult(pruned, a.model, report, a.source, a.files, [the_plan])
     _verify(a, the_plan, result, opts.verify, stages)
     if spill and in_file:    # the user's model holds its weights in its file: so does the result
         scratch = result.model
@@ -411,12 +413,12 @@ def _as_written(budget: dict, report: dict) -> dict:
     return budget
 
 
-def _verifies(a: Analysis, report: dict, verify: bool | None) -> bool:
-    """Whether a pass is verified: as asked, or by default below VERIFY_AUTO_MAX_PARAMS and
-    VERIFY_AUTO_MAX_NODES."""
+def _verifies(a: Analysis, params: int, verify: bool | None) -> bool:
+    """Whether a pass of a model of ``params`` parameters is verified: as asked, or by default
+    below VERIFY_AUTO_MAX_PARAMS and VERIFY_AUTO_MAX_NODES."""
     if verify is not None:
         return verify
-    return report["before"]["params"] <= VERIFY_AUTO_MAX_PARAMS and len(a.model.graph.node) <= VERIFY_AUTO_MAX_NODES
+    return params <= VERIFY_AUTO_MAX_PARAMS and len(a.model.graph.node) <= VERIFY_AUTO_MAX_NODES
 
 
 def _verify(a: Analysis, plan: Plan, result: PruneResult, verify: bool | None, stages: Stages):
@@ -424,7 +426,7 @@ def _verify(a: Analysis, plan: Plan, result: PruneResult, verify: bool | None, s
     default only below VERIFY_AUTO_MAX_PARAMS. Raises when the pruned model is wrong."""
     report, pruned = result.report, result.model
     asked = verify
-    if not _verifies(a, report, verify):
+    if not _verifies(a, report["before"]["params"], verify):
         return
     stages("verify")
     check_valid(pruned, a.model)

@@ -399,3 +399,16 @@ def test_strings_stay_in_a_spilled_model(tmp_path):
     assert list(got) == [f"label {i}" for i in range(300)]
     model_io.save(moved, tmp_path / "out.onnx")
     assert list(onnx.load(tmp_path / "out.onnx").graph.initializer[-1].string_data)[-1] == b"label 299"
+
+
+def test_the_second_probe_of_a_large_model_runs_it_in_parts_without_a_whole_session(monkeypatch):
+    """After pruning, the original runs at a second size in parts; a size it does not take is
+    an answer there, not a reason to load the whole model."""
+    from spa.loading import probe
+    monkeypatch.setattr(blocks, "PART_BYTES", 1)
+    model, _ = _chain(layers=3, bad_tail=True)
+    whole = []
+    monkeypatch.setattr(blocks, "session", lambda m, *a, f=runtime.session, **k: whole.append(m is model) or f(m, *a, **k))
+    runner = probe._Runner(model, in_parts=True)
+    assert runner.fails({"x": (2, 64)})           # the tail's Reshape fails in its part
+    assert whole and not any(whole)               # parts ran; the whole model never did

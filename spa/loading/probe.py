@@ -205,11 +205,13 @@ def _assign(model, shapes: dict, fixed: dict, dims: list[Dim] = (), pick=()) -> 
 class _Runner:
     """One onnxruntime session of the original, run at the sizes a probe tries."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, in_parts: bool = False):
         from ..runtime import session
+        from ..score.blocks import PartwiseSession
         self.model, self.error = model, None
         try:
-            self.session = session(model, optimize=False)
+            self.session = PartwiseSession(model, optimize=False, whole=False) if in_parts \
+                else session(model, optimize=False)
         except Exception as e:
             self.session, self.error = None, _first_line(e)
 
@@ -316,7 +318,9 @@ def second_probe(model: onnx.ModelProto, shapes) -> tuple[dict | None, dict]:
     if not dims:
         return None, {"skipped": "the only dims spa chose are batch sizes, which stay 1"}
     first = [chosen[d.places[0][0]][d.places[0][1]]["size"] for d in dims]
-    runner = _Runner(model)
+    from ..score.blocks import in_parts
+    # after pruning, beside the pruned model and its plan: a large original runs in parts
+    runner = _Runner(model, in_parts=in_parts(model))
     if runner.session is None:
         return None, {"skipped": f"onnxruntime cannot load the model ({runner.error})"}
     tried = 0

@@ -109,7 +109,7 @@ class BlockRunner:
 
 
 # A model with more than PARTWISE_ABOVE bytes of weights is run part by part where the whole
-# of it need not be one session (the oracle's masked original), in parts
+# of it need not be one session (the oracle's masked original, the second probe's original), in parts
 # of about PART_BYTES. One session reads every weight: with the oracle's masked original in one
 # session, pruning the 0.15B decoder of benchmarks/big_model.py peaked at 1.9x its size; in
 # parts (and its pruned weights spilled, spa.loading.model.spilled), at 1.24x.
@@ -130,9 +130,11 @@ class PartwiseSession:
     (one session per part instead of one per part and feed). Where a part fails (a value that
     is no plain tensor crosses parts, onnxruntime trips over a part, the feeds do not fit the
     model), the whole model's session runs instead, and raises what it raises: running in
-    parts is only a way to run in less memory."""
+    parts is only a way to run in less memory. Without ``whole``, the part's failure is raised
+    (where a failure is an answer, not worth a whole session's memory: ``probe.second_probe``)."""
 
-    def __init__(self, model: onnx.ModelProto, part_bytes: int | None = None, optimize: bool = True):
+    def __init__(self, model: onnx.ModelProto, part_bytes: int | None = None, optimize: bool = True,
+                 whole: bool = True):
         g = model.graph
         part_bytes = part_bytes or PART_BYTES
         self.names = [o.name for o in g.output]
@@ -156,7 +158,7 @@ class PartwiseSession:
         for t in self.names:
             if t in chunk_of:
                 later[chunk_of[t]].add(t)
-        self.model, self.optimize = model, optimize
+        self.model, self.optimize, self.whole = model, optimize, whole
         self.blocks = BlockRunner(model, [sorted(w) for w in later], optimize=optimize) \
             if all(t in chunk_of for t in self.names) else None   # an output that is an input or a weight
         self.parts = len(chunks)
@@ -170,6 +172,8 @@ class PartwiseSession:
             try:
                 return self._by_parts(feeds_list, names)
             except Exception as e:   # noqa: BLE001 - the whole model's session says what is wrong, if anything
+                if not self.whole:
+                    raise
                 log.info("running the model whole: a part failed (%s)", str(e).strip().splitlines()[0][:200]
                          if str(e).strip() else type(e).__name__)
         whole = any_session(self.model) if self.optimize else session(self.model, optimize=False)
