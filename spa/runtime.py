@@ -93,19 +93,22 @@ def _session_class():
     return Session
 
 
+def _feedable(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return [t for t in model.graph.initializer if t.data_type in _FED_TYPES and tensor_bytes(t) >= _FED_MIN_BYTES]
+
+
 def weight_bytes(model: onnx.ModelProto) -> int:
     """Bytes of the float weights a session of ``model`` would be fed (``FED_ABOVE``)."""
-    return sum(tensor_bytes(t) for t in model.graph.initializer
-               if t.data_type in _FED_TYPES and tensor_bytes(t) >= _FED_MIN_BYTES)
+    return sum(tensor_bytes(t) for t in _feedable(model))
 
 
 def _fed_weights(model: onnx.ModelProto) -> dict:
     """The initializers a session of ``model`` is fed (name -> array), or none below ``FED_ABOVE``."""
-    if weight_bytes(model) <= FED_ABOVE:
+    big = _feedable(model)
+    if sum(tensor_bytes(t) for t in big) <= FED_ABOVE:
         return {}
     listed = {i.name for i in model.graph.input}   # below IR 4 an initializer is also an input
-    return {t.name: weight_view(t) for t in model.graph.initializer
-            if t.data_type in _FED_TYPES and tensor_bytes(t) >= _FED_MIN_BYTES and t.name not in listed}
+    return {t.name: weight_view(t) for t in big if t.name not in listed}
 
 
 def _structure(model: onnx.ModelProto, fed: dict, outputs) -> onnx.ModelProto:

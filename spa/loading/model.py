@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import re
+import tempfile
 import weakref
 from pathlib import Path
 
@@ -26,8 +27,9 @@ from onnx import numpy_helper
 from ..errors import ModelLoadError, OutputPathError
 from .scopes import all_nodes, body_graphs, hoist_bodies, rename_inputs, tensor_names, walk  # noqa: F401
 from .files import atomic_files, check_outputs, check_readable, check_side_file, read_all, read_small
-from .tensors import (_DATA_FILES, _MAPS, _elements, _external_info, _open_data_file, has_external_data,  # noqa: F401
-                      materialized, release_mapped, stored_bytes, tensor_array, tensor_bytes, weight_view)
+from .tensors import (_DATA_FILES, _MAPS, _elements, _external_info, _open_data_file, forget_files,  # noqa: F401
+                      has_external_data, materialized, release_mapped, stored_bytes, tensor_array, tensor_bytes,
+                      weight_view)
 
 __all__ = ["load", "read", "normalize", "save", "output_paths", "tensor_array", "weight_view", "tensor_bytes",
            "materialized", "unique_name", "tensor_names", "add_typed_input", "release_mapped", "remove_initializers",
@@ -533,7 +535,6 @@ def spilled(model: onnx.ModelProto) -> onnx.ModelProto:
     memory was fed another copy of its weights, and the bytes are freed only with the whole
     model: so the caller drops ``model``. The file is unlinked at once (its descriptor keeps it
     until the process ends); where it cannot be written, ``model`` is returned as it is."""
-    import tempfile
     try:
         fd, name = tempfile.mkstemp(prefix="spa-weights-", suffix=".data")
         os.close(fd)
@@ -562,13 +563,3 @@ def _remove_quietly(path: str):
     except OSError:
         pass
 
-
-def forget_files(model: onnx.ModelProto):
-    """Close the external data files spa holds open for ``model`` alone (a spilled model once
-    nothing reads it: its scratch file's space goes back then, not at exit)."""
-    for location in {_external_info(t)["location"] for t in model.graph.initializer
-                     if t.data_location == onnx.TensorProto.EXTERNAL}:
-        _MAPS.pop(location, None)       # arrays still viewing the map keep it until they go
-        fd = _DATA_FILES.pop(location, None)
-        if fd is not None:
-            os.close(fd)

@@ -16,7 +16,7 @@ from ..errors import ModelLoadError
 from .files import open_regular, pread_into
 
 __all__ = ["tensor_array", "weight_view", "stored_bytes", "tensor_bytes", "release_mapped", "check_mapped",
-           "has_external_data", "materialized"]
+           "has_external_data", "materialized", "forget_files"]
 
 def _external_info(t: onnx.TensorProto) -> dict:
     return {e.key: e.value for e in t.external_data}
@@ -106,6 +106,17 @@ def stored_bytes(t: onnx.TensorProto):
             return memoryview(mapped)[offset:offset + tensor_bytes(t)]
     return numpy_helper.from_array(tensor_array(t), t.name).raw_data
 
+
+
+def forget_files(model: onnx.ModelProto):
+    """Close the external data files spa holds open for ``model`` alone (a spilled model once
+    nothing reads it: its scratch file's space goes back then, not at exit)."""
+    for location in {_external_info(t)["location"] for t in model.graph.initializer
+                     if t.data_location == onnx.TensorProto.EXTERNAL}:
+        _MAPS.pop(location, None)       # arrays still viewing the map keep it until they go
+        fd = _DATA_FILES.pop(location, None)
+        if fd is not None:
+            os.close(fd)
 
 # Read-only maps of the external data files spa read (path -> mmap); arrays viewing one keep it alive.
 _MAPS: dict[str, mmap.mmap] = {}

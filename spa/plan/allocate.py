@@ -31,7 +31,7 @@ from ..graph.groups import Group
 from ..loading.model import copies_of_equal
 from ..loading.scopes import all_nodes
 from ..verify.metrics import WEIGHT_TYPES, mac_terms, weighted_nodes
-from .landing import finer_level, floor_value, land, steps_at, unit_ladder
+from .landing import fewest_kept, finer_level, floor_value, land, steps_at, unit_ladder
 from .planner import round_unit
 from ..progress import steps as counted, track
 
@@ -272,8 +272,7 @@ def keep_steps(group: Group, round_to: int, max_ratio: float) -> list[int]:
         return [group.size]
     # at most ~16 steps a group: each step is one measured run per round
     unit *= max(1, group.size // (16 * unit))
-    floor_keep = max(1, group.size - int(math.floor(group.size * max_ratio + 1e-9)))
-    lowest = max(unit, int(math.ceil(floor_keep / unit)) * unit)
+    lowest = max(unit, int(math.ceil(fewest_kept(group.size, max_ratio) / unit)) * unit)
     return [group.size] + [k for k in range(((group.size - 1) // unit) * unit, lowest - 1, -unit) if k > 0]
 
 

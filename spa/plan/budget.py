@@ -7,14 +7,13 @@ measuring; ``step`` splits a budget or ratio over incremental steps.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .allocate import CostRunner, MaskedRunner, ResourceModel, allocate, allocate_uniform, removed_positions
-from .landing import TOLERANCE, off_round, why_not_landed
+from .landing import TOLERANCE, fewest_kept, off_round, why_not_landed
 from .plan import make_plan
 from ..errors import SpaError
 from ..score.data import Calibration
@@ -119,7 +118,7 @@ def _cost_runner(groups, free, start, plan: PlanOptions, orders, curves, budget:
     for every free group would meet the budget (``_even_share``), or (None, orders, why not)
     where a free group has none (no layer with statistics reads it), OBS failed, or ``auto``
     picked them and the statistics are not anchored in real inputs."""
-    depth = [g.size - max(1, g.size - int(math.floor(g.size * plan.max_ratio + 1e-9))) for g in groups]
+    depth = [g.size - fewest_kept(g.size, plan.max_ratio) for g in groups]
     share = _even_share(groups, free, start, resource, budget.target, plan.max_ratio)
     probe = [int(round(g.size * share)) for g in groups]
     found = curves(depth, orders, probe, not budget.chosen)

@@ -32,6 +32,11 @@ __all__ = ["TOLERANCE", "unit_ladder", "steps_at", "floor_value", "finer_level",
 TOLERANCE = 0.03
 
 
+def fewest_kept(size: int, max_ratio: float) -> int:
+    """The fewest channels a group of ``size`` keeps under the cap ``max_ratio`` (at least one)."""
+    return max(1, size - int(math.floor(size * max_ratio + 1e-9)))
+
+
 def unit_ladder(groups: list[Group], round_to: int) -> list[list[int]]:
     """Per level, every group's unit: the rounding unit first (``round_unit``), then halved
     level by level down to 1 (a group already at 1 stays there)."""
@@ -49,8 +54,7 @@ def steps_at(group: Group, unit: int, max_ratio: float, most: int | None = None)
     if unit > 1 and group.size <= unit:
         return [group.size]
     step = unit * max(1, group.size // (most * unit)) if most else unit
-    floor_keep = max(1, group.size - int(math.floor(group.size * max_ratio + 1e-9)))
-    lowest = max(unit, int(math.ceil(floor_keep / unit)) * unit)
+    lowest = max(unit, int(math.ceil(fewest_kept(group.size, max_ratio) / unit)) * unit)
     keeps = [group.size] + [k for k in range(((group.size - 1) // step) * step, lowest - 1, -step) if k > 0]
     if lowest < group.size and keeps[-1] != lowest:
         keeps.append(lowest)

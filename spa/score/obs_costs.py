@@ -31,7 +31,7 @@ from ..graph.dependency import Dependency
 from ..graph.groups import Group
 from ..loading.model import release_mapped
 from ..progress import track
-from .data import BatchLayout, Calibration
+from .data import BatchLayout, Calibration, _attr
 from .obs import LowRankConsumer, greedy_obs
 from .obspa import (DataPlan, _columns, _consumers_of, _write_back, chooses_by_magnitude, obs_consumer,
                     statistics_by_part, statistics_source)
@@ -186,7 +186,3 @@ class _ProbeRunner:
         self.runs += 1
         got = self.session.run(None, {**self.feeds, **self.weights, **plan.weights})
         return float(self._change([np.asarray(y) for y in got], self.reference))
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
