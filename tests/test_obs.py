@@ -120,3 +120,32 @@ def test_low_rank_consumer_removing_a_gone_column_again_changes_nothing():
     alive = [j for j in range(40) if j not in (3, 9)]
     np.testing.assert_allclose(twice.costs(alive), once.costs(alive), rtol=1e-9)
     np.testing.assert_allclose(twice.weight, once.weight, rtol=1e-9, atol=1e-12)
+
+
+def test_low_rank_consumer_one_column_channels_match_dense():
+    """Channels of one column (an MLP's neurons) take the scalar path of the costs; channels of
+    one and of several columns in one consumer are costed and removed like the dense OBS's."""
+    from spa.score.obs import LowRankConsumer, damping_of
+    x, w, _ = _wide_layer(7)
+    cols = [np.array([j]) for j in range(200)] + [np.arange(200 + 4 * j, 204 + 4 * j) for j in range(30)]
+    h = x.T.astype(np.float64) @ x
+    lam = damping_of(np.diag(h), 0.01)
+    dense = Consumer(w.copy(), np.linalg.inv(h + lam * np.eye(len(h))), cols)
+    low = LowRankConsumer(w.copy(), x, lam, cols)
+    np.testing.assert_allclose(low.costs(range(230)), dense.costs(range(230)), rtol=1e-6)
+    r_dense, _ = greedy_obs([dense], 230, 60, steps=3, max_dim=1000)
+    r_low, _ = greedy_obs([low], 230, 60, steps=3, max_dim=1000)
+    assert r_low.tolist() == r_dense.tolist()
+    np.testing.assert_allclose(low.weight, dense.weight, rtol=1e-6, atol=1e-8)
+
+
+def test_costs_are_the_obs_formula():
+    """A channel's cost is tr(W_c [(H^-1)_cc]^-1 W_c^T), for one column (w^2 / h) and several."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((10, 200))
+    w = rng.standard_normal((3, 10))
+    hinv = np.linalg.inv(x @ x.T)
+    cols = [np.array([j]) for j in range(4)] + [np.array([4, 5, 6]), np.array([7, 8, 9])]
+    got = Consumer(w.copy(), hinv.copy(), cols).costs(range(6))
+    want = [np.trace(w[:, c] @ np.linalg.inv(hinv[np.ix_(c, c)]) @ w[:, c].T) for c in cols]
+    np.testing.assert_allclose(got, want, rtol=1e-10)
