@@ -30,7 +30,7 @@ from .options import PruneOptions
 from .rewrite.perp import refit_normalizations
 from .plan.plan import Plan, make_plan
 from .plan.planner import PlanOptions, plan_removals
-from .loading.model import forget_files, has_external_data, in_memory_bytes, materialized, release_mapped, spilled
+from .loading.model import forget_files, has_external_data, materialized, release_mapped, tensor_bytes
 from .loading.probe import second_probe
 from .result import PruneResult, file_bytes
 from .rewrite.apply import rewrite
@@ -280,14 +280,13 @@ def _prune_pass(a: Analysis, plan: PlanOptions, opts: PruneOptions, stages: Stag
                                                    calibration.batches(a.model, a.shapes.input_shapes), rewrite)
         choice.data_info = {**(choice.data_info or {}), "normalizations_refit": refit}
     stages("rewrite")
-    pruned = rewrite(a.model, the_plan)
-    # a session of a model held in memory is fed a copy of each weight (see spilled): the
-    # weights go to a scratch file where the input's lay in one too, or for the oracle's runs
-    # (at once: what reads the model on the way keeps the old message alive)
+    # a session of a model held in memory is fed a copy of each weight (ScratchWeights): the
+    # weights the rewrite makes go to a scratch file where the input's lay in one too, or for
+    # the oracle's runs
     in_file = not has_external_data(a.model)
-    spill = in_memory_bytes(pruned) > FED_ABOVE and (not in_file or _verifies(a, count_params(a.model), opts.verify))
-    if spill:
-        pruned = spilled(pruned)
+    spill = _held_by_rewrite(a.model, the_plan) > FED_ABOVE and \
+        (not in_file or _verifies(a, count_params(a.model), opts.verify))
+    pruned = rewrite(a.model, the_plan, spill=spill)
     check_signature(a.model, pruned)
     check_shapes(a.model, pruned, a.shapes.input_shapes)
     stages("report")
@@ -299,6 +298,13 @@ def _prune_pass(a: Analysis, plan: PlanOptions, opts: PruneOptions, stages: Stag
         result.model = materialized(scratch)
         forget_files(scratch)
     return result
+
+
+def _held_by_rewrite(model: onnx.ModelProto, plan) -> int:
+    """At most how many weight bytes the pruned model would hold in memory: the ones the input
+    holds, and the ones the plan changes (at their size before pruning)."""
+    return sum(tensor_bytes(t) for t in model.graph.initializer
+               if t.data_location != onnx.TensorProto.EXTERNAL or t.name in plan.updates or plan.slices(t))
 
 
 def _calibrate_or_fall_back(a: Analysis, choice: "_Choice", opts: PruneOptions, calibration: Calibration):

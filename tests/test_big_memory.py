@@ -320,14 +320,23 @@ def test_the_oracle_run_in_parts_still_fails_a_wrong_pruning(monkeypatch, wrong)
     assert len(runs) == 1 and len(starts) == runs[0]
 
 
+def _spilled(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` rewritten by a plan that removes nothing, its weights spilled."""
+    from spa.analysis import analyze
+    from spa.plan.plan import make_plan
+    from spa.rewrite.apply import rewrite
+    a = analyze(model)
+    return rewrite(a.model, make_plan(a, [np.array([], np.int64)] * len(a.groups)), spill=True)
+
+
 def test_spilled_weights_leave_the_model_and_save_as_they_were(tmp_path):
-    """A pruned model's weights held in memory move to a scratch file nobody else sees: the
+    """The weights a rewrite would hold in memory go to a scratch file nobody else sees: the
     model holds none of their bytes, reads and sessions give the same values, saving writes
     them, and the scratch file is gone from the folder at once."""
     import tempfile
     model, _ = _chain(layers=3)
     before = set(Path(tempfile.gettempdir()).glob("spa-weights-*"))
-    moved = model_io.spilled(model)
+    moved = _spilled(model)
     assert set(Path(tempfile.gettempdir()).glob("spa-weights-*")) == before
     assert model_io.in_memory_bytes(moved) == 0 < model_io.in_memory_bytes(model)
     for t, u in zip(model.graph.initializer, moved.graph.initializer):
@@ -376,7 +385,8 @@ def test_a_model_holding_its_weights_is_verified_spilled_and_handed_back_whole(t
     onnx.save(model, src)
     spills = []
     monkeypatch.setattr(spa.pipeline, "FED_ABOVE", 0)
-    monkeypatch.setattr(spa.pipeline, "spilled", lambda m, f=model_io.spilled: spills.append(1) or f(m))
+    monkeypatch.setattr(model_io.ScratchWeights, "open", classmethod(
+        lambda cls, f=model_io.ScratchWeights.open.__func__: spills.append(1) or f(cls)))
     open_before = _scratch_files_open()
     result = spa.prune(str(src), 0.25, criterion="l1", verify=verify)
     assert len(spills) == int(verify)
@@ -398,7 +408,7 @@ def test_strings_stay_in_a_spilled_model(tmp_path):
     model.graph.initializer.append(labels)
     model.graph.node.append(helper.make_node("Identity", ["labels"], ["names"], name="names"))
     model.graph.output.append(helper.make_tensor_value_info("names", TensorProto.STRING, [300]))
-    moved = model_io.spilled(model)
+    moved = _spilled(model)
     got = runtime.session(moved).run(None, {"x": np.ones((2, 64), np.float32)})[1]
     assert list(got) == [f"label {i}" for i in range(300)]
     model_io.save(moved, tmp_path / "out.onnx")
@@ -416,3 +426,35 @@ def test_the_second_probe_of_a_large_model_runs_it_in_parts_without_a_whole_sess
     runner = probe._Runner(model, in_parts=True)
     assert runner.fails({"x": (2, 64)})           # the tail's Reshape fails in its part
     assert whole and not any(whole)               # parts ran; the whole model never did
+
+
+@pytest.mark.parametrize("fails", ["open", "write"])
+def test_weights_stay_in_memory_where_no_scratch_file_can_be_written(tmp_path, monkeypatch, fails):
+    """No temporary folder to write in, or one that fills up half-way: the pruned model holds
+    its weights itself, computes what it would have, and no scratch file is left behind."""
+    import tempfile
+    model, _ = _chain(layers=3)
+    src = _external(tmp_path, model)
+    plain = spa.prune(str(src), 0.25, criterion="l1", verify=False)
+    monkeypatch.setattr(spa.pipeline, "FED_ABOVE", 0)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "scratch"))
+    (tmp_path / "scratch").mkdir()
+    if fails == "open":
+        monkeypatch.setattr(tempfile, "mkstemp", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left")))
+    else:
+        real = model_io.WeightWriter.put
+        calls = []
+
+        def put(self, t, data):
+            calls.append(t.name)
+            if len(calls) == 2:
+                raise OSError(28, "No space left on device")
+            return real(self, t, data)
+        monkeypatch.setattr(model_io.WeightWriter, "put", put)
+    result = spa.prune(str(src), 0.25, criterion="l1", verify=True)
+    assert result.report["verify"]["ok"]
+    assert model_io.in_memory_bytes(result.model) == model_io.in_memory_bytes(plain.model) > 0
+    assert list((tmp_path / "scratch").iterdir()) == []
+    feeds = {"x": np.ones((2, 64), np.float32)}
+    np.testing.assert_array_equal(runtime.session(result.model).run(None, feeds)[0],
+                                  runtime.session(plain.model).run(None, feeds)[0])

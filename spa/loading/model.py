@@ -33,7 +33,7 @@ from .tensors import (_DATA_FILES, _MAPS, _elements, _external_info, _open_data_
 
 __all__ = ["load", "read", "normalize", "save", "output_paths", "tensor_array", "weight_view", "tensor_bytes",
            "materialized", "unique_name", "tensor_names", "add_typed_input", "release_mapped", "remove_initializers",
-           "in_memory_bytes", "spilled", "forget_files"]
+           "in_memory_bytes", "spillable", "ScratchWeights", "forget_files"]
 
 # normalize names a further reader's copy of an initializer <name><COPY_MARK><n>
 COPY_MARK = "__use"
@@ -492,35 +492,45 @@ def _keeps_weights_in(path: Path, name: str) -> bool:
 _WRITE_SLICE = 16 << 20
 
 
-def _with_streamed_weights(model: onnx.ModelProto, data_path: str, location: str,
-                           keep_external: bool = False) -> onnx.ModelProto:
+def _with_streamed_weights(model: onnx.ModelProto, data_path: str, location: str) -> onnx.ModelProto:
     """The model's structure, with every weight of 1 KB or more appended to ``data_path`` and
-    referenced there (``keep_external``: only those it holds in memory); never more than one
-    tensor in memory."""
+    referenced there as ``location``; never more than one tensor in memory."""
     proto = onnx.ModelProto()
     copy_fields(model, proto, skip={"graph"})
     copy_fields(model.graph, proto.graph, skip={"initializer"})
     with open(data_path, "wb") as f:
+        out = WeightWriter(f, location)
         for t in model.graph.initializer:
             external = t.data_location == onnx.TensorProto.EXTERNAL
-            if (tensor_bytes(t) < 1024 and not external) or (keep_external and external) or \
-                    t.data_type == onnx.TensorProto.STRING:   # no raw bytes: strings stay in the model
-                proto.graph.initializer.append(t)
+            if (tensor_bytes(t) < 1024 and not external) or t.data_type == onnx.TensorProto.STRING:
+                proto.graph.initializer.append(t)    # (strings have no raw bytes: they stay in the model)
                 continue
             # the bytes as stored (one copy at most: protobuf's bytes), a mapped file's pages
             # written and dropped a slice at a time
-            data = stored_bytes(t)
-            ref = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
-            ref.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", location), ("offset", str(f.tell())), ("length", str(len(data)))):
-                ref.external_data.add(key=key, value=value)
-            for start in range(0, len(data), _WRITE_SLICE):
-                f.write(data[start:start + _WRITE_SLICE])
-                release_mapped(trim=False)
-            del data
+            proto.graph.initializer.append(out.put(t, stored_bytes(t)))
             release_mapped()
-            proto.graph.initializer.append(ref)
     return proto
+
+
+class WeightWriter:
+    """Appends weights to an open file ``f``, a slice at a time (a mapped file's pages dropped
+    as they are written), and makes their references to it as ``location``."""
+
+    def __init__(self, f, location: str):
+        self.file, self.location = f, location
+
+    def put(self, t: onnx.TensorProto, data) -> onnx.TensorProto:
+        """A reference to ``data`` (``t``'s bytes as stored: raw bytes, a memoryview or a
+        C-contiguous array), written here, with ``t``'s name, type and dims."""
+        ref = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
+        ref.data_location = onnx.TensorProto.EXTERNAL
+        data = memoryview(data).cast("B")
+        for key, value in (("location", self.location), ("offset", str(self.file.tell())), ("length", str(len(data)))):
+            ref.external_data.add(key=key, value=value)
+        for start in range(0, len(data), _WRITE_SLICE):
+            self.file.write(data[start:start + _WRITE_SLICE])
+            release_mapped(trim=False)
+        return ref
 
 
 def in_memory_bytes(model: onnx.ModelProto) -> int:
@@ -528,33 +538,49 @@ def in_memory_bytes(model: onnx.ModelProto) -> int:
     return sum(tensor_bytes(t) for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL)
 
 
-def spilled(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` with the weights it holds in memory moved to a scratch file, read from there
-    as external data is (memory-mapped, a slice at a time when saved). A protobuf message
-    hands out a copy of its bytes on every read, so each session of a pruned decoder held in
-    memory was fed another copy of its weights, and the bytes are freed only with the whole
-    model: so the caller drops ``model``. The file is unlinked at once (its descriptor keeps it
-    until the process ends); where it cannot be written, ``model`` is returned as it is."""
-    try:
-        fd, name = tempfile.mkstemp(prefix="spa-weights-", suffix=".data")
-        os.close(fd)
-    except OSError as e:
-        log.info("weights stay in memory (%s)", e)
-        return model
-    path = str(Path(name))     # the location its tensors name, and the key its descriptor is kept under
-    try:
-        proto = _with_streamed_weights(model, path, path, keep_external=True)
-        _open_data_file(Path(path), "spilled weights")
-    except OSError as e:    # a full or read-only temporary folder: stay in memory
-        log.info("weights stay in memory (%s)", e)
-        return model
-    finally:
+class ScratchWeights:
+    """A scratch file that weights are written to and then read from as external data is
+    (memory-mapped): a pruned decoder's weights held in its protobuf were handed out as a new
+    copy on every read, so each session was fed another copy of them, and they were freed only
+    with the whole model (``spa.rewrite.apply.rewrite`` with ``spill``). Nobody else sees it: it is unlinked once written (its descriptor keeps it
+    until the process ends, or until ``forget_files`` of the model reading it). ``open()`` is
+    None where no scratch file can be made; ``put`` raises OSError where it cannot be written
+    (a full or read-only temporary folder), and the caller keeps its weights in memory then."""
+
+    def __init__(self, path: str):
+        self.path = path          # the location its tensors name, and the key its descriptor is kept under
+        self._file = open(path, "wb")
+        self.put = WeightWriter(self._file, path).put
+
+    @classmethod
+    def open(cls) -> "ScratchWeights | None":
         try:
-            os.unlink(path)
-        except OSError:     # where an open file cannot be removed: at exit, if it can be then
-            import atexit
-            atexit.register(_remove_quietly, path)
-    return proto
+            fd, name = tempfile.mkstemp(prefix="spa-weights-", suffix=".data")
+            os.close(fd)
+            return cls(str(Path(name)))
+        except OSError as e:
+            log.info("weights stay in memory (%s)", e)
+            return None
+
+    def close(self, written: bool = True):
+        """Done writing: from now on its tensors are read from it (``written``), or it is dropped."""
+        try:
+            self._file.close()
+            if written:
+                _open_data_file(Path(self.path), "spilled weights")
+        finally:
+            try:
+                os.unlink(self.path)
+            except OSError:     # where an open file cannot be removed: at exit, if it can be then
+                import atexit
+                atexit.register(_remove_quietly, self.path)
+
+
+def spillable(t: onnx.TensorProto) -> bool:
+    """Whether a weight goes to a scratch file: held in memory, 1 KB or more, and no strings
+    (which have no raw bytes)."""
+    return t.data_location != onnx.TensorProto.EXTERNAL and tensor_bytes(t) >= 1024 and \
+        t.data_type != onnx.TensorProto.STRING
 
 
 def _remove_quietly(path: str):

@@ -109,7 +109,7 @@ def stored_bytes(t: onnx.TensorProto):
 
 
 def forget_files(model: onnx.ModelProto):
-    """Close the external data files spa holds open for ``model`` alone (a spilled model once
+    """Close the external data files spa holds open for ``model`` alone (a model of spilled weights once
     nothing reads it: its scratch file's space goes back then, not at exit)."""
     for location in {_external_info(t)["location"] for t in model.graph.initializer
                      if t.data_location == onnx.TensorProto.EXTERNAL}:

@@ -7,21 +7,55 @@ kept indices (after OBSPA's updates), and the plan's edits set the size constant
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from ..graph.fixups import DropAttr, SetAttr, SetInput
-from ..loading.model import copy_fields, rejoin_copies, tensor_array, tensor_names, unique_name
+from ..loading.model import (ScratchWeights, copy_fields, rejoin_copies, spillable, stored_bytes, tensor_array,
+                              tensor_names, unique_name)
 from ..loading.scopes import all_nodes, body_graphs, value_infos
 from ..plan.plan import Plan
 
 __all__ = ["rewrite", "apply_updates", "apply_edits"]
 
+log = logging.getLogger(__name__)
 
-def rewrite(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
-    """Return a pruned copy of ``model`` (the normalized model the plan was made on)."""
+
+def rewrite(model: onnx.ModelProto, plan: Plan, spill: bool = False) -> onnx.ModelProto:
+    """Return a pruned copy of ``model`` (the normalized model the plan was made on). With
+    ``spill``, every weight it would hold in memory is written to a scratch file instead
+    (``ScratchWeights``), as it is made: no protobuf copies of a large model's weights on the
+    way (0.7B decoder: 6 s of copies). Where that file cannot be written they stay in memory."""
     plan.check(model)
+    pruned = None
+    scratch = ScratchWeights.open() if spill else None
+    if scratch is not None:
+        try:
+            pruned = _sliced(model, plan, scratch.put)
+        except OSError as e:    # a full or read-only temporary folder
+            log.info("weights stay in memory (%s)", e)
+        scratch.close(written=pruned is not None)
+    if pruned is None:
+        pruned = _sliced(model, plan, None)
+    _add_biases(pruned, plan, sliced=True)
+    apply_edits(pruned, plan.edits)
+    _resize_bodies(pruned, plan)
+    return rejoin_copies(pruned)
+
+
+# numpy arrays whose bytes are these types' raw data as ONNX stores it (not 4-bit types, not strings)
+_PLAIN_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
+                onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
+                onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}
+
+
+def _sliced(model: onnx.ModelProto, plan: Plan, put) -> onnx.ModelProto:
+    """A copy of ``model`` with every initializer sliced and updated as the plan says (nothing
+    else changed yet); ``put(tensor, bytes) -> reference`` takes the weights it would hold in
+    memory (``spillable``), or None."""
     # Copy everything but the initializers, then add each one already sliced: the full
     # weights are never held twice.
     pruned = onnx.ModelProto()
@@ -30,16 +64,19 @@ def rewrite(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     for t in model.graph.initializer:
         slices = plan.slices(t)
         if not slices and t.name not in plan.updates:
-            pruned.graph.initializer.append(t)
+            pruned.graph.initializer.append(put(t, stored_bytes(t)) if put and spillable(t) else t)
             continue
         w = plan.updates[t.name] if t.name in plan.updates else tensor_array(t)
         for axis, kept in slices:
             w = np.take(w, kept, axis=axis)
-        pruned.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w), t.name))
-    _add_biases(pruned, plan, sliced=True)
-    apply_edits(pruned, plan.edits)
-    _resize_bodies(pruned, plan)
-    return rejoin_copies(pruned)
+        w = np.ascontiguousarray(w)
+        if put and w.nbytes >= 1024 and t.data_type in _PLAIN_TYPES and \
+                w.dtype == helper.tensor_dtype_to_np_dtype(t.data_type):
+            pruned.graph.initializer.append(put(onnx.TensorProto(name=t.name, data_type=t.data_type, dims=w.shape), w))
+            continue
+        new = numpy_helper.from_array(w, t.name)
+        pruned.graph.initializer.append(put(new, new.raw_data) if put and spillable(new) else new)
+    return pruned
 
 
 def _resize_bodies(model: onnx.ModelProto, plan: Plan):

@@ -112,7 +112,7 @@ class BlockRunner:
 # of it need not be one session (the oracle's masked original, the second probe's original), in parts
 # of about PART_BYTES. One session reads every weight: with the oracle's masked original in one
 # session, pruning the 0.15B decoder of benchmarks/big_model.py peaked at 1.9x its size; in
-# parts (and its pruned weights spilled, spa.loading.model.spilled), at 1.24x.
+# parts (and its pruned weights spilled, spa.loading.model.ScratchWeights), at 1.24x.
 PARTWISE_ABOVE = 256 << 20
 PART_BYTES = 128 << 20
 
