@@ -64,12 +64,12 @@ def test_synthetic_images_are_dead_leaves():
     assert (np.abs(np.diff(flat, axis=1)) < 1e-9).mean() == 0
 
 
-def _token_model(mix: bool):
-    """ids [N, 8] -> embedding -> MatMul -> Relu -> MatMul -> logits over the same 10 tokens,
-    which put all weight on the next token id (v -> v+1 mod 10); ``mix`` adds the sequence
-    mean to every position, so later tokens change earlier logits."""
+def _token_model(mix: bool, length=8):
+    """ids [N, 8] (or ``length``) -> embedding -> MatMul -> Relu -> MatMul -> logits over the
+    same 10 tokens, which put all weight on the next token id (v -> v+1 mod 10); ``mix`` adds
+    the sequence mean to every position, so later tokens change earlier logits."""
     g = Graph()
-    ids = g.input(["N", 8], name="ids", dtype=onnx.TensorProto.INT64)
+    ids = g.input(["N", length], name="ids", dtype=onnx.TensorProto.INT64)
     table = np.zeros((10, 16), np.float32)
     table[np.arange(10), np.arange(10)] = 5.0
     a = np.zeros((16, 32), np.float32)
@@ -99,6 +99,36 @@ def test_decoder_language_models_write_their_own_calibration_text():
     r = spa.prune(_token_model(mix=False), ratio=0.5, input_shapes={"ids": [1, 8]}, round_to=1)
     assert r.report["data"]["hessian_source"] == "text the model wrote itself (data-free)"
     assert r.report["verify"]["ok"]
+
+
+@pytest.mark.parametrize("mix", [False, True])
+def test_a_language_model_of_open_length_writes_from_the_tokens_so_far(monkeypatch, mix):
+    """Where the sequence length is open, the pass that writes token t + 1 reads the t + 1
+    tokens written so far, and writes what whole-sequence passes write; a model whose logits
+    depend on the length (``mix``: later tokens change earlier logits) writes nothing."""
+    import spa.score.selfgen as selfgen
+    from spa import runtime
+    fed = []
+
+    def recording(*a, f=runtime.session, **k):
+        made = f(*a, **k)
+        run = made.run
+        made.run = lambda names, feeds, *r: fed.append(feeds["ids"].shape[1]) or run(names, feeds, *r)
+        return made
+    monkeypatch.setattr(runtime, "session", recording)
+    texts = []
+    for prefix in (True, False):
+        if not prefix:
+            monkeypatch.setattr(selfgen, "_runs_on_prefixes", lambda *a: False)
+        monkeypatch.setattr(selfgen, "_WRITTEN", {})
+        fed.clear()
+        cal = Calibration(samples=64)
+        batches = cal.batches(_token_model(mix=mix, length="S"), {"ids": [1, 8]})
+        assert cal.generated != mix
+        texts.append(np.concatenate([b["ids"] for b in batches]))
+        if not mix:
+            assert fed[-7:] == ([1, 2, 3, 4, 5, 6, 7] if prefix else [8] * 7)
+    np.testing.assert_array_equal(texts[0], texts[1])
 
 
 def test_a_fixed_batch_language_model_writes_many_sequences():

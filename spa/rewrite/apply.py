@@ -14,7 +14,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..graph.fixups import DropAttr, SetAttr, SetInput
-from ..loading.model import (ScratchWeights, copy_fields, rejoin_copies, spillable, stored_bytes, tensor_array,
+from ..loading.model import (ScratchWeights, copy_fields, rejoin_copies, release_mapped, spillable, stored_bytes, tensor_array,
                               tensor_names, unique_name)
 from ..loading.scopes import all_nodes, body_graphs, value_infos
 from ..plan.plan import Plan
@@ -62,21 +62,24 @@ def _sliced(model: onnx.ModelProto, plan: Plan, put) -> onnx.ModelProto:
     copy_fields(model, pruned, skip={"graph"})
     copy_fields(model.graph, pruned.graph, skip={"initializer", "value_info"})
     for t in model.graph.initializer:
-        slices = plan.slices(t)
-        if not slices and t.name not in plan.updates:
-            pruned.graph.initializer.append(put(t, stored_bytes(t)) if put and spillable(t) else t)
-            continue
-        w = plan.updates[t.name] if t.name in plan.updates else tensor_array(t)
-        for axis, kept in slices:
-            w = np.take(w, kept, axis=axis)
-        w = np.ascontiguousarray(w)
-        if put and w.nbytes >= 1024 and t.data_type in _PLAIN_TYPES and \
-                w.dtype == helper.tensor_dtype_to_np_dtype(t.data_type):
-            pruned.graph.initializer.append(put(onnx.TensorProto(name=t.name, data_type=t.data_type, dims=w.shape), w))
-            continue
-        new = numpy_helper.from_array(w, t.name)
-        pruned.graph.initializer.append(put(new, new.raw_data) if put and spillable(new) else new)
+        pruned.graph.initializer.append(_sliced_tensor(t, plan, put))
+        if put:
+            release_mapped()    # the slices written are freed heap: back to the system (0.15B decoder: 0.2x its size)
     return pruned
+
+
+def _sliced_tensor(t: onnx.TensorProto, plan: Plan, put) -> onnx.TensorProto:
+    slices = plan.slices(t)
+    if not slices and t.name not in plan.updates:
+        return put(t, stored_bytes(t)) if put and spillable(t) else t
+    w = plan.updates[t.name] if t.name in plan.updates else tensor_array(t)
+    for axis, kept in slices:
+        w = np.take(w, kept, axis=axis)
+    w = np.ascontiguousarray(w)
+    if put and w.nbytes >= 1024 and t.data_type in _PLAIN_TYPES and w.dtype == helper.tensor_dtype_to_np_dtype(t.data_type):
+        return put(onnx.TensorProto(name=t.name, data_type=t.data_type, dims=w.shape), w)
+    new = numpy_helper.from_array(w, t.name)
+    return put(new, new.raw_data) if put and spillable(new) else new
 
 
 def _resize_bodies(model: onnx.ModelProto, plan: Plan):

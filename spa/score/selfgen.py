@@ -16,7 +16,8 @@ import onnx
 
 from ..progress import track
 
-# S forward passes of the whole sequence generate it (no cache): at most this many weight x
+# S forward passes of the whole sequence generate it (no cache; of the tokens so far where the
+# model takes them: half as many multiply-adds, same count of sequences): at most this many weight x
 # token x step multiply-adds are spent writing sequences (fewer sequences, down to one, on a
 # larger model; none above it). SmolLM2-135M, 20 % of its MLP removed (benchmarks/lm_smollm2.py):
 # perplexity 28.9 -> 175 with the one 128-token sequence the old 4e12 allowed, 89 with two
@@ -64,6 +65,7 @@ def self_generated(model: onnx.ModelProto, batches: list[dict], vocab: dict[str,
     later = sess.run([outputs[logits]], changed)[0]
     if not np.allclose(later[:, :-1], got[logits][:, :-1], rtol=1e-4, atol=1e-5):
         return None                                   # a later token changed earlier logits
+    prefix = _runs_on_prefixes(model, sess, probe, ids, outputs[logits], got[logits])
     shape = (ids, seed, count, seq)
     if written is not None and shape in written:
         return [dict(f) for f in written[shape]]
@@ -71,7 +73,7 @@ def self_generated(model: onnx.ModelProto, batches: list[dict], vocab: dict[str,
     if key not in _WRITTEN:      # pruning one model at several ratios writes the same text
         _WRITTEN.clear()
         _WRITTEN[key] = _write(sess, first, ids, outputs[logits], size, count, seq, n,
-                               seed, count if free_batch else n, _marginal(got[logits]))
+                               seed, count if free_batch else n, _marginal(got[logits]), prefix)
     if written is not None:
         written[shape] = _WRITTEN[key]
     return [dict(f) for f in _WRITTEN[key]]
@@ -85,8 +87,27 @@ def _marginal(logits: np.ndarray) -> np.ndarray:
     return p / p.sum()
 
 
+def _runs_on_prefixes(model: onnx.ModelProto, sess, probe: dict, ids: str, logits: str, full: np.ndarray) -> bool:
+    """Whether the token ids alone may be cut to the tokens written so far: the model takes
+    no other input of the sequence's length, leaves that length open, and gives the same
+    logits on the first half as on the whole. The pass that writes token t + 1 then reads
+    t + 1 tokens, not the whole sequence: half the multiply-adds of writing, or less."""
+    from ..loading.shapes import graph_inputs, is_open
+    dims = next(vi.type.tensor_type.shape.dim for vi in graph_inputs(model) if vi.name == ids)
+    seq = probe[ids].shape[1]
+    if len(dims) != 2 or not is_open(dims[1]) or seq < 4 or \
+            any(k != ids and np.ndim(v) and seq in np.shape(v) for k, v in probe.items()):
+        return False
+    try:
+        half = sess.run([logits], {**probe, ids: probe[ids][:, :seq // 2]})[0]
+    except Exception:   # noqa: BLE001 - a length it does not take: whole sequences then
+        return False
+    return half.shape == (len(full), seq // 2, full.shape[2]) and \
+        np.allclose(half, full[:, :seq // 2], rtol=1e-4, atol=1e-5)
+
+
 def _write(sess, first: dict, ids: str, logits: str, size: int, count: int, seq: int, n: int, seed: int,
-           batch: int, first_tokens: np.ndarray) -> list[dict]:
+           batch: int, first_tokens: np.ndarray, prefix: bool = False) -> list[dict]:
     """``count`` sequences, written ``batch`` at a time (the model may fix its batch size):
     one feed per batch. Each starts with a token drawn from ``first_tokens`` (the model's
     average next-token distribution): a uniform first token is mostly a rare subword, and the
@@ -102,7 +123,7 @@ def _write(sess, first: dict, ids: str, logits: str, size: int, count: int, seq:
     for step in track(range((seq - 1) * (count // batch)), unit="tokens written"):
         b, t = divmod(step, seq - 1)
         part = tokens[b * batch:(b + 1) * batch]
-        feeds[ids] = part
+        feeds[ids] = part[:, :t + 1] if prefix else part
         z = sess.run([logits], feeds)[0][:, t, :].astype(np.float64)
         part[:, t + 1] = np.argmax(z + rng.gumbel(size=z.shape), axis=1)    # a sample of softmax(z)
         if t == seq - 2:
