@@ -68,7 +68,7 @@ def test_options_and_keywords_prune_alike():
 
 
 def test_a_failure_names_the_stages_run(monkeypatch, tmp_path, capsys):
-    def broken(model, plan):
+    def broken(model, plan, spill=False):
         raise RuntimeError("the rewrite broke")
     monkeypatch.setattr(pipeline, "rewrite", broken)
     with pytest.raises(RuntimeError) as e:
