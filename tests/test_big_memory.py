@@ -424,7 +424,7 @@ def test_the_second_probe_of_a_large_model_runs_it_in_parts_without_a_whole_sess
     assert whole and not any(whole)               # parts ran; the whole model never did
 
 
-@pytest.mark.parametrize("fails", ["open", "write"])
+@pytest.mark.parametrize("fails", ["open", "write", "close"])
 def test_weights_stay_in_memory_where_no_scratch_file_can_be_written(tmp_path, monkeypatch, fails):
     """No temporary folder to write in, or one that fills up half-way: the pruned model holds
     its weights itself, computes what it would have, and no scratch file is left behind."""
@@ -437,6 +437,14 @@ def test_weights_stay_in_memory_where_no_scratch_file_can_be_written(tmp_path, m
     (tmp_path / "scratch").mkdir()
     if fails == "open":
         monkeypatch.setattr(tempfile, "mkstemp", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left")))
+    elif fails == "close":       # the last buffered bytes do not fit
+        real_close = model_io.ScratchWeights.close
+
+        def close(self, written=True):
+            real_close(self, written=False)
+            if written:
+                raise OSError(28, "No space left on device")
+        monkeypatch.setattr(model_io.ScratchWeights, "close", close)
     else:
         real = model_io.WeightWriter.put
         calls = []

@@ -542,10 +542,11 @@ class ScratchWeights:
     """A scratch file that weights are written to and then read from as external data is
     (memory-mapped): a pruned decoder's weights held in its protobuf were handed out as a new
     copy on every read, so each session was fed another copy of them, and they were freed only
-    with the whole model (``spa.rewrite.apply.rewrite`` with ``spill``). Nobody else sees it: it is unlinked once written (its descriptor keeps it
-    until the process ends, or until ``forget_files`` of the model reading it). ``open()`` is
-    None where no scratch file can be made; ``put`` raises OSError where it cannot be written
-    (a full or read-only temporary folder), and the caller keeps its weights in memory then."""
+    with the whole model (``spa.rewrite.apply.rewrite`` with ``spill``). Nobody else sees it:
+    it is unlinked once written (its descriptor keeps it until the process ends, or until
+    ``forget_files`` of the model reading it). ``open()`` is None where no scratch file can be
+    made; ``put`` and ``close`` raise OSError where it cannot be written (a full or read-only
+    temporary folder), and the caller keeps its weights in memory then."""
 
     def __init__(self, path: str):
         self.path = path          # the location its tensors name, and the key its descriptor is kept under

@@ -35,9 +35,11 @@ def rewrite(model: onnx.ModelProto, plan: Plan, spill: bool = False) -> onnx.Mod
     if scratch is not None:
         try:
             pruned = _sliced(model, plan, scratch.put)
+            scratch.close()     # (its last bytes are written here)
         except OSError as e:    # a full or read-only temporary folder
             log.info("weights stay in memory (%s)", e)
-        scratch.close(written=pruned is not None)
+            pruned = None
+            scratch.close(written=False)
     if pruned is None:
         pruned = _sliced(model, plan, None)
     _add_biases(pruned, plan, sliced=True)
