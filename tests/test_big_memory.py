@@ -462,3 +462,28 @@ def test_weights_stay_in_memory_where_no_scratch_file_can_be_written(tmp_path, m
     feeds = {"x": np.ones((2, 64), np.float32)}
     np.testing.assert_array_equal(runtime.session(result.model).run(None, feeds)[0],
                                   runtime.session(plain.model).run(None, feeds)[0])
+
+
+def test_the_masked_original_of_a_large_model_reads_its_updated_weights_from_a_scratch_file(monkeypatch):
+    """Above FED_ABOVE (lowered here) the masked original's updated weights lie in a scratch
+    file, not in its protobuf (each session of it run in parts was handed its own copies), and
+    it computes what the masked original held in memory does."""
+    from spa.analysis import analyze
+    from spa.rewrite.apply import rewrite
+    from spa.verify import masked as masked_io
+    model, _ = _chain(layers=3)
+    r = spa.prune(model, 0.25, verify=False)
+    plan = r.plans[0]
+    assert plan.updates
+    a = analyze(model)
+    in_memory = verify.masked_model(a.model, plan, a.shapes)
+    monkeypatch.setattr(masked_io, "FED_ABOVE", 0)
+    spilled = verify.masked_model(a.model, plan, a.shapes)
+    inits = {t.name: t for t in spilled.graph.initializer}
+    for name, value in plan.updates.items():
+        assert inits[name].data_location == TensorProto.EXTERNAL
+        np.testing.assert_array_equal(model_io.tensor_array(inits[name]), value)
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)}
+    np.testing.assert_array_equal(runtime.session(spilled).run(None, feeds)[0],
+                                  runtime.session(in_memory).run(None, feeds)[0])
+    assert verify.oracle(rewrite(a.model, plan), spilled, a.shapes.input_shapes, a.model).ok

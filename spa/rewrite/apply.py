@@ -77,6 +77,11 @@ def _sliced_tensor(t: onnx.TensorProto, plan: Plan, put) -> onnx.TensorProto:
     w = plan.updates[t.name] if t.name in plan.updates else tensor_array(t)
     for axis, kept in slices:
         w = np.take(w, kept, axis=axis)
+    return _as_tensor(t, w, put)
+
+
+def _as_tensor(t: onnx.TensorProto, w: np.ndarray, put) -> onnx.TensorProto:
+    """``w`` as the initializer ``t`` (its name and type), written by ``put`` where that takes it."""
     w = np.ascontiguousarray(w)
     if put and w.nbytes >= 1024 and t.data_type in _PLAIN_TYPES and w.dtype == helper.tensor_dtype_to_np_dtype(t.data_type):
         return put(onnx.TensorProto(name=t.name, data_type=t.data_type, dims=w.shape), w)
@@ -100,18 +105,37 @@ def _resize_bodies(model: onnx.ModelProto, plan: Plan):
                     d.dim_value = len(kept)
 
 
-def apply_updates(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
+def apply_updates(model: onnx.ModelProto, plan: Plan, spill: bool = False) -> onnx.ModelProto:
     """A copy of ``model`` with the plan's weight updates and new biases, nothing removed:
-    the function the pruned model is compared with (after masking)."""
+    the function the pruned model is compared with (after masking). With ``spill``, the
+    updated weights go to a scratch file as ``rewrite``'s do: each session of a large masked
+    original run in parts was handed its own copies of them."""
     if not plan.updates and not plan.new_biases:
         return model
     out = onnx.ModelProto()
-    out.CopyFrom(model)
-    for t in out.graph.initializer:
-        if t.name in plan.updates:
-            t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(plan.updates[t.name]), t.name))
+    copy_fields(model, out, skip={"graph"})
+    copy_fields(model.graph, out.graph, skip={"initializer"})
+    scratch = ScratchWeights.open() if spill and plan.updates else None
+    done = False
+    if scratch is not None:
+        try:
+            out.graph.initializer.extend(_updated(t, plan, scratch.put) for t in model.graph.initializer)
+            scratch.close()
+            done = True
+        except OSError as e:
+            log.info("updated weights stay in memory (%s)", e)
+            scratch.close(written=False)
+            del out.graph.initializer[:]
+    if not done:
+        out.graph.initializer.extend(_updated(t, plan, None) for t in model.graph.initializer)
     _add_biases(out, plan, sliced=False)
     return out
+
+
+def _updated(t: onnx.TensorProto, plan: Plan, put) -> onnx.TensorProto:
+    if t.name not in plan.updates:
+        return t
+    return _as_tensor(onnx.TensorProto(name=t.name, data_type=t.data_type), plan.updates[t.name], put)
 
 
 def _add_biases(model: onnx.ModelProto, plan: Plan, sliced: bool):

@@ -16,6 +16,7 @@ from ..loading.model import tensor_names, unique_name
 from ..loading.scopes import body_graphs
 from ..plan.plan import Plan
 from ..rewrite.apply import apply_updates
+from ..runtime import FED_ABOVE, weight_bytes
 
 __all__ = ["mask_contractions", "masked_model"]
 
@@ -102,7 +103,10 @@ def masked_model(model: onnx.ModelProto, plan: Plan, shapes) -> onnx.ModelProto:
         mask = np.zeros(plan.sizes[space])
         mask[kept] = 1
         return mask
-    updated = apply_updates(model, plan)   # a copy where the plan changes weights: masked in place, not copied again
+    # a copy where the plan changes weights (masked in place, not copied again), its updated
+    # weights in a scratch file where sessions are fed them (0.7B decoder: each of its parts' 57
+    # sessions copied them twice, 4.5 s)
+    updated = apply_updates(model, plan, spill=weight_bytes(model) > FED_ABOVE)
     masked = mask_contractions(updated, plan.contractions, shapes, mask_of, in_place=updated is not model)[0]
 
     def to_zero_point(node, entry, taken):   # Where(kept, x, zero point)
