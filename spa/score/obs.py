@@ -108,9 +108,14 @@ class LowRankConsumer:
 
     def costs(self, channels) -> np.ndarray:
         y = self._whitened()
+        squares = []
 
         def blocks(cols):
             # (H^-1)_cc = (I - Y_c^T Y_c) / lam, one b x b block per channel
+            if cols.shape[1] == 1:      # one column each: 1 - |y_c|^2
+                if not squares:
+                    squares.append(np.einsum("nd,nd->d", y, y))
+                return ((1.0 - squares[0][cols[:, 0]]) / self.lam)[:, None, None]
             yc = y[:, cols.ravel()].reshape(len(y), *cols.shape)
             out = -np.einsum("nmb,nmc->mbc", yc, yc, optimize=True)
             out[:, np.arange(cols.shape[1]), np.arange(cols.shape[1])] += 1.0
