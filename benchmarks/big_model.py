@@ -10,6 +10,12 @@ memory): embedding Gather, per layer RMSNorm (Pow/ReduceMean/Add/Sqrt/Div/Mul), 
 projections with heads split by Reshape/Transpose, key/value heads repeated for their query
 heads (Unsqueeze/Expand/Reshape), softmax attention, SwiGLU MLP (gate, up, down), a final
 RMSNorm and the LM head. Peak memory is each process's maximum resident set size.
+
+    python models/smollm2.py --exporter dynamo && python benchmarks/big_model.py --sizes SmolLM2-135M \
+        --criteria default calib
+
+adds the real SmolLM2-135M (weights in its .onnx file, fixed length 128, causal: with no data
+spa writes its calibration text itself), without and with its 32 calibration windows.
 """
 
 from __future__ import annotations
@@ -118,7 +124,12 @@ def timed(cmd: list[str]) -> tuple[float, float, int]:
 # run -> (the options it adds to `spa prune --params 0.8`, whether the model holds its weights
 # in its .onnx file instead of external data: onnx.save's default under 2 GB)
 RUNS = {"default": ([], False), "l1": (["--criterion", "l1"], False),
-        "one-file": ([], True), "one-file-unverified": (["--no-verify"], True)}
+        "one-file": ([], True), "one-file-unverified": (["--no-verify"], True),
+        "calib": (["--calib", "{calib}"], False)}
+# Real weights: SmolLM2-135M as models/smollm2.py exports it (weights in its .onnx file, input_ids
+# [1, 128]: the default writes its calibration text itself); "calib" feeds its 32 calibration windows.
+REPO = Path(__file__).resolve().parents[1]
+REAL = {"SmolLM2-135M": REPO / "models" / "smollm2" / "dynamo.onnx"}
 
 
 def label(run: str) -> str:
@@ -137,6 +148,10 @@ def measure(src: Path, out: Path, run: str) -> dict:
         if not one.exists():
             onnx.save(onnx.load(src), one)
         src = one
+    if "{calib}" in extra:
+        text = np.load(REPO / "models" / "smollm2" / "text.npz")
+        np.savez(out / "calib.npz", input_ids=text["calib"])
+        extra = [str(out / "calib.npz") if a == "{calib}" else a for a in extra]
     cmd = ["spa", "prune", str(src), "-o", str(out / "pruned.onnx"), "--params", "0.8", *extra, "-q",
            "--report", str(out / "report.json")]
     wall, rss, _ = timed(cmd)
@@ -153,7 +168,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "big_model.json"
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dir", default="/tmp/spa-big")
-    p.add_argument("--sizes", nargs="*", default=list(SIZES))
+    p.add_argument("--sizes", nargs="*", default=list(SIZES), choices=[*SIZES, *REAL],
+                   help=f"sizes; {', '.join(REAL)}: real weights, after models/smollm2.py")
     p.add_argument("--criteria", nargs="*", default=["default", "l1"], choices=list(RUNS),
                    help="runs (one-file: the model saved with its weights in the .onnx file, under 2 GB)")
     p.add_argument("--keep", action="store_true", help="keep the generated models")
@@ -163,10 +179,13 @@ def main():
     for size in args.sizes:
         out = Path(args.dir) / size
         out.mkdir(parents=True, exist_ok=True)
-        src = out / "llama_shaped.onnx"
+        src = REAL.get(size, out / "llama_shaped.onnx")
+        if size in REAL and not src.exists():
+            raise SystemExit(f"{src} is missing: python models/smollm2.py --exporter dynamo")
         if not src.exists():
             build(src, *SIZES[size])
-        size_mb = (src.stat().st_size + (out / (src.name + ".data")).stat().st_size) / 2**20
+        data = src.parent / (src.name + ".data")
+        size_mb = (src.stat().st_size + (data.stat().st_size if data.exists() else 0)) / 2**20
         baseline = [sys.executable, "-c", "import onnx, sys; m = onnx.load(sys.argv[1]); "
                     "onnx.save(m, sys.argv[2], save_as_external_data=True, location='copy.onnx.data')",
                     str(src), str(out / "copy.onnx")]
@@ -180,7 +199,7 @@ def main():
             print(size, criterion, runs[criterion], flush=True)
         RESULTS.write_text(json.dumps(results, indent=1))
         if not args.keep:
-            for f in out.glob("*.onnx*"):
+            for f in out.glob("*.onnx*"):   # (a real model's export lies elsewhere and stays)
                 f.unlink()
     text = render(results)
     print(text)
@@ -190,7 +209,7 @@ def main():
 def render(results: dict) -> str:
     rows = ["| model | params | on disk (MB) | run | wall (s) | x load+save | peak RSS (MB) | x size | verified |",
             "|---|---:|---:|---|---:|---:|---:|---:|---|"]
-    for size in SIZES:
+    for size in [*SIZES, *REAL]:
         runs = results.get(size, {})
         if "load+save" in runs:
             b = runs["load+save"]

