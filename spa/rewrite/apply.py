@@ -30,22 +30,26 @@ def rewrite(model: onnx.ModelProto, plan: Plan, spill: bool = False) -> onnx.Mod
     (``ScratchWeights``), as it is made: no protobuf copies of a large model's weights on the
     way (0.7B decoder: 6 s of copies). Where that file cannot be written they stay in memory."""
     plan.check(model)
-    pruned = None
-    scratch = ScratchWeights.open() if spill else None
-    if scratch is not None:
-        try:
-            pruned = _sliced(model, plan, scratch.put)
-            scratch.close()     # (its last bytes are written here)
-        except OSError as e:    # a full or read-only temporary folder
-            log.info("weights stay in memory (%s)", e)
-            pruned = None
-            scratch.close(written=False)
-    if pruned is None:
-        pruned = _sliced(model, plan, None)
+    pruned = _spilled_or_held(lambda put: _sliced(model, plan, put), spill)
     _add_biases(pruned, plan, sliced=True)
     apply_edits(pruned, plan.edits)
     _resize_bodies(pruned, plan)
     return rejoin_copies(pruned)
+
+
+def _spilled_or_held(build, spill: bool) -> onnx.ModelProto:
+    """``build(put)``, its weights written by ``put`` to a scratch file (``ScratchWeights``) with
+    ``spill``, or ``build(None)``, holding them, where that file cannot be made or written."""
+    scratch = ScratchWeights.open() if spill else None
+    if scratch is not None:
+        try:
+            made = build(scratch.put)
+            scratch.close()     # (its last bytes are written here)
+            return made
+        except OSError as e:    # a full or read-only temporary folder
+            log.info("weights stay in memory (%s)", e)
+            scratch.close(written=False)
+    return build(None)
 
 
 # numpy arrays whose bytes are these types' raw data as ONNX stores it (not 4-bit types, not strings)
@@ -112,30 +116,20 @@ def apply_updates(model: onnx.ModelProto, plan: Plan, spill: bool = False) -> on
     original run in parts was handed its own copies of them."""
     if not plan.updates and not plan.new_biases:
         return model
-    out = onnx.ModelProto()
-    copy_fields(model, out, skip={"graph"})
-    copy_fields(model.graph, out.graph, skip={"initializer"})
-    scratch = ScratchWeights.open() if spill and plan.updates else None
-    done = False
-    if scratch is not None:
-        try:
-            out.graph.initializer.extend(_updated(t, plan, scratch.put) for t in model.graph.initializer)
-            scratch.close()
-            done = True
-        except OSError as e:
-            log.info("updated weights stay in memory (%s)", e)
-            scratch.close(written=False)
-            del out.graph.initializer[:]
-    if not done:
-        out.graph.initializer.extend(_updated(t, plan, None) for t in model.graph.initializer)
+    out = _spilled_or_held(lambda put: _updated(model, plan, put), spill and bool(plan.updates))
     _add_biases(out, plan, sliced=False)
     return out
 
 
-def _updated(t: onnx.TensorProto, plan: Plan, put) -> onnx.TensorProto:
-    if t.name not in plan.updates:
-        return t
-    return _as_tensor(onnx.TensorProto(name=t.name, data_type=t.data_type), plan.updates[t.name], put)
+def _updated(model: onnx.ModelProto, plan: Plan, put) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    copy_fields(model, out, skip={"graph"})
+    copy_fields(model.graph, out.graph, skip={"initializer"})
+    for t in model.graph.initializer:
+        out.graph.initializer.append(t if t.name not in plan.updates else
+                                     _as_tensor(onnx.TensorProto(name=t.name, data_type=t.data_type),
+                                                plan.updates[t.name], put))
+    return out
 
 
 def _add_biases(model: onnx.ModelProto, plan: Plan, sliced: bool):
