@@ -501,9 +501,8 @@ def _with_streamed_weights(model: onnx.ModelProto, data_path: str, location: str
     with open(data_path, "wb") as f:
         out = WeightWriter(f, location)
         for t in model.graph.initializer:
-            external = t.data_location == onnx.TensorProto.EXTERNAL
-            if (tensor_bytes(t) < 1024 and not external) or t.data_type == onnx.TensorProto.STRING:
-                proto.graph.initializer.append(t)    # (strings have no raw bytes: they stay in the model)
+            if t.data_location != onnx.TensorProto.EXTERNAL and not spillable(t):
+                proto.graph.initializer.append(t)    # small, or strings (no raw bytes): in the model
                 continue
             # the bytes as stored (one copy at most: protobuf's bytes), a mapped file's pages
             # written and dropped a slice at a time

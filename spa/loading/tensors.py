@@ -107,16 +107,16 @@ def stored_bytes(t: onnx.TensorProto):
     return numpy_helper.from_array(tensor_array(t), t.name).raw_data
 
 
-
 def forget_files(model: onnx.ModelProto):
-    """Close the external data files spa holds open for ``model`` alone (a model of spilled weights once
-    nothing reads it: its scratch file's space goes back then, not at exit)."""
+    """Close the external data files spa holds open for ``model`` alone (a model of spilled
+    weights once nothing reads it: its scratch file's space goes back then, not at exit)."""
     for location in {_external_info(t)["location"] for t in model.graph.initializer
                      if t.data_location == onnx.TensorProto.EXTERNAL}:
         _MAPS.pop(location, None)       # arrays still viewing the map keep it until they go
         fd = _DATA_FILES.pop(location, None)
         if fd is not None:
             os.close(fd)
+
 
 # Read-only maps of the external data files spa read (path -> mmap); arrays viewing one keep it alive.
 _MAPS: dict[str, mmap.mmap] = {}

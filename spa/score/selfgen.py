@@ -17,8 +17,8 @@ import onnx
 from ..progress import track
 
 # S forward passes of the whole sequence generate it (no cache; of the tokens so far where the
-# model takes them: half as many multiply-adds, same count of sequences): at most this many weight x
-# token x step multiply-adds are spent writing sequences (fewer sequences, down to one, on a
+# model takes them: half as many multiply-adds, same count of sequences): at most this many
+# weight x token x step multiply-adds are spent writing sequences (fewer sequences, down to one, on a
 # larger model; none above it). SmolLM2-135M, 20 % of its MLP removed (benchmarks/lm_smollm2.py):
 # perplexity 28.9 -> 175 with the one 128-token sequence the old 4e12 allowed, 89 with two
 # (real text: 47 with two windows, 35 with sixteen); this budget writes eight (~4 min on 2 cores).
@@ -65,13 +65,13 @@ def self_generated(model: onnx.ModelProto, batches: list[dict], vocab: dict[str,
     later = sess.run([outputs[logits]], changed)[0]
     if not np.allclose(later[:, :-1], got[logits][:, :-1], rtol=1e-4, atol=1e-5):
         return None                                   # a later token changed earlier logits
-    prefix = _runs_on_prefixes(model, sess, probe, ids, outputs[logits], got[logits])
     shape = (ids, seed, count, seq)
     if written is not None and shape in written:
         return [dict(f) for f in written[shape]]
     key = (hashlib.sha1(model.SerializeToString()).hexdigest(), *shape)
     if key not in _WRITTEN:      # pruning one model at several ratios writes the same text
         _WRITTEN.clear()
+        prefix = _runs_on_prefixes(model, sess, probe, ids, outputs[logits], got[logits])
         _WRITTEN[key] = _write(sess, first, ids, outputs[logits], size, count, seq, n,
                                seed, count if free_batch else n, _marginal(got[logits]), prefix)
     if written is not None:

@@ -54,8 +54,9 @@ def _by_node(contractions) -> dict:
 
 def mask_contractions(model: onnx.ModelProto, contractions, shapes, mask_of, as_inputs: bool = False,
                       in_place: bool = False):
-    """A copy of ``model`` (``model`` itself with ``in_place``) with a mask multiplied in wherever an axis is contracted
-    (``contractions``: (node name, input index, axis), as the rules record them) and
+    """A copy of ``model`` (``model`` itself with ``in_place``) with a mask multiplied in
+    wherever an axis is contracted (``contractions``: (node name, input index, axis), as the
+    rules record them) and
     ``mask_of((tensor, axis))`` gives one (a 1-D array; None leaves the axis alone). The masks
     are initializers, or graph inputs with ``as_inputs`` (fed at run time, the given array
     being their neutral value). Returns the model and, per masked space, its masks as
