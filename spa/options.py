@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import SpaError
 from .score import CRITERIA
-from .score.obspa import COMPENSATIONS
+from .score.obspa import COMPENSATIONS, SYNTHETIC
 from .plan.planner import PlanOptions
 
 __all__ = ["PruneOptions", "DEFAULT_CRITERION", "DEFAULT_ROUND_TO", "HIDDEN_AS_RATIO", "CRITERIA",
@@ -72,6 +72,7 @@ class PruneOptions:
     recalibrate: bool = False
     damping: float = 0.01
     compensation: str = "obs"
+    synthetic: str = "auto"
     input_shapes: dict = field(default_factory=dict)
     verify: bool | None = None
     strict: bool = False
@@ -122,6 +123,8 @@ class PruneOptions:
             raise SpaError("--steps with --latency is not supported: use --macs, or one step")
         if self.compensation not in COMPENSATIONS:
             raise SpaError(f"compensation must be one of {', '.join(COMPENSATIONS)}, got {self.compensation!r}")
+        if self.synthetic not in SYNTHETIC:
+            raise SpaError(f"synthetic must be one of {', '.join(SYNTHETIC)}, got {self.synthetic!r}")
         if not _number(self.damping) or self.damping <= 0:
             raise SpaError(f"damping must be a positive number, got {self.damping!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
@@ -222,7 +225,7 @@ class PruneOptions:
                "global": self.global_rank, "max_ratio": self.max_ratio, "round_to": self.round_unit,
                "exclude": list(self.exclude), "aggregate": self.aggregate, "seed": self.seed,
                "calib": self._calib_name(), "recalibrate": self.recalibrate,
-               "compensation": self.compensation}
+               "compensation": self.compensation, "synthetic": self.synthetic}
         if self.budget is not None:
             kind, target = self.budget
             out["budget"] = {kind: target, "allocation": self.allocation_used}

@@ -23,6 +23,7 @@ from .score.calibrated import choose_use
 from .errors import SpaError, StrictModeError, UnsupportedModelError, VerificationError
 from .score import score_groups
 from .score.data import Calibration
+from .score.invert import INVERTED_SAMPLES
 from .score.obs_costs import CostCurves, obs_cost_curves
 from .score.obspa import DATA_CRITERIA, data_aware_plan
 from .verify.metrics import count_macs, count_params
@@ -110,6 +111,7 @@ def prune(model_or_path, ratio: float | None = None, criterion: str | None = Non
     stages, calibration = Stages(on_stage), _calibration(opts)   # one, so every pass sees the same samples
     try:
         first = _analyze_stage(model_or_path, opts, stages)
+        _invert_for_statistics(first, opts, stages, calibration)
         result = _channel_passes(first, opts, stages, calibration)
         for kind, ratio_of_kind, how in _later_passes(opts):
             a = _analyze_stage(result.model, opts, stages, shapes=result.report["input_shapes"], **how)
@@ -140,6 +142,19 @@ def _calibration(opts: PruneOptions) -> Calibration | None:
         return None
     return Calibration(opts.calib, opts.input_stats, samples=opts.calib_samples or 64, seed=opts.seed,
                        select=opts.calib_samples if opts.calib is not None else None)
+
+
+def _invert_for_statistics(a: Analysis, opts: PruneOptions, stages: Stages, calibration: Calibration | None):
+    """Without data, OBSPA's statistics of an image classifier with no BatchNorm to steer by
+    come from images inverted from the model (spa/score/invert.py), as ``synthetic`` says."""
+    if calibration is None or calibration.data is not None or opts.criterion_used != "obspa" or \
+            opts.synthetic == "noise" or opts.compensation != "obs" or not a.groups:
+        return
+    stages("invert")
+    samples = opts.calib_samples or INVERTED_SAMPLES
+    if not calibration.invert(a.model, a.shapes.input_shapes, count_macs(a.model, a.shapes), samples, opts.seed) \
+            and opts.synthetic == "invert":
+        raise SpaError(f"--synthetic invert: {calibration.inversion.get('inversion_skipped', 'not applicable')}")
 
 
 def _channel_passes(first: Analysis, opts: PruneOptions, stages: Stages,
@@ -311,7 +326,7 @@ def _calibrate_or_fall_back(a: Analysis, choice: "_Choice", opts: PruneOptions, 
     try:
         _calibrate(a, choice, opts, calibration)
     except Exception as e:  # noqa: BLE001  (onnxruntime's errors share no base class but Exception)
-        if not opts.may_fall_back or (isinstance(e, SpaError) and calibration.data is not None):
+        if not opts.may_fall_back or (isinstance(e, SpaError) and calibration.given):
             raise   # data the user gave that does not fit the model is their mistake to hear of
         # the default criterion must not refuse a model l1 prunes: keep l1's choice
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -348,7 +363,7 @@ def _cost_curves(a: Analysis, opts: PruneOptions, calibration: Calibration, dept
         return obs_cost_curves(a.model, a.dep, a.groups, calibration, a.shapes.input_shapes, opts.damping, depth,
                                orders, probe, count_macs(a.model, a.shapes), opts.compensation, anchored_only)
     except Exception as e:  # noqa: BLE001  (as _calibrate_or_fall_back: OBSPA itself will say more)
-        if not opts.may_fall_back or (isinstance(e, SpaError) and calibration.data is not None):
+        if not opts.may_fall_back or (isinstance(e, SpaError) and calibration.given):
             raise
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         log.info("no OBS costs for the allocation (%s): spent uniformly", reason)

@@ -121,6 +121,11 @@ def add_pruning_options(sp):
                          "inputs), merge (into the most similar kept channel, from the weights alone) or lsq "
                          "(least squares over the kept channels, from the weights alone); the weight-only ones "
                          "apply where they are exact for proportional filters (ReLU-type chains), OBS elsewhere")
+    sp.add_argument("--synthetic", choices=("auto", "noise", "invert"), default="auto",
+                    help="without --calib, what OBSPA's statistics come from on an image classifier whose "
+                         "BatchNorms were folded away: invert (images the model assigns to each of its classes, "
+                         "found by gradient descent; needs pip install \"spa[invert]\"), noise (dead-leaves "
+                         "images), auto (default: invert where it is installed and the model fits its budget)")
     sp.add_argument("--strict", action="store_true", help="fail if any node blocks pruning")
 
 
@@ -132,7 +137,7 @@ def pruning_options(args, **values) -> PruneOptions:
                   max_ratio=args.max_ratio, round_to=args.round_to, allocation=args.allocate, steps=args.steps,
                   exclude=args.exclude, seed=args.seed, input_stats=_input_stats(args.input_stats),
                   calib_samples=args.calib_samples, recalibrate=args.recalibrate, verify=args.verify,
-                  compensation=args.compensation,
+                  compensation=args.compensation, synthetic=args.synthetic,
                   strict=args.strict, input_shapes=parse_input_shapes(args.input_shape) or {})
     for name in ("ratio", "criterion", "macs", "params"):
         if hasattr(args, name):

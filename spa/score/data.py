@@ -40,6 +40,8 @@ class Calibration:
         self.select = select        # at most this many of the data's samples, chosen for diversity
         self.selected = None        # which ones (indices into the pool), once chosen
         self.generated = False      # the synthetic token ids were replaced by text the model wrote
+        self.inverted = False       # ``data`` holds images inverted from the model (invert.py), not the user's
+        self.inversion: dict = {}   # how the inversion went, or why it was skipped (for the report)
         # text written by the first model this calibration fed (the unpruned one), reused for
         # the pruned models of later steps and the data-free stand-in (without_data)
         self.written: dict = {}
@@ -51,7 +53,32 @@ class Calibration:
         return stand_in
 
     @property
+    def given(self) -> bool:
+        """Whether the user gave data: its errors are theirs to hear of, not to fall back from."""
+        return self.data is not None and not self.inverted
+
+    def invert(self, model: onnx.ModelProto, input_shapes: dict, macs: int, samples: int, seed: int = 0) -> bool:
+        """Without data: replace the synthetic images by ``samples`` images inverted from the
+        model's classes where that applies (invert.py); whether it did."""
+        from .invert import inverted_images
+        if self.data is not None:
+            return False
+        layout = BatchLayout.of(model, input_shapes)
+        if not layout.free:
+            self.inversion = {"inversion_skipped": "the model fixes its batch size"}
+            return False
+        start = list(_synthetic(model, input_shapes, self.input_stats, samples, samples, self.seed, layout))
+        name = graph_inputs(model)[0].name
+        images = inverted_images(model, start[0][name], macs, seed, self.inversion)
+        if images is None:
+            return False
+        self.data, self.inverted = {name: images}, True
+        return True
+
+    @property
     def source(self) -> str:
+        if self.inverted:
+            return "images inverted from the model's own classes (data-free)"
         if self.data is not None:
             return "calibration data"
         return "text the model wrote itself (data-free)" if self.generated else "synthetic inputs (data-free)"

@@ -20,7 +20,7 @@ from .obs import Consumer, LowRankConsumer, damped_inverse, damping_of, greedy_o
 from .blocks import BlockRunner, NotBlockable
 from .steer import steer_batch_norms
 
-__all__ = ["COMPENSATIONS", "DATA_CRITERIA", "DataPlan", "data_aware_plan"]
+__all__ = ["COMPENSATIONS", "DATA_CRITERIA", "SYNTHETIC", "DataPlan", "data_aware_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,9 @@ DATA_CRITERIA = ("obspa", "activation", "dead")
 # fashion_*_folded; at half the MACs: ResNet 0.74 OBS / 0.55 merge / 0.51 lsq, VGG 0.85 / 0.73
 # / 0.83): OBS stays the default, the others are options.
 COMPENSATIONS = ("obs", "merge", "lsq")
+# without data, the synthetic inputs: "auto" inverts image classifiers that have no BatchNorm to
+# steer by where torch and onnx2torch are installed (invert.py), "invert" insists, "noise" never
+SYNTHETIC = ("auto", "noise", "invert")
 WEIGHT_ONLY = ("merge", "lsq")
 
 
@@ -88,7 +91,7 @@ def data_aware_plan(model: onnx.ModelProto, dep: Dependency, groups: list[Group]
     release_mapped()      # writing text ran the whole model
     layout = BatchLayout.of(model, input_shapes)
     samples = int(sum(layout.count(b) for b in batches))
-    info = {"hessian_source": calibration.source, "samples": samples, "consumers": len(used)}
+    info = {"hessian_source": calibration.source, "samples": samples, "consumers": len(used), **calibration.inversion}
     if too_wide:
         info["too_wide_for_a_hessian"] = too_wide
     # Refitting to the original's outputs pays off on real data (demo CNN at 50% channels:
