@@ -34,12 +34,13 @@ BatchNorm folded (fashion_resnet_folded, fashion_vgg_folded, fashion_mobile_fold
 trained weights exported as most shipped files are, `python models/fashion_cnns.py
 --export-folded`): no BatchNormalization to steer synthetic inputs by, so data-free OBSPA has
 unsteered noise only. At MACs budgets FOLDED_BUDGETS, `spa.prune(path, macs=K, **kw)`:
-folded-default (kw = {}: OBS on synthetic inputs), folded-merge (compensation="merge": neuron
+folded-default (kw = {}: OBS on images inverted from the model, spa/score/invert.py, where
+onnx2torch is installed), folded-noise (synthetic="noise": dead-leaves images), folded-merge (compensation="merge": neuron
 merging from the weights), folded-lsq (compensation="lsq"), folded-calib (calib = the first
 256 calibration images), folded-l1 (criterion="l1"); rendered as one table per model.
 
     python benchmarks/accuracy.py --models fashion_resnet_folded fashion_vgg_folded \
-        fashion_mobile_folded --criteria folded-default folded-merge folded-lsq folded-calib folded-l1
+        fashion_mobile_folded --criteria folded-default folded-noise folded-merge folded-lsq folded-calib folded-l1
 
 Allocation without data (issue 22; ALLOC_MODELS: the three Fashion CNNs, BatchNorm kept and
 folded), at the same FOLDED_BUDGETS, `spa.prune(path, macs=K, **kw)`: alloc-default (kw = {}),
@@ -98,7 +99,7 @@ BUDGET_KWARGS = {"macs-default": {}, "macs-l1": {"criterion": "l1"},
 BUDGET_CRITERIA = list(BUDGET_KWARGS)
 FOLDED_MODELS = ["fashion_resnet_folded", "fashion_vgg_folded", "fashion_mobile_folded"]
 FOLDED_BUDGETS = (0.75, 0.5, 0.3)
-FOLDED_KWARGS = {"folded-default": {}, "folded-merge": {"compensation": "merge"},
+FOLDED_KWARGS = {"folded-default": {}, "folded-noise": {"synthetic": "noise"}, "folded-merge": {"compensation": "merge"},
                  "folded-lsq": {"compensation": "lsq"}, "folded-calib": {"calib": 256}, "folded-l1": {"criterion": "l1"},
                  "folded-calib-uniform": {"calib": 256, "allocation": "uniform"}}
 FOLDED_CRITERIA = list(FOLDED_KWARGS)
@@ -122,7 +123,8 @@ LABELS = {"random": "random (3 seeds)", "l1": "l1", "l2": "l2", "bn-scale": "bn-
           "tp-l1": "Torch-Pruning L1", "tp-taylor": "Torch-Pruning Taylor",
           "macs-default": "default criterion (OBSPA data-free)", "macs-l1": "l1",
           "macs-measured": "OBSPA data-free, measured allocation, round_to=1",
-          "folded-default": "default (OBSPA data-free, OBS on synthetic inputs)",
+          "folded-default": "default (OBSPA data-free, on images inverted from the model)",
+          "folded-noise": "OBSPA data-free, synthetic=\"noise\" (dead-leaves images; the default before inversion)",
           "folded-merge": "OBSPA data-free, compensation=\"merge\"",
           "folded-lsq": "OBSPA data-free, compensation=\"lsq\"",
           "folded-calib": "OBSPA calibrated (256 images)", "folded-l1": "l1",
@@ -289,7 +291,7 @@ def run_folded(bench: Bench, criterion: str, keep: float, mem_gb: float, seed: i
            "params_before": rep["before"]["params"], "params_after": rep["after"]["params"],
            "prune_s": round(t1 - t0, 2), "eval_s": round(time.time() - t1, 2)}
     data = rep.get("data") or {}
-    for k in ("mode", "merged", "batch_norms_steered"):
+    for k in ("mode", "merged", "batch_norms_steered", "hessian_source", "inverted_hit_rate", "inversion_skipped"):
         if k in data:
             out.setdefault("data", {})[k] = data[k]
     opts = rep.get("options", {})
@@ -659,7 +661,7 @@ def _folded_target(model: str, rows: dict, base) -> list[str]:
     free, calib = rows.get("folded-default", {}).get(0.5, {}), rows.get("folded-calib", {}).get(0.5, {})
     if base is None or "acc" not in free:
         return []
-    best = max((rows[c][0.5]["acc"], c) for c in ("folded-default", "folded-merge", "folded-lsq")
+    best = max((rows[c][0.5]["acc"], c) for c in ("folded-default", "folded-noise", "folded-merge", "folded-lsq")
                if "acc" in rows.get(c, {}).get(0.5, {}))
     ok = best[0] >= 0.9 * base or ("acc" in calib and best[0] >= calib["acc"] - 0.05)
     return [f"- {model}: data-free at half the MACs ≥ 90 % of unpruned or within 5 points of calibrated: "

@@ -23,7 +23,7 @@ from .score.calibrated import choose_use
 from .errors import SpaError, StrictModeError, UnsupportedModelError, VerificationError
 from .score import score_groups
 from .score.data import Calibration
-from .score.invert import INVERTED_SAMPLES
+from .score.invert import INVERTED_SAMPLES, inversion_target
 from .score.obs_costs import CostCurves, obs_cost_curves
 from .score.obspa import DATA_CRITERIA, data_aware_plan
 from .verify.metrics import count_macs, count_params
@@ -150,6 +150,8 @@ def _invert_for_statistics(a: Analysis, opts: PruneOptions, stages: Stages, cali
     if calibration is None or calibration.data is not None or opts.criterion_used != "obspa" or \
             opts.synthetic == "noise" or opts.compensation != "obs" or not a.groups:
         return
+    if isinstance(inversion_target(a.model), str) and opts.synthetic == "auto":
+        return      # not an image classifier without BatchNorm: no stage to announce
     stages("invert")
     samples = opts.calib_samples or INVERTED_SAMPLES
     if not calibration.invert(a.model, a.shapes.input_shapes, count_macs(a.model, a.shapes), samples, opts.seed) \

@@ -105,3 +105,16 @@ def test_inverted_statistics_beat_noise_on_the_folded_fashion_resnet():
         return float((_run(r.model, x).argmax(1) == y).mean())
     inverted, noise = accuracy(), accuracy(synthetic="noise")
     assert inverted >= noise + 0.05, (inverted, noise)
+
+
+def test_an_obspa_failure_on_inverted_images_falls_back_to_l1(monkeypatch):
+    """Inverted images are not the user's data: OBSPA failing on them falls back as on noise."""
+    import spa.pipeline
+
+    def fails(*a, **k):
+        raise SpaError("calibration data does not fit the model")
+    monkeypatch.setattr(spa.pipeline, "data_aware_plan", fails)
+    result = spa.prune(classifier(), ratio=0.4, round_to=1)
+    assert result.report["data"]["fallback"] == "l1"
+    with pytest.raises(SpaError, match="does not fit"):     # the user's data: their error to hear of
+        spa.prune(classifier(), ratio=0.4, round_to=1, calib={"image": np.zeros((8, 1, 12, 12), np.float32)})
