@@ -36,8 +36,8 @@ INVERSION_BUDGET = 2.5e13
 STEPS = 200
 LEARNING_RATE = 0.1
 TV_WEIGHT, L2_WEIGHT = 0.1, 0.01
-# more images than the 64 of dead-leaves noise: Fashion ResNet, half the MACs, 64 -> 256
-# inverted images: top-1 0.755 -> 0.799
+# more images than the 64 of dead-leaves noise: each is one class's, and 64 would show each of
+# ten classes about six times
 INVERTED_SAMPLES = 256
 JITTER = 2         # each step sees the images shifted by up to this many pixels (DeepInversion)
 
