@@ -24,15 +24,15 @@ tfzoo = pytest.importorskip("transformers_zoo", reason="needs transformers (test
 HIDDEN, VOCAB = 64, 100
 
 
-def export(zoo_dir, exporter: str, n_q: int, n_kv: int):
+def export(zoo_dir, exporter: str, n_q: int, n_kv: int, layers: int = 1):
     """input_ids [batch, sequence] -> logits, both dims symbolic; cached in ``zoo_dir``."""
-    path = zoo_dir / f"llama1-{n_q}q{n_kv}kv-{exporter}-symbolic.onnx"
+    path = zoo_dir / f"llama{layers}-{n_q}q{n_kv}kv-{exporter}-symbolic.onnx"
     if path.exists():
         return path
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=HIDDEN, num_attention_heads=n_q, num_key_value_heads=n_kv,
-                         num_hidden_layers=1, intermediate_size=128, vocab_size=VOCAB,
+                         num_hidden_layers=layers, intermediate_size=128, vocab_size=VOCAB,
                          max_position_embeddings=64, use_cache=False, attn_implementation="eager")
     model = tfzoo._CausalLM(LlamaForCausalLM(config)).eval()
     ids = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
@@ -94,3 +94,19 @@ def test_query_heads_of_every_group_when_the_repeat_carries(zoo_dir):
     assert widths.count((HIDDEN, 2 * head)) == 2          # k and v: both key/value heads kept
     assert (HIDDEN, 4 * head) in widths and (4 * head, HIDDEN) in widths     # q and o: 4 of 8 heads
     assert logits(r.model, (2, 7)).shape == (2, 7, VOCAB)
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_layers_that_share_a_size_vector_lose_different_heads(zoo_dir, exporter):
+    """The dynamo exporter computes repeat_kv's Expand shape once for all layers: one layer
+    losing a key/value head and the other none needs a vector per layer (normalize splits it)."""
+    path = export(zoo_dir, exporter, 4, 2, layers=2)
+    # one of the four key/value heads, ranked across both layers: one layer loses it
+    r = spa.prune(path, ratio=0.0, heads=0.25, global_rank=True, criterion="l1", verify=True)
+    assert r.report["verify"]["ok"], r.report["verify"]
+    assert sorted(g["removed"] for g in r.report["groups"] if g["kind"] == "heads") == [0, 1]
+    widths = projection_widths(r.model)
+    head = HIDDEN // 4
+    assert (HIDDEN, head) in widths and (HIDDEN, 2 * head) in widths    # layer 0's k / v, layer 1's
+    for shape in [(1, 5), (3, 11)]:
+        assert logits(r.model, shape).shape == (*shape, VOCAB)

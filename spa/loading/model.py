@@ -25,6 +25,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import ModelLoadError, OutputPathError
+from .size_vectors import split_shared_size_vectors
 from .scopes import all_nodes, body_graphs, hoist_bodies, rename_inputs, tensor_names, walk  # noqa: F401
 from .files import atomic_files, check_outputs, check_readable, check_side_file, read_all, read_small
 from .tensors import (_DATA_FILES, _MAPS, _elements, _external_info, _open_data_file, forget_files,  # noqa: F401
@@ -301,6 +302,9 @@ def normalize(model: onnx.ModelProto, copy: bool = True) -> onnx.ModelProto:
             if not node.name or node.name in seen:
                 node.name = unique_name(f"{node.name or node.op_type}__{i}", taken_nodes)
             seen.add(node.name)
+
+    # a size vector several layers read, split per reader: layers pruned apart need their own
+    split_shared_size_vectors(model)
 
     # Slices and Splits of one weight are views of it (an LSTM cell's gates cut from one
     # matrix, once per code path): they keep reading it, so that its pieces stay one tensor.
