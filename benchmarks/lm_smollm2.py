@@ -42,6 +42,8 @@ gate/up/down (checked equal to zeroing).
 
     python benchmarks/lm_smollm2.py            # the 4 methods at 10/20/30 %: ~14 min on one shared thread
     python benchmarks/lm_smollm2.py --methods flap-nocomp --eval 32 --targets 0.2
+    python benchmarks/lm_smollm2.py --methods --spa spa-free --targets 0.2 \
+        --onnx models/smollm2/dynamo_dynamic.onnx    # batch and length open (models/smollm2.py --dynamic)
 
 Each eval of 64 x 128 tokens takes ~50 s on one thread (a third of it the 49152-word LM head).
 Rows are appended to benchmarks/results/lm_perplexity_smollm2.jsonl, each tagged with its run
@@ -322,7 +324,7 @@ def spa_rows(args, ctx: dict) -> list[dict]:
                          "neurons_removed": sum(gr["removed"] for gr in groups if gr.get("kind") != "heads"),
                          "removed_per_group": [[gr.get("kind"), gr["removed"]] for gr in groups],
                          "budget": r.report.get("budget"), "data": r.report.get("data"),
-                         "seconds": round(seconds, 1)})
+                         "onnx": Path(args.onnx).name, "seconds": round(seconds, 1)})
             ctx["emit"](rows[-1])
     return rows
 
@@ -420,7 +422,8 @@ def table(rows: list[dict]) -> str:
              f"| original | – | 0 % | {orig['ppl']:.2f} | 1.00 | {orig['ppl32']:.2f} | – | – | – |"]
     for r in sorted((r for r in rows if r["method"] != "original"), key=lambda r: (r["target"], r["method"])):
         heads = f"{r['heads_removed']} ({r['kv_heads_removed']})" if "heads_removed" in r else "–"
-        lines.append(f"| {r['method']} | {100 * r['target']:.0f} % | {100 * r['removed']:.2f} % | {r['ppl']:.2f} | "
+        method = r["method"] + (" (open batch and length)" if r.get("onnx", "").endswith("_dynamic.onnx") else "")
+        lines.append(f"| {method} | {100 * r['target']:.0f} % | {100 * r['removed']:.2f} % | {r['ppl']:.2f} | "
                      f"{r['x']:.2f} | {r.get('ppl32', float('nan')):.2f} | {heads} | "
                      f"{r.get('attn_layers_emptied', '–')} | {r.get('neurons_removed', '–')} |")
     return "\n".join(lines)

@@ -116,6 +116,7 @@ def test_a_language_model_of_open_length_writes_from_the_tokens_so_far(monkeypat
         made.run = lambda names, feeds, *r: fed.append(feeds["ids"].shape[1]) or run(names, feeds, *r)
         return made
     monkeypatch.setattr(runtime, "session", recording)
+    monkeypatch.setattr(selfgen, "WRITTEN_LENGTH", 8)      # the probe's length: whole passes write the same
     texts = []
     for prefix in (True, False):
         if not prefix:
@@ -129,6 +130,20 @@ def test_a_language_model_of_open_length_writes_from_the_tokens_so_far(monkeypat
         if not mix:
             assert fed[-7:] == ([1, 2, 3, 4, 5, 6, 7] if prefix else [8] * 7)
     np.testing.assert_array_equal(texts[0], texts[1])
+
+
+def test_a_language_model_of_open_length_writes_longer_text_than_its_probe(monkeypatch):
+    """Analyzed at a short probe (8 tokens here, 16 by default), an open-length decoder writes
+    WRITTEN_LENGTH tokens a sequence, as many sequences as the statistics' rows need; one that
+    does not run at that length writes at the probe's."""
+    import spa.score.selfgen as selfgen
+    monkeypatch.setattr(selfgen, "_WRITTEN", {})
+    (feeds,) = Calibration(samples=64).batches(_token_model(mix=False, length="S"), {"ids": [1, 8]})
+    assert feeds["ids"].shape == (selfgen.ROWS // selfgen.WRITTEN_LENGTH, selfgen.WRITTEN_LENGTH)
+    assert (feeds["ids"][:, 1:] == (feeds["ids"][:, :-1] + 1) % 10).mean() > 0.99
+    monkeypatch.setattr(selfgen, "_takes_length", lambda *a: False)
+    (short,) = Calibration(samples=64).batches(_token_model(mix=False, length="S"), {"ids": [1, 8]})
+    assert short["ids"].shape == (64, 8)
 
 
 def test_a_fixed_batch_language_model_writes_many_sequences():

@@ -24,6 +24,12 @@ from ..progress import track
 # (real text: 47 with two windows, 35 with sixteen); this budget writes eight (~4 min on 2 cores).
 GENERATION_BUDGET = 2.5e13
 ROWS = 2048          # as many token positions as the statistics sample (data.collect_stats)
+# A model that leaves the sequence length open is analyzed at a short probe (16 tokens): its
+# text is written this long instead, where it takes that length. SmolLM2-135M exported with
+# batch and length open, 20 % of its parameters removed, no data (benchmarks/lm_smollm2.py,
+# spa-free on models/smollm2/dynamo_dynamic.onnx): perplexity at 16 tokens x 128 sequences
+# WRITTEN_16, at 64 x 32 WRITTEN_64.
+WRITTEN_LENGTH = 64
 _WRITTEN: dict = {}  # the last text written: (model digest, seed, sequences, length) -> feeds
 
 
@@ -44,13 +50,8 @@ def self_generated(model: onnx.ModelProto, batches: list[dict], vocab: dict[str,
     n, seq = first[ids].shape
     size = vocab[ids]
     params = sum(math.prod(t.dims) for t in model.graph.initializer)
-    rows = min(sum(len(b[ids]) for b in batches) * seq, ROWS)
-    affordable = int(GENERATION_BUDGET // max(1, params * seq * seq))   # sequences
-    count = min(max(1, -(-rows // seq)), affordable)
-    if not free_batch:
-        count = count // n * n           # whole batches of the size the model fixes
-    if seq < 2 or count < 1:
-        return None
+    if seq < 2 or GENERATION_BUDGET < params * seq * seq * (1 if free_batch else n):
+        return None                          # not one sequence affordable: no session either
     sess = session(model)
     outputs = [o.name for o in sess.get_outputs()]
     probe = dict(first)
@@ -65,18 +66,36 @@ def self_generated(model: onnx.ModelProto, batches: list[dict], vocab: dict[str,
     later = sess.run([outputs[logits]], changed)[0]
     if not np.allclose(later[:, :-1], got[logits][:, :-1], rtol=1e-4, atol=1e-5):
         return None                                   # a later token changed earlier logits
+    prefix = _runs_on_prefixes(model, sess, probe, ids, outputs[logits], got[logits])
+    if prefix and free_batch and seq < WRITTEN_LENGTH and _takes_length(sess, probe, ids, outputs[logits], WRITTEN_LENGTH):
+        seq = WRITTEN_LENGTH
+    rows = min(sum(len(b[ids]) for b in batches) * seq, ROWS)
+    affordable = int(GENERATION_BUDGET // max(1, params * seq * seq))   # sequences
+    count = min(max(1, -(-rows // seq)), affordable)
+    if not free_batch:
+        count = count // n * n           # whole batches of the size the model fixes
+    if count < 1:
+        return None
     shape = (ids, seed, count, seq)
     if written is not None and shape in written:
         return [dict(f) for f in written[shape]]
     key = (hashlib.sha1(model.SerializeToString()).hexdigest(), *shape)
     if key not in _WRITTEN:      # pruning one model at several ratios writes the same text
         _WRITTEN.clear()
-        prefix = _runs_on_prefixes(model, sess, probe, ids, outputs[logits], got[logits])
         _WRITTEN[key] = _write(sess, first, ids, outputs[logits], size, count, seq, n,
                                seed, count if free_batch else n, _marginal(got[logits]), prefix)
     if written is not None:
         written[shape] = _WRITTEN[key]
     return [dict(f) for f in _WRITTEN[key]]
+
+
+def _takes_length(sess, probe: dict, ids: str, logits: str, length: int) -> bool:
+    """Whether the model runs on token ids of ``length`` (positions it may not have)."""
+    try:
+        sess.run([logits], {**probe, ids: np.zeros((len(probe[ids]), length), probe[ids].dtype)})
+    except Exception:   # noqa: BLE001 - a length it does not take
+        return False
+    return True
 
 
 def _marginal(logits: np.ndarray) -> np.ndarray:
