@@ -154,8 +154,9 @@ def _invert_for_statistics(a: Analysis, opts: PruneOptions, stages: Stages, cali
         return      # not an image classifier without BatchNorm: no stage to announce
     stages("invert")
     samples = opts.calib_samples or INVERTED_SAMPLES
-    if not calibration.invert(a.model, a.shapes.input_shapes, count_macs(a.model, a.shapes), samples, opts.seed) \
-            and opts.synthetic == "invert":
+    asked = opts.synthetic == "invert"           # asked for: whatever it costs
+    if not calibration.invert(a.model, a.shapes.input_shapes, count_macs(a.model, a.shapes), samples, opts.seed,
+                              budget=float("inf") if asked else None) and asked:
         raise SpaError(f"--synthetic invert: {calibration.inversion.get('inversion_skipped', 'not applicable')}")
 
 

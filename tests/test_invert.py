@@ -74,11 +74,14 @@ def test_where_inversion_does_not_apply_the_noise_stays():
 
 
 def test_over_budget_or_without_torch_the_noise_stays(monkeypatch):
+    default = invert.INVERSION_BUDGET
     monkeypatch.setattr(invert, "INVERSION_BUDGET", 1.0)
     result = spa.prune(classifier(), ratio=0.4, round_to=1)
     assert "over the budget" in result.report["data"]["inversion_skipped"]
     assert result.report["data"]["hessian_source"] == "synthetic inputs (data-free)"
-    monkeypatch.setattr(invert, "INVERSION_BUDGET", 2.5e13)
+    asked = spa.prune(classifier(), ratio=0.4, round_to=1, synthetic="invert")     # asked for: inverted anyway
+    assert asked.report["data"]["hessian_source"].startswith("images inverted")
+    monkeypatch.setattr(invert, "INVERSION_BUDGET", default)
     monkeypatch.setattr(invert, "_torch_modules", lambda: None)
     result = spa.prune(classifier(), ratio=0.4, round_to=1)
     assert 'pip install "spa[invert]"' in result.report["data"]["inversion_skipped"]
