@@ -430,17 +430,18 @@ def table(rows: list[dict]) -> str:
 
 
 def render() -> str:
-    """The README section from the newest row of every (method, target) in the jsonl."""
+    """The README section from the newest row of every (method, export, target) in the jsonl."""
     newest = {}
     for row in load_rows(RESULTS):
-        newest[(row["method"], row["target"])] = row
+        newest[(row["method"], row.get("onnx", "dynamo.onnx"), row["target"])] = row
     text = ("## SmolLM2-135M: perplexity vs parameters removed, no fine-tuning\n\n"
             "`python benchmarks/lm_smollm2.py` (FLAP, Wanda-sp in torch), `--methods --spa spa-free spa-calib "
             "spa-l1` (spa on the dynamo export; `spa-calib-uniform`, `spa-free-obs`, `spa-calib-obs` name the "
             "allocation), `--render` (this section). spa's removed share is its report's (a tied embedding counted "
             "once); spa cuts where its default options say (`--params 1-target`): with calibration windows `auto` "
             "spends the budget along OBS cost curves (`obs`), without data (self-written text) one ratio for every "
-            "group (`uniform`).\n\n"
+            "group (`uniform`). Rows marked \"open batch and length\" prune `models/smollm2/dynamo_dynamic.onnx` "
+            "(`python models/smollm2.py --exporter dynamo --dynamic`, `--onnx` that file).\n\n"
             + table(list(newest.values())))
     print(text)
     update_readme_section(text)
