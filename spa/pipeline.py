@@ -23,7 +23,7 @@ from .score.calibrated import choose_use
 from .errors import SpaError, StrictModeError, UnsupportedModelError, VerificationError
 from .score import score_groups
 from .score.data import Calibration
-from .score.invert import INVERTED_SAMPLES, inversion_target
+from .score.invert import INVERTED_SAMPLES
 from .score.obs_costs import CostCurves, obs_cost_curves
 from .score.obspa import DATA_CRITERIA, data_aware_plan
 from .verify.metrics import count_macs, count_params
@@ -150,13 +150,10 @@ def _invert_for_statistics(a: Analysis, opts: PruneOptions, stages: Stages, cali
     if calibration is None or calibration.data is not None or opts.criterion_used != "obspa" or \
             opts.synthetic == "noise" or opts.compensation != "obs" or not a.groups:
         return
-    if isinstance(inversion_target(a.model), str) and opts.synthetic == "auto":
-        return      # not an image classifier without BatchNorm: no stage to announce
-    stages("invert")
     samples = opts.calib_samples or INVERTED_SAMPLES
     asked = opts.synthetic == "invert"           # asked for: whatever it costs
     if not calibration.invert(a.model, a.shapes.input_shapes, count_macs(a.model, a.shapes), samples, opts.seed,
-                              budget=float("inf") if asked else None) and asked:
+                              budget=float("inf") if asked else None, announce=lambda: stages("invert")) and asked:
         raise SpaError(f"--synthetic invert: {calibration.inversion.get('inversion_skipped', 'not applicable')}")
 
 
@@ -292,7 +289,7 @@ def _prune_pass(a: Analysis, plan: PlanOptions, opts: PruneOptions, stages: Stag
     the_plan = make_plan(a, choice.removals, choice.scores, choice.notes, choice.updates, choice.new_biases)
     if opts.recalibrate and calibration is not None and the_plan.kept:
         refit = {"skipped": "no --calib: fit to synthetic inputs it hurt (spa/rewrite/perp.py)"}
-        if calibration.data is not None:
+        if calibration.given:
             stages("recalibrate")
             the_plan, refit = refit_normalizations(a.model, the_plan,
                                                    calibration.batches(a.model, a.shapes.input_shapes), rewrite)

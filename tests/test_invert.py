@@ -6,6 +6,7 @@ a real folded CNN."""
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -16,7 +17,7 @@ from spa.score.invert import inversion_target, inverted_images
 
 from graphs import Graph
 
-if invert._torch_modules() is None:
+if isinstance(invert._torch_modules(), str):
     pytest.skip("torch and onnx2torch are not installed", allow_module_level=True)
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -61,6 +62,17 @@ def test_prune_inverts_a_folded_classifier_and_the_oracle_passes():
     assert sum(g["removed"] for g in result.report["groups"]) > 0
 
 
+def test_a_classifier_with_more_outputs_inverts_its_scores_and_says_so():
+    model = classifier()
+    g = model.graph
+    g.node.append(onnx.helper.make_node("Relu", [g.node[0].output[0]], ["features"], name="extra_output"))
+    g.output.insert(0, onnx.helper.make_tensor_value_info("features", onnx.TensorProto.FLOAT, ["N", 8, 12, 12]))
+    stages = []
+    result = spa.prune(model, ratio=0.4, round_to=1, on_stage=stages.append)
+    assert result.report["data"]["inverted_hit_rate"] >= 0.7
+    assert stages[:3] == ["analyze", "invert", "score"]
+
+
 def test_where_inversion_does_not_apply_the_noise_stays():
     assert "BatchNorm" in inversion_target(classifier(batch_norm=True))
     g = Graph()
@@ -82,7 +94,7 @@ def test_over_budget_or_without_torch_the_noise_stays(monkeypatch):
     asked = spa.prune(classifier(), ratio=0.4, round_to=1, synthetic="invert")     # asked for: inverted anyway
     assert asked.report["data"]["hessian_source"].startswith("images inverted")
     monkeypatch.setattr(invert, "INVERSION_BUDGET", default)
-    monkeypatch.setattr(invert, "_torch_modules", lambda: None)
+    monkeypatch.setattr(invert, "_torch_modules", lambda: 'torch and onnx2torch are not installed (pip install "spa[invert]")')
     result = spa.prune(classifier(), ratio=0.4, round_to=1)
     assert 'pip install "spa[invert]"' in result.report["data"]["inversion_skipped"]
     with pytest.raises(SpaError, match="torch and onnx2torch are not installed"):

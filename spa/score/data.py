@@ -58,7 +58,7 @@ class Calibration:
         return self.data is not None and not self.inverted
 
     def invert(self, model: onnx.ModelProto, input_shapes: dict, macs: int, samples: int, seed: int = 0,
-               budget: float | None = None) -> bool:
+               budget: float | None = None, announce=None) -> bool:
         """Without data: replace the synthetic images by ``samples`` images inverted from the
         model's classes where that applies (invert.py); whether it did."""
         from .invert import inverted_images
@@ -70,7 +70,7 @@ class Calibration:
             return False
         start = list(_synthetic(model, input_shapes, self.input_stats, samples, samples, self.seed, layout))
         name = graph_inputs(model)[0].name
-        images = inverted_images(model, start[0][name], macs, seed, self.inversion, budget)
+        images = inverted_images(model, start[0][name], macs, seed, self.inversion, budget, announce)
         if images is None:
             return False
         self.data, self.inverted = {name: images}, True

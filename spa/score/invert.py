@@ -40,6 +40,9 @@ TV_WEIGHT, L2_WEIGHT = 0.1, 0.01
 # more images than the 64 of dead-leaves noise: each is one class's, and 64 would show each of
 # ten classes about six times
 INVERTED_SAMPLES = 256
+# images x pixels inverted at once (the activations kept for the gradient): all 256 Fashion
+# images of 28 x 28, five of 224 x 224
+PIXELS_AT_ONCE = 256 * 32 * 32
 JITTER = 2         # each step sees the images shifted by up to this many pixels (DeepInversion)
 
 
@@ -62,24 +65,26 @@ def inversion_target(model: onnx.ModelProto) -> tuple[str, str] | str:
 
 
 def _torch_modules():
-    """(torch, onnx2torch), or None where the extra is not installed."""
+    """(torch, onnx2torch), or why not: the extra not installed, or an install that fails to
+    import (a default pruning must not fail on it)."""
     try:
         import torch
-    except ImportError:
-        return None
-    try:
         import onnx2torch
     except ImportError:
-        return None
-    except RuntimeError as e:
+        return 'torch and onnx2torch are not installed (pip install "spa[invert]")'
+    except Exception as e:  # noqa: BLE001
         # a torchvision built for another torch lacks its operators; onnx2torch only imports it
         if "torchvision::nms" not in str(e):
-            raise
+            return f"torch or onnx2torch fails to import: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         import sys
+        import torch
         for name in [m for m in sys.modules if m.split(".")[0] in ("torchvision", "onnx2torch")]:
             del sys.modules[name]       # half imported
         _define_torchvision_ops(torch)
-        import onnx2torch
+        try:
+            import onnx2torch
+        except Exception as again:  # noqa: BLE001
+            return f"torch or onnx2torch fails to import: {str(again).splitlines()[0]}"
     return torch, onnx2torch
 
 
@@ -94,7 +99,7 @@ def _define_torchvision_ops(torch):
 
 
 def inverted_images(model: onnx.ModelProto, images: np.ndarray, macs: int, seed: int = 0,
-                    info: dict | None = None, budget: float | None = None) -> np.ndarray | None:
+                    info: dict | None = None, budget: float | None = None, announce=None) -> np.ndarray | None:
     """``images`` (the synthetic start, N x C x H x W) moved until the model assigns image i to
     class i mod K; None where inversion does not apply, is too costly, or cannot run (``info``
     says why)."""
@@ -109,46 +114,60 @@ def inverted_images(model: onnx.ModelProto, images: np.ndarray, macs: int, seed:
                                      "(--synthetic invert inverts anyway)")
         return None
     modules = _torch_modules()
-    if modules is None:
-        info["inversion_skipped"] = 'torch and onnx2torch are not installed (pip install "spa[invert]")'
+    if isinstance(modules, str):
+        info["inversion_skipped"] = modules
         return None
     torch, onnx2torch = modules
     try:
-        return _invert(torch, onnx2torch, model, images, seed, info)
+        return _invert(torch, onnx2torch, model, images, seed, info, announce)
     except Exception as e:  # noqa: BLE001 - onnx2torch lacks an op, or the graph does not convert
         info["inversion_skipped"] = f"could not invert: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         log.info("model inversion failed (%s); dead-leaves images instead", info["inversion_skipped"])
         return None
 
 
-def _invert(torch, onnx2torch, model, images, seed, info) -> np.ndarray:
+def _invert(torch, onnx2torch, model, images, seed, info, announce=None) -> np.ndarray:
     torch.manual_seed(seed)
     net = onnx2torch.convert(model).eval()
     for p in net.parameters():
         p.requires_grad_(False)
+    index = [o.name for o in model.graph.output].index(inversion_target(model)[1])
+
+    def scores(x):
+        out = net(x)
+        return out[index] if isinstance(out, (list, tuple)) else out
     images = np.asarray(images, np.float32)
     # the L2 prior pulls towards the start's per-channel mean, in units of its spread (the
     # input statistics the user stated, or 0 and 1)
     centre = torch.tensor(images.mean(axis=(0, 2, 3), keepdims=True))
     spread = torch.tensor(images.std(axis=(0, 2, 3), keepdims=True) + 1e-6)
-    x = torch.tensor(images, requires_grad=True)
     with torch.no_grad():
-        first = net(x)
-    probabilities = bool((first >= 0).all() and torch.allclose(first.sum(1), torch.ones(len(first)), atol=1e-3))
+        first = scores(torch.tensor(images[:1]))
+    probabilities = bool((first >= 0).all() and torch.allclose(first.sum(1), torch.ones(1), atol=1e-3))
     classes = first.shape[1]
-    labels = torch.arange(len(x)) % classes
-    opt = torch.optim.Adam([x], lr=LEARNING_RATE)
-    rng = np.random.default_rng(seed)
-    for _ in range(STEPS):
-        opt.zero_grad()
-        dy, dx = rng.integers(-JITTER, JITTER + 1, 2) if JITTER else (0, 0)
-        z = net(torch.roll(x, shifts=(int(dy), int(dx)), dims=(2, 3)) if dy or dx else x)
-        logp = torch.log(z.clamp_min(1e-12)) if probabilities else torch.log_softmax(z, 1)
-        tv = (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., 1:] - x[..., :-1]).abs().mean()
-        loss = torch.nn.functional.nll_loss(logp, labels) + TV_WEIGHT * tv + L2_WEIGHT * (((x - centre) / spread) ** 2).mean()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        hit = float((net(x).argmax(1) == labels).float().mean())
-    info.update(inverted_images=len(x), inversion_steps=STEPS, classes=int(classes), inverted_hit_rate=round(hit, 3))
-    return x.detach().numpy()
+    labels = np.arange(len(images)) % classes
+    if announce is not None:
+        announce()
+    chunk = max(1, PIXELS_AT_ONCE // int(np.prod(images.shape[2:])))
+    done, hits = [], 0
+    for at in range(0, len(images), chunk):
+        x = torch.tensor(images[at:at + chunk], requires_grad=True)
+        y = torch.tensor(labels[at:at + chunk])
+        opt = torch.optim.Adam([x], lr=LEARNING_RATE)
+        rng = np.random.default_rng(seed)
+        for _ in range(STEPS):
+            opt.zero_grad()
+            dy, dx = rng.integers(-JITTER, JITTER + 1, 2) if JITTER else (0, 0)
+            z = scores(torch.roll(x, shifts=(int(dy), int(dx)), dims=(2, 3)) if dy or dx else x)
+            logp = torch.log(z.clamp_min(1e-12)) if probabilities else torch.log_softmax(z, 1)
+            tv = (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., 1:] - x[..., :-1]).abs().mean()
+            prior = (((x - centre) / spread) ** 2).mean()
+            loss = torch.nn.functional.nll_loss(logp, y) + TV_WEIGHT * tv + L2_WEIGHT * prior
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            hits += int((scores(x).argmax(1) == y).sum())
+        done.append(x.detach().numpy())
+    info.update(inverted_images=len(images), inversion_steps=STEPS, classes=int(classes),
+                inverted_hit_rate=round(hits / len(images), 3))
+    return np.concatenate(done)

@@ -67,11 +67,14 @@ def self_generated(model: onnx.ModelProto, batches: list[dict], vocab: dict[str,
     if not np.allclose(later[:, :-1], got[logits][:, :-1], rtol=1e-4, atol=1e-5):
         return None                                   # a later token changed earlier logits
     prefix = _runs_on_prefixes(model, sess, probe, ids, outputs[logits], got[logits])
-    if prefix and free_batch and seq < WRITTEN_LENGTH and _takes_length(sess, probe, ids, outputs[logits], WRITTEN_LENGTH):
+    samples = sum(len(b[ids]) for b in batches)
+    count = _affordable(samples, seq, params)
+    # longer text where the model takes it and the budget gives as many token positions
+    if prefix and free_batch and seq < WRITTEN_LENGTH and \
+            _affordable(samples, WRITTEN_LENGTH, params) * WRITTEN_LENGTH >= count * seq and \
+            _takes_length(sess, probe, ids, outputs[logits], WRITTEN_LENGTH):
         seq = WRITTEN_LENGTH
-    rows = min(sum(len(b[ids]) for b in batches) * seq, ROWS)
-    affordable = int(GENERATION_BUDGET // max(1, params * seq * seq))   # sequences
-    count = min(max(1, -(-rows // seq)), affordable)
+        count = _affordable(samples, seq, params)
     if not free_batch:
         count = count // n * n           # whole batches of the size the model fixes
     if count < 1:
@@ -87,6 +90,12 @@ def self_generated(model: onnx.ModelProto, batches: list[dict], vocab: dict[str,
     if written is not None:
         written[shape] = _WRITTEN[key]
     return [dict(f) for f in _WRITTEN[key]]
+
+
+def _affordable(samples: int, seq: int, params: int) -> int:
+    """Sequences of ``seq`` tokens to write: as many as ROWS positions need, as the budget allows."""
+    rows = min(samples * seq, ROWS)
+    return min(max(1, -(-rows // seq)), int(GENERATION_BUDGET // max(1, params * seq * seq)))
 
 
 def _takes_length(sess, probe: dict, ids: str, logits: str, length: int) -> bool:
