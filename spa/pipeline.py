@@ -152,7 +152,7 @@ def _invert_for_statistics(a: Analysis, opts: PruneOptions, stages: Stages, cali
         return
     samples = opts.calib_samples or INVERTED_SAMPLES
     asked = opts.synthetic == "invert"           # asked for: whatever it costs
-    if not calibration.invert(a.model, a.shapes.input_shapes, count_macs(a.model, a.shapes), samples, opts.seed,
+    if not calibration.invert(a.model, a.shapes.input_shapes, lambda: count_macs(a.model, a.shapes), samples, opts.seed,
                               budget=float("inf") if asked else None, announce=lambda: stages("invert")) and asked:
         raise SpaError(f"--synthetic invert: {calibration.inversion.get('inversion_skipped', 'not applicable')}")
 

@@ -26,7 +26,8 @@ from onnx import numpy_helper
 
 from ..errors import ModelLoadError, OutputPathError
 from .size_vectors import split_shared_size_vectors
-from .scopes import all_nodes, body_graphs, hoist_bodies, rename_inputs, tensor_names, walk  # noqa: F401
+from .scopes import (all_nodes, body_graphs, hoist_bodies, rename_inputs, tensor_names, unique_name,  # noqa: F401
+                     walk)
 from .files import atomic_files, check_outputs, check_readable, check_side_file, read_all, read_small
 from .tensors import (_DATA_FILES, _MAPS, _elements, _external_info, _open_data_file, forget_files,  # noqa: F401
                       has_external_data, materialized, release_mapped, stored_bytes, tensor_array, tensor_bytes,
@@ -387,16 +388,6 @@ def _equal_tensors(a: onnx.TensorProto, b: onnx.TensorProto) -> bool:
     if a.HasField("raw_data") and b.HasField("raw_data"):
         return a.raw_data == b.raw_data
     return bool(np.array_equal(tensor_array(a), tensor_array(b)))
-
-
-def unique_name(base: str, taken: set[str]) -> str:
-    """``base``, or ``base_2``, ``base_3``...: the first not in ``taken`` (which it joins)."""
-    name, i = base, 1
-    while name in taken:
-        i += 1
-        name = f"{base}_{i}"
-    taken.add(name)
-    return name
 
 
 def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["bodies", "walk", "all_nodes", "body_graphs", "outer_reads", "local_names", "hoist_bodies",
+__all__ = ["bodies", "walk", "all_nodes", "body_graphs", "outer_reads", "local_names", "hoist_bodies", "unique_name",
            "value_infos", "rename_inputs", "tensor_names"]
 
 
@@ -117,6 +117,16 @@ def _rename_in(graph: onnx.GraphProto, rename: dict[str, str]):
             _rename_in(body, rename)
 
 
+def unique_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_2``, ``base_3``...: the first not in ``taken`` (which it joins)."""
+    name, i = base, 1
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    taken.add(name)
+    return name
+
+
 def hoist_bodies(model: onnx.ModelProto) -> bool:
     """Make every name a body defines unique in the model (sibling branches may reuse names)
     and move each body's
@@ -124,7 +134,6 @@ def hoist_bodies(model: onnx.ModelProto) -> bool:
     Returns whether the model has bodies. In place.
 
     A Constant that is itself a body's output stays (a body output must be made in the body)."""
-    from .model import unique_name
     g = model.graph
     if not any(bodies(n) for n in g.node):
         return False

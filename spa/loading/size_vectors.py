@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import onnx
 
-from .scopes import tensor_names
+from .scopes import tensor_names, unique_name
 
 __all__ = ["split_shared_size_vectors"]
 
@@ -50,12 +50,12 @@ def split_shared_size_vectors(model: onnx.ModelProto) -> int:
             for node in chain:         # producers first
                 copy = onnx.NodeProto()
                 copy.CopyFrom(node)
-                copy.name = _fresh(f"{node.name}__for_{reader.name}", taken)
+                copy.name = unique_name(f"{node.name}__for_{reader.name}", taken)
                 del copy.input[:]
                 copy.input.extend(renamed.get(i, i) for i in node.input)
                 del copy.output[:]
                 for o in node.output:
-                    renamed[o] = _fresh(f"{o}__for_{reader.name}", taken)
+                    renamed[o] = unique_name(f"{o}__for_{reader.name}", taken)
                     copy.output.append(renamed[o])
                 made.append(copy)
             for k, i in enumerate(reader.input):
@@ -94,10 +94,3 @@ def _chain(name: str, producers: dict) -> list[onnx.NodeProto] | None:
         return True
     return order if visit(name) and order else None
 
-
-def _fresh(base: str, taken: set[str]) -> str:
-    name, n = base, 1
-    while name in taken:
-        name, n = f"{base}_{n}", n + 1
-    taken.add(name)
-    return name

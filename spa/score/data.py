@@ -57,20 +57,22 @@ class Calibration:
         """Whether the user gave data: its errors are theirs to hear of, not to fall back from."""
         return self.data is not None and not self.inverted
 
-    def invert(self, model: onnx.ModelProto, input_shapes: dict, macs: int, samples: int, seed: int = 0,
+    def invert(self, model: onnx.ModelProto, input_shapes: dict, macs, samples: int, seed: int = 0,
                budget: float | None = None, announce=None) -> bool:
         """Without data: replace the synthetic images by ``samples`` images inverted from the
-        model's classes where that applies (invert.py); whether it did."""
-        from .invert import inverted_images
+        model's classes where that applies within ``budget`` (invert.py; ``macs()``: the
+        model's per sample); whether it did."""
+        from .invert import inverted_images, why_not_invert
         if self.data is not None:
             return False
         layout = BatchLayout.of(model, input_shapes)
-        if not layout.free:
-            self.inversion = {"inversion_skipped": "the model fixes its batch size"}
+        why = why_not_invert(model, samples, macs, budget) if layout.free else "the model fixes its batch size"
+        if why:
+            self.inversion = {"inversion_skipped": why}
             return False
-        start = list(_synthetic(model, input_shapes, self.input_stats, samples, samples, self.seed, layout))
+        start = next(_synthetic(model, input_shapes, self.input_stats, samples, samples, self.seed, layout))
         name = graph_inputs(model)[0].name
-        images = inverted_images(model, start[0][name], macs, seed, self.inversion, budget, announce)
+        images = inverted_images(model, start[name], seed, self.inversion, announce)
         if images is None:
             return False
         self.data, self.inverted = {name: images}, True

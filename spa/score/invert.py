@@ -25,7 +25,7 @@ import logging
 import numpy as np
 import onnx
 
-__all__ = ["inversion_target", "inverted_images", "INVERSION_BUDGET", "INVERTED_SAMPLES"]
+__all__ = ["inversion_target", "why_not_invert", "inverted_images", "INVERSION_BUDGET", "INVERTED_SAMPLES"]
 
 log = logging.getLogger(__name__)
 
@@ -98,21 +98,26 @@ def _define_torchvision_ops(torch):
     _TORCHVISION_LIB.append(lib)    # the definitions live as long as the library object
 
 
-def inverted_images(model: onnx.ModelProto, images: np.ndarray, macs: int, seed: int = 0,
-                    info: dict | None = None, budget: float | None = None, announce=None) -> np.ndarray | None:
-    """``images`` (the synthetic start, N x C x H x W) moved until the model assigns image i to
-    class i mod K; None where inversion does not apply, is too costly, or cannot run (``info``
-    says why)."""
-    info = {} if info is None else info
+def why_not_invert(model: onnx.ModelProto, samples: int, macs, budget: float | None = None) -> str | None:
+    """Why ``samples`` images are not inverted from ``model`` (it is no image classifier without
+    BatchNorm, or it costs more than ``budget`` multiply-adds, default INVERSION_BUDGET); None
+    if they are. ``macs()``, the model's per sample, is counted only where inversion applies."""
     target = inversion_target(model)
     if isinstance(target, str):
-        info["inversion_skipped"] = target
-        return None
-    cost, budget = len(images) * STEPS * 3 * max(macs, 1), INVERSION_BUDGET if budget is None else budget
+        return target
+    cost, budget = samples * STEPS * 3 * max(macs(), 1), INVERSION_BUDGET if budget is None else budget
     if cost > budget:
-        info["inversion_skipped"] = (f"{cost:.1e} multiply-adds to invert, over the budget of {budget:.1e} "
-                                     "(--synthetic invert inverts anyway)")
-        return None
+        return f"{cost:.1e} multiply-adds to invert, over the budget of {budget:.1e} (--synthetic invert inverts anyway)"
+    return None
+
+
+def inverted_images(model: onnx.ModelProto, images: np.ndarray, seed: int = 0, info: dict | None = None,
+                    announce=None) -> np.ndarray | None:
+    """``images`` (the synthetic start, N x C x H x W) moved until the model, one that
+    ``why_not_invert`` allows, assigns image i to class i mod K; None where torch cannot be
+    imported or the model does not convert (``info`` says why). ``announce()`` is called once
+    inversion starts."""
+    info = {} if info is None else info
     modules = _torch_modules()
     if isinstance(modules, str):
         info["inversion_skipped"] = modules

@@ -50,8 +50,8 @@ def self_generated(model: onnx.ModelProto, batches: list[dict], vocab: dict[str,
     n, seq = first[ids].shape
     size = vocab[ids]
     params = sum(math.prod(t.dims) for t in model.graph.initializer)
-    if seq < 2 or GENERATION_BUDGET < params * seq * seq * (1 if free_batch else n):
-        return None                          # not one sequence affordable: no session either
+    if seq < 2 or _affordable(n, seq, params) < (1 if free_batch else n):
+        return None                          # not one sequence (batch) affordable: no session either
     sess = session(model)
     outputs = [o.name for o in sess.get_outputs()]
     probe = dict(first)
