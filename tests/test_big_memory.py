@@ -346,6 +346,38 @@ def test_spilled_weights_leave_the_model_and_save_as_they_were(tmp_path):
         np.testing.assert_array_equal(numpy_helper.to_array(u), numpy_helper.to_array(t))
 
 
+@pytest.mark.skipif(not hasattr(os, "O_TMPFILE"), reason="scratch files have names here: they are copied")
+def test_a_scratch_file_the_weights_fill_becomes_the_saved_data_file(tmp_path):
+    """Saving a spilled model names its scratch file (no copy of the pruned weights); a second
+    save copies, so that two outputs never share one file; both read back the same weights."""
+    from spa.loading import weight_files
+    model, _ = _chain(layers=3)
+    moved = _spilled(model)
+    location = weight_files.linkable_scratch(moved)
+    assert location is not None
+    scratch = os.fstat(model_io._DATA_FILES[location]).st_ino
+    model_io.save(moved, tmp_path / "a.onnx")
+    model_io.save(moved, tmp_path / "b.onnx")
+    assert os.stat(tmp_path / "a.onnx.data").st_ino == scratch
+    assert os.stat(tmp_path / "b.onnx.data").st_ino != scratch
+    assert os.stat(tmp_path / "a.onnx.data").st_mode == os.stat(tmp_path / "b.onnx.data").st_mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "a.onnx.data", "b.onnx", "b.onnx.data"]
+    for name in ("a.onnx", "b.onnx"):
+        back = onnx.load(tmp_path / name)
+        for t, u in zip(model.graph.initializer, back.graph.initializer):
+            np.testing.assert_array_equal(numpy_helper.to_array(u), numpy_helper.to_array(t))
+    # a weight added after the spill is not in the scratch file: it is appended to it
+    again = _spilled(model)
+    again.graph.initializer.append(numpy_helper.from_array(np.arange(512, dtype=np.float32), "extra"))
+    scratch = os.fstat(model_io._DATA_FILES[weight_files.linkable_scratch(again)]).st_ino
+    model_io.save(again, tmp_path / "c.onnx")
+    assert os.stat(tmp_path / "c.onnx.data").st_ino == scratch
+    back = onnx.load(tmp_path / "c.onnx")
+    np.testing.assert_array_equal(numpy_helper.to_array(back.graph.initializer[-1]), np.arange(512, dtype=np.float32))
+    for t, u in zip(model.graph.initializer, back.graph.initializer):
+        np.testing.assert_array_equal(numpy_helper.to_array(u), numpy_helper.to_array(t))
+
+
 def test_a_pruned_model_of_external_data_is_spilled_and_verified(tmp_path, monkeypatch):
     """Above FED_ABOVE (lowered here) the pruned model's weights are spilled, the oracle runs on
     it, and the written model computes what the in-memory one did."""
@@ -367,7 +399,8 @@ def _scratch_files_open() -> int:
     count = 0
     for f in Path("/proc/self/fd").glob("*") if Path("/proc/self/fd").is_dir() else []:
         try:
-            count += "spa-weights-" in os.readlink(f)
+            target = os.readlink(f)     # a named scratch file, or one with no name (O_TMPFILE)
+            count += "spa-weights-" in target or ("/#" in target and target.endswith(" (deleted)"))
         except OSError:     # the listing's own descriptor, gone by now
             pass
     return count
@@ -436,8 +469,8 @@ def test_weights_stay_in_memory_where_no_scratch_file_can_be_written(tmp_path, m
     monkeypatch.setattr(spa.pipeline, "FED_ABOVE", 0)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "scratch"))
     (tmp_path / "scratch").mkdir()
-    if fails == "open":
-        monkeypatch.setattr(tempfile, "mkstemp", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left")))
+    if fails == "open":     # neither an unnamed nor a named file can be made
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "scratch" / "gone"))
     elif fails == "close":       # the last buffered bytes do not fit
         real_close = model_io.ScratchWeights.close
 

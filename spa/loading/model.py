@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import weakref
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from .size_vectors import split_shared_size_vectors
 from .scopes import (all_nodes, body_graphs, hoist_bodies, rename_inputs, tensor_names, unique_name,  # noqa: F401
                      walk)
 from .files import atomic_files, check_outputs, check_readable, check_side_file, read_all, read_small
+from .weight_files import ScratchWeights, WeightWriter, link_into, linkable_scratch, spillable  # noqa: F401
 from .tensors import (_DATA_FILES, _MAPS, _elements, _external_info, _open_data_file, forget_files,  # noqa: F401
                       has_external_data, materialized, release_mapped, stored_bytes, tensor_array, tensor_bytes,
                       weight_view)
@@ -484,103 +484,42 @@ def _keeps_weights_in(path: Path, name: str) -> bool:
                                      for t in model.graph.initializer for e in t.external_data)
 
 
-_WRITE_SLICE = 16 << 20
-
-
 def _with_streamed_weights(model: onnx.ModelProto, data_path: str, location: str) -> onnx.ModelProto:
     """The model's structure, with every weight of 1 KB or more appended to ``data_path`` and
-    referenced there as ``location``; never more than one tensor in memory."""
+    referenced there as ``location``; never more than one tensor in memory. A scratch file the
+    weights fill exactly becomes ``data_path`` itself where it can (``link_into``), and only the
+    rest is appended."""
     proto = onnx.ModelProto()
     copy_fields(model, proto, skip={"graph"})
     copy_fields(model.graph, proto.graph, skip={"initializer"})
-    with open(data_path, "wb") as f:
+    scratch = linkable_scratch(model)
+    linked = scratch is not None and link_into(scratch, data_path)
+    with open(data_path, "r+b" if linked else "wb") as f:
+        f.seek(0, os.SEEK_END)
         out = WeightWriter(f, location)
         for t in model.graph.initializer:
             if t.data_location != onnx.TensorProto.EXTERNAL and not spillable(t):
                 proto.graph.initializer.append(t)    # small, or strings (no raw bytes): in the model
-                continue
-            # the bytes as stored (one copy at most: protobuf's bytes), a mapped file's pages
-            # written and dropped a slice at a time
-            proto.graph.initializer.append(out.put(t, stored_bytes(t)))
-            release_mapped()
+            elif linked and t.data_location == onnx.TensorProto.EXTERNAL and _external_info(t)["location"] == scratch:
+                proto.graph.initializer.append(_relocated(t, location))
+            else:
+                # the bytes as stored (one copy at most: protobuf's bytes), a mapped file's pages
+                # written and dropped a slice at a time
+                proto.graph.initializer.append(out.put(t, stored_bytes(t)))
+                release_mapped()
     return proto
 
 
-class WeightWriter:
-    """Appends weights to an open file ``f``, a slice at a time (a mapped file's pages dropped
-    as they are written), and makes their references to it as ``location``."""
-
-    def __init__(self, f, location: str):
-        self.file, self.location = f, location
-
-    def put(self, t: onnx.TensorProto, data) -> onnx.TensorProto:
-        """A reference to ``data`` (``t``'s bytes as stored: raw bytes, a memoryview or a
-        C-contiguous array), written here, with ``t``'s name, type and dims."""
-        ref = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
-        ref.data_location = onnx.TensorProto.EXTERNAL
-        data = memoryview(data).cast("B")
-        for key, value in (("location", self.location), ("offset", str(self.file.tell())), ("length", str(len(data)))):
-            ref.external_data.add(key=key, value=value)
-        for start in range(0, len(data), _WRITE_SLICE):
-            self.file.write(data[start:start + _WRITE_SLICE])
-            release_mapped(trim=False)
-        return ref
+def _relocated(t: onnx.TensorProto, location: str) -> onnx.TensorProto:
+    """``t``'s reference, to the same bytes in the file named ``location``."""
+    ref = onnx.TensorProto()
+    ref.CopyFrom(t)
+    for entry in ref.external_data:
+        if entry.key == "location":
+            entry.value = location
+    return ref
 
 
 def in_memory_bytes(model: onnx.ModelProto) -> int:
     """Bytes of the weights ``model`` holds in its own protobuf (not in external data)."""
     return sum(tensor_bytes(t) for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL)
-
-
-class ScratchWeights:
-    """A scratch file that weights are written to and then read from as external data is
-    (memory-mapped): a pruned decoder's weights held in its protobuf were handed out as a new
-    copy on every read, so each session was fed another copy of them, and they were freed only
-    with the whole model (``spa.rewrite.apply.rewrite`` with ``spill``). Nobody else sees it:
-    it is unlinked once written (its descriptor keeps it until the process ends, or until
-    ``forget_files`` of the model reading it). ``open()`` is None where no scratch file can be
-    made; ``put`` and ``close`` raise OSError where it cannot be written (a full or read-only
-    temporary folder), and the caller keeps its weights in memory then."""
-
-    def __init__(self, path: str):
-        self.path = path          # the location its tensors name, and the key its descriptor is kept under
-        self._file = open(path, "wb")
-        self.put = WeightWriter(self._file, path).put
-
-    @classmethod
-    def open(cls) -> "ScratchWeights | None":
-        try:
-            fd, name = tempfile.mkstemp(prefix="spa-weights-", suffix=".data")
-            os.close(fd)
-            return cls(str(Path(name)))
-        except OSError as e:
-            log.info("weights stay in memory (%s)", e)
-            return None
-
-    def close(self, written: bool = True):
-        """Done writing: from now on its tensors are read from it (``written``), or it is dropped."""
-        try:
-            self._file.close()
-            if written:
-                _open_data_file(Path(self.path), "spilled weights")
-        finally:
-            try:
-                os.unlink(self.path)
-            except OSError:     # where an open file cannot be removed: at exit, if it can be then
-                import atexit
-                atexit.register(_remove_quietly, self.path)
-
-
-def spillable(t: onnx.TensorProto) -> bool:
-    """Whether a weight goes to a scratch file: held in memory, 1 KB or more, and no strings
-    (which have no raw bytes)."""
-    return t.data_location != onnx.TensorProto.EXTERNAL and tensor_bytes(t) >= 1024 and \
-        t.data_type != onnx.TensorProto.STRING
-
-
-def _remove_quietly(path: str):
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-

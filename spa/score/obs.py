@@ -201,7 +201,8 @@ def greedy_obs(consumers: list[Consumer], n_channels: int, n_remove: int, steps:
         for c in consumers:
             c.remove(chosen, last=last and not c.shared)
         removed.extend(chosen)
-        alive = [j for j in alive if j not in set(chosen)]
+        gone = set(chosen)
+        alive = [j for j in alive if j not in gone]
         if after_step is not None:
             after_step(len(removed))
     return np.array(removed if ordered else sorted(removed), dtype=np.int64), final_cost
