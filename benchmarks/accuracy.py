@@ -37,7 +37,8 @@ unsteered noise only. At MACs budgets FOLDED_BUDGETS, `spa.prune(path, macs=K, *
 folded-default (kw = {}: OBS on images inverted from the model, spa/score/invert.py, where
 onnx2torch is installed), folded-noise (synthetic="noise": dead-leaves images), folded-merge (compensation="merge": neuron
 merging from the weights), folded-lsq (compensation="lsq"), folded-calib (calib = the first
-256 calibration images), folded-l1 (criterion="l1"); rendered as one table per model.
+256 calibration images), folded-l1 (criterion="l1"); rendered as one table per model;
+--folded-seeds runs more seeds of the synthetic inputs (the table shows their mean and spread).
 
     python benchmarks/accuracy.py --models fashion_resnet_folded fashion_vgg_folded \
         fashion_mobile_folded --criteria folded-default folded-noise folded-merge folded-lsq folded-calib folded-l1
@@ -433,7 +434,8 @@ def bench_model(name: str, args, done: set):
     if name in FOLDED_MODELS:
         for criterion in [c for c in args.criteria if c in FOLDED_CRITERIA]:
             for keep in FOLDED_BUDGETS:
-                record(criterion, keep, 0, lambda: run_folded(bench, criterion, keep, args.mem_gb))
+                for seed in args.folded_seeds:
+                    record(criterion, keep, seed, lambda: run_folded(bench, criterion, keep, args.mem_gb, seed))
         return
     ratios = list(args.ratios)
     if name == "fashion_resnet" and not args.no_target:
@@ -631,7 +633,10 @@ def _folded_table(model: str, rows: dict, base, metric: str) -> list[str]:
          "`spa.prune(path, macs=K, **kw)`, every other option at its default.", "",
          "| MACs kept | " + " | ".join(f"{k:g}" for k in FOLDED_BUDGETS) + " |",
          "|---" + "|---:" * len(FOLDED_BUDGETS) + "|"]
-    return L + _budget_rows(rows, FOLDED_CRITERIA, lambda cell: f"{cell['acc']:.4f} (−{100 * cell['macs']:.0f}%)")
+    def text(cell):
+        spread = f" ± {cell['std']:.3f}, {cell['n']} seeds" if cell.get("n", 0) > 1 else ""
+        return f"{cell['acc']:.4f}{spread} (−{100 * cell['macs']:.0f}%)"
+    return L + _budget_rows(rows, FOLDED_CRITERIA, text)
 
 
 def _budget_rows(rows: dict, criteria, text) -> list[str]:
@@ -754,6 +759,8 @@ def main():
     p.add_argument("--ratios", nargs="*", type=float, default=RATIOS)
     p.add_argument("--alloc-seeds", nargs="*", type=int, default=[0],
                    help="seeds of the synthetic inputs for the alloc-* criteria (the table shows their mean)")
+    p.add_argument("--folded-seeds", nargs="*", type=int, default=[0],
+                   help="seeds of the synthetic inputs for the folded-* criteria (the table shows their mean)")
     p.add_argument("--cache", default="/tmp/spa_models", help="where crepe and MiniLM ONNX files are exported")
     p.add_argument("--mem-gb", type=float, default=10.0, help="address-space budget of one spa.prune call")
     p.add_argument("--no-target", action="store_true", help="skip the extra ~25%%-MACs ratio on fashion_resnet")
