@@ -290,6 +290,7 @@ SPA_METHODS = {   # spa.prune keyword arguments of each spa row (params= is the 
     "spa-l1": {"criterion": "l1"},
     "spa-free-measured": {"allocation": "measured"},        # OBSPA data-free, measured allocation
     "spa-free-obs": {"allocation": "obs"},                  # OBSPA data-free, allocated by OBS costs
+    "spa-free-damp0.1": {"damping": 0.1},                   # OBSPA data-free, ten times the damping
     "spa-calib-obs": {"calib": "calib", "allocation": "obs"},
 }
 

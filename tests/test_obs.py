@@ -76,6 +76,13 @@ def _wide_layer(seed, n=120, channels=40, taps=8, out=6):
     return x, w, [np.arange(j * taps, (j + 1) * taps) for j in range(channels)]
 
 
+def _same_weights(low, dense):
+    """The low-rank consumer's weights are the dense one's to float32's precision: its update's
+    last product is float32 (the weights are written so), so a few rounding errors of the update
+    add up, never more than 1e-5 of the largest weight."""
+    np.testing.assert_allclose(low.weight, dense.weight, rtol=0, atol=1e-5 * np.abs(dense.weight).max())
+
+
 def test_low_rank_consumer_matches_dense():
     """Woodbury on the rows gives the dense damped OBS's costs, choice and compensation."""
     from spa.score.obs import LowRankConsumer, damping_of
@@ -88,7 +95,7 @@ def test_low_rank_consumer_matches_dense():
     r_dense, _ = greedy_obs([dense], 40, 15, max_dim=100)       # wide: one joint removal
     r_low, _ = greedy_obs([low], 40, 15, max_dim=100)
     assert r_low.tolist() == r_dense.tolist()
-    np.testing.assert_allclose(low.weight, dense.weight, rtol=1e-6, atol=1e-8)
+    _same_weights(low, dense)
 
 
 def test_low_rank_consumer_removes_twice_like_dense():
@@ -105,7 +112,7 @@ def test_low_rank_consumer_removes_twice_like_dense():
         low.remove(chans)
         alive = [j for j in range(40) if j not in (3, 9, 20, 0, 31)]
         np.testing.assert_allclose(low.costs(alive), dense.costs(alive), rtol=1e-6)
-    np.testing.assert_allclose(low.weight, dense.weight, rtol=1e-6, atol=1e-8)
+    _same_weights(low, dense)
 
 
 def test_low_rank_consumer_removing_a_gone_column_again_changes_nothing():
@@ -136,7 +143,7 @@ def test_low_rank_consumer_one_column_channels_match_dense():
     r_dense, _ = greedy_obs([dense], 230, 60, steps=3, max_dim=1000)
     r_low, _ = greedy_obs([low], 230, 60, steps=3, max_dim=1000)
     assert r_low.tolist() == r_dense.tolist()
-    np.testing.assert_allclose(low.weight, dense.weight, rtol=1e-6, atol=1e-8)
+    _same_weights(low, dense)
 
 
 def test_costs_are_the_obs_formula():

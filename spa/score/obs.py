@@ -137,7 +137,9 @@ class LowRankConsumer:
         gram = self.gram()
         gram -= xr @ xr.T
         self.alive[cols] = False
-        self.weight += (carried @ np.linalg.inv(gram)) @ self.rows
+        # the update's last product (out x n x D: most of the time) in float32, as the weights are
+        # written; the Gram and the rows, where Woodbury's differences are, stay float64
+        self.weight += (carried @ np.linalg.inv(gram)).astype(np.float32) @ self.rows.astype(np.float32)
         self.weight[:, ~self.alive] = 0.0
         if last:
             self.rows = self._gram = None   # nobody reads this layer again: free its rows early
