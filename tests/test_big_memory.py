@@ -378,6 +378,39 @@ def test_a_scratch_file_the_weights_fill_becomes_the_saved_data_file(tmp_path):
         np.testing.assert_array_equal(numpy_helper.to_array(u), numpy_helper.to_array(t))
 
 
+@pytest.mark.skipif(not hasattr(os, "O_TMPFILE") or not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="needs unnamed scratch files and another group to give a folder")
+def test_a_folder_that_gives_its_files_another_group_gets_a_copy(tmp_path):
+    """A setgid folder gives its files its group: the scratch file, made elsewhere, would keep
+    its own, so it is copied there rather than named."""
+    import stat
+    from spa.loading import weight_files
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    os.chown(folder, -1, 1)
+    os.chmod(folder, 0o2775)
+    assert os.stat(folder).st_mode & stat.S_ISGID
+    model, _ = _chain(layers=2)
+    moved = _spilled(model)
+    location = weight_files.linkable_scratch(moved)
+    scratch = os.fstat(model_io._DATA_FILES[location])
+    assert scratch.st_gid != 1
+    model_io.save(moved, folder / "a.onnx")
+    written = os.stat(folder / "a.onnx.data")
+    assert written.st_ino != scratch.st_ino and written.st_gid == 1
+    assert sorted(p.name for p in folder.iterdir()) == ["a.onnx", "a.onnx.data"]
+
+
+def test_a_forgotten_scratch_file_is_not_linked():
+    """Once nothing reads a spilled model its scratch file is closed: its key names nothing."""
+    from spa.loading import weight_files
+    model, _ = _chain(layers=2)
+    moved = _spilled(model)
+    assert weight_files.linkable_scratch(moved) is not None or not hasattr(os, "O_TMPFILE")
+    model_io.forget_files(moved)
+    assert weight_files.linkable_scratch(moved) is None
+
+
 def test_a_pruned_model_of_external_data_is_spilled_and_verified(tmp_path, monkeypatch):
     """Above FED_ABOVE (lowered here) the pruned model's weights are spilled, the oracle runs on
     it, and the written model computes what the in-memory one did."""

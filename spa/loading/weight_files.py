@@ -9,9 +9,9 @@ weights are written once (a 1.1B decoder's 3.4 GB copy took 13 s of a 130 s prun
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
+import secrets
 import tempfile
 from pathlib import Path
 
@@ -47,9 +47,9 @@ class WeightWriter:
         return ref
 
 
-# the keys (tensors' locations) of the scratch files that have no name, so can be given one
-_UNNAMED: set[str] = set()
-_COUNT = itertools.count()
+# the keys (tensors' locations) of the scratch files that have no name, so can be given one ->
+# the file's identity (device, inode): a key whose descriptor is no longer that file is not one
+_UNNAMED: dict[str, tuple[int, int]] = {}
 
 
 class ScratchWeights:
@@ -64,7 +64,8 @@ class ScratchWeights:
 
     def __init__(self, path: str, fd: int | None = None):
         # the location its tensors name, and the key its descriptor is kept under: the file's
-        # path, or for a file with no name a path in the temporary folder that nothing has
+        # path, or for a file with no name an unguessable path in the temporary folder that
+        # nothing has (a model read from a path equal to the key would take its place)
         self.path = path
         self._unnamed = fd is not None
         self._file = os.fdopen(fd, "wb") if self._unnamed else open(path, "wb")
@@ -77,7 +78,7 @@ class ScratchWeights:
             if hasattr(os, "O_TMPFILE"):
                 try:
                     fd = os.open(folder, os.O_TMPFILE | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o600)
-                    return cls(os.path.join(folder, f"spa-weights-{os.getpid()}-{next(_COUNT)}.unnamed"), fd)
+                    return cls(os.path.join(folder, f"spa-weights-{secrets.token_hex(12)}.unnamed"), fd)
                 except OSError as e:    # a file system or kernel without it: a named file, unlinked once written
                     log.debug("no unnamed scratch file in %s (%s)", folder, e)
             fd, name = tempfile.mkstemp(prefix="spa-weights-", suffix=".data")
@@ -111,14 +112,19 @@ class ScratchWeights:
                 atexit.register(_remove_quietly, self.path)
 
     def _register_unnamed(self):
-        """Keep a read-only descriptor of the file under its key, as ``_open_data_file`` does."""
-        fd = os.open(f"/proc/self/fd/{self._file.fileno()}", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        old = _DATA_FILES.pop(self.path, None)
+        """Keep a read-only descriptor of the file under its key, as ``_open_data_file`` does
+        (the written one, where /proc cannot reopen it)."""
+        if self.path in _DATA_FILES:
+            raise OSError(f"{self.path} names another file")
+        written = self._file.fileno()
+        try:
+            fd = os.open(f"/proc/self/fd/{written}", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            fd = os.dup(written)
         _MAPS.pop(self.path, None)
-        if old is not None:
-            os.close(old)
         _DATA_FILES[self.path] = fd
-        _UNNAMED.add(self.path)
+        st = os.fstat(fd)
+        _UNNAMED[self.path] = (st.st_dev, st.st_ino)
 
 
 def spillable(t: onnx.TensorProto) -> bool:
@@ -136,37 +142,64 @@ def linkable_scratch(model: onnx.ModelProto) -> str | None:
     for t in model.graph.initializer:
         if t.data_location == onnx.TensorProto.EXTERNAL:
             info = _external_info(t)
-            if info["location"] in _UNNAMED and info["location"] in _DATA_FILES:
+            if info["location"] in _UNNAMED:
                 ranges.setdefault(info["location"], set()).add((int(info.get("offset", 0)), tensor_bytes(t)))
     for location, spans in ranges.items():
+        st = os.fstat(_DATA_FILES[location]) if location in _DATA_FILES else None
+        if st is None or (st.st_dev, st.st_ino) != _UNNAMED[location] or st.st_nlink:
+            continue    # forgotten, or given a name (two outputs never share one file)
         end = 0
         for offset, length in sorted(spans):
             if offset != end:
                 break
             end += length
         else:
-            if end == os.fstat(_DATA_FILES[location]).st_size:
+            if end == st.st_size:
                 return location
     return None
 
 
 def link_into(location: str, path: str) -> bool:
-    """Give the unnamed scratch file ``location`` the name ``path`` (replacing what is there,
-    a temporary file of the caller's); False where it cannot be (another file system)."""
+    """Give the unnamed scratch file ``location`` the name ``path``, a new empty file of the
+    caller's that it replaces; False where it cannot be (another file system, no /proc) or
+    should not: where a file made in that folder gets another group or other extended
+    attributes (a setgid folder, default ACLs, a security label) than the scratch file has."""
+    fd = _DATA_FILES[location]
+    try:
+        if not _alike(fd, path):
+            log.info("spilled weights copied, not linked (the output's folder gives its files other attributes)")
+            return False
+        root = os.open("/", os.O_RDONLY)
+    except OSError as e:
+        log.info("spilled weights copied, not linked (%s)", e)
+        return False
     aside = f"{path}.link"
-    root = os.open("/", os.O_RDONLY)
     try:
         # linkat with AT_SYMLINK_FOLLOW through /proc (os.link uses it only given a folder
         # descriptor): a file with no name can be given one, never one that was unlinked
-        os.link(f"/proc/self/fd/{_DATA_FILES[location]}", aside, src_dir_fd=root, follow_symlinks=True)
+        os.link(f"/proc/self/fd/{fd}", aside, src_dir_fd=root, follow_symlinks=True)
     except OSError as e:
         log.info("spilled weights copied, not linked (%s)", e)
         return False
     finally:
         os.close(root)
-    os.replace(aside, path)
-    _UNNAMED.discard(location)      # a second save copies: two outputs never share one file
-    return True
+    try:
+        os.replace(aside, path)
+    except BaseException:
+        _remove_quietly(aside)
+        raise
+    return True     # (named now, it is linked no more: a second save copies it)
+
+
+def _alike(fd: int, path: str) -> bool:
+    """Whether the file ``fd`` has the group and extended attributes of the file ``path``."""
+    return os.fstat(fd).st_gid == os.stat(path).st_gid and _attributes(fd) == _attributes(path)
+
+
+def _attributes(file) -> dict:
+    if not hasattr(os, "listxattr"):
+        return {}
+    return {name: os.getxattr(file, name) for name in os.listxattr(file)}
 
 
 def _remove_quietly(path: str):
