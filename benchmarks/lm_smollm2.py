@@ -291,6 +291,9 @@ SPA_METHODS = {   # spa.prune keyword arguments of each spa row (params= is the 
     "spa-free-measured": {"allocation": "measured"},        # OBSPA data-free, measured allocation
     "spa-free-obs": {"allocation": "obs"},                  # OBSPA data-free, allocated by OBS costs
     "spa-free-damp0.1": {"damping": 0.1},                   # OBSPA data-free, ten times the damping
+    "spa-free-damp0.3": {"damping": 0.3},                   # ... thirty times
+    "spa-free-damp1": {"damping": 1.0},                     # ... a hundred times
+    "spa-calib-damp0.3": {"calib": "calib", "damping": 0.3},  # OBSPA on the calibration windows, thirty times
     "spa-calib-obs": {"calib": "calib", "allocation": "obs"},
 }
 
@@ -438,7 +441,8 @@ def render() -> str:
     text = ("## SmolLM2-135M: perplexity vs parameters removed, no fine-tuning\n\n"
             "`python benchmarks/lm_smollm2.py` (FLAP, Wanda-sp in torch), `--methods --spa spa-free spa-calib "
             "spa-l1` (spa on the dynamo export; `spa-calib-uniform`, `spa-free-obs`, `spa-calib-obs` name the "
-            "allocation), `--render` (this section). spa's removed share is its report's (a tied embedding counted "
+            "allocation, `spa-free-damp0.1`, `-damp0.3`, `-damp1` and `spa-calib-damp0.3` OBS's damping, 0.01 by default), `--render` "
+            "(this section). spa's removed share is its report's (a tied embedding counted "
             "once); spa cuts where its default options say (`--params 1-target`): with calibration windows `auto` "
             "spends the budget along OBS cost curves (`obs`), without data (self-written text) one ratio for every "
             "group (`uniform`). Rows marked \"open batch and length\" prune `models/smollm2/dynamo_dynamic.onnx` "

@@ -70,7 +70,7 @@ class PruneOptions:
     input_stats: dict = field(default_factory=dict)
     calib_samples: int | None = None
     recalibrate: bool = False
-    damping: float = 0.01
+    damping: float | None = None    # None: spa.score.data.default_damping
     compensation: str = "obs"
     synthetic: str = "auto"
     input_shapes: dict = field(default_factory=dict)
@@ -125,7 +125,7 @@ class PruneOptions:
             raise SpaError(f"compensation must be one of {', '.join(COMPENSATIONS)}, got {self.compensation!r}")
         if self.synthetic not in SYNTHETIC:
             raise SpaError(f"synthetic must be one of {', '.join(SYNTHETIC)}, got {self.synthetic!r}")
-        if not _number(self.damping) or self.damping <= 0:
+        if self.damping is not None and (not _number(self.damping) or self.damping <= 0):
             raise SpaError(f"damping must be a positive number, got {self.damping!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise SpaError(f"--seed must be an integer, got {self.seed!r}")

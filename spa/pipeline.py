@@ -22,7 +22,7 @@ from .plan.landing import TOLERANCE as LANDING_TOLERANCE, explain
 from .score.calibrated import choose_use
 from .errors import SpaError, StrictModeError, UnsupportedModelError, VerificationError
 from .score import score_groups
-from .score.data import Calibration
+from .score.data import Calibration, default_damping
 from .score.invert import INVERTED_SAMPLES
 from .score.obs_costs import CostCurves, obs_cost_curves
 from .score.obspa import DATA_CRITERIA, data_aware_plan
@@ -360,7 +360,7 @@ def _cost_curves(a: Analysis, opts: PruneOptions, calibration: Calibration, dept
     """Every group's OBS cost curve for the allocation; none (so the budget is spent
     uniformly) where the model does not run on the inputs OBSPA would use."""
     try:
-        return obs_cost_curves(a.model, a.dep, a.groups, calibration, a.shapes.input_shapes, opts.damping, depth,
+        return obs_cost_curves(a.model, a.dep, a.groups, calibration, a.shapes.input_shapes, opts.damping or default_damping(a.model), depth,
                                orders, probe, count_macs(a.model, a.shapes), opts.compensation, anchored_only)
     except Exception as e:  # noqa: BLE001  (as _calibrate_or_fall_back: OBSPA itself will say more)
         if not opts.may_fall_back or (isinstance(e, SpaError) and calibration.given):
@@ -374,7 +374,7 @@ def _calibrate(a: Analysis, choice: _Choice, opts: PruneOptions, calibration: Ca
     """Data-aware: re-choose with a data criterion, and compute OBSPA's weight updates.
     OBSPA with calibration data first chooses how to use it on held-out samples."""
     refit, held_out = None, None
-    criterion, damping = opts.criterion_used, opts.damping
+    criterion, damping = opts.criterion_used, opts.damping or default_damping(a.model)
     macs = count_macs(a.model, a.shapes)
     by_obs = (choice.budget_report or {}).get("allocation") == "obs"
     if criterion == "obspa" and calibration.data is not None and any(len(r) for r in choice.removals):
