@@ -239,3 +239,20 @@ def test_a_tied_embedding_stays_one_tensor_and_counts_once(tmp_path):
     assert (tmp_path / "p.onnx").stat().st_size < 4 * (50 * 16 + 16 * 32 + 32 * 16)
     budget = spa.prune(model, params=0.8, criterion="l1", round_to=1, input_shapes={"ids": [2, 8]})
     assert abs(budget.report["budget"]["achieved"] - 0.8) <= 0.03 * 0.8     # the budget counts it once too
+
+
+def test_models_that_read_token_ids_get_more_damping_unless_one_is_asked_for(monkeypatch):
+    """OBS's damping: TOKEN_DAMPING where a graph input indexes an embedding, DAMPING for
+    image models, and what the caller asks for whatever the model."""
+    from spa.score import data
+    assert data.default_damping(_token_model(mix=False)) == data.TOKEN_DAMPING > data.DAMPING
+    assert data.default_damping(_model()) == data.DAMPING
+    seen = []
+    real = spa.pipeline.data_aware_plan
+    monkeypatch.setattr(spa.pipeline, "data_aware_plan",
+                        lambda *a, **k: seen.append(a[8]) or real(*a, **k))
+    spa.prune(_token_model(mix=False), ratio=0.5, input_shapes={"ids": [1, 8]}, round_to=1, verify=False)
+    spa.prune(_model(), ratio=0.5, round_to=1, verify=False)
+    spa.prune(_token_model(mix=False), ratio=0.5, input_shapes={"ids": [1, 8]}, round_to=1, verify=False,
+              damping=0.05)
+    assert seen == [data.TOKEN_DAMPING, data.DAMPING, 0.05]
