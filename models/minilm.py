@@ -52,6 +52,7 @@ def export(out_dir, exporter: str = "dynamo") -> Path:
 
     feeds = tokenize(["an example sentence to trace the model"])
     args = tuple(torch.from_numpy(feeds[k][:1]) for k in ("input_ids", "attention_mask"))
+    out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=out.parent)
     os.close(fd)
     try:
