@@ -53,12 +53,18 @@ _DATA_FILES: dict[str, int] = {}
 def _open_data_file(resolved: Path, where: str) -> int:
     """Open and check one external data file; its size."""
     fd = open_regular(resolved, "external data", ModelLoadError)
-    old = _DATA_FILES.pop(str(resolved), None)
-    _MAPS.pop(str(resolved), None)
+    register_data_file(str(resolved), fd)
+    return os.fstat(fd).st_size
+
+
+def register_data_file(location: str, fd: int):
+    """Read the tensors that name ``location`` from ``fd`` (an open, checked file) from now on;
+    a descriptor and map held for it before are let go."""
+    old = _DATA_FILES.pop(location, None)
+    _MAPS.pop(location, None)
     if old is not None:
         os.close(old)
-    _DATA_FILES[str(resolved)] = fd
-    return os.fstat(fd).st_size
+    _DATA_FILES[location] = fd
 
 
 def tensor_array(t: onnx.TensorProto) -> np.ndarray:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import onnx
 
-from .tensors import _DATA_FILES, _MAPS, _external_info, _open_data_file, release_mapped, tensor_bytes
+from .tensors import _DATA_FILES, _external_info, _open_data_file, register_data_file, release_mapped, tensor_bytes
 
 __all__ = ["WeightWriter", "ScratchWeights", "spillable", "linkable_scratch", "link_into"]
 
@@ -121,8 +121,7 @@ class ScratchWeights:
             fd = os.open(f"/proc/self/fd/{written}", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except OSError:
             fd = os.dup(written)
-        _MAPS.pop(self.path, None)
-        _DATA_FILES[self.path] = fd
+        register_data_file(self.path, fd)
         st = os.fstat(fd)
         _UNNAMED[self.path] = (st.st_dev, st.st_ino)
 
