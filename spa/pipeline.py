@@ -360,7 +360,7 @@ def _cost_curves(a: Analysis, opts: PruneOptions, calibration: Calibration, dept
     """Every group's OBS cost curve for the allocation; none (so the budget is spent
     uniformly) where the model does not run on the inputs OBSPA would use."""
     try:
-        return obs_cost_curves(a.model, a.dep, a.groups, calibration, a.shapes.input_shapes, opts.damping or default_damping(a.model), depth,
+        return obs_cost_curves(a.model, a.dep, a.groups, calibration, a.shapes.input_shapes, _damping(a, opts), depth,
                                orders, probe, count_macs(a.model, a.shapes), opts.compensation, anchored_only)
     except Exception as e:  # noqa: BLE001  (as _calibrate_or_fall_back: OBSPA itself will say more)
         if not opts.may_fall_back or (isinstance(e, SpaError) and calibration.given):
@@ -370,11 +370,16 @@ def _cost_curves(a: Analysis, opts: PruneOptions, calibration: Calibration, dept
         return CostCurves([None] * len(a.groups), [None] * len(a.groups), {"unpriced": f"OBS failed ({reason})"})
 
 
+def _damping(a: Analysis, opts: PruneOptions) -> float:
+    """OBS's damping: the one asked for, else the model's default (``default_damping``)."""
+    return opts.damping or default_damping(a.model)
+
+
 def _calibrate(a: Analysis, choice: _Choice, opts: PruneOptions, calibration: Calibration):
     """Data-aware: re-choose with a data criterion, and compute OBSPA's weight updates.
     OBSPA with calibration data first chooses how to use it on held-out samples."""
     refit, held_out = None, None
-    criterion, damping = opts.criterion_used, opts.damping or default_damping(a.model)
+    criterion, damping = opts.criterion_used, _damping(a, opts)
     macs = count_macs(a.model, a.shapes)
     by_obs = (choice.budget_report or {}).get("allocation") == "obs"
     if criterion == "obspa" and calibration.data is not None and any(len(r) for r in choice.removals):
