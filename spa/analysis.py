@@ -16,8 +16,8 @@ from .loading.fold import fold_normalized_weights
 from .graph.dependency import Dependency, build_dependency
 from .graph.groups import Group, find_groups
 from .interop import from_graphsurgeon, is_graphsurgeon_graph
-from .loading.model import normalize, opset_of, read
-from .loading.probe import infer_shapes
+from .loading.model import normalize, opset_of, read, release_mapped
+from .loading.probe import infer_shapes, second_probe
 from .loading.scopes import all_nodes
 from .loading.shapes import Shapes
 
@@ -37,6 +37,7 @@ class Analysis:
     default_inputs: list = field(default_factory=list)  # IR >= 4 inputs with a default initializer
     files: dict = field(default_factory=dict)           # the files read: what each is -> path
     _producers: dict | None = field(default=None, repr=False, compare=False)
+    _second_probe: tuple | None = field(default=None, repr=False, compare=False)
 
     def member_names(self, group: Group) -> list[str]:
         inits = self.dep.view.inits if self.dep.view is not None else {t.name for t in self.model.graph.initializer}
@@ -55,6 +56,15 @@ class Analysis:
             if node is not None:
                 names.append(_readable(node, t))
         return list(dict.fromkeys(names))
+
+    def second_probe(self) -> tuple[dict | None, dict]:
+        """Other sizes for the dims the probe chose, at which the original runs, and what the
+        report says of them (``probe.second_probe``); found once: the oracle checks the pruned
+        model there, and a fixed-batch token model's synthetic samples run that long."""
+        if self._second_probe is None:
+            self._second_probe = second_probe(self.model, self.shapes)
+            release_mapped()    # it read every weight of the original
+        return self._second_probe
 
     def span(self, group: Group) -> int:
         """How many indices of a heads or head-dim axis one channel of the group covers: a

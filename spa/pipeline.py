@@ -32,7 +32,6 @@ from .rewrite.perp import refit_normalizations
 from .plan.plan import Plan, make_plan
 from .plan.planner import PlanOptions, plan_removals
 from .loading.model import forget_files, has_external_data, materialized, release_mapped, tensor_bytes
-from .loading.probe import second_probe
 from .result import PruneResult, file_bytes
 from .rewrite.apply import rewrite
 from .runtime import FED_ABOVE, LARGE_GRAPH_NODES
@@ -112,6 +111,8 @@ def prune(model_or_path, ratio: float | None = None, criterion: str | None = Non
     try:
         first = _analyze_stage(model_or_path, opts, stages)
         _invert_for_statistics(first, opts, stages, calibration)
+        if calibration is not None and first.shapes.probe:
+            calibration.longer_shapes = lambda: first.second_probe()[0]
         result = _channel_passes(first, opts, stages, calibration)
         for kind, ratio_of_kind, how in _later_passes(opts):
             a = _analyze_stage(result.model, opts, stages, shapes=result.report["input_shapes"], **how)
@@ -463,8 +464,7 @@ def _verify(a: Analysis, plan: Plan, result: PruneResult, verify: bool | None, s
         return
     shapes = a.shapes.input_shapes
     if a.shapes.probe:  # sizes spa chose: check a second size too, so none holds for one shape only
-        second, report["probe"]["second"] = second_probe(a.model, a.shapes)
-        release_mapped()    # it read every weight of the original
+        second, report["probe"]["second"] = a.second_probe()
         shapes = [shapes, second] if second else shapes
     try:
         checked = oracle(pruned, masked_model(a.model, plan, a.shapes), shapes, a.model)

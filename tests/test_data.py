@@ -162,6 +162,24 @@ def test_a_fixed_batch_language_model_writes_many_sequences():
     assert r.report["data"]["samples"] == 64 and r.report["verify"]["ok"]
 
 
+def test_a_fixed_batch_token_model_of_open_length_takes_its_random_ids_in_fewer_longer_runs(monkeypatch):
+    """Where no text is written (here: later tokens change earlier logits) and the model fixes
+    its batch, the random token ids come as many positions in runs of the second probe's
+    length; never shorter, and as before where there is no second probe."""
+    model = _token_model(mix=True, length="S")
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    for longer, runs, length in (([1, 128], 8, 128), ([1, 100], 11, 100), ([1, 8], 64, 16), (None, 64, 16)):
+        cal = Calibration(samples=64)
+        cal.longer_shapes = lambda longer=longer: longer and {"ids": longer}
+        batches = cal.batches(model, {"ids": [1, 16]})
+        assert not cal.generated and [b["ids"].shape for b in batches] == [(1, length)] * runs
+    r = spa.prune(model, ratio=0.5, round_to=1)
+    assert r.report["probe"]["second"]["inputs"]["ids"][1]["size"] == 128
+    assert r.report["data"]["samples"] == 8 and r.report["verify"]["ok"]
+    monkeypatch.setattr(spa.analysis.Analysis, "second_probe", lambda self: (None, {"skipped": "test"}))
+    assert spa.prune(model, ratio=0.5, round_to=1).report["data"]["samples"] == 64
+
+
 def test_written_text_starts_where_the_model_would():
     """A model that always predicts token 7 starts its sequences with 7 too: the first token is
     drawn from the model's average prediction, not uniformly (a rare subword, on a real LM)."""
