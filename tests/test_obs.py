@@ -156,3 +156,21 @@ def test_costs_are_the_obs_formula():
     got = Consumer(w.copy(), hinv.copy(), cols).costs(range(6))
     want = [np.trace(w[:, c] @ np.linalg.inv(hinv[np.ix_(c, c)]) @ w[:, c].T) for c in cols]
     np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+def test_a_weight_held_in_fortran_order_is_updated_as_one_in_c_order():
+    """A MatMul's (out, D) weight is the transpose of the stored (D, out), kept in Fortran order
+    (obspa.obs_consumer): greedy OBS updates it to the same values, in that order, dense and low rank."""
+    from spa.score.obs import LowRankConsumer, damping_of
+    x, w, cols = _wide_layer(5)
+    h = x.T.astype(np.float64) @ x
+    lam = damping_of(np.diag(h), 0.01)
+    for make, max_dim in ((lambda w: Consumer(w, np.linalg.inv(h + lam * np.eye(len(h))), cols), 1000),
+                          (lambda w: Consumer(w, np.linalg.inv(h + lam * np.eye(len(h))), cols), 100),
+                          (lambda w: LowRankConsumer(w, x, lam, cols), 100)):
+        c_order, f_order = make(w.copy()), make(np.asfortranarray(w))
+        removed = [greedy_obs([c], 40, 15, max_dim=max_dim)[0] for c in (c_order, f_order)]
+        assert removed[0].tolist() == removed[1].tolist()
+        assert f_order.weight.flags.f_contiguous and not f_order.weight.flags.c_contiguous
+        np.testing.assert_allclose(f_order.weight, c_order.weight, rtol=0, atol=1e-5 * np.abs(w).max())
+        assert np.abs(f_order.weight - w).max() > 1e-3          # (it was updated)

@@ -46,15 +46,23 @@ class Consumer:
         if last:
             # W_S [(H^-1)_SS]^-1 first: (out x s) instead of (s x D) before the product
             a = np.linalg.solve(block, self.weight[:, cols].T).T
-            self.weight -= a @ self.hinv[cols, :]
+            self.weight -= _product(a, self.hinv[cols, :], self.weight)
             self.weight[:, cols] = 0.0
             return
         coef = np.linalg.solve(block, self.hinv[cols, :])   # [(H^-1)_SS]^-1 (H^-1)_S,:
-        self.weight -= self.weight[:, cols] @ coef
+        self.weight -= _product(self.weight[:, cols], coef, self.weight)
         self.weight[:, cols] = 0.0
         self.hinv -= self.hinv[:, cols] @ coef
         self.hinv[:, cols] = 0.0
         self.hinv[cols, :] = 0.0
+
+
+def _product(a: np.ndarray, b: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """``a @ b`` in the memory order of ``like``, so that updating ``like`` in place reads both
+    in order: a MatMul's weight (D, out) is updated as its (out, D) transpose, Fortran-ordered."""
+    if like.flags.f_contiguous and not like.flags.c_contiguous:
+        return (b.T @ a.T).T
+    return a @ b
 
 
 def damping_of(diag: np.ndarray, damping: float) -> float:
@@ -139,7 +147,8 @@ class LowRankConsumer:
         self.alive[cols] = False
         # the update's last product (out x n x D: most of the time) in float32, as the weights are
         # written; the Gram and the rows, where Woodbury's differences are, stay float64
-        self.weight += (carried @ np.linalg.inv(gram)).astype(np.float32) @ self.rows.astype(np.float32)
+        self.weight += _product((carried @ np.linalg.inv(gram)).astype(np.float32), self.rows.astype(np.float32),
+                                self.weight)
         self.weight[:, ~self.alive] = 0.0
         if last:
             self.rows = self._gram = None   # nobody reads this layer again: free its rows early

@@ -265,7 +265,8 @@ def obs_consumer(spec: ConsumerSpec, st, inits: dict, damping: float) -> Consume
     w = weight_matrix(spec, tensor_array(inits[spec.weight]).astype(np.float64))
     bias = np.zeros(w.shape[0]) if spec.bias is None else tensor_array(inits[spec.bias]).astype(np.float64)
     can_bias = spec.bias is not None or spec.kind in ("conv", "gemm")
-    m = np.hstack([w, bias[:, None]]) if can_bias else w.copy()
+    # (astype made ``w`` ours: a MatMul's is the transpose of the stored (D, out), kept in that order)
+    m = np.hstack([w, bias[:, None]]) if can_bias else w
     if st.rows is not None:
         rows = st.rows if can_bias else st.rows[:, :-1]
         return LowRankConsumer(m, rows, damping_of(st.diag[:rows.shape[1]], damping), [])
