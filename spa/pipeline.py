@@ -31,7 +31,7 @@ from .options import PruneOptions
 from .rewrite.perp import refit_normalizations
 from .plan.plan import Plan, make_plan
 from .plan.planner import PlanOptions, plan_removals
-from .loading.model import forget_files, has_external_data, materialized, release_mapped, tensor_bytes
+from .loading.model import forget_files, has_external_data, in_data_files, materialized, release_mapped, tensor_bytes
 from .result import PruneResult, file_bytes
 from .rewrite.apply import rewrite
 from .runtime import FED_ABOVE, LARGE_GRAPH_NODES
@@ -299,7 +299,7 @@ def _prune_pass(a: Analysis, plan: PlanOptions, opts: PruneOptions, stages: Stag
     # a session of a model held in memory is fed a copy of each weight (ScratchWeights): the
     # weights the rewrite makes go to a scratch file where the input's lay in one too, or for
     # the oracle's runs
-    in_file = not has_external_data(a.model)
+    in_file = not in_data_files(a.model)
     spill = _held_by_rewrite(a.model, the_plan) > FED_ABOVE and \
         (not in_file or _verifies(a, count_params(a.model), opts.verify))
     pruned = rewrite(a.model, the_plan, spill=spill)
@@ -309,10 +309,10 @@ def _prune_pass(a: Analysis, plan: PlanOptions, opts: PruneOptions, stages: Stag
     report = _pass_report(a, the_plan, pruned, choice)
     result = PruneResult(pruned, a.model, report, a.source, a.files, [the_plan])
     _verify(a, the_plan, result, opts.verify, stages)
-    if spill and in_file:    # the user's model holds its weights in its file: so does the result
-        scratch = result.model
-        result.model = materialized(scratch)
-        forget_files(scratch)
+    if in_file and has_external_data(result.model):   # the user's model holds its weights in its file: so does the result
+        held = result.model
+        result.model = materialized(held)
+        forget_files(held)
     return result
 
 

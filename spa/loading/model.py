@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import mmap
 import os
 import re
 import weakref
@@ -27,10 +28,11 @@ from ..errors import ModelLoadError, OutputPathError
 from .size_vectors import split_shared_size_vectors
 from .scopes import (all_nodes, body_graphs, hoist_bodies, rename_inputs, tensor_names, unique_name,  # noqa: F401
                      walk)
-from .files import atomic_files, check_outputs, check_readable, check_side_file, read_all, read_small
+from .files import atomic_files, check_outputs, check_readable, check_side_file, open_regular, read_small
+from .in_place import parse_in_place
 from .weight_files import ScratchWeights, WeightWriter, link_into, linkable_scratch, spillable  # noqa: F401
 from .tensors import (_DATA_FILES, _MAPS, _elements, _external_info, _open_data_file, forget_files,  # noqa: F401
-                      has_external_data, materialized, release_mapped, stored_bytes, tensor_array, tensor_bytes,
+                      IN_PLACE_FILES, has_external_data, in_data_files, register_data_file, materialized, release_mapped, stored_bytes, tensor_array, tensor_bytes,
                       weight_view)
 
 __all__ = ["load", "read", "normalize", "save", "output_paths", "tensor_array", "weight_view", "tensor_bytes",
@@ -72,17 +74,15 @@ def read(path: str | os.PathLike) -> tuple[onnx.ModelProto, dict[str, Path]]:
     check_readable(path, "the model", ModelLoadError)
     if path.stat().st_size == 0:
         raise ModelLoadError(f"{path}: empty file, not an ONNX model")
-    data = read_all(path, "the model", ModelLoadError)
-    try:
-        model = onnx.load_model_from_string(data)
-    except Exception as e:  # protobuf raises several unrelated types for garbage
-        raise ModelLoadError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
+    model, in_place = _parsed(path)
     if not model.graph.node or not model.opset_import:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph nodes or opset)")
     _check_old_ir(model, path)
     others = list(_other_tensors(model))
-    _check_tensor_sizes(list(model.graph.initializer) + others, path)
-    data_files = _resolve_external_data(model, others, path)
+    placed = set(in_place)
+    _check_tensor_sizes([t for i, t in enumerate(model.graph.initializer) if i not in placed] + others, path)
+    data_files = _resolve_external_data(model, others, path, placed)
+    opened = data_files + ([_read_in_place(model, in_place, path)] if in_place else [])
     try:
         onnx.checker.check_model(_weightless(model))  # structure only: weight bytes cost time
     except Exception as e:
@@ -92,8 +92,50 @@ def read(path: str | os.PathLike) -> tuple[onnx.ModelProto, dict[str, Path]]:
     files.update((f"the input's external data file {f}", f) for f in data_files)
     # the descriptors live as long as something (a Loaded, an Analysis, a PruneResult) holds
     # these files: then a later read of the same model reopens by path, with the same checks
-    weakref.finalize(files, _close_descriptors, [(str(f), _DATA_FILES.get(str(f))) for f in data_files])
+    weakref.finalize(files, _close_descriptors, [(str(f), _DATA_FILES.get(str(f))) for f in opened])
     return model, files
+
+
+# A model file larger than this is mapped and its weights left in it (``in_place``)
+IN_PLACE_ABOVE = 64 << 20
+
+
+def _parsed(path: Path) -> tuple[onnx.ModelProto, list[int]]:
+    """The model in ``path``, and which of its initializers were left in the file
+    (``in_place.parse_in_place``: a large file's raw weights); the file is then held open,
+    registered under its resolved path, for them."""
+    fd = open_regular(path, "the model", ModelLoadError)
+    try:
+        if os.fstat(fd).st_size > IN_PLACE_ABOVE:
+            try:
+                with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
+                    parsed = parse_in_place(mapped)
+            except (OSError, ValueError):
+                parsed = None
+            if parsed is not None:
+                register_data_file(os.path.realpath(path), fd)
+                fd = None
+                return parsed
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read()
+    finally:
+        if fd is not None:
+            os.close(fd)
+    try:
+        return onnx.load_model_from_string(data), []
+    except Exception as e:  # protobuf raises several unrelated types for garbage
+        raise ModelLoadError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
+
+
+def _read_in_place(model: onnx.ModelProto, in_place: list[int], path: Path) -> Path:
+    """Point the initializers left in the model's file at it (registered by ``_parsed``)."""
+    resolved = os.path.realpath(path)
+    for i in in_place:
+        for e in model.graph.initializer[i].external_data:
+            if e.key == "location":
+                e.value = resolved
+    IN_PLACE_FILES.add(resolved)
+    return Path(resolved)
 
 
 class ReadFiles(dict):
@@ -181,7 +223,8 @@ def _short(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _resolve_external_data(model: onnx.ModelProto, others: list[onnx.TensorProto], path: Path) -> list[Path]:
+def _resolve_external_data(model: onnx.ModelProto, others: list[onnx.TensorProto], path: Path,
+                           in_place: set[int] = frozenset()) -> list[Path]:
     """Leave external weights on disk (they are read one tensor at a time when needed), but
     point them at resolved paths after checking that each stays inside the model's folder,
     is a regular file and holds the tensor in full. External tensors among ``others`` (Constant
@@ -189,7 +232,8 @@ def _resolve_external_data(model: onnx.ModelProto, others: list[onnx.TensorProto
     folder = Path(os.path.realpath(path.parent if str(path.parent) else "."))
     sizes: dict[Path, int] = {}
     others = [t for t in others if t.data_location == onnx.TensorProto.EXTERNAL]
-    for is_other, t in [(False, t) for t in model.graph.initializer] + [(True, t) for t in others]:
+    initializers = [(False, t) for i, t in enumerate(model.graph.initializer) if i not in in_place]
+    for is_other, t in initializers + [(True, t) for t in others]:
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = _external_info(t)
@@ -461,15 +505,64 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, inputs: dict[str, Path
     outputs = output_paths(path)
     check_outputs(outputs, inputs or {})
     out, data = outputs["-o"], outputs["-o's weight file"]
-    external = has_external_data(model) or sum(tensor_bytes(t) for t in model.graph.initializer) > EXTERNAL_ABOVE
+    external = in_data_files(model) or sum(tensor_bytes(t) for t in model.graph.initializer) > EXTERNAL_ABOVE
     if external:
         check_side_file(data, lambda: _keeps_weights_in(out, data.name), "the weight file of -o", "-o")
         with atomic_files(data, out) as (data_tmp, tmp):
             onnx.save(_with_streamed_weights(model, data_tmp, data.name), tmp)
         return [out, data]
     with atomic_files(out) as (tmp,):
-        onnx.save(model, tmp)
+        _write_one_file(model, tmp)
     return [out]
+
+
+def _write_one_file(model: onnx.ModelProto, path: str):
+    """The file ``onnx.save`` writes (fields in another order, the same model), a weight at a
+    time: ``onnx.save`` serializes the whole model first, a second copy of its weights in memory.
+    Weights read in place from the input's file (``in_place``) are written into this one."""
+    structure, graph = onnx.ModelProto(), onnx.GraphProto()
+    copy_fields(model, structure, skip={"graph"})
+    copy_fields(model.graph, graph, skip={"initializer"})
+    sizes = [_held(t, size_only=True) for t in model.graph.initializer]
+    body = graph.SerializeToString()
+    length = len(body) + sum(1 + len(_varint(n)) + n for n in sizes)
+    with open(path, "wb") as f:
+        f.write(structure.SerializeToString())
+        f.write(_key(7) + _varint(length) + body)                   # ModelProto.graph
+        for t, n in zip(model.graph.initializer, sizes):
+            f.write(_key(5) + _varint(n))                            # GraphProto.initializer
+            f.write(_held(t).SerializeToString())
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                release_mapped(trim=False)                           # (its pages, read through the map)
+
+
+def _held(t: onnx.TensorProto, size_only: bool = False):
+    """``t`` with its bytes in it (a tensor read in place refers to them), or its serialized size."""
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return t.ByteSize() if size_only else t
+    held = onnx.TensorProto()
+    held.CopyFrom(t)
+    held.ClearField("external_data")
+    held.ClearField("data_location")
+    if size_only:
+        n = tensor_bytes(t)
+        return held.ByteSize() + 1 + len(_varint(n)) + n          # + TensorProto.raw_data
+    held.raw_data = bytes(stored_bytes(t))
+    return held
+
+
+def _key(field: int) -> bytes:
+    """A length-delimited field's key."""
+    return _varint(field << 3 | 2)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
 
 
 def _keeps_weights_in(path: Path, name: str) -> bool:

@@ -16,7 +16,7 @@ from ..errors import ModelLoadError
 from .files import open_regular, pread_into
 
 __all__ = ["tensor_array", "weight_view", "stored_bytes", "tensor_bytes", "release_mapped", "check_mapped",
-           "has_external_data", "materialized", "forget_files"]
+           "has_external_data", "in_data_files", "materialized", "forget_files", "IN_PLACE_FILES"]
 
 def _external_info(t: onnx.TensorProto) -> dict:
     return {e.key: e.value for e in t.external_data}
@@ -55,6 +55,12 @@ def _open_data_file(resolved: Path, where: str) -> int:
     fd = open_regular(resolved, "external data", ModelLoadError)
     register_data_file(str(resolved), fd)
     return os.fstat(fd).st_size
+
+
+# Model files whose own weights are read where they lie in them (``in_place``): external data
+# to read from, but the model's own file, not a data file beside it. Kept after the file is
+# closed: a model read in place still refers to it (and reopens it by path to read).
+IN_PLACE_FILES: set[str] = set()
 
 
 def register_data_file(location: str, fd: int):
@@ -117,7 +123,7 @@ def forget_files(model: onnx.ModelProto):
     """Close the external data files spa holds open for ``model`` alone (a model of spilled
     weights once nothing reads it: its scratch file's space goes back then, not at exit)."""
     for location in {_external_info(t)["location"] for t in model.graph.initializer
-                     if t.data_location == onnx.TensorProto.EXTERNAL}:
+                     if t.data_location == onnx.TensorProto.EXTERNAL} - IN_PLACE_FILES:   # (the input's: its reader's)
         _MAPS.pop(location, None)       # arrays still viewing the map keep it until they go
         fd = _DATA_FILES.pop(location, None)
         if fd is not None:
@@ -200,6 +206,13 @@ def _read_tensor(t: onnx.TensorProto, fd: int, location: str, info: dict) -> np.
 
 def has_external_data(model: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def in_data_files(model: onnx.ModelProto) -> bool:
+    """Whether some weight of ``model`` lies in an external data file, not in the memory or the
+    .onnx file of the model it was read from (``in_place``)."""
+    return any(t.data_location == onnx.TensorProto.EXTERNAL and _external_info(t).get("location") not in IN_PLACE_FILES
+               for t in model.graph.initializer)
 
 
 def materialized(model: onnx.ModelProto) -> onnx.ModelProto:

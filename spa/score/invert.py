@@ -25,6 +25,8 @@ import logging
 import numpy as np
 import onnx
 
+from ..loading.tensors import materialized
+
 __all__ = ["inversion_target", "why_not_invert", "inverted_images", "INVERSION_BUDGET", "INVERTED_SAMPLES"]
 
 log = logging.getLogger(__name__)
@@ -139,7 +141,7 @@ def inverted_images(model: onnx.ModelProto, images: np.ndarray, seed: int = 0, i
 
 def _invert(torch, onnx2torch, model, images, seed, info, announce=None) -> np.ndarray:
     torch.manual_seed(seed)
-    net = onnx2torch.convert(model).eval()
+    net = onnx2torch.convert(materialized(model)).eval()     # (its weights, wherever they lie)
     for p in net.parameters():
         p.requires_grad_(False)
     index = [o.name for o in model.graph.output].index(inversion_target(model)[1])
