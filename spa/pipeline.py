@@ -31,7 +31,7 @@ from .options import PruneOptions
 from .rewrite.perp import refit_normalizations
 from .plan.plan import Plan, make_plan
 from .plan.planner import PlanOptions, plan_removals
-from .loading.model import forget_files, has_external_data, in_data_files, materialized, release_mapped, tensor_bytes
+from .loading.model import in_data_files, release_mapped, tensor_bytes
 from .result import PruneResult, file_bytes
 from .rewrite.apply import rewrite
 from .runtime import FED_ABOVE, LARGE_GRAPH_NODES
@@ -213,7 +213,7 @@ def _landing_over_steps(entry: dict, budget: Budget, max_ratio: float):
 
 
 def _finish(result: PruneResult, first: Analysis, opts: PruneOptions) -> PruneResult:
-    _restore_default_inputs(result.model, first.default_inputs)
+    _restore_default_inputs(result.stored, first.default_inputs)
     if first.shapes.probe:  # later passes analyze at the sizes the first pass chose
         result.report["probe"] = first.shapes.probe
     result.report["options"] = opts.as_report()
@@ -257,7 +257,8 @@ def _merge_passes(first: PruneResult, second: PruneResult) -> PruneResult:
                                        if v.get("twin_max_rel_error") is not None), default=None),
             "twin_ok": v2.get("twin_ok", v1.get("twin_ok")),
             "judged_upstream": {**v1.get("judged_upstream", {}), **v2.get("judged_upstream", {})}}
-    return PruneResult(second.model, first.original, rep, first.source, first.files, first.plans + second.plans)
+    return PruneResult(second.stored, first.original, rep, first.source, first.files, first.plans + second.plans,
+                       second.one_file)
 
 
 @dataclass
@@ -296,23 +297,17 @@ def _prune_pass(a: Analysis, plan: PlanOptions, opts: PruneOptions, stages: Stag
                                                    calibration.batches(a.model, a.shapes.input_shapes), rewrite)
         choice.data_info = {**(choice.data_info or {}), "normalizations_refit": refit}
     stages("rewrite")
-    # a session of a model held in memory is fed a copy of each weight (ScratchWeights): the
-    # weights the rewrite makes go to a scratch file where the input's lay in one too, or for
-    # the oracle's runs
-    in_file = not in_data_files(a.model)
-    spill = _held_by_rewrite(a.model, the_plan) > FED_ABOVE and \
-        (not in_file or _verifies(a, count_params(a.model), opts.verify))
+    # a session of a model held in memory is fed a copy of each weight (ScratchWeights), and a
+    # model saved from memory is written while held: a large model's new weights go to a scratch file
+    spill = _held_by_rewrite(a.model, the_plan) > FED_ABOVE
     pruned = rewrite(a.model, the_plan, spill=spill)
     check_signature(a.model, pruned)
     check_shapes(a.model, pruned, a.shapes.input_shapes)
     stages("report")
     report = _pass_report(a, the_plan, pruned, choice)
-    result = PruneResult(pruned, a.model, report, a.source, a.files, [the_plan])
+    # a user's model that holds its weights in its file (read in place, or given in memory): so does the result
+    result = PruneResult(pruned, a.model, report, a.source, a.files, [the_plan], one_file=not in_data_files(a.model))
     _verify(a, the_plan, result, opts.verify, stages)
-    if in_file and has_external_data(result.model):   # the user's model holds its weights in its file: so does the result
-        held = result.model
-        result.model = materialized(held)
-        forget_files(held)
     return result
 
 
@@ -451,7 +446,7 @@ def _verifies(a: Analysis, params: int, verify: bool | None) -> bool:
 def _verify(a: Analysis, plan: Plan, result: PruneResult, verify: bool | None, stages: Stages):
     """The oracle (exact pruning) or the output error (hidden width) into the report; by
     default only below VERIFY_AUTO_MAX_PARAMS. Raises when the pruned model is wrong."""
-    report, pruned = result.report, result.model
+    report, pruned = result.report, result.stored
     asked = verify
     if not _verifies(a, report["before"]["params"], verify):
         return

@@ -9,19 +9,34 @@ from pathlib import Path
 import onnx
 
 from .interop import to_graphsurgeon
-from .loading.model import save
+from .loading.model import forget_files, has_external_data, materialized, save
 
 __all__ = ["PruneResult", "file_bytes"]
 
 
 @dataclass(repr=False)
 class PruneResult:
-    model: onnx.ModelProto
+    stored: onnx.ModelProto    # the pruned model as spa holds it: large weights in scratch or input files
     original: onnx.ModelProto
     report: dict = field(default_factory=dict)
     source: str | None = None
     files: dict = field(default_factory=dict)  # what the original was read from: never written
     plans: list = field(default_factory=list)  # the Plan of each pass, in order
+    one_file: bool = False     # the input held its weights in its .onnx file: so does the result
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The pruned model. Where the input held its weights in its .onnx file, so does this
+        one, read in when first asked for (``save`` writes them from where they lie instead)."""
+        if self.one_file and has_external_data(self.stored):
+            held = self.stored
+            self.stored = materialized(held)
+            forget_files(held)
+        return self.stored
+
+    @model.setter
+    def model(self, value: onnx.ModelProto):
+        self.stored = value
 
     def __repr__(self) -> str:
         """A few lines like the CLI's table, not the protobufs."""
@@ -45,7 +60,7 @@ class PruneResult:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the pruned model atomically; refuses to overwrite the input model or its
         external data."""
-        written = save(self.model, path, inputs=self.files)
+        written = save(self.stored, path, inputs=self.files, one_file=self.one_file or None)
         after = self.report.setdefault("after", {})
         after["file_bytes"] = sum(os.path.getsize(p) for p in written)
         after["files"] = [str(p) for p in written]

@@ -440,9 +440,11 @@ def _scratch_files_open() -> int:
 
 
 @pytest.mark.parametrize("verify", [True, False])
-def test_a_model_holding_its_weights_is_verified_spilled_and_handed_back_whole(tmp_path, monkeypatch, verify):
-    """A model with its weights in the .onnx file: its pruned weights are spilled only for the
-    oracle's runs, and the result holds them again, written as one file."""
+def test_a_model_holding_its_weights_is_spilled_written_as_one_file_and_handed_back_whole(tmp_path, monkeypatch,
+                                                                                          verify):
+    """A model with its weights in the .onnx file: its pruned weights go to a scratch file,
+    verified or not, and are written from there into one file; ``result.model`` holds them
+    again when asked for, and the scratch file's space is back then."""
     model, _ = _chain(layers=3)
     src = tmp_path / "m.onnx"
     onnx.save(model, src)
@@ -452,15 +454,16 @@ def test_a_model_holding_its_weights_is_verified_spilled_and_handed_back_whole(t
         lambda cls, f=model_io.ScratchWeights.open.__func__: spills.append(1) or f(cls)))
     open_before = _scratch_files_open()
     result = spa.prune(str(src), 0.25, criterion="l1", verify=verify)
-    assert len(spills) == int(verify)
-    assert _scratch_files_open() == open_before     # the scratch file's space is back at once
-    assert ("verify" in result.report) == verify
-    assert not model_io.has_external_data(result.model)
+    assert len(spills) == 1 and ("verify" in result.report) == verify
     result.save(tmp_path / "out.onnx")
     assert sorted(p.name for p in tmp_path.glob("out.onnx*")) == ["out.onnx"]
+    assert model_io.has_external_data(result.stored)          # written from the scratch file, not read in
+    assert not model_io.has_external_data(result.model)
+    assert _scratch_files_open() == open_before
     feeds = {"x": np.ones((2, 64), np.float32)}
     want = runtime.session(spa.prune(str(src), 0.25, criterion="l1", verify=False).model).run(None, feeds)[0]
     np.testing.assert_array_equal(runtime.session(onnx.load(tmp_path / "out.onnx")).run(None, feeds)[0], want)
+    np.testing.assert_array_equal(runtime.session(result.model).run(None, feeds)[0], want)
 
 
 def test_strings_stay_in_a_spilled_model(tmp_path):

@@ -497,15 +497,18 @@ def copy_fields(src, dst, skip: set[str]):
 EXTERNAL_ABOVE = 1_800_000_000
 
 
-def save(model: onnx.ModelProto, path: str | os.PathLike, inputs: dict[str, Path] | None = None) -> list[Path]:
+def save(model: onnx.ModelProto, path: str | os.PathLike, inputs: dict[str, Path] | None = None,
+         one_file: bool | None = None) -> list[Path]:
     """Write atomically: temporary files in the same directory, then renames. Large models
-    (or ones whose weights still live in the input's external data file) get their weights
-    streamed, one tensor at a time, into ``<name>.data`` beside the model. ``inputs`` (what
-    each file is -> path) are never written over. Returns the files written."""
+    (or, unless ``one_file``, ones whose weights still live in an external data file) get
+    their weights streamed, one tensor at a time, into ``<name>.data`` beside the model; the
+    rest are written as one file, also a tensor at a time. ``inputs`` (what each file is ->
+    path) are never written over. Returns the files written."""
     outputs = output_paths(path)
     check_outputs(outputs, inputs or {})
     out, data = outputs["-o"], outputs["-o's weight file"]
-    external = in_data_files(model) or sum(tensor_bytes(t) for t in model.graph.initializer) > EXTERNAL_ABOVE
+    external = (not one_file and in_data_files(model)) or \
+        sum(tensor_bytes(t) for t in model.graph.initializer) > EXTERNAL_ABOVE
     if external:
         check_side_file(data, lambda: _keeps_weights_in(out, data.name), "the weight file of -o", "-o")
         with atomic_files(data, out) as (data_tmp, tmp):
@@ -519,7 +522,8 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, inputs: dict[str, Path
 def _write_one_file(model: onnx.ModelProto, path: str):
     """The file ``onnx.save`` writes (fields in another order, the same model), a weight at a
     time: ``onnx.save`` serializes the whole model first, a second copy of its weights in memory.
-    Weights read in place from the input's file (``in_place``) are written into this one."""
+    Weights that lie elsewhere (read in place from the input's file, or in a scratch file) are
+    written into this one."""
     structure, graph = onnx.ModelProto(), onnx.GraphProto()
     copy_fields(model, structure, skip={"graph"})
     copy_fields(model.graph, graph, skip={"initializer"})
@@ -537,7 +541,7 @@ def _write_one_file(model: onnx.ModelProto, path: str):
 
 
 def _held(t: onnx.TensorProto, size_only: bool = False):
-    """``t`` with its bytes in it (a tensor read in place refers to them), or its serialized size."""
+    """``t`` with its bytes in it (an external one refers to them), or its serialized size."""
     if t.data_location != onnx.TensorProto.EXTERNAL:
         return t.ByteSize() if size_only else t
     held = onnx.TensorProto()
