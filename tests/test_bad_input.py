@@ -7,7 +7,7 @@ import onnx
 import pytest
 
 from graphs import Graph
-import spa.loading.model
+import spa.loading.saving
 from spa.cli.commands import main
 
 
@@ -103,7 +103,7 @@ def test_output_write_failure_leaves_nothing(tmp_path, good_model, monkeypatch):
 
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(spa.loading.model, "_write_one_file", boom)
+    monkeypatch.setattr(spa.loading.saving, "_write_one_file", boom)
     before = os.listdir(tmp_path)
     with pytest.raises(spa.OutputPathError, match="No space left"):
         result.save(tmp_path / "out.onnx")

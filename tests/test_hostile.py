@@ -23,7 +23,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphs import Graph
-import spa.loading.model
+import spa.loading.saving
 from spa.cli.commands import main
 
 SECRET = b"root:x:0:0:SPA-SECRET-MARKER"
@@ -300,13 +300,13 @@ def test_failures_are_found_before_anything_is_written(tmp_path, capsys, extra, 
 def test_signal_during_save_leaves_no_temporary_file(tmp_path, capsys, monkeypatch, signum):
     path = tmp_path / "m.onnx"
     onnx.save(small_model(), path)
-    real_save = spa.loading.model._write_one_file
+    real_save = spa.loading.saving._write_one_file
 
     def save_then_signal(proto, target, *a, **k):
         real_save(proto, target, *a, **k)  # the temporary file is complete...
         os.kill(os.getpid(), signum)        # ...when the signal arrives
 
-    monkeypatch.setattr(spa.loading.model, "_write_one_file", save_then_signal)
+    monkeypatch.setattr(spa.loading.saving, "_write_one_file", save_then_signal)
     before = listing(tmp_path)
     code = main(["prune", str(path), "-o", str(tmp_path / "o.onnx"), "-q"])
     err = capsys.readouterr().err

@@ -160,7 +160,7 @@ def test_tensor_read_inside_if_branch_is_pruned_through_both_branches():
 def test_external_data_stays_on_disk_and_is_streamed_out(tmp_path, monkeypatch):
     """Weights in an external file are read one tensor at a time; a pruned model that is
     still large is written with its weights streamed to <name>.data."""
-    import spa.loading.model
+    import spa.loading.saving
     g = Graph()
     x = g.input([1, 64])
     h = g.op("Relu", [g.op("MatMul", [x, g.weight(64, 256)])])
@@ -169,7 +169,7 @@ def test_external_data_stays_on_disk_and_is_streamed_out(tmp_path, monkeypatch):
     onnx.save(g.model(), src, save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
     model = spa.load(src)
     assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-    monkeypatch.setattr(spa.loading.model, "EXTERNAL_ABOVE", 1000)   # treat this model as a big one
+    monkeypatch.setattr(spa.loading.saving, "EXTERNAL_ABOVE", 1000)   # treat this model as a big one
     r = spa.prune(src, ratio=0.5, round_to=1, verify=True)
     assert r.report["verify"]["ok"]
     out = r.save(tmp_path / "out.onnx")
