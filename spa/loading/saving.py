@@ -68,36 +68,46 @@ def _write_one_file(model: onnx.ModelProto, path: str):
     """The file ``onnx.save`` writes (fields in another order, the same model), a weight at a
     time: ``onnx.save`` serializes the whole model first, a second copy of its weights in memory.
     Weights that lie elsewhere (read in place from the input's file, or in a scratch file) are
-    written into this one."""
+    written into this one from there, a slice at a time."""
     structure, graph = onnx.ModelProto(), onnx.GraphProto()
     copy_fields(model, structure, skip={"graph"})
     copy_fields(model.graph, graph, skip={"initializer"})
-    sizes = [_held(t, size_only=True) for t in model.graph.initializer]
+    parts = [_tensor_parts(t) for t in model.graph.initializer]
     body = graph.SerializeToString()
-    length = len(body) + sum(1 + len(_varint(n)) + n for n in sizes)
+    length = len(body) + sum(1 + len(_varint(n)) + n for n in (_size(head, raw) for head, raw in parts))
     with open(path, "wb") as f:
         f.write(structure.SerializeToString())
-        f.write(_key(7) + _varint(length) + body)                   # ModelProto.graph
-        for t, n in zip(model.graph.initializer, sizes):
-            f.write(_key(5) + _varint(n))                            # GraphProto.initializer
-            f.write(_held(t).SerializeToString())
-            if t.data_location == onnx.TensorProto.EXTERNAL:
+        f.write(_key(7) + _varint(length) + body)                  # ModelProto.graph
+        for (head, raw), t in zip(parts, model.graph.initializer):
+            f.write(_key(5) + _varint(_size(head, raw)))             # GraphProto.initializer
+            if raw is None:
+                f.write(t.SerializeToString())
+                continue
+            f.write(head + _key(9) + _varint(raw))                   # TensorProto.raw_data, then its bytes
+            data = memoryview(stored_bytes(t)).cast("B")
+            for start in range(0, len(data), _WRITE_SLICE):
+                f.write(data[start:start + _WRITE_SLICE])
                 release_mapped(trim=False)                           # (its pages, read through the map)
 
 
-def _held(t: onnx.TensorProto, size_only: bool = False):
-    """``t`` with its bytes in it (an external one refers to them), or its serialized size."""
+_WRITE_SLICE = 16 << 20
+
+
+def _tensor_parts(t: onnx.TensorProto) -> tuple[bytes | int, int | None]:
+    """An external tensor's fields but its reference (serialized) and its byte count; for a
+    tensor held in memory, its serialized size and None."""
     if t.data_location != onnx.TensorProto.EXTERNAL:
-        return t.ByteSize() if size_only else t
-    held = onnx.TensorProto()
-    held.CopyFrom(t)
-    held.ClearField("external_data")
-    held.ClearField("data_location")
-    if size_only:
-        n = tensor_bytes(t)
-        return held.ByteSize() + 1 + len(_varint(n)) + n          # + TensorProto.raw_data
-    held.raw_data = bytes(stored_bytes(t))
-    return held
+        return t.ByteSize(), None
+    head = onnx.TensorProto()
+    head.CopyFrom(t)
+    head.ClearField("external_data")
+    head.ClearField("data_location")
+    return head.SerializeToString(), tensor_bytes(t)
+
+
+def _size(head: bytes | int, raw: int | None) -> int:
+    """The serialized size of a tensor from ``_tensor_parts``."""
+    return head if raw is None else len(head) + 1 + len(_varint(raw)) + raw
 
 
 def _key(field: int) -> bytes:
