@@ -137,7 +137,7 @@ class Loaded:
 
     @classmethod
     def read(cls, path) -> "Loaded":
-        model, files = read(path)
+        model, files = read(path, in_place=True)    # (weights left in a large file: this holds it open)
         return cls(model, str(path), files)
 
 

@@ -31,6 +31,11 @@ def in_place(monkeypatch):
     monkeypatch.setattr(model_io, "IN_PLACE_ABOVE", 0)
 
 
+def _read(path):
+    """The model read in place, and the files it holds open (``analysis.Loaded`` keeps them)."""
+    return model_io.read(path, in_place=True)
+
+
 def _initializers(model):
     return {t.name: tensor_array(t) for t in model.graph.initializer}
 
@@ -39,12 +44,12 @@ def test_weights_stay_in_the_model_file_and_read_the_same(tmp_path, in_place):
     src = tmp_path / "m.onnx"
     onnx.save(_mlp(), src)
     before = src.read_bytes()
-    model = spa.load(src)
+    model, files = _read(src)
     where = os.path.realpath(src)
     placed = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     assert sorted(tuple(t.dims) for t in placed) == [(64, 32), (64, 256), (256, 8)]    # the weights over 4 KB
     assert all({e.key: e.value for e in t.external_data}["location"] == where for t in placed)
-    assert where in IN_PLACE_FILES
+    assert where in IN_PLACE_FILES and where in _DATA_FILES
     reference = onnx.load(src)
     got = _initializers(model)
     for t in reference.graph.initializer:
@@ -52,6 +57,9 @@ def test_weights_stay_in_the_model_file_and_read_the_same(tmp_path, in_place):
     small = [t for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
     assert all(len(t.raw_data) < IN_PLACE_MIN for t in small if t.HasField("raw_data"))
     assert src.read_bytes() == before
+    del files                                               # its reader gone, the file is let go
+    assert where not in _DATA_FILES
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in spa.load(src).graph.initializer)
 
 
 def test_a_pruned_one_file_model_is_written_as_one_file(tmp_path, in_place):
@@ -82,7 +90,7 @@ def test_the_one_file_writer_writes_what_onnx_save_writes(tmp_path, in_place):
     original.doc_string = "kept"
     original.metadata_props.add(key="k", value="v")
     onnx.save(original, src)
-    model = spa.load(src)
+    model, files = _read(src)
     assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
     spa.save(model, tmp_path / "copy.onnx")
     assert not (tmp_path / "copy.onnx.data").exists()
@@ -118,11 +126,36 @@ def test_a_broken_file_gets_the_errors_of_a_whole_read(tmp_path, in_place, damag
     src.write_bytes(data)
     assert parse_in_place(data) is None
     with pytest.raises(spa.ModelLoadError) as read_in_place:
-        spa.load(src)
-    model_io.IN_PLACE_ABOVE = 1 << 62
+        _read(src)
     with pytest.raises(spa.ModelLoadError) as read_whole:
-        spa.load(src)
+        model_io.read(src)
     assert str(read_in_place.value) == str(read_whole.value)
+
+
+def test_a_refused_model_read_in_place_holds_no_file(tmp_path, in_place):
+    model = _mlp()
+    model.graph.node[0].op_type = "NoSuchOp"               # passes the reader, fails the checker
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    with pytest.raises(spa.ModelLoadError, match="invalid ONNX model"):
+        _read(src)
+    assert os.path.realpath(src) not in _DATA_FILES
+
+
+def test_what_protobuf_refuses_or_spa_cannot_leave_is_parsed_whole(monkeypatch):
+    """Keys and lengths longer than protobuf's 5 bytes, weights in segments, and more fields
+    than the reader walks in Python get None: the file is parsed whole."""
+    import spa.loading.in_place as in_place_io
+    data = _mlp().SerializeToString()
+    assert parse_in_place(data) is not None
+    assert data[0] == 0x08                                  # ModelProto.ir_version's key, one byte
+    assert parse_in_place(b"\x88\x80\x80\x80\x80\x00" + data[1:]) is None        # the same key in 6 bytes
+    segmented = _mlp()
+    segmented.graph.initializer[0].segment.begin = 0
+    placed = parse_in_place(segmented.SerializeToString())[1]
+    assert 0 not in placed and placed
+    monkeypatch.setattr(in_place_io, "_FIELDS", 3)
+    assert parse_in_place(data) is None
 
 
 def test_tensors_already_external_or_small_stay_as_they_are():

@@ -62,14 +62,16 @@ log = logging.getLogger(__name__)
 
 def load(path: str | os.PathLike) -> onnx.ModelProto:
     """Read an ONNX file (with its external data); raise ModelLoadError on anything else.
-    Large weights are not read in: external data, and those of a file over ``IN_PLACE_ABOVE``
-    that holds them itself, are referred to where they lie (``spa.save`` writes them out;
-    ``spa.loading.tensors.materialized`` reads them in)."""
+    External weights are not read in: they are referred to where they lie (``spa.save``
+    writes them out; ``spa.loading.tensors.materialized`` reads them in)."""
     return read(path)[0]
 
 
-def read(path: str | os.PathLike) -> tuple[onnx.ModelProto, dict[str, Path]]:
-    """``load``, and the files the model was read from (what each is -> path).
+def read(path: str | os.PathLike, in_place: bool = False) -> tuple[onnx.ModelProto, dict[str, Path]]:
+    """``load``, and the files the model was read from (what each is -> path). With
+    ``in_place``, a file over ``IN_PLACE_ABOVE`` that holds its weights leaves them there
+    (``spa.loading.in_place``), read through its descriptor while the files returned live:
+    for a caller that holds them for as long as it reads the model (``analysis.Loaded``).
 
     External data must live inside the model's folder (after symlinks), in regular files,
     within their size: a downloaded model must never make spa read, or copy into its
@@ -78,20 +80,25 @@ def read(path: str | os.PathLike) -> tuple[onnx.ModelProto, dict[str, Path]]:
     check_readable(path, "the model", ModelLoadError)
     if path.stat().st_size == 0:
         raise ModelLoadError(f"{path}: empty file, not an ONNX model")
-    model, in_place = _parsed(path)
-    if not model.graph.node or not model.opset_import:
-        raise ModelLoadError(f"{path}: not an ONNX model (no graph nodes or opset)")
-    _check_old_ir(model, path)
-    others = list(_other_tensors(model))
-    placed = set(in_place)
-    _check_tensor_sizes([t for i, t in enumerate(model.graph.initializer) if i not in placed] + others, path)
-    data_files = _resolve_external_data(model, others, path, placed)
-    opened = data_files + ([_read_in_place(model, in_place, path)] if in_place else [])
+    model, placed, key = _parsed(path, in_place)
+    opened = [Path(key)] if placed else []
     try:
-        onnx.checker.check_model(_weightless(model))  # structure only: weight bytes cost time
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"{path}: invalid ONNX model ({first})") from None
+        if not model.graph.node or not model.opset_import:
+            raise ModelLoadError(f"{path}: not an ONNX model (no graph nodes or opset)")
+        _check_old_ir(model, path)
+        others = list(_other_tensors(model))
+        _check_tensor_sizes([t for i, t in enumerate(model.graph.initializer) if i not in placed] + others, path)
+        data_files = _resolve_external_data(model, others, path, set(placed))
+        opened += data_files
+        _read_in_place(model, placed, opened[0]) if placed else None
+        try:
+            onnx.checker.check_model(_weightless(model))  # structure only: weight bytes cost time
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelLoadError(f"{path}: invalid ONNX model ({first})") from None
+    except BaseException:
+        _close_descriptors([(str(f), _DATA_FILES.get(str(f))) for f in opened])   # a refused model holds no file
+        raise
     files = ReadFiles({"the input model": path})
     files.update((f"the input's external data file {f}", f) for f in data_files)
     # the descriptors live as long as something (a Loaded, an Analysis, a PruneResult) holds
@@ -104,42 +111,41 @@ def read(path: str | os.PathLike) -> tuple[onnx.ModelProto, dict[str, Path]]:
 IN_PLACE_ABOVE = 64 << 20
 
 
-def _parsed(path: Path) -> tuple[onnx.ModelProto, list[int]]:
-    """The model in ``path``, and which of its initializers were left in the file
-    (``in_place.parse_in_place``: a large file's raw weights); the file is then held open,
-    registered under its resolved path, for them."""
+def _parsed(path: Path, in_place: bool) -> tuple[onnx.ModelProto, list[int], str | None]:
+    """The model in ``path``, which of its initializers were left in the file (with
+    ``in_place``: ``in_place.parse_in_place``, a large file's raw weights), and the resolved
+    path the file is then held open under, registered for them."""
     fd = open_regular(path, "the model", ModelLoadError)
     try:
-        if os.fstat(fd).st_size > IN_PLACE_ABOVE:
+        if in_place and os.fstat(fd).st_size > IN_PLACE_ABOVE:
             try:
                 with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
                     parsed = parse_in_place(mapped)
             except (OSError, ValueError):
                 parsed = None
             if parsed is not None:
-                register_data_file(os.path.realpath(path), fd)
+                key = os.path.realpath(path)
+                register_data_file(key, fd)
                 fd = None
-                return parsed
+                return (*parsed, key)
         with os.fdopen(fd, "rb", closefd=False) as f:
             data = f.read()
     finally:
         if fd is not None:
             os.close(fd)
     try:
-        return onnx.load_model_from_string(data), []
+        return onnx.load_model_from_string(data), [], None
     except Exception as e:  # protobuf raises several unrelated types for garbage
         raise ModelLoadError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
 
 
-def _read_in_place(model: onnx.ModelProto, in_place: list[int], path: Path) -> Path:
+def _read_in_place(model: onnx.ModelProto, in_place: list[int], resolved: Path):
     """Point the initializers left in the model's file at it (registered by ``_parsed``)."""
-    resolved = os.path.realpath(path)
     for i in in_place:
         for e in model.graph.initializer[i].external_data:
             if e.key == "location":
-                e.value = resolved
-    IN_PLACE_FILES.add(resolved)
-    return Path(resolved)
+                e.value = str(resolved)
+    IN_PLACE_FILES.add(str(resolved))
 
 
 class ReadFiles(dict):
