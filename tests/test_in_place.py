@@ -169,3 +169,14 @@ def test_tensors_already_external_or_small_stay_as_they_are():
     x = tiny.input([1, 4])
     tiny.output(tiny.op("MatMul", [x, tiny.weight(4, 4)]))
     assert parse_in_place(tiny.model().SerializeToString()) is None          # nothing worth leaving
+
+
+def test_the_reader_takes_keys_and_lengths_of_at_most_5_bytes():
+    """As protobuf: a length in 6 bytes is refused, even where protobuf never sees it (the raw
+    data's length, which the in-place reader alone reads)."""
+    from spa.loading.in_place import _fields, _Malformed
+    assert [f[:2] for f in _fields(b"\x4a\x80\x80\x80\x80\x00", 0, 6)] == [(9, 2)]      # 0 in 5 bytes
+    with pytest.raises(_Malformed):
+        list(_fields(b"\x4a\x80\x80\x80\x80\x80\x00", 0, 7))                           # 0 in 6 bytes
+    with pytest.raises(_Malformed):
+        list(_fields(b"\x4a\xff\xff\xff\xff\x0f", 0, 6))                               # 2^32 - 1: over 2 GB
