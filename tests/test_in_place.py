@@ -180,3 +180,25 @@ def test_the_reader_takes_keys_and_lengths_of_at_most_5_bytes():
         list(_fields(b"\x4a\x80\x80\x80\x80\x80\x00", 0, 7))                           # 0 in 6 bytes
     with pytest.raises(_Malformed):
         list(_fields(b"\x4a\xff\xff\xff\xff\x0f", 0, 6))                               # 2^32 - 1: over 2 GB
+
+
+def test_weights_read_in_place_are_fed_to_sessions_where_they_lie(tmp_path, in_place, monkeypatch):
+    """Mostly at offsets that are no multiple of their item size: fed as they lie all the
+    same (no copy), and the oracle's runs on them agree."""
+    from spa import runtime
+    from spa.loading.tensors import weight_view
+    src = tmp_path / "m.onnx"
+    onnx.save(_mlp(), src)
+    model, files = _read(src)
+    views = [weight_view(t) for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert all(not v.flags.owndata for v in views) and any(not v.flags.aligned for v in views)
+    reference = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(src).graph.initializer}
+    for t, v in zip([t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL], views):
+        np.testing.assert_array_equal(v, reference[t.name])
+    monkeypatch.setattr(runtime, "FED_ABOVE", 0)
+    feeds = {"x": np.ones((1, 64), np.float32)}
+    fed = runtime.session(model)
+    assert fed.fed
+    for got, want in zip(fed.run(None, feeds), runtime.session(onnx.load(src)).run(None, feeds)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert spa.prune(src, ratio=0.5, round_to=1, verify=True).report["verify"]["ok"]
