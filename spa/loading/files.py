@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 from ..errors import OutputPathError
 
-__all__ = ["check_outputs", "check_readable", "check_inside", "check_side_file", "open_regular", "read_all",
+__all__ = ["check_outputs", "check_readable", "check_inside", "check_side_file", "open_regular",
            "pread_into", "read_small", "atomic_write"]
 
 
@@ -130,16 +130,6 @@ def pread_into(fd: int, buffer: memoryview, offset: int, where: str, error=Outpu
         if n <= 0:
             raise error(f"{where}: file ended {len(view) - done} bytes early (changed while spa read it?)")
         done += n
-
-
-def read_all(path, what: str, error=OutputPathError) -> bytes:
-    """The bytes of a regular file, read through one checked descriptor."""
-    fd = open_regular(path, what, error)
-    try:
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read()
-    finally:
-        os.close(fd)
 
 
 def check_inside(root: Path, path: Path, what: str):

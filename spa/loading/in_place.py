@@ -9,9 +9,9 @@ and the tensor refers to them as external data does (location, offset, length), 
 of spa reads them as it reads external data: one tensor at a time, or mapped.
 
 Only protobuf's wire format is read here (field numbers from onnx.proto: ModelProto.graph 7,
-GraphProto.initializer 5, TensorProto.raw_data 9, external_data 13, data_location 14); any
-file not laid out as expected gets None, and is then parsed whole as before (with the same
-errors for a broken file)."""
+GraphProto.initializer 5, TensorProto.segment 3, raw_data 9, external_data 13, data_location
+14); any file not laid out as expected gets None, and is then parsed whole as before (with the
+same errors for a broken file)."""
 
 from __future__ import annotations
 
@@ -24,10 +24,6 @@ __all__ = ["parse_in_place", "IN_PLACE_MIN"]
 
 # Raw bytes of at least this many stay in the file (smaller ones, as for external data: in memory)
 IN_PLACE_MIN = 4097
-
-_GRAPH, _INITIALIZER, _RAW_DATA, _EXTERNAL_DATA, _DATA_LOCATION = 7, 5, 9, 13, 14
-_LENGTH_DELIMITED = 2
-
 
 class _Malformed(Exception):
     pass

@@ -90,7 +90,8 @@ def read(path: str | os.PathLike, in_place: bool = False) -> tuple[onnx.ModelPro
         _check_tensor_sizes([t for i, t in enumerate(model.graph.initializer) if i not in placed] + others, path)
         data_files = _resolve_external_data(model, others, path, set(placed))
         opened += data_files
-        _read_in_place(model, placed, opened[0]) if placed else None
+        if placed:
+            _read_in_place(model, placed, opened[0])
         try:
             onnx.checker.check_model(_weightless(model))  # structure only: weight bytes cost time
         except Exception as e:

@@ -11,7 +11,7 @@ import onnx
 from ..errors import OutputPathError
 from .files import atomic_files, check_outputs, check_side_file, read_small
 from .tensors import _external_info, in_data_files, release_mapped, stored_bytes, tensor_bytes
-from .weight_files import WeightWriter, link_into, linkable_scratch, spillable
+from .weight_files import WeightWriter, link_into, linkable_scratch, spillable, write_slices
 
 __all__ = ["save", "output_paths", "copy_fields", "EXTERNAL_ABOVE"]
 
@@ -73,24 +73,19 @@ def _write_one_file(model: onnx.ModelProto, path: str):
     copy_fields(model, structure, skip={"graph"})
     copy_fields(model.graph, graph, skip={"initializer"})
     parts = [_tensor_parts(t) for t in model.graph.initializer]
+    sizes = [_size(head, raw) for head, raw in parts]
     body = graph.SerializeToString()
-    length = len(body) + sum(1 + len(_varint(n)) + n for n in (_size(head, raw) for head, raw in parts))
+    length = len(body) + sum(1 + len(_varint(n)) + n for n in sizes)
     with open(path, "wb") as f:
         f.write(structure.SerializeToString())
         f.write(_key(7) + _varint(length) + body)                  # ModelProto.graph
-        for (head, raw), t in zip(parts, model.graph.initializer):
-            f.write(_key(5) + _varint(_size(head, raw)))             # GraphProto.initializer
+        for (head, raw), n, t in zip(parts, sizes, model.graph.initializer):
+            f.write(_key(5) + _varint(n))                            # GraphProto.initializer
             if raw is None:
                 f.write(t.SerializeToString())
                 continue
             f.write(head + _key(9) + _varint(raw))                   # TensorProto.raw_data, then its bytes
-            data = memoryview(stored_bytes(t)).cast("B")
-            for start in range(0, len(data), _WRITE_SLICE):
-                f.write(data[start:start + _WRITE_SLICE])
-                release_mapped(trim=False)                           # (its pages, read through the map)
-
-
-_WRITE_SLICE = 16 << 20
+            write_slices(f, stored_bytes(t))
 
 
 def _tensor_parts(t: onnx.TensorProto) -> tuple[bytes | int, int | None]:

@@ -19,7 +19,7 @@ import onnx
 
 from .tensors import _DATA_FILES, _external_info, _open_data_file, register_data_file, release_mapped, tensor_bytes
 
-__all__ = ["WeightWriter", "ScratchWeights", "spillable", "linkable_scratch", "link_into"]
+__all__ = ["WeightWriter", "ScratchWeights", "spillable", "linkable_scratch", "link_into", "write_slices"]
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,17 @@ class WeightWriter:
         data = memoryview(data).cast("B")
         for key, value in (("location", self.location), ("offset", str(self.file.tell())), ("length", str(len(data)))):
             ref.external_data.add(key=key, value=value)
-        for start in range(0, len(data), _WRITE_SLICE):
-            self.file.write(data[start:start + _WRITE_SLICE])
-            release_mapped(trim=False)
+        write_slices(self.file, data)
         return ref
+
+
+def write_slices(f, data):
+    """Write ``data`` (bytes, a memoryview or a C-contiguous array) to ``f`` a slice at a time,
+    a mapped file's pages dropped after each."""
+    data = memoryview(data).cast("B")
+    for start in range(0, len(data), _WRITE_SLICE):
+        f.write(data[start:start + _WRITE_SLICE])
+        release_mapped(trim=False)
 
 
 # the keys (tensors' locations) of the scratch files that have no name, so can be given one ->
